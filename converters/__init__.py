@@ -1,0 +1,20 @@
+"""Foreign checkpoint formats <-> mwjax.
+
+    from converters import load, save_hf
+    model, tokenizer = load("path/to/hf_dir" | "model.gguf" | "embedded:smollm2" | "owner/name")
+    save_hf(model, "out_dir", tokenizer=tokenizer)
+"""
+
+from converters.errors import CheckpointError, MissingTensorError, ShapeMismatchError, UnsupportedCheckpointError
+from converters.loader import build_from_source, load
+from converters.save_hf import save_hf
+
+__all__ = [
+    "CheckpointError",
+    "MissingTensorError",
+    "ShapeMismatchError",
+    "UnsupportedCheckpointError",
+    "build_from_source",
+    "load",
+    "save_hf",
+]

@@ -1,0 +1,154 @@
+"""GGUF files (llama.cpp): config, tokenizer and dequantized tensors under their HF names.
+
+Tensor names are translated with the `gguf` package's own HF <-> GGUF name map, tensors are
+dequantized to float32 with `gguf.quants`, and llama.cpp's reordering of the Q/K projection rows
+(its converter interleaves the two RoPE halves of every head) is undone, so the tensors come out
+exactly in the HF layout the key tables expect.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from converters.errors import CheckpointError, UnsupportedCheckpointError
+from converters.sources import TensorSource
+
+log = logging.getLogger(__name__)
+
+# GGUF general.architecture -> HF model_type
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+# Architectures whose llama.cpp converter permutes the rows of Q and K.
+_PERMUTED_QK = {"llama"}
+_ARCH_ENUMS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+
+
+def _field_value(field) -> Any:
+    value = field.contents()
+    return value.item() if isinstance(value, np.generic) else value
+
+
+class GGUFSource(TensorSource):
+    """A `.gguf` file presented as HF-named, HF-layout float32 tensors."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.name = str(self.path)
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad input
+            raise CheckpointError(f"{self.path} is not a valid GGUF file (corrupt or truncated): {e}") from e
+        arch_field = self.reader.fields.get("general.architecture")
+        if arch_field is None:
+            raise CheckpointError(f"{self.path}: GGUF metadata has no general.architecture")
+        self.arch = _field_value(arch_field)
+        if self.arch not in GGUF_MODEL_TYPES:
+            raise UnsupportedCheckpointError(
+                f"{self.path}: GGUF architecture {self.arch!r} is not supported; mwjax reads {sorted(GGUF_MODEL_TYPES)}"
+            )
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        n_blocks = self.meta(f"{self.arch}.block_count")
+        name_map = gguf.get_tensor_name_map(_ARCH_ENUMS[self.arch], n_blocks)
+        self._hf_to_gguf: dict[str, str] = {}
+        self._name_map = name_map
+
+    # ------------------------------------------------------------------ metadata
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        field = self.reader.fields.get(key)
+        return default if field is None else _field_value(field)
+
+    def hf_config(self) -> dict[str, Any]:
+        """A HF `config.json`-style dict built from the GGUF metadata."""
+        a = self.arch
+        m = lambda key, default=None: self.meta(f"{a}.{key}", default)
+        heads = int(m("attention.head_count"))
+        hidden = int(m("embedding_length"))
+        if "rope_freqs.weight" in self._tensors:
+            raise UnsupportedCheckpointError(
+                f"{self.path}: RoPE frequency factors stored as a tensor (rope_freqs, llama.cpp's form of Llama 3.1 "
+                "rope scaling) are not supported; load the HF checkpoint instead"
+            )
+        config: dict[str, Any] = {
+            "model_type": GGUF_MODEL_TYPES[a],
+            "vocab_size": self.shape("model.embed_tokens.weight")[0],
+            "hidden_size": hidden,
+            "intermediate_size": int(m("feed_forward_length")),
+            "num_hidden_layers": int(m("block_count")),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(m("attention.head_count_kv", heads)),
+            "head_dim": int(m("attention.key_length", hidden // heads)),
+            "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
+            "rope_theta": float(m("rope.freq_base", 10000.0)),
+            "max_position_embeddings": int(m("context_length", 2048)),
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+            "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.meta("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self.meta("tokenizer.ggml.padding_token_id"),
+            "hidden_act": "silu",
+        }
+        scaling = m("rope.scaling.type")
+        if scaling not in (None, "none"):
+            if scaling != "linear":
+                raise UnsupportedCheckpointError(f"{self.path}: GGUF rope scaling {scaling!r} is not supported")
+            config["rope_scaling"] = {"rope_type": "linear", "factor": float(m("rope.scaling.factor"))}
+        if a == "llama":
+            config["attention_bias"] = "blk.0.attn_q.bias" in self._tensors
+            window = m("attention.sliding_window")
+            if window:
+                config |= {"model_type": "mistral", "sliding_window": int(window)}
+        return config
+
+    def tokenizer(self):
+        """The HF fast tokenizer that transformers builds from the GGUF metadata (None if it cannot)."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as e:  # transformers raises many kinds for tokenizers it cannot convert
+            log.warning("could not build a tokenizer from %s: %s", self.path, e)
+            return None
+
+    # ------------------------------------------------------------------ tensors
+
+    def _gguf_name(self, key: str) -> str | None:
+        if key not in self._hf_to_gguf:
+            self._hf_to_gguf[key] = self._name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+        return self._hf_to_gguf[key]
+
+    def keys(self):
+        return self._tensors.keys()  # GGUF names; HF names are resolved on demand
+
+    def unused(self, used_keys):
+        used = {self._gguf_name(k) for k in used_keys}
+        return sorted(set(self._tensors) - used)
+
+    def __contains__(self, key):
+        return self._gguf_name(key) in self._tensors
+
+    def shape(self, key):
+        t = self._tensors[self._gguf_name(key)]
+        return tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
+
+    def get(self, key):
+        name = self._gguf_name(key)
+        t = self._tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.shape(key)).astype(np.float32, copy=False)
+        if self.arch in _PERMUTED_QK:
+            if key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+                w = _unpermute(w, int(self.meta(f"{self.arch}.attention.head_count")))
+            elif key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
+                heads = self.meta(f"{self.arch}.attention.head_count")
+                w = _unpermute(w, int(self.meta(f"{self.arch}.attention.head_count_kv", heads)))
+        return w
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute`: per head, rows (2, d/2) interleaved back to (d/2, 2) halves."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

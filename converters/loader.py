@@ -1,0 +1,160 @@
+"""`load(path)`: any supported checkpoint -> (mwjax model, HF tokenizer).
+
+The model is first built abstractly (shapes only), then every parameter is read from the
+checkpoint by its HF key, transformed by the family's key table, checked against the shape the
+config implies, cast, and placed on its device (or sharding): one tensor in host memory at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from converters import embedded
+from converters.errors import CheckpointError, ShapeMismatchError, UnsupportedCheckpointError
+from converters.gguf_source import GGUFSource
+from converters.keymaps import KEYMAPS
+from converters.sources import SafetensorsSource, TensorSource, TorchBinSource
+from mwjax import checkpoint, models
+from mwjax.checkpoint import ShardingFn, dotted
+from mwjax.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"  # beside an orbax checkpoint written by converters.to_orbax
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardings: ShardingFn | None = None,
+         tokenizer: bool = True, revision: str | None = None):
+    """Load a checkpoint as `(model, tokenizer)`.
+
+    path: a HF directory (`config.json` + `*.safetensors`, single or sharded, or `pytorch_model*.bin`),
+      a `.gguf` file, an mwjax orbax checkpoint, `embedded:<name>` (see `converters.embedded`),
+      or a hub id (`owner/name`, downloaded with huggingface_hub when the machine is online).
+    dtype: compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
+    shardings: optional `(param_path, shape) -> Sharding`; each array is assembled on its devices
+      from the slices they need.
+    tokenizer: also return the tokenizer (None when the checkpoint carries none).
+    """
+    path = _resolve(path, revision)
+    if path.is_file() and path.suffix == ".gguf":
+        source = GGUFSource(path)
+        model = build_from_source(ModelConfig.from_hf_config(source.hf_config()), source, dtype=dtype,
+                                  param_dtype=param_dtype, shardings=shardings)
+        return model, (source.tokenizer() if tokenizer else None)
+    if not path.is_dir():
+        raise UnsupportedCheckpointError(
+            f"{path} is neither a .gguf file nor a checkpoint directory (HF: config.json + weights; mwjax orbax)"
+        )
+    if checkpoint.is_checkpoint(path):
+        model = checkpoint.restore(path, dtype=dtype, param_dtype=param_dtype, shardings=shardings)
+        tok_dir = path / TOKENIZER_DIR
+        return model, (_hf_tokenizer(tok_dir) if tokenizer and tok_dir.is_dir() else None)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load(ggufs[0], dtype, param_dtype=param_dtype, shardings=shardings, tokenizer=tokenizer)
+        raise UnsupportedCheckpointError(f"{path} has no config.json: it is not a HF checkpoint directory")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    config = ModelConfig.from_hf_config(hf_config)
+    if any(path.glob("*.safetensors")):
+        source: TensorSource = SafetensorsSource(path)
+    elif any(path.glob("pytorch_model*.bin")):
+        source = TorchBinSource(path)
+    else:
+        raise CheckpointError(f"{path} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
+    model = build_from_source(config, source, dtype=dtype, param_dtype=param_dtype, shardings=shardings)
+    return model, (_hf_tokenizer(path) if tokenizer else None)
+
+
+def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.float32, param_dtype=None,
+                      shardings: ShardingFn | None = None, progress: bool = True) -> nnx.Module:
+    """Fill an abstract model from `source` through the family's key table."""
+    keymap = KEYMAPS[config.model_type]
+    graphdef, state = nnx.split(models.abstract(config, dtype=dtype, param_dtype=param_dtype))
+    abstract = nnx.to_pure_dict(state)
+    used: set[str] = set()
+    bar = tqdm(total=len(jax.tree.leaves(abstract)), desc=f"loading {Path(source.name).name}",
+               disable=not progress or None, leave=False)
+
+    def fill(key_path, leaf: jax.ShapeDtypeStruct):
+        name = dotted(key_path)
+        hf_key, rule = keymap.to_hf(name)
+        if hf_key not in source:
+            raise source.missing(hf_key, name)
+        expected = rule.hf_shape(leaf.shape)
+        if tuple(source.shape(hf_key)) != expected:
+            raise ShapeMismatchError(
+                f"{source.name}: tensor {hf_key!r} has shape {list(source.shape(hf_key))} but the config implies "
+                f"{list(expected)} (mwjax parameter {name}); the config.json does not match the weights"
+            )
+        used.add(hf_key)
+        array = rule.to_nnx(source.get(hf_key))
+        bar.update()
+        return _place(array, leaf.dtype, shardings(name, leaf.shape) if shardings else None)
+
+    with bar:
+        values = jax.tree_util.tree_map_with_path(fill, abstract)
+    unused = [k for k in source.unused(used) if not keymap.ignored(k)]
+    if unused:
+        log.warning("%s: %d checkpoint tensors were not used: %s", source.name, len(unused), unused[:10])
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)
+
+
+def _place(array: np.ndarray, dtype, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(np.asarray(array, dtype=dtype))
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index], dtype=dtype))
+
+
+def _hf_tokenizer(directory: Path):
+    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+        log.warning("%s has no tokenizer files; returning tokenizer=None", directory)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def _resolve(path: str | os.PathLike, revision: str | None) -> Path:
+    """Local path, `embedded:<name>`, or hub id -> a local path."""
+    text = os.fspath(path)
+    if text.startswith(embedded.PREFIX):
+        return embedded.path(text[len(embedded.PREFIX):])
+    local = Path(text).expanduser()
+    if local.exists():
+        return local
+    if _HUB_ID.match(text):
+        return _download(text, revision)
+    raise FileNotFoundError(f"{text}: no such file or directory (nor an embedded:<name> model or a hub id owner/name)")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+        weights = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "pytorch_model*.bin*"
+        patterns = ["*.json", weights, "tokenizer*", "*.model", "*.txt"]
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline, gated, unknown repo: huggingface_hub raises several kinds
+        raise CheckpointError(
+            f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "On a machine without the hub, pass a local directory or .gguf file instead."
+        ) from e

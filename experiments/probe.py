@@ -1,0 +1,89 @@
+"""Probe a model with its bos token alone: per layer, the largest and median |value| of the hidden
+state and of the FFN intermediate state (the input of down_proj), and where the largest
+intermediate values sit.
+
+    python -m experiments.probe                       # the embedded SmolLM2-135M-Instruct
+    python -m experiments.probe --model=PATH --output_dir=out/
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import converters
+from converters import embedded
+from mwjax import probes
+from mwjax.tokens import first_token_id
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT, "HF dir, .gguf file, orbax dir, embedded:<name> or hub id")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
+flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state")
+flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")
+flags.DEFINE_string("output_dir", None, "write probe.json here")
+
+
+def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
+    """Per layer: hidden / intermediate top-k values, indices and median |x| for one token at position 0."""
+    config = probes.ProbeConfig(points=("hidden", "intermediate"), full=False, top_k=top_k, median=True)
+    _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
+    rows = []
+    for layer in range(model.config.num_hidden_layers):
+        row = {"layer": layer, "paper_layer": layer + 1}
+        for point in config.points:
+            stats = result[point][layer]
+            row[point] = {
+                "top_values": np.asarray(stats["top_values"][0, 0], np.float64).tolist(),
+                "top_indices": np.asarray(stats["top_indices"][0, 0]).tolist(),
+                "median": float(stats["median"][0, 0]),
+            }
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    fmt = lambda v: " ".join(f"{abs(x):9.1f}" for x in v)
+    lines = [f"{'layer':>5} {'HF':>4} | {'hidden top |x|':^30} {'median':>8} | "
+             f"{'intermediate top |x|':^30} {'median':>8} | top intermediate dims"]
+    for r in rows:
+        h, m = r["hidden"], r["intermediate"]
+        lines.append(f"{r['paper_layer']:>5} {r['layer']:>4} | {fmt(h['top_values']):>30} {h['median']:8.3f} | "
+                     f"{fmt(m['top_values']):>30} {m['median']:8.3f} | {m['top_indices']}")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    top = max(rows, key=lambda r: abs(r["intermediate"]["top_values"][0]))
+    m = top["intermediate"]
+    ratio = abs(m["top_values"][0]) / max(m["median"], 1e-12)
+    return (f"largest intermediate value: layer {top['paper_layer']} (HF layers[{top['layer']}]), "
+            f"dim {m['top_indices'][0]}, |x| = {abs(m['top_values'][0]):.1f} ({ratio:.0f}x the layer's median)")
+
+
+def main(argv):
+    del argv
+    dtype = jnp.dtype(FLAGS.dtype)
+    model, tokenizer = converters.load(FLAGS.model, dtype=dtype)
+    first = FLAGS.first_token
+    token_id = first_token_id(tokenizer, model.config, int(first) if first and first.isdigit() else first)
+    label = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else str(token_id)
+    print(f"{FLAGS.model}: {model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, "
+          f"d_ff {model.config.intermediate_size}; first token {label!r} (id {token_id}) alone at position 0\n")
+    rows = probe_first_token(model, token_id, FLAGS.top_k)
+    print(format_table(rows))
+    print("\n" + summary(rows))
+    if FLAGS.output_dir:
+        out = Path(FLAGS.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {"model": FLAGS.model, "dtype": FLAGS.dtype, "token_id": token_id, "layers": rows}
+        (out / "probe.json").write_text(json.dumps(payload, indent=2))
+        print(f"wrote {out / 'probe.json'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

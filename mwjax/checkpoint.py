@@ -1,0 +1,95 @@
+"""Native checkpoints: a model's parameters in orbax, its config beside them as JSON.
+
+Both items are written in one orbax save, which is atomic (a temporary directory renamed at the
+end), so a crash never leaves a half-written checkpoint. `restore` can place every array straight
+into a sharding (no host holds the whole model) and cast to another dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from mwjax import models
+from mwjax.config import ModelConfig
+
+# (dotted parameter path, shape) -> where the array should live
+ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+
+METADATA_ITEM = "mwjax"
+STATE_ITEM = "params"
+
+
+def dotted(path) -> str:
+    """('model', 'layers', 0, 'mlp') -> 'model.layers.0.mlp' (jax key paths or plain tuples)."""
+    parts = []
+    for p in path:
+        parts.append(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))))
+    return ".".join(parts)
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / METADATA_ITEM).is_dir() and (Path(directory) / STATE_ITEM).is_dir()
+
+
+def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write `model`'s parameters and config to `directory` (absolute or relative)."""
+    directory = Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    kernel = jax.tree.leaves(params)[0]
+    metadata = {
+        "config": model.config.to_dict(),
+        "dtype": jnp.dtype(model.dtype).name,
+        "param_dtype": jnp.dtype(kernel.dtype).name,
+    }
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(
+            directory,
+            args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(params),
+                                       METADATA_ITEM: ocp.args.JsonSave(metadata)}),
+            force=overwrite,
+        )
+    return directory
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    directory = Path(directory).absolute()
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        return ckptr.restore(directory, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))[
+            METADATA_ITEM
+        ]
+
+
+def restore(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
+            shardings: ShardingFn | None = None) -> nnx.Module:
+    """Rebuild the model saved by `save`, optionally in another dtype and placed by `shardings`."""
+    directory = Path(directory).absolute()
+    if not is_checkpoint(directory):
+        raise FileNotFoundError(f"{directory} is not an mwjax checkpoint (written by mwjax.checkpoint.save)")
+    metadata = read_metadata(directory)
+    config = ModelConfig.from_dict(metadata["config"])
+    if dtype is None:  # as saved
+        dtype, param_dtype = metadata["dtype"], param_dtype or metadata["param_dtype"]
+    else:
+        param_dtype = param_dtype or dtype
+    abstract = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
+    graphdef, state = nnx.split(abstract)
+
+    def target(path, leaf):
+        sharding = shardings(dotted(path), leaf.shape) if shardings else jax.sharding.SingleDeviceSharding(
+            jax.devices()[0])
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    targets = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(state))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        restored = ckptr.restore(directory, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(targets)}))
+    nnx.replace_by_pure_dict(state, restored[STATE_ITEM])
+    return nnx.merge(graphdef, state)

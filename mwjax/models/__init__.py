@@ -1,0 +1,40 @@
+"""Flax NNX causal language models with HF module names, one file per family."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mwjax.config import ModelConfig
+from mwjax.models.llama import LlamaForCausalLM
+
+# model_type -> model class
+FAMILIES: dict[str, type[nnx.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+}
+
+
+def build(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, seed: int = 0) -> nnx.Module:
+    """A randomly initialised model (normal(0.02) weights, as HF initialises them)."""
+    return FAMILIES[config.model_type](config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None) -> nnx.Module:
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory is allocated (for loading checkpoints)."""
+    return nnx.eval_shape(lambda: build(config, dtype=dtype, param_dtype=param_dtype))
+
+
+def forward(model: nnx.Module, tokens: jax.Array, **kwargs) -> jax.Array:
+    """`model(tokens, **kwargs)` compiled with `jax.jit` (positions, attention_mask, ffn_masks are traced)."""
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, tokens, kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, kwargs):
+    return nnx.merge(graphdef, state)(tokens, **kwargs)

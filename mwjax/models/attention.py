@@ -1,0 +1,75 @@
+"""Rotary embeddings, attention masks and grouped-query attention, with HF's numerics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def rope_cos_sin(inv_freq: np.ndarray, positions: jax.Array, scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [batch, seq, head_dim] in float32 (HF `LlamaRotaryEmbedding.forward`)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [b, t, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, seq, heads, head_dim]; HF `apply_rotary_pos_emb` (half-split, not interleaved)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def causal_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    q_offset: int | jax.Array = 0,
+    padding_mask: jax.Array | None = None,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Boolean mask [batch or 1, 1, q_len, kv_len]: True where a query may attend to a key.
+
+    Causality is by index, as HF builds it from `cache_position` (not from position ids): query i
+    (at absolute index q_offset + i) sees keys j <= q_offset + i, and with a sliding window only
+    j > q_offset + i - sliding_window. `padding_mask` [batch, kv_len] marks real tokens with 1.
+    """
+    q_idx = q_offset + jnp.arange(q_len)[:, None]
+    kv_idx = jnp.arange(kv_len)[None, :]
+    mask = kv_idx <= q_idx
+    if sliding_window is not None:
+        mask &= kv_idx > q_idx - sliding_window
+    mask = mask[None, None]
+    if padding_mask is not None:
+        mask = mask & padding_mask.astype(bool)[:, None, None, :]
+    return mask
+
+
+def grouped_query_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    softcap: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Eager attention as HF's `eager_attention_forward` computes it.
+
+    q [b, t, h, d], k / v [b, s, h_kv, d], mask bool [b|1, 1, t, s].
+    Returns the output [b, t, h, d] and the probabilities [b, h, t, s]. Scores are formed in the
+    compute dtype and normalised in float32.
+    """
+    b, t, h, d = q.shape
+    h_kv = k.shape[2]
+    q = q.reshape(b, t, h_kv, h // h_kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(scale, q.dtype)  # [b, h_kv, g, t, s]
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
+    return out, probs.reshape(b, h, t, -1)

@@ -1,0 +1,94 @@
+"""Building blocks shared by every family: Linear, Embed, RMSNorm, activations.
+
+Parameters keep HF's numerics: a `Linear.kernel` is HF's `weight` transposed ([in, out]), so the
+paper's "row i of W_up" (PyTorch layout [d_ff, d_model]) is `up_proj.kernel[:, i]`
+(see `mwjax.masks.pytorch_rows`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mwjax import masks
+
+_INIT = nnx.initializers.normal(stddev=0.02)  # HF `initializer_range` default
+
+
+def activation(name: str):
+    """HF `ACT2FN[name]` in JAX."""
+    return {
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "relu": jax.nn.relu,
+    }[name]
+
+
+class Linear(nnx.Module):
+    """`torch.nn.Linear` with `kernel = weight.T` ([in_features, out_features]).
+
+    `column_mask` multiplies chosen PyTorch rows of the weight (kernel columns) without touching the
+    stored kernel; only those k output columns are recomputed, so an absent mask costs nothing.
+    Subclasses that add adapters (LoRA, DoRA) override `columns` so the mask reaches the base weight
+    only.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.kernel = nnx.Param(_INIT(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)  # [..., out]
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if column_mask is not None:
+            y = y.at[..., column_mask.rows].set(self.columns(x, column_mask))
+        return y
+
+    def columns(self, x: jax.Array, mask: masks.RowMask) -> jax.Array:
+        """Outputs [..., k] of the k masked PyTorch rows: x @ (W[rows] * values).T (+ bias[rows])."""
+        kernel = masks.masked_columns(self.kernel[...], mask).astype(self.dtype)  # [in, k]
+        y = x @ kernel
+        if self.bias is not None:
+            y = y + self.bias[...][mask.rows].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """`torch.nn.Embedding`; `attend` is the tied `lm_head` (x @ embedding.T)."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = nnx.Param(_INIT(rngs.params(), (num_embeddings, features), param_dtype))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
+
+
+class RMSNorm(nnx.Module):
+    """HF `LlamaRMSNorm`: normalise in float32, cast back, then multiply by the weight.
+
+    `offset=1.0` gives Gemma's `(1 + w)` variant (which multiplies before casting back).
+    """
+
+    def __init__(self, features: int, *, eps: float, param_dtype, offset: float = 0.0):
+        self.eps, self.offset = eps, offset
+        init = jnp.zeros if offset else jnp.ones
+        self.scale = nnx.Param(init((features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        return self.scale[...] * normed.astype(x.dtype)

@@ -1,0 +1,164 @@
+"""Activation probes: typed `nnx.Intermediate` collections, switched on by a `ProbeConfig`.
+
+Every model takes `probes=ProbeConfig(...)`; the probed blocks `sow` into one `nnx.Intermediate`
+subclass per probe point, read back with `nnx.capture`:
+
+    logits, hidden = nnx.capture(model, probes.HiddenState)(tokens, probes=ProbeConfig(points=("hidden",)))
+
+`capture` below does that under `jax.jit` and returns `{point: {layer: {stat: array}}}`.
+Reductions run inside the graph, so an 8B model at 4096 tokens need not ship [seq, d_ff] tensors
+per layer to the host: with `full=False, top_k=3, median=True` each point returns
+`top_values` / `top_indices` [..., 3] (largest |x| over the feature axis, values keep their sign)
+and `median` [...] (median |x|).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Probe(nnx.Intermediate):
+    """Base class of mwjax's probe collections."""
+
+
+class HiddenState(Probe):
+    """Residual stream after decoder layer l: HF `output_hidden_states[l + 1]`."""
+
+
+class AttentionInput(Probe):
+    """Output of `input_layernorm` (the attention block's input)."""
+
+
+class MLPInput(Probe):
+    """Output of the norm before the FFN (`post_attention_layernorm` in Llama): the FFN's input x."""
+
+
+class AttentionOutput(Probe):
+    """Output of `o_proj`, before the residual add."""
+
+
+class AttentionProbs(Probe):
+    """Attention probabilities [batch, heads, q, k] (HF `output_attentions`)."""
+
+
+class IntermediateState(Probe):
+    """The paper's intermediate state `act(x W_gate) * (x W_up)`: the input of `down_proj` [..., d_ff]."""
+
+
+class DownProjOutput(Probe):
+    """Output of `down_proj` (the FFN output of a dense model)."""
+
+
+class RouterProbs(Probe):
+    """Mixture-of-experts router probabilities [..., num_experts]."""
+
+
+POINTS: dict[str, type[Probe]] = {
+    "hidden": HiddenState,
+    "attn_input": AttentionInput,
+    "mlp_input": MLPInput,
+    "attn_output": AttentionOutput,
+    "attn_probs": AttentionProbs,
+    "intermediate": IntermediateState,
+    "down_proj_output": DownProjOutput,
+    "router_probs": RouterProbs,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Which points to record, at which layers (None = all, 0-based), and in what form."""
+
+    points: tuple[str, ...] = ("hidden", "intermediate")
+    layers: tuple[int, ...] | None = None
+    full: bool = True  # the whole tensor
+    top_k: int = 0  # > 0: the top-k |x| over the last axis, with indices
+    median: bool = False  # median |x| over the last axis
+
+    def __post_init__(self):
+        object.__setattr__(self, "points", tuple(self.points))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+        unknown = [p for p in self.points if p not in POINTS]
+        if unknown:
+            raise ValueError(f"unknown probe points {unknown}; choose from {sorted(POINTS)}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (self.full or self.top_k or self.median):
+            raise ValueError("ProbeConfig records nothing: set full=True, top_k > 0 or median=True")
+
+    @property
+    def types(self) -> tuple[type[Probe], ...]:
+        return tuple(POINTS[p] for p in self.points)
+
+    def wants(self, point: str, layer: int) -> bool:
+        return point in self.points and (self.layers is None or layer in self.layers)
+
+
+def reduce(x: jax.Array, config: ProbeConfig) -> dict[str, jax.Array]:
+    """The statistics of `config` over the last axis of x."""
+    out = {}
+    if config.full:
+        out["full"] = x
+    if config.top_k or config.median:
+        mag = jnp.abs(x.astype(jnp.float32))
+        if config.top_k:
+            _, idx = jax.lax.top_k(mag, min(config.top_k, x.shape[-1]))
+            out["top_values"] = jnp.take_along_axis(x, idx, axis=-1)
+            out["top_indices"] = idx
+        if config.median:
+            out["median"] = jnp.median(mag, axis=-1)
+    return out
+
+
+def sow(module: nnx.Module, point: str, layer: int, value: jax.Array, config: ProbeConfig | None) -> None:
+    """Record `value` at `point` of `layer` if the config asks for it (a no-op otherwise)."""
+    if config is not None and config.wants(point, layer):
+        module.sow(POINTS[point], point, reduce(value, config))
+
+
+ProbeResult = dict[str, dict[int, dict[str, jax.Array]]]
+
+
+def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> tuple[jax.Array, ProbeResult]:
+    """Run `model(tokens, probes=config, **model_kwargs)` jitted; return (logits, {point: {layer: {stat: x}}}).
+
+    model_kwargs: positions, attention_mask, ffn_masks (arrays / pytrees, traced).
+    """
+    graphdef, state = nnx.split(model)
+    return _capture(graphdef, config, state, tokens, model_kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _capture(graphdef, config, state, tokens, model_kwargs):
+    model = nnx.merge(graphdef, state)
+    logits, *states = nnx.capture(model, *config.types)(tokens, probes=config, **model_kwargs)
+    return logits, collect(states)
+
+
+def collect(states: Sequence[nnx.State]) -> ProbeResult:
+    """Regroup captured States (nested by module path) into {point: {layer: {stat: array}}}."""
+    result: ProbeResult = {}
+    for state in states:
+        for path, value in nnx.to_flat_state(state):
+            point = path[-1]
+            layer = int(path[path.index("layers") + 1])
+            sown = value.get_value() if hasattr(value, "get_value") else value.value
+            result.setdefault(point, {})[layer] = sown[0] if len(sown) == 1 else _stack_calls(sown)
+    return {p: dict(sorted(layers.items())) for p, layers in result.items()}
+
+
+def _stack_calls(calls):
+    """A module called several times (e.g. per decoding step) sowed one dict per call."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *calls)
+
+
+def stack(result: ProbeResult, point: str, stat: str = "full") -> jax.Array:
+    """One statistic of one point for all probed layers, stacked: [num_layers, ...]."""
+    return jnp.stack([stats[stat] for stats in result[point].values()])
