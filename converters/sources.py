@@ -134,6 +134,7 @@ class TorchBinSource(TensorSource):
                 "or convert them to safetensors first"
             ) from e
         self._torch = torch
+        self._cache: dict[str, dict] = {}
         directory = Path(directory)
         self.name = str(directory)
         index = directory / "pytorch_model.bin.index.json"
@@ -146,7 +147,6 @@ class TorchBinSource(TensorSource):
             weight_map = {key: p.name for p in paths for key in self._load(p)}
         self._files = {name: directory / name for name in set(weight_map.values())}
         self._weight_map = weight_map
-        self._cache: dict[str, dict] = {}
 
     def _load(self, path: Path) -> dict:
         key = str(path)

@@ -21,7 +21,8 @@ from mwjax import probes
 from mwjax.tokens import first_token_id
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT, "HF dir, .gguf file, orbax dir, embedded:<name> or hub id")
+flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
+                    "HF dir, .gguf file, orbax dir, embedded:<name> or hub id")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
 flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state")
 flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")

@@ -25,6 +25,7 @@ ARCHITECTURES = {
 }
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 class ConfigError(ValueError):
@@ -127,9 +128,14 @@ class ModelConfig:
                 f"unknown or unsupported model_type {model_type!r} "
                 f"(architectures={hf.get('architectures')}); mwjax supports {sorted(ARCHITECTURES)}"
             )
+        missing = [k for k in _REQUIRED_KEYS if hf.get(k) is None]
+        if missing:
+            raise ConfigError(f"{model_type} config lacks required keys {missing}")
         act = hf.get("hidden_act", "silu")
         if act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(f"{model_type}: hidden_act {act!r} is not implemented; supported: {SUPPORTED_ACTIVATIONS}")
+            raise ConfigError(
+                f"{model_type}: hidden_act {act!r} is not implemented; supported: {SUPPORTED_ACTIVATIONS}"
+            )
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         layers = int(hf["num_hidden_layers"])

@@ -104,5 +104,6 @@ def validate(ffn_masks: FFNMasks, *, num_layers: int, d_ff: int, d_model: int,
             rows = np.asarray(mask.rows)
             if rows.size and (rows.min() < 0 or rows.max() >= d_ff):
                 raise ValueError(
-                    f"ffn_masks[{layer}]: row indices must lie in [0, d_ff={d_ff}), got min {rows.min()} max {rows.max()}"
+                    f"ffn_masks[{layer}]: row indices must lie in [0, d_ff={d_ff}), "
+                    f"got min {rows.min()} max {rows.max()}"
                 )

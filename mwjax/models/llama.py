@@ -95,7 +95,8 @@ class LlamaModel(nnx.Module):
     """HF `LlamaModel`: embeddings, decoder layers, final norm."""
 
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
         self.layers = nnx.List(
             [DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
              for i in range(config.num_hidden_layers)]

@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random HF models saved to disk, the PyTorch reference, the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+torch.set_num_threads(2)
+
+# Tiny configs of the llama-like family; each exercises one thing the real models rely on.
+BASE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=1024, rms_norm_eps=1e-5, initializer_range=0.1)
+TINY_CONFIGS = {
+    "llama_mha": ("LlamaConfig", dict(BASE, num_key_value_heads=4)),
+    "llama_gqa": ("LlamaConfig", dict(BASE, num_key_value_heads=2)),
+    "llama_mqa_tied": ("LlamaConfig", dict(BASE, num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama3_rope_scaling": ("LlamaConfig", dict(
+        BASE, num_key_value_heads=2, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64))),
+    "llama_bias_headdim": ("LlamaConfig", dict(BASE, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+                                               head_dim=24)),
+    "mistral_sliding": ("MistralConfig", dict(BASE, num_key_value_heads=2, sliding_window=48)),
+    "qwen2_bias": ("Qwen2Config", dict(BASE, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2_sliding": ("Qwen2Config", dict(BASE, num_key_value_heads=2, use_sliding_window=True,
+                                          sliding_window=40, max_window_layers=1)),
+}
+SEQ_LEN = 256
+
+
+def make_hf_model(name: str, seed: int = 0):
+    """A randomly initialised HF model (float32, eager attention) for one of TINY_CONFIGS."""
+    cls_name, kwargs = TINY_CONFIGS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # non-trivial norm weights and biases, so a mix-up cannot hide
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """name -> (HF model, directory it was saved to with safetensors)."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            model = make_hf_model(name)
+            path = tmp_path_factory.mktemp(name)
+            model.save_pretrained(path)
+            cache[name] = (model, path)
+        return cache[name]
+
+    return get
+
+
+def random_tokens(n: int = SEQ_LEN, vocab: int = 160, batch: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, n)).astype(np.int32)
+
+
+def hf_logits(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.from_numpy(attention_mask)
+        return model(torch.from_numpy(tokens).long(), attention_mask=mask).logits.float().numpy()
+
+
+def assert_logits_close(ours, ref, rel: float = 1e-4):
+    """max |ours - ref| <= rel * max |ref| (the logit scale)."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = np.max(np.abs(ours - ref))
+    scale = np.max(np.abs(ref))
+    assert err <= rel * scale, f"max abs logit difference {err:.3e} > {rel} x logit scale {scale:.3e}"
+    return err, scale
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from converters import embedded
+
+    return embedded.path("smollm2")

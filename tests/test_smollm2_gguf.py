@@ -1,0 +1,80 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF shipped on PyPI) against transformers' own GGUF load."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import assert_logits_close
+
+import converters
+from experiments.probe import probe_first_token
+from mwjax import models
+
+pytestmark = pytest.mark.slow
+
+TEXT = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
+    "trimmed the wick and polished the great lens until it shone. Ships passing the rocky headland "
+    "counted on that beam, and in forty years he had never once let it go dark. One winter a storm tore "
+    "the shutters from the windows and flooded the oil store, yet he carried the last dry cans up two "
+    "hundred steps in the dark and kept the light burning until morning. "
+) * 3
+
+
+@pytest.fixture(scope="module")
+def both(smollm2_path):
+    ours, tokenizer = converters.load(smollm2_path, dtype=jnp.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+    return ours, tokenizer, hf
+
+
+def test_config_and_tokenizer(both):
+    ours, tokenizer, hf = both
+    c = ours.config
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size) == (30, 576, 1536)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.tie_word_embeddings) == (9, 3, True)
+    assert c.rope.theta == hf.config.rope_parameters["rope_theta"] == 100000.0
+    assert tokenizer.bos_token_id == 1
+
+
+def test_logits_match_transformers_gguf(both):
+    ours, tokenizer, hf = both
+    ids = np.asarray([tokenizer(TEXT).input_ids], np.int32)
+    assert ids.shape[1] >= 250
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids).long()).logits.numpy()
+    err, scale = assert_logits_close(models.forward(ours, jnp.asarray(ids)), ref)
+    print(f"SmolLM2-135M GGUF, {ids.shape[1]} tokens: max abs logit diff {err:.2e} (logit scale {scale:.1f})")
+    np.testing.assert_array_equal(np.asarray(models.forward(ours, jnp.asarray(ids))).argmax(-1), ref.argmax(-1))
+
+
+def test_bos_massive_intermediate_agrees(both):
+    ours, tokenizer, hf = both
+    captured = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out, i=i: captured.__setitem__(i, inp[0][0, 0]))
+             for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        hf(torch.tensor([[tokenizer.bos_token_id]]))
+    for h in hooks:
+        h.remove()
+    ref_layer = max(captured, key=lambda i: captured[i].abs().max().item())
+    ref_top = captured[ref_layer].abs().topk(5)
+    rows = probe_first_token(ours, tokenizer.bos_token_id, top_k=5)
+    layer = max(rows, key=lambda r: abs(r["intermediate"]["top_values"][0]))
+    assert layer["layer"] == ref_layer == 11  # "layer 12" in the papers' numbering
+    assert layer["intermediate"]["top_indices"] == ref_top.indices.tolist()
+    np.testing.assert_allclose(np.abs(layer["intermediate"]["top_values"]), ref_top.values.numpy(), rtol=1e-4)
+    assert abs(layer["intermediate"]["top_values"][0]) > 1000 * layer["intermediate"]["median"]
+
+
+def test_probe_cli_on_the_embedded_model(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "experiments.probe", f"--output_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "largest intermediate value: layer 12 (HF layers[11]), dim 1229" in out.stdout
+    assert (tmp_path / "probe.json").exists()
