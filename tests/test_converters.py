@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_logits_close, hf_logits, random_tokens
+from conftest import assert_logits_close, hf_logits, make_hf_model, random_tokens
 from safetensors.numpy import load_file, save_file
 
 import converters
@@ -70,12 +70,11 @@ def test_sharded_hf_checkpoint_and_torch_bin(hf_checkpoint, tmp_path):
     assert_logits_close(our_logits(model, tokens), ref)
 
 
-def test_bfloat16_safetensors_are_read(tmp_path, hf_checkpoint):
-    hf, _ = hf_checkpoint("llama_gqa")
-    hf.to(torch.bfloat16).save_pretrained(tmp_path)
-    hf.float()
+def test_bfloat16_safetensors_are_read(tmp_path):
+    hf = make_hf_model("llama_gqa").to(torch.bfloat16)  # not the shared fixture: this one changes dtype
+    hf.save_pretrained(tmp_path)
     model, _ = converters.load(tmp_path, dtype=jnp.float32, tokenizer=False)
-    expected = hf.model.layers[0].self_attn.q_proj.weight.detach().to(torch.bfloat16).float().numpy().T
+    expected = hf.model.layers[0].self_attn.q_proj.weight.detach().float().numpy().T
     np.testing.assert_array_equal(np.asarray(model.model.layers[0].self_attn.q_proj.kernel[...]), expected)
 
 
