@@ -7,13 +7,14 @@ address the same things by the same names.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mwjax import masks, probes
-from mwjax.config import SLIDING_ATTENTION, ModelConfig
+from mwjax import masks
+from mwjax.config import ModelConfig
 from mwjax.models import attention
+from mwjax.models.base import CausalLM, Taps
+from mwjax.models.cache import LayerCache
 from mwjax.models.layers import Embed, Linear, RMSNorm, activation
 
 
@@ -32,15 +33,19 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * hd, use_bias=config.qkv_bias, **kw)
         self.o_proj = Linear(self.num_heads * hd, d, use_bias=config.o_bias, **kw)
 
-    def __call__(self, x, cos, sin, mask, probe_config=None):
+    def __call__(self, x, rope, mask, taps: Taps, cache: LayerCache | None = None):
         b, t, _ = x.shape
+        cos, sin = rope
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = attention.apply_rope(q, cos, sin), attention.apply_rope(k, cos, sin)
+        if cache is not None:
+            cache = cache.update(k, v)
+            k, v = cache.keys, cache.values
         out, probs = attention.grouped_query_attention(q, k, v, mask, scale=self.scale)
-        probes.sow(self, "attn_probs", self.layer_idx, probs, probe_config)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        taps(self, "attn_probs", self.layer_idx, probs)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 
 class MLP(nnx.Module):
@@ -58,12 +63,10 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, **kw)
         self.down_proj = Linear(f, d, **kw)
 
-    def __call__(self, x, row_mask: masks.RowMask | None = None, probe_config=None):
+    def __call__(self, x, row_mask: masks.RowMask | None, taps: Taps):
         h = self.act(self.gate_proj(x, row_mask)) * self.up_proj(x, row_mask)  # [b, t, d_ff]
-        probes.sow(self, "intermediate", self.layer_idx, h, probe_config)
-        y = self.down_proj(h)
-        probes.sow(self, "down_proj_output", self.layer_idx, y, probe_config)
-        return y
+        h = taps(self, "intermediate", self.layer_idx, h)
+        return taps(self, "down_proj_output", self.layer_idx, self.down_proj(h))
 
 
 class DecoderLayer(nnx.Module):
@@ -77,35 +80,28 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, **norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, **norm)
 
-    def __call__(self, x, cos, sin, mask, row_mask=None, probe_config=None):
+    def __call__(self, x, rope, mask, row_mask, taps: Taps, cache: LayerCache | None = None):
         i = self.layer_idx
-        h = self.input_layernorm(x)
-        probes.sow(self, "attn_input", i, h, probe_config)
-        a = self.self_attn(h, cos, sin, mask, probe_config)
-        probes.sow(self, "attn_output", i, a, probe_config)
-        x = x + a
-        h = self.post_attention_layernorm(x)
-        probes.sow(self, "mlp_input", i, h, probe_config)
-        x = x + self.mlp(h, row_mask, probe_config)
-        probes.sow(self, "hidden", i, x, probe_config)
-        return x
+        h = taps(self, "attn_input", i, self.input_layernorm(x))
+        a, cache = self.self_attn(h, rope, mask, taps, cache)
+        x = x + taps(self, "attn_output", i, a)
+        h = taps(self, "mlp_input", i, self.post_attention_layernorm(x))
+        x = x + self.mlp(h, row_mask, taps)
+        return taps(self, "hidden", i, x), cache
 
 
 class LlamaModel(nnx.Module):
     """HF `LlamaModel`: embeddings, decoder layers, final norm."""
 
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                                  rngs=rngs)
-        self.layers = nnx.List(
-            [DecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-             for i in range(config.num_hidden_layers)]
-        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(config, i, **kw) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
 
 
-class LlamaForCausalLM(nnx.Module):
-    """HF `LlamaForCausalLM` (also Mistral, Qwen2, SmolLM2): tokens [b, t] -> logits [b, t, vocab]."""
+class LlamaForCausalLM(CausalLM):
+    """HF `LlamaForCausalLM` (also Mistral, Qwen2, SmolLM2)."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
         param_dtype = param_dtype or dtype
@@ -117,32 +113,3 @@ class LlamaForCausalLM(nnx.Module):
             else Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
                         param_dtype=param_dtype, rngs=rngs)
         )
-
-    def __call__(
-        self,
-        tokens: jax.Array,  # int32 [b, t]
-        positions: jax.Array | None = None,  # int32 [b, t]; default 0..t-1
-        attention_mask: jax.Array | None = None,  # [b, t], 1 = real token, 0 = padding
-        ffn_masks: masks.FFNMasks | None = None,  # {layer: RowMask}
-        probes: probes.ProbeConfig | None = None,
-    ) -> jax.Array:
-        cfg = self.config
-        b, t = tokens.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        ffn_masks = ffn_masks or {}
-        masks.validate(ffn_masks, num_layers=cfg.num_hidden_layers, d_ff=cfg.intermediate_size,
-                       d_model=cfg.hidden_size)
-        cos, sin = attention.rope_cos_sin(cfg.rope.inv_frequencies(cfg.head_dim), positions)
-        layer_masks = {
-            kind: attention.causal_mask(
-                t, t, padding_mask=attention_mask,
-                sliding_window=cfg.sliding_window if kind == SLIDING_ATTENTION else None)
-            for kind in set(cfg.layer_types)
-        }
-        x = self.model.embed_tokens(tokens)
-        for i, layer in enumerate(self.model.layers):
-            with jax.named_scope(f"layer_{i}"):
-                x = layer(x, cos, sin, layer_masks[cfg.layer_types[i]], ffn_masks.get(i), probes)
-        x = self.model.norm(x)
-        return self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)

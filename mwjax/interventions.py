@@ -1,0 +1,55 @@
+"""Activation edits: overwrite chosen features of an activation inside the forward pass.
+
+`edits` maps (point, layer) to an `ActivationEdit`; the model applies it where the probe of the
+same name records (so a probe at that point sees the edited value). Points: "hidden" (residual
+stream after the layer), "intermediate", "down_proj_output", "attn_output". This is how the
+massive-activation interventions (set to zero / to the mean) and the super weight's "restore the
+super activation" run without copying any weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+EDITABLE_POINTS = ("hidden", "intermediate", "down_proj_output", "attn_output")
+
+
+@struct.dataclass
+class ActivationEdit:
+    """x[..., dims] := values where `where` is true.
+
+    dims:   int32 [k], feature indices (last axis)
+    values: broadcastable to [batch, seq, k]: the replacement values
+    where:  bool, broadcastable to [batch, seq] (None = every token)
+    """
+
+    dims: jax.Array
+    values: jax.Array
+    where: jax.Array | None = None
+
+
+Edits = Mapping[tuple[str, int], ActivationEdit]
+
+
+def apply(edits: Edits | None, point: str, layer: int, x: jax.Array) -> jax.Array:
+    """x with the edit registered for (point, layer) applied; x itself when there is none."""
+    if not edits or (point, layer) not in edits:
+        return x
+    edit = edits[(point, layer)]
+    current = x[..., edit.dims]  # [b, t, k]
+    new = jnp.broadcast_to(jnp.asarray(edit.values, x.dtype), current.shape)
+    if edit.where is not None:
+        new = jnp.where(jnp.asarray(edit.where, bool)[..., None], new, current)
+    return x.at[..., edit.dims].set(new)
+
+
+def validate(edits: Edits | None, num_layers: int) -> None:
+    for point, layer in edits or {}:
+        if point not in EDITABLE_POINTS:
+            raise ValueError(f"edits: point {point!r} cannot be edited; choose from {EDITABLE_POINTS}")
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"edits: layer {layer} is out of range: the model has layers 0..{num_layers - 1}")

@@ -1,0 +1,105 @@
+"""The forward pass shared by every family (HF `*ForCausalLM.forward`).
+
+A family supplies `model.embed_tokens`, `model.layers` (decoder layers with the signature
+`layer(x, rope, mask, row_mask, taps, cache) -> (x, cache)`), `model.norm` and `lm_head`
+(None when tied), and may override `embed`, `unembed` and `rope_tables`. Everything else —
+positions, attention masks per layer type, FFN row masks, probes, activation edits and the KV
+cache — is handled here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mwjax import interventions, masks, probes
+from mwjax.config import SLIDING_ATTENTION, ModelConfig
+from mwjax.models import attention
+from mwjax.models.cache import KVCache, LayerCache
+
+
+@dataclasses.dataclass(frozen=True)
+class Taps:
+    """Per-forward instrumentation: probes to record and activation edits to apply.
+
+    `taps(module, point, layer, x)` applies the edit registered for (point, layer), records the
+    (edited) value if the probe config asks for it, and returns it.
+    """
+
+    probes: probes.ProbeConfig | None = None
+    edits: interventions.Edits | None = None
+
+    def __call__(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> jax.Array:
+        x = interventions.apply(self.edits, point, layer, x)
+        probes.sow(module, point, layer, x, self.probes)
+        return x
+
+
+class CausalLM(nnx.Module):
+    """Base of the model classes: tokens [b, t] -> logits [b, t, vocab]."""
+
+    config: ModelConfig
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(tokens)
+
+    def unembed(self, x: jax.Array) -> jax.Array:
+        return self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+
+    def rope_tables(self, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """(cos, sin) per layer type; one table shared by all layers unless a family says otherwise."""
+        table = attention.rope_cos_sin(self.config.rope.inv_frequencies(self.config.head_dim), positions)
+        return dict.fromkeys(set(self.config.layer_types), table)
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # int32 [b, t]
+        positions: jax.Array | None = None,  # int32 [b, t]; default offset + 0..t-1
+        attention_mask: jax.Array | None = None,  # [b, t] (with a cache: [b, cache.max_len]); 1 = real token
+        ffn_masks: masks.FFNMasks | None = None,  # {layer: RowMask} on W_gate / W_up rows
+        probes: probes.ProbeConfig | None = None,
+        edits: interventions.Edits | None = None,  # {(point, layer): ActivationEdit}
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [b, t, vocab]; with a cache, (logits, the cache advanced by t positions)."""
+        cfg = self.config
+        b, t = tokens.shape
+        ffn_masks = ffn_masks or {}
+        self.validate_masks(ffn_masks)
+        interventions.validate(edits, cfg.num_hidden_layers)
+        offset = 0 if cache is None else cache.length
+        kv_len = t if cache is None else cache.max_len
+        if attention_mask is not None and attention_mask.shape != (b, kv_len):
+            raise ValueError(f"attention_mask must have shape [batch, {'cache.max_len' if cache else 'seq'}] = "
+                             f"{[b, kv_len]}, got {list(attention_mask.shape)}")
+        if positions is None:
+            positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
+        ropes = self.rope_tables(positions)
+        attn_masks = {
+            kind: attention.causal_mask(t, kv_len, q_offset=offset, padding_mask=attention_mask,
+                                        sliding_window=cfg.sliding_window if kind == SLIDING_ATTENTION else None)
+            for kind in set(cfg.layer_types)
+        }
+        taps = Taps(probes, edits)
+        x = self.embed(tokens)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.model.layers):
+            kind = cfg.layer_types[i]
+            layer_cache = None if cache is None else LayerCache(cache.keys[i], cache.values[i], offset)
+            with jax.named_scope(f"layer_{i}"):
+                x, layer_cache = layer(x, ropes[kind], attn_masks[kind], ffn_masks.get(i), taps, layer_cache)
+            if layer_cache is not None:
+                new_keys.append(layer_cache.keys)
+                new_values.append(layer_cache.values)
+        logits = self.unembed(self.model.norm(x))
+        if cache is None:
+            return logits
+        return logits, KVCache(keys=tuple(new_keys), values=tuple(new_values), length=offset + t)
+
+    def validate_masks(self, ffn_masks: masks.FFNMasks) -> None:
+        cfg = self.config
+        masks.validate(ffn_masks, num_layers=cfg.num_hidden_layers, d_ff=cfg.intermediate_size,
+                       d_model=cfg.hidden_size)
