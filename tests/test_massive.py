@@ -1,0 +1,73 @@
+"""find_massive_weights against a PyTorch reference computed with transformers hooks."""
+
+import numpy as np
+import pytest
+import torch
+
+import converters
+from mwjax import massive
+
+
+def hf_bos_profile(hf, token_id):
+    inter = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out, i=i: inter.__setitem__(i, inp[0][0, 0]))
+             for i, layer in enumerate(hf.model.layers)]
+    outs = {}
+    hooks += [layer.register_forward_hook(lambda m, inp, out, i=i: outs.__setitem__(i, out[0][0, 0] if isinstance(
+        out, tuple) else out[0, 0])) for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        emb = hf.model.embed_tokens(torch.tensor([[token_id]]))[0, 0]
+        hf(torch.tensor([[token_id]]))
+    for h in hooks:
+        h.remove()
+    return emb, inter, outs
+
+
+def test_matches_hf_hooks(hf_checkpoint):
+    hf, path = hf_checkpoint("llama_gqa")
+    model, _ = converters.load(path, tokenizer=False)
+    mw = massive.find_massive_weights(model, first_token=5, k=4)
+    emb, inter, outs = hf_bos_profile(hf, 5)
+    tops = [outs[i].abs().max().item() for i in range(len(outs))]
+    jumps = np.array(tops) - np.array([emb.abs().max().item()] + tops[:-1])
+    assert mw.layer == int(np.argmax(jumps))
+    ref = inter[mw.layer].abs().topk(4)
+    assert list(mw.indices) == ref.indices.tolist()
+    np.testing.assert_allclose(np.abs(mw.values), ref.values.numpy(), rtol=1e-5)
+    assert mw.paper_layer == mw.layer + 1 and mw.token_id == 5
+    assert not mw.meets_criterion  # random weights have no massive activations
+
+
+def test_layer_override_and_round_trip(hf_checkpoint):
+    _, path = hf_checkpoint("llama_gqa")
+    model, _ = converters.load(path, tokenizer=False)
+    mw = massive.find_massive_weights(model, first_token=5, k=3, layer=2)
+    assert mw.layer == 2 and len(mw.indices) == 3
+    assert massive.MassiveWeights.from_dict(mw.to_dict()) == mw
+    mask = mw.row_mask(model.config.hidden_size, k=2)
+    assert list(mask) == [2] and mask[2].rows.tolist() == list(mw.indices[:2])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k=0), r"k=0 must lie in \[1, d_ff=96\]"),
+    (dict(k=97), r"k=97 must lie in \[1, d_ff=96\]"),
+    (dict(layer=3), "layer=3 is out of range"),
+    (dict(), "no bos token"),
+])
+def test_bad_inputs(kwargs, message, hf_checkpoint):
+    import dataclasses
+
+    _, path = hf_checkpoint("llama_gqa")
+    model, _ = converters.load(path, tokenizer=False)
+    if not kwargs:  # a model whose config and tokenizer name no bos token
+        model.config = dataclasses.replace(model.config, bos_token_id=None)
+    with pytest.raises(ValueError, match=message):
+        massive.find_massive_weights(model, None, **kwargs)
+
+
+@pytest.mark.slow
+def test_smollm2_massive_weights(smollm2_path):
+    model, tokenizer = converters.load(smollm2_path)
+    mw = massive.find_massive_weights(model, tokenizer, k=5)
+    assert mw.label == "layer 12 (HF layers[11])"
+    assert mw.indices[:2] == (1229, 1487) and mw.meets_criterion
