@@ -8,25 +8,16 @@ intermediate values sit.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-import converters
-from converters import embedded
+from experiments import common
 from mwjax import probes
 from mwjax.tokens import first_token_id
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
-                    "HF dir, .gguf file, orbax dir, embedded:<name> or hub id")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
 flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state")
-flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")
-flags.DEFINE_string("output_dir", None, "write probe.json here")
 
 
 def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
@@ -68,10 +59,8 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv):
     del argv
-    dtype = jnp.dtype(FLAGS.dtype)
-    model, tokenizer = converters.load(FLAGS.model, dtype=dtype)
-    first = FLAGS.first_token
-    token_id = first_token_id(tokenizer, model.config, int(first) if first and first.isdigit() else first)
+    model, tokenizer = common.load_model()
+    token_id = first_token_id(tokenizer, model.config, common.first_token_flag())
     label = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else str(token_id)
     print(f"{FLAGS.model}: {model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, "
           f"d_ff {model.config.intermediate_size}; first token {label!r} (id {token_id}) alone at position 0\n")
@@ -79,11 +68,8 @@ def main(argv):
     print(format_table(rows))
     print("\n" + summary(rows))
     if FLAGS.output_dir:
-        out = Path(FLAGS.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         payload = {"model": FLAGS.model, "dtype": FLAGS.dtype, "token_id": token_id, "layers": rows}
-        (out / "probe.json").write_text(json.dumps(payload, indent=2))
-        print(f"wrote {out / 'probe.json'}")
+        print(f"wrote {common.write_json(common.output_dir(FLAGS.output_dir) / 'probe.json', payload)}")
 
 
 if __name__ == "__main__":

@@ -20,16 +20,19 @@ EDITABLE_POINTS = ("hidden", "intermediate", "down_proj_output", "attn_output")
 
 @struct.dataclass
 class ActivationEdit:
-    """x[..., dims] := values where `where` is true.
+    """x[..., dims] := values where `where` is true and |x[..., dims]| > min_abs.
 
-    dims:   int32 [k], feature indices (last axis)
-    values: broadcastable to [batch, seq, k]: the replacement values
-    where:  bool, broadcastable to [batch, seq] (None = every token)
+    dims:    int32 [k], feature indices (last axis)
+    values:  broadcastable to [batch, seq, k]: the replacement values
+    where:   bool, broadcastable to [batch, seq] (None = every token)
+    min_abs: static; only entries whose magnitude exceeds it are replaced (e.g. 100 selects the
+             massive activations of those dims, wherever in the sequence they occur)
     """
 
     dims: jax.Array
     values: jax.Array
     where: jax.Array | None = None
+    min_abs: float | None = struct.field(pytree_node=False, default=None)
 
 
 Edits = Mapping[tuple[str, int], ActivationEdit]
@@ -42,8 +45,14 @@ def apply(edits: Edits | None, point: str, layer: int, x: jax.Array) -> jax.Arra
     edit = edits[(point, layer)]
     current = x[..., edit.dims]  # [b, t, k]
     new = jnp.broadcast_to(jnp.asarray(edit.values, x.dtype), current.shape)
+    selected = None
     if edit.where is not None:
-        new = jnp.where(jnp.asarray(edit.where, bool)[..., None], new, current)
+        selected = jnp.broadcast_to(jnp.asarray(edit.where, bool)[..., None], current.shape)
+    if edit.min_abs is not None:
+        large = jnp.abs(current) > edit.min_abs
+        selected = large if selected is None else selected & large
+    if selected is not None:
+        new = jnp.where(selected, new, current)
     return x.at[..., edit.dims].set(new)
 
 

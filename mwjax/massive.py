@@ -1,4 +1,7 @@
-"""Finding massive weights (House of Cards, Algorithm 1 step 1).
+"""Finding massive weights (House of Cards), super weights (The Super Weight) and the
+per-layer activation statistics behind both (Massive Activations).
+
+Massive weights (House of Cards, Algorithm 1 step 1):
 
 Feed one token (the bos token) alone at position 0 and look at every layer's FFN intermediate
 state `act(x W_gate) * (x W_up)` (the input of `down_proj`). In most LLMs one early layer's
@@ -10,6 +13,11 @@ Which layer: the one whose output makes the hidden state's largest magnitude jum
 which is where massive activations originate. The result records whether that layer's
 intermediate state also meets the massive-activation criterion of Sun et al. (the largest |value|
 exceeds 100 and 1000x the median |value|); `layer=` overrides the rule.
+
+Super weights (Yu et al.): run a prompt, and per layer take the largest |input| of `down_proj`
+(its channel is the super weight's column, an intermediate dimension) and the largest |output|
+(its channel is the row, a hidden dimension). A layer where both exceed a spike threshold
+(default 50) holds a super-weight candidate `down_proj.weight[row, col]` (HF layout).
 """
 
 from __future__ import annotations
@@ -78,8 +86,9 @@ class MassiveWeights:
 def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> dict[str, Any]:
     """One token alone at position 0: per layer top-k / median of |hidden| and |intermediate|.
 
-    Returns numpy arrays: hidden_top [L, top_k], intermediate_top / intermediate_idx [L, top_k],
-    hidden_median / intermediate_median [L], and embed_max (max |embedding|).
+    Returns numpy arrays: hidden_top / hidden_idx and intermediate_top / intermediate_idx [L, top_k]
+    (signed values, feature indices), hidden_median / intermediate_median [L], and embed_max
+    (max |embedding|).
     """
     config = probes.ProbeConfig(points=("hidden", "intermediate"), full=False, top_k=top_k, median=True)
     tokens = jnp.array([[token_id]], jnp.int32)
@@ -87,6 +96,7 @@ def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> dict[st
     pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0], np.float64)
     return {
         "hidden_top": pick("hidden", "top_values"),
+        "hidden_idx": np.asarray(probes.stack(result, "hidden", "top_indices")[:, 0, 0]),
         "hidden_median": pick("hidden", "median"),
         "intermediate_top": pick("intermediate", "top_values"),
         "intermediate_idx": np.asarray(probes.stack(result, "intermediate", "top_indices")[:, 0, 0]),
@@ -129,3 +139,152 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
         token_id=token_id,
         meets_criterion=largest > MASSIVE_MIN and largest >= MASSIVE_RATIO * median,
     )
+
+
+# ------------------------------------------------------------------------------------------- super weights
+
+SPIKE_THRESHOLD = 50.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperWeight:
+    """A super-weight candidate: HF `model.layers[layer].mlp.down_proj.weight[row, col]`.
+
+    row: output channel (hidden dimension, where the super activation lives)
+    col: input channel (intermediate dimension)
+    weight: the weight's value; input_value / output_value: the spikes that located it (signed),
+    at token `position` of the prompt.
+    """
+
+    layer: int
+    row: int
+    col: int
+    weight: float
+    input_value: float
+    output_value: float
+    position: int
+
+    @property
+    def label(self) -> str:
+        return f"layers[{self.layer}].mlp.down_proj.weight[{self.row}, {self.col}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_PROMPT = "My favourite condiment is mustard. Apple Inc. is a worldwide tech company."
+
+
+def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> dict[str, np.ndarray]:
+    """Per layer, the largest |down_proj input| and |output| over the sequence, with channel and position.
+
+    Returns arrays [L]: input_value, input_channel, input_position, output_value, output_channel,
+    output_position (values signed; the first batch row only).
+    """
+    config = probes.ProbeConfig(points=("intermediate", "down_proj_output"), full=False, top_k=1, scope="sequence")
+    _, result = probes.capture(model, tokens, config)
+    out = {}
+    for point, name in (("intermediate", "input"), ("down_proj_output", "output")):
+        out[f"{name}_value"] = np.asarray(probes.stack(result, point, "top_values")[:, 0, 0], np.float64)
+        out[f"{name}_channel"] = np.asarray(probes.stack(result, point, "top_indices")[:, 0, 0])
+        out[f"{name}_position"] = np.asarray(probes.stack(result, point, "top_positions")[:, 0, 0])
+    return out
+
+
+def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_PROMPT, *,
+                       tokens: jnp.ndarray | None = None, threshold: float = SPIKE_THRESHOLD) -> list[SuperWeight]:
+    """Super-weight candidates, one per layer whose down_proj input and output both spike above `threshold`.
+
+    The prompt is tokenized with the tokenizer's defaults (bos included where it adds one); or pass
+    `tokens` [1, seq] directly.
+    """
+    if tokens is None:
+        if tokenizer is None:
+            raise ValueError("find_super_weights needs a tokenizer to encode the prompt, or tokens=[1, seq]")
+        tokens = jnp.asarray([tokenizer(prompt).input_ids], jnp.int32)
+    spikes = down_proj_spikes(model, tokens)
+    found = []
+    for layer in range(model.config.num_hidden_layers):
+        x, y = spikes["input_value"][layer], spikes["output_value"][layer]
+        if abs(x) > threshold and abs(y) > threshold:
+            row, col = int(spikes["output_channel"][layer]), int(spikes["input_channel"][layer])
+            kernel = down_proj_kernel(model, layer)  # [d_ff, d_model] = weight.T
+            found.append(SuperWeight(layer=layer, row=row, col=col, weight=float(kernel[col, row]),
+                                     input_value=float(x), output_value=float(y),
+                                     position=int(spikes["output_position"][layer])))
+    return found
+
+
+def down_proj_kernel(model: nnx.Module, layer: int) -> jnp.ndarray:
+    return model.model.layers[layer].mlp.down_proj.kernel[...]
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: int = 8,
+                     points: tuple[str, ...] = ("hidden", "intermediate"), progress: bool = True) -> dict[str, Any]:
+    """Per layer, the top-k and median |value| of each point over each whole sequence, averaged over sequences.
+
+    tokens: int [num_sequences, seq] (e.g. 100 chunks of a corpus). This is what House of Cards'
+    Figure 3 and the Massive Activations thesis' Figure 4.4 plot. Returns {point: {"top": [L, k],
+    "median": [L]}} as numpy float64 (magnitudes), plus "num_sequences".
+    """
+    from tqdm.auto import tqdm
+
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [num_sequences, seq], got shape {tokens.shape}")
+    config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True, scope="sequence")
+    sums = {p: {"top": 0.0, "median": 0.0} for p in points}
+    for start in tqdm(range(0, len(tokens), batch_size), desc="activation stats", disable=not progress or None):
+        _, result = probes.capture(model, jnp.asarray(tokens[start:start + batch_size]), config)
+        for p in points:
+            sums[p]["top"] = sums[p]["top"] + np.abs(np.asarray(probes.stack(result, p, "top_values"))).sum(1)
+            sums[p]["median"] = sums[p]["median"] + np.asarray(probes.stack(result, p, "median")).sum(1)
+    n = len(tokens)
+    return {p: {k: np.asarray(v, np.float64) / n for k, v in s.items()} for p, s in sums.items()} | {
+        "num_sequences": n}
+
+
+# ------------------------------------------------------------------------------------------- massive activations
+
+
+@dataclasses.dataclass(frozen=True)
+class MassiveActivations:
+    """Massive activations of the hidden state after `layer` on a sample of sequences (Sun et al.).
+
+    An entry is massive when |x| > threshold = max(100, 1000 x the median |x| of its sequence's hidden
+    state) (the thesis' criterion, with the median averaged over the sample). dims: the feature dims
+    holding them, largest first; positions: the token positions where they occurred.
+    """
+
+    layer: int
+    dims: tuple[int, ...]
+    positions: tuple[int, ...]
+    threshold: float
+    median: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def find_massive_activations(model: nnx.Module, tokens, layer: int, *, min_abs: float = MASSIVE_MIN,
+                             ratio: float = MASSIVE_RATIO, batch_size: int = 8) -> MassiveActivations:
+    """Locate the massive activations after `layer` on tokens [num_sequences, seq]."""
+    tokens = np.asarray(tokens, np.int32)
+    config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
+    values = []
+    for start in range(0, len(tokens), batch_size):
+        _, result = probes.capture(model, jnp.asarray(tokens[start:start + batch_size]), config)
+        values.append(np.abs(np.asarray(result["hidden"][layer]["full"], np.float32)))
+    mags = np.concatenate(values)  # [n, seq, d]
+    median = float(np.mean(np.median(mags.reshape(len(mags), -1), axis=1)))
+    threshold = max(min_abs, ratio * median)
+    where = np.argwhere(mags > threshold)
+    peak = {}
+    for _, pos, dim in where:
+        peak[int(dim)] = max(peak.get(int(dim), 0.0), float(mags[_, pos, dim]))
+    return MassiveActivations(layer=layer, dims=tuple(sorted(peak, key=peak.get, reverse=True)),
+                              positions=tuple(sorted({int(p) for p in where[:, 1]})), threshold=threshold,
+                              median=median)

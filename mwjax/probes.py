@@ -9,7 +9,9 @@ subclass per probe point, read back with `nnx.capture`:
 Reductions run inside the graph, so an 8B model at 4096 tokens need not ship [seq, d_ff] tensors
 per layer to the host: with `full=False, top_k=3, median=True` each point returns
 `top_values` / `top_indices` [..., 3] (largest |x| over the feature axis, values keep their sign)
-and `median` [...] (median |x|).
+and `median` [...] (median |x|). With `scope="sequence"` the reductions run over all tokens and
+features of each sequence instead ([batch, k] / [batch]), and `top_positions` says which token
+each top value sits at.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class ProbeConfig:
     full: bool = True  # the whole tensor
     top_k: int = 0  # > 0: the top-k |x| over the last axis, with indices
     median: bool = False  # median |x| over the last axis
+    scope: str = "token"  # "token": reduce over features; "sequence": over tokens and features
 
     def __post_init__(self):
         object.__setattr__(self, "points", tuple(self.points))
@@ -92,6 +95,8 @@ class ProbeConfig:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not (self.full or self.top_k or self.median):
             raise ValueError("ProbeConfig records nothing: set full=True, top_k > 0 or median=True")
+        if self.scope not in ("token", "sequence"):
+            raise ValueError(f"scope must be 'token' or 'sequence', got {self.scope!r}")
 
     @property
     def types(self) -> tuple[type[Probe], ...]:
@@ -102,16 +107,20 @@ class ProbeConfig:
 
 
 def reduce(x: jax.Array, config: ProbeConfig) -> dict[str, jax.Array]:
-    """The statistics of `config` over the last axis of x."""
+    """The statistics of `config` over the last axis of x (or, scope="sequence", over all but the first)."""
     out = {}
     if config.full:
         out["full"] = x
     if config.top_k or config.median:
-        mag = jnp.abs(x.astype(jnp.float32))
+        flat = x if config.scope == "token" else x.reshape(x.shape[0], -1)
+        mag = jnp.abs(flat.astype(jnp.float32))
         if config.top_k:
-            _, idx = jax.lax.top_k(mag, min(config.top_k, x.shape[-1]))
-            out["top_values"] = jnp.take_along_axis(x, idx, axis=-1)
-            out["top_indices"] = idx
+            _, idx = jax.lax.top_k(mag, min(config.top_k, flat.shape[-1]))
+            out["top_values"] = jnp.take_along_axis(flat, idx, axis=-1)
+            if config.scope == "token":
+                out["top_indices"] = idx
+            else:  # flat index over [seq, features] -> (position, feature)
+                out["top_positions"], out["top_indices"] = jnp.divmod(idx, x.shape[-1])
         if config.median:
             out["median"] = jnp.median(mag, axis=-1)
     return out

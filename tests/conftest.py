@@ -87,6 +87,18 @@ def assert_logits_close(ours, ref, rel: float = 1e-4):
     return err, scale
 
 
+def tiny_tokenizer():
+    """A character-level fast tokenizer (ids < 29, so it fits every tiny config's vocabulary), bos <s>."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {chr(97 + i): 3 + i for i in range(26)}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     from converters import embedded

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import assert_logits_close, hf_logits, make_hf_model, random_tokens
+from conftest import assert_logits_close, hf_logits, make_hf_model, random_tokens, tiny_tokenizer
 from safetensors.numpy import load_file, save_file
 
 import converters
@@ -94,24 +94,13 @@ def test_orbax_checkpoint_and_cli(hf_checkpoint, tmp_path):
     # the CLI, with a tokenizer carried along
     tok_src = tmp_path / "with_tok"
     shutil.copytree(path, tok_src)
-    _tiny_tokenizer().save_pretrained(tok_src)
+    tiny_tokenizer().save_pretrained(tok_src)
     out = subprocess.run([sys.executable, "-m", "converters.to_orbax", f"--src={tok_src}", f"--dst={tmp_path / 'cli'}"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     model2, tok2 = converters.load(tmp_path / "cli")
     assert tok2 is not None and tok2.bos_token == "<s>"
     np.testing.assert_array_equal(our_logits(model2, tokens), our_logits(model, tokens))
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tok_models
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {chr(97 + i): 3 + i for i in range(26)}
-    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>")
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -71,3 +71,48 @@ def test_smollm2_massive_weights(smollm2_path):
     mw = massive.find_massive_weights(model, tokenizer, k=5)
     assert mw.label == "layer 12 (HF layers[11])"
     assert mw.indices[:2] == (1229, 1487) and mw.meets_criterion
+
+
+def test_super_weight_coordinates_match_hook_argmax(hf_checkpoint):
+    hf, path = hf_checkpoint("llama_gqa")
+    model, _ = converters.load(path, tokenizer=False)
+    tokens = np.random.default_rng(3).integers(0, 160, (1, 40)).astype(np.int32)
+    found = massive.find_super_weights(model, tokens=tokens, threshold=0.0)  # every layer is a candidate
+    io = {}
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out, i=i: io.__setitem__(i, (inp[0], out)))
+             for i, layer in enumerate(hf.model.layers)]
+    with torch.no_grad():
+        hf(torch.from_numpy(tokens).long())
+    for h in hooks:
+        h.remove()
+    assert [sw.layer for sw in found] == [0, 1, 2]
+    for sw in found:
+        x, y = io[sw.layer]
+        col = int(x.abs().flatten().argmax()) % x.shape[-1]
+        row = int(y.abs().flatten().argmax()) % y.shape[-1]
+        assert (sw.row, sw.col) == (row, col)
+        assert sw.weight == pytest.approx(hf.model.layers[sw.layer].mlp.down_proj.weight[row, col].item())
+        assert abs(sw.output_value) == pytest.approx(y.abs().max().item(), rel=1e-5)
+    assert massive.find_super_weights(model, tokens=tokens) == []  # random weights do not spike above 50
+
+
+def test_find_massive_activations_threshold(hf_checkpoint):
+    _, path = hf_checkpoint("llama_gqa")
+    model, _ = converters.load(path, tokenizer=False)
+    tokens = np.random.default_rng(4).integers(0, 160, (2, 32)).astype(np.int32)
+    none = massive.find_massive_activations(model, tokens, 1)
+    assert none.dims == () and none.threshold >= 100
+    some = massive.find_massive_activations(model, tokens, 1, min_abs=0.0, ratio=3.0)
+    assert len(some.dims) > 0 and some.threshold == pytest.approx(3.0 * some.median)
+
+
+@pytest.mark.slow
+def test_smollm2_super_weight_and_massive_activations(smollm2_path):
+    model, tokenizer = converters.load(smollm2_path)
+    found = massive.find_super_weights(model, tokenizer)
+    strongest = max(found, key=lambda s: abs(s.output_value))
+    # the super weight's column is the top massive-weight row: the two papers point at one weight
+    assert (strongest.layer, strongest.row, strongest.col) == (11, 507, 1229)
+    tokens = np.asarray([tokenizer("The sea was calm. Boats rested in the harbour.").input_ids])
+    ma = massive.find_massive_activations(model, tokens, 11)
+    assert ma.dims[0] == 507 and ma.positions == (0,)

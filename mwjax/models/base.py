@@ -38,10 +38,19 @@ class Taps:
         return x
 
 
+class Attached(nnx.Variable):
+    """FFN row masks and activation edits that a copy of a model carries (set by `mwjax.attacks.attach`).
+
+    Value: {"ffn_masks": {layer: RowMask}, "edits": {(point, layer): ActivationEdit}}. Not a
+    parameter: optimisers, checkpoints and exports of parameters ignore it.
+    """
+
+
 class CausalLM(nnx.Module):
     """Base of the model classes: tokens [b, t] -> logits [b, t, vocab]."""
 
     config: ModelConfig
+    attached: Attached | None = None
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.model.embed_tokens(tokens)
@@ -67,7 +76,7 @@ class CausalLM(nnx.Module):
         """Logits [b, t, vocab]; with a cache, (logits, the cache advanced by t positions)."""
         cfg = self.config
         b, t = tokens.shape
-        ffn_masks = ffn_masks or {}
+        ffn_masks, edits = self.with_attached(ffn_masks, edits)
         self.validate_masks(ffn_masks)
         interventions.validate(edits, cfg.num_hidden_layers)
         offset = 0 if cache is None else cache.length
@@ -98,6 +107,19 @@ class CausalLM(nnx.Module):
         if cache is None:
             return logits
         return logits, KVCache(keys=tuple(new_keys), values=tuple(new_values), length=offset + t)
+
+    def with_attached(self, ffn_masks, edits) -> tuple[masks.FFNMasks, interventions.Edits | None]:
+        """Call-time masks and edits joined with the attached ones (a clash is an error, not an override)."""
+        ffn_masks = dict(ffn_masks or {})
+        if self.attached is None:
+            return ffn_masks, edits
+        attached = self.attached.get_value()
+        for name, extra, own in (("ffn_masks", ffn_masks, attached["ffn_masks"]),
+                                 ("edits", edits or {}, attached["edits"])):
+            if clash := sorted(set(extra) & set(own)):
+                raise ValueError(f"{name} for {clash} are already attached to this model (by mwjax.attacks); "
+                                 "apply one or the other")
+        return ffn_masks | attached["ffn_masks"], {**(edits or {}), **attached["edits"]} or None
 
     def validate_masks(self, ffn_masks: masks.FFNMasks) -> None:
         cfg = self.config

@@ -1,0 +1,110 @@
+"""House of Cards Table 1 and Figure 4 for any model: find the massive weights, attack them, measure.
+
+    python -m experiments.attacks                                  # the embedded SmolLM2, protocol settings
+    python -m experiments.attacks --seqlen=512 --max_chunks=8      # quick, CPU-sized
+    python -m experiments.attacks --model=PATH --datasets=wikitext2,c4,pg19   # with hub access
+
+Settings: the original model, top-k zeroing, top-k retaining, and (Massive Activations, Table 4.3)
+the massive activations of the origin layer's hidden state set to zero / to their mean. For each:
+perplexity on every corpus (the massive-activations protocol: --seqlen 4096, all WikiText chunks,
+100 of C4 / PG-19) and a greedy generation per prompt, so a reader sees what the attack does.
+Then Figure 4's sweep over k for both attacks: every point runs the same compiled program (the
+attack is a traced row mask over the layer). Zero-shot accuracy (Table 1's last column) comes from
+`experiments.zeroshot`.
+
+Writes attacks.json, table1.md and k_sweep.png under --output_dir.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags
+
+from experiments import common
+from mwjax import attacks, massive, plots
+from mwjax.eval import generate_text, perplexity
+from mwjax.eval.perplexity import chunk_tokens
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("k", 5, "top-k massive weights to attack")
+flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
+flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk (the protocol's 4096)")
+flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus (beyond the protocol's own cap)")
+flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
+flags.DEFINE_list("sweep", ["0", "1", "2", "3", "5", "10"], "k values of the Figure 4 sweep (empty: skip)")
+flags.DEFINE_integer("sweep_chunks", 4, "chunks of the first corpus per sweep point")
+flags.DEFINE_bool("activation_interventions", True, "also set the massive activations to zero / their mean")
+flags.DEFINE_list("prompts", ["What is the capital of France?", "Write a short poem about the sea."],
+                  "generation prompts (user turns of the chat template when the tokenizer has one)")
+flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt")
+
+
+def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict:
+    """name -> attacked model (each a copy sharing the original's arrays)."""
+    out = {"original": model,
+           f"top-{FLAGS.k} zeroing": attacks.zero_top_k(model, mw, FLAGS.k),
+           f"top-{FLAGS.k} retaining": attacks.retain_top_k(model, mw, FLAGS.k)}
+    if FLAGS.activation_interventions:
+        ma = massive.find_massive_activations(model, calibration, mw.layer)
+        print(f"massive activations after {mw.label}: dims {list(ma.dims)} at positions {list(ma.positions)[:8]} "
+              f"(|x| > {ma.threshold:.0f})")
+        if ma.dims:
+            for value in ("zero", "mean"):
+                out[f"massive activations = {value}"] = attacks.set_massive_activations(
+                    model, mw.layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold)
+    return out
+
+
+def sweep(model, mw, tokens: np.ndarray, ks: list[int]) -> dict[str, list[float]]:
+    """Figure 4 (as perplexity): zeroing and retaining for each k, one compiled program for all points."""
+    d_ff, d_model = model.config.intermediate_size, model.config.hidden_size
+    series = {"top-k zeroing": [], "top-k retaining": []}
+    for retain, name in ((False, "top-k zeroing"), (True, "top-k retaining")):
+        for k in ks:
+            ffn_masks = attacks.row_scale_masks(mw, attacks.top_k_row_scale(mw, k, d_ff, retain=retain), d_model)
+            result = perplexity(model, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size, ffn_masks=ffn_masks)
+            series[name].append(result.perplexity)
+    return series
+
+
+def main(argv):
+    del argv
+    model, tokenizer = common.load_model()
+    out = common.output_dir("outputs/attacks")
+    ks = [int(k) for k in FLAGS.sweep]
+    mw = massive.find_massive_weights(model, tokenizer, k=max([FLAGS.k, *ks]), first_token=common.first_token_flag())
+    print(f"massive weights: {mw.label}, top-{FLAGS.k} rows {list(mw.indices[:FLAGS.k])} "
+          f"(intermediate values {[round(v, 1) for v in mw.values[:FLAGS.k]]}, median |x| {mw.median:.3g})\n")
+
+    corpora = common.load_corpora(FLAGS.datasets, tokenizer, FLAGS.max_chunks)
+    calibration = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, corpora[0].max_chunks)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    rows, results = [], {}
+    for name, attacked in settings(model, mw, calibration).items():
+        ppl = {c.name: perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
+                                  batch_size=FLAGS.batch_size).to_dict() for c in corpora}
+        samples = generate_text(attacked, tokenizer, FLAGS.prompts, FLAGS.max_new_tokens, chat=chat)
+        results[name] = {"perplexity": ppl, "generations": dict(zip(FLAGS.prompts, samples, strict=True))}
+        rows.append([name] + [ppl[c.name]["perplexity"] for c in corpora])
+        print(f"== {name}: " + ", ".join(f"{c} PPL {r['perplexity']:.2f}" for c, r in ppl.items()))
+        for prompt, text in zip(FLAGS.prompts, samples, strict=True):
+            print(f"   {prompt!r} -> {text!r}")
+
+    table = common.markdown_table(["setting"] + [f"{c.name} PPL" for c in corpora], rows)
+    print(f"\nTable 1 ({FLAGS.model}, {mw.label}, seqlen {FLAGS.seqlen}):\n{table}")
+    (out / "table1.md").write_text(table + "\n")
+    payload = {"model": FLAGS.model, "massive_weights": mw.to_dict(), "k": FLAGS.k, "seqlen": FLAGS.seqlen,
+               "settings": results}
+    if ks:
+        tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, FLAGS.sweep_chunks)
+        series = sweep(model, mw, tokens, ks)
+        plots.k_sweep(ks, series, f"{corpora[0].name} perplexity under attack, {mw.label}", out / "k_sweep.png")
+        payload["k_sweep"] = {"k": ks, "corpus": corpora[0].name, "chunks": len(tokens), **series}
+        print("\nFigure 4 sweep (perplexity):")
+        print(common.markdown_table(["k"] + list(series), [[k, *(s[i] for s in series.values())]
+                                                            for i, k in enumerate(ks)]))
+    print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and k_sweep.png in {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,77 @@
+"""Flags and helpers shared by the experiment CLIs (defined once, so experiments can import each other)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import converters
+from converters import embedded
+from mwjax.eval import corpora
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
+                    "HF dir, .gguf file, orbax dir, embedded:<name> or hub id")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
+flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")
+flags.DEFINE_string("output_dir", None, "where to write JSON results and figures")
+
+
+def quiet_logs() -> None:
+    """Keep JAX's backend probing (no TPU here, ...) out of the experiment's output."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.WARNING)
+
+
+def load_model():
+    quiet_logs()
+    return converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype))
+
+
+def first_token_flag():
+    """--first_token as an int when it is one, else the token string (or None)."""
+    first = FLAGS.first_token
+    return int(first) if first is not None and first.lstrip("-").isdigit() else first
+
+
+def output_dir(default: str) -> Path:
+    path = Path(FLAGS.output_dir or default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, payload) -> Path:
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray | np.generic):
+        return x.tolist()
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+def load_corpora(names: list[str], tokenizer, max_chunks: int | None) -> list[corpora.Corpus]:
+    """Corpora by name or path; --max_chunks caps each one further (the protocol's own cap applies too)."""
+    out = []
+    for name in names:
+        corpus = corpora.load(name, tokenizer)
+        caps = [c for c in (corpus.max_chunks, max_chunks) if c is not None]
+        out.append(corpora.Corpus(corpus.name, corpus.token_ids, min(caps) if caps else None))
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""Where are a model's massive weights? House of Cards Table 6 and Figure 3, the thesis' 3D plot.
+
+    python -m experiments.massive_weights                      # the embedded SmolLM2
+    python -m experiments.massive_weights --model=PATH --k=5 --output_dir=out/mw
+
+Writes massive_weights.json (the Table 6 row: layer in both numberings and the top-k indices, plus
+per-layer statistics) and figures: bos_hidden.png / bos_intermediate.png (Figure 3(b, c): top-3
+and median |value| per layer with the bos token alone), states.png (Figure 3(a): the largest
+|value| of each state of the first layers), corpus_hidden.png / corpus_intermediate.png (the
+same statistics averaged over text sequences) and magnitudes_3d.png (|hidden state| over the
+prompt's tokens at the origin layer).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments import common
+from mwjax import massive, plots, probes
+from mwjax.eval.perplexity import chunk_tokens
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("k", 5, "how many massive weights to report")
+flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: where massive activations originate)")
+flags.DEFINE_string("prompt", "Summer is warm. Winter is cold.", "prompt of the 3D magnitude plot")
+flags.DEFINE_string("stats_corpus", "python_docs", "corpus (name or text file) for the averaged statistics")
+flags.DEFINE_integer("stats_sequences", 8, "how many sequences to average the statistics over")
+flags.DEFINE_integer("stats_seqlen", 256, "tokens per sequence for the averaged statistics")
+
+STATES = ("attn_input", "attn_output", "mlp_input", "down_proj_output", "hidden")
+
+
+def table6_row(name: str, mw: massive.MassiveWeights) -> str:
+    expert = f" expert {mw.expert}" if mw.expert is not None else ""
+    return common.markdown_table(["model", "layer (paper)", "HF layer", f"top-{len(mw.indices)} indices"],
+                                 [[name, f"{mw.paper_layer}{expert}", mw.layer, list(mw.indices)]])
+
+
+def state_magnitudes(model, token_id: int, layers: int) -> dict[str, list[float]]:
+    """Figure 3(a): max |value| of each state of the first `layers` layers, bos alone."""
+    config = probes.ProbeConfig(points=STATES, layers=tuple(range(layers)), full=False, top_k=1)
+    _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
+    return {p: [float(abs(result[p][i]["top_values"][0, 0, 0])) for i in range(layers)] for p in STATES}
+
+
+def main(argv):
+    del argv
+    model, tokenizer = common.load_model()
+    out = common.output_dir("outputs/massive_weights")
+    mw = massive.find_massive_weights(model, tokenizer, k=FLAGS.k, layer=FLAGS.layer,
+                                      first_token=common.first_token_flag())
+    print(table6_row(FLAGS.model, mw))
+    print(f"\nintermediate values at {mw.label}: {[round(v, 1) for v in mw.values]} (median |x| {mw.median:.3g}; "
+          f"massive-activation criterion {'met' if mw.meets_criterion else 'NOT met'})")
+
+    profile = massive.first_token_profile(model, mw.token_id, top_k=3)
+    for point in ("hidden", "intermediate"):
+        stats = {"top": np.abs(profile[f"{point}_top"]), "median": profile[f"{point}_median"]}
+        plots.layer_magnitudes(stats, f"{point} state, bos token alone", out / f"bos_{point}.png")
+    states = state_magnitudes(model, mw.token_id, min(model.config.num_hidden_layers, mw.layer + 2))
+    plots.grouped_bars(states, "max |value| per state, bos alone", out / "states.png")
+
+    corpus = common.load_corpora([FLAGS.stats_corpus], tokenizer, None)[0]
+    seqs = chunk_tokens(corpus.token_ids, FLAGS.stats_seqlen, FLAGS.stats_sequences)
+    averaged = massive.activation_stats(model, seqs, top_k=3)
+    for point in ("hidden", "intermediate"):
+        plots.layer_magnitudes(averaged[point], f"{point} state, {len(seqs)} x {FLAGS.stats_seqlen} tokens of "
+                               f"{corpus.name}", out / f"corpus_{point}.png")
+
+    ids = tokenizer(FLAGS.prompt).input_ids
+    if ids[0] != mw.token_id:
+        ids = [mw.token_id] + ids
+    config = probes.ProbeConfig(points=("hidden",), layers=(mw.layer,))
+    _, result = probes.capture(model, jnp.asarray([ids], jnp.int32), config)
+    plots.magnitudes_3d(np.asarray(result["hidden"][mw.layer]["full"][0]),
+                        tokenizer.convert_ids_to_tokens(ids), f"|hidden| after {mw.label}",
+                        out / "magnitudes_3d.png")
+
+    payload = {
+        "model": FLAGS.model,
+        "massive_weights": mw.to_dict(),
+        "bos_profile": profile,
+        "states": states,
+        "corpus_stats": {"corpus": corpus.name, "sequences": len(seqs), "seqlen": FLAGS.stats_seqlen,
+                         **{p: averaged[p] for p in ("hidden", "intermediate")}},
+    }
+    print(f"\nwrote {common.write_json(out / 'massive_weights.json', payload)} and figures in {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

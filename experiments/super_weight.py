@@ -1,0 +1,86 @@
+"""The Super Weight, Table 1 and Figure 8 for any model: detect, prune, prune + restore, scale.
+
+    python -m experiments.super_weight --seqlen=512 --max_chunks=8      # the embedded SmolLM2, CPU-sized
+    python -m experiments.super_weight --model=PATH --datasets=wikitext2,c4
+
+Detection runs a prompt and flags every layer whose down_proj input and output both spike above
+--threshold (default 50); the candidate with the largest output spike is "the" super weight unless
+--layer/--row/--col name one. Then perplexity for: the original model, the super weight pruned,
+pruned with its super activation restored, and the weight scaled by each of --factors.
+Writes super_weight.json and scaling.png under --output_dir.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from experiments import common
+from mwjax import attacks, massive, plots
+from mwjax.eval import generate_text, perplexity
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection runs")
+flags.DEFINE_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|")
+flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection")
+flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)")
+flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)")
+flags.DEFINE_list("factors", ["0", "0.2", "0.5", "0.8", "1", "1.5", "2", "3"], "scaling factors")
+flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
+flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk")
+flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus")
+flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
+flags.DEFINE_string("generation_prompt", "What is the capital of France?", "prompt for a sample per setting")
+
+
+def choose(model, tokenizer) -> tuple[massive.SuperWeight, list[massive.SuperWeight]]:
+    candidates = massive.find_super_weights(model, tokenizer, FLAGS.prompt, threshold=FLAGS.threshold)
+    if FLAGS.layer is not None:
+        if FLAGS.row is None or FLAGS.col is None:
+            raise app.UsageError("--layer needs --row and --col")
+        kernel = massive.down_proj_kernel(model, FLAGS.layer)
+        return massive.SuperWeight(FLAGS.layer, FLAGS.row, FLAGS.col, float(kernel[FLAGS.col, FLAGS.row]),
+                                   float("nan"), float("nan"), -1), candidates
+    if not candidates:
+        raise SystemExit(f"no layer's down_proj spikes above {FLAGS.threshold} on this prompt; lower --threshold "
+                         "or name the weight with --layer/--row/--col")
+    return max(candidates, key=lambda c: abs(c.output_value)), candidates
+
+
+def main(argv):
+    del argv
+    model, tokenizer = common.load_model()
+    out = common.output_dir("outputs/super_weight")
+    sw, candidates = choose(model, tokenizer)
+    print(f"super weight candidates (spike > {FLAGS.threshold:g}):")
+    print(common.markdown_table(["layer", "coordinates", "weight", "input spike", "output spike"],
+                                [[c.layer, c.label, c.weight, c.input_value, c.output_value] for c in candidates]))
+    print(f"\nattacking {sw.label} = {sw.weight:.4g}\n")
+
+    corpora = common.load_corpora(FLAGS.datasets, tokenizer, FLAGS.max_chunks)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+
+    def evaluate(name, attacked):
+        ppl = {c.name: perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
+                                  batch_size=FLAGS.batch_size).perplexity for c in corpora}
+        sample = generate_text(attacked, tokenizer, [FLAGS.generation_prompt], 30, chat=chat)[0]
+        print(f"== {name}: " + ", ".join(f"{c} PPL {v:.2f}" for c, v in ppl.items()) + f"\n   -> {sample!r}")
+        return {"perplexity": ppl, "generation": sample}
+
+    results = {"original": evaluate("original", model),
+               "prune SW": evaluate("prune SW", attacks.scale_super_weight(model, sw, 0.0)),
+               "prune SW, +SA": evaluate("prune SW, +SA", attacks.restore_super_activation(model, sw))}
+    factors = [float(f) for f in FLAGS.factors]
+    first = corpora[0]
+    scaling = [perplexity(attacks.scale_super_weight(model, sw, f), first.token_ids, FLAGS.seqlen,
+                          max_chunks=first.max_chunks, batch_size=FLAGS.batch_size).perplexity for f in factors]
+    print("\nscaling the super weight:")
+    print(common.markdown_table(["factor", f"{first.name} PPL"], [[f, p] for f, p in zip(factors, scaling,
+                                                                                              strict=True)]))
+    plots.scaling_curve(factors, scaling, f"{sw.label}", out / "scaling.png", ylabel=f"{first.name} perplexity")
+    payload = {"model": FLAGS.model, "super_weight": sw.to_dict(), "candidates": [c.to_dict() for c in candidates],
+               "settings": results, "scaling": {"factors": factors, "corpus": first.name, "perplexity": scaling}}
+    print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and scaling.png in {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

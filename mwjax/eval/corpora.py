@@ -1,0 +1,84 @@
+"""Evaluation texts, tokenized exactly as the massive-activations perplexity protocol does.
+
+    wikitext2  `wikitext` / `wikitext-2-raw-v1`, test split, texts joined with "\\n\\n",
+               tokenized WITHOUT special tokens (no bos anywhere)
+    c4         `NeelNanda/c4-10k`, train[:5000], joined with " ", default tokenization
+               (bos only at the very start), first 100 chunks
+    pg19       `emozilla/pg19`, validation[:5], joined with " ", default tokenization, first 100 chunks
+
+These read the Hugging Face hub through `datasets`. For machines without it: `text_file(path)`,
+and `python_docs`, the English prose of Python's own reference documentation
+(`pydoc_data.topics`, shipped with every CPython), as an always-available embedded corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+    name: str
+    token_ids: np.ndarray  # int32 [n]
+    max_chunks: int | None  # as the protocol prescribes (None = all)
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> np.ndarray:
+    return np.asarray(tokenizer(text, add_special_tokens=add_special_tokens).input_ids, np.int32)
+
+
+def _load_dataset(*args, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as e:  # offline / unknown dataset: datasets raises several kinds
+        raise RuntimeError(
+            f"could not load dataset {args} {kwargs} ({type(e).__name__}: {e}); without the hub use "
+            "corpora.text_file(path, tokenizer) or corpora.python_docs(tokenizer)"
+        ) from e
+
+
+def wikitext2(tokenizer) -> Corpus:
+    data = _load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+    return Corpus("wikitext2", _tokenize(tokenizer, "\n\n".join(data["text"]), add_special_tokens=False), None)
+
+
+def c4(tokenizer) -> Corpus:
+    data = _load_dataset("NeelNanda/c4-10k", split="train[:5000]")
+    return Corpus("c4", _tokenize(tokenizer, " ".join(data["text"]), add_special_tokens=True), 100)
+
+
+def pg19(tokenizer) -> Corpus:
+    data = _load_dataset("emozilla/pg19", split="validation[:5]")
+    return Corpus("pg19", _tokenize(tokenizer, " ".join(data["text"]), add_special_tokens=True), 100)
+
+
+def text_file(path: str | os.PathLike, tokenizer, add_special_tokens: bool = False,
+              max_chunks: int | None = None) -> Corpus:
+    text = Path(path).read_text(encoding="utf-8")
+    return Corpus(Path(path).name, _tokenize(tokenizer, text, add_special_tokens), max_chunks)
+
+
+def python_docs(tokenizer, max_chunks: int | None = None) -> Corpus:
+    """Python's reference documentation topics (English prose, ~800 KB), joined with "\\n\\n"."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    return Corpus("python_docs", _tokenize(tokenizer, text, add_special_tokens=False), max_chunks)
+
+
+LOADERS = {"wikitext2": wikitext2, "c4": c4, "pg19": pg19, "python_docs": python_docs}
+
+
+def load(name: str, tokenizer) -> Corpus:
+    """A corpus by name (LOADERS), or a path to a UTF-8 text file."""
+    if name in LOADERS:
+        return LOADERS[name](tokenizer)
+    if Path(name).is_file():
+        return text_file(name, tokenizer)
+    raise ValueError(f"unknown corpus {name!r}: choose from {sorted(LOADERS)} or give a text file path")

@@ -1,0 +1,95 @@
+"""Perplexity with the protocol of the massive-activations code (used by House of Cards Table 1).
+
+The token stream is cut into consecutive non-overlapping chunks of `seqlen` tokens (a trailing
+remainder is dropped), at most `max_chunks` of them; each chunk is scored on its own, every token
+but the first predicted from the ones before it, and
+
+    PPL = exp( mean over chunks of the mean next-token NLL within the chunk ),
+
+which equals that code's `exp(sum(loss_i * seqlen) / (n * seqlen))`. `add_bos=True` departs from
+it on purpose: each chunk is preceded by the bos token and all `seqlen` chunk tokens are scored
+(massive activations sit on the first token, so what occupies position 0 matters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float  # mean over chunks of the per-token NLL (nats)
+    chunk_nll: tuple[float, ...]  # per chunk, mean per-token NLL
+    num_chunks: int
+    seqlen: int
+    tokens_scored: int
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def chunk_tokens(token_ids, seqlen: int, max_chunks: int | None = None) -> np.ndarray:
+    """[num_chunks, seqlen] consecutive chunks of a 1-D token stream."""
+    ids = np.asarray(token_ids, np.int32).reshape(-1)
+    n = len(ids) // seqlen
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one chunk of seqlen={seqlen}")
+    return ids[: n * seqlen].reshape(n, seqlen)
+
+
+def sequence_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """Mean NLL per sequence [b] of `targets` [b, t] under `logits` [b, t, vocab] (float32 log-softmax)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if weights is None:
+        return nll.mean(axis=-1)
+    return (nll * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _chunk_nll(graphdef, state, chunks, bos, model_kwargs):
+    model = nnx.merge(graphdef, state)
+    if bos is None:
+        logits = model(chunks, **model_kwargs)
+        return sequence_nll(logits[:, :-1], chunks[:, 1:])
+    inputs = jnp.concatenate([jnp.full((chunks.shape[0], 1), bos, chunks.dtype), chunks], axis=1)
+    logits = model(inputs, **model_kwargs)
+    return sequence_nll(logits[:, :-1], chunks)
+
+
+def perplexity(model: nnx.Module, token_ids, seqlen: int = 4096, *, max_chunks: int | None = None,
+               batch_size: int = 1, add_bos: bool = False, bos_id: int | None = None, progress: bool = True,
+               **model_kwargs) -> PerplexityResult:
+    """Perplexity of `model` on a token stream (module doc), jitted and batched.
+
+    model_kwargs (ffn_masks=, edits=) are passed to every forward call, traced.
+    """
+    chunks = chunk_tokens(token_ids, seqlen, max_chunks)
+    bos = None
+    if add_bos:
+        bos = bos_id if bos_id is not None else model.config.bos_token_id
+        if bos is None:
+            raise ValueError("add_bos=True but the model config has no bos_token_id; pass bos_id=")
+    graphdef, state = nnx.split(model)
+    nlls = []
+    for start in tqdm(range(0, len(chunks), batch_size), desc=f"perplexity ({len(chunks)}x{seqlen})",
+                      disable=not progress or None, leave=False):
+        batch = chunks[start:start + batch_size]
+        pad = batch_size - len(batch)  # keep one compiled shape: pad the last batch, drop its results
+        padded = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)]) if pad else batch
+        nll = _chunk_nll(graphdef, state, jnp.asarray(padded), bos, model_kwargs)
+        nlls.extend(np.asarray(nll[: len(batch)], np.float64).tolist())
+    mean = float(np.mean(nlls))
+    return PerplexityResult(perplexity=float(np.exp(mean)), mean_nll=mean, chunk_nll=tuple(nlls),
+                            num_chunks=len(chunks), seqlen=seqlen,
+                            tokens_scored=len(chunks) * (seqlen if add_bos else seqlen - 1))

@@ -1,0 +1,113 @@
+"""Figures of the papers, drawn with matplotlib (Agg backend: files, no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def layer_magnitudes(stats: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
+    """House of Cards Figure 3(b, c) / thesis Figure 4.4: top-k and median |value| per layer (1-based axis).
+
+    stats: {"top": [L, k], "median": [L]} magnitudes.
+    """
+    top, median = np.asarray(stats["top"]), np.asarray(stats["median"])
+    layers = np.arange(1, len(median) + 1)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i in range(top.shape[1]):
+        ax.plot(layers, top[:, i], marker="o", ms=3, label=f"top {i + 1}")
+    ax.plot(layers, median, marker="s", ms=3, color="gray", label="median")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (1-based)")
+    ax.set_ylabel("|value|")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def magnitudes_3d(values: np.ndarray, token_labels: Sequence[str], title: str, path: str | Path,
+                  max_dims: int | None = None) -> Path:
+    """Thesis Figure 4.1-style 3D bars: |hidden state| over tokens x feature dimensions at one layer.
+
+    values: [seq, dim]. The largest dimensions are labelled; `max_dims` keeps only the dims with the
+    largest magnitude (all by default).
+    """
+    mag = np.abs(np.asarray(values, np.float64))
+    dims = np.arange(mag.shape[1])
+    if max_dims is not None and max_dims < mag.shape[1]:
+        dims = np.sort(np.argsort(mag.max(0))[-max_dims:])
+        mag = mag[:, dims]
+    fig = plt.figure(figsize=(8, 5))
+    ax = fig.add_subplot(projection="3d")
+    xs, ys = np.meshgrid(np.arange(len(dims)), np.arange(mag.shape[0]))
+    ax.bar3d(xs.ravel(), ys.ravel(), np.zeros(xs.size), 0.8, 0.8, mag.ravel(), shade=True)
+    ax.set_yticks(np.arange(mag.shape[0]))
+    ax.set_yticklabels(token_labels, fontsize=6)
+    for d in np.argsort(mag.max(0))[-2:]:
+        ax.text(d, int(np.argmax(mag[:, d])), mag[:, d].max(), f"dim {dims[d]}", fontsize=7)
+    ax.set_xlabel("feature dimension")
+    ax.set_zlabel("|value|")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def k_sweep(ks: Sequence[int], series: Mapping[str, Sequence[float]], title: str, path: str | Path,
+            ylabel: str = "perplexity") -> Path:
+    """House of Cards Figure 4: a metric against k for each attack (log y)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in series.items():
+        ax.plot(list(ks), list(ys), marker="o", ms=4, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("k")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str, path: str | Path,
+                  ylabel: str = "perplexity") -> Path:
+    """The Super Weight Figure 8: a metric against the super weight's scaling factor."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(list(factors), list(values), marker="o")
+    ax.axvline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("super weight scaling factor")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def grouped_bars(values: Mapping[str, Sequence[float]], title: str, path: str | Path) -> Path:
+    """House of Cards Figure 3(a): one group of bars per layer (1-based), one bar per state (log y)."""
+    names = list(values)
+    n_layers = len(next(iter(values.values())))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, name in enumerate(names):
+        ax.bar(np.arange(n_layers) + i * width, values[name], width, label=name)
+    ax.set_xticks(np.arange(n_layers) + 0.4 - width / 2)
+    ax.set_xticklabels([str(i + 1) for i in range(n_layers)])
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (1-based)")
+    ax.set_ylabel("max |value|")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,163 @@
+"""mwjax.attacks against HF with the same weights edited; purity, jit/vmap, and what each one touches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_logits_close, hf_logits, random_tokens
+
+import converters
+from mwjax import attacks, massive, models, probes
+from mwjax.massive import MassiveWeights, SuperWeight
+
+TOKENS = random_tokens(128, seed=7)
+
+
+@pytest.fixture(scope="module")
+def setup(hf_checkpoint):
+    hf, path = hf_checkpoint("llama_gqa")
+    model, _ = converters.load(path, tokenizer=False)
+    mw = massive.find_massive_weights(model, first_token=5, k=6, layer=1)
+    return hf, model, mw
+
+
+def hf_edited(hf, edit):
+    clone = type(hf)(hf.config).eval()
+    clone.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        edit(clone)
+    return clone
+
+
+def ours(model, **kw):
+    return np.asarray(models.forward(model, jnp.asarray(TOKENS), **kw))
+
+
+def test_zero_top_k_matches_hf(setup):
+    hf, model, mw = setup
+    rows = list(mw.indices[:3])
+
+    def edit(m):
+        m.model.layers[1].mlp.up_proj.weight[rows] = 0
+        m.model.layers[1].mlp.gate_proj.weight[rows] = 0
+
+    before = ours(model)
+    attacked = attacks.zero_top_k(model, mw, 3)
+    assert_logits_close(ours(attacked), hf_logits(hf_edited(hf, edit), TOKENS))
+    np.testing.assert_array_equal(ours(model), before)  # the input model is untouched
+    assert_logits_close(ours(model, ffn_masks=attacks.zero_top_k_masks(mw, 3, 64)), ours(attacked), rel=1e-5)
+    # unchanged arrays are shared, not copied
+    assert attacked.model.layers[0].mlp.up_proj.kernel[...] is model.model.layers[0].mlp.up_proj.kernel[...]
+
+
+def test_retain_top_k_matches_hf(setup):
+    hf, model, mw = setup
+    keep = list(mw.indices[:2])
+    others = [i for i in range(96) if i not in keep]
+
+    def edit(m):
+        m.model.layers[1].mlp.up_proj.weight[others] = 0
+        m.model.layers[1].mlp.gate_proj.weight[others] = 0
+
+    ref = hf_logits(hf_edited(hf, edit), TOKENS)
+    assert_logits_close(ours(attacks.retain_top_k(model, mw, 2)), ref)
+    assert_logits_close(ours(model, ffn_masks=attacks.retain_top_k_masks(mw, 2, 96, 64)), ref)
+
+
+def test_k_is_traceable_under_jit_and_vmap(setup):
+    _, model, mw = setup
+    tokens = jnp.asarray(TOKENS[:, :32])
+    ks = jnp.array([1, 2, 4])
+
+    def logits_for(k):
+        return attacks.zero_top_k(model, mw, k)(tokens)
+
+    batched = jax.jit(jax.vmap(logits_for))(ks)
+    for i, k in enumerate([1, 2, 4]):
+        assert_logits_close(batched[i], models.forward(attacks.zero_top_k(model, mw, k), tokens), rel=1e-5)
+    # one compiled program for zeroing and retaining at every k
+    d_ff = model.config.intermediate_size
+    step = jax.jit(lambda k, retain: models.forward(model, tokens, ffn_masks=attacks.row_scale_masks(
+        mw, attacks.top_k_row_scale(mw, k, d_ff, retain=retain), 64)))
+    assert_logits_close(step(2, False), models.forward(attacks.zero_top_k(model, mw, 2), tokens), rel=1e-5)
+    assert_logits_close(step(2, True), models.forward(attacks.retain_top_k(model, mw, 2), tokens), rel=1e-5)
+    assert step._cache_size() == 1
+
+
+def test_scale_super_weight_matches_hf(setup):
+    hf, model, _ = setup
+    sw = SuperWeight(layer=2, row=10, col=33, weight=0.0, input_value=0.0, output_value=0.0, position=0)
+
+    def edit(m):
+        m.model.layers[2].mlp.down_proj.weight[10, 33] *= 3.0
+
+    assert_logits_close(ours(attacks.scale_super_weight(model, sw, 3.0)), hf_logits(hf_edited(hf, edit), TOKENS))
+    factors = jnp.array([0.0, 1.0])
+    scaled = jax.vmap(lambda f: attacks.scale_super_weight(model, sw, f).model.layers[2].mlp.down_proj.kernel[...])(
+        factors)
+    assert float(scaled[0, 33, 10]) == 0.0 and float(scaled[1, 33, 10]) == float(
+        model.model.layers[2].mlp.down_proj.kernel[33, 10])
+
+
+def test_restore_super_activation_touches_only_the_super_activation(setup):
+    _, model, _ = setup
+    layer, row, col = 1, 5, 40
+    kernel = model.model.layers[layer].mlp.down_proj.kernel[...]
+    sw = SuperWeight(layer, row, col, float(kernel[col, row]), 0.0, 0.0, 0)
+    config = probes.ProbeConfig(points=("down_proj_output",), layers=(layer,))
+    tokens = jnp.asarray(TOKENS)
+    get = lambda m: np.asarray(probes.capture(m, tokens, config)[1]["down_proj_output"][layer]["full"])
+    original = get(model)
+    pruned = get(attacks.scale_super_weight(model, sw, 0.0))
+    threshold = float(np.quantile(np.abs(original[..., row]), 0.9))  # the top tenth of positions count as "super"
+    restored = get(attacks.restore_super_activation(model, sw, min_abs=threshold))
+    big = np.abs(original[..., row]) > threshold
+    assert 0 < big.sum() < big.size
+    np.testing.assert_allclose(restored[..., row][big], original[..., row][big], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(restored[..., row][~big], pruned[..., row][~big], rtol=1e-5, atol=1e-6)
+    others = np.arange(64) != row
+    np.testing.assert_allclose(restored[..., others], original[..., others], rtol=1e-5, atol=1e-6)
+
+
+def test_set_massive_activations_edits_only_large_entries(setup):
+    _, model, _ = setup
+    tokens = jnp.asarray(TOKENS)
+    config = probes.ProbeConfig(points=("hidden",), layers=(1,))
+    original = np.asarray(probes.capture(model, tokens, config)[1]["hidden"][1]["full"])
+    dims = [3, 9]
+    threshold = float(np.quantile(np.abs(original[..., dims]), 0.8))
+    edited_model = attacks.set_massive_activations(model, 1, dims, "zero", min_abs=threshold)
+    edited = np.asarray(probes.capture(edited_model, tokens, config)[1]["hidden"][1]["full"])
+    large = np.abs(original[..., dims]) > threshold
+    assert np.all(edited[..., dims][large] == 0)
+    np.testing.assert_array_equal(edited[..., dims][~large], original[..., dims][~large])
+    np.testing.assert_array_equal(np.delete(edited, dims, axis=-1), np.delete(original, dims, axis=-1))
+    # "mean": the mean of exactly those entries, over the given sequences
+    means = attacks.massive_activation_means(model, TOKENS, 1, dims, threshold)
+    expected = [original[..., d][np.abs(original[..., d]) > threshold].mean() for d in dims]
+    np.testing.assert_allclose(means, expected, rtol=1e-5)
+    meaned = attacks.set_massive_activations(model, 1, dims, "mean", tokens=TOKENS, min_abs=threshold)
+    after = np.asarray(probes.capture(meaned, tokens, config)[1]["hidden"][1]["full"])
+    for j, d in enumerate(dims):
+        np.testing.assert_allclose(after[..., d][large[..., j]], means[j], rtol=1e-5)
+    # attached edits travel with the copy, not the original
+    np.testing.assert_array_equal(ours(model), ours(model))
+    assert model.attached is None and edited_model.attached is not None
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, mw: attacks.zero_top_k(m, mw, 0), r"k=0 must lie in \[1, 6\]"),
+    (lambda m, mw: attacks.zero_top_k(m, mw, 7), r"k=7 must lie in \[1, 6\].*find_massive_weights"),
+    (lambda m, mw: attacks.retain_top_k(m, mw, 9), r"k=9 must lie in \[0, 6\]"),
+    (lambda m, mw: attacks.zero_top_k(m, MassiveWeights(5, (1,), (1.0,), 0.1, 1), 1), "layer 5 is out of range"),
+    (lambda m, mw: attacks.scale_super_weight(m, SuperWeight(3, 0, 0, 0.0, 0.0, 0.0, 0), 0.0), "layer 3 is out"),
+    (lambda m, mw: attacks.set_massive_activations(m, 0, [1], "mean"), "needs tokens="),
+    (lambda m, mw: attacks.set_massive_activations(m, 0, [1], "median"), 'value must be "zero", "mean"'),
+    (lambda m, mw: attacks.attach(attacks.zero_top_k(m, mw, 1), ffn_masks=attacks.zero_top_k_masks(mw, 1, 64))(
+        jnp.ones((1, 2), jnp.int32), ffn_masks=attacks.zero_top_k_masks(mw, 1, 64)), "already attached"),
+])
+def test_bad_inputs(setup, call, message):
+    _, model, mw = setup
+    with pytest.raises(ValueError, match=message):
+        call(model, mw)

@@ -1,0 +1,78 @@
+"""The experiment CLIs end to end: on a tiny checkpoint quickly, and on the embedded SmolLM2 (slow)."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import tiny_tokenizer
+
+TEXT = "the quick brown fox jumps over the lazy dog and keeps running through the quiet field " * 20
+
+
+def run(module, *args, timeout=900):
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_checkpoint, tmp_path_factory):
+    _, path = hf_checkpoint("llama_gqa")
+    root = tmp_path_factory.mktemp("tiny_with_tokenizer")
+    shutil.copytree(path, root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+def test_attacks_experiment_on_a_tiny_model(tiny):
+    out = tiny / "attacks"
+    stdout = run("experiments.attacks", f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}",
+                 "--seqlen=64", "--max_chunks=2", "--sweep=0,1,2", "--sweep_chunks=1", "--prompts=abc",
+                 "--max_new_tokens=3", "--first_token=1", f"--output_dir={out}")
+    assert "Table 1" in stdout and "top-5 zeroing" in stdout
+    result = json.loads((out / "attacks.json").read_text())
+    assert set(result["settings"]) >= {"original", "top-5 zeroing", "top-5 retaining"}
+    assert result["k_sweep"]["k"] == [0, 1, 2]
+    # k = 0 zeroing is the original model (the sweep scores the first chunk only)
+    first_chunk = result["settings"]["original"]["perplexity"]["text.txt"]["chunk_nll"][0]
+    assert result["k_sweep"]["top-k zeroing"][0] == pytest.approx(math.exp(first_chunk), rel=1e-5)
+    assert (out / "k_sweep.png").stat().st_size > 0 and (out / "table1.md").exists()
+
+
+def test_massive_weights_and_super_weight_experiments_on_a_tiny_model(tiny):
+    out = tiny / "mw"
+    stdout = run("experiments.massive_weights", f"--model={tiny / 'model'}", f"--stats_corpus={tiny / 'text.txt'}",
+                 "--stats_sequences=2", "--stats_seqlen=32", "--first_token=1", "--prompt=abc", f"--output_dir={out}")
+    assert "| model | layer (paper) | HF layer | top-5 indices |" in stdout
+    result = json.loads((out / "massive_weights.json").read_text())
+    assert result["massive_weights"]["paper_layer"] == result["massive_weights"]["layer"] + 1
+    for figure in ("bos_hidden", "bos_intermediate", "states", "corpus_hidden", "magnitudes_3d"):
+        assert (out / f"{figure}.png").stat().st_size > 0
+    out = tiny / "sw"
+    stdout = run("experiments.super_weight", f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}",
+                 "--layer=1", "--row=3", "--col=7", "--seqlen=64", "--max_chunks=1", "--factors=0,1",
+                 "--generation_prompt=abc", f"--output_dir={out}")
+    result = json.loads((out / "super_weight.json").read_text())
+    assert set(result["settings"]) == {"original", "prune SW", "prune SW, +SA"}
+    assert result["scaling"]["perplexity"][1] == pytest.approx(
+        result["settings"]["original"]["perplexity"]["text.txt"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_main_job_on_smollm2(tmp_path):
+    """The README's main command, with CPU-sized settings: zeroing hurts far more than retaining."""
+    stdout = run("experiments.attacks", "--seqlen=256", "--max_chunks=3", "--sweep=0,5", "--sweep_chunks=1",
+                 "--max_new_tokens=12", "--prompts=What is the capital of France?", f"--output_dir={tmp_path}")
+    result = json.loads((tmp_path / "attacks.json").read_text())
+    ppl = {name: s["perplexity"]["python_docs"]["perplexity"] for name, s in result["settings"].items()}
+    assert result["massive_weights"]["layer"] == 11
+    assert ppl["top-5 zeroing"] > 1.5 * ppl["top-5 retaining"] > 1.5 * 0.5 * ppl["original"]
+    assert ppl["massive activations = zero"] > 100 * ppl["original"]
+    assert ppl["massive activations = mean"] == pytest.approx(ppl["original"], rel=0.05)
+    gens = {name: s["generations"]["What is the capital of France?"] for name, s in result["settings"].items()}
+    assert "Paris" in gens["original"] and "Paris" not in gens["top-5 zeroing"]
+    assert "massive weights: layer 12 (HF layers[11])" in stdout
