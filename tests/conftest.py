@@ -104,3 +104,11 @@ def smollm2_path():
     from converters import embedded
 
     return embedded.path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    """SmolLM2's real BPE tokenizer (49152 tokens), built by transformers from the GGUF metadata."""
+    from converters.gguf_source import GGUFSource
+
+    return GGUFSource(smollm2_path).tokenizer()

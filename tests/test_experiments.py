@@ -76,3 +76,29 @@ def test_the_main_job_on_smollm2(tmp_path):
     gens = {name: s["generations"]["What is the capital of France?"] for name, s in result["settings"].items()}
     assert "Paris" in gens["original"] and "Paris" not in gens["top-5 zeroing"]
     assert "massive weights: layer 12 (HF layers[11])" in stdout
+
+
+def test_tables_from_run_outputs(tmp_path):
+    def zs(model, label, attack, mean):
+        scores = {t: {"acc": mean, "acc_norm": mean} for t in ("arc_easy", "arc_challenge", "piqa")}
+        scores |= {t: {"acc": mean} for t in ("boolq", "winogrande")}
+        return {"model": model, "label": label, "attack": attack, "scores": scores | {"mean": {"acc": mean,
+                                                                                                 "acc_norm": mean}}}
+
+    runs = {"a/zeroshot.json": zs("m", "original", None, 70.0), "b/zeroshot.json": zs("m", "original", "zero_top_k:5",
+                                                                                      40.0),
+            "c/zeroshot.json": zs("m", "LoRA + MacDrop", None, 76.5),
+            "d/zeroshot.json": zs("m", "LoRA + MacDrop", "zero_top_k:3", 47.7)}
+    ppl = lambda p: {"wikitext2": {"perplexity": p}}
+    runs["e/attacks.json"] = {"model": "m", "k": 5, "seqlen": 4096, "settings": {
+        "original": {"perplexity": ppl(5.75)}, "top-5 zeroing": {"perplexity": ppl(104.57)},
+        "top-5 retaining": {"perplexity": ppl(10.15)}}}
+    for name, payload in runs.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps(payload))
+    stdout = run("experiments.tables", f"--runs={tmp_path}", f"--output_dir={tmp_path / 'tables'}", timeout=300)
+    assert "| top-5 zeroing | 104.57 | 40.00 |" in stdout
+    assert "| top-5 retaining | 10.15 | - |" in stdout
+    assert "| m | LoRA + MacDrop | 76.50 | 76.50 | 76.50 | 76.50 | 76.50 | 76.50 |" in stdout
+    assert "| m | LoRA + MacDrop | 76.50 | 47.70 |" in stdout
+    assert (tmp_path / "tables" / "tables.md").exists()

@@ -65,11 +65,13 @@ def _generate(graphdef, max_new_tokens, temperature, top_k, top_p, eos_ids, stat
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_ids: Sequence[int] | None = None, pad_id: int = 0, **model_kwargs) -> list[list[int]]:
+             eos_ids: Sequence[int] | None = None, pad_id: int = 0, width: int | None = None,
+             **model_kwargs) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens`; returns the new tokens.
 
     temperature 0 is greedy decoding. Generation of a row stops after it emits one of `eos_ids`
-    (default: the config's eos token), which is kept at the end of its output.
+    (default: the config's eos token), which is kept at the end of its output. `width` left-pads
+    the prompts to at least that many tokens (one compiled program for a range of prompt lengths).
     model_kwargs (ffn_masks=, edits=) apply to every step.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -79,7 +81,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
     if eos_ids is None:
         eos = model.config.eos_token_id
         eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-    width = max(len(p) for p in prompts)
+    width = max(max(len(p) for p in prompts), width or 0)
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     prompt_mask = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):

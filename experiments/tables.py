@@ -1,0 +1,89 @@
+"""Assemble House of Cards' result tables from the runs' JSON outputs.
+
+    python -m experiments.tables --runs=outputs/ [--output_dir=outputs/tables]
+
+Reads every attacks.json (experiments.attacks) and zeroshot.json (experiments.zeroshot) under --runs
+and writes tables.md with
+  Table 1: perplexity per corpus and mean zero-shot accuracy of the original model, top-k zeroing
+           and top-k retaining (zero-shot runs matched by their --attack: none, zero_top_k:K,
+           retain_top_k:K);
+  Table 2: zero-shot accuracy per task and mean for every unattacked run, one row per --label
+           (e.g. "LoRA", "LoRA + MacDrop");
+  Table 8: the mean zero-shot accuracy of each label after top-3 zeroing (runs with
+           --attack=zero_top_k:3), beside its unattacked mean.
+Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import app, flags
+
+from experiments import common
+from experiments.zeroshot import TASK_TITLES
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for attacks.json and zeroshot.json")
+
+
+def load_runs(root: Path) -> tuple[list[dict], list[dict]]:
+    attacks = [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob("attacks.json"))]
+    zeroshot = [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob("zeroshot.json"))]
+    return attacks, zeroshot
+
+
+def _mean(run: dict) -> float:
+    return run["scores"]["mean"]["acc_norm"]
+
+
+def table1(attack_run: dict, zeroshot: list[dict]) -> str:
+    k = attack_run["k"]
+    spec = {"original": None, f"top-{k} zeroing": f"zero_top_k:{k}", f"top-{k} retaining": f"retain_top_k:{k}"}
+    by_attack = {z["attack"]: z for z in zeroshot if z["model"] == attack_run["model"]}
+    corpora = list(next(iter(attack_run["settings"].values()))["perplexity"])
+    rows = []
+    for setting, attack in spec.items():
+        ppl = attack_run["settings"][setting]["perplexity"]
+        zs = by_attack.get(attack)
+        rows.append([setting] + [ppl[c]["perplexity"] for c in corpora] + [_mean(zs) if zs else "-"])
+    return common.markdown_table(["attack"] + [f"{c} PPL" for c in corpora] + ["mean zero-shot"], rows)
+
+
+def table2(zeroshot: list[dict]) -> str:
+    runs = [z for z in zeroshot if not z["attack"]]
+    tasks = [t for t in TASK_TITLES if all(t in z["scores"] for z in runs)]
+    rows = [[z["model"], z["label"]] + [z["scores"][t].get("acc_norm", z["scores"][t]["acc"]) for t in tasks]
+            + [_mean(z)] for z in runs]
+    return common.markdown_table(["model", "method"] + [TASK_TITLES[t] for t in tasks] + ["Avg."], rows)
+
+
+def table8(zeroshot: list[dict], attack: str = "zero_top_k:3") -> str:
+    clean = {(z["model"], z["label"]): z for z in zeroshot if not z["attack"]}
+    rows = []
+    for z in zeroshot:
+        if z["attack"] == attack:
+            base = clean.get((z["model"], z["label"]))
+            rows.append([z["model"], z["label"], _mean(base) if base else "-", _mean(z)])
+    return common.markdown_table(["model", "method", "mean zero-shot", f"after {attack}"], rows)
+
+
+def main(argv):
+    del argv
+    attacks, zeroshot = load_runs(Path(FLAGS.runs))
+    if not attacks and not zeroshot:
+        raise SystemExit(f"no attacks.json or zeroshot.json under {FLAGS.runs}")
+    parts = [f"## Table 1 ({run['model']}, seqlen {run['seqlen']})\n\n{table1(run, zeroshot)}" for run in attacks]
+    if zeroshot:
+        parts.append(f"## Table 2: zero-shot accuracy\n\n{table2(zeroshot)}")
+        parts.append(f"## Table 8: top-3 zeroing\n\n{table8(zeroshot)}")
+    text = "\n\n".join(parts) + "\n"
+    print(text)
+    out = common.output_dir("outputs/tables")
+    (out / "tables.md").write_text(text)
+    print(f"wrote {out / 'tables.md'}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,84 @@
+"""Zero-shot accuracy on House of Cards' five tasks through lm-evaluation-harness (Tables 1, 2, 7, 8).
+
+    python -m experiments.zeroshot --model=PATH [--attack=zero_top_k:5] [--label="LoRA + MacDrop"]
+    python -m experiments.zeroshot --export_data=DIR          # where the hub is reachable: save the five tasks
+    python -m experiments.zeroshot --model=PATH --data_dir=DIR   # then, anywhere: run them from those files
+
+Writes zeroshot.json (acc and acc_norm per task, and their means) and zeroshot.md (a Table 2 / 7 row)
+under --output_dir; `experiments.tables` assembles the papers' tables from such runs.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from absl import app, flags
+
+from experiments import common
+from mwjax import attacks
+from mwjax.eval import zeroshot_tasks
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("attack", None, "attack applied before evaluation, e.g. zero_top_k:5 (mwjax.attacks.from_spec)")
+flags.DEFINE_list("tasks", list(zeroshot_tasks.PAPER_TASKS), "lm-eval task names")
+flags.DEFINE_string("data_dir", None, "run the tasks from <task>.jsonl files here instead of the hub")
+flags.DEFINE_string("export_data", None, "download the tasks' evaluation splits into this directory and exit")
+flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each task")
+flags.DEFINE_integer("batch_size", 8, "requests per forward pass")
+flags.DEFINE_enum("add_bos_token", "default", ["default", "true", "false"],
+                  "prepend bos (default: the tokenizer's own choice, as lm-eval >= 0.4.10 does for HF models)")
+flags.DEFINE_string("label", None, "method label of this run in the tables (e.g. 'LoRA + MacDrop'; default "
+                    "'original'); give an attacked run the same label as its unattacked twin")
+
+TASK_TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "boolq": "BoolQ", "piqa": "PIQA",
+               "winogrande": "WinoGrande"}
+
+
+def evaluate(model, tokenizer, tasks, *, data_dir=None, limit=None, batch_size=8, add_bos_token=None):
+    """Run the tasks with lm-eval on an in-memory model; returns (scores, lm-eval's raw results)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mwjax.eval.lm_eval import MwjaxLM
+
+    lm = MwjaxLM(model, tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
+    with tempfile.TemporaryDirectory() as include_dir:
+        manager = None
+        if data_dir:
+            tasks = zeroshot_tasks.write_local_tasks(data_dir, include_dir, tasks)
+            manager = TaskManager(include_path=include_dir)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=0)
+    return zeroshot_tasks.task_scores(results, tasks), results
+
+
+def table_row(label: str, scores: dict) -> list:
+    return [label] + [scores[t].get("acc_norm", scores[t]["acc"]) for t in scores if t != "mean"] + [
+        scores["mean"]["acc_norm"]]
+
+
+def main(argv):
+    del argv
+    if FLAGS.export_data:
+        for task, path in zeroshot_tasks.export_task_data(FLAGS.export_data, FLAGS.tasks).items():
+            print(f"{task}: {path}")
+        return
+    model, tokenizer = common.load_model()
+    if FLAGS.attack:
+        model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
+    add_bos = {"default": None, "true": True, "false": False}[FLAGS.add_bos_token]
+    scores, _ = evaluate(model, tokenizer, FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
+                         batch_size=FLAGS.batch_size, add_bos_token=add_bos)
+    label = FLAGS.label or "original"
+    header = ["method"] + [TASK_TITLES.get(t, t) for t in scores if t != "mean"] + ["Avg."]
+    table = common.markdown_table(header, [table_row(label, scores)])
+    print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
+    out = common.output_dir("outputs/zeroshot")
+    (out / "zeroshot.md").write_text(table + "\n")
+    payload = {"model": FLAGS.model, "attack": FLAGS.attack, "label": label, "add_bos_token": add_bos,
+               "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}
+    print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
+
+
+if __name__ == "__main__":
+    app.run(main)

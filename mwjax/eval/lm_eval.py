@@ -1,0 +1,219 @@
+"""An lm-evaluation-harness backend for mwjax models (zero-shot accuracy, House of Cards Tables 1, 2, 7, 8).
+
+    from mwjax.eval.lm_eval import MwjaxLM
+    lm_eval.simple_evaluate(model=MwjaxLM(model, tokenizer, add_bos_token=False), tasks=["arc_easy"])
+
+From the shell the backend is registered as `mwjax` (`lm_eval --model mwjax --model_args
+pretrained=PATH,...`); that path loads checkpoints, adapters and attacks, one layer up, in
+`experiments.lm_eval_model`.
+
+The scoring follows lm-eval's own HF backend request by request: `TemplateLM` splits context and
+continuation the same way, a request is `(context + continuation)[-(max_length + 1):]`, the
+continuation's log-probabilities are summed and `is_greedy` says whether every continuation token is
+the argmax. Requests run sorted by length, in batches of a fixed size padded on the right to one of
+a few bucketed lengths, so XLA compiles a handful of programs rather than one per request.
+
+bos: lm-eval up to 0.4.9.1 added no bos for HF models, later versions follow the tokenizer's default;
+massive activations sit on the first token, so `add_bos_token` makes the choice explicit (None =
+the tokenizer's default, as current lm-eval).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from tqdm.auto import tqdm
+
+from mwjax.eval.generate import generate
+
+# ~1.5x steps: little padding, still only a handful of compiled programs per run
+DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score(graphdef, state, inputs, last_pos, last_tokens):
+    """One forward for a batch of distinct inputs [b, t].
+
+    Returns log p(inputs[:, 1:]) [b, t-1] (the targets shared by every request with that input), the
+    argmax token at each position [b, t], and log p of each request's own final token, read at
+    position last_pos [b] for the candidates last_tokens [b, r] (requests that share an input differ
+    only there, e.g. " yes" / " no").
+    """
+    logits = nnx.merge(graphdef, state)(inputs)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    shared = jnp.take_along_axis(logp[:, :-1], inputs[:, 1:, None], axis=-1)[..., 0]
+    last = logp[jnp.arange(inputs.shape[0]), last_pos]  # [b, vocab]
+    return shared, jnp.argmax(logits, axis=-1), jnp.take_along_axis(last, last_tokens, axis=-1)
+
+
+def bucket(length: int, buckets: Sequence[int], cap: int) -> int:
+    """The smallest bucket >= length (or length rounded up to a multiple of the largest bucket), <= cap."""
+    for b in buckets:
+        if b >= length:
+            return min(b, cap)
+    step = buckets[-1]
+    return min(-(-length // step) * step, cap)
+
+
+class MwjaxLM(TemplateLM):
+    """lm-eval `LM` over an mwjax model already in memory (attacks / adapters applied by the caller)."""
+
+    def __init__(self, model: nnx.Module, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
+                 add_bos_token: bool | None = None, max_gen_toks: int = 256,
+                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+        super().__init__()
+        if tokenizer is None:
+            raise ValueError("MwjaxLM needs the model's tokenizer")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = int(batch_size)
+        self._max_length = int(max_length or model.config.max_position_embeddings)
+        self.add_bos_token = add_bos_token
+        self._max_gen_toks = int(max_gen_toks)
+        self.buckets = tuple(sorted(buckets))
+        self._graphdef, self._state = nnx.split(model)
+
+    # ------------------------------------------------------------------ tokenizer plumbing (as HFLM)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token
+            bos = self.tokenizer.bos_token
+            if bos is not None and string.startswith(bos):  # the text already carries its bos
+                add_special_tokens = False
+        special = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        ids = self.tokenizer.encode(string, **special)
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) | None, context_enc, continuation_enc) -> (sum log p, is_greedy).
+
+        Requests whose input (context + continuation minus its last token) is the same share one forward
+        pass, as lm-eval's HF backend does for one-token continuations.
+        """
+        groups: dict[tuple[int, ...], list[int]] = {}
+        last_token, cont_len = [], []
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            whole = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
+            groups.setdefault(tuple(whole[:-1]), []).append(i)
+            last_token.append(whole[-1])
+            cont_len.append(min(len(continuation_enc), len(whole) - 1))
+        inputs_by_length = sorted(groups, key=lambda inp: -len(inp))
+        # one width for the candidate axis in the whole call: fewer compiled programs
+        alternatives = 1 << (max(len(g) for g in groups.values()) - 1).bit_length() if groups else 1
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), desc="mwjax loglikelihood", disable=disable_tqdm or None)
+        for start in range(0, len(inputs_by_length), self.batch_size):
+            batch = inputs_by_length[start:start + self.batch_size]
+            width = bucket(len(batch[0]), self.buckets, self.max_length)
+            inputs = np.zeros((self.batch_size, width), np.int32)
+            last_pos = np.zeros((self.batch_size,), np.int32)
+            last = np.zeros((self.batch_size, alternatives), np.int32)
+            for r, inp in enumerate(batch):
+                inputs[r, :len(inp)] = inp
+                last_pos[r] = len(inp) - 1
+                last[r, :len(groups[inp])] = [last_token[i] for i in groups[inp]]
+            shared, argmax, last_logp = (np.asarray(x) for x in _score(
+                self._graphdef, self._state, jnp.asarray(inputs), jnp.asarray(last_pos), jnp.asarray(last)))
+            for r, inp in enumerate(batch):
+                n = len(inp)
+                for j, i in enumerate(groups[inp]):
+                    first = n - cont_len[i]  # continuation = targets first .. n-1; the last one is request-specific
+                    logp = float(shared[r, first:n - 1].astype(np.float64).sum() + last_logp[r, j])
+                    greedy = bool((argmax[r, first:n - 1] == inputs[r, first + 1:n]).all()
+                                  and argmax[r, n - 1] == last_token[i])
+                    results[i] = (logp, greedy)
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+                bar.update(len(groups[inp]))
+        bar.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Total log-likelihood of each text: lm-eval's disjoint rolling windows of max_length tokens."""
+        windows, owners = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for owner, (logp, _) in zip(owners, scores, strict=True):
+            totals[owner] += logp
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled) continuations, cut at the first stop sequence; batched per generation kwargs."""
+        groups: dict[str, list[int]] = {}
+        args = [req.args for req in requests]
+        for i, (_, gen_kwargs) in enumerate(args):
+            groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
+        out: list[str | None] = [None] * len(args)
+        bar = tqdm(total=len(args), desc="mwjax generate_until", disable=disable_tqdm or None)
+        for members in groups.values():
+            kwargs = dict(args[members[0]][1])
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
+            if eos_text and eos_text not in until:
+                until.append(eos_text)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            sample = bool(kwargs.pop("do_sample", False))
+            temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
+            top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+            max_ctx = self.max_length - max_new
+            if max_ctx <= 0:
+                raise ValueError(f"max_gen_toks={max_new} leaves no room for context in max_length={self.max_length}")
+            encoded = {i: self.tok_encode(args[i][0], left_truncate_len=max_ctx) for i in members}
+            members = sorted(members, key=lambda i: -len(encoded[i]))
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                prompts = [encoded[i] for i in batch]
+                prompts += [prompts[-1]] * (self.batch_size - len(prompts))  # fixed batch: one program
+                width = bucket(len(prompts[0]), self.buckets, max_ctx)
+                new = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                               eos_ids=(self.eot_token_id,), pad_id=self.tokenizer.pad_token_id or 0, width=width)
+                for i, tokens in zip(batch, new, strict=False):
+                    text = self.tok_decode(tokens)
+                    for stop in until:
+                        text = text.split(stop)[0]
+                    out[i] = text
+                    self.cache_hook.add_partial("generate_until", args[i], text)
+                bar.update(len(batch))
+        bar.close()
+        return out

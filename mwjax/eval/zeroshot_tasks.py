@@ -1,0 +1,97 @@
+"""The five zero-shot tasks of House of Cards, and how to run them from local files.
+
+lm-evaluation-harness reads these datasets from the hub. For a machine that has the data but not
+the hub: `export_task_data(dir)` (run where the hub is reachable) writes each task's evaluation
+split as JSON lines, `write_local_tasks(dir, include_dir)` writes task configs that `include:`
+lm-eval's own config of each task (same prompts, same WinoGrande partial scoring, same metrics)
+with `dataset_path: json` pointed at those files. Pass `include_dir` as lm-eval's
+`--include_path` (or `TaskManager(include_path=...)`) and run the tasks as `<task>_local`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroShotTask:
+    name: str
+    config: str  # path of lm-eval's task config, relative to lm_eval/tasks
+    hub: tuple[str, str | None]  # (dataset path, config name) on the hub
+    split: str  # the split lm-eval evaluates
+    split_key: str  # the config key naming that split
+
+
+TASKS = {
+    "arc_easy": ZeroShotTask("arc_easy", "arc/arc_easy.yaml", ("allenai/ai2_arc", "ARC-Easy"), "test", "test_split"),
+    "arc_challenge": ZeroShotTask("arc_challenge", "arc/arc_challenge.yaml", ("allenai/ai2_arc", "ARC-Challenge"),
+                                  "test", "test_split"),
+    "boolq": ZeroShotTask("boolq", "super_glue/boolq/default.yaml", ("aps/super_glue", "boolq"), "validation",
+                          "validation_split"),
+    "piqa": ZeroShotTask("piqa", "piqa/piqa.yaml", ("baber/piqa", None), "validation", "validation_split"),
+    "winogrande": ZeroShotTask("winogrande", "winogrande/default.yaml", ("allenai/winogrande", "winogrande_xl"),
+                               "validation", "validation_split"),
+}
+PAPER_TASKS = tuple(TASKS)
+LOCAL_SUFFIX = "_local"
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval
+
+    return Path(lm_eval.__file__).parent / "tasks"
+
+
+def export_task_data(out_dir: str | os.PathLike, tasks=PAPER_TASKS) -> dict[str, Path]:
+    """Download each task's evaluation split from the hub into `out_dir/<task>.jsonl`."""
+    import datasets
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in tasks:
+        task = TASKS[name]
+        data = datasets.load_dataset(task.hub[0], task.hub[1], split=task.split)
+        written[name] = out / f"{name}.jsonl"
+        data.to_json(str(written[name]), lines=True)
+    return written
+
+
+def write_local_tasks(data_dir: str | os.PathLike, include_dir: str | os.PathLike, tasks=PAPER_TASKS) -> list[str]:
+    """Task configs reading `data_dir/<task>.jsonl`; returns the local task names (`<task>_local`)."""
+    data_dir, include_dir = Path(data_dir).absolute(), Path(include_dir)
+    include_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for name in tasks:
+        task = TASKS[name]
+        data = data_dir / f"{name}.jsonl"
+        if not data.exists():
+            raise FileNotFoundError(f"{data} is missing: export it where the hub is reachable with "
+                                    f"mwjax.eval.zeroshot_tasks.export_task_data (or experiments.zeroshot --export)")
+        splits = {"training_split": None, "validation_split": None, "test_split": None, task.split_key: task.split}
+        lines = [f"include: {lm_eval_tasks_dir() / task.config}", f"task: {name}{LOCAL_SUFFIX}", "tag: []",
+                 "dataset_path: json", "dataset_name: null", "dataset_kwargs:", "  data_files:",
+                 f"    {task.split}: {data}"]
+        lines += [f"{key}: {value if value else 'null'}" for key, value in splits.items()]
+        (include_dir / f"{name}{LOCAL_SUFFIX}.yaml").write_text("\n".join(lines) + "\n")
+        names.append(name + LOCAL_SUFFIX)
+    return names
+
+
+def task_scores(results: dict, tasks) -> dict[str, dict[str, float]]:
+    """{task: {"acc": %, "acc_norm": %}} from lm-eval's results (local names mapped back), plus "mean":
+    the mean acc, and the mean of acc_norm where a task has it (ARC, PIQA) and acc where not (BoolQ,
+    WinoGrande)."""
+    scores = {}
+    for name in tasks:
+        base = name[: -len(LOCAL_SUFFIX)] if name.endswith(LOCAL_SUFFIX) else name
+        r = results["results"][name]
+        scores[base] = {m: 100.0 * r[f"{m},none"] for m in ("acc", "acc_norm") if f"{m},none" in r}
+    per_task = list(scores.values())
+    scores["mean"] = {"acc": float(np.mean([s["acc"] for s in per_task])),
+                      "acc_norm": float(np.mean([s.get("acc_norm", s["acc"]) for s in per_task]))}
+    return scores

@@ -1,0 +1,171 @@
+"""The lm-evaluation-harness backend against lm-eval's own HF backend, on local copies of the five tasks."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+import converters  # noqa: E402
+from mwjax.eval import perplexity, zeroshot_tasks  # noqa: E402
+from mwjax.eval.lm_eval import MwjaxLM  # noqa: E402
+
+DOCS = {
+    "arc_easy": [
+        {"id": "1", "question": "Which of these is a liquid at room temperature?",
+         "choices": {"text": ["iron", "water", "salt", "sand"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+        {"id": "2", "question": "What do plants need to make food?",
+         "choices": {"text": ["sunlight", "darkness", "plastic"], "label": ["1", "2", "3"]}, "answerKey": "1"},
+        {"id": "3", "question": "Which animal can fly?",
+         "choices": {"text": ["a dog", "a bird", "a fish"], "label": ["A", "B", "C"]}, "answerKey": "B"},
+    ],
+    "boolq": [
+        {"question": "is the sky blue on a clear day", "passage": "On a clear day the sky looks blue because air "
+         "scatters blue light more than red light.", "idx": 0, "label": 1},
+        {"question": "do fish breathe air with lungs", "passage": "Most fish take oxygen from water with gills.",
+         "idx": 1, "label": 0},
+    ],
+    "piqa": [
+        {"goal": "To keep bread fresh for longer,", "sol1": "store it in a sealed bag.",
+         "sol2": "leave it open in the sun.", "label": 0},
+        {"goal": "How do you cool a hot drink?", "sol1": "Put it in the oven.", "sol2": "Add a few ice cubes.",
+         "label": 1},
+    ],
+    "winogrande": [
+        {"sentence": "The trophy does not fit in the suitcase because _ is too big.", "option1": "the trophy",
+         "option2": "the suitcase", "answer": "1"},
+        {"sentence": "Sarah lent her umbrella to Emma because _ was going out in the rain.", "option1": "Sarah",
+         "option2": "Emma", "answer": "2"},
+    ],
+}
+DOCS["arc_challenge"] = DOCS["arc_easy"][::-1]
+
+
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory):
+    data = tmp_path_factory.mktemp("zeroshot_data")
+    for task, docs in DOCS.items():
+        (data / f"{task}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    include = tmp_path_factory.mktemp("zeroshot_tasks")
+    names = zeroshot_tasks.write_local_tasks(data, include)
+    return data, include, names
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_tokenizer, tmp_path_factory):
+    """A tiny random llama with SmolLM2's vocabulary, saved with the real tokenizer."""
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                      bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    path = tmp_path_factory.mktemp("tiny_smol_vocab")
+    hf.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    model, _ = converters.load(path, tokenizer=False)
+    return hf, model, path
+
+
+def evaluate_both(hf, model, tokenizer, tasks, manager, add_bos):
+    ours = lm_eval.simple_evaluate(model=MwjaxLM(model, tokenizer, batch_size=3, add_bos_token=add_bos),
+                                   tasks=tasks, task_manager=manager, log_samples=True, num_fewshot=0)
+    ref = lm_eval.simple_evaluate(model=HFLM(pretrained=hf, tokenizer=tokenizer, batch_size=3, add_bos_token=add_bos),
+                                  tasks=tasks, task_manager=manager, log_samples=True, num_fewshot=0)
+    worst = 0.0
+    for task in tasks:
+        for metric in ("acc,none", "acc_norm,none"):
+            assert ours["results"][task].get(metric) == ref["results"][task].get(metric), (task, metric)
+        for a, b in zip(ours["samples"][task], ref["samples"][task], strict=True):
+            assert a["arguments"] == b["arguments"]  # same requests, tokenized the same way
+            ll_a = np.array([r[0][0] for r in a["resps"]])
+            ll_b = np.array([r[0][0] for r in b["resps"]])
+            np.testing.assert_allclose(ll_a, ll_b, rtol=1e-4, atol=1e-4)
+            assert [r[0][1] for r in a["resps"]] == [r[0][1] for r in b["resps"]]
+            worst = max(worst, float(np.abs(ll_a - ll_b).max()))
+    return worst
+
+
+@pytest.mark.parametrize("add_bos", [None, True])
+def test_matches_the_hf_backend_on_the_five_task_formats(tiny, smollm2_tokenizer, local_tasks, add_bos):
+    hf, model, _ = tiny
+    _, include, names = local_tasks
+    worst = evaluate_both(hf, model, smollm2_tokenizer, names, TaskManager(include_path=str(include)), add_bos)
+    print(f"tiny model, add_bos_token={add_bos}: max |loglikelihood difference| {worst:.2e}")
+
+
+def test_loglikelihood_rolling_equals_perplexity(tiny, smollm2_tokenizer):
+    _, model, _ = tiny
+    lm = MwjaxLM(model, smollm2_tokenizer)
+    text = "The lighthouse keeper climbed the stairs every evening and wound the clockwork. " * 3
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    tokens = lm.tok_encode(text)
+    ppl = perplexity(model, np.asarray(tokens), len(tokens), add_bos=True, bos_id=lm.prefix_token_id,
+                     progress=False)
+    np.testing.assert_allclose(total, -ppl.mean_nll * len(tokens), rtol=1e-5)
+
+
+def test_generate_until_matches_the_hf_backend(tiny, smollm2_tokenizer):
+    hf, model, _ = tiny
+    requests = [Instance("generate_until", {}, (context, {"until": ["\n", "."], "max_gen_toks": 12,
+                                                           "do_sample": False}), i)
+                for i, context in enumerate(["Question: what is two plus two?\nAnswer:", "Once upon a time"])]
+    ours = MwjaxLM(model, smollm2_tokenizer, batch_size=2).generate_until(requests)
+    ref = HFLM(pretrained=hf, tokenizer=smollm2_tokenizer, batch_size=2).generate_until(requests)
+    assert ours == ref
+
+
+def test_few_programs_for_many_lengths(tiny, smollm2_tokenizer):
+    from mwjax.eval import lm_eval as backend
+
+    _, model, _ = tiny
+    lm = MwjaxLM(model, smollm2_tokenizer, batch_size=4, buckets=(32, 64))
+    before = backend._score._cache_size()
+    requests = [(None, list(range(3, 3 + n)), [7, 8]) for n in range(1, 60, 3)]
+    lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert backend._score._cache_size() - before <= 2  # one program per bucket, not one per length
+
+
+def test_lm_eval_command_line_knows_mwjax(tiny, local_tasks, tmp_path):
+    _, _, path = tiny
+    _, include, _ = local_tasks
+    cmd = ["lm_eval", "--model", "mwjax", "--model_args", f"pretrained={path},attack=zero_top_k:2,first_token=1",
+           "--tasks", "arc_easy_local,winogrande_local", "--include_path", str(include), "--output_path",
+           str(tmp_path), "--batch_size", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "arc_easy_local" in out.stdout and "winogrande_local" in out.stdout
+
+
+def test_zeroshot_experiment_from_local_data(tiny, local_tasks, tmp_path):
+    _, _, path = tiny
+    data, _, _ = local_tasks
+    out = subprocess.run([sys.executable, "-m", "experiments.zeroshot", f"--model={path}", f"--data_dir={data}",
+                          "--label=tiny", f"--output_dir={tmp_path}"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    result = json.loads((tmp_path / "zeroshot.json").read_text())
+    assert set(result["scores"]) == {*zeroshot_tasks.PAPER_TASKS, "mean"}
+    assert "| tiny |" in (tmp_path / "zeroshot.md").read_text()
+
+
+def test_missing_local_data_says_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export_task_data"):
+        zeroshot_tasks.write_local_tasks(tmp_path, tmp_path / "inc", ["piqa"])
+
+
+@pytest.mark.slow
+def test_smollm2_matches_the_hf_backend(smollm2_path, smollm2_tokenizer, local_tasks):
+    _, include, names = local_tasks
+    model, _ = converters.load(smollm2_path, dtype=jnp.float32, tokenizer=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                                           dtype=torch.float32).eval()
+    worst = evaluate_both(hf, model, smollm2_tokenizer, names, TaskManager(include_path=str(include)), True)
+    print(f"SmolLM2: max |loglikelihood difference| {worst:.2e}")
