@@ -23,13 +23,7 @@ def layer_magnitudes(stats: Mapping[str, np.ndarray], title: str, path: str | Pa
     for i in range(top.shape[1]):
         ax.plot(layers, top[:, i], marker="o", ms=3, label=f"top {i + 1}")
     ax.plot(layers, median, marker="s", ms=3, color="gray", label="median")
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (1-based)")
-    ax.set_ylabel("|value|")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, title, "layer (1-based)", "|value|", path)
 
 
 def magnitudes_3d(values: np.ndarray, token_labels: Sequence[str], title: str, path: str | Path,
@@ -64,13 +58,7 @@ def k_sweep(ks: Sequence[int], series: Mapping[str, Sequence[float]], title: str
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, ys in series.items():
         ax.plot(list(ks), list(ys), marker="o", ms=4, label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("k")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, title, "k", ylabel, path)
 
 
 def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str, path: str | Path,
@@ -79,9 +67,18 @@ def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str,
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(list(factors), list(values), marker="o")
     ax.axvline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("super weight scaling factor")
+    return _finish(fig, ax, title, "super weight scaling factor", ylabel, path, log_y=False, legend=False)
+
+
+def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path, *, log_y: bool = True,
+            legend: bool = True) -> Path:
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -104,10 +101,4 @@ def grouped_bars(values: Mapping[str, Sequence[float]], title: str, path: str | 
         ax.bar(np.arange(n_layers) + i * width, values[name], width, label=name)
     ax.set_xticks(np.arange(n_layers) + 0.4 - width / 2)
     ax.set_xticklabels([str(i + 1) for i in range(n_layers)])
-    ax.set_yscale("log")
-    ax.set_xlabel("layer (1-based)")
-    ax.set_ylabel("max |value|")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _finish(fig, ax, title, "layer (1-based)", "max |value|", path)
