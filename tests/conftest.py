@@ -48,6 +48,10 @@ FAMILY_CONFIGS = {
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6),
                          "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    # as released: query_pre_attn_scalar = head_dim = 256, soft-caps 50 / 30 (what GGUF files imply)
+    "gemma2_released": ("Gemma2Config", dict(BASE, num_key_value_heads=2, head_dim=256, sliding_window=48)),
+    "gemma3_released": ("Gemma3TextConfig", dict(BASE, num_hidden_layers=6, num_key_value_heads=1, head_dim=256,
+                                                  sliding_window=40)),  # layer 5 global, RoPE bases 1e6 / 1e4
     "mixtral": ("MixtralConfig", dict(BASE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     "phi3": ("Phi3Config", dict(BASE, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=1)),
     "phi3_longrope": ("Phi3Config", dict(BASE, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
