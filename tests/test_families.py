@@ -4,6 +4,8 @@ layouts, and tests showing that each family-specific feature changes the logits.
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from safetensors.torch import save_file
 
 import converters
 from converters.sources import SafetensorsSource
+from experiments.probe import format_table, probe_first_token, summary
 from mwjax import masks, models, probes
 from mwjax.config import ConfigError, RopeConfig
 from mwjax.models.cache import KVCache
@@ -305,3 +308,33 @@ def test_unsupported_variants_are_named(name, change, message, hf_checkpoint, tm
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=message):
         converters.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ experiments.probe
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "mixtral", "phi3"])
+def test_probe_experiment_on_every_family(name, hf_checkpoint):
+    hf, path = hf_checkpoint(name)
+    model = load(path)
+    rows = probe_first_token(model, token_id=1, top_k=3)
+    assert [r["layer"] for r in rows] == list(range(hf.config.num_hidden_layers))
+    config = probes.ProbeConfig(points=("intermediate", "router_probs"))
+    _, full = probes.capture(model, jnp.asarray([[1]]), config)
+    for r in rows:
+        h = full["intermediate"][r["layer"]]["full"][0, 0]  # [d_ff], or [E, d_ff] for Mixtral
+        if name == "mixtral":  # the expert the router ranks first for the token
+            assert r["expert"] == int(np.argmax(full["router_probs"][r["layer"]]["full"][0, 0]))
+            h = h[r["expert"]]
+        np.testing.assert_allclose(np.abs(r["intermediate"]["top_values"]), np.sort(np.abs(h))[::-1][:3], rtol=1e-6)
+    assert "largest intermediate value" in summary(rows) and len(format_table(rows).splitlines()) == len(rows) + 1
+
+
+def test_probe_cli_on_a_mixtral_checkpoint(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint("mixtral")
+    out = subprocess.run([sys.executable, "-m", "experiments.probe", f"--model={path}", f"--output_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "expert" in out.stdout and "hidden state max |x|" in out.stdout
+    layers = json.loads((tmp_path / "probe.json").read_text())["layers"]
+    assert all(0 <= row["expert"] < 4 for row in layers)
