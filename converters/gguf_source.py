@@ -134,8 +134,9 @@ class GGUFSource(TensorSource):
             return extra
         layers = config["num_hidden_layers"]
         scale = m("attention.scale")
-        if scale:
-            extra["query_pre_attn_scalar"] = float(scale) ** -2
+        if scale:  # HF keeps query_pre_attn_scalar an int where it is one
+            scalar = float(scale) ** -2
+            extra["query_pre_attn_scalar"] = round(scalar) if abs(scalar - round(scalar)) < 1e-3 else scalar
         elif layers == _GEMMA_27B_LAYERS[self.arch]:
             extra["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
         else:

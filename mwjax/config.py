@@ -158,7 +158,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     sliding_rope: RopeConfig | None = None
     qk_norm: bool = False
-    query_pre_attn_scalar: float | None = None  # attention scale = query_pre_attn_scalar ** -0.5
+    query_pre_attn_scalar: int | float | None = None  # attention scale = query_pre_attn_scalar ** -0.5
     attn_logit_softcapping: float | None = None  # scores := cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # logits := cap * tanh(logits / cap)
     num_local_experts: int | None = None
@@ -376,7 +376,7 @@ def _family_fields(model_type: str, hf: Mapping[str, Any]) -> dict[str, Any]:
     """ModelConfig fields that only some families have."""
     fields: dict[str, Any] = {}
     if model_type in ("gemma2", "gemma3_text"):
-        fields["query_pre_attn_scalar"] = float(hf.get("query_pre_attn_scalar", 256))
+        fields["query_pre_attn_scalar"] = hf.get("query_pre_attn_scalar", 256)  # int in HF's strict config
         fields["final_logit_softcapping"] = _float_or_none(hf.get("final_logit_softcapping"))
     if model_type == "gemma2":
         # Gemma3Attention never passes `attn_logit_softcapping` on (the key is null in its checkpoints).
