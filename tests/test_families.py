@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 import converters
 from converters.sources import SafetensorsSource
 from experiments.probe import format_table, probe_first_token, summary
-from mwjax import masks, models, probes
+from mwjax import checkpoint, masks, models, probes
 from mwjax.config import ConfigError, RopeConfig
 from mwjax.models.cache import KVCache
 
@@ -66,6 +66,34 @@ def test_padding_mask_matches_hf(hf_checkpoint):
     ours = np.asarray(models.forward(load(path), jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
     valid = mask.astype(bool)
     assert_logits_close(ours[valid], hf_logits(hf, tokens, mask)[valid])
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral"])
+def test_bfloat16_forward_close_to_hf_bfloat16(name, hf_checkpoint):
+    """Same dtype handling as HF (embedding scale cast to bf16, norms in f32, f32 routing weights): our
+    bf16 logits are closer to HF's bf16 ones than those are to HF's float32 ones."""
+    hf, path = hf_checkpoint(name)
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    hf_bf16.config._attn_implementation = "eager"
+    tokens = random_tokens(128, hf.config.vocab_size)
+    ours = models.forward(converters.load(path, dtype=jnp.bfloat16, tokenizer=False)[0], jnp.asarray(tokens))
+    assert ours.dtype == jnp.bfloat16
+    with torch.no_grad():
+        ref = hf_bf16(torch.from_numpy(tokens).long()).logits.float().numpy()
+    err, scale = assert_logits_close(np.asarray(ours.astype(jnp.float32)), ref, rel=3e-2)
+    assert err < np.abs(ref - hf_logits(hf, tokens)).max()
+    print(f"{name} bfloat16: max abs logit diff {err:.2e} (logit scale {scale:.2f})")
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mixtral", "phi3_longrope"])
+def test_orbax_round_trip_keeps_family_config(name, hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint(name)
+    model = load(path)
+    checkpoint.save(model, tmp_path / "ckpt")
+    restored = checkpoint.restore(tmp_path / "ckpt")
+    assert restored.config == model.config
+    tokens = random_tokens(64)
+    np.testing.assert_array_equal(our_logits(restored, tokens), our_logits(model, tokens))
 
 
 # ------------------------------------------------------------------------------------------ probes
