@@ -178,7 +178,6 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-
         if (self.num_local_experts is None) != (self.num_experts_per_tok is None):
             raise ConfigError("num_local_experts and num_experts_per_tok must be given together")
         if self.num_local_experts is not None and not 0 < self.num_experts_per_tok <= self.num_local_experts:
