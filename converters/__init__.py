@@ -1,7 +1,8 @@
 """Foreign checkpoint formats <-> mwjax.
 
     from converters import load, save_hf
-    model, tokenizer = load("path/to/hf_dir" | "model.gguf" | "embedded:smollm2" | "owner/name")
+    model, tokenizer = load("path/to/hf_dir" | "model.gguf" | "embedded:smollm2" | "embedded:gemma3-270m"
+                            | "owner/name")
     save_hf(model, "out_dir", tokenizer=tokenizer)
 """
 

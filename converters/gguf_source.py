@@ -1,9 +1,20 @@
 """GGUF files (llama.cpp): config, tokenizer and dequantized tensors under their HF names.
 
 Tensor names are translated with the `gguf` package's own HF <-> GGUF name map, tensors are
-dequantized to float32 with `gguf.quants`, and llama.cpp's reordering of the Q/K projection rows
-(its converter interleaves the two RoPE halves of every head) is undone, so the tensors come out
-exactly in the HF layout the key tables expect.
+dequantized to float32 with `gguf.quants`, and what llama.cpp's converter changed is undone, so
+the tensors come out exactly in the HF layout the key tables expect:
+- arch `llama` (also Mistral and Mixtral): the Q/K projection rows are permuted (the two RoPE
+  halves of every head interleaved);
+- `gemma`, `gemma2`, `gemma3`: every RMSNorm weight is stored as `1 + w` (transformers' GGUF
+  loader subtracts 1 too);
+- `phi3`: `attn_qkv` / `ffn_up` are HF's fused `qkv_proj` / `gate_up_proj` as they are;
+  longrope factors are tensors (`rope_factors_short` / `_long`);
+- Mixtral (arch `llama` with `expert_count`): each expert projection of a layer is one stacked
+  tensor (`ffn_gate_exps` [E, d_ff, d] = HF `block_sparse_moe.experts.w1`, ...).
+
+What GGUF metadata does not store is filled in as llama.cpp does: Gemma 2 / 3 scale queries by
+head_dim ** -0.5 (27B: (hidden_size / heads) ** -0.5), Gemma 3's sliding layers use RoPE base
+10 000 and every sixth layer is global.
 """
 
 from __future__ import annotations
@@ -21,10 +32,15 @@ from converters.sources import TensorSource
 
 log = logging.getLogger(__name__)
 
-# GGUF general.architecture -> HF model_type
-GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+# GGUF general.architecture -> HF model_type (llama with experts: mixtral; with a sliding window: mistral)
+GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
+                    "gemma3": "gemma3_text", "phi3": "phi3"}
 # Architectures whose llama.cpp converter permutes the rows of Q and K.
 _PERMUTED_QK = {"llama"}
+# Architectures whose llama.cpp converter stores RMSNorm weights as 1 + w.
+_NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
+# Layer count of the 27B Gemma 2 / 3, whose query scale llama.cpp takes from hidden_size / heads.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _ARCH_ENUMS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
@@ -93,7 +109,7 @@ class GGUFSource(TensorSource):
             "hidden_act": "silu",
         }
         scaling = m("rope.scaling.type")
-        if scaling not in (None, "none"):
+        if scaling not in (None, "none") and a != "phi3":  # Phi-3's longrope: see _phi3_config
             if scaling != "linear":
                 raise UnsupportedCheckpointError(f"{self.path}: GGUF rope scaling {scaling!r} is not supported")
             config["rope_scaling"] = {"rope_type": "linear", "factor": float(m("rope.scaling.factor"))}
@@ -102,7 +118,56 @@ class GGUFSource(TensorSource):
             window = m("attention.sliding_window")
             if window:
                 config |= {"model_type": "mistral", "sliding_window": int(window)}
+            if m("expert_count"):
+                config |= {"model_type": "mixtral", "num_local_experts": int(m("expert_count")),
+                           "num_experts_per_tok": int(m("expert_used_count"))}
+        elif a in _NORM_PLUS_ONE:
+            config |= self._gemma_config(m, config)
+        elif a == "phi3":
+            config |= self._phi3_config(m, config)
         return config
+
+    def _gemma_config(self, m, config: dict[str, Any]) -> dict[str, Any]:
+        """Gemma 1 / 2 / 3: activation, sliding layers, query scale, soft-caps, Gemma 3's local RoPE."""
+        extra: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
+        if self.arch == "gemma":
+            return extra
+        layers = config["num_hidden_layers"]
+        scale = m("attention.scale")
+        if scale:  # HF keeps query_pre_attn_scalar an int where it is one
+            scalar = float(scale) ** -2
+            extra["query_pre_attn_scalar"] = round(scalar) if abs(scalar - round(scalar)) < 1e-3 else scalar
+        elif layers == _GEMMA_27B_LAYERS[self.arch]:
+            extra["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
+        else:
+            extra["query_pre_attn_scalar"] = config["head_dim"]
+        extra["sliding_window"] = m("attention.sliding_window")
+        extra["final_logit_softcapping"] = m("final_logit_softcapping", 30.0 if self.arch == "gemma2" else None)
+        if self.arch == "gemma2":
+            extra["attn_logit_softcapping"] = m("attn_logit_softcapping", 50.0)
+        else:
+            extra["rope_local_base_freq"] = float(m("rope.freq_base_swa", 10000.0))
+            pattern = m("attention.sliding_window_pattern")
+            if isinstance(pattern, list):  # one flag per layer: True = sliding
+                extra["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
+            elif pattern:
+                extra["sliding_window_pattern"] = int(pattern)
+        return extra
+
+    def _phi3_config(self, m, config: dict[str, Any]) -> dict[str, Any]:
+        """Phi-3: partial rotary from rope.dimension_count, sliding window, longrope factors from tensors."""
+        extra: dict[str, Any] = {"sliding_window": m("attention.sliding_window")}
+        rotary = m("rope.dimension_count")
+        if rotary and int(rotary) != config["head_dim"]:
+            extra["partial_rotary_factor"] = int(rotary) / config["head_dim"]
+        if "rope_factors_long.weight" in self._tensors:
+            factors = {kind: self._raw("rope_factors_" + kind + ".weight").tolist() for kind in ("short", "long")}
+            extra["rope_scaling"] = {
+                "rope_type": "longrope", "short_factor": factors["short"], "long_factor": factors["long"],
+                "original_max_position_embeddings": int(m("rope.scaling.original_context_length")),
+                "attention_factor": float(m("rope.scaling.attn_factor", 1.0)),
+            }
+        return extra
 
     def tokenizer(self):
         """The HF fast tokenizer that transformers builds from the GGUF metadata (None if it cannot)."""
@@ -125,7 +190,7 @@ class GGUFSource(TensorSource):
         return self._tensors.keys()  # GGUF names; HF names are resolved on demand
 
     def unused(self, used_keys):
-        used = {self._gguf_name(k) for k in used_keys}
+        used = {self._gguf_name(k) for k in used_keys} | {"rope_factors_short.weight", "rope_factors_long.weight"}
         return sorted(set(self._tensors) - used)
 
     def __contains__(self, key):
@@ -135,10 +200,16 @@ class GGUFSource(TensorSource):
         t = self._tensors[self._gguf_name(key)]
         return tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
 
-    def get(self, key):
-        name = self._gguf_name(key)
+    def _raw(self, name: str) -> np.ndarray:
+        """A tensor by its GGUF name, dequantized to float32, in HF (slowest-first) layout."""
         t = self._tensors[name]
-        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(self.shape(key)).astype(np.float32, copy=False)
+        shape = tuple(int(s) for s in reversed(t.shape))
+        return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+
+    def get(self, key):
+        w = self._raw(self._gguf_name(key))
+        if self.arch in _NORM_PLUS_ONE and key.endswith("norm.weight"):
+            w = w - np.float32(1.0)
         if self.arch in _PERMUTED_QK:
             if key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
                 w = _unpermute(w, int(self.meta(f"{self.arch}.attention.head_count")))

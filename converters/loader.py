@@ -7,6 +7,7 @@ config implies, cast, and placed on its device (or sharding): one tensor in host
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -84,32 +85,41 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
 
 def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.float32, param_dtype=None,
                       shardings: ShardingFn | None = None, progress: bool = True) -> nnx.Module:
-    """Fill an abstract model from `source` through the family's key table."""
+    """Fill an abstract model from `source` through the family's key table.
+
+    A parameter comes from the first of its table's locations whose tensor the source has; a
+    tensor that holds several parameters (fused or stacked) is read once for all of them.
+    """
     keymap = KEYMAPS[config.model_type]
     graphdef, state = nnx.split(models.abstract(config, dtype=dtype, param_dtype=param_dtype))
     abstract = nnx.to_pure_dict(state)
+    shapes = {dotted(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
+    plan = keymap.plan(shapes)
+    read = functools.lru_cache(maxsize=4)(source.get)  # the fused / stacked tensors being split
     used: set[str] = set()
-    bar = tqdm(total=len(jax.tree.leaves(abstract)), desc=f"loading {Path(source.name).name}",
-               disable=not progress or None, leave=False)
+    bar = tqdm(total=len(shapes), desc=f"loading {Path(source.name).name}", disable=not progress or None,
+               leave=False)
 
     def fill(key_path, leaf: jax.ShapeDtypeStruct):
         name = dotted(key_path)
-        hf_key, rule = keymap.to_hf(name)
-        if hf_key not in source:
-            raise source.missing(hf_key, name)
-        expected = rule.hf_shape(leaf.shape)
-        if tuple(source.shape(hf_key)) != expected:
+        candidates = plan[name]
+        location = next((c for c in candidates if c.hf_key in source), None)
+        if location is None:
+            raise source.missing(candidates[0].hf_key, name, also=[c.hf_key for c in candidates[1:]])
+        if tuple(source.shape(location.hf_key)) != location.hf_shape:
             raise ShapeMismatchError(
-                f"{source.name}: tensor {hf_key!r} has shape {list(source.shape(hf_key))} but the config implies "
-                f"{list(expected)} (mwjax parameter {name}); the config.json does not match the weights"
+                f"{source.name}: tensor {location.hf_key!r} has shape {list(source.shape(location.hf_key))} but the "
+                f"config implies {list(location.hf_shape)} (mwjax parameter {name}); the config.json does not "
+                "match the weights"
             )
-        used.add(hf_key)
-        array = rule.to_nnx(source.get(hf_key))
+        used.add(location.hf_key)
+        array = location.to_nnx(read(location.hf_key))
         bar.update()
         return _place(array, leaf.dtype, shardings(name, leaf.shape) if shardings else None)
 
     with bar:
         values = jax.tree_util.tree_map_with_path(fill, abstract)
+    read.cache_clear()
     unused = [k for k in source.unused(used) if not keymap.ignored(k)]
     if unused:
         log.warning("%s: %d checkpoint tensors were not used: %s", source.name, len(unused), unused[:10])

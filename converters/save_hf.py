@@ -27,11 +27,7 @@ def save_hf(model: nnx.Module, directory: str | os.PathLike, *, tokenizer=None,
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config
-    keymap = KEYMAPS[config.model_type]
-    tensors: dict[str, np.ndarray] = {}
-    for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param))):
-        hf_key, rule = keymap.to_hf(dotted(path))
-        tensors[hf_key] = np.ascontiguousarray(rule.to_hf(np.asarray(jax.device_get(value))))
+    tensors = hf_tensors(model)
 
     shards = _shard(tensors, max_shard_bytes)
     if len(shards) == 1:
@@ -49,6 +45,23 @@ def save_hf(model: nnx.Module, directory: str | os.PathLike, *, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory
+
+
+def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
+    """The model's parameters as HF tensors, in the first layout of the family's key table
+    (fused and stacked tensors assembled from their parts)."""
+    params = {dotted(path): np.asarray(jax.device_get(value))
+              for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
+    plan = KEYMAPS[model.config.model_type].plan({name: value.shape for name, value in params.items()})
+    tensors: dict[str, np.ndarray] = {}
+    for name, value in params.items():
+        location = plan[name][0]
+        if location.index:  # one piece of a fused / stacked tensor
+            whole = tensors.setdefault(location.hf_key, np.empty(location.hf_shape, value.dtype))
+            whole[location.index] = location.rule.to_hf(value)
+        else:
+            tensors[location.hf_key] = np.ascontiguousarray(location.rule.to_hf(value))
+    return tensors
 
 
 def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:

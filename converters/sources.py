@@ -47,9 +47,11 @@ class TensorSource:
         """Checkpoint tensors (native names) that no parameter was read from."""
         return sorted(set(self.keys()) - set(used_keys))
 
-    def missing(self, key: str, needed_for: str) -> MissingTensorError:
+    def missing(self, key: str, needed_for: str, also: Iterable[str] = ()) -> MissingTensorError:
+        """The error for a parameter none of whose tensors (`key`, or one of `also`) is in the checkpoint."""
+        alternatives = "".join(f" or {k!r}" for k in also)
         return MissingTensorError(
-            f"{self.name}: missing tensor {key!r} (needed for mwjax parameter {needed_for}); "
+            f"{self.name}: missing tensor {key!r}{alternatives} (needed for mwjax parameter {needed_for}); "
             "the checkpoint is incomplete or was written for a different architecture"
         )
 

@@ -21,18 +21,29 @@ flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per
 
 
 def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
-    """Per layer: hidden / intermediate top-k values, indices and median |x| for one token at position 0."""
-    config = probes.ProbeConfig(points=("hidden", "intermediate"), full=False, top_k=top_k, median=True)
+    """Per layer: hidden / intermediate top-k values, indices and median |x| for one token at position 0.
+
+    In a mixture-of-experts model (Mixtral) the intermediate state is the one of the expert the
+    router ranks first for the token at that layer, recorded in the row as "expert".
+    """
+    moe = getattr(model.config, "num_local_experts", None) is not None
+    points = ("hidden", "intermediate") + (("router_probs",) if moe else ())
+    config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
     _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
     rows = []
     for layer in range(model.config.num_hidden_layers):
         row = {"layer": layer, "paper_layer": layer + 1}
-        for point in config.points:
+        where = (0, 0)
+        if moe:  # intermediate stats are per expert: [b, t, E, ...]
+            row["expert"] = int(result["router_probs"][layer]["top_indices"][0, 0, 0])
+            where = (0, 0, row["expert"])
+        for point in ("hidden", "intermediate"):
             stats = result[point][layer]
+            at = (0, 0) if point == "hidden" else where
             row[point] = {
-                "top_values": np.asarray(stats["top_values"][0, 0], np.float64).tolist(),
-                "top_indices": np.asarray(stats["top_indices"][0, 0]).tolist(),
-                "median": float(stats["median"][0, 0]),
+                "top_values": np.asarray(stats["top_values"][at], np.float64).tolist(),
+                "top_indices": np.asarray(stats["top_indices"][at]).tolist(),
+                "median": float(stats["median"][at]),
             }
         rows.append(row)
     return rows
@@ -44,17 +55,35 @@ def format_table(rows: list[dict]) -> str:
              f"{'intermediate top |x|':^30} {'median':>8} | top intermediate dims"]
     for r in rows:
         h, m = r["hidden"], r["intermediate"]
+        expert = f"expert {r['expert']}: " if "expert" in r else ""
         lines.append(f"{r['paper_layer']:>5} {r['layer']:>4} | {fmt(h['top_values']):>30} {h['median']:8.3f} | "
-                     f"{fmt(m['top_values']):>30} {m['median']:8.3f} | {m['top_indices']}")
+                     f"{fmt(m['top_values']):>30} {m['median']:8.3f} | {expert}{m['top_indices']}")
     return "\n".join(lines)
+
+
+EXPLOSION_SHARE = 0.5  # one layer adding this much of the peak hidden |x| is an explosion
 
 
 def summary(rows: list[dict]) -> str:
     top = max(rows, key=lambda r: abs(r["intermediate"]["top_values"][0]))
     m = top["intermediate"]
     ratio = abs(m["top_values"][0]) / max(m["median"], 1e-12)
-    return (f"largest intermediate value: layer {top['paper_layer']} (HF layers[{top['layer']}]), "
-            f"dim {m['top_indices'][0]}, |x| = {abs(m['top_values'][0]):.1f} ({ratio:.0f}x the layer's median)")
+    expert = f", expert {top['expert']}" if "expert" in top else ""
+    return (f"largest intermediate value: layer {top['paper_layer']} (HF layers[{top['layer']}]){expert}, "
+            f"dim {m['top_indices'][0]}, |x| = {abs(m['top_values'][0]):.1f} ({ratio:.0f}x the layer's median)\n"
+            + growth(rows))
+
+
+def growth(rows: list[dict]) -> str:
+    """How the hidden state's largest |x| grows: in one layer (Llama-style) or over many (Gemma-style)."""
+    peaks = np.abs([r["hidden"]["top_values"][0] for r in rows])
+    steps = np.diff(peaks, prepend=0.0)
+    peak, jump = int(np.argmax(peaks)), int(np.argmax(steps[1:]) + 1) if len(rows) > 1 else 0
+    share = steps[jump] / peaks[peak]
+    kind = "a single-layer explosion" if share >= EXPLOSION_SHARE else "gradual growth"
+    return (f"hidden state max |x|: {peaks[0]:.1f} after layer 1, peak {peaks[peak]:.1f} at layer {peak + 1} "
+            f"(HF layers[{peak}]); the largest rise in one layer is {steps[jump]:.1f} at layer {jump + 1} "
+            f"(HF layers[{jump}]), {share:.0%} of the peak: {kind}")
 
 
 def main(argv):

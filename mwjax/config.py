@@ -22,9 +22,18 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# HF's rope_theta when a config omits it (`PreTrainedConfig.default_theta`).
+_DEFAULT_THETA = {"mixtral": 1_000_000.0, "gemma3_text": 1_000_000.0}
+_GEMMA3_LOCAL_THETA = 10_000.0  # Gemma3TextConfig.default_theta["local"] (rope_local_base_freq)
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -34,18 +43,44 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (HF `rope_parameters`, formerly `rope_theta` + `rope_scaling`)."""
+    """Rotary embedding parameters (HF `rope_parameters`, formerly `rope_theta` + `rope_scaling`).
+
+    `longrope` (Phi-3's "su" scaling) divides the frequencies by `short_factor` while the sequence
+    fits in `original_max_position_embeddings` and by `long_factor` beyond it, and multiplies cos /
+    sin by `attention_factor` (HF `_compute_longrope_parameters` + `dynamic_rope_update`).
+    `partial_rotary_factor` < 1 rotates only the first `rotary_dim` features of every head (Phi-3 family).
+    """
 
     theta: float = 10000.0
-    type: str = "default"  # "default" | "linear" | "llama3"
-    factor: float = 1.0
+    type: str = "default"  # "default" | "linear" | "llama3" | "longrope"
+    factor: float = 1.0  # linear, llama3
     low_freq_factor: float = 1.0  # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
-    original_max_position_embeddings: int | None = None  # llama3 only
+    original_max_position_embeddings: int | None = None  # llama3, longrope
+    short_factor: tuple[float, ...] | None = None  # longrope: [rotary_dim // 2]
+    long_factor: tuple[float, ...] | None = None  # longrope: [rotary_dim // 2]
+    attention_factor: float | None = None  # longrope: cos / sin scale
+    partial_rotary_factor: float = 1.0
 
-    def inv_frequencies(self, head_dim: int) -> np.ndarray:
-        """Inverse frequencies [head_dim // 2], float32, as HF's `ROPE_INIT_FUNCTIONS[type]` computes them."""
-        exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many features of a head are rotated (HF: `int(head_dim * partial_rotary_factor)`)."""
+        return int(head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scaling(self) -> float:
+        """Factor on cos and sin (HF's `attention_scaling`; 1 except for longrope)."""
+        return 1.0 if self.attention_factor is None else self.attention_factor
+
+    def inv_frequencies(self, head_dim: int, *, long: bool = False) -> np.ndarray:
+        """Inverse frequencies [rotary_dim // 2], float32, as HF's `ROPE_INIT_FUNCTIONS[type]` computes them.
+
+        long: longrope only, the set used once a sequence is longer than `original_max_position_embeddings`.
+        """
+        dim = self.rotary_dim(head_dim)
+        exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+        if self.type == "longrope":
+            ext = np.asarray(self.long_factor if long else self.short_factor, np.float32)
+            return (np.float32(1.0) / (ext * np.float32(self.theta) ** exponent)).astype(np.float32)
         inv_freq = (np.float32(1.0) / (np.float32(self.theta) ** exponent)).astype(np.float32)
         if self.type == "linear":
             return (inv_freq / np.float32(self.factor)).astype(np.float32)
@@ -62,14 +97,42 @@ class RopeConfig:
             return np.where(medium, smoothed, scaled).astype(np.float32)
         return inv_freq
 
+    def to_hf_scaling(self) -> dict[str, Any] | None:
+        """The HF `rope_scaling` dict (None for plain RoPE); `rope_theta` is written beside it."""
+        if self.type == "default":
+            return None
+        scaling: dict[str, Any] = {"rope_type": self.type}
+        if self.type in ("linear", "llama3"):
+            scaling["factor"] = self.factor
+        if self.type == "llama3":
+            scaling |= {"low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor}
+        if self.type in ("llama3", "longrope"):
+            scaling["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if self.type == "longrope":
+            scaling |= {"short_factor": list(self.short_factor), "long_factor": list(self.long_factor),
+                        "attention_factor": self.attention_factor}
+        return scaling
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RopeConfig:
+        d = dict(d)
+        for key in ("short_factor", "long_factor"):
+            if d.get(key) is not None:
+                d[key] = tuple(float(x) for x in d[key])
+        return cls(**d)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture hyper-parameters, named as in HF configs.
 
     Attributes mirror `transformers.LlamaConfig` & co.; the few mwjax-specific ones are
-    `qkv_bias` / `o_bias` (Llama's `attention_bias` sets both, Qwen2 has only the first) and
-    `layer_types` (per-layer "full_attention" / "sliding_attention", as transformers 5 spells it).
+    `qkv_bias` / `o_bias` (Llama's `attention_bias` sets both, Qwen2 has only the first),
+    `layer_types` (per-layer "full_attention" / "sliding_attention", as transformers 5 spells it),
+    `sliding_rope` (the RoPE of sliding layers when it differs from `rope`: Gemma 3's
+    `rope_local_base_freq`) and `qk_norm` (RMSNorm of every query / key head before RoPE: Gemma 3).
+    Gemma 2 / 3 add `query_pre_attn_scalar` and the soft-caps; Mixtral `num_local_experts` and
+    `num_experts_per_tok` (None for dense models).
     """
 
     model_type: str
@@ -93,6 +156,13 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    sliding_rope: RopeConfig | None = None
+    qk_norm: bool = False
+    query_pre_attn_scalar: int | float | None = None  # attention scale = query_pre_attn_scalar ** -0.5
+    attn_logit_softcapping: float | None = None  # scores := cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # logits := cap * tanh(logits / cap)
+    num_local_experts: int | None = None
+    num_experts_per_tok: int | None = None
 
     def __post_init__(self):
         if not self.layer_types:
@@ -108,10 +178,26 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if (self.num_local_experts is None) != (self.num_experts_per_tok is None):
+            raise ConfigError("num_local_experts and num_experts_per_tok must be given together")
+        if self.num_local_experts is not None and not 0 < self.num_experts_per_tok <= self.num_local_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must lie in "
+                              f"[1, num_local_experts={self.num_local_experts}]")
 
     @property
     def architecture(self) -> str:
         return ARCHITECTURES[self.model_type]
+
+    @property
+    def attention_scale(self) -> float:
+        """Multiplier of q.k: `query_pre_attn_scalar ** -0.5` (Gemma 2 / 3), else `head_dim ** -0.5`."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def rope_for(self, layer_type: str) -> RopeConfig:
+        """The RoPE parameters of layers of one type (HF `rope_parameters[layer_type]`)."""
+        if layer_type == SLIDING_ATTENTION and self.sliding_rope is not None:
+            return self.sliding_rope
+        return self.rope
 
     def layer_label(self, layer: int) -> str:
         """'layer 12 (HF layers[11])': the papers number layers from 1, HF and mwjax from 0."""
@@ -123,6 +209,7 @@ class ModelConfig:
     def from_hf_config(cls, hf: Mapping[str, Any]) -> ModelConfig:
         """Build from a HF `config.json` dict. Raises `ConfigError` naming what is unsupported."""
         model_type = hf.get("model_type")
+        _refuse_multimodal(hf)
         if model_type not in ARCHITECTURES:
             raise ConfigError(
                 f"unknown or unsupported model_type {model_type!r} "
@@ -131,11 +218,9 @@ class ModelConfig:
         missing = [k for k in _REQUIRED_KEYS if hf.get(k) is None]
         if missing:
             raise ConfigError(f"{model_type} config lacks required keys {missing}")
-        act = hf.get("hidden_act", "silu")
-        if act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(
-                f"{model_type}: hidden_act {act!r} is not implemented; supported: {SUPPORTED_ACTIVATIONS}"
-            )
+        if hf.get("use_bidirectional_attention"):
+            raise ConfigError(f"{model_type}: use_bidirectional_attention=True (an encoder variant) is not implemented")
+        act = _activation(model_type, hf)
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         layers = int(hf["num_hidden_layers"])
@@ -144,9 +229,12 @@ class ModelConfig:
         sliding_window, layer_types = _attention_layout(model_type, hf, layers)
         if model_type == "qwen2":
             qkv_bias, o_bias, mlp_bias = True, False, False
+        elif model_type in ("mixtral", "phi3"):
+            qkv_bias = o_bias = mlp_bias = False  # hard-coded in HF's modules
         else:
             qkv_bias = o_bias = bool(hf.get("attention_bias", False))
             mlp_bias = bool(hf.get("mlp_bias", False))
+        rope, sliding_rope = _ropes_from_hf(model_type, hf)
 
         return cls(
             model_type=model_type,
@@ -159,9 +247,9 @@ class ModelConfig:
             head_dim=int(head_dim),
             hidden_act=act,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope=_rope_from_hf(model_type, hf),
+            rope=rope,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_TYPES)),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=mlp_bias,
@@ -170,6 +258,8 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=_int_or_tuple(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
+            sliding_rope=sliding_rope,
+            **_family_fields(model_type, hf),
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -193,15 +283,10 @@ class ModelConfig:
             "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
-        if self.rope.type != "default":
-            scaling: dict[str, Any] = {"rope_type": self.rope.type, "factor": self.rope.factor}
-            if self.rope.type == "llama3":
-                scaling |= {
-                    "low_freq_factor": self.rope.low_freq_factor,
-                    "high_freq_factor": self.rope.high_freq_factor,
-                    "original_max_position_embeddings": self.rope.original_max_position_embeddings,
-                }
+        if (scaling := self.rope.to_hf_scaling()) is not None:
             hf["rope_scaling"] = scaling
+        if self.rope.partial_rotary_factor != 1.0:
+            hf["partial_rotary_factor"] = self.rope.partial_rotary_factor
         if self.model_type == "qwen2":
             sliding = [i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION]
             hf |= {
@@ -210,8 +295,34 @@ class ModelConfig:
                 "max_window_layers": sliding[0] if sliding else self.num_hidden_layers,
                 "layer_types": list(self.layer_types),
             }
+        elif self.model_type in ("mixtral", "phi3"):
+            hf["sliding_window"] = self.sliding_window
+        elif self.model_type == "gemma":
+            hf["attention_bias"] = self.qkv_bias
         else:
             hf |= {"attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias, "sliding_window": self.sliding_window}
+        if self.model_type in ("gemma2", "gemma3_text"):
+            hf |= {
+                "hidden_activation": hf.pop("hidden_act"),
+                "query_pre_attn_scalar": self.query_pre_attn_scalar,
+                "attn_logit_softcapping": self.attn_logit_softcapping,
+                "final_logit_softcapping": self.final_logit_softcapping,
+                "layer_types": list(self.layer_types),
+            }
+        if self.model_type == "gemma3_text":
+            hf["rope_local_base_freq"] = self.rope_for(SLIDING_ATTENTION).theta
+            if self.rope_for(SLIDING_ATTENTION).to_hf_scaling() is not None:  # not expressible in legacy keys
+                hf.pop("rope_theta")
+                hf.pop("rope_local_base_freq")
+                hf.pop("rope_scaling", None)
+                hf["rope_parameters"] = {
+                    kind: {"rope_theta": r.theta, "rope_type": "default"} | (r.to_hf_scaling() or {})
+                    for kind, r in ((FULL_ATTENTION, self.rope), (SLIDING_ATTENTION, self.sliding_rope))
+                }
+        if self.model_type == "mixtral":
+            hf |= {"num_local_experts": self.num_local_experts, "num_experts_per_tok": self.num_experts_per_tok}
+        if self.model_type == "phi3" and self.rope.original_max_position_embeddings is not None:
+            hf["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
         return hf
 
     # ------------------------------------------------------------------ native (orbax) serialisation
@@ -222,7 +333,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         d = dict(d)
-        d["rope"] = RopeConfig(**d["rope"])
+        d["rope"] = RopeConfig.from_dict(d["rope"])
+        if d.get("sliding_rope") is not None:
+            d["sliding_rope"] = RopeConfig.from_dict(d["sliding_rope"])
         d["layer_types"] = tuple(d["layer_types"])
         d["eos_token_id"] = _int_or_tuple(d.get("eos_token_id"))
         return cls(**d)
@@ -232,19 +345,92 @@ def _int_or_tuple(x):
     return tuple(x) if isinstance(x, list | tuple) else x
 
 
-def _rope_from_hf(model_type: str, hf: Mapping[str, Any]) -> RopeConfig:
+def _refuse_multimodal(hf: Mapping[str, Any]) -> None:
+    """Gemma 3 4B+ checkpoints (model_type "gemma3") are image-text models: name what is missing."""
+    if hf.get("model_type") == "gemma3" or hf.get("vision_config") is not None:
+        parts = [p for p in ("vision_config", "text_config") if hf.get(p) is not None]
+        raise ConfigError(
+            f"model_type {hf.get('model_type')!r} (architectures={hf.get('architectures')}, with {parts}) is a "
+            "multimodal image-text checkpoint: its vision tower (SigLIP) and image-token projector are not "
+            "implemented. mwjax reads the text-only Gemma 3 (model_type 'gemma3_text', Gemma3ForCausalLM), "
+            "e.g. gemma-3-1b / gemma-3-270m, or a GGUF of the text model"
+        )
+
+
+def _activation(model_type: str, hf: Mapping[str, Any]) -> str:
+    """HF's activation name. Gemma 2 / 3 call it `hidden_activation`; Gemma 1 configs that say "gelu"
+    mean the tanh approximation (GemmaConfig rewrites it, transformers#29402)."""
+    if model_type in ("gemma2", "gemma3_text"):
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    else:
+        act = hf.get("hidden_act", "gelu_pytorch_tanh" if model_type == "gemma" else "silu")
+        if model_type == "gemma" and act == "gelu":
+            act = "gelu_pytorch_tanh"
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise ConfigError(f"{model_type}: hidden_act {act!r} is not implemented; supported: {SUPPORTED_ACTIVATIONS}")
+    return act
+
+
+def _family_fields(model_type: str, hf: Mapping[str, Any]) -> dict[str, Any]:
+    """ModelConfig fields that only some families have."""
+    fields: dict[str, Any] = {}
+    if model_type in ("gemma2", "gemma3_text"):
+        fields["query_pre_attn_scalar"] = hf.get("query_pre_attn_scalar", 256)  # int in HF's strict config
+        fields["final_logit_softcapping"] = _float_or_none(hf.get("final_logit_softcapping"))
+    if model_type == "gemma2":
+        # Gemma3Attention never passes `attn_logit_softcapping` on (the key is null in its checkpoints).
+        fields["attn_logit_softcapping"] = _float_or_none(hf.get("attn_logit_softcapping"))
+    if model_type == "gemma3_text":
+        fields["qk_norm"] = True
+    if model_type == "mixtral":
+        fields["num_local_experts"] = int(hf.get("num_local_experts", hf.get("num_experts", 8)))
+        fields["num_experts_per_tok"] = int(hf.get("num_experts_per_tok", 2))
+    return fields
+
+
+def _float_or_none(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def _ropes_from_hf(model_type: str, hf: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
+    """(rope, sliding_rope) from transformers 5 `rope_parameters` (flat, or nested per layer type as
+    Gemma 3 writes it) or transformers 4 `rope_theta` / `rope_scaling` (+ Gemma 3's `rope_local_base_freq`)."""
+    default_theta = _DEFAULT_THETA.get(model_type, 10000.0)
     params = dict(hf.get("rope_parameters") or {})
-    if not params:  # transformers 4.x layout
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    if model_type != "gemma3_text":
+        if params.keys() & {FULL_ATTENTION, SLIDING_ATTENTION}:
+            raise ConfigError(f"{model_type}: per-layer-type rope_parameters are not implemented for this family")
+        if not params:  # transformers 4.x layout
+            params = dict(hf.get("rope_scaling") or {})
+            params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+        return _rope_from_params(model_type, params, hf, default_theta), None
+    if params.keys() & {FULL_ATTENTION, SLIDING_ATTENTION}:
+        full = dict(params.get(FULL_ATTENTION) or {})
+        local = dict(params.get(SLIDING_ATTENTION) or {})
+    else:  # transformers 4.x: rope_scaling applies to the global (full attention) layers only
+        full = dict(hf.get("rope_scaling") or {}) | dict(params)
+        full.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+        local = {"rope_theta": hf.get("rope_local_base_freq", _GEMMA3_LOCAL_THETA)}
+    full.setdefault("rope_theta", default_theta)
+    local.setdefault("rope_theta", _GEMMA3_LOCAL_THETA)
+    return (_rope_from_params(model_type, full, hf, default_theta),
+            _rope_from_params(model_type, local, hf, _GEMMA3_LOCAL_THETA))
+
+
+def _rope_from_params(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any],
+                      default_theta: float) -> RopeConfig:
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if model_type == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi3Config renames both (transformers 5.23)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
             f"{model_type}: rope type {rope_type!r} is not implemented; mwjax supports {SUPPORTED_ROPE_TYPES}"
         )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConfigError(f"{model_type}: partial_rotary_factor={params['partial_rotary_factor']} is not implemented")
-    rope = RopeConfig(theta=float(params.get("rope_theta", hf.get("rope_theta", 10000.0))), type=rope_type)
+    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0))
+    if partial != 1.0 and model_type != "phi3":
+        raise ConfigError(f"{model_type}: partial_rotary_factor={partial} is not implemented")
+    rope = RopeConfig(theta=float(params.get("rope_theta", default_theta)), type=rope_type,
+                      partial_rotary_factor=partial)
     if rope_type == "linear":
         rope = dataclasses.replace(rope, factor=float(params["factor"]))
     elif rope_type == "llama3":
@@ -255,15 +441,44 @@ def _rope_from_hf(model_type: str, hf: Mapping[str, Any]) -> RopeConfig:
             high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]),
         )
+    elif rope_type == "longrope":
+        rope = _longrope(model_type, params, hf, rope)
     return rope
 
 
+def _longrope(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any], rope: RopeConfig) -> RopeConfig:
+    """HF `_compute_longrope_parameters`: Phi-3's top-level `original_max_position_embeddings` wins;
+    without `factor` the scale is max_position_embeddings / original; the cos / sin factor defaults to
+    sqrt(1 + ln(factor) / ln(original))."""
+    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    original = int(original or hf.get("max_position_embeddings", 2048))
+    missing = [k for k in ("short_factor", "long_factor") if not params.get(k)]
+    if missing:
+        raise ConfigError(f"{model_type}: longrope scaling lacks {missing}")
+    half = rope.rotary_dim(int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))) // 2
+    for key in ("short_factor", "long_factor"):
+        if len(params[key]) != half:
+            raise ConfigError(f"{model_type}: longrope {key} has {len(params[key])} entries, expected {half}")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        factor = params.get("factor") or int(hf.get("max_position_embeddings", original)) / original
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dataclasses.replace(
+        rope,
+        original_max_position_embeddings=original,
+        short_factor=tuple(float(x) for x in params["short_factor"]),
+        long_factor=tuple(float(x) for x in params["long_factor"]),
+        attention_factor=float(attention_factor),
+    )
+
+
 def _attention_layout(model_type: str, hf: Mapping[str, Any], layers: int) -> tuple[int | None, tuple[str, ...]]:
-    """(sliding_window, layer_types) with HF's rules: Mistral slides on every layer when
-    `sliding_window` is set; Qwen2 only with `use_sliding_window`, from `max_window_layers` on."""
+    """(sliding_window, layer_types) with HF's rules: Mistral, Mixtral and Phi-3 slide on every layer
+    when `sliding_window` is set; Qwen2 only with `use_sliding_window`, from `max_window_layers` on;
+    Gemma 2 on every other layer (0, 2, ...), Gemma 3 on all but every `sliding_window_pattern`-th."""
     window = hf.get("sliding_window")
-    if model_type == "llama":
-        window = None  # LlamaConfig has no sliding window
+    if model_type in ("llama", "gemma"):
+        window = None  # LlamaConfig / GemmaConfig have no sliding window
     if model_type == "qwen2" and not hf.get("use_sliding_window", False):
         window = None
     types = hf.get("layer_types")
@@ -271,6 +486,9 @@ def _attention_layout(model_type: str, hf: Mapping[str, Any], layers: int) -> tu
         if model_type == "qwen2" and window is not None:
             first = int(hf.get("max_window_layers", layers))
             types = [SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(layers)]
+        elif model_type in ("gemma2", "gemma3_text"):
+            pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
+            types = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(layers)]
         else:
             types = [SLIDING_ATTENTION if window else FULL_ATTENTION] * layers
     types = tuple(types)

@@ -50,15 +50,20 @@ class AttentionProbs(Probe):
 
 
 class IntermediateState(Probe):
-    """The paper's intermediate state `act(x W_gate) * (x W_up)`: the input of `down_proj` [..., d_ff]."""
+    """The paper's intermediate state `act(x W_gate) * (x W_up)`: the input of `down_proj` [b, t, d_ff].
+
+    Mixtral: every expert's, routed or not, [b, t, num_experts, d_ff].
+    """
 
 
 class DownProjOutput(Probe):
-    """Output of `down_proj` (the FFN output of a dense model)."""
+    """Output of `down_proj` [b, t, d_model] (the FFN output of a dense model; in Gemma 2 / 3 before
+    `post_feedforward_layernorm`). Mixtral: every expert's, before the routing weights, [b, t, E, d_model]."""
 
 
 class RouterProbs(Probe):
-    """Mixture-of-experts router probabilities [..., num_experts]."""
+    """Mixture-of-experts router probabilities [b, t, num_experts], float32: the softmax of the router
+    logits over all experts (HF's `router_logits`, softmaxed), before top-k selection."""
 
 
 POINTS: dict[str, type[Probe]] = {

@@ -35,6 +35,31 @@ TINY_CONFIGS = {
     "qwen2_sliding": ("Qwen2Config", dict(BASE, num_key_value_heads=2, use_sliding_window=True,
                                           sliding_window=40, max_window_layers=1)),
 }
+# The other families of House of Cards. Gemma: head_dim independent of hidden_size / heads; the
+# soft-caps are small enough to bend these tiny models' scores and logits (the real ones: 50 / 30).
+_LONGROPE = dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                 long_factor=[1.0 + 0.9 * i for i in range(8)])
+FAMILY_CONFIGS = {
+    "gemma": ("GemmaConfig", dict(BASE, num_key_value_heads=1, head_dim=24)),
+    "gemma2": ("Gemma2Config", dict(BASE, num_key_value_heads=2, head_dim=24, query_pre_attn_scalar=20,
+                                    sliding_window=48, attn_logit_softcapping=2.0, final_logit_softcapping=1.5)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        BASE, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, sliding_window=40,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0, rope_theta=1e6),
+                         "sliding_attention": dict(rope_type="default", rope_theta=1e4)})),
+    # as released: query_pre_attn_scalar = head_dim = 256, soft-caps 50 / 30 (what GGUF files imply)
+    "gemma2_released": ("Gemma2Config", dict(BASE, num_key_value_heads=2, head_dim=256, sliding_window=48)),
+    "gemma3_released": ("Gemma3TextConfig", dict(BASE, num_hidden_layers=6, num_key_value_heads=1, head_dim=256,
+                                                  sliding_window=40)),  # layer 5 global, RoPE bases 1e6 / 1e4
+    "mixtral": ("MixtralConfig", dict(BASE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "phi3": ("Phi3Config", dict(BASE, num_key_value_heads=2, pad_token_id=0, eos_token_id=2, bos_token_id=1)),
+    "phi3_longrope": ("Phi3Config", dict(BASE, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                                         bos_token_id=1, original_max_position_embeddings=64, rope_scaling=_LONGROPE)),
+    "phi3_partial_rotary": ("Phi3Config", dict(BASE, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
+                                               bos_token_id=1, partial_rotary_factor=0.5, sliding_window=40)),
+}
+TINY_CONFIGS |= FAMILY_CONFIGS
 SEQ_LEN = 256
 
 

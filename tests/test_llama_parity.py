@@ -4,12 +4,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import SEQ_LEN, TINY_CONFIGS, assert_logits_close, hf_logits, random_tokens
+from conftest import FAMILY_CONFIGS, SEQ_LEN, TINY_CONFIGS, assert_logits_close, hf_logits, random_tokens
 
 import converters
 from mwjax import models, probes
 
-CASES = sorted(TINY_CONFIGS)
+CASES = sorted(set(TINY_CONFIGS) - set(FAMILY_CONFIGS))  # the other families: test_families.py
 
 
 @pytest.mark.parametrize("name", CASES)

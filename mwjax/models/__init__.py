@@ -9,13 +9,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mwjax.config import ModelConfig
+from mwjax.models.gemma import GemmaForCausalLM
 from mwjax.models.llama import LlamaForCausalLM
+from mwjax.models.mixtral import MixtralForCausalLM
+from mwjax.models.phi3 import Phi3ForCausalLM
 
 # model_type -> model class
 FAMILIES: dict[str, type[nnx.Module]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "gemma": GemmaForCausalLM,
+    "gemma2": GemmaForCausalLM,
+    "gemma3_text": GemmaForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "phi3": Phi3ForCausalLM,
 }
 
 

@@ -6,21 +6,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mwjax.config import RopeConfig
 
-def rope_cos_sin(inv_freq: np.ndarray, positions: jax.Array, scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
+
+def rope_cos_sin(inv_freq: np.ndarray | jax.Array, positions: jax.Array,
+                 scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """cos, sin [batch, seq, head_dim] in float32 (HF `LlamaRotaryEmbedding.forward`)."""
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [b, t, d/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
 
 
+def rope_table(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [batch, seq, rotary_dim] for one RopeConfig (HF `*RotaryEmbedding.forward`).
+
+    longrope picks its long or short frequencies for the whole call from the largest position, as
+    HF's `dynamic_rope_update` does (`max(position_ids) + 1 > original_max_position_embeddings`).
+    """
+    inv_freq = rope.inv_frequencies(head_dim)
+    if rope.type == "longrope":
+        long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+        inv_freq = jnp.where(long, rope.inv_frequencies(head_dim, long=True), inv_freq)
+    return rope_cos_sin(inv_freq, positions, rope.attention_scaling)
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [batch, seq, heads, head_dim]; HF `apply_rotary_pos_emb` (half-split, not interleaved)."""
+    """x [batch, seq, heads, head_dim]; HF `apply_rotary_pos_emb` (half-split, not interleaved).
+
+    When cos / sin cover fewer features than a head (partial rotary), the rest pass unchanged.
+    """
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
+    rotary_dim = cos.shape[-1]
+    x, passed = x[..., :rotary_dim], x[..., rotary_dim:]
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    out = x * cos + rotated * sin
+    return out if passed.shape[-1] == 0 else jnp.concatenate([out, passed], axis=-1)
 
 
 def causal_mask(

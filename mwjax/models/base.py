@@ -32,6 +32,14 @@ class Taps:
     probes: probes.ProbeConfig | None = None
     edits: interventions.Edits | None = None
 
+    def edit(self, point: str, layer: int, x: jax.Array) -> jax.Array:
+        """Only the edit (for blocks that record a value assembled from several edited parts)."""
+        return interventions.apply(self.edits, point, layer, x)
+
+    def record(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> None:
+        """Only the probe."""
+        probes.sow(module, point, layer, x, self.probes)
+
     def __call__(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> jax.Array:
         x = interventions.apply(self.edits, point, layer, x)
         probes.sow(module, point, layer, x, self.probes)
@@ -59,9 +67,10 @@ class CausalLM(nnx.Module):
         return self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def rope_tables(self, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """(cos, sin) per layer type; one table shared by all layers unless a family says otherwise."""
-        table = attention.rope_cos_sin(self.config.rope.inv_frequencies(self.config.head_dim), positions)
-        return dict.fromkeys(set(self.config.layer_types), table)
+        """(cos, sin) per layer type (`config.rope_for`: Gemma 3's sliding layers have their own)."""
+        cfg = self.config
+        return {kind: attention.rope_table(cfg.rope_for(kind), cfg.head_dim, positions)
+                for kind in set(cfg.layer_types)}
 
     def __call__(
         self,

@@ -1,0 +1,87 @@
+"""Attention and gated FFN blocks shared by every family (HF `LlamaAttention` / `LlamaMLP` and kin).
+
+The families differ only in parameters these blocks take from the config: the attention scale
+(`query_pre_attn_scalar` in Gemma 2 / 3), logit soft-capping (Gemma 2), QK-norm (Gemma 3, whose
+RMSNorm multiplies by `1 + w`), biases (Qwen2, Llama), and partial rotary embeddings (Phi-3 family).
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from mwjax import masks
+from mwjax.config import ModelConfig
+from mwjax.models import attention
+from mwjax.models.base import Taps
+from mwjax.models.cache import LayerCache
+from mwjax.models.layers import Linear, RMSNorm, activation
+
+
+class Attention(nnx.Module):
+    """HF `LlamaAttention` (also Gemma / Gemma 2 / Gemma 3 / Mixtral / Phi-3 attention).
+
+    q/k/v/o projections, optional QK-norm over each head (`q_norm` / `k_norm`, Gemma 3), RoPE,
+    grouped-query attention with `config.attention_scale` and optional soft-capping of the scores.
+    Phi-3's fused `qkv_proj` is split into q/k/v_proj by the converters.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 norm_offset: float = 0.0):
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.attention_scale
+        self.softcap = config.attn_logit_softcapping
+        d, hd = config.hidden_size, config.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, self.num_heads * hd, use_bias=config.qkv_bias, **kw)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, use_bias=config.qkv_bias, **kw)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, use_bias=config.qkv_bias, **kw)
+        self.o_proj = Linear(self.num_heads * hd, d, use_bias=config.o_bias, **kw)
+        if config.qk_norm:
+            norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype, offset=norm_offset)
+            self.q_norm, self.k_norm = RMSNorm(hd, **norm), RMSNorm(hd, **norm)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, rope, mask, taps: Taps, cache: LayerCache | None = None):
+        b, t, _ = x.shape
+        cos, sin = rope
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = attention.apply_rope(q, cos, sin), attention.apply_rope(k, cos, sin)
+        if cache is not None:
+            cache = cache.update(k, v)
+            k, v = cache.keys, cache.values
+        out, probs = attention.grouped_query_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+        taps(self, "attn_probs", self.layer_idx, probs)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+
+class MLP(nnx.Module):
+    """HF `LlamaMLP` (also Gemma's, Phi-3's after the gate_up split, and one Mixtral expert):
+    down_proj(act(gate_proj(x)) * up_proj(x)).
+
+    `row_mask` multiplies the same PyTorch rows of W_gate and W_up (House of Cards, Algorithm 1).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.layer_idx = layer_idx
+        self.act = activation(config.hidden_act)
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, **kw)
+        self.up_proj = Linear(d, f, **kw)
+        self.down_proj = Linear(f, d, **kw)
+
+    def intermediate(self, x: jax.Array, row_mask: masks.RowMask | None = None) -> jax.Array:
+        """The paper's intermediate state act(x W_gate) * (x W_up): [..., d_ff]."""
+        return self.act(self.gate_proj(x, row_mask)) * self.up_proj(x, row_mask)
+
+    def __call__(self, x, row_mask: masks.RowMask | None, taps: Taps):
+        h = taps(self, "intermediate", self.layer_idx, self.intermediate(x, row_mask))  # [b, t, d_ff]
+        return taps(self, "down_proj_output", self.layer_idx, self.down_proj(h))

@@ -1,0 +1,100 @@
+"""Mixtral (HF `MixtralForCausalLM`): Mistral's attention with a sparse mixture-of-experts FFN.
+
+Names. HF transformers 5 calls the MoE block `model.layers[i].mlp` with the router `mlp.gate` and
+all experts fused in `mlp.experts.gate_up_proj` [E, 2 d_ff, d] / `mlp.experts.down_proj`
+[E, d, d_ff]; Hub checkpoints use `block_sparse_moe.gate` and per-expert `block_sparse_moe.experts.{e}.
+{w1,w2,w3}`. mwjax keeps the transformers-5 block names with one llama-style MLP per expert:
+
+    mwjax                                    Hub checkpoint                          transformers 5
+    mlp.gate.kernel [d, E]                   block_sparse_moe.gate.weight [E, d]     mlp.gate.weight
+    mlp.experts[e].gate_proj.kernel [d, f]   block_sparse_moe.experts.{e}.w1.weight  mlp.experts.gate_up_proj[e, :f]
+    mlp.experts[e].up_proj.kernel   [d, f]   block_sparse_moe.experts.{e}.w3.weight  mlp.experts.gate_up_proj[e, f:]
+    mlp.experts[e].down_proj.kernel [f, d]   block_sparse_moe.experts.{e}.w2.weight  mlp.experts.down_proj[e]
+
+(f = d_ff = intermediate_size), so "row i of expert e's W_gate / W_up" is
+`mlp.experts[e].{gate,up}_proj.kernel[:, i]`, exactly as in a dense model, and a
+`RowMask(expert=e)` reaches that expert only.
+
+Routing (HF `MixtralTopKRouter`): router logits in the compute dtype, softmax in float32, the
+top-k probabilities renormalised to sum to 1; the expert outputs are weighted by them and summed
+in expert order.
+
+Cost. Every expert runs on every token and the unselected ones get weight 0 (exact: adding 0
+changes nothing), so the FFN costs num_local_experts / num_experts_per_tok times HF's sparse
+dispatch (4x for Mixtral-8x7B) and, while probed, holds a [b, t, E, d_ff] intermediate state. In
+exchange every expert's intermediate state is available to probes, which is what finding the
+massive weights of the expert the router picks for bos needs.
+
+Probes of the MoE block (layer i):
+- "router_probs":     [b, t, E] float32, softmax of the router logits (House of Cards, Figure 5)
+- "intermediate":     [b, t, E, d_ff], each expert's act(x W_gate) * (x W_up), routed or not
+- "down_proj_output": [b, t, E, d], each expert's down_proj output before the routing weights
+An activation edit at "intermediate" / "down_proj_output" applies to every expert's [b, t, .] state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mwjax import masks
+from mwjax.config import ModelConfig
+from mwjax.models.base import Taps
+from mwjax.models.blocks import MLP
+from mwjax.models.layers import Linear
+from mwjax.models.llama import DecoderLayer, LlamaForCausalLM
+
+
+class MixtralSparseMoeBlock(nnx.Module):
+    """HF `MixtralSparseMoeBlock`: a top-k router (`gate`) over `experts` (one gated MLP each)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.layer_idx = layer_idx
+        self.top_k = config.num_experts_per_tok
+        self.gate = Linear(config.hidden_size, config.num_local_experts, use_bias=False, dtype=dtype,
+                           param_dtype=param_dtype, rngs=rngs)
+        self.experts = nnx.List([MLP(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                 for _ in range(config.num_local_experts)])
+
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(router probabilities, routing weights), both [b, t, E] float32; a weight is 0 unless its
+        expert is among the token's top-k, and the top-k weights sum to 1."""
+        probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)
+        top, chosen = jax.lax.top_k(probs, self.top_k)  # [b, t, k]
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+        weights = jnp.sum(jax.nn.one_hot(chosen, probs.shape[-1], dtype=top.dtype) * top[..., None], axis=-2)
+        return probs, weights
+
+    def __call__(self, x: jax.Array, row_mask: masks.RowMask | None, taps: Taps) -> jax.Array:
+        i = self.layer_idx
+        probs, weights = self.route(x)
+        taps.record(self, "router_probs", i, probs)
+        expert_mask = lambda e: row_mask if row_mask is not None and row_mask.expert == e else None
+        hs = [taps.edit("intermediate", i, expert.intermediate(x, expert_mask(e)))  # [b, t, d_ff] each
+              for e, expert in enumerate(self.experts)]
+        taps.record(self, "intermediate", i, jnp.stack(hs, axis=2))
+        outs = [taps.edit("down_proj_output", i, expert.down_proj(h))  # [b, t, d] each
+                for expert, h in zip(self.experts, hs, strict=True)]
+        taps.record(self, "down_proj_output", i, jnp.stack(outs, axis=2))
+        y = jnp.zeros_like(x)
+        for e, out in enumerate(outs):  # in expert order, as HF's index_add_ loop
+            y = y + (out * weights[..., e, None]).astype(x.dtype)
+        return y
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """HF `MixtralForCausalLM`."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
+        if config.num_local_experts is None:
+            raise ValueError("a Mixtral config needs num_local_experts and num_experts_per_tok")
+        self.init_model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                        layer=functools.partial(DecoderLayer, mlp_cls=MixtralSparseMoeBlock))
+
+    def validate_masks(self, ffn_masks: masks.FFNMasks) -> None:
+        cfg = self.config
+        masks.validate(ffn_masks, num_layers=cfg.num_hidden_layers, d_ff=cfg.intermediate_size,
+                       d_model=cfg.hidden_size, num_experts=cfg.num_local_experts)

@@ -1,0 +1,368 @@
+"""Gemma 1/2/3, Mixtral and Phi-3 against HF transformers in float32 on tiny random configs:
+logits, probes, KV-cache decoding, save_hf round trips, Mixtral expert masks and checkpoint
+layouts, and tests showing that each family-specific feature changes the logits."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from conftest import FAMILY_CONFIGS, SEQ_LEN, assert_logits_close, hf_logits, random_tokens
+from flax import nnx
+from safetensors.torch import save_file
+
+import converters
+from converters.sources import SafetensorsSource
+from experiments.probe import format_table, probe_first_token, summary
+from mwjax import checkpoint, masks, models, probes
+from mwjax.config import ConfigError, RopeConfig
+from mwjax.models.cache import KVCache
+
+
+def load(path):
+    return converters.load(path, tokenizer=False)[0]
+
+
+def nnx_params(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def our_logits(model, tokens):
+    return np.asarray(models.forward(model, jnp.asarray(tokens)), np.float32)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_CONFIGS))
+def test_logits_match_hf(name, hf_checkpoint):
+    hf, path = hf_checkpoint(name)
+    tokens = random_tokens(SEQ_LEN, hf.config.vocab_size)
+    err, scale = assert_logits_close(our_logits(load(path), tokens), hf_logits(hf, tokens))
+    print(f"{name}: max abs logit diff {err:.2e} (logit scale {scale:.2f})")
+
+
+def test_longrope_short_sequence_uses_short_factors(hf_checkpoint):
+    """At most original_max_position_embeddings (64) tokens, longrope uses the short factors."""
+    hf, path = hf_checkpoint("phi3_longrope")
+    model = load(path)
+    tokens = random_tokens(64, hf.config.vocab_size, seed=7)
+    assert_logits_close(our_logits(model, tokens), hf_logits(hf, tokens))
+    always_long = dataclasses.replace(model.config.rope, short_factor=model.config.rope.long_factor)
+    altered = converters.build_from_source(dataclasses.replace(model.config, rope=always_long),
+                                           SafetensorsSource(path), progress=False)
+    with pytest.raises(AssertionError):
+        assert_logits_close(our_logits(altered, tokens), hf_logits(hf, tokens))
+
+
+def test_padding_mask_matches_hf(hf_checkpoint):
+    hf, path = hf_checkpoint("gemma2")
+    tokens = random_tokens(96, hf.config.vocab_size, batch=2, seed=1)
+    mask = np.ones_like(tokens)
+    mask[0, 70:] = 0
+    ours = np.asarray(models.forward(load(path), jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    valid = mask.astype(bool)
+    assert_logits_close(ours[valid], hf_logits(hf, tokens, mask)[valid])
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral"])
+def test_bfloat16_forward_close_to_hf_bfloat16(name, hf_checkpoint):
+    """Same dtype handling as HF (embedding scale cast to bf16, norms in f32, f32 routing weights): our
+    bf16 logits are closer to HF's bf16 ones than those are to HF's float32 ones."""
+    hf, path = hf_checkpoint(name)
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    hf_bf16.config._attn_implementation = "eager"
+    tokens = random_tokens(128, hf.config.vocab_size)
+    ours = models.forward(converters.load(path, dtype=jnp.bfloat16, tokenizer=False)[0], jnp.asarray(tokens))
+    assert ours.dtype == jnp.bfloat16
+    with torch.no_grad():
+        ref = hf_bf16(torch.from_numpy(tokens).long()).logits.float().numpy()
+    err, scale = assert_logits_close(np.asarray(ours.astype(jnp.float32)), ref, rel=3e-2)
+    assert err < np.abs(ref - hf_logits(hf, tokens)).max()
+    print(f"{name} bfloat16: max abs logit diff {err:.2e} (logit scale {scale:.2f})")
+
+
+@pytest.mark.parametrize("name", ["gemma3", "mixtral", "phi3_longrope"])
+def test_orbax_round_trip_keeps_family_config(name, hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint(name)
+    model = load(path)
+    checkpoint.save(model, tmp_path / "ckpt")
+    restored = checkpoint.restore(tmp_path / "ckpt")
+    assert restored.config == model.config
+    tokens = random_tokens(64)
+    np.testing.assert_array_equal(our_logits(restored, tokens), our_logits(model, tokens))
+
+
+# ------------------------------------------------------------------------------------------ probes
+
+DENSE_POINTS = ("hidden", "intermediate", "down_proj_output", "attn_output", "attn_input", "mlp_input", "attn_probs")
+
+
+def hf_hooks(hf, mlp_input_norm: str):
+    """Forward hooks on every HF layer recording our probe points; returns (captured, handles)."""
+    captured, handles = {}, []
+
+    def hook(module, point, i, take=lambda args, out: out[0] if isinstance(out, tuple) else out):
+        def record(m, args, out):  # returns None: the output is left as it is
+            captured[(point, i)] = take(args, out).detach()
+        handles.append(module.register_forward_hook(record))
+
+    for i, layer in enumerate(hf.model.layers):
+        hook(layer, "hidden", i)
+        hook(layer.self_attn.o_proj, "attn_output", i)
+        hook(layer.input_layernorm, "attn_input", i)
+        hook(getattr(layer, mlp_input_norm), "mlp_input", i)
+        if isinstance(getattr(layer.mlp, "down_proj", None), torch.nn.Linear):
+            hook(layer.mlp.down_proj, "intermediate", i, take=lambda args, out: args[0])
+            hook(layer.mlp.down_proj, "down_proj_output", i)
+    return captured, handles
+
+
+def assert_probe_close(stats, ref, what):
+    np.testing.assert_allclose(stats["full"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=what)
+
+
+@pytest.mark.parametrize("name, mlp_input_norm", [
+    ("gemma2", "pre_feedforward_layernorm"),
+    ("gemma3", "pre_feedforward_layernorm"),
+    ("phi3", "post_attention_layernorm"),
+])
+def test_dense_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
+    hf, path = hf_checkpoint(name)
+    tokens = random_tokens(64, hf.config.vocab_size, seed=2)
+    captured, handles = hf_hooks(hf, mlp_input_norm)
+    try:
+        with torch.no_grad():
+            hf_out = hf(torch.from_numpy(tokens).long(), output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    _, result = probes.capture(load(path), jnp.asarray(tokens), probes.ProbeConfig(points=DENSE_POINTS))
+    for i in range(hf.config.num_hidden_layers):
+        for point in DENSE_POINTS:
+            ref = hf_out.attentions[i] if point == "attn_probs" else captured[(point, i)]
+            assert_probe_close(result[point][i], ref.numpy(), f"{name} {point} layer {i}")
+
+
+def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
+    """router_probs = softmax of HF's router logits; intermediate / down_proj_output hold every expert's
+    state, computed here in torch from HF's fused expert weights; the layer outputs agree."""
+    hf, path = hf_checkpoint("mixtral")
+    tokens = random_tokens(64, hf.config.vocab_size, seed=2)
+    captured, handles = hf_hooks(hf, "post_attention_layernorm")
+    try:
+        with torch.no_grad():
+            hf_out = hf(torch.from_numpy(tokens).long(), output_router_logits=True)
+    finally:
+        for h in handles:
+            h.remove()
+    points = ("router_probs", "intermediate", "down_proj_output", "hidden", "mlp_input", "attn_output")
+    _, result = probes.capture(load(path), jnp.asarray(tokens), probes.ProbeConfig(points=points, top_k=3))
+    num_experts, f = hf.config.num_local_experts, hf.config.intermediate_size
+    for i, layer in enumerate(hf.model.layers):
+        router = torch.softmax(hf_out.router_logits[i].float(), dim=-1).reshape(1, 64, num_experts)
+        assert result["router_probs"][i]["full"].shape == (1, 64, num_experts)
+        assert_probe_close(result["router_probs"][i], router.numpy(), f"router layer {i}")
+        x = captured[("mlp_input", i)]  # [1, t, d]
+        experts = layer.mlp.experts
+        with torch.no_grad():
+            gate, up = experts.gate_up_proj[:, :f], experts.gate_up_proj[:, f:]  # [E, d_ff, d]
+            h = torch.stack([torch.nn.functional.silu(x @ gate[e].T) * (x @ up[e].T) for e in range(num_experts)],
+                            dim=2)  # [1, t, E, d_ff]
+            out = torch.stack([h[:, :, e] @ experts.down_proj[e].T for e in range(num_experts)], dim=2)
+        assert result["intermediate"][i]["full"].shape == (1, 64, num_experts, f)
+        assert_probe_close(result["intermediate"][i], h.numpy(), f"intermediate layer {i}")
+        np.testing.assert_array_equal(result["intermediate"][i]["top_indices"], h.abs().topk(3).indices.numpy())
+        assert_probe_close(result["down_proj_output"][i], out.numpy(), f"down_proj_output layer {i}")
+        for point in ("hidden", "attn_output"):
+            assert_probe_close(result[point][i], captured[(point, i)].numpy(), f"{point} layer {i}")
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral"])
+def test_incremental_decoding_equals_full_forward(name, hf_checkpoint):
+    _, path = hf_checkpoint(name)
+    model = load(path)
+    tokens = jnp.asarray(random_tokens(100, batch=2, seed=3))  # longer than the sliding windows
+    full = models.forward(model, tokens)
+    cache = KVCache.init(model.config, batch=2, max_len=112)
+    step = jax.jit(lambda m, toks, c: m(toks, cache=c))
+    logits, cache = step(model, tokens[:, :70], cache)
+    pieces = [logits]
+    for i in range(70, 100):
+        logits, cache = step(model, tokens[:, i:i + 1], cache)
+        pieces.append(logits)
+    assert_logits_close(jnp.concatenate(pieces, axis=1), full, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ save_hf
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "mixtral", "phi3_longrope", "phi3_partial_rotary"])
+def test_save_hf_round_trip(name, hf_checkpoint, tmp_path):
+    hf, path = hf_checkpoint(name)
+    model = load(path)
+    converters.save_hf(model, tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is type(hf)
+    tokens = random_tokens(200, hf.config.vocab_size)
+    assert_logits_close(our_logits(model, tokens), hf_logits(reloaded, tokens))
+    for key, value in hf.state_dict().items():  # the exported weights are the original ones
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    np.testing.assert_array_equal(our_logits(load(tmp_path), tokens), our_logits(model, tokens))
+
+
+def test_phi3_fused_projections_split_and_fuse(hf_checkpoint, tmp_path):
+    hf, path = hf_checkpoint("phi3")
+    model = load(path)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    qkv = np.concatenate([attn.q_proj.kernel[...], attn.k_proj.kernel[...], attn.v_proj.kernel[...]], axis=1).T
+    np.testing.assert_array_equal(qkv, hf.model.layers[1].self_attn.qkv_proj.weight.detach().numpy())
+    assert attn.q_proj.kernel.shape == (64, 64) and attn.k_proj.kernel.shape == (64, 32)
+    gate_up = hf.model.layers[1].mlp.gate_up_proj.weight.detach().numpy()  # [2 d_ff, d]: gate rows, then up
+    np.testing.assert_array_equal(mlp.gate_proj.kernel[...].T, gate_up[:96])
+    np.testing.assert_array_equal(mlp.up_proj.kernel[...].T, gate_up[96:])
+    converters.save_hf(model, tmp_path)
+    assert "model.layers.0.self_attn.qkv_proj.weight" in SafetensorsSource(tmp_path).keys()
+
+
+# ------------------------------------------------------------------------------------------ Mixtral
+
+EXPERT, LAYER, ROWS = 2, 1, [7, 3, 50, 91, 12]
+
+
+def test_mixtral_expert_row_mask_matches_hf_with_rows_zeroed(hf_checkpoint):
+    hf, path = hf_checkpoint("mixtral")
+    model = load(path)
+    tokens = random_tokens(SEQ_LEN, hf.config.vocab_size)
+    mask = {LAYER: masks.zero_rows(ROWS, hf.config.hidden_size, expert=EXPERT)}
+    ours = models.forward(model, jnp.asarray(tokens), ffn_masks=mask)
+    edited = type(hf)(hf.config).eval()
+    edited.load_state_dict(hf.state_dict())
+    f = hf.config.intermediate_size
+    with torch.no_grad():
+        gate_up = edited.model.layers[LAYER].mlp.experts.gate_up_proj
+        gate_up[EXPERT, ROWS] = 0.0  # W_gate rows
+        gate_up[EXPERT, [f + r for r in ROWS]] = 0.0  # W_up rows
+    assert_logits_close(ours, hf_logits(edited, tokens))
+    with pytest.raises(AssertionError):  # it matters, and only for that expert
+        assert_logits_close(ours, hf_logits(hf, tokens))
+    other = {LAYER: masks.zero_rows(ROWS, hf.config.hidden_size, expert=EXPERT + 1)}
+    with pytest.raises(AssertionError):
+        assert_logits_close(models.forward(model, jnp.asarray(tokens), ffn_masks=other), ours)
+
+
+def test_mixtral_masks_must_name_an_expert(hf_checkpoint):
+    _, path = hf_checkpoint("mixtral")
+    model = load(path)
+    tokens = jnp.asarray(random_tokens(8))
+    with pytest.raises(ValueError, match="say which expert="):
+        model(tokens, ffn_masks={0: masks.zero_rows([1], 64)})
+    with pytest.raises(ValueError, match="expert 4 out of range"):
+        model(tokens, ffn_masks={0: masks.zero_rows([1], 64, expert=4)})
+
+
+def test_mixtral_transformers5_fused_layout(hf_checkpoint, tmp_path):
+    """A checkpoint written from transformers 5's module state (experts.gate_up_proj [E, 2 d_ff, d],
+    gate rows first; experts.down_proj [E, d, d_ff]) loads into the same parameters."""
+    hf, path = hf_checkpoint("mixtral")
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert state["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 192, 64)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    hf.config.save_pretrained(tmp_path)
+    fused, hub = load(tmp_path), load(path)
+    for (p, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx_params(fused)),
+                              jax.tree_util.tree_leaves_with_path(nnx_params(hub)), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(p))
+
+
+# ------------------------------------------------------------------------------------------ sensitivity
+
+
+@pytest.mark.parametrize("name, change", [
+    ("gemma2", dict(attn_logit_softcapping=None)),
+    ("gemma2", dict(final_logit_softcapping=None)),
+    ("gemma2", dict(sliding_window=4096)),  # a window longer than the sequence: full attention
+    ("gemma2", dict(query_pre_attn_scalar=None)),
+    ("gemma3", dict(qk_norm=False)),
+    ("gemma3", dict(sliding_rope=None)),
+    ("gemma3", dict(rope=RopeConfig(theta=1e6))),
+    ("gemma3", dict(sliding_window=4096)),
+    ("mixtral", dict(num_experts_per_tok=1)),
+    ("phi3_longrope", dict(rope=RopeConfig(theta=10000.0))),
+    ("phi3_partial_rotary", dict(rope=RopeConfig(theta=10000.0))),
+    ("phi3_partial_rotary", dict(sliding_window=4096)),
+])
+def test_parity_tests_are_sensitive(name, change, hf_checkpoint):
+    """Each family-specific feature changes the logits well beyond the tolerance."""
+    hf, path = hf_checkpoint(name)
+    config = dataclasses.replace(load(path).config, **change)
+    altered = converters.build_from_source(config, SafetensorsSource(path), progress=False)
+    tokens = random_tokens(SEQ_LEN, hf.config.vocab_size)
+    with pytest.raises(AssertionError):
+        assert_logits_close(our_logits(altered, tokens), hf_logits(hf, tokens))
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_gemma3_vision_checkpoint_is_refused_by_name(tmp_path):
+    config = transformers.Gemma3Config(text_config=dict(FAMILY_CONFIGS["gemma3"][1]))
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"'gemma3'.*vision_config.*vision tower \(SigLIP\).*gemma3_text"):
+        converters.load(tmp_path)
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("gemma2", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0)), "gemma2: rope type 'yarn'"),
+    ("gemma3", dict(rope_parameters={"full_attention": dict(rope_type="dynamic", rope_theta=1e6, factor=2.0),
+                                     "sliding_attention": dict(rope_type="default", rope_theta=1e4)}),
+     "gemma3_text: rope type 'dynamic'"),
+    ("mixtral", dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e6, partial_rotary_factor=0.5)),
+     "mixtral: partial_rotary_factor=0.5"),
+    ("phi3", dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 8)),
+     r"longrope scaling lacks \['long_factor'\]"),
+    ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+])
+def test_unsupported_variants_are_named(name, change, message, hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint(name)
+    cfg = json.loads((path / "config.json").read_text()) | change
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=message):
+        converters.load(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ experiments.probe
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "mixtral", "phi3"])
+def test_probe_experiment_on_every_family(name, hf_checkpoint):
+    hf, path = hf_checkpoint(name)
+    model = load(path)
+    rows = probe_first_token(model, token_id=1, top_k=3)
+    assert [r["layer"] for r in rows] == list(range(hf.config.num_hidden_layers))
+    config = probes.ProbeConfig(points=("intermediate", "router_probs"))
+    _, full = probes.capture(model, jnp.asarray([[1]]), config)
+    for r in rows:
+        h = full["intermediate"][r["layer"]]["full"][0, 0]  # [d_ff], or [E, d_ff] for Mixtral
+        if name == "mixtral":  # the expert the router ranks first for the token
+            assert r["expert"] == int(np.argmax(full["router_probs"][r["layer"]]["full"][0, 0]))
+            h = h[r["expert"]]
+        np.testing.assert_allclose(np.abs(r["intermediate"]["top_values"]), np.sort(np.abs(h))[::-1][:3], rtol=1e-6)
+    assert "largest intermediate value" in summary(rows) and len(format_table(rows).splitlines()) == len(rows) + 1
+
+
+def test_probe_cli_on_a_mixtral_checkpoint(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint("mixtral")
+    out = subprocess.run([sys.executable, "-m", "experiments.probe", f"--model={path}", f"--output_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "expert" in out.stdout and "hidden state max |x|" in out.stdout
+    layers = json.loads((tmp_path / "probe.json").read_text())["layers"]
+    assert all(0 <= row["expert"] < 4 for row in layers)
