@@ -42,7 +42,8 @@ def state_magnitudes(model, token_id: int, layers: int) -> dict[str, list[float]
     """Figure 3(a): max |value| of each state of the first `layers` layers, bos alone."""
     config = probes.ProbeConfig(points=STATES, layers=tuple(range(layers)), full=False, top_k=1)
     _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
-    return {p: [float(abs(result[p][i]["top_values"][0, 0, 0])) for i in range(layers)] for p in STATES}
+    # (a mixture of experts records down_proj_output per expert: the largest over experts)
+    return {p: [float(np.abs(np.asarray(result[p][i]["top_values"])).max()) for i in range(layers)] for p in STATES}
 
 
 def main(argv):

@@ -37,10 +37,20 @@ def copy(model: nnx.Module) -> nnx.Module:
     return nnx.clone(model)
 
 
-def ffn_projections(model: nnx.Module, layer: int) -> tuple[Linear, Linear]:
-    """(gate_proj, up_proj) of a layer's FFN: the modules whose PyTorch rows are the massive weights."""
+def ffn_projections(model: nnx.Module, layer: int, expert: int | None = None) -> tuple[Linear, Linear]:
+    """(gate_proj, up_proj) of a layer's FFN, or of one expert's: the modules whose PyTorch rows are the
+    massive weights."""
     _check_layer(model, layer)
     mlp = model.model.layers[layer].mlp
+    if hasattr(mlp, "experts"):
+        if expert is None:
+            raise ValueError(f"layer {layer} is a mixture of {len(mlp.experts)} experts: say which expert "
+                             "(find_massive_weights picks the one the router chooses for bos)")
+        if not 0 <= expert < len(mlp.experts):
+            raise ValueError(f"expert {expert} out of range: layer {layer} has experts 0..{len(mlp.experts) - 1}")
+        mlp = mlp.experts[expert]
+    elif expert is not None:
+        raise ValueError(f"expert={expert} given but layer {layer} has a dense FFN (no experts)")
     return mlp.gate_proj, mlp.up_proj
 
 
@@ -109,10 +119,10 @@ def retain_top_k_masks(mw: MassiveWeights, k, d_ff: int, d_model: int) -> masks.
     return row_scale_masks(mw, top_k_row_scale(mw, k, d_ff, retain=True), d_model)
 
 
-def _scale_ffn_rows(model: nnx.Module, layer: int, row_scale: jax.Array) -> nnx.Module:
-    """Copy of `model` with W_gate and W_up of `layer` multiplied per PyTorch row ([d_ff] factors)."""
+def _scale_ffn_rows(model: nnx.Module, layer: int, row_scale: jax.Array, expert: int | None = None) -> nnx.Module:
+    """Copy of `model` with W_gate and W_up of `layer` (of `expert`) multiplied per PyTorch row ([d_ff] factors)."""
     out = copy(model)
-    for proj in ffn_projections(out, layer):
+    for proj in ffn_projections(out, layer, expert):
         kernel = proj.kernel[...]
         proj.kernel[...] = kernel * row_scale.astype(kernel.dtype)[None, :]
     return out
@@ -121,14 +131,15 @@ def _scale_ffn_rows(model: nnx.Module, layer: int, row_scale: jax.Array) -> nnx.
 def zero_top_k(model: nnx.Module, mw: MassiveWeights, k) -> nnx.Module:
     """Top-k zeroing: the k massive rows of W_gate and W_up at `mw.layer` set to 0 (k may be traced)."""
     _check_k(mw, k, allow_zero=False)
-    return _scale_ffn_rows(model, mw.layer, top_k_row_scale(mw, k, model.config.intermediate_size))
+    return _scale_ffn_rows(model, mw.layer, top_k_row_scale(mw, k, model.config.intermediate_size), mw.expert)
 
 
 def retain_top_k(model: nnx.Module, mw: MassiveWeights, k) -> nnx.Module:
     """Top-k retaining: every row of W_gate and W_up at `mw.layer` but the k massive ones set to 0
     (k = 0 zeroes the whole of W_gate and W_up there)."""
     _check_k(mw, k, allow_zero=True)
-    return _scale_ffn_rows(model, mw.layer, top_k_row_scale(mw, k, model.config.intermediate_size, retain=True))
+    return _scale_ffn_rows(model, mw.layer, top_k_row_scale(mw, k, model.config.intermediate_size, retain=True),
+                           mw.expert)
 
 
 # ----------------------------------------------------------------------------------------- super weights
@@ -136,7 +147,10 @@ def retain_top_k(model: nnx.Module, mw: MassiveWeights, k) -> nnx.Module:
 
 def _down_proj(model: nnx.Module, layer: int) -> Linear:
     _check_layer(model, layer)
-    return model.model.layers[layer].mlp.down_proj
+    mlp = model.model.layers[layer].mlp
+    if hasattr(mlp, "experts"):
+        raise ValueError("super-weight attacks address a dense FFN's down_proj; this model routes between experts")
+    return mlp.down_proj
 
 
 def scale_super_weight(model: nnx.Module, sw: SuperWeight, factor) -> nnx.Module:
@@ -187,7 +201,7 @@ def restore_super_activation(model: nnx.Module, sw: SuperWeight, min_abs: float 
     out = copy(model)
     _check_layer(out, sw.layer)
     mlp = out.model.layers[sw.layer].mlp
-    mlp.down_proj = SuperActivationRestored(mlp.down_proj, sw, min_abs)
+    mlp.down_proj = SuperActivationRestored(_down_proj(out, sw.layer), sw, min_abs)
     return out
 
 

@@ -88,21 +88,32 @@ def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> dict[st
 
     Returns numpy arrays: hidden_top / hidden_idx and intermediate_top / intermediate_idx [L, top_k]
     (signed values, feature indices), hidden_median / intermediate_median [L], and embed_max
-    (max |embedding|).
+    (max |embedding|). For a mixture of experts also expert [L] (the router's first choice for the
+    token) and router_prob [L] (its probability); the intermediate statistics are that expert's.
     """
-    config = probes.ProbeConfig(points=("hidden", "intermediate"), full=False, top_k=top_k, median=True)
+    moe = model.config.num_local_experts is not None
+    points = ("hidden", "intermediate") + (("router_probs",) if moe else ())
+    config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
     tokens = jnp.array([[token_id]], jnp.int32)
     _, result = probes.capture(model, tokens, config)
-    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0], np.float64)
-    return {
-        "hidden_top": pick("hidden", "top_values"),
-        "hidden_idx": np.asarray(probes.stack(result, "hidden", "top_indices")[:, 0, 0]),
-        "hidden_median": pick("hidden", "median"),
-        "intermediate_top": pick("intermediate", "top_values"),
-        "intermediate_idx": np.asarray(probes.stack(result, "intermediate", "top_indices")[:, 0, 0]),
-        "intermediate_median": pick("intermediate", "median"),
+    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L, ...]
+    profile = {
+        "hidden_top": pick("hidden", "top_values").astype(np.float64),
+        "hidden_idx": pick("hidden", "top_indices"),
+        "hidden_median": pick("hidden", "median").astype(np.float64),
+        "intermediate_top": pick("intermediate", "top_values").astype(np.float64),  # MoE: [L, E, k]
+        "intermediate_idx": pick("intermediate", "top_indices"),
+        "intermediate_median": pick("intermediate", "median").astype(np.float64),
         "embed_max": float(jnp.max(jnp.abs(model.embed(tokens).astype(jnp.float32)))),
     }
+    if moe:
+        expert = pick("router_probs", "top_indices")[:, 0]  # [L]
+        layers = np.arange(len(expert))
+        for key in ("intermediate_top", "intermediate_idx", "intermediate_median"):
+            profile[key] = profile[key][layers, expert]
+        profile["expert"] = expert
+        profile["router_prob"] = pick("router_probs", "top_values")[:, 0].astype(np.float64)
+    return profile
 
 
 def origin_layer(profile: dict[str, Any]) -> int:
@@ -118,6 +129,8 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
 
     tokenizer: supplies the bos token (or pass `first_token=` an id / token string).
     layer: 0-based layer to take them from; default: where massive activations originate (module doc).
+    Mixture of experts: the rows belong to the expert the router ranks first for the token at that
+    layer (Mixtral's bos goes to one expert; House of Cards attacks only that one), in `.expert`.
     """
     config = model.config
     if not 1 <= k <= config.intermediate_size:
@@ -137,6 +150,7 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
         values=tuple(float(v) for v in top),
         median=median,
         token_id=token_id,
+        expert=int(profile["expert"][layer]) if "expert" in profile else None,
         meets_criterion=largest > MASSIVE_MIN and largest >= MASSIVE_RATIO * median,
     )
 
@@ -198,6 +212,9 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
     The prompt is tokenized with the tokenizer's defaults (bos included where it adds one); or pass
     `tokens` [1, seq] directly.
     """
+    if model.config.num_local_experts is not None:
+        raise ValueError("super-weight detection follows the paper's dense FFN (one down_proj per layer); this "
+                         "model routes between experts, whose down_proj inputs are probed per expert instead")
     if tokens is None:
         if tokenizer is None:
             raise ValueError("find_super_weights needs a tokenizer to encode the prompt, or tokens=[1, seq]")
@@ -216,6 +233,7 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
 
 
 def down_proj_kernel(model: nnx.Module, layer: int) -> jnp.ndarray:
+    """down_proj kernel [d_ff, d_model] of a dense FFN (HF weight.T)."""
     return model.model.layers[layer].mlp.down_proj.kernel[...]
 
 
@@ -228,7 +246,8 @@ def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: i
 
     tokens: int [num_sequences, seq] (e.g. 100 chunks of a corpus). This is what House of Cards'
     Figure 3 and the Massive Activations thesis' Figure 4.4 plot. Returns {point: {"top": [L, k],
-    "median": [L]}} as numpy float64 (magnitudes), plus "num_sequences".
+    "median": [L]}} as numpy float64 (magnitudes), plus "num_sequences". For a mixture of experts the
+    intermediate statistics run over every expert's state, routed or not.
     """
     from tqdm.auto import tqdm
 

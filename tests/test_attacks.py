@@ -161,3 +161,67 @@ def test_bad_inputs(setup, call, message):
     _, model, mw = setup
     with pytest.raises(ValueError, match=message):
         call(model, mw)
+
+
+# ------------------------------------------------------------------------------------------ other families
+
+
+@pytest.mark.parametrize("name", ["gemma2", "phi3"])
+def test_zero_top_k_matches_hf_in_dense_families(name, hf_checkpoint):
+    hf, path = hf_checkpoint(name)
+    model, _ = converters.load(path, tokenizer=False)
+    mw = massive.find_massive_weights(model, first_token=5, k=4, layer=1)
+    rows = list(mw.indices[:4])
+    tokens = random_tokens(96, hf.config.vocab_size, seed=8)
+
+    def edit(m):
+        mlp = m.model.layers[1].mlp
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3 fuses [W_gate; W_up]
+            f = hf.config.intermediate_size
+            mlp.gate_up_proj.weight[rows] = 0
+            mlp.gate_up_proj.weight[[f + r for r in rows]] = 0
+        else:
+            mlp.up_proj.weight[rows] = 0
+            mlp.gate_proj.weight[rows] = 0
+
+    assert_logits_close(models.forward(attacks.zero_top_k(model, mw, 4), jnp.asarray(tokens)),
+                        hf_logits(hf_edited(hf, edit), tokens))
+
+
+def test_mixtral_massive_weights_sit_in_the_routed_expert(hf_checkpoint):
+    hf, path = hf_checkpoint("mixtral")
+    model, _ = converters.load(path, tokenizer=False)
+    mw = massive.find_massive_weights(model, first_token=5, k=3, layer=1)
+    # the reference, in torch: bos alone, the router's first choice at layer 1 and that expert's state
+    captured = {}
+    handle = hf.model.layers[1].post_attention_layernorm.register_forward_hook(
+        lambda m, i, o: captured.__setitem__("x", o))
+    with torch.no_grad():
+        out = hf(torch.tensor([[5]]), output_router_logits=True)
+    handle.remove()
+    expert = int(out.router_logits[1].float().softmax(-1).reshape(-1).argmax())
+    f = hf.config.intermediate_size
+    experts = hf.model.layers[1].mlp.experts
+    with torch.no_grad():
+        gate, up = experts.gate_up_proj[expert, :f], experts.gate_up_proj[expert, f:]
+        h = (torch.nn.functional.silu(captured["x"] @ gate.T) * (captured["x"] @ up.T)).reshape(-1)
+    assert mw.expert == expert
+    assert list(mw.indices) == h.abs().topk(3).indices.tolist()
+
+    tokens = random_tokens(96, hf.config.vocab_size, seed=9)
+
+    def edit(m):
+        gate_up = m.model.layers[1].mlp.experts.gate_up_proj
+        gate_up[expert, list(mw.indices)] = 0
+        gate_up[expert, [f + r for r in mw.indices]] = 0
+
+    ref = hf_logits(hf_edited(hf, edit), tokens)
+    assert_logits_close(models.forward(attacks.zero_top_k(model, mw, 3), jnp.asarray(tokens)), ref)
+    assert_logits_close(models.forward(model, jnp.asarray(tokens), ffn_masks=attacks.zero_top_k_masks(mw, 3, 64)),
+                        ref)
+    with pytest.raises(ValueError, match="say which expert"):
+        attacks.ffn_projections(model, 1)
+    with pytest.raises(ValueError, match="expert 7 out of range"):
+        attacks.zero_top_k(model, MassiveWeights(1, (1,), (1.0,), 0.1, 5, expert=7), 1)
+    with pytest.raises(ValueError, match="routes between experts"):
+        massive.find_super_weights(model, tokens=tokens[:, :8])
