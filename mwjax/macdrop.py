@@ -1,0 +1,136 @@
+"""MacDrop (House of Cards, Algorithm 1): curriculum dropout on the pretrained massive weights.
+
+Before fine-tuning, the top-k massive weights are found once with the bos token (rows `indices`
+of W_gate and W_up at `layer`). At every optimizer step t a mask
+
+    mask = uniform(k, d_model) > p(t)            (1 keeps a weight, 0 drops it; no 1/(1-p) rescaling)
+
+multiplies those k pretrained rows of W_up AND W_gate (one mask for both); the adapters are never
+masked. The mask reaches the model as an FFN row mask, so the stored pretrained weights are never
+modified and "restoring" them is free.
+
+Curricula p(t) are optax schedules of the optimizer step t (T = total steps, E = epochs,
+e = 1-based epoch of step t):
+
+    step           p0 (1 - t / T)                 (the paper's default)
+    epoch_before   p0 (1 - (e - 1) / E)
+    epoch_after    p0 (1 - e / E)
+    exp            p0 exp(-alpha t)
+    constant       p0
+
+Scopes (the paper's ablation, Figure 6): "massive" (the k rows), "all" (every row of W_gate /
+W_up in the layer), "all_but_massive" (every row except the k).
+
+The transform is optax-style and pure: `init(rng) -> MacDropState`, `masks(state, step) ->
+ffn_masks` (sampled from the state's key), `advance(state) -> state`; everything jits, and the
+state is a small pytree that checkpoints with the optimizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from mwjax import masks
+from mwjax.massive import MassiveWeights
+
+CURRICULA = ("step", "epoch_before", "epoch_after", "exp", "constant")
+SCOPES = ("massive", "all", "all_but_massive")
+
+
+def curriculum(name: str, p0: float, *, total_steps: int | None = None, steps_per_epoch: int | None = None,
+               epochs: int | None = None, alpha: float = 0.05) -> optax.Schedule:
+    """p(t) as an optax schedule (module doc). Raises ValueError for bad names or arguments."""
+    if not 0.0 <= p0 <= 1.0:
+        raise ValueError(f"MacDrop p0 must lie in [0, 1], got {p0}")
+    if name not in CURRICULA:
+        raise ValueError(f"unknown MacDrop curriculum {name!r}; choose from {CURRICULA}")
+    if name == "constant":
+        return optax.constant_schedule(p0)
+    if name == "exp":
+        if alpha < 0:
+            raise ValueError(f"the exp curriculum needs alpha >= 0, got {alpha}")
+        return lambda t: p0 * jnp.exp(-alpha * jnp.asarray(t, jnp.float32))
+    if name == "step":
+        if not total_steps or total_steps < 1:
+            raise ValueError("the step curriculum needs total_steps >= 1")
+        return lambda t: p0 * jnp.clip(1.0 - jnp.asarray(t, jnp.float32) / total_steps, 0.0, 1.0)
+    if not steps_per_epoch or not epochs:
+        raise ValueError(f"the {name} curriculum needs steps_per_epoch and epochs")
+    shift = 1.0 if name == "epoch_before" else 0.0
+
+    def by_epoch(t):
+        epoch = jnp.asarray(t, jnp.int32) // steps_per_epoch + 1  # 1-based
+        return p0 * jnp.clip(1.0 - (epoch - shift) / epochs, 0.0, 1.0)
+
+    return by_epoch
+
+
+@struct.dataclass
+class MacDropState:
+    key: jax.Array  # PRNG key of the next mask
+
+
+@dataclasses.dataclass(frozen=True)
+class MacDrop:
+    """The MacDrop transform for one model: which rows, which curriculum, which scope."""
+
+    layer: int
+    indices: tuple[int, ...]  # the massive rows (PyTorch rows of W_gate / W_up)
+    d_model: int
+    d_ff: int
+    schedule: optax.Schedule = dataclasses.field(compare=False)
+    scope: str = "massive"
+    expert: int | None = None  # Mixtral: the expert the massive rows belong to
+
+    def __post_init__(self):
+        if self.scope not in SCOPES:
+            raise ValueError(f"unknown MacDrop scope {self.scope!r}; choose from {SCOPES}")
+        if not 1 <= len(self.indices) <= self.d_ff:
+            raise ValueError(f"MacDrop needs between 1 and d_ff={self.d_ff} massive rows, got {len(self.indices)}")
+        if max(self.indices) >= self.d_ff or min(self.indices) < 0:
+            raise ValueError(f"massive rows {self.indices} lie outside [0, d_ff={self.d_ff})")
+
+    @classmethod
+    def from_massive_weights(cls, mw: MassiveWeights, k: int, d_model: int, d_ff: int, schedule: optax.Schedule,
+                             scope: str = "massive") -> MacDrop:
+        if not 1 <= k <= min(len(mw.indices), d_ff):
+            raise ValueError(f"MacDrop k={k} must lie in [1, {min(len(mw.indices), d_ff)}] (d_ff={d_ff}; the "
+                             f"MassiveWeights result holds {len(mw.indices)} rows)")
+        return cls(layer=mw.layer, indices=tuple(mw.indices[:k]), d_model=d_model, d_ff=d_ff, schedule=schedule,
+                   scope=scope, expert=mw.expert)
+
+    @property
+    def rows(self) -> tuple[int, ...]:
+        """The rows the mask covers under this scope."""
+        if self.scope == "massive":
+            return self.indices
+        massive = set(self.indices)
+        return tuple(i for i in range(self.d_ff) if self.scope == "all" or i not in massive)
+
+    def init(self, rng: jax.Array) -> MacDropState:
+        return MacDropState(key=rng)
+
+    def probability(self, step) -> jax.Array:
+        return jnp.asarray(self.schedule(step), jnp.float32)
+
+    def masks(self, state: MacDropState, step) -> masks.FFNMasks:
+        """The ffn_masks for optimizer step `step`: uniform(k, d_model) > p(step), one mask for W_gate and W_up."""
+        rows = jnp.asarray(self.rows, jnp.int32)
+        keep = jax.random.uniform(state.key, (len(self.rows), self.d_model)) > self.probability(step)
+        return {self.layer: masks.RowMask(rows=rows, values=keep.astype(jnp.float32), expert=self.expert)}
+
+    def advance(self, state: MacDropState) -> MacDropState:
+        """The state of the next mask."""
+        return MacDropState(key=jax.random.split(state.key)[0])
+
+
+def total_steps(num_examples: int, batch_size: int, grad_accum: int, epochs: float) -> int:
+    """Optimizer steps of a run: ceil(epochs x batches per epoch / grad_accum), as the HF Trainer counts."""
+    batches = num_examples // batch_size
+    return max(1, math.ceil(epochs * batches / grad_accum))

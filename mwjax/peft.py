@@ -1,0 +1,291 @@
+"""LoRA and DoRA adapters, computed as HF PEFT computes them (House of Cards fine-tunes with both).
+
+    lora_model = peft.add_adapters(model, peft.LoraConfig(rank=16, alpha=16, dora=False))
+    trainable = nnx.state(lora_model, peft.LoRAParam)          # only the adapters
+    merged = peft.merge(lora_model)                            # plain model, adapters folded in
+    peft.export_peft(lora_model, "adapter_dir")                 # HF PEFT `PeftModel.from_pretrained` loads it
+
+In mwjax's kernel layout (kernel = weight.T, [in, out]) with s = alpha / r (rsLoRA: alpha / sqrt(r)):
+
+    LoRA  y = x W + b + s (x A) B                       A: lora_a [in, r] (PEFT lora_A.weight.T), kaiming-uniform
+                                                        B: lora_b [r, out] (PEFT lora_B.weight.T), zeros
+    DoRA  y = (m / n) * (x W + s (x A) B) + b,          m: lora_magnitude [out], initialised to n
+          n = || W + s A B || over the input axis, recomputed from the current base weight every call
+          and detached (no gradient), as PEFT's `DoraLinearLayer` does.
+
+With LoRA dropout p > 0 in training, the adapter path sees dropout(x) (DoRA: PEFT's exact
+three-term form). The base weights stay `nnx.Param` and are never trained; adapter weights are
+`LoRAParam`, float32 by default.
+
+MacDrop: the FFN row mask reaches `columns`, which multiplies the masked PyTorch rows of the *base*
+weight only (adapters are never masked) and, for DoRA, recomputes those rows' norm from the masked
+weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mwjax import masks
+from mwjax.models.layers import Linear
+
+DEFAULT_EXCLUDE = ("lm_head",)
+ROUTER_PATTERN = "*.mlp.gate"  # Mixtral's router (HF `block_sparse_moe.gate` / `mlp.gate`)
+
+
+class LoRAParam(nnx.Param):
+    """An adapter parameter: the only kind the trainer differentiates and the optimizer updates."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Adapter hyper-parameters (HF PEFT `LoraConfig` names in comments).
+
+    targets: glob patterns over module paths (e.g. "*.self_attn.q_proj"); () = every linear layer
+      except embeddings and `lm_head` (LLaMA-Factory's "all"; for Mixtral that includes the router,
+      unless `exclude_router`).
+    """
+
+    rank: int = 16  # r
+    alpha: float = 16.0  # lora_alpha
+    dropout: float = 0.0  # lora_dropout
+    dora: bool = False  # use_dora
+    rslora: bool = False  # use_rslora: scaling alpha / sqrt(r)
+    targets: tuple[str, ...] = ()  # target_modules
+    exclude_router: bool = False
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+class LoRALinear(Linear):
+    """A `Linear` whose base weight is frozen and whose output gains a LoRA (or DoRA) update."""
+
+    def __init__(self, base: Linear, config: LoraConfig, *, rngs: nnx.Rngs):
+        # the base's Variables are reused, not copied
+        self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
+        self.kernel, self.bias = base.kernel, base.bias
+        self.rank, self.scaling, self.use_dora = config.rank, config.scaling, config.dora
+        pdtype = jnp.dtype(config.param_dtype)
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in]
+        self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, self.rank), pdtype, -bound, bound))
+        self.lora_b = LoRAParam(jnp.zeros((self.rank, self.out_features), pdtype))
+        self.lora_magnitude = LoRAParam(self.weight_norm().astype(pdtype)) if self.use_dora else None
+        self.lora_dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
+
+    # ---------------------------------------------------------------- pieces
+
+    def _adapter_input(self, x: jax.Array) -> jax.Array:
+        """PEFT casts the input to the adapters' dtype and applies dropout to it."""
+        x = x.astype(self.lora_a[...].dtype)
+        return x if self.lora_dropout is None else self.lora_dropout(x)
+
+    def _lora(self, x: jax.Array, columns: jax.Array | None = None) -> jax.Array:
+        """s (x A) B, for all outputs or only `columns` [k]."""
+        b = self.lora_b[...] if columns is None else self.lora_b[...][:, columns]
+        return (x @ self.lora_a[...]) @ b * self.scaling
+
+    def weight_norm(self, kernel: jax.Array | None = None, columns: jax.Array | None = None) -> jax.Array:
+        """|| W + s A B || per output feature [out] (or per `columns`), detached, float32.
+
+        kernel: the base kernel's columns to use ([in, out] or [in, k]); default the stored one. Expanded as
+        ||w||^2 + 2 s <w, A b> + s^2 ||A b||^2 so that W + s A B is never materialised.
+        """
+        w = (self.kernel[...] if kernel is None else kernel).astype(jnp.float32)
+        a = self.lora_a[...].astype(jnp.float32)
+        b = self.lora_b[...].astype(jnp.float32)
+        if columns is not None:
+            b = b[:, columns]
+        s = self.scaling
+        sq = jnp.sum(w * w, axis=0) + 2 * s * jnp.sum((w.T @ a) * b.T, axis=-1) + s * s * jnp.sum((a.T @ a) @ b * b, 0)
+        return jax.lax.stop_gradient(jnp.sqrt(jnp.maximum(sq, 0.0)))
+
+    # ---------------------------------------------------------------- forward
+
+    def _update(self, x: jax.Array, base: jax.Array, kernel: jax.Array, columns: jax.Array | None,
+                norm_kernel: jax.Array | None = None) -> jax.Array:
+        """What PEFT adds to the base layer's output (float32) for all outputs or `columns`.
+
+        base: the base layer's output without bias [..., out|k]; kernel: the base kernel's columns in use.
+        """
+        xa = self._adapter_input(x)
+        lora = self._lora(xa, columns)
+        if not self.use_dora:
+            return lora
+        magnitude = self.lora_magnitude[...] if columns is None else self.lora_magnitude[...][columns]
+        scale = magnitude / self.weight_norm(norm_kernel, columns)  # [out|k]
+        if self.lora_dropout is not None and not self.lora_dropout.deterministic:
+            base = xa @ kernel.astype(xa.dtype)  # PEFT recomputes the base term from dropout(x)
+        return (scale - 1) * base.astype(jnp.float32) + scale * lora
+
+    def _with_bias(self, y: jax.Array, columns: jax.Array | None = None) -> jax.Array:
+        if self.bias is None:
+            return y
+        return y + (self.bias[...] if columns is None else self.bias[...][columns]).astype(y.dtype)
+
+    def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...]
+        base = x @ kernel.astype(self.dtype)  # [..., out]
+        y = self._with_bias(base)  # the base layer's output, in the compute dtype
+        y = (y.astype(jnp.float32) + self._update(x, base, kernel, None)).astype(y.dtype)
+        if column_mask is not None:
+            y = y.at[..., column_mask.rows].set(self.columns(x, column_mask))
+        return y
+
+    def columns(self, x: jax.Array, mask: masks.RowMask) -> jax.Array:
+        """The k masked outputs: the mask multiplies the base weight's rows only, never the adapters; DoRA's
+        norm of those rows comes from the masked weight."""
+        kernel = masks.masked_columns(self.kernel[...], mask)  # [in, k]
+        base = x @ kernel.astype(self.dtype)
+        y = self._with_bias(base, mask.rows)
+        return (y.astype(jnp.float32) + self._update(x, base, kernel, mask.rows, kernel)).astype(y.dtype)
+
+    def merged_kernel(self) -> jax.Array:
+        """W + s A B (LoRA) or (m / n) * (W + s A B) (DoRA), in the base kernel's dtype."""
+        delta = self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32) * self.scaling
+        w = self.kernel[...].astype(jnp.float32) + delta
+        if self.use_dora:
+            w = w * (self.lora_magnitude[...] / self.weight_norm())[None, :]
+        return w.astype(self.kernel[...].dtype)
+
+
+# -------------------------------------------------------------------------------------------- targets
+
+
+def linear_paths(model: nnx.Module) -> list[str]:
+    """Dotted paths of every `Linear` in the model (HF module names)."""
+    return [".".join(map(str, path)) for path, m in model.iter_modules() if isinstance(m, Linear)]
+
+
+def select_targets(model: nnx.Module, config: LoraConfig) -> list[str]:
+    """The module paths that get adapters; an error names any pattern that matches nothing."""
+    paths = linear_paths(model)
+    if config.targets:
+        unmatched = [p for p in config.targets if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
+        if unmatched:
+            raise ValueError(f"LoRA target patterns {unmatched} match no linear layer (layers look like: "
+                             f"{', '.join(paths[:6])}, ...)")
+        chosen = [path for path in paths if any(fnmatch.fnmatchcase(path, p) for p in config.targets)]
+    else:
+        chosen = [path for path in paths if path.split(".")[-1] not in DEFAULT_EXCLUDE]
+    if config.exclude_router:
+        chosen = [path for path in chosen if not fnmatch.fnmatchcase(path, ROUTER_PATTERN)]
+    if not chosen:
+        raise ValueError("no linear layer left to adapt")
+    return chosen
+
+
+def _get(root: nnx.Module, path: Sequence):
+    node = root
+    for part in path:
+        node = node[part] if isinstance(part, int) else getattr(node, part)
+    return node
+
+
+def _set(root: nnx.Module, path: Sequence, value) -> None:
+    parent, last = _get(root, path[:-1]), path[-1]
+    if isinstance(last, int):
+        parent[last] = value
+    else:
+        setattr(parent, last, value)
+
+
+def _split_path(path: str) -> list:
+    return [int(p) if p.isdigit() else p for p in path.split(".")]
+
+
+def add_adapters(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Module:
+    """A copy of `model` whose target linear layers carry adapters (the input model is untouched)."""
+    if any(isinstance(m, LoRALinear) for _, m in model.iter_modules()):
+        raise ValueError("this model already carries adapters; merge() them first or start from the base model")
+    targets = select_targets(model, config)
+    out = nnx.clone(model)
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    for path in targets:
+        parts = _split_path(path)
+        _set(out, parts, LoRALinear(_get(out, parts), config, rngs=rngs))
+    out.lora_config = config
+    return out
+
+
+def adapters(model: nnx.Module) -> dict[str, LoRALinear]:
+    return {".".join(map(str, p)): m for p, m in model.iter_modules() if isinstance(m, LoRALinear)}
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """A copy with every adapter folded into its base weight (plain `Linear` layers again)."""
+    out = nnx.clone(model)
+    for path, layer in adapters(out).items():
+        kernel = layer.merged_kernel()
+        plain = nnx.eval_shape(lambda layer=layer, kernel=kernel: Linear(
+            layer.in_features, layer.out_features, use_bias=layer.bias is not None, dtype=layer.dtype,
+            param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+        plain.kernel = nnx.Param(kernel)
+        plain.bias = layer.bias
+        _set(out, _split_path(path), plain)
+    if hasattr(out, "lora_config"):
+        del out.lora_config
+    return out
+
+
+# -------------------------------------------------------------------------------------------- export
+
+
+def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None
+                ) -> Path:
+    """Write an HF PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+
+    Module paths are HF's; families whose HF modules are fused (Phi-3's qkv_proj / gate_up_proj,
+    transformers 5's stacked Mixtral experts) have no per-projection PEFT target and are refused.
+    """
+    from safetensors.numpy import save_file
+
+    config: LoraConfig = model.lora_config
+    layers = adapters(model)
+    fused = {"phi3": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+    unsupported = [p for p in layers if p.endswith(fused.get(model.config.model_type, ()))]
+    unsupported += [p for p in layers if ".experts." in p]
+    if unsupported:
+        raise ValueError(f"HF {model.config.architecture} has no separate module for {unsupported[:3]}...: PEFT "
+                         "cannot load adapters on them; merge() and save_hf instead, or target other layers")
+    tensors = {}
+    for path, layer in layers.items():
+        prefix = f"base_model.model.{path}"
+        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora_a[...]).T)
+        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora_b[...]).T)
+        if layer.use_dora:
+            tensors[f"{prefix}.lora_magnitude_vector"] = np.asarray(layer.lora_magnitude[...])
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "use_dora": config.dora, "use_rslora": config.rslora, "bias": "none",
+        "target_modules": sorted(layers), "fan_in_fan_out": False, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / "adapter_model.safetensors.partial"
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    return directory

@@ -1,0 +1,172 @@
+"""LoRA / DoRA against HF PEFT on tiny models: same init copied over, same logits, loss and gradients;
+the MacDrop row mask reaches the base weight only; merge and export round trips."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_logits_close, hf_logits, random_tokens
+from flax import nnx
+
+peft_lib = pytest.importorskip("peft")
+
+import converters  # noqa: E402
+from mwjax import masks, models, peft  # noqa: E402
+
+TOKENS = random_tokens(48, seed=40)
+
+
+def peft_pair(hf, model, *, dora, targets=(), rslora=False, seed=0):
+    """(PEFT model, mwjax model with adapters) holding the same non-trivial adapter weights."""
+    config = peft.LoraConfig(rank=4, alpha=8.0, dora=dora, rslora=rslora, targets=targets)
+    ours = peft.add_adapters(model, config, seed=seed)
+    layers = peft.adapters(ours)
+    clone = type(hf)(hf.config).eval()
+    clone.load_state_dict(hf.state_dict())
+    theirs = peft_lib.get_peft_model(clone, peft_lib.LoraConfig(
+        r=4, lora_alpha=8, target_modules=sorted(layers), use_dora=dora, use_rslora=rslora, lora_dropout=0.0))
+    theirs.eval()
+    rng = np.random.default_rng(seed)
+    for path, layer in layers.items():
+        module = theirs.base_model.model.get_submodule(path)
+        a = np.asarray(layer.lora_a[...])
+        b = rng.normal(0, 0.05, size=layer.lora_b[...].shape).astype(np.float32)  # B != 0, so the adapter matters
+        layer.lora_b[...] = jnp.asarray(b)
+        with torch.no_grad():
+            module.lora_A["default"].weight.copy_(torch.from_numpy(a.T.copy()))
+            module.lora_B["default"].weight.copy_(torch.from_numpy(b.T.copy()))
+            if dora:
+                magnitude = module.lora_magnitude_vector["default"].weight
+                mag = magnitude.numpy() * (1 + rng.normal(0, 0.1, size=magnitude.shape)).astype(np.float32)
+                magnitude.copy_(torch.from_numpy(mag))
+                layer.lora_magnitude[...] = jnp.asarray(mag)
+    return theirs, ours
+
+
+def loss_torch(model, tokens):
+    logits = model(torch.from_numpy(tokens).long()).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(tokens[0, 1:]).long())
+
+
+def loss_ours(model, tokens, **kw):
+    logits = model(jnp.asarray(tokens), **kw)[0, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, jnp.asarray(tokens[0, 1:, None]), axis=-1).mean()
+
+
+@pytest.fixture(scope="module")
+def base(hf_checkpoint):
+    hf, path = hf_checkpoint("llama_gqa")
+    model, _ = converters.load(path, tokenizer=False)
+    return hf, model
+
+
+@pytest.mark.parametrize("dora, rslora", [(False, False), (True, False), (False, True)])
+def test_forward_loss_and_gradients_match_peft(base, dora, rslora):
+    hf, model = base
+    theirs, ours = peft_pair(hf, model, dora=dora, rslora=rslora)
+    assert_logits_close(models.forward(ours, jnp.asarray(TOKENS)), hf_logits(theirs, TOKENS))
+    loss = loss_torch(theirs, TOKENS)
+    loss.backward()
+    graphdef, trainable, rest = nnx.split(ours, peft.LoRAParam, ...)
+    value, grads = jax.value_and_grad(lambda t: loss_ours(nnx.merge(graphdef, t, rest), TOKENS))(trainable)
+    np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5)
+    flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
+    for path, layer in peft.adapters(ours).items():
+        module = theirs.base_model.model.get_submodule(path)
+        pairs = [("lora_a", module.lora_A["default"].weight.grad.numpy().T),
+                 ("lora_b", module.lora_B["default"].weight.grad.numpy().T)]
+        if dora:
+            pairs.append(("lora_magnitude", module.lora_magnitude_vector["default"].weight.grad.numpy()))
+        for name, ref in pairs:
+            got = flat[f"{path}.{name}"]
+            np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-6 * np.abs(ref).max() + 1e-9,
+                                       err_msg=f"{path}.{name}")
+
+
+def test_only_adapters_are_trainable_and_base_is_shared(base):
+    _, model = base
+    ours = peft.add_adapters(model, peft.LoraConfig(rank=2, alpha=4.0))
+    trainable = nnx.state(ours, peft.LoRAParam)
+    names = {p[-1] for p, _ in nnx.to_flat_state(trainable)}
+    assert names == {"lora_a", "lora_b"}
+    paths = set(peft.adapters(ours))
+    assert "lm_head" not in paths and len(paths) == 3 * 7  # every linear layer of 3 decoder layers
+    # the base arrays are the original ones, not copies
+    assert ours.model.layers[0].mlp.up_proj.kernel[...] is model.model.layers[0].mlp.up_proj.kernel[...]
+    # B = 0 at init: the adapted model computes exactly what the base model computes
+    np.testing.assert_array_equal(models.forward(ours, jnp.asarray(TOKENS)), models.forward(model, jnp.asarray(TOKENS)))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_macdrop_mask_reaches_only_the_base_weight(base, dora):
+    """The row mask multiplies base rows; PEFT on a base model with those rows edited is the reference."""
+    hf, model = base
+    theirs, ours = peft_pair(hf, model, dora=dora, seed=3)
+    rows = [4, 11, 60]
+    values = jax.random.uniform(jax.random.key(0), (3, 64)) > 0.5
+    mask = masks.RowMask(rows=jnp.asarray(rows), values=values.astype(jnp.float32))
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):
+            weight = theirs.base_model.model.model.layers[1].mlp.get_submodule(name).base_layer.weight
+            weight[rows] *= torch.from_numpy(np.asarray(values, np.float32))
+    got = models.forward(ours, jnp.asarray(TOKENS), ffn_masks={1: mask})
+    assert_logits_close(got, hf_logits(theirs, TOKENS))
+    # adapters are untouched by the mask: the same mask on the merged model is different
+    with pytest.raises(AssertionError):
+        assert_logits_close(models.forward(peft.merge(ours), jnp.asarray(TOKENS), ffn_masks={1: mask}), got,
+                            rel=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_folds_adapters(base, dora):
+    hf, model = base
+    _, ours = peft_pair(hf, model, dora=dora, seed=5)
+    merged = peft.merge(ours)
+    assert not peft.adapters(merged)
+    assert_logits_close(models.forward(merged, jnp.asarray(TOKENS)), models.forward(ours, jnp.asarray(TOKENS)),
+                        rel=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_export_loads_in_hf_peft(base, dora, tmp_path):
+    hf, model = base
+    _, ours = peft_pair(hf, model, dora=dora, seed=7)
+    peft.export_peft(ours, tmp_path)
+    clone = type(hf)(hf.config).eval()
+    clone.load_state_dict(hf.state_dict())
+    loaded = peft_lib.PeftModel.from_pretrained(clone, str(tmp_path)).eval()
+    assert_logits_close(models.forward(ours, jnp.asarray(TOKENS)), hf_logits(loaded, TOKENS))
+
+
+def test_dropout_only_in_training(base):
+    _, model = base
+    ours = peft.add_adapters(model, peft.LoraConfig(rank=2, alpha=4.0, dropout=0.5))
+    for layer in peft.adapters(ours).values():
+        layer.lora_b[...] = jnp.ones_like(layer.lora_b[...]) * 0.05
+    tokens = jnp.asarray(TOKENS)
+    ours.eval()
+    a, b = ours(tokens), ours(tokens)
+    np.testing.assert_array_equal(a, b)
+    ours.train()
+    c = ours(tokens)
+    assert not np.allclose(c, a)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        peft.LoraConfig(rank=0)
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
+        peft.LoraConfig(dropout=1.0)
+
+
+def test_target_patterns(base):
+    _, model = base
+    ours = peft.add_adapters(model, peft.LoraConfig(targets=("*.self_attn.q_proj", "*.mlp.down_proj")))
+    assert sorted(peft.adapters(ours)) == sorted([f"model.layers.{i}.{m}" for i in range(3)
+                                                  for m in ("self_attn.q_proj", "mlp.down_proj")])
+    with pytest.raises(ValueError, match=r"patterns \['\*\.attn\.qq'\] match no linear layer"):
+        peft.add_adapters(model, peft.LoraConfig(targets=("*.attn.qq",)))
+    with pytest.raises(ValueError, match="already carries adapters"):
+        peft.add_adapters(ours, peft.LoraConfig())
