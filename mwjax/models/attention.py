@@ -52,12 +52,14 @@ def causal_mask(
     q_offset: int | jax.Array = 0,
     padding_mask: jax.Array | None = None,
     sliding_window: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Boolean mask [batch or 1, 1, q_len, kv_len]: True where a query may attend to a key.
 
     Causality is by index, as HF builds it from `cache_position` (not from position ids): query i
     (at absolute index q_offset + i) sees keys j <= q_offset + i, and with a sliding window only
     j > q_offset + i - sliding_window. `padding_mask` [batch, kv_len] marks real tokens with 1.
+    `segment_ids` [batch, q_len] (q_len == kv_len): packed sequences attend within their segment only.
     """
     q_idx = q_offset + jnp.arange(q_len)[:, None]
     kv_idx = jnp.arange(kv_len)[None, :]
@@ -67,6 +69,8 @@ def causal_mask(
     mask = mask[None, None]
     if padding_mask is not None:
         mask = mask & padding_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask
 
 

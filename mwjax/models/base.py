@@ -54,11 +54,23 @@ class Attached(nnx.Variable):
     """
 
 
+# rematerialisation of each decoder layer in the backward pass (training); None = keep activations
+REMAT_POLICIES = {
+    "full": None,  # recompute everything inside a layer
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class CausalLM(nnx.Module):
-    """Base of the model classes: tokens [b, t] -> logits [b, t, vocab]."""
+    """Base of the model classes: tokens [b, t] -> logits [b, t, vocab].
+
+    `remat` (None or a REMAT_POLICIES name) rematerialises each decoder layer under autodiff.
+    """
 
     config: ModelConfig
     attached: Attached | None = None
+    remat: str | None = None
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.model.embed_tokens(tokens)
@@ -81,6 +93,7 @@ class CausalLM(nnx.Module):
         probes: probes.ProbeConfig | None = None,
         edits: interventions.Edits | None = None,  # {(point, layer): ActivationEdit}
         cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,  # [b, t]: packed sequences (training); attention stays within one
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits [b, t, vocab]; with a cache, (logits, the cache advanced by t positions)."""
         cfg = self.config
@@ -98,7 +111,8 @@ class CausalLM(nnx.Module):
         ropes = self.rope_tables(positions)
         attn_masks = {
             kind: attention.causal_mask(t, kv_len, q_offset=offset, padding_mask=attention_mask,
-                                        sliding_window=cfg.sliding_window if kind == SLIDING_ATTENTION else None)
+                                        sliding_window=cfg.sliding_window if kind == SLIDING_ATTENTION else None,
+                                        segment_ids=segment_ids)
             for kind in set(cfg.layer_types)
         }
         taps = Taps(probes, edits)
@@ -108,7 +122,8 @@ class CausalLM(nnx.Module):
             kind = cfg.layer_types[i]
             layer_cache = None if cache is None else LayerCache(cache.keys[i], cache.values[i], offset)
             with jax.named_scope(f"layer_{i}"):
-                x, layer_cache = layer(x, ropes[kind], attn_masks[kind], ffn_masks.get(i), taps, layer_cache)
+                x, layer_cache = self.run_layer(layer, x, ropes[kind], attn_masks[kind], ffn_masks.get(i), taps,
+                                                layer_cache)
             if layer_cache is not None:
                 new_keys.append(layer_cache.keys)
                 new_values.append(layer_cache.values)
@@ -116,6 +131,21 @@ class CausalLM(nnx.Module):
         if cache is None:
             return logits
         return logits, KVCache(keys=tuple(new_keys), values=tuple(new_values), length=offset + t)
+
+    def run_layer(self, layer, x, rope, mask, row_mask, taps: Taps, cache):
+        """One decoder layer, rematerialised under autodiff when `self.remat` says so."""
+        if self.remat is None:
+            return layer(x, rope, mask, row_mask, taps, cache)
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)} or None")
+        if taps.probes is not None:
+            raise ValueError("probes and remat do not combine; set model.remat = None to probe")
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, x, rope, mask, row_mask, cache):  # jax.checkpoint wants a function of arrays
+            return nnx.merge(graphdef, state)(x, rope, mask, row_mask, taps, cache)
+
+        return jax.checkpoint(pure, policy=REMAT_POLICIES[self.remat])(state, x, rope, mask, row_mask, cache)
 
     def with_attached(self, ffn_masks, edits) -> tuple[masks.FFNMasks, interventions.Edits | None]:
         """Call-time masks and edits joined with the attached ones (a clash is an error, not an override)."""

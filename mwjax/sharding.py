@@ -1,0 +1,106 @@
+"""Meshes and shardings: one table of logical axes, mapped onto a ("data", "fsdp", "tensor") mesh.
+
+Parameters get logical axes from their path (PARAM_AXES); logical axes map to mesh axes through
+LOGICAL_RULES (as maxtext's `logical_axis_rules`). The frozen base is sharded FSDP x tensor-parallel;
+LoRA adapters, norms and the rest are replicated; batches are split over ("data", "fsdp"). A
+dimension that a mesh axis does not divide is left unsharded rather than failing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mwjax.checkpoint import ShardingFn, dotted
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tensor",  # attention projections' head-major feature axis
+    "mlp": "tensor",  # d_ff
+    "vocab": "tensor",
+    "experts": None,
+}
+
+# parameter path (dotted) -> logical axes of its dimensions; the first match wins; no match = replicated
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"\.lora_(a|b|magnitude)$", ()),  # adapters: replicated
+    (r"\.(q|k|v)_proj\.kernel$", ("embed", "heads")),
+    (r"\.(q|k|v)_proj\.bias$", ("heads",)),
+    (r"\.o_proj\.kernel$", ("heads", "embed")),
+    (r"\.(gate|up)_proj\.kernel$", ("embed", "mlp")),
+    (r"\.(gate|up)_proj\.bias$", ("mlp",)),
+    (r"\.down_proj\.kernel$", ("mlp", "embed")),
+    (r"\.mlp\.gate\.kernel$", ("embed", "experts")),  # Mixtral router
+    (r"embed_tokens\.embedding$", ("vocab", "embed")),
+    (r"lm_head\.kernel$", ("embed", "vocab")),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default all); one size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh axes {dict(zip(MESH_AXES, sizes))}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"{len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    for pattern, axes in PARAM_AXES:
+        if re.search(pattern, path):
+            return axes if len(axes) == ndim else (None,) * ndim
+    return (None,) * ndim
+
+
+def spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of a value with these logical axes, dropping mesh axes that do not divide a dim."""
+    parts = []
+    for axis, dim in zip(logical, shape, strict=True):
+        mapped = LOGICAL_RULES.get(axis) if axis else None
+        names = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+        names = tuple(n for n in names if mesh.shape[n] > 1)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        parts.append(None if not names or dim % size else (names[0] if len(names) == 1 else names))
+    return PartitionSpec(*parts)
+
+
+def param_sharding_fn(mesh: Mesh) -> ShardingFn:
+    """(dotted parameter path, shape) -> NamedSharding; for converters.load / checkpoint.restore."""
+    return lambda path, shape: NamedSharding(mesh, spec(logical_axes(path, len(shape)), shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """A pytree of NamedShardings matching `state` (parameters by PARAM_AXES, anything else replicated)."""
+    fn = param_sharding_fn(mesh)
+
+    def one(path, leaf):
+        name = dotted(path).removesuffix(".value")  # Variables flatten to their `.value`
+        return fn(name, tuple(getattr(leaf, "shape", ())))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batches [batch, ...]: rows split over ("data", "fsdp")."""
+    names = tuple(n for n in LOGICAL_RULES["batch"] if mesh.shape[n] > 1)
+    return NamedSharding(mesh, PartitionSpec(names or None, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())

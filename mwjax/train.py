@@ -1,0 +1,385 @@
+"""Fine-tuning with LoRA / DoRA and MacDrop: a jitted train step over a device mesh, and the loop.
+
+The model is split into three parts: adapter parameters (`peft.LoRAParam`, float32, replicated,
+the only thing differentiated and given optimizer state), dropout RNG streams, and the frozen base
+(any dtype, sharded FSDP x tensor-parallel by `mwjax.sharding`). One optimizer step consumes
+`grad_accum` micro-batches in a `lax.scan`; the loss is the mean next-token cross-entropy over all
+label tokens of the step (token-weighted, so accumulation and data parallelism give the loss of
+the whole batch). MacDrop's mask is drawn once per optimizer step (or per micro-batch) and enters
+the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay as torch's AdamW)
+after global-norm clipping, learning rate warmed up linearly then decayed (cosine or linear) as HF's
+schedulers do.
+
+The loop runs the step over a stream of micro-batches that spans epochs, evaluates, logs (console
+progress bar; JSONL on process 0), checkpoints with orbax (atomic; every `save_every` steps and at
+the end), stops on a non-finite loss with the last good checkpoint kept, and resumes exactly:
+step, data position, MacDrop key and dropout streams are all in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from mwjax import sharding
+from mwjax.macdrop import MacDrop, MacDropState
+from mwjax.peft import LoRAParam
+
+IGNORE = -100  # label of positions without loss (prompt, padding), as HF / LLaMA-Factory
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient became NaN / inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (LLaMA-Factory / HF TrainingArguments names in comments)."""
+
+    learning_rate: float = 1e-4  # learning_rate
+    epochs: float = 3.0  # num_train_epochs
+    max_steps: int | None = None  # max_steps (overrides epochs)
+    warmup_ratio: float = 0.05  # warmup_ratio
+    decay: str = "cosine"  # lr_scheduler_type: cosine | linear | constant
+    weight_decay: float = 0.0
+    b1: float = 0.9  # adam_beta1
+    b2: float = 0.999  # adam_beta2
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8  # sequences per micro-batch, all devices and hosts together
+    grad_accum: int = 4  # gradient_accumulation_steps
+    remat: str | None = None  # None | "full" | "dots" | "nothing" (models.base.REMAT_POLICIES)
+    mask_every: str = "step"  # resample the MacDrop mask every optimizer "step" or every "microbatch"
+    seed: int = 42
+    log_every: int = 1
+    eval_every: int = 0  # steps between validation losses (0: only at the end)
+    eval_batches: int | None = None  # cap on validation batches per evaluation
+    save_every: int = 100
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"unknown learning-rate decay {self.decay!r}; choose cosine, linear or constant")
+        if self.mask_every not in ("step", "microbatch"):
+            raise ValueError(f"mask_every must be 'step' or 'microbatch', got {self.mask_every!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("micro_batch_size and grad_accum must be >= 1")
+
+
+def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: max_steps, else ceil(epochs x micro-batches per epoch / grad_accum)."""
+    if config.max_steps:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
+
+
+def lr_schedule(config: TrainConfig, steps: int) -> optax.Schedule:
+    """Linear warmup over ceil(warmup_ratio x steps), then cosine / linear decay to 0 (HF's schedules)."""
+    warmup = math.ceil(config.warmup_ratio * steps)
+    if config.decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(steps, warmup + 1), 0.0)
+    decay = (optax.linear_schedule(config.learning_rate, 0.0, max(steps - warmup, 1)) if config.decay == "linear"
+             else optax.constant_schedule(config.learning_rate))
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), decay], [warmup])
+
+
+def optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
+                       optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
+                                   weight_decay=config.weight_decay))
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []: optimizer steps taken
+    params: nnx.State  # the adapters (LoRAParam)
+    opt_state: Any
+    macdrop: MacDropState | None
+    rngs: nnx.State  # dropout RNG streams (empty without LoRA dropout)
+
+
+def token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token NLL over label tokens, their count); logits [b, t, V], labels [b, t] aligned
+    with the inputs (the logits at position t predict labels[t + 1])."""
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
+
+
+class Trainer:
+    """The split model, the optimizer and the compiled steps of one run."""
+
+    def __init__(self, model: nnx.Module, config: TrainConfig, *, steps: int, mesh: Mesh,
+                 macdrop: MacDrop | None = None):
+        self.config, self.steps, self.mesh, self.macdrop = config, steps, mesh, macdrop
+        self.schedule = lr_schedule(config, steps)
+        self.tx = optimizer(config, self.schedule)
+        model.remat = config.remat
+        model.train()
+        self.graphdef, params, rngs, frozen = nnx.split(model, LoRAParam, nnx.RngState, ...)
+        model.eval()
+        self.eval_graphdef = nnx.split(model, LoRAParam, nnx.RngState, ...)[0]
+        model.remat = None
+        if not jax.tree.leaves(params):
+            raise ValueError("the model has no adapter parameters: call mwjax.peft.add_adapters first")
+        self.replicated = sharding.replicated(mesh)
+        self.frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
+        params = jax.device_put(params, self.replicated)
+        self.initial_state = TrainState(
+            step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated), params=params,
+            opt_state=jax.device_put(self.tx.init(params), self.replicated),
+            macdrop=jax.device_put(macdrop.init(jax.random.key(config.seed)), self.replicated) if macdrop else None,
+            rngs=jax.device_put(rngs, self.replicated))
+        # the state stays replicated (else XLA may return adapters split along whatever it chose)
+        self.step_fn = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.replicated)
+        self.eval_fn = jax.jit(self._eval_step)
+
+    # ------------------------------------------------------------------ pure functions
+
+    def _forward_loss(self, params, rngs, frozen, mb, ffn_masks):
+        model = nnx.merge(self.graphdef, params, rngs, frozen, copy=True)
+        logits = model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"], ffn_masks=ffn_masks)
+        loss_sum, count = token_loss(logits, mb["labels"])
+        return loss_sum, (count, nnx.state(model, nnx.RngState))
+
+    def _train_step(self, state: TrainState, frozen, batch):
+        """batch: int32 arrays [grad_accum, micro_batch_size, seq_len] -> (new state, metrics)."""
+        md = self.macdrop
+        per_micro = self.config.mask_every == "microbatch"
+
+        def micro(carry, mb):
+            grads, loss_sum, count, md_state, rngs = carry
+            ffn_masks = md.masks(md_state, state.step) if md else None
+            (loss, (n, rngs)), g = jax.value_and_grad(self._forward_loss, has_aux=True)(
+                state.params, rngs, frozen, mb, ffn_masks)
+            if md and per_micro:
+                md_state = md.advance(md_state)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, count + n, md_state, rngs), None
+
+        init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32),
+                state.macdrop, state.rngs)
+        (grads, loss_sum, count, md_state, rngs), _ = jax.lax.scan(micro, init, batch)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)  # token-weighted mean over the whole step
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        if md and not per_micro:
+            md_state = md.advance(md_state)
+        metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step),
+                   "tokens": count}
+        if md:
+            metrics["p"] = md.probability(state.step)
+        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                         macdrop=md_state, rngs=rngs)
+        return new, metrics
+
+    def _eval_step(self, params, rngs, frozen, mb):
+        model = nnx.merge(self.eval_graphdef, params, rngs, frozen, copy=True)
+        return token_loss(model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"]), mb["labels"])
+
+    # ------------------------------------------------------------------ host side
+
+    def place_batch(self, arrays: dict[str, np.ndarray], batch_axis: int) -> dict[str, jax.Array]:
+        """This process's numpy rows -> global arrays split over ("data", "fsdp") along `batch_axis`."""
+        names = tuple(n for n in sharding.LOGICAL_RULES["batch"] if self.mesh.shape[n] > 1)
+        out = {}
+        for key, value in arrays.items():
+            parts = [None] * value.ndim
+            parts[batch_axis] = names or None
+            target = NamedSharding(self.mesh, PartitionSpec(*parts))
+            out[key] = jax.make_array_from_process_local_data(target, np.asarray(value, np.int32))
+        return out
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The model with the state's adapters, in evaluation mode."""
+        return nnx.merge(self.eval_graphdef, state.params, state.rngs, self.frozen, copy=True)
+
+    def evaluate(self, state: TrainState, batches) -> float:
+        """Mean token loss over validation batches (no MacDrop mask, no dropout)."""
+        total, count = 0.0, 0
+        for i, batch in enumerate(batches):
+            if self.config.eval_batches is not None and i >= self.config.eval_batches:
+                break
+            loss, n = self.eval_fn(state.params, state.rngs, self.frozen, self.place_batch(batch, 0))
+            total, count = total + float(loss), count + int(n)
+        return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
+
+
+def micro_batches(loader, start: int, epochs: float) -> Iterator[dict[str, np.ndarray] | None]:
+    """The run's stream of micro-batches from global index `start` on, across epochs; None past the end
+    (a fractional last epoch ends mid-way). `loader`: `len()` batches per epoch, `.epoch(e, start_step)`."""
+    per_epoch = len(loader)
+    end = math.floor(epochs * per_epoch)
+    index = start
+    while True:
+        epoch, offset = divmod(index, per_epoch)
+        for batch in loader.epoch(epoch, start_step=offset):
+            yield {k: batch[k] for k in BATCH_KEYS} if index < end else None
+            index += 1
+
+
+def _empty_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A micro-batch that contributes nothing (every label ignored), to fill the run's last step."""
+    return {k: np.full_like(v, IGNORE) if k == "labels" else np.zeros_like(v) for k, v in batch.items()}
+
+
+def stack_step(stream: Iterator, grad_accum: int, template: dict | None) -> tuple[dict[str, np.ndarray], dict]:
+    """The next optimizer step's micro-batches stacked to [grad_accum, ...]."""
+    chunk = []
+    for _ in range(grad_accum):
+        mb = next(stream)
+        if mb is None:
+            mb = _empty_like(template)
+        template = mb
+        chunk.append(mb)
+    return {k: np.stack([mb[k] for mb in chunk]) for k in BATCH_KEYS}, template
+
+
+class Checkpoints:
+    """Orbax checkpoints of a run: the train state and a JSON of run facts, written atomically."""
+
+    def __init__(self, directory: str | Path, keep: int):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, meta: dict) -> None:
+        step = int(state.step)
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
+                                                         meta=ocp.args.JsonSave(meta)))
+        self.manager.wait_until_finished()
+
+    def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        step = self.latest() if step is None else step
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                              _to_saveable(template))
+        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                  meta=ocp.args.JsonRestore()))
+        return _from_saveable(template, out["state"]), out["meta"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _to_saveable(state: TrainState) -> dict:
+    """A pytree of plain arrays (PRNG keys as their raw data)."""
+    return {"step": state.step, "params": nnx.to_pure_dict(state.params), "opt_state": jax.tree.leaves(state.opt_state),
+            "macdrop": None if state.macdrop is None else jax.random.key_data(state.macdrop.key),
+            "rngs": _keys_to_data(nnx.to_pure_dict(state.rngs))}
+
+
+def _from_saveable(template: TrainState, saved: dict) -> TrainState:
+    params = jax.tree.map(lambda x: x, template.params)
+    nnx.replace_by_pure_dict(params, saved["params"])
+    rngs = jax.tree.map(lambda x: x, template.rngs)
+    nnx.replace_by_pure_dict(rngs, _data_to_keys(saved["rngs"], nnx.to_pure_dict(template.rngs)))
+    opt_state = jax.tree.unflatten(jax.tree.structure(template.opt_state), jax.tree.leaves(saved["opt_state"]))
+    macdrop = None if template.macdrop is None else MacDropState(key=jax.random.wrap_key_data(saved["macdrop"]))
+    return TrainState(step=saved["step"], params=params, opt_state=opt_state, macdrop=macdrop, rngs=rngs)
+
+
+def _keys_to_data(tree):
+    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def _data_to_keys(saved, template):
+    return jax.tree.map(lambda s, t: jax.random.wrap_key_data(s) if jnp.issubdtype(t.dtype, jax.dtypes.prng_key)
+                        else s, saved, template)
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    history: list[dict]
+    eval_losses: list[tuple[int, float]]
+
+
+def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Path, meta: dict | None = None,
+        resume: bool = True, stop_after: int | None = None, on_eval: Callable[[int, float], None] | None = None
+        ) -> RunResult:
+    """Train to `trainer.steps`, resuming from the latest checkpoint under output_dir/checkpoints.
+
+    stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
+    Only process 0 writes metrics.jsonl; every process takes part in checkpoints (orbax coordinates).
+    """
+    config = trainer.config
+    output_dir = Path(output_dir)
+    lead = jax.process_index() == 0
+    if lead:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(output_dir / "checkpoints", config.keep_checkpoints)
+    state, start = trainer.initial_state, 0
+    if resume and checkpoints.latest() is not None:
+        state, _ = checkpoints.restore(state)
+        start = int(state.step)
+    meta = dict(meta or {}) | {"total_steps": trainer.steps}
+    stream = micro_batches(train_loader, start * config.grad_accum, config.epochs if not config.max_steps else 1e9)
+    log = open(output_dir / "metrics.jsonl", "a") if lead else None  # noqa: SIM115 (closed below)
+    history, eval_losses, template = [], [], None
+    bar = tqdm(total=trainer.steps, initial=start, desc="fine-tuning", disable=not lead or None)
+    last_time = time.perf_counter()
+    try:
+        for step in range(start, trainer.steps):
+            arrays, template = stack_step(stream, config.grad_accum, template)
+            batch = trainer.place_batch(arrays, 1)
+            state, metrics = trainer.step_fn(state, trainer.frozen, batch)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise TrainingDivergedError(
+                    f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}, grad_norm="
+                    f"{metrics['grad_norm']}); the last good checkpoint is step {checkpoints.latest()} in "
+                    f"{checkpoints.directory}. Lower the learning rate or check the data, then resume.")
+            now = time.perf_counter()
+            metrics |= {"step": step + 1, "step_time": now - last_time,
+                        "tokens_per_s": metrics["tokens"] / max(now - last_time, 1e-9)}
+            last_time = now
+            history.append(metrics)
+            at_end = step + 1 == trainer.steps
+            if val_loader is not None and (at_end or (config.eval_every and (step + 1) % config.eval_every == 0)):
+                metrics["eval_loss"] = trainer.evaluate(state, val_loader.epoch(0))
+                eval_losses.append((step + 1, metrics["eval_loss"]))
+                if on_eval:
+                    on_eval(step + 1, metrics["eval_loss"])
+            if log and ((step + 1) % config.log_every == 0 or "eval_loss" in metrics):
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            bar.update()
+            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "p", "eval_loss") if k in metrics})
+            stopping = stop_after is not None and step + 1 >= stop_after
+            if at_end or stopping or (config.save_every and (step + 1) % config.save_every == 0):
+                checkpoints.save(state, meta | {"step": step + 1})
+            if stopping:
+                break
+    finally:
+        bar.close()
+        checkpoints.close()
+        if log:
+            log.close()
+    return RunResult(state=state, history=history, eval_losses=eval_losses)
