@@ -51,12 +51,13 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     if sizes.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
+    asked = dict(zip(MESH_AXES, sizes, strict=True))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh axes {dict(zip(MESH_AXES, sizes))}")
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh axes {asked}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
                          f"{len(devices)} are available")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 

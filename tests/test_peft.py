@@ -73,7 +73,7 @@ def test_forward_loss_and_gradients_match_peft(base, dora, rslora):
     value, grads = jax.value_and_grad(lambda t: loss_ours(nnx.merge(graphdef, t, rest), TOKENS))(trainable)
     np.testing.assert_allclose(float(value), loss.item(), rtol=1e-5)
     flat = {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
-    for path, layer in peft.adapters(ours).items():
+    for path in peft.adapters(ours):
         module = theirs.base_model.model.get_submodule(path)
         pairs = [("lora_a", module.lora_A["default"].weight.grad.numpy().T),
                  ("lora_b", module.lora_B["default"].weight.grad.numpy().T)]

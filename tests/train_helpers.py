@@ -30,7 +30,7 @@ class ArrayLoader:
 
 
 def tiny_setup(*, dora=False, macdrop_scope="massive", mask_every="step", **train_kwargs):
-    from mwjax import macdrop, models, peft, train
+    from mwjax import models, peft, train
     from mwjax.config import ModelConfig
     from mwjax.massive import MassiveWeights
 
