@@ -4,6 +4,7 @@
     trainable = nnx.state(lora_model, peft.LoRAParam)          # only the adapters
     merged = peft.merge(lora_model)                            # plain model, adapters folded in
     peft.export_peft(lora_model, "adapter_dir")                 # HF PEFT `PeftModel.from_pretrained` loads it
+    lora_model = peft.load_adapters(model, "adapter_dir")       # a PEFT dir, or one from peft.save_adapters
 
 In mwjax's kernel layout (kernel = weight.T, [in, out]) with s = alpha / r (rsLoRA: alpha / sqrt(r)):
 
@@ -289,3 +290,82 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
     os.replace(partial, directory / "adapter_model.safetensors")
     (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
     return directory
+
+
+def _peft_config(adapter_dir: Path) -> LoraConfig:
+    raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{adapter_dir}: peft_type {raw['peft_type']!r} is not LoRA/DoRA; mwjax loads only those")
+    return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0)),
+                      dora=bool(raw.get("use_dora")), rslora=bool(raw.get("use_rslora")))
+
+
+def load_peft(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
+    """`model` (a base model) with the HF PEFT LoRA/DoRA adapter in `directory` attached
+    (`PeftModel.from_pretrained`); adapters written by `export_peft` or by HF PEFT itself."""
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    weights = directory / "adapter_model.safetensors"
+    if not weights.is_file() or not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{directory} is not a PEFT adapter directory (adapter_config.json + "
+                                "adapter_model.safetensors)")
+    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
+    suffix = ".lora_A.weight"
+    paths = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    config = dataclasses.replace(_peft_config(directory), targets=tuple(paths))
+    out = add_adapters(model, config)
+    for path, layer in adapters(out).items():
+        a, b = tensors[f"{path}.lora_A.weight"].T, tensors[f"{path}.lora_B.weight"].T
+        if a.shape != layer.lora_a[...].shape or b.shape != layer.lora_b[...].shape:
+            raise ValueError(f"adapter {path}: lora_A/lora_B shapes {a.shape[::-1]}/{b.shape[::-1]} do not fit the "
+                             f"layer [{layer.in_features} -> {layer.out_features}] (another base model?)")
+        layer.lora_a[...] = jnp.asarray(a, layer.lora_a[...].dtype)
+        layer.lora_b[...] = jnp.asarray(b, layer.lora_b[...].dtype)
+        if layer.use_dora:
+            key = f"{path}.lora_magnitude_vector"
+            magnitude = tensors.get(key, tensors.get(f"{key}.weight"))
+            if magnitude is None:
+                raise ValueError(f"DoRA adapter {path} has no lora_magnitude_vector in {weights}")
+            layer.lora_magnitude[...] = jnp.asarray(magnitude, layer.lora_magnitude[...].dtype)
+    return out
+
+
+ADAPTER_ITEM, LORA_CONFIG_ITEM = "adapters", "lora_config"
+
+
+def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> Path:
+    """Write only the adapters (and their LoraConfig, with the adapted paths) as an orbax checkpoint,
+    atomically; `load_adapters` puts them back on the same base model."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    config = dataclasses.replace(model.lora_config, targets=tuple(adapters(model)))
+    params = nnx.to_pure_dict(nnx.state(model, LoRAParam))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        ckptr.save(directory, args=ocp.args.Composite(**{
+            ADAPTER_ITEM: ocp.args.StandardSave(params),
+            LORA_CONFIG_ITEM: ocp.args.JsonSave(dataclasses.asdict(config))}), force=True)
+    return directory
+
+
+def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
+    """`model` with the adapters of `directory`: an HF PEFT directory (`load_peft`) or one written by
+    `save_adapters`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    if (directory / "adapter_config.json").is_file():
+        return load_peft(model, directory)
+    if not (directory / ADAPTER_ITEM).is_dir():
+        raise FileNotFoundError(f"{directory} holds neither a PEFT adapter (adapter_config.json) nor mwjax "
+                                "adapters (written by mwjax.peft.save_adapters)")
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        raw = ckptr.restore(directory, args=ocp.args.Composite(**{LORA_CONFIG_ITEM: ocp.args.JsonRestore()}))
+        out = add_adapters(model, LoraConfig(**raw[LORA_CONFIG_ITEM]))
+        state = nnx.state(out, LoRAParam)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+        restored = ckptr.restore(directory, args=ocp.args.Composite(**{ADAPTER_ITEM: ocp.args.StandardRestore(target)}))
+    nnx.replace_by_pure_dict(state, restored[ADAPTER_ITEM])
+    nnx.update(out, state)
+    return out

@@ -140,6 +140,21 @@ def test_export_loads_in_hf_peft(base, dora, tmp_path):
     assert_logits_close(models.forward(ours, jnp.asarray(TOKENS)), hf_logits(loaded, TOKENS))
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapters_saved_by_hf_peft_and_by_orbax_load_back(base, dora, tmp_path):
+    hf, model = base
+    theirs, ours = peft_pair(hf, model, dora=dora, seed=9)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    expected = models.forward(ours, jnp.asarray(TOKENS))
+    assert_logits_close(models.forward(peft.load_adapters(model, tmp_path / "peft"), jnp.asarray(TOKENS)), expected)
+    peft.save_adapters(ours, tmp_path / "orbax")
+    restored = peft.load_adapters(model, tmp_path / "orbax")
+    np.testing.assert_array_equal(models.forward(restored, jnp.asarray(TOKENS)), expected)
+    assert restored.lora_config.dora == dora and not peft.adapters(model)
+    with pytest.raises(FileNotFoundError, match="neither a PEFT adapter"):
+        peft.load_adapters(model, tmp_path)
+
+
 def test_dropout_only_in_training(base):
     _, model = base
     ours = peft.add_adapters(model, peft.LoraConfig(rank=2, alpha=4.0, dropout=0.5))
