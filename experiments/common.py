@@ -12,6 +12,7 @@ from absl import flags
 
 import converters
 from converters import embedded
+from mwjax import peft
 from mwjax.eval import corpora
 
 FLAGS = flags.FLAGS
@@ -20,6 +21,8 @@ flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
 flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")
 flags.DEFINE_string("output_dir", None, "where to write JSON results and figures")
+flags.DEFINE_string("adapter", None, "LoRA/DoRA adapter to merge into the model on load: an HF PEFT directory or "
+                    "experiments.macdrop's adapter/ (orbax)")
 
 
 def quiet_logs() -> None:
@@ -31,8 +34,12 @@ def quiet_logs() -> None:
 
 
 def load_model():
+    """--model (with --adapter merged in, so attacks see the fine-tuned weights) and its tokenizer."""
     quiet_logs()
-    return converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype))
+    model, tokenizer = converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype))
+    if FLAGS.adapter:
+        model = peft.merge(peft.load_adapters(model, FLAGS.adapter))
+    return model, tokenizer
 
 
 def first_token_flag():

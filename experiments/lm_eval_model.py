@@ -1,10 +1,12 @@
 """The lm-evaluation-harness backend `mwjax`, loading what `--model_args` names.
 
-    lm_eval --model mwjax --model_args pretrained=PATH,dtype=bfloat16,attack=zero_top_k:5,add_bos_token=False \\
+    lm_eval --model mwjax --model_args pretrained=PATH,adapter=DIR,dtype=bfloat16,attack=zero_top_k:5 \\
         --tasks arc_easy,arc_challenge,boolq,piqa,winogrande --batch_size 8
 
-model_args: pretrained (anything `converters.load` reads), dtype (float32 | bfloat16), attack (see
-`mwjax.attacks.from_spec`), first_token (for finding massive weights when the tokenizer has no bos),
+model_args: pretrained (anything `converters.load` reads), adapter (an HF PEFT directory or the orbax
+adapter/ of experiments.macdrop, merged into the weights before any attack, so an attack after fine-tuning
+zeroes the tuned rows), dtype (float32 | bfloat16), attack (see `mwjax.attacks.from_spec`), first_token (for
+finding massive weights when the tokenizer has no bos),
 add_bos_token (True / False / unset = the tokenizer's default), max_length, max_gen_toks.
 `pip install -e .` makes `--model mwjax` known to the `lm_eval` command (a small .pth hook registers
 it in lm_eval processes only); in Python, import this module or pass an `MwjaxLM` instance.
@@ -17,7 +19,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
 import converters
-from mwjax import attacks
+from mwjax import attacks, peft
 from mwjax.eval.lm_eval import MwjaxLM
 
 LM_EVAL_ONLY = ("device", "max_batch_size")  # lm-eval passes these to every backend; they mean nothing here
@@ -25,17 +27,19 @@ LM_EVAL_ONLY = ("device", "max_batch_size")  # lm-eval passes these to every bac
 
 @register_model("mwjax")
 class MwjaxPretrainedLM(MwjaxLM):
-    def __init__(self, pretrained: str, dtype: str = "float32", attack: str | None = None,
+    def __init__(self, pretrained: str, dtype: str = "float32", attack: str | None = None, adapter: str | None = None,
                  first_token: int | str | None = None, batch_size: int | str = 8, **kwargs):
         for key in LM_EVAL_ONLY:
             kwargs.pop(key, None)
         model, tokenizer = converters.load(pretrained, dtype=jnp.dtype(dtype))
+        if adapter:
+            model = peft.merge(peft.load_adapters(model, adapter))
         if attack:
             model = attacks.from_spec(model, tokenizer, attack, first_token=first_token)
         if batch_size == "auto" or str(batch_size).startswith("auto"):
             batch_size = 8
         super().__init__(model, tokenizer, batch_size=int(batch_size), **kwargs)
-        self.description = {"pretrained": pretrained, "dtype": dtype, "attack": attack}
+        self.description = {"pretrained": pretrained, "adapter": adapter, "dtype": dtype, "attack": attack}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

@@ -1,6 +1,7 @@
 """Zero-shot accuracy on House of Cards' five tasks through lm-evaluation-harness (Tables 1, 2, 7, 8).
 
-    python -m experiments.zeroshot --model=PATH [--attack=zero_top_k:5] [--label="LoRA + MacDrop"]
+    python -m experiments.zeroshot --model=PATH [--adapter=runs/NAME/adapter] [--attack=zero_top_k:3] \\
+        [--label="LoRA + MacDrop"]
     python -m experiments.zeroshot --export_data=DIR          # where the hub is reachable: save the five tasks
     python -m experiments.zeroshot --model=PATH --data_dir=DIR   # then, anywhere: run them from those files
 
@@ -75,8 +76,8 @@ def main(argv):
     print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
     out = common.output_dir("outputs/zeroshot")
     (out / "zeroshot.md").write_text(table + "\n")
-    payload = {"model": FLAGS.model, "attack": FLAGS.attack, "label": label, "add_bos_token": add_bos,
-               "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}
+    payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "label": label,
+               "add_bos_token": add_bos, "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}
     print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
 
 

@@ -145,6 +145,24 @@ def test_lm_eval_command_line_knows_mwjax(tiny, local_tasks, tmp_path):
     assert "arc_easy_local" in out.stdout and "winogrande_local" in out.stdout
 
 
+def test_adapter_is_merged_before_the_attack(tiny, tmp_path):
+    from experiments.lm_eval_model import MwjaxPretrainedLM
+    from mwjax import attacks, models, peft
+
+    _, model, path = tiny
+    tuned = peft.add_adapters(model, peft.LoraConfig(rank=2, alpha=4.0), seed=3)
+    for layer in peft.adapters(tuned).values():
+        layer.lora_b[...] = layer.lora_b[...] + 0.05
+    peft.export_peft(tuned, tmp_path / "adapter")
+    lm = MwjaxPretrainedLM(pretrained=str(path), adapter=str(tmp_path / "adapter"), attack="zero_top_k:2",
+                           first_token=1)
+    expected = attacks.from_spec(peft.merge(tuned), None, "zero_top_k:2", first_token=1)
+    tokens = jnp.arange(3, 40)[None]
+    np.testing.assert_allclose(models.forward(lm.model, tokens), models.forward(expected, tokens), rtol=1e-5,
+                               atol=1e-5)
+    assert lm.description["adapter"] == str(tmp_path / "adapter")
+
+
 def test_zeroshot_experiment_from_local_data(tiny, local_tasks, tmp_path):
     _, _, path = tiny
     data, _, _ = local_tasks
