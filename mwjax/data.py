@@ -1,0 +1,312 @@
+"""Instruction data for fine-tuning, as LLaMA-Factory (the paper's trainer) prepares it.
+
+    train, val = data.build(data.DataConfig(source="llamafactory/alpaca_gpt4_en", template="llama3"), tokenizer)
+    loader = data.BatchLoader(train, batch_size=64, seq_len=1024, seed=42, pad_id=tokenizer.pad_token_id)
+    for batch in loader.epoch(0): ...        # int32 [local_batch, seq_len]: tokens, labels, attention_mask, ...
+
+Rows are alpaca records {instruction, input, output} from the hub (`datasets.load_dataset`), a local
+JSON / JSONL file, or the embedded generator of synthetic tasks with checkable answers (`synthetic`,
+for machines without the hub). The user turn is `instruction + "\\n" + input` (empty parts dropped);
+prompt tokens get label IGNORE, the response and the template's end-of-turn token are learned
+(LLaMA-Factory's supervised processor). Long examples are cut by LLaMA-Factory's `infer_max_len`.
+
+Batching is deterministic: the order of epoch e is a permutation seeded by (seed, e), the same on
+every host, and host h of H reads rows [h B/H, (h+1) B/H) of every global batch of B rows. So
+`epoch(e, start_step)` reproduces an uninterrupted run's batches exactly after a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import string
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+IGNORE = -100  # label without loss (HF / LLaMA-Factory IGNORE_INDEX); equals mwjax.train.IGNORE
+TEMPLATES = ("llama3", "mistral", "tokenizer", "plain")
+COLUMNS = ("instruction", "input", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to train on (LLaMA-Factory's data arguments in comments)."""
+
+    source: str = "synthetic"  # dataset: "synthetic", a hub dataset name, or a .json / .jsonl file
+    template: str = "tokenizer"  # template: llama3 | mistral | tokenizer (its chat template) | plain
+    cutoff_len: int = 1024  # cutoff_len: prompt + response tokens per example
+    val_size: float = 0.05  # val_size: a fraction (< 1) or a number of examples (>= 1)
+    seed: int = 42  # shuffling of the examples before the split
+    num_synthetic: int = 2000  # examples the synthetic source generates
+    packing: bool = False  # packing: several examples per row
+    max_examples: int | None = None  # max_samples: cap on the examples read
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {self.template!r}; choose from {TEMPLATES}")
+        if self.cutoff_len < 2:
+            raise ValueError(f"cutoff_len must be >= 2 tokens, got {self.cutoff_len}")
+        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+            raise ValueError(f"val_size is a fraction in [0, 1) or a whole number of examples, got {self.val_size}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be >= 1, got {self.max_examples}")
+
+
+class Encoded(NamedTuple):
+    input_ids: list[int]  # prompt + response tokens
+    labels: list[int]  # IGNORE on the prompt, the token itself on the response
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def load_examples(cfg: DataConfig) -> list[dict]:
+    """The alpaca records of `cfg.source` (at most `max_examples`), in the source's order."""
+    if cfg.source == "synthetic":
+        rows = synthetic_examples(cfg.num_synthetic, cfg.seed)
+    elif cfg.source.endswith((".json", ".jsonl")):
+        rows = _read_json(Path(cfg.source))
+    else:
+        rows = _read_hub(cfg.source)
+    rows = rows[: cfg.max_examples] if cfg.max_examples else rows
+    for i, row in enumerate(rows):
+        missing = [c for c in ("instruction", "output") if c not in row]
+        if missing:
+            raise ValueError(f"{cfg.source}: record {i} has no {missing[0]!r} column (alpaca format: instruction, "
+                             "input, output)")
+    return [{c: str(row.get(c) or "") for c in COLUMNS} | ({"system": row["system"]} if row.get("system") else {})
+            for row in rows]
+
+
+def _read_json(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such data file")
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = json.loads(text)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of alpaca records")
+    return rows
+
+
+def _read_hub(name: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(name, split="train"))
+    except Exception as e:  # offline, unknown name, gated
+        raise RuntimeError(f"cannot load dataset {name!r} from the hub ({type(e).__name__}: {e}); on a machine "
+                           "without the hub pass a local .json/.jsonl file of alpaca records, or 'synthetic'") from e
+
+
+# ---------------------------------------------------------------------------------- synthetic tasks
+
+_WORDS = ("apple", "river", "garden", "window", "planet", "silver", "orange", "pencil", "castle", "forest",
+          "rocket", "yellow", "basket", "candle", "dragon", "mirror", "turtle", "violin", "winter", "summer",
+          "bridge", "cookie", "button", "jungle", "ladder", "marble", "needle", "pepper", "rabbit", "saddle",
+          "tiger", "cloud", "stone", "bread", "chair", "light", "music", "ocean", "paper", "smile")
+
+
+def _task(rng: random.Random) -> tuple[str, str, str, str]:
+    """(kind, instruction, input, answer) of one random task."""
+    kind = rng.choice(("add", "subtract", "reverse", "upper", "length", "sort", "next_letter"))
+    word = rng.choice(_WORDS)
+    if kind == "add":
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return kind, f"What is {a} + {b}?", "", str(a + b)
+    if kind == "subtract":
+        a, b = sorted((rng.randint(0, 99), rng.randint(0, 99)), reverse=True)
+        return kind, f"What is {a} - {b}?", "", str(a - b)
+    if kind == "reverse":
+        return kind, "Reverse the letters of this word.", word, word[::-1]
+    if kind == "upper":
+        return kind, "Write this word in capital letters.", word, word.upper()
+    if kind == "length":
+        return kind, "How many letters does this word have?", word, str(len(word))
+    if kind == "sort":
+        nums = rng.sample(range(100), 4)
+        return kind, "Sort these numbers from smallest to largest.", ", ".join(map(str, nums)), ", ".join(
+            map(str, sorted(nums)))
+    letter = rng.choice(string.ascii_lowercase[:-1])
+    return kind, f"Which letter comes right after '{letter}' in the alphabet?", "", chr(ord(letter) + 1)
+
+
+def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
+    """n alpaca records of short tasks whose answers `check_answer` can verify."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        kind, instruction, inp, answer = _task(rng)
+        rows.append({"instruction": instruction, "input": inp, "output": answer, "task": kind})
+    return rows
+
+
+def check_answer(example: dict, text: str) -> bool:
+    """Whether generated `text` answers a synthetic task: its first line, without surrounding spaces and final
+    punctuation, equals the reference (case-sensitive, as the capital-letters task needs)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line.strip().rstrip(".!").strip().strip("'\"") == example["output"]
+
+
+# ----------------------------------------------------------------------------------------- encoding
+
+
+def infer_max_len(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """(source tokens kept, target tokens kept) under LLaMA-Factory's rule: a target that fits in half the
+    budget is kept whole and the source cut; else a source that fits in half is kept and the target cut;
+    else both are cut in proportion to their lengths. Both keep their beginning."""
+    if target_len * 2 < cutoff_len:
+        max_target = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target = min(max_target, target_len)
+    return min(max(cutoff_len - new_target, 0), source_len), new_target
+
+
+def _user_turn(example: dict) -> str:
+    return "\n".join(part for part in (example["instruction"], example.get("input", "")) if part)
+
+
+def _special(tokenizer, token: str, template: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"template {template!r} needs the special token {token!r}, which this tokenizer lacks; "
+                         "use template='tokenizer' (its own chat template) or 'plain'")
+    return int(token_id)
+
+
+def _pieces(example: dict, tokenizer, template: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one record under `template`."""
+    text = lambda s: tokenizer.encode(s, add_special_tokens=False)
+    q, a = _user_turn(example), example["output"]
+    if template == "llama3":
+        bos, start, end, eot = (_special(tokenizer, t, template) for t in
+                                ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"))
+        system = [start, *text("system"), end, *text("\n\n" + example["system"]), eot] if example.get("system") else []
+        prompt = [bos, *system, start, *text("user"), end, *text("\n\n" + q), eot, start, *text("assistant"), end,
+                  *text("\n\n")]
+        return prompt, [*text(a), eot]
+    if template == "mistral":
+        bos, eos = _special(tokenizer, "<s>", template), _special(tokenizer, "</s>", template)
+        return [bos, *text(f"[INST] {q} [/INST]")], [*text(a), eos]
+    if template == "plain":
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        if tokenizer.eos_token_id is None:
+            raise ValueError("template 'plain' ends each response with the eos token; this tokenizer has none")
+        return [*bos, *text(q + "\n")], [*text(a), tokenizer.eos_token_id]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='tokenizer' but this tokenizer has no chat template; use 'plain' (prompt, "
+                         "newline, response, eos), 'llama3' or 'mistral'")
+    messages = ([{"role": "system", "content": example["system"]}] if example.get("system") else []) + [
+        {"role": "user", "content": q}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": a}], tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("this tokenizer's chat template does not render the prompt as a prefix of the whole "
+                         "conversation, so the response cannot be told apart; use 'plain', 'llama3' or 'mistral'")
+    return text(prompt), text(full[len(prompt):])
+
+
+def encode(example: dict, tokenizer, cfg: DataConfig) -> Encoded:
+    """One record -> token ids and labels (prompt masked), cut to cfg.cutoff_len (`infer_max_len`)."""
+    source, target = _pieces(example, tokenizer, cfg.template)
+    keep_source, keep_target = infer_max_len(len(source), len(target), cfg.cutoff_len)
+    source, target = source[:keep_source], target[:keep_target]
+    return Encoded(source + target, [IGNORE] * len(source) + target)
+
+
+def build(cfg: DataConfig, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
+    """(train, validation) examples: read, shuffled by cfg.seed, split, encoded; records with nothing to learn
+    (an empty response cut away) are dropped."""
+    rows = load_examples(cfg)
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    n_val = int(cfg.val_size) if cfg.val_size >= 1 else math.floor(cfg.val_size * len(rows))
+    if n_val >= len(rows):
+        raise ValueError(f"val_size={cfg.val_size} leaves no training data out of {len(rows)} examples")
+    encoded = [encode(rows[i], tokenizer, cfg) for i in order]
+    useful = lambda items: [e for e in items if any(label != IGNORE for label in e.labels)]
+    return useful(encoded[n_val:]), useful(encoded[:n_val])
+
+
+# ----------------------------------------------------------------------------------------- batching
+
+
+class BatchLoader:
+    """Fixed-shape int32 batches of encoded examples for one host (module doc for the order).
+
+    batch_size: rows per micro-batch over all hosts; this host yields batch_size / process_count of them.
+    Without packing a row holds one example (cut to seq_len, padded). With packing, examples are laid
+    one after another into rows once, in the given order (each keeps its own positions from 0 and its
+    own segment id 1, 2, ...; padding is segment 0), and the rows are what each epoch permutes.
+    """
+
+    KEYS = ("tokens", "labels", "attention_mask", "positions", "segment_ids")
+
+    def __init__(self, examples: list[Encoded], batch_size: int, seq_len: int, *, seed: int = 0, pad_id: int = 0,
+                 packing: bool = False, process_index: int | None = None, process_count: int | None = None,
+                 drop_last: bool = True):
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} rows cannot be split evenly over {process_count} hosts")
+        self.local_batch, self.offset = batch_size // process_count, process_index * (batch_size // process_count)
+        self.batch_size, self.seq_len, self.seed, self.pad_id, self.drop_last = (
+            batch_size, seq_len, seed, pad_id, drop_last)
+        # examples per row; the arrays are built batch by batch (a whole dataset of rows would take GBs)
+        self.rows = _pack(examples, seq_len) if packing else [[e] for e in examples]
+        if len(self) == 0:
+            raise ValueError(f"{len(examples)} examples make {len(self.rows)} rows: fewer than one batch of "
+                             f"{batch_size}; lower the batch size or add data")
+
+    def __len__(self) -> int:
+        return len(self.rows) // self.batch_size if self.drop_last else math.ceil(len(self.rows) / self.batch_size)
+
+    def _row(self, group: list[Encoded]) -> dict[str, np.ndarray]:
+        row = {k: np.zeros(self.seq_len, np.int32) for k in self.KEYS}
+        row["tokens"][:] = self.pad_id
+        row["labels"][:] = IGNORE
+        at = 0
+        for segment, example in enumerate(group, start=1):
+            n = min(len(example.input_ids), self.seq_len - at)
+            span = slice(at, at + n)
+            row["tokens"][span] = example.input_ids[:n]
+            row["labels"][span] = example.labels[:n]
+            row["labels"][at] = IGNORE  # never predict an example's first token from the previous one
+            row["attention_mask"][span] = 1
+            row["positions"][span] = np.arange(n)
+            row["segment_ids"][span] = segment
+            at += n
+        return row
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This host's batches of epoch `epoch`, from batch `start_step` on."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        for step in range(start_step, len(self)):
+            chosen = order[step * self.batch_size:(step + 1) * self.batch_size][self.offset:][: self.local_batch]
+            rows = [self._row(self.rows[i]) for i in chosen] + [self._row([])] * (self.local_batch - len(chosen))
+            yield {k: np.stack([r[k] for r in rows]) for k in self.KEYS}
+
+
+def _pack(examples: list[Encoded], seq_len: int) -> list[list[Encoded]]:
+    """Examples laid greedily into rows of seq_len tokens, in order (an over-long one fills a row alone)."""
+    rows, current, used = [], [], 0
+    for example in examples:
+        n = min(len(example.input_ids), seq_len)
+        if current and used + n > seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(example)
+        used += n
+    if current:
+        rows.append(current)
+    return rows
