@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
@@ -263,7 +265,8 @@ class Checkpoints:
     """Orbax checkpoints of a run: the train state and a JSON of run facts, written atomically."""
 
     def __init__(self, directory: str | Path, keep: int):
-        self.directory = Path(directory).absolute()
+        # a local path or a URL orbax understands (gs://bucket/run: survives a preempted TPU VM)
+        self.directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
@@ -322,9 +325,10 @@ class RunResult:
 
 
 def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Path, meta: dict | None = None,
-        resume: bool = True, stop_after: int | None = None, on_eval: Callable[[int, float], None] | None = None
-        ) -> RunResult:
-    """Train to `trainer.steps`, resuming from the latest checkpoint under output_dir/checkpoints.
+        resume: bool = True, stop_after: int | None = None, on_eval: Callable[[int, float], None] | None = None,
+        checkpoint_dir: str | Path | None = None) -> RunResult:
+    """Train to `trainer.steps`, resuming from the latest checkpoint in checkpoint_dir (default
+    output_dir/checkpoints; may be a gs:// URL).
 
     stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
     Only process 0 writes metrics.jsonl; every process takes part in checkpoints (orbax coordinates).
@@ -334,7 +338,7 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
     lead = jax.process_index() == 0
     if lead:
         output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = Checkpoints(output_dir / "checkpoints", config.keep_checkpoints)
+    checkpoints = Checkpoints(checkpoint_dir or output_dir / "checkpoints", config.keep_checkpoints)
     state, start = trainer.initial_state, 0
     if resume and checkpoints.latest() is not None:
         state, _ = checkpoints.restore(state)
@@ -359,7 +363,6 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
             now = time.perf_counter()
             metrics |= {"step": step + 1, "step_time": now - last_time,
                         "tokens_per_s": metrics["tokens"] / max(now - last_time, 1e-9)}
-            last_time = now
             history.append(metrics)
             at_end = step + 1 == trainer.steps
             if val_loader is not None and (at_end or (config.eval_every and (step + 1) % config.eval_every == 0)):
@@ -377,6 +380,7 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
                 checkpoints.save(state, meta | {"step": step + 1})
             if stopping:
                 break
+            last_time = time.perf_counter()  # step time leaves out evaluation and checkpointing
     finally:
         bar.close()
         checkpoints.close()

@@ -1,0 +1,9 @@
+"""Phi-3-mini-4k-instruct with its own chat template:
+`--config=phi3_mini` (LoRA + MacDrop) or `--config=phi3_mini:<variant>`, variant one of
+lora, lora_macdrop, dora, dora_macdrop."""
+
+from experiments.configs.base import paper_run
+
+
+def get_config(variant: str = "lora_macdrop"):
+    return paper_run(variant, name="phi3_mini", model="microsoft/Phi-3-mini-4k-instruct", template="tokenizer")

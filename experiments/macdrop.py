@@ -1,0 +1,183 @@
+"""MacDrop fine-tuning (House of Cards §3, Algorithm 1): find the massive weights, train LoRA/DoRA
+while the pretrained massive rows are dropped on a curriculum, save the adapter.
+
+    python -m experiments.macdrop --config=smollm2_135m                 # CPU minutes, embedded data
+    python -m experiments.macdrop --config=llama3_8b:dora_macdrop --config.train.epochs=1
+
+Bare config names are files under experiments/configs/ (`name:arg` passes `arg` to its
+get_config); `--config.<field>=value` overrides any field. Every setting is checked before the
+model is touched. Written under `output_dir` (default runs/<config name>): config.json,
+massive_weights.json, metrics.jsonl, checkpoints/ (orbax, resumed automatically), adapter/ (orbax,
+`mwjax.peft.load_adapters`), adapter_peft/ (HF PEFT `PeftModel.from_pretrained`) and results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+from absl import app
+from ml_collections import ConfigDict, config_flags
+
+import converters
+from mwjax import data, distributed, macdrop, massive, peft, sharding, train
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py[:arg], or a bare <name>")
+
+log = logging.getLogger("mwjax.macdrop")
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+    """`--config=llama3_8b[:arg]` -> `--config=<this package>/configs/llama3_8b.py[:arg]`."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config=") and "/" not in arg and ".py" not in arg:
+            name, sep, rest = arg.removeprefix("--config=").partition(":")
+            path = CONFIG_DIR / f"{name}.py"
+            if not path.is_file():
+                known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+                raise SystemExit(f"no config named {name!r}; known configs: {', '.join(known)}")
+            arg = f"--config={path}{sep}{rest}"
+        out.append(arg)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A run's settings, every one checked (`plan` raises on the first bad one)."""
+
+    config: ConfigDict
+    train: train.TrainConfig
+    lora: peft.LoraConfig
+    data: data.DataConfig
+    output_dir: Path
+
+
+def plan(config: ConfigDict) -> Plan:
+    """Check the whole config before anything is loaded or computed; ValueError names the bad field."""
+    fields = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.to_dict().items()}
+    tc = train.TrainConfig(**fields(config.train))
+    lc = peft.LoraConfig(**fields(config.lora))
+    dc = data.DataConfig(**fields(config.data))
+    md = config.macdrop
+    if md.enabled:
+        if md.scope not in macdrop.SCOPES:
+            raise ValueError(f"unknown MacDrop scope {md.scope!r}; choose from {macdrop.SCOPES}")
+        macdrop.curriculum(md.curriculum, md.p0, total_steps=1, steps_per_epoch=1, epochs=1, alpha=md.alpha)
+    k = config.massive.k
+    if k < 1:
+        raise ValueError(f"massive.k must be >= 1, got {k}")
+    if config.massive.indices is not None:
+        if config.massive.layer is None:
+            raise ValueError("massive.indices given without massive.layer (0-based, HF numbering)")
+        if len(config.massive.indices) < k:
+            raise ValueError(f"massive.indices holds {len(config.massive.indices)} rows but k={k}")
+    for dtype in (config.dtype, config.param_dtype):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+    return Plan(config, tc, lc, dc, Path(config.output_dir or Path("runs") / config.name))
+
+
+def massive_weights(model, tokenizer, config: ConfigDict) -> massive.MassiveWeights:
+    """From the config when it names them, else found with the bos token (Algorithm 1, lines 1-3)."""
+    m, d_ff = config.massive, model.config.intermediate_size
+    if m.k > d_ff:
+        raise ValueError(f"massive.k={m.k} exceeds the model's d_ff={d_ff}")
+    if m.indices is not None:
+        if not 0 <= m.layer < model.config.num_hidden_layers or max(m.indices) >= d_ff:
+            raise ValueError(f"massive.layer={m.layer} / indices {tuple(m.indices)} lie outside the model "
+                             f"({model.config.num_hidden_layers} layers, d_ff={d_ff})")
+        # given, not measured: no values, no bos token
+        return massive.MassiveWeights(layer=m.layer, indices=tuple(m.indices), values=(), median=0.0, token_id=-1)
+    return massive.find_massive_weights(model, tokenizer, k=m.k, layer=m.layer, first_token=config.first_token)
+
+
+def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
+    """The whole run (module doc); returns what results.json holds."""
+    p = plan(config)
+    distributed.initialize()
+    lead = distributed.is_lead()
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model, tokenizer = converters.load(config.model, dtype=jnp.dtype(config.dtype),
+                                       param_dtype=jnp.dtype(config.param_dtype),
+                                       shardings=sharding.param_sharding_fn(mesh))
+    if tokenizer is None:
+        raise ValueError(f"{config.model} carries no tokenizer; fine-tuning needs one to encode the data")
+    peft.select_targets(model, p.lora)  # a pattern that matches nothing fails here, before any compute
+    mw = massive_weights(model, tokenizer, config)
+    log.info("massive weights: %s, rows %s", mw.label, mw.indices[: config.massive.k])
+
+    train_examples, val_examples = data.build(p.data, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loader = lambda examples, seed: data.BatchLoader(examples, p.train.micro_batch_size, p.data.cutoff_len,
+                                                     seed=seed, pad_id=pad_id, packing=p.data.packing)
+    train_loader = loader(train_examples, p.train.seed)
+    val_loader = loader(val_examples, 0) if val_examples else None
+    steps = train.total_steps(p.train, len(train_loader))
+
+    lora_model = peft.add_adapters(model, p.lora, seed=p.train.seed)
+    md = None
+    if config.macdrop.enabled:
+        per_epoch = math.ceil(len(train_loader) / p.train.grad_accum)  # optimizer steps per epoch
+        schedule = macdrop.curriculum(config.macdrop.curriculum, config.macdrop.p0, total_steps=steps,
+                                      steps_per_epoch=per_epoch, epochs=math.ceil(steps / per_epoch),
+                                      alpha=config.macdrop.alpha)
+        md = macdrop.MacDrop.from_massive_weights(mw, config.massive.k, model.config.hidden_size,
+                                                  model.config.intermediate_size, schedule, scope=config.macdrop.scope)
+    trainer = train.Trainer(lora_model, p.train, steps=steps, mesh=mesh, macdrop=md)
+
+    out = p.output_dir
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(config.to_json_best_effort(indent=2))
+        (out / "massive_weights.json").write_text(json.dumps(mw.to_dict(), indent=2))
+    initial_eval = None
+    if config.eval_before and val_loader is not None and not (out / "checkpoints").exists():
+        initial_eval = trainer.evaluate(trainer.initial_state, val_loader.epoch(0))
+        log.info("validation loss before fine-tuning: %.4f", initial_eval)
+    meta = {"config": config.name, "massive_weights": mw.to_dict()}
+    result = train.fit(trainer, train_loader, val_loader, output_dir=out, meta=meta, stop_after=stop_after)
+    if int(result.state.step) < steps:  # interrupted on purpose (stop_after): the checkpoint is the output
+        return {"step": int(result.state.step), "steps": steps}
+
+    tuned = trainer.model(result.state)
+    peft.save_adapters(tuned, out / "adapter")
+    summary = {
+        "config": config.name, "model": config.model, "steps": steps, "massive_weights": mw.to_dict(),
+        "macdrop": config.macdrop.to_dict() if md else None, "lora": dataclasses.asdict(p.lora),
+        "eval_loss_before": initial_eval, "eval_losses": result.eval_losses,
+        "final_train_loss": result.history[-1]["loss"] if result.history else None,
+        "adapter": str(out / "adapter"), "adapter_peft": None,
+    }
+    if lead:
+        try:
+            summary["adapter_peft"] = str(peft.export_peft(tuned, out / "adapter_peft",
+                                                           base_model_name_or_path=config.model))
+        except ValueError as e:  # fused HF modules (Phi-3): the orbax adapter is the output
+            log.warning("no PEFT export: %s", e)
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("jax", "absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    summary = run(_CONFIG.value)
+    if distributed.is_lead() and "eval_losses" in summary:
+        final = summary["eval_losses"][-1][1] if summary["eval_losses"] else None
+        print(f"massive weights: {massive.MassiveWeights.from_dict(summary['massive_weights']).label}")
+        print(f"validation loss: before {summary['eval_loss_before']} -> after {final}")
+        print(f"adapter: {summary['adapter']} (orbax), {summary['adapter_peft']} (HF PEFT)")
+
+
+if __name__ == "__main__":
+    sys.argv = resolve_config_argv(sys.argv)
+    app.run(main)

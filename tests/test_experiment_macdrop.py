@@ -1,0 +1,103 @@
+"""experiments.macdrop: config resolution, checks before compute, and the SmolLM2 run end to end."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import macdrop as experiment
+from experiments.configs import llama3_8b, smollm2_135m
+
+
+def test_bare_config_names_resolve():
+    argv = experiment.resolve_config_argv(["prog", "--config=llama3_8b:dora", "--config.train.epochs=1"])
+    assert argv[1] == f"--config={experiment.CONFIG_DIR / 'llama3_8b.py'}:dora" and argv[2] == "--config.train.epochs=1"
+    with pytest.raises(SystemExit, match="no config named 'llama9'.*llama3_8b"):
+        experiment.resolve_config_argv(["prog", "--config=llama9"])
+
+
+def test_paper_configs_follow_table_5():
+    c = llama3_8b.get_config("dora")
+    assert c.lora.dora and not c.macdrop.enabled and c.name == "llama3_8b_dora"
+    c = llama3_8b.get_config()
+    assert (c.massive.k, c.macdrop.p0, c.macdrop.curriculum, c.lora.rank, c.lora.alpha) == (5, 0.8, "step", 16, 16.0)
+    assert (c.train.learning_rate, c.train.epochs, c.train.warmup_ratio, c.data.val_size) == (1e-4, 3.0, 0.05, 0.05)
+    assert c.train.micro_batch_size * c.train.grad_accum == 256  # sequences per optimizer step
+    with pytest.raises(ValueError, match="unknown variant"):
+        llama3_8b.get_config("qlora")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("macdrop.p0", 1.5, r"p0 must lie in \[0, 1\]"),
+    ("macdrop.scope", "rows", "unknown MacDrop scope 'rows'"),
+    ("macdrop.curriculum", "linear", "unknown MacDrop curriculum 'linear'"),
+    ("data.template", "vicuna", "unknown chat template"),
+    ("train.decay", "step", "unknown learning-rate decay"),
+    ("massive.k", 0, "massive.k must be >= 1"),
+])
+def test_bad_configs_fail_before_loading(field, value, message, monkeypatch):
+    monkeypatch.setattr("converters.load", lambda *a, **k: pytest.fail("loaded a model for a bad config"))
+    config = smollm2_135m.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        experiment.run(config)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("massive.k", 10**6, "exceeds the model's d_ff=1536"),
+    ("lora.targets", ("*.attn.qkv",), r"LoRA target patterns \['\*.attn.qkv'\] match no linear layer"),
+])
+def test_bad_configs_for_the_model_fail_before_compute(field, value, message, monkeypatch):
+    monkeypatch.setattr("mwjax.massive.find_massive_weights", lambda *a, **k: pytest.fail("computed"))
+    config = smollm2_135m.get_config()
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        experiment.run(config)
+
+
+def test_missing_checkpoint_fails_fast(tmp_path):
+    config = llama3_8b.get_config()
+    config.model = str(tmp_path / "Meta-Llama-3-8B")
+    with pytest.raises(FileNotFoundError, match="Meta-Llama-3-8B: no such file"):
+        experiment.run(config)
+
+
+@pytest.mark.slow
+def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
+    import peft as peft_lib
+    import torch
+    import transformers
+
+    import converters
+    from mwjax import models, peft
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.macdrop", "--config=smollm2_135m", f"--config.output_dir={out}",
+           "--config.train.max_steps=3", "--config.train.micro_batch_size=4", "--config.train.grad_accum=1",
+           "--config.data.val_size=16", "--config.data.num_synthetic=120", "--config.train.eval_every=0"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "layer 12 (HF layers[11])" in run.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["massive_weights"]["indices"][:5] == [1229, 1487, 874, 926, 1010]
+    assert results["eval_losses"][-1][1] < results["eval_loss_before"]
+    print(f"validation loss {results['eval_loss_before']:.4f} -> {results['eval_losses'][-1][1]:.4f}")
+
+    base, _ = converters.load(smollm2_path, tokenizer=False)
+    ours = peft.load_adapters(base, out / "adapter")
+    ours_from_peft = peft.load_adapters(base, out / "adapter_peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                                           dtype=torch.float32)
+    hf = peft_lib.PeftModel.from_pretrained(hf, str(out / "adapter_peft")).eval()
+    tokens = np.random.default_rng(0).integers(0, 49152, (1, 64))
+    with torch.no_grad():
+        theirs = hf(torch.as_tensor(tokens)).logits.numpy()
+    logits = np.asarray(models.forward(ours, jnp.asarray(tokens)))
+    np.testing.assert_allclose(logits, np.asarray(models.forward(ours_from_peft, jnp.asarray(tokens))), atol=1e-5)
+    err = np.abs(logits - theirs).max()
+    assert err <= 1e-4 * np.abs(theirs).max(), err
