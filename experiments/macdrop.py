@@ -103,6 +103,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
     p = plan(config)
     distributed.initialize()
     lead = distributed.is_lead()
+    log.setLevel(logging.INFO if lead else logging.WARNING)  # one voice in a multi-host run
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model, tokenizer = converters.load(config.model, dtype=jnp.dtype(config.dtype),
                                        param_dtype=jnp.dtype(config.param_dtype),

@@ -105,3 +105,27 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def put(tree, shardings):
+    """`jax.device_put(tree, shardings)` that also works when a sharding spans several processes.
+
+    `shardings`: one Sharding for every leaf, or a matching pytree. Values local to this process (freshly
+    initialised adapters, optimizer state, keys: the same on every process, as they come from the same
+    seeds) are cut into this process's shards; arrays already spread over processes are resharded in a
+    compiled identity (no host gathers them).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, target):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), target), impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == target else jax.jit(lambda a: a, out_shardings=target)(x)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)

@@ -145,13 +145,10 @@ class Trainer:
         if not jax.tree.leaves(params):
             raise ValueError("the model has no adapter parameters: call mwjax.peft.add_adapters first")
         self.replicated = sharding.replicated(mesh)
-        self.frozen = jax.device_put(frozen, sharding.state_shardings(frozen, mesh))
-        params = jax.device_put(params, self.replicated)
-        self.initial_state = TrainState(
-            step=jax.device_put(jnp.zeros((), jnp.int32), self.replicated), params=params,
-            opt_state=jax.device_put(self.tx.init(params), self.replicated),
-            macdrop=jax.device_put(macdrop.init(jax.random.key(config.seed)), self.replicated) if macdrop else None,
-            rngs=jax.device_put(rngs, self.replicated))
+        self.frozen = sharding.put(frozen, sharding.state_shardings(frozen, mesh))
+        self.initial_state = sharding.put(TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+            macdrop=macdrop.init(jax.random.key(config.seed)) if macdrop else None, rngs=rngs), self.replicated)
         # the state stays replicated (else XLA may return adapters split along whatever it chose)
         self.step_fn = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.replicated)
         self.eval_fn = jax.jit(self._eval_step)
