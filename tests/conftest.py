@@ -137,3 +137,18 @@ def smollm2_tokenizer(smollm2_path):
     from converters.gguf_source import GGUFSource
 
     return GGUFSource(smollm2_path).tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_vocab(smollm2_tokenizer, tmp_path_factory):
+    """(HF model, directory): a tiny random llama with SmolLM2's vocabulary, saved with the real tokenizer
+    (and its chat template)."""
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                      bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    path = tmp_path_factory.mktemp("tiny_smol_vocab")
+    hf.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return hf, path

@@ -40,11 +40,15 @@ def test_paper_configs_follow_table_5():
 ])
 def test_bad_configs_fail_before_loading(field, value, message, monkeypatch):
     monkeypatch.setattr("converters.load", lambda *a, **k: pytest.fail("loaded a model for a bad config"))
+    with pytest.raises(ValueError, match=message):
+        experiment.run(smollm2_with(field, value))
+
+
+def smollm2_with(field: str, value):
     config = smollm2_135m.get_config()
     section, name = field.split(".")
     config[section][name] = value
-    with pytest.raises(ValueError, match=message):
-        experiment.run(config)
+    return config
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -53,11 +57,8 @@ def test_bad_configs_fail_before_loading(field, value, message, monkeypatch):
 ])
 def test_bad_configs_for_the_model_fail_before_compute(field, value, message, monkeypatch):
     monkeypatch.setattr("mwjax.massive.find_massive_weights", lambda *a, **k: pytest.fail("computed"))
-    config = smollm2_135m.get_config()
-    section, name = field.split(".")
-    config[section][name] = value
     with pytest.raises(ValueError, match=message):
-        experiment.run(config)
+        experiment.run(smollm2_with(field, value))
 
 
 def test_missing_checkpoint_fails_fast(tmp_path):

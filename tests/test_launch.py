@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 ROOT = Path(__file__).parent.parent
 LOCAL = str(ROOT / "launch" / "local.sh")
@@ -20,16 +18,8 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(smollm2_tokenizer, tmp_path_factory):
-    """A tiny random llama with SmolLM2's tokenizer and chat template."""
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                                      bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
+def tiny_dir(tiny_smol_vocab):
+    return tiny_smol_vocab[1]
 
 
 def experiment(model: Path, output_dir: Path) -> list[str]:
