@@ -138,12 +138,17 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(config.to_json_best_effort(indent=2))
         (out / "massive_weights.json").write_text(json.dumps(mw.to_dict(), indent=2))
+    checkpoint_dir = config.checkpoint_dir or out / "checkpoints"
+    existing = train.Checkpoints(checkpoint_dir, p.train.keep_checkpoints)
+    fresh = existing.latest() is None
+    existing.close()
     initial_eval = None
-    if config.eval_before and val_loader is not None and not (out / "checkpoints").exists():
+    if config.eval_before and val_loader is not None and fresh:
         initial_eval = trainer.evaluate(trainer.initial_state, val_loader.epoch(0))
         log.info("validation loss before fine-tuning: %.4f", initial_eval)
     meta = {"config": config.name, "massive_weights": mw.to_dict()}
-    result = train.fit(trainer, train_loader, val_loader, output_dir=out, meta=meta, stop_after=stop_after)
+    result = train.fit(trainer, train_loader, val_loader, output_dir=out, meta=meta, stop_after=stop_after,
+                       checkpoint_dir=checkpoint_dir)
     if int(result.state.step) < steps:  # interrupted on purpose (stop_after): the checkpoint is the output
         return {"step": int(result.state.step), "steps": steps}
 

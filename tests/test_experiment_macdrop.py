@@ -80,13 +80,15 @@ def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.macdrop", "--config=smollm2_135m", f"--config.output_dir={out}",
            "--config.train.max_steps=3", "--config.train.micro_batch_size=4", "--config.train.grad_accum=1",
-           "--config.data.val_size=16", "--config.data.num_synthetic=120", "--config.train.eval_every=0"]
+           "--config.data.val_size=16", "--config.data.num_synthetic=120", "--config.train.eval_every=0",
+           f"--config.checkpoint_dir={tmp_path / 'ckpt'}"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "layer 12 (HF layers[11])" in run.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["massive_weights"]["indices"][:5] == [1229, 1487, 874, 926, 1010]
     assert results["eval_losses"][-1][1] < results["eval_loss_before"]
+    assert (tmp_path / "ckpt" / "3").is_dir() and not (out / "checkpoints").exists()
     print(f"validation loss {results['eval_loss_before']:.4f} -> {results['eval_losses'][-1][1]:.4f}")
 
     base, _ = converters.load(smollm2_path, tokenizer=False)

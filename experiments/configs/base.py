@@ -16,7 +16,8 @@ def get_config() -> ConfigDict:
     c.dtype = "bfloat16"  # compute dtype (bf16 compute, fp32 adapters and optimizer state)
     c.param_dtype = "bfloat16"  # storage of the frozen base
     c.first_token = config_dict.placeholder(str)  # token fed to find massive weights when there is no bos
-    c.output_dir = config_dict.placeholder(str)  # default: runs/<name>
+    c.output_dir = config_dict.placeholder(str)  # default: runs/<name> (multi-host: a path every host shares)
+    c.checkpoint_dir = config_dict.placeholder(str)  # default: <output_dir>/checkpoints; may be gs://bucket/run
     c.eval_before = True  # validation loss of the untouched model, to compare with the end
 
     # massive weights (Algorithm 1, lines 1-3): found with the bos token unless layer+indices are given
