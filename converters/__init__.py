@@ -7,7 +7,7 @@
 """
 
 from converters.errors import CheckpointError, MissingTensorError, ShapeMismatchError, UnsupportedCheckpointError
-from converters.loader import build_from_source, load
+from converters.loader import build_from_source, load, load_tokenizer
 from converters.save_hf import save_hf
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "UnsupportedCheckpointError",
     "build_from_source",
     "load",
+    "load_tokenizer",
     "save_hf",
 ]

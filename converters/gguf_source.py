@@ -19,7 +19,6 @@ head_dim ** -0.5 (27B: (hidden_size / heads) ** -0.5), Gemma 3's sliding layers 
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,9 @@ from typing import Any
 import gguf
 import numpy as np
 
+from converters import gguf_tokenizer
 from converters.errors import CheckpointError, UnsupportedCheckpointError
 from converters.sources import TensorSource
-
-log = logging.getLogger(__name__)
 
 # GGUF general.architecture -> HF model_type (llama with experts: mixtral; with a sliding window: mistral)
 GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
@@ -170,14 +168,8 @@ class GGUFSource(TensorSource):
         return extra
 
     def tokenizer(self):
-        """The HF fast tokenizer that transformers builds from the GGUF metadata (None if it cannot)."""
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
-        except Exception as e:  # transformers raises many kinds for tokenizers it cannot convert
-            log.warning("could not build a tokenizer from %s: %s", self.path, e)
-            return None
+        """The HF fast tokenizer the GGUF metadata describes (built without torch; see `gguf_tokenizer`)."""
+        return gguf_tokenizer.build_tokenizer(gguf_tokenizer.read_vocab(self.reader, self.path))
 
     # ------------------------------------------------------------------ tensors
 

@@ -37,7 +37,7 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardings: ShardingFn | None = None,
-         tokenizer: bool = True, revision: str | None = None):
+         tokenizer: bool | str | os.PathLike = True, revision: str | None = None):
     """Load a checkpoint as `(model, tokenizer)`.
 
     path: a HF directory (`config.json` + `*.safetensors`, single or sharded, or `pytorch_model*.bin`),
@@ -46,22 +46,28 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
     dtype: compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
     shardings: optional `(param_path, shape) -> Sharding`; each array is assembled on its devices
       from the slices they need.
-    tokenizer: also return the tokenizer (None when the checkpoint carries none).
+    tokenizer: True: the checkpoint's own tokenizer (an error naming the file and the cause when it
+      has none or it cannot be built); False: the model alone (tokenizer None); a path: the tokenizer
+      of that HF directory or `.gguf` file instead.
     """
+    # The tokenizer is built before any weight is read: a broken one fails in seconds, not after the model.
+    if tokenizer is not True and tokenizer is not False:
+        tok = load_tokenizer(tokenizer)
+        model, _ = load(path, dtype, param_dtype=param_dtype, shardings=shardings, tokenizer=False, revision=revision)
+        return model, tok
     path = _resolve(path, revision)
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFSource(path)
-        model = build_from_source(ModelConfig.from_hf_config(source.hf_config()), source, dtype=dtype,
-                                  param_dtype=param_dtype, shardings=shardings)
-        return model, (source.tokenizer() if tokenizer else None)
+        config = ModelConfig.from_hf_config(source.hf_config())
+        tok = _gguf_tokenizer(source) if tokenizer else None
+        return build_from_source(config, source, dtype=dtype, param_dtype=param_dtype, shardings=shardings), tok
     if not path.is_dir():
         raise UnsupportedCheckpointError(
             f"{path} is neither a .gguf file nor a checkpoint directory (HF: config.json + weights; mwjax orbax)"
         )
     if checkpoint.is_checkpoint(path):
-        model = checkpoint.restore(path, dtype=dtype, param_dtype=param_dtype, shardings=shardings)
-        tok_dir = path / TOKENIZER_DIR
-        return model, (_hf_tokenizer(tok_dir) if tokenizer and tok_dir.is_dir() else None)
+        tok = _hf_tokenizer(path / TOKENIZER_DIR, checkpoint=path) if tokenizer else None
+        return checkpoint.restore(path, dtype=dtype, param_dtype=param_dtype, shardings=shardings), tok
     config_file = path / "config.json"
     if not config_file.exists():
         ggufs = sorted(path.glob("*.gguf"))
@@ -79,8 +85,8 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
         source = TorchBinSource(path)
     else:
         raise CheckpointError(f"{path} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
-    model = build_from_source(config, source, dtype=dtype, param_dtype=param_dtype, shardings=shardings)
-    return model, (_hf_tokenizer(path) if tokenizer else None)
+    tok = _hf_tokenizer(path, checkpoint=path) if tokenizer else None
+    return build_from_source(config, source, dtype=dtype, param_dtype=param_dtype, shardings=shardings), tok
 
 
 def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.float32, param_dtype=None,
@@ -133,13 +139,36 @@ def _place(array: np.ndarray, dtype, sharding: jax.sharding.Sharding | None) -> 
     return jax.make_array_from_callback(array.shape, sharding, lambda index: np.asarray(array[index], dtype=dtype))
 
 
-def _hf_tokenizer(directory: Path):
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of a HF directory, a `.gguf` file or `embedded:<name>` (no weights read)."""
+    path = _resolve(path, None)
+    if path.is_file() and path.suffix == ".gguf":
+        return _gguf_tokenizer(GGUFSource(path))
+    return _hf_tokenizer(path, checkpoint=path)
+
+
+def _gguf_tokenizer(source: GGUFSource):
+    try:
+        return source.tokenizer()
+    except CheckpointError:
+        raise
+    except Exception as e:  # tokenizers / transformers raise many kinds on metadata they cannot use
+        raise CheckpointError(f"{source.path}: cannot build a tokenizer from the GGUF metadata ({type(e).__name__}: "
+                              f"{e}); load the model alone with tokenizer=False, or pass tokenizer=PATH") from e
+
+
+def _hf_tokenizer(directory: Path, checkpoint: Path):
     if not any((directory / f).exists() for f in _TOKENIZER_FILES):
-        log.warning("%s has no tokenizer files; returning tokenizer=None", directory)
-        return None
+        raise CheckpointError(
+            f"{checkpoint} carries no tokenizer ({directory} has none of {', '.join(_TOKENIZER_FILES)}); load the "
+            "model alone with tokenizer=False, or pass tokenizer=PATH (a HF directory or .gguf file)")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as e:  # transformers raises many kinds on damaged tokenizer files
+        raise CheckpointError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e}); load the model "
+                              "alone with tokenizer=False, or pass tokenizer=PATH") from e
 
 
 def _resolve(path: str | os.PathLike, revision: str | None) -> Path:

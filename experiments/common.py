@@ -18,6 +18,8 @@ from mwjax.eval import corpora
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
                     "HF dir, .gguf file, orbax dir, embedded:<name> or hub id")
+flags.DEFINE_string("tokenizer", None, "tokenizer to use instead of the checkpoint's own: a HF dir, .gguf file or "
+                    "embedded:<name>; 'none' loads the model alone (experiments that need only the bos id)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
 flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")
 flags.DEFINE_string("output_dir", None, "where to write JSON results and figures")
@@ -36,10 +38,17 @@ def quiet_logs() -> None:
 def load_model():
     """--model (with --adapter merged in, so attacks see the fine-tuned weights) and its tokenizer."""
     quiet_logs()
-    model, tokenizer = converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype))
+    model, tokenizer = converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), tokenizer=tokenizer_flag())
     if FLAGS.adapter:
         model = peft.merge(peft.load_adapters(model, FLAGS.adapter))
     return model, tokenizer
+
+
+def tokenizer_flag() -> bool | str:
+    """--tokenizer as `converters.load`'s tokenizer argument: True (the checkpoint's own), False or a path."""
+    if FLAGS.tokenizer is None:
+        return True
+    return False if FLAGS.tokenizer.lower() == "none" else FLAGS.tokenizer
 
 
 def first_token_flag():

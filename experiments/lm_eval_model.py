@@ -28,10 +28,12 @@ LM_EVAL_ONLY = ("device", "max_batch_size")  # lm-eval passes these to every bac
 @register_model("mwjax")
 class MwjaxPretrainedLM(MwjaxLM):
     def __init__(self, pretrained: str, dtype: str = "float32", attack: str | None = None, adapter: str | None = None,
-                 first_token: int | str | None = None, batch_size: int | str = 8, **kwargs):
+                 first_token: int | str | None = None, batch_size: int | str = 8, tokenizer: str | None = None,
+                 **kwargs):
         for key in LM_EVAL_ONLY:
             kwargs.pop(key, None)
-        model, tokenizer = converters.load(pretrained, dtype=jnp.dtype(dtype))
+        # tokenizer=PATH as lm-eval's HF backend: another tokenizer than the checkpoint's own
+        model, tokenizer = converters.load(pretrained, dtype=jnp.dtype(dtype), tokenizer=tokenizer or True)
         if adapter:
             model = peft.merge(peft.load_adapters(model, adapter))
         if attack:
