@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -125,7 +126,7 @@ class SafetensorsSource(TensorSource):
 
 
 class TorchBinSource(TensorSource):
-    """A HF directory of `pytorch_model*.bin` shards (needs torch; loaded with mmap, weights only)."""
+    """A HF directory of `pytorch_model*.bin` shards (needs torch; weights only; memory-mapped in zip format)."""
 
     def __init__(self, directory: str | os.PathLike):
         try:
@@ -154,7 +155,9 @@ class TorchBinSource(TensorSource):
         key = str(path)
         if key not in self._cache:
             try:
-                self._cache[key] = self._torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # mmap needs the zip format (torch >= 1.6); older pickle-format files are read whole
+                self._cache[key] = self._torch.load(path, map_location="cpu", weights_only=True,
+                                                    mmap=zipfile.is_zipfile(path))
             except Exception as e:  # torch raises many kinds on a corrupt file
                 raise CheckpointError(f"{path} could not be read as a torch checkpoint: {e}") from e
         return self._cache[key]

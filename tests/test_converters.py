@@ -8,9 +8,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import assert_logits_close, hf_logits, make_hf_model, random_tokens, tiny_tokenizer
+from conftest import assert_logits_close, hf_logits, make_hf_model, random_tokens, tiny_tokenizer, torch
 from safetensors.numpy import load_file, save_file
 
 import converters
@@ -63,11 +62,13 @@ def test_sharded_hf_checkpoint_and_torch_bin(hf_checkpoint, tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     model, _ = converters.load(tmp_path / "sharded", tokenizer=False)
     assert_logits_close(our_logits(model, tokens), ref)
-    (tmp_path / "bin").mkdir()
-    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    hf.config.save_pretrained(tmp_path / "bin")
-    model, _ = converters.load(tmp_path / "bin", tokenizer=False)
-    assert_logits_close(our_logits(model, tokens), ref)
+    for legacy in (False, True):  # zip format (torch >= 1.6), and the older pickle format, read without mmap
+        directory = tmp_path / f"bin_legacy{legacy}"
+        directory.mkdir()
+        torch.save(hf.state_dict(), directory / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+        hf.config.save_pretrained(directory)
+        model, _ = converters.load(directory, tokenizer=False)
+        assert_logits_close(our_logits(model, tokens), ref)
 
 
 def test_bfloat16_safetensors_are_read(tmp_path):
@@ -78,8 +79,8 @@ def test_bfloat16_safetensors_are_read(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.model.layers[0].self_attn.q_proj.kernel[...]), expected)
 
 
-def test_orbax_checkpoint_and_cli(hf_checkpoint, tmp_path):
-    _, path = hf_checkpoint("qwen2_bias")
+def test_orbax_checkpoint_and_cli(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen2_bias")
     model, _ = converters.load(path, tokenizer=False)
     tokens = random_tokens(64)
     checkpoint.save(model, tmp_path / "ckpt")
@@ -112,8 +113,8 @@ def _copy(path, tmp_path):
     return dst
 
 
-def test_unknown_architecture_is_named(hf_checkpoint, tmp_path):
-    dst = _copy(hf_checkpoint("llama_gqa")[1], tmp_path)
+def test_unknown_architecture_is_named(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama_gqa"), tmp_path)
     cfg = json.loads((dst / "config.json").read_text())
     cfg |= {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}
     (dst / "config.json").write_text(json.dumps(cfg))
@@ -121,8 +122,8 @@ def test_unknown_architecture_is_named(hf_checkpoint, tmp_path):
         converters.load(dst)
 
 
-def test_unsupported_rope_type_is_named(hf_checkpoint, tmp_path):
-    dst = _copy(hf_checkpoint("llama_gqa")[1], tmp_path)
+def test_unsupported_rope_type_is_named(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama_gqa"), tmp_path)
     cfg = json.loads((dst / "config.json").read_text())
     cfg.pop("rope_parameters", None)
     cfg |= {"rope_theta": 10000.0, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
@@ -131,8 +132,8 @@ def test_unsupported_rope_type_is_named(hf_checkpoint, tmp_path):
         converters.load(dst)
 
 
-def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
-    dst = _copy(hf_checkpoint("llama_gqa")[1], tmp_path)
+def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama_gqa"), tmp_path)
     tensors = load_file(dst / "model.safetensors")
     del tensors["model.layers.2.mlp.down_proj.weight"]
     save_file(tensors, dst / "model.safetensors")
@@ -140,8 +141,8 @@ def test_missing_tensor_is_named(hf_checkpoint, tmp_path):
         converters.load(dst)
 
 
-def test_wrong_shape_is_named(hf_checkpoint, tmp_path):
-    dst = _copy(hf_checkpoint("llama_gqa")[1], tmp_path)
+def test_wrong_shape_is_named(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama_gqa"), tmp_path)
     cfg = json.loads((dst / "config.json").read_text())
     cfg["intermediate_size"] = 100
     (dst / "config.json").write_text(json.dumps(cfg))
@@ -150,8 +151,8 @@ def test_wrong_shape_is_named(hf_checkpoint, tmp_path):
         converters.load(dst)
 
 
-def test_corrupt_files_are_reported(hf_checkpoint, tmp_path):
-    dst = _copy(hf_checkpoint("llama_gqa")[1], tmp_path)
+def test_corrupt_files_are_reported(tiny_checkpoint, tmp_path):
+    dst = _copy(tiny_checkpoint("llama_gqa"), tmp_path)
     data = (dst / "model.safetensors").read_bytes()
     (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(converters.CheckpointError, match="corrupt or truncated"):
