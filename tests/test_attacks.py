@@ -4,8 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import assert_logits_close, hf_logits, random_tokens
+from conftest import assert_logits_close, hf_logits, random_tokens, torch
 
 import converters
 from mwjax import attacks, massive, models, probes

@@ -4,8 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import assert_logits_close, hf_logits, random_tokens
+from conftest import assert_logits_close, hf_logits, random_tokens, torch
 
 import converters
 from mwjax import models, probes
@@ -14,8 +13,8 @@ from mwjax.models.cache import KVCache
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "mistral_sliding"])
-def test_incremental_decoding_equals_full_forward(name, hf_checkpoint):
-    _, path = hf_checkpoint(name)
+def test_incremental_decoding_equals_full_forward(name, tiny_checkpoint):
+    path = tiny_checkpoint(name)
     model, _ = converters.load(path, tokenizer=False)
     tokens = jnp.asarray(random_tokens(80, batch=2, seed=3))
     full = models.forward(model, tokens)
@@ -30,8 +29,8 @@ def test_incremental_decoding_equals_full_forward(name, hf_checkpoint):
     assert_logits_close(jnp.concatenate(pieces, axis=1), full, rel=1e-5)
 
 
-def test_cache_with_left_padding(hf_checkpoint):
-    _, path = hf_checkpoint("llama_gqa")
+def test_cache_with_left_padding(tiny_checkpoint):
+    path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     tokens = random_tokens(20, seed=4)[0]
     pad = 5
@@ -45,8 +44,8 @@ def test_cache_with_left_padding(hf_checkpoint):
     assert_logits_close(logits[:, pad:], unpadded, rel=1e-5)
 
 
-def test_attention_mask_shape_is_checked(hf_checkpoint):
-    _, path = hf_checkpoint("llama_gqa")
+def test_attention_mask_shape_is_checked(tiny_checkpoint):
+    path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     with pytest.raises(ValueError, match=r"attention_mask must have shape \[batch, cache.max_len\]"):
         model(jnp.ones((1, 4), jnp.int32), attention_mask=jnp.ones((1, 4)), cache=KVCache.init(model.config, 1, 8))
@@ -90,8 +89,8 @@ def test_edit_equals_torch_hook(point, hf_checkpoint):
         assert_logits_close(models.forward(model, jnp.asarray(tokens)), ref)
 
 
-def test_edit_validation(hf_checkpoint):
-    _, path = hf_checkpoint("llama_gqa")
+def test_edit_validation(tiny_checkpoint):
+    path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     edit = ActivationEdit(dims=jnp.array([0]), values=jnp.zeros(()))
     with pytest.raises(ValueError, match="cannot be edited"):

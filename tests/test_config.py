@@ -4,9 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, torch
 
 from mwjax.config import FULL_ATTENTION, SLIDING_ATTENTION, ConfigError, ModelConfig, RopeConfig
 
@@ -52,6 +51,7 @@ def test_legacy_transformers4_layout():
     dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
          original_max_position_embeddings=8192),
 ])
+@pytest.mark.torch
 def test_inverse_frequencies_match_transformers(rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 

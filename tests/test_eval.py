@@ -3,8 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import random_tokens, tiny_tokenizer
+from conftest import random_tokens, tiny_tokenizer, torch
 
 import converters
 from mwjax import attacks, massive

@@ -19,8 +19,8 @@ def run(module, *args, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def tiny(hf_checkpoint, tmp_path_factory):
-    _, path = hf_checkpoint("llama_gqa")
+def tiny(tiny_checkpoint, tmp_path_factory):
+    path = tiny_checkpoint("llama_gqa")
     root = tmp_path_factory.mktemp("tiny_with_tokenizer")
     shutil.copytree(path, root / "model")
     tiny_tokenizer().save_pretrained(root / "model")

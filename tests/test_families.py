@@ -11,11 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import FAMILY_CONFIGS, SEQ_LEN, assert_logits_close, hf_logits, random_tokens
+from conftest import FAMILY_CONFIGS, SEQ_LEN, assert_logits_close, hf_logits, random_tokens, torch
 from flax import nnx
-from safetensors.torch import save_file
 
 import converters
 from converters.sources import SafetensorsSource
@@ -86,8 +84,8 @@ def test_bfloat16_forward_close_to_hf_bfloat16(name, hf_checkpoint):
 
 
 @pytest.mark.parametrize("name", ["gemma3", "mixtral", "phi3_longrope"])
-def test_orbax_round_trip_keeps_family_config(name, hf_checkpoint, tmp_path):
-    _, path = hf_checkpoint(name)
+def test_orbax_round_trip_keeps_family_config(name, tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint(name)
     model = load(path)
     checkpoint.save(model, tmp_path / "ckpt")
     restored = checkpoint.restore(tmp_path / "ckpt")
@@ -185,8 +183,8 @@ def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
 
 
 @pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral"])
-def test_incremental_decoding_equals_full_forward(name, hf_checkpoint):
-    _, path = hf_checkpoint(name)
+def test_incremental_decoding_equals_full_forward(name, tiny_checkpoint):
+    path = tiny_checkpoint(name)
     model = load(path)
     tokens = jnp.asarray(random_tokens(100, batch=2, seed=3))  # longer than the sliding windows
     full = models.forward(model, tokens)
@@ -257,8 +255,8 @@ def test_mixtral_expert_row_mask_matches_hf_with_rows_zeroed(hf_checkpoint):
         assert_logits_close(models.forward(model, jnp.asarray(tokens), ffn_masks=other), ours)
 
 
-def test_mixtral_masks_must_name_an_expert(hf_checkpoint):
-    _, path = hf_checkpoint("mixtral")
+def test_mixtral_masks_must_name_an_expert(tiny_checkpoint):
+    path = tiny_checkpoint("mixtral")
     model = load(path)
     tokens = jnp.asarray(random_tokens(8))
     with pytest.raises(ValueError, match="say which expert="):
@@ -267,9 +265,12 @@ def test_mixtral_masks_must_name_an_expert(hf_checkpoint):
         model(tokens, ffn_masks={0: masks.zero_rows([1], 64, expert=4)})
 
 
+@pytest.mark.torch
 def test_mixtral_transformers5_fused_layout(hf_checkpoint, tmp_path):
     """A checkpoint written from transformers 5's module state (experts.gate_up_proj [E, 2 d_ff, d],
     gate rows first; experts.down_proj [E, d, d_ff]) loads into the same parameters."""
+    from safetensors.torch import save_file
+
     hf, path = hf_checkpoint("mixtral")
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
     assert state["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 192, 64)
@@ -330,8 +331,8 @@ def test_gemma3_vision_checkpoint_is_refused_by_name(tmp_path):
      r"longrope scaling lacks \['long_factor'\]"),
     ("gemma3", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
 ])
-def test_unsupported_variants_are_named(name, change, message, hf_checkpoint, tmp_path):
-    _, path = hf_checkpoint(name)
+def test_unsupported_variants_are_named(name, change, message, tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint(name)
     cfg = json.loads((path / "config.json").read_text()) | change
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match=message):
@@ -358,9 +359,10 @@ def test_probe_experiment_on_every_family(name, hf_checkpoint):
     assert "largest intermediate value" in summary(rows) and len(format_table(rows).splitlines()) == len(rows) + 1
 
 
-def test_probe_cli_on_a_mixtral_checkpoint(hf_checkpoint, tmp_path):
-    _, path = hf_checkpoint("mixtral")
-    out = subprocess.run([sys.executable, "-m", "experiments.probe", f"--model={path}", f"--output_dir={tmp_path}"],
+def test_probe_cli_on_a_mixtral_checkpoint(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("mixtral")
+    out = subprocess.run([sys.executable, "-m", "experiments.probe", f"--model={path}", "--tokenizer=none",
+                          f"--output_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "expert" in out.stdout and "hidden state max |x|" in out.stdout

@@ -3,9 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import assert_logits_close
+from conftest import assert_logits_close, torch
 
 import converters
 from converters import embedded

@@ -10,9 +10,8 @@ those the source model is the only reference.
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import SEQ_LEN, assert_logits_close, hf_logits, make_hf_model, random_tokens
+from conftest import SEQ_LEN, assert_logits_close, hf_logits, make_hf_model, random_tokens, torch
 from gguf_files import write_gguf
 
 import converters

@@ -3,8 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import FAMILY_CONFIGS, SEQ_LEN, TINY_CONFIGS, assert_logits_close, hf_logits, random_tokens
+from conftest import FAMILY_CONFIGS, SEQ_LEN, TINY_CONFIGS, assert_logits_close, hf_logits, random_tokens, torch
 
 import converters
 from mwjax import models, probes
@@ -72,8 +71,8 @@ def test_probes_match_hf_hooks(name, hf_checkpoint):
             np.testing.assert_allclose(stats["median"], np.median(np.abs(ref), axis=-1), rtol=1e-4, atol=1e-6)
 
 
-def test_probe_layers_and_reductions_only(hf_checkpoint):
-    _, path = hf_checkpoint("llama_gqa")
+def test_probe_layers_and_reductions_only(tiny_checkpoint):
+    path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     config = probes.ProbeConfig(points=("intermediate",), layers=(1,), full=False, top_k=2)
     logits, result = probes.capture(model, jnp.asarray(random_tokens(16)), config)
@@ -91,8 +90,8 @@ def test_probe_config_rejects_bad_input():
         probes.ProbeConfig(full=False)
 
 
-def test_bfloat16_forward_close_to_float32(hf_checkpoint):
-    _, path = hf_checkpoint("llama_gqa")
+def test_bfloat16_forward_close_to_float32(tiny_checkpoint):
+    path = tiny_checkpoint("llama_gqa")
     f32, _ = converters.load(path, dtype=jnp.float32, tokenizer=False)
     bf16, _ = converters.load(path, dtype=jnp.bfloat16, tokenizer=False)
     assert bf16.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16

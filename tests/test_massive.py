@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-import torch
+from conftest import torch
 
 import converters
 from mwjax import massive
@@ -38,8 +38,8 @@ def test_matches_hf_hooks(hf_checkpoint):
     assert not mw.meets_criterion  # random weights have no massive activations
 
 
-def test_layer_override_and_round_trip(hf_checkpoint):
-    _, path = hf_checkpoint("llama_gqa")
+def test_layer_override_and_round_trip(tiny_checkpoint):
+    path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     mw = massive.find_massive_weights(model, first_token=5, k=3, layer=2)
     assert mw.layer == 2 and len(mw.indices) == 3
@@ -54,10 +54,10 @@ def test_layer_override_and_round_trip(hf_checkpoint):
     (dict(layer=3), "layer=3 is out of range"),
     (dict(), "no bos token"),
 ])
-def test_bad_inputs(kwargs, message, hf_checkpoint):
+def test_bad_inputs(kwargs, message, tiny_checkpoint):
     import dataclasses
 
-    _, path = hf_checkpoint("llama_gqa")
+    path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     if not kwargs:  # a model whose config and tokenizer name no bos token
         model.config = dataclasses.replace(model.config, bos_token_id=None)
@@ -96,8 +96,8 @@ def test_super_weight_coordinates_match_hook_argmax(hf_checkpoint):
     assert massive.find_super_weights(model, tokens=tokens) == []  # random weights do not spike above 50
 
 
-def test_find_massive_activations_threshold(hf_checkpoint):
-    _, path = hf_checkpoint("llama_gqa")
+def test_find_massive_activations_threshold(tiny_checkpoint):
+    path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     tokens = np.random.default_rng(4).integers(0, 160, (2, 32)).astype(np.int32)
     none = massive.find_massive_activations(model, tokens, 1)

@@ -5,8 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import assert_logits_close, hf_logits, random_tokens
+from conftest import assert_close_to_scale, assert_logits_close, hf_logits, random_tokens, torch
 from flax import nnx
 
 peft_lib = pytest.importorskip("peft")
@@ -81,8 +80,9 @@ def test_forward_loss_and_gradients_match_peft(base, dora, rslora):
             pairs.append(("lora_magnitude", module.lora_magnitude_vector["default"].weight.grad.numpy()))
         for name, ref in pairs:
             got = flat[f"{path}.{name}"]
-            np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-6 * np.abs(ref).max() + 1e-9,
-                                       err_msg=f"{path}.{name}")
+            # measured float32 noise: up to ~1.2e-6 of the gradient's scale; a wrong scaling or a
+            # missing term moves the gradient by far more than 1e-5 of it
+            assert_close_to_scale(got, ref, 1e-5, rtol=2e-4, what=f"{path}.{name}")
 
 
 def test_only_adapters_are_trainable_and_base_is_shared(base):

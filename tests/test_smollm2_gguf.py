@@ -6,9 +6,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import assert_logits_close
+from conftest import assert_logits_close, torch
 
 import converters
 from experiments.probe import probe_first_token
