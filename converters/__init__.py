@@ -6,12 +6,19 @@
     save_hf(model, "out_dir", tokenizer=tokenizer)
 """
 
-from converters.errors import CheckpointError, MissingTensorError, ShapeMismatchError, UnsupportedCheckpointError
+from converters.errors import (
+    CheckpointError,
+    InvalidConfigError,
+    MissingTensorError,
+    ShapeMismatchError,
+    UnsupportedCheckpointError,
+)
 from converters.loader import build_from_source, load, load_tokenizer
 from converters.save_hf import save_hf
 
 __all__ = [
     "CheckpointError",
+    "InvalidConfigError",
     "MissingTensorError",
     "ShapeMismatchError",
     "UnsupportedCheckpointError",

@@ -1,5 +1,7 @@
 """Errors of the converters, each naming the file, tensor or option at fault."""
 
+from mwjax.config import ConfigError
+
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read as the model its config describes."""
@@ -18,3 +20,7 @@ class ShapeMismatchError(CheckpointError):
 
 class UnsupportedCheckpointError(CheckpointError):
     """The path is not a checkpoint format or architecture that mwjax reads."""
+
+
+class InvalidConfigError(CheckpointError, ConfigError):
+    """A checkpoint's configuration is malformed, out of range, or asks for what mwjax does not implement."""

@@ -20,6 +20,7 @@ head_dim ** -0.5 (27B: (hidden_size / heads) ** -0.5), Gemma 3's sliding layers 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import gguf
 import numpy as np
 
 from converters import gguf_tokenizer
-from converters.errors import CheckpointError, UnsupportedCheckpointError
+from converters.errors import CheckpointError, MissingTensorError, UnsupportedCheckpointError
 from converters.sources import TensorSource
 
 # GGUF general.architecture -> HF model_type (llama with experts: mixtral; with a sliding window: mistral)
@@ -47,42 +48,91 @@ def _field_value(field) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
+def open_reader(path: Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad input
+        raise CheckpointError(f"{path} is not a valid GGUF file (corrupt or truncated): {e}") from e
+
+
+def read_tokenizer(reader: gguf.GGUFReader, path: Path):
+    """The tokenizer of a GGUF file's metadata alone (its tensors are not looked at)."""
+    return gguf_tokenizer.build_tokenizer(gguf_tokenizer.read_vocab(reader, path))
+
+
 class GGUFSource(TensorSource):
     """A `.gguf` file presented as HF-named, HF-layout float32 tensors."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.name = str(self.path)
-        try:
-            self.reader = gguf.GGUFReader(self.path, "r")
-        except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad input
-            raise CheckpointError(f"{self.path} is not a valid GGUF file (corrupt or truncated): {e}") from e
+        self.reader = open_reader(self.path)
         arch_field = self.reader.fields.get("general.architecture")
         if arch_field is None:
             raise CheckpointError(f"{self.path}: GGUF metadata has no general.architecture")
-        self.arch = _field_value(arch_field)
+        self.arch = self.meta("general.architecture")
         if self.arch not in GGUF_MODEL_TYPES:
             raise UnsupportedCheckpointError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported; mwjax reads {sorted(GGUF_MODEL_TYPES)}"
             )
         self._tensors = {t.name: t for t in self.reader.tensors}
-        n_blocks = self.meta(f"{self.arch}.block_count")
+        if len(self._tensors) != len(self.reader.tensors):
+            raise CheckpointError(f"{self.path}: GGUF tensor names repeat; the file is corrupt")
+        self._check_extents()
+        n_blocks = self._positive_int(f"{self.arch}.block_count")
+        blocks = {int(m.group(1)) for name in self._tensors if (m := re.match(r"blk\.(\d+)\.", name))}
+        if len(blocks) != n_blocks or max(blocks, default=-1) != n_blocks - 1:  # blocks 0 .. n-1, each present
+            raise CheckpointError(f"{self.path}: GGUF metadata {self.arch}.block_count={n_blocks} but the file holds "
+                                  f"tensors of {len(blocks)} blocks (numbered {min(blocks, default=None)} to "
+                                  f"{max(blocks, default=None)})")
         name_map = gguf.get_tensor_name_map(_ARCH_ENUMS[self.arch], n_blocks)
         self._hf_to_gguf: dict[str, str] = {}
         self._name_map = name_map
+
+    def _check_extents(self) -> None:
+        """The tensors tile the data section as GGUF writers lay them out: back to back, each padded
+        only to the file's alignment, none outside the file, none sharing bytes. A shifted offset or a
+        changed tensor type would otherwise read a neighbour's bytes, or a part of its own, as weights."""
+        end_of_file, align = len(self.reader.data), self.reader.alignment
+        spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in self.reader.tensors)
+        previous_end, previous = self.reader.data_offset, "the start of the data section"
+        for start, end, name in [*spans, (end_of_file, end_of_file, "the end of the file")]:
+            if end > end_of_file:
+                raise CheckpointError(f"{self.path}: GGUF tensor {name!r} spans bytes [{start}, {end}) past the end of "
+                                      f"the file ({end_of_file} bytes); the file is corrupt or truncated")
+            if not 0 <= start - previous_end < align:
+                raise CheckpointError(
+                    f"{self.path}: GGUF tensor data is not laid out back to back: {name} starts at byte {start} but "
+                    f"{previous} ends at {previous_end} (alignment {align}); a tensor's offset or type is corrupt")
+            previous_end, previous = end, f"tensor {name!r}"
 
     # ------------------------------------------------------------------ metadata
 
     def meta(self, key: str, default: Any = None) -> Any:
         field = self.reader.fields.get(key)
-        return default if field is None else _field_value(field)
+        if field is None:
+            return default
+        try:
+            return _field_value(field)
+        except Exception as e:  # the reader's decoding of a damaged value
+            raise CheckpointError(f"{self.path}: GGUF metadata {key!r} cannot be read ({type(e).__name__}: {e})") from e
+
+    def _positive_int(self, key: str, default: Any = None) -> int:
+        """A metadata count (layers, heads, sizes): present unless defaulted, an integer > 0."""
+        value = self.meta(key, default)
+        if value is None:
+            raise CheckpointError(f"{self.path}: GGUF metadata has no {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"{self.path}: GGUF metadata {key}={value!r} must be a positive integer")
+        return value
 
     def hf_config(self) -> dict[str, Any]:
         """A HF `config.json`-style dict built from the GGUF metadata."""
         a = self.arch
         m = lambda key, default=None: self.meta(f"{a}.{key}", default)
-        heads = int(m("attention.head_count"))
-        hidden = int(m("embedding_length"))
+        count = lambda key, default=None: self._positive_int(f"{a}.{key}", default)
+        heads = count("attention.head_count")
+        hidden = count("embedding_length")
         if "rope_freqs.weight" in self._tensors:
             raise UnsupportedCheckpointError(
                 f"{self.path}: RoPE frequency factors stored as a tensor (rope_freqs, llama.cpp's form of Llama 3.1 "
@@ -92,14 +142,14 @@ class GGUFSource(TensorSource):
             "model_type": GGUF_MODEL_TYPES[a],
             "vocab_size": self.shape("model.embed_tokens.weight")[0],
             "hidden_size": hidden,
-            "intermediate_size": int(m("feed_forward_length")),
-            "num_hidden_layers": int(m("block_count")),
+            "intermediate_size": count("feed_forward_length"),
+            "num_hidden_layers": count("block_count"),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(m("attention.head_count_kv", heads)),
-            "head_dim": int(m("attention.key_length", hidden // heads)),
+            "num_key_value_heads": count("attention.head_count_kv", heads),
+            "head_dim": count("attention.key_length", max(hidden // heads, 1)),
             "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon", 1e-6)),
             "rope_theta": float(m("rope.freq_base", 10000.0)),
-            "max_position_embeddings": int(m("context_length", 2048)),
+            "max_position_embeddings": count("context_length", 2048),
             "tie_word_embeddings": "output.weight" not in self._tensors,
             "bos_token_id": self.meta("tokenizer.ggml.bos_token_id"),
             "eos_token_id": self.meta("tokenizer.ggml.eos_token_id"),
@@ -169,7 +219,7 @@ class GGUFSource(TensorSource):
 
     def tokenizer(self):
         """The HF fast tokenizer the GGUF metadata describes (built without torch; see `gguf_tokenizer`)."""
-        return gguf_tokenizer.build_tokenizer(gguf_tokenizer.read_vocab(self.reader, self.path))
+        return read_tokenizer(self.reader, self.path)
 
     # ------------------------------------------------------------------ tensors
 
@@ -188,18 +238,28 @@ class GGUFSource(TensorSource):
     def __contains__(self, key):
         return self._gguf_name(key) in self._tensors
 
+    def _tensor(self, key: str):
+        name = self._gguf_name(key)
+        if name not in self._tensors:
+            raise MissingTensorError(f"{self.path}: GGUF has no tensor {name!r} (HF {key!r}); the file is incomplete "
+                                     "or was written for a different architecture")
+        return self._tensors[name]
+
     def shape(self, key):
-        t = self._tensors[self._gguf_name(key)]
-        return tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first
+        return tuple(int(s) for s in reversed(self._tensor(key).shape))  # GGUF lists dims fastest-first
 
     def _raw(self, name: str) -> np.ndarray:
         """A tensor by its GGUF name, dequantized to float32, in HF (slowest-first) layout."""
         t = self._tensors[name]
         shape = tuple(int(s) for s in reversed(t.shape))
-        return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+        try:
+            return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+        except Exception as e:  # unsupported type, or bytes that do not make the shape
+            raise CheckpointError(f"{self.path}: GGUF tensor {name!r} ({t.tensor_type.name}, {list(shape)}) cannot "
+                                  f"be dequantized ({type(e).__name__}: {e})") from e
 
     def get(self, key):
-        w = self._raw(self._gguf_name(key))
+        w = self._raw(self._tensor(key).name)
         if self.arch in _NORM_PLUS_ONE and key.endswith("norm.weight"):
             w = w - np.float32(1.0)
         if self.arch in _PERMUTED_QK:

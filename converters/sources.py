@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from converters.errors import CheckpointError, MissingTensorError
 
-# safetensors dtype codes; the `safetensors` package's numpy backend cannot return bfloat16, which
-# most LLM checkpoints use, so the (simple, documented) format is read here with a memory map.
-SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
+# Checkpoint dtypes a floating-point weight may be stored in (an integer tensor where a weight
+# belongs is a corrupt or foreign checkpoint, not something to cast).
+FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16,
+                                                ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
 
 
 class TensorSource:
@@ -57,60 +54,43 @@ class TensorSource:
         )
 
 
-class SafetensorsFile:
-    """One `.safetensors` file, memory-mapped: `get` returns a zero-copy read-only view."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        try:
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                if not 2 <= n <= size - 8:
-                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-                header = json.loads(f.read(n))
-        except (ValueError, struct.error, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path} is not a valid safetensors file (corrupt or truncated): {e}") from e
-        header.pop("__metadata__", None)
-        self.entries: dict[str, dict] = header
-        self._data_start = 8 + n
-        self._size = size
-        self._mmap: np.memmap | None = None
-
-    def get(self, key: str) -> np.ndarray:
-        entry = self.entries[key]
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
-        start, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end - start != nbytes or self._data_start + end > self._size:
-            raise CheckpointError(
-                f"{self.path}: tensor {key!r} ({entry['dtype']} {list(shape)}) has inconsistent offsets "
-                f"[{start}, {end}) in a file of {self._size} bytes: the file is corrupt or truncated"
-            )
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        return self._mmap[self._data_start + start : self._data_start + end].view(dtype).reshape(shape)
-
-
 class SafetensorsSource(TensorSource):
-    """A HF directory's `*.safetensors` (one file, or shards listed in `model.safetensors.index.json`)."""
+    """A HF directory's `*.safetensors`: one file, or the shards listed in `model.safetensors.index.json`.
+
+    Read through the `safetensors` library (`safe_open(framework="numpy")`), which validates the
+    header, dtypes and offsets (negative, overlapping or out-of-file extents are refused) and maps
+    the file, so one tensor at a time is in host memory. The index must agree with the shards:
+    every key it lists is in the shard it names, and every shard tensor is listed.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         directory = Path(directory)
         self.name = str(directory)
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = {name: SafetensorsFile(directory / name) for name in sorted(set(weight_map.values()))}
-            self._where = {key: files[name] for key, name in weight_map.items()}
+            weight_map = _read_index(index)
+            files = {name: _open_safetensors(directory / name, index) for name in sorted(set(weight_map.values()))}
+            for key, name in weight_map.items():
+                if key not in files[name].keys():
+                    raise CheckpointError(f"{index}: tensor {key!r} is listed in shard {name}, which does not hold it")
+            for name, f in files.items():
+                unlisted = sorted(set(f.keys()) - set(weight_map))
+                if unlisted:
+                    raise CheckpointError(f"{directory / name} holds tensors the index {index.name} does not list: "
+                                          f"{unlisted[:5]}; the index and the shards disagree")
+            self._where = {key: (files[name], directory / name) for key, name in weight_map.items()}
         else:
             paths = sorted(directory.glob("*.safetensors"))
             if not paths:
                 raise CheckpointError(f"{directory} has no *.safetensors files")
-            self._where = {key: f for f in map(SafetensorsFile, paths) for key in f.entries}
+            self._where = {}
+            for path in paths:
+                f = _open_safetensors(path)
+                for key in f.keys():
+                    if key in self._where:
+                        raise CheckpointError(f"{directory}: tensor {key!r} is in both {self._where[key][1].name} and "
+                                              f"{path.name}; a stale file? (sharded checkpoints need their index)")
+                    self._where[key] = (f, path)
 
     def keys(self):
         return self._where.keys()
@@ -119,10 +99,38 @@ class SafetensorsSource(TensorSource):
         return key in self._where
 
     def shape(self, key):
-        return tuple(self._where[key].entries[key]["shape"])
+        f, _ = self._where[key]
+        return tuple(f.get_slice(key).get_shape())
 
     def get(self, key):
-        return self._where[key].get(key)
+        f, path = self._where[key]
+        try:
+            return f.get_tensor(key)
+        except Exception as e:  # SafetensorError, or numpy refusing the bytes
+            raise CheckpointError(f"{path}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _open_safetensors(path: Path, index: Path | None = None):
+    if not path.is_file():
+        raise CheckpointError(f"{index}: names shard {path.name}, which does not exist in {path.parent}")
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # SafetensorError (header, offsets, dtype), OSError
+        raise CheckpointError(f"{path} is not a valid safetensors file (corrupt or truncated): "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The `weight_map` of a sharded checkpoint's index, checked to be {tensor name: shard file name}."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, AttributeError) as e:  # JSONDecodeError / UnicodeDecodeError; a top level that is no object
+        raise CheckpointError(f"{index} is not a JSON object with a weight_map ({type(e).__name__}: {e})") from e
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) and v and "/" not in v for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: 'weight_map' must map every tensor name to a shard file name in the same "
+                              "directory")
+    return weight_map
 
 
 class TorchBinSource(TensorSource):

@@ -35,10 +35,43 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _DEFAULT_THETA = {"mixtral": 1_000_000.0, "gemma3_text": 1_000_000.0}
 _GEMMA3_LOCAL_THETA = 10_000.0  # Gemma3TextConfig.default_theta["local"] (rope_local_base_freq)
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# HF config keys read as numbers: checked for type before any arithmetic, so a corrupt value is named.
+_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "max_window_layers",
+             "sliding_window_pattern", "num_local_experts", "num_experts", "num_experts_per_tok",
+             "original_max_position_embeddings")
+_FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "partial_rotary_factor", "query_pre_attn_scalar",
+               "attn_logit_softcapping", "final_logit_softcapping")
 
 
 class ConfigError(ValueError):
     """A checkpoint's configuration asks for something mwjax does not implement."""
+
+
+def _check_positive(name: str, value, *, finite: bool = False) -> None:
+    """`value` is None or a number > 0 (and finite): eps, RoPE bases, scales and caps of 0, < 0 or NaN
+    make every logit NaN or meaningless."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or (
+            finite and not math.isfinite(value)):
+        raise ConfigError(f"{name}={value!r} must be a positive{' finite' if finite else ''} number")
+
+
+def _check_numbers(hf: Mapping[str, Any]) -> None:
+    """The numeric keys of a HF config have numeric values, integral where they count something, and
+    the sizes that divide others are positive (before anything divides by them)."""
+    for key in _INT_KEYS + _FLOAT_KEYS:
+        value = hf.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        if key in _INT_KEYS and not float(value).is_integer():
+            raise ConfigError(f"{key}={value!r} must be an integer")
+    for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim"):
+        if hf.get(key) is not None and hf[key] <= 0:
+            raise ConfigError(f"{key}={hf[key]!r} must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +94,15 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None  # longrope: [rotary_dim // 2]
     attention_factor: float | None = None  # longrope: cos / sin scale
     partial_rotary_factor: float = 1.0
+
+    def __post_init__(self):
+        for name in ("theta", "factor", "low_freq_factor", "high_freq_factor", "attention_factor"):
+            _check_positive(f"rope {name}", getattr(self, name), finite=True)
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must lie in (0, 1]")
+        for name in ("short_factor", "long_factor"):
+            if getattr(self, name) is not None and not all(math.isfinite(x) and x > 0 for x in getattr(self, name)):
+                raise ConfigError(f"rope {name} must hold positive finite numbers")
 
     def rotary_dim(self, head_dim: int) -> int:
         """How many features of a head are rotated (HF: `int(head_dim * partial_rotary_factor)`)."""
@@ -165,6 +207,14 @@ class ModelConfig:
     num_experts_per_tok: int | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
+        _check_positive("rms_norm_eps", self.rms_norm_eps, finite=True)
+        for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            _check_positive(name, getattr(self, name), finite=True)
         if not self.layer_types:
             kind = SLIDING_ATTENTION if self.sliding_window else FULL_ATTENTION
             object.__setattr__(self, "layer_types", (kind,) * self.num_hidden_layers)
@@ -207,7 +257,17 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> ModelConfig:
-        """Build from a HF `config.json` dict. Raises `ConfigError` naming what is unsupported."""
+        """Build from a HF `config.json` dict. Raises `ConfigError` naming what is unsupported or out of range."""
+        _check_numbers(hf)
+        try:
+            return cls._from_hf_config(hf)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:  # a malformed nested value
+            raise ConfigError(f"malformed {hf.get('model_type')} config ({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def _from_hf_config(cls, hf: Mapping[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type")
         _refuse_multimodal(hf)
         if model_type not in ARCHITECTURES:
@@ -499,3 +559,4 @@ def _attention_layout(model_type: str, hf: Mapping[str, Any], layers: int) -> tu
         # HF maps sliding layers without a window to full attention.
         types = (FULL_ATTENTION,) * layers
     return (int(window) if window else None), types
+

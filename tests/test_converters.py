@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 import converters
 from converters import embedded
-from converters.sources import SafetensorsFile
+from converters.sources import SafetensorsSource
 from mwjax import checkpoint, models
 from mwjax.config import ConfigError
 
@@ -138,7 +138,7 @@ def test_missing_tensor_is_named(tiny_checkpoint, tmp_path):
     del tensors["model.layers.2.mlp.down_proj.weight"]
     save_file(tensors, dst / "model.safetensors")
     with pytest.raises(converters.MissingTensorError, match=r"'model\.layers\.2\.mlp\.down_proj\.weight'"):
-        converters.load(dst)
+        converters.load(dst, tokenizer=False)
 
 
 def test_wrong_shape_is_named(tiny_checkpoint, tmp_path):
@@ -148,7 +148,7 @@ def test_wrong_shape_is_named(tiny_checkpoint, tmp_path):
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(converters.ShapeMismatchError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight' has shape "
                                                               r"\[64, 96\] but the config implies \[64, 100\]"):
-        converters.load(dst)
+        converters.load(dst, tokenizer=False)
 
 
 def test_corrupt_files_are_reported(tiny_checkpoint, tmp_path):
@@ -156,10 +156,10 @@ def test_corrupt_files_are_reported(tiny_checkpoint, tmp_path):
     data = (dst / "model.safetensors").read_bytes()
     (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(converters.CheckpointError, match="corrupt or truncated"):
-        converters.load(dst)
+        converters.load(dst, tokenizer=False)
     (dst / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(converters.CheckpointError, match="not a valid safetensors file"):
-        SafetensorsFile(dst / "model.safetensors")
+        SafetensorsSource(dst)
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 100)
     with pytest.raises(converters.CheckpointError, match="not a valid GGUF file"):
