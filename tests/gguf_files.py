@@ -46,12 +46,16 @@ def hf_checkpoint_tensors(hf_model) -> dict[str, np.ndarray]:
 
 def write_gguf(hf_model, path: Path, quantize: bool = False) -> Path:
     """A GGUF of `hf_model` (float32; `quantize=True`: 2-D weights as Q8_0)."""
-    cfg = hf_model.config
-    arch = ARCH[cfg.model_type]
+    return write_gguf_tensors(hf_checkpoint_tensors(hf_model), hf_model.config, path, quantize)
+
+
+def write_gguf_tensors(tensors: dict[str, np.ndarray], cfg, path: Path, quantize: bool = False) -> Path:
+    """A GGUF of HF-named float tensors and a transformers config object (no torch needed)."""
+    arch = ARCH.get(cfg.model_type, cfg.model_type)
     writer = gguf.GGUFWriter(str(path), arch)
     _metadata(writer, cfg, arch)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
-    for name, t in hf_checkpoint_tensors(hf_model).items():
+    for name, t in tensors.items():
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             t = t + np.float32(1.0)
         if arch == "llama" and name.endswith("q_proj.weight"):
