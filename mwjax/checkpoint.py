@@ -1,13 +1,17 @@
 """Native checkpoints: a model's parameters in orbax, its config beside them as JSON.
 
 Both items are written in one orbax save, which is atomic (a temporary directory renamed at the
-end), so a crash never leaves a half-written checkpoint. `restore` can place every array straight
-into a sharding (no host holds the whole model) and cast to another dtype.
+end), so a crash never leaves a half-written checkpoint. Overwriting is atomic too: the new
+checkpoint is written beside the old one and swapped in only when complete, so a kill at any
+moment leaves the old or the new checkpoint whole (a kill between the two renames of the swap is
+repaired by the next `save` / `restore` / `is_checkpoint`). `restore` can place every array
+straight into a sharding (no host holds the whole model) and cast to another dtype.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,14 +39,36 @@ def dotted(path) -> str:
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / METADATA_ITEM).is_dir() and (Path(directory) / STATE_ITEM).is_dir()
+    directory = recover(directory)
+    return (directory / METADATA_ITEM).is_dir() and (directory / STATE_ITEM).is_dir()
+
+
+def _siblings(directory: Path) -> tuple[Path, Path]:
+    """Where an overwrite writes the new checkpoint, and where it moves the old one during the swap."""
+    return directory.with_name(f".{directory.name}.new"), directory.with_name(f".{directory.name}.old")
+
+
+def recover(directory: str | os.PathLike) -> Path:
+    """Finish or undo an overwrite that was killed mid-swap, drop what a killed overwrite left beside
+    it, and return the absolute path."""
+    directory = Path(directory).absolute()
+    new, old = _siblings(directory)
+    if not directory.exists():
+        if new.exists():  # orbax renames a save into place only once complete: `new` is whole
+            os.replace(new, directory)
+        elif old.exists():
+            os.replace(old, directory)
+    for stale in (new, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    return directory
 
 
 def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `model`'s parameters and config to `directory` (absolute or relative)."""
-    directory = Path(directory).absolute()
-    if directory.exists() and not overwrite:
-        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    """Write `model`'s parameters and config to `directory` (absolute or relative).
+
+    overwrite: replace an existing checkpoint atomically (written beside it, then swapped in).
+    """
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     kernel = jax.tree.leaves(params)[0]
     metadata = {
@@ -50,13 +76,23 @@ def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = F
         "dtype": jnp.dtype(model.dtype).name,
         "param_dtype": jnp.dtype(kernel.dtype).name,
     }
+    items = {STATE_ITEM: ocp.args.StandardSave(params), METADATA_ITEM: ocp.args.JsonSave(metadata)}
+    return save_items(directory, items, overwrite=overwrite)
+
+
+def save_items(directory: str | os.PathLike, items: dict, *, overwrite: bool) -> Path:
+    """One orbax save of several named items (`ocp.args`), atomic, and atomic when it overwrites:
+    the new checkpoint is written beside the old one and swapped in when complete."""
+    directory = recover(directory)
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+    target, old = _siblings(directory) if directory.exists() else (directory, None)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(
-            directory,
-            args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(params),
-                                       METADATA_ITEM: ocp.args.JsonSave(metadata)}),
-            force=overwrite,
-        )
+        ckptr.save(target, args=ocp.args.Composite(**items))
+    if old is not None:  # the swap: two renames, each atomic; `recover` repairs a kill between them
+        os.replace(directory, old)
+        os.replace(target, directory)
+        shutil.rmtree(old)
     return directory
 
 
@@ -71,7 +107,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 def restore(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
             shardings: ShardingFn | None = None) -> nnx.Module:
     """Rebuild the model saved by `save`, optionally in another dtype and placed by `shardings`."""
-    directory = Path(directory).absolute()
+    directory = recover(directory)
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not an mwjax checkpoint (written by mwjax.checkpoint.save)")
     metadata = read_metadata(directory)

@@ -339,14 +339,13 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> Path:
     atomically; `load_adapters` puts them back on the same base model."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    from mwjax import checkpoint
+
     config = dataclasses.replace(model.lora_config, targets=tuple(adapters(model)))
     params = nnx.to_pure_dict(nnx.state(model, LoRAParam))
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(directory, args=ocp.args.Composite(**{
-            ADAPTER_ITEM: ocp.args.StandardSave(params),
-            LORA_CONFIG_ITEM: ocp.args.JsonSave(dataclasses.asdict(config))}), force=True)
-    return directory
+    return checkpoint.save_items(directory, {ADAPTER_ITEM: ocp.args.StandardSave(params),
+                                             LORA_CONFIG_ITEM: ocp.args.JsonSave(dataclasses.asdict(config))},
+                                 overwrite=True)
 
 
 def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
@@ -354,7 +353,9 @@ def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module
     `save_adapters`."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    from mwjax import checkpoint
+
+    directory = checkpoint.recover(directory)
     if (directory / "adapter_config.json").is_file():
         return load_peft(model, directory)
     if not (directory / ADAPTER_ITEM).is_dir():
