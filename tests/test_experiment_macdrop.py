@@ -69,6 +69,7 @@ def test_missing_checkpoint_fails_fast(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.torch  # HF PEFT (which needs torch) loads the exported adapter
 def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     import peft as peft_lib
     import torch

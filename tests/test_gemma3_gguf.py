@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import assert_logits_close, torch
+from conftest import assert_logits_close, needs_torch, torch
 
 import converters
 from converters import embedded
@@ -25,6 +25,7 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def both():
+    needs_torch()  # transformers' own GGUF load is the reference
     path = embedded.path("gemma3-270m")
     ours, tokenizer = converters.load(embedded.PREFIX + "gemma3-270m", dtype=jnp.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import assert_logits_close, torch
+from conftest import assert_logits_close, needs_torch, torch
 
 import converters
 from experiments.probe import probe_first_token
@@ -26,6 +26,7 @@ TEXT = (
 
 @pytest.fixture(scope="module")
 def both(smollm2_path):
+    needs_torch()  # transformers' own GGUF load is the reference
     ours, tokenizer = converters.load(smollm2_path, dtype=jnp.float32)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
