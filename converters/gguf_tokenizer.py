@@ -82,6 +82,7 @@ def read_vocab(reader: gguf.GGUFReader, path: str | os.PathLike) -> GGUFVocab:
                                   f"not {type(v).__name__}")
         return v
 
+    arch = value("general.architecture", str, "")
     model = value("tokenizer.ggml.model", str)
     if model is None:
         raise CheckpointError(f"{path}: GGUF metadata has no tokenizer (tokenizer.ggml.model is missing); "
@@ -108,7 +109,7 @@ def read_vocab(reader: gguf.GGUFReader, path: str | os.PathLike) -> GGUFVocab:
         merges = [_merge(m, i, path) for i, m in enumerate(merges)]
     elif model == "gpt2":
         raise CheckpointError(f"{path}: byte-level BPE vocabulary without 'tokenizer.ggml.merges'")
-    elif per_token["scores"] is None and arch_of(reader) not in _RANK_BY_POSITION:
+    elif per_token["scores"] is None and arch not in _RANK_BY_POSITION:
         raise CheckpointError(f"{path}: SentencePiece vocabulary with neither 'tokenizer.ggml.scores' nor merges")
     special_ids = {}
     for name, key in _SPECIAL_IDS.items():
@@ -120,18 +121,13 @@ def read_vocab(reader: gguf.GGUFReader, path: str | os.PathLike) -> GGUFVocab:
                                   f"vocabulary of {n} tokens")
         special_ids[name] = token_id
     return GGUFVocab(
-        path=path, arch=arch_of(reader), model=model, pre=value("tokenizer.ggml.pre", str), tokens=tokens,
+        path=path, arch=arch, model=model, pre=value("tokenizer.ggml.pre", str), tokens=tokens,
         token_types=per_token["token_type"], scores=per_token["scores"], merges=merges, special_ids=special_ids,
         # llama.cpp adds bos to a SentencePiece vocabulary whose file does not say otherwise
         add_bos=value("tokenizer.ggml.add_bos_token", bool, model == "llama"),
         add_eos=value("tokenizer.ggml.add_eos_token", bool, False),
         chat_template=value("tokenizer.chat_template", str),
     )
-
-
-def arch_of(reader: gguf.GGUFReader) -> str:
-    field = reader.fields.get("general.architecture")
-    return field.contents() if field is not None else ""
 
 
 def _merge(m, index: int, path: str) -> tuple[str, str]:
