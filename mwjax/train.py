@@ -12,8 +12,14 @@ schedulers do.
 
 The loop runs the step over a stream of micro-batches that spans epochs, evaluates, logs (console
 progress bar; JSONL on process 0), checkpoints with orbax (atomic; every `save_every` steps and at
-the end), stops on a non-finite loss with the last good checkpoint kept, and resumes exactly:
-step, data position, MacDrop key and dropout streams are all in the checkpoint.
+the end), and resumes exactly: step, data position, MacDrop key, dropout streams and the divergence
+guard are all in the checkpoint, and metrics.jsonl is cut back to the checkpointed step.
+
+No poisoned state is saved: every step checks its loss, gradient norm and updated adapters in the
+compiled step, and a state is trusted only once a forward on it gave a finite loss, so on a
+non-finite step the checkpoint of the state that produced it is deleted and the error names the
+latest one that really is good. A `DivergenceGuard` also stops runs whose smoothed loss climbs
+far above its best or whose gradient vanishes (learning rate far too high, saturated softmax).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ IGNORE = -100  # label of positions without loss (prompt, padding), as HF / LLaM
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss or the gradient became NaN / inf."""
+    """The loss, the gradient or the adapters became NaN / inf, or the DivergenceGuard fired."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +77,27 @@ class TrainConfig:
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     eval_batches: int | None = None  # cap on validation batches per evaluation
     save_every: int = 100
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # >= 2 keeps a good checkpoint when the latest one turns out poisoned
+    divergence_factor: float = 4.0  # stop once the smoothed loss exceeds this multiple of its lowest value (0: off)
+    zero_grad_steps: int = 3  # stop after this many consecutive steps whose gradient norm is exactly 0 (0: off)
 
     def __post_init__(self):
+        lr = self.learning_rate
+        if not (isinstance(lr, int | float) and 0 < lr <= np.finfo(np.float32).max):  # NaN fails too
+            raise ValueError(f"learning_rate must be a finite number > 0 (in float32), got {lr}")
+        for name in ("max_grad_norm", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not (self.epochs > 0 or self.max_steps):
+            raise ValueError(f"epochs must be > 0 (or max_steps given), got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.keep_checkpoints < 1 or self.save_every < 0 or self.log_every < 1:
+            raise ValueError("keep_checkpoints and log_every must be >= 1 and save_every >= 0")
+        if self.divergence_factor != 0 and not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1 (or 0 to disable), got {self.divergence_factor}")
+        if self.zero_grad_steps < 0:
+            raise ValueError(f"zero_grad_steps must be >= 0, got {self.zero_grad_steps}")
         if self.decay not in ("cosine", "linear", "constant"):
             raise ValueError(f"unknown learning-rate decay {self.decay!r}; choose cosine, linear or constant")
         if self.mask_every not in ("step", "microbatch"):
@@ -183,12 +207,13 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         if md and not per_micro:
             md_state = md.advance(md_state)
+        params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step),
-                   "tokens": count}
+                   "tokens": count, "params_finite": jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                                                        for x in jax.tree.leaves(params)]))}
         if md:
             metrics["p"] = md.probability(state.step)
-        new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state,
-                         macdrop=md_state, rngs=rngs)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, macdrop=md_state, rngs=rngs)
         return new, metrics
 
     def _eval_step(self, params, rngs, frozen, mb):
@@ -270,6 +295,17 @@ class Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    @classmethod
+    def latest_in(cls, directory: str | Path) -> int | None:
+        """The latest complete checkpoint's step in `directory` (None: none, or no such directory)."""
+        if not epath.Path(directory).exists():
+            return None
+        checkpoints = cls(directory, keep=1)
+        try:
+            return checkpoints.latest()
+        finally:
+            checkpoints.close()
+
     def save(self, state: TrainState, meta: dict) -> None:
         step = int(state.step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
@@ -314,21 +350,95 @@ def _data_to_keys(saved, template):
                         else s, saved, template)
 
 
+class DivergenceGuard:
+    """Stops a run that diverges without NaNs: the loss smoothed as an exponential moving average
+    (beta 0.9, bias-corrected) exceeds `factor` x its lowest value so far, or the gradient norm is exactly 0
+    on `zero_steps` consecutive steps with tokens (a saturated softmax). Its state rides in the checkpoint
+    meta, so a resumed run stops where an uninterrupted one would."""
+
+    BETA = 0.9
+
+    def __init__(self, factor: float, zero_steps: int, state: dict | None = None):
+        self.factor, self.zero_steps = factor, zero_steps
+        state = state or {}
+        self.ema, self.count = state.get("ema", 0.0), state.get("count", 0)
+        best = state.get("best")  # None before the first step with tokens (JSON has no inf)
+        self.best, self.best_step = math.inf if best is None else best, state.get("best_step", 0)
+        self.zeros = state.get("zeros", 0)
+
+    def state(self) -> dict:
+        return {"ema": self.ema, "count": self.count, "best": None if self.best == math.inf else self.best,
+                "best_step": self.best_step,
+                "zeros": self.zeros}
+
+    def __call__(self, metrics: dict) -> tuple[str, int] | None:
+        """Update with one step's metrics; when the run must stop, (why, the step of the first state not to
+        trust: the one whose forward first showed the trouble)."""
+        if metrics["tokens"] == 0:  # a step of padding only (the end of a fractional epoch)
+            return None
+        self.ema, self.count = self.BETA * self.ema + (1 - self.BETA) * metrics["loss"], self.count + 1
+        smoothed = self.ema / (1 - self.BETA ** self.count)
+        if smoothed < self.best:
+            self.best, self.best_step = smoothed, metrics["step"]
+        self.zeros = self.zeros + 1 if metrics["grad_norm"] == 0 else 0
+        if self.factor and smoothed > self.factor * self.best:
+            return (f"the smoothed training loss {smoothed:.4g} exceeds divergence_factor={self.factor:g} x its "
+                    f"lowest value {self.best:.4g} (step {self.best_step})", metrics["step"] - 1)
+        if self.zero_steps and self.zeros >= self.zero_steps:
+            return (f"the gradient norm has been exactly 0 for {self.zeros} steps (zero_grad_steps={self.zero_steps})",
+                    metrics["step"] - self.zeros)
+        return None
+
+
 @dataclasses.dataclass
 class RunResult:
     state: TrainState
-    history: list[dict]
-    eval_losses: list[tuple[int, float]]
+    history: list[dict]  # logged metrics of every step, earlier (resumed-from) runs' included
+    eval_losses: list[tuple[int, float]]  # (step, validation loss); step 0: before fine-tuning
+
+
+def resume_log(path: Path, step: int) -> list[dict]:
+    """Cut metrics.jsonl back to the records of steps <= `step` (the checkpoint a run resumes from; 0: none,
+    so nothing is kept) and return them. A line torn by a kill is dropped. Rewritten atomically."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and 0 < step and record["step"] <= step:
+            records.append(record)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(partial, path)
+    return records
+
+
+def _diverged(checkpoints: Checkpoints, bad_from: int, reason: str, step: int) -> TrainingDivergedError:
+    """Delete the checkpoints of steps >= bad_from (states a forward has shown to be poisoned) and name the
+    latest good one."""
+    for saved in checkpoints.manager.all_steps():
+        if saved >= bad_from:
+            checkpoints.manager.delete(saved)
+    good = checkpoints.latest()
+    where = (f"the last good checkpoint is step {good} in {checkpoints.directory}: lower the learning rate and "
+             "resume from it" if good is not None else
+             f"no good checkpoint is left in {checkpoints.directory}: lower the learning rate and start again")
+    return TrainingDivergedError(f"training diverged at step {step}: {reason}; {where}.")
 
 
 def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Path, meta: dict | None = None,
         resume: bool = True, stop_after: int | None = None, on_eval: Callable[[int, float], None] | None = None,
-        checkpoint_dir: str | Path | None = None) -> RunResult:
+        checkpoint_dir: str | Path | None = None, eval_before: bool = False) -> RunResult:
     """Train to `trainer.steps`, resuming from the latest checkpoint in checkpoint_dir (default
-    output_dir/checkpoints; may be a gs:// URL).
+    output_dir/checkpoints; may be a gs:// URL); metrics.jsonl is cut back to that checkpoint's step.
 
+    eval_before: on a fresh start, the validation loss of the untouched model is logged as step 0.
     stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
     Only process 0 writes metrics.jsonl; every process takes part in checkpoints (orbax coordinates).
+    Raises TrainingDivergedError (module doc) with the checkpoints of poisoned states deleted.
     """
     config = trainer.config
     output_dir = Path(output_dir)
@@ -336,45 +446,60 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
     if lead:
         output_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(checkpoint_dir or output_dir / "checkpoints", config.keep_checkpoints)
-    state, start = trainer.initial_state, 0
+    state, start, saved_meta = trainer.initial_state, 0, {}
     if resume and checkpoints.latest() is not None:
-        state, _ = checkpoints.restore(state)
+        state, saved_meta = checkpoints.restore(state)
         start = int(state.step)
+    guard = DivergenceGuard(config.divergence_factor, config.zero_grad_steps, saved_meta.get("guard"))
     meta = dict(meta or {}) | {"total_steps": trainer.steps}
     stream = micro_batches(train_loader, start * config.grad_accum, config.epochs if not config.max_steps else 1e9)
+    earlier = resume_log(output_dir / "metrics.jsonl", start) if lead else []
+    history = [r for r in earlier if "loss" in r]
+    eval_losses = [(r["step"], r["eval_loss"]) for r in earlier if "eval_loss" in r]
     log = open(output_dir / "metrics.jsonl", "a") if lead else None  # noqa: SIM115 (closed below)
-    history, eval_losses, template = [], [], None
+
+    def evaluate(step: int, metrics: dict) -> None:
+        metrics["eval_loss"] = trainer.evaluate(state, val_loader.epoch(0))
+        eval_losses.append((step, metrics["eval_loss"]))
+        if on_eval:
+            on_eval(step, metrics["eval_loss"])
+
+    template = None
     bar = tqdm(total=trainer.steps, initial=start, desc="fine-tuning", disable=not lead or None)
-    last_time = time.perf_counter()
     try:
+        if eval_before and start == 0 and val_loader is not None:
+            evaluate(0, before := {"step": 0})
+            if log:
+                log.write(json.dumps(before) + "\n")
+        last_time = time.perf_counter()
         for step in range(start, trainer.steps):
             arrays, template = stack_step(stream, config.grad_accum, template)
             batch = trainer.place_batch(arrays, 1)
             state, metrics = trainer.step_fn(state, trainer.frozen, batch)
-            metrics = {k: float(v) for k, v in metrics.items()}
+            params_finite = bool(metrics.pop("params_finite"))
+            metrics = {k: float(v) for k, v in metrics.items()} | {"step": step + 1}
+            # a loss is the verdict on the state before the step (S_step): if it is bad, so is S_step's checkpoint
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                raise TrainingDivergedError(
-                    f"non-finite loss or gradient at step {step + 1} (loss={metrics['loss']}, grad_norm="
-                    f"{metrics['grad_norm']}); the last good checkpoint is step {checkpoints.latest()} in "
-                    f"{checkpoints.directory}. Lower the learning rate or check the data, then resume.")
+                raise _diverged(checkpoints, step, f"loss={metrics['loss']}, grad_norm={metrics['grad_norm']}",
+                                step + 1)
+            if not params_finite:
+                raise _diverged(checkpoints, step + 1, "the update made the adapters non-finite", step + 1)
+            if stop := guard(metrics):
+                raise _diverged(checkpoints, stop[1], stop[0], step + 1)
             now = time.perf_counter()
-            metrics |= {"step": step + 1, "step_time": now - last_time,
-                        "tokens_per_s": metrics["tokens"] / max(now - last_time, 1e-9)}
+            metrics |= {"step_time": now - last_time, "tokens_per_s": metrics["tokens"] / max(now - last_time, 1e-9)}
             history.append(metrics)
             at_end = step + 1 == trainer.steps
             if val_loader is not None and (at_end or (config.eval_every and (step + 1) % config.eval_every == 0)):
-                metrics["eval_loss"] = trainer.evaluate(state, val_loader.epoch(0))
-                eval_losses.append((step + 1, metrics["eval_loss"]))
-                if on_eval:
-                    on_eval(step + 1, metrics["eval_loss"])
-            if log and ((step + 1) % config.log_every == 0 or "eval_loss" in metrics):
+                evaluate(step + 1, metrics)
+            if log and ((step + 1) % config.log_every == 0 or "eval_loss" in metrics or at_end):
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
             bar.update()
             bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "p", "eval_loss") if k in metrics})
             stopping = stop_after is not None and step + 1 >= stop_after
             if at_end or stopping or (config.save_every and (step + 1) % config.save_every == 0):
-                checkpoints.save(state, meta | {"step": step + 1})
+                checkpoints.save(state, meta | {"step": step + 1, "guard": guard.state()})
             if stopping:
                 break
             last_time = time.perf_counter()  # step time leaves out evaluation and checkpointing

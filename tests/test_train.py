@@ -35,12 +35,46 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapters(tmp_path, dora,
                       stop_after=3)  # 3 steps: mid-epoch, between two checkpoints
     assert len(first.history) == 3
     second = train.fit(make_trainer(steps, dora=dora, mask_every=mask_every), loader, output_dir=tmp_path / "cut")
-    assert [h["step"] for h in second.history] == [4, 5, 6]
+    assert [h["step"] for h in second.history] == [1, 2, 3, 4, 5, 6]  # steps 1-3 read back from metrics.jsonl
     for a, b in zip(leaves(whole.state), leaves(second.state), strict=True):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal([h["loss"] for h in whole.history[3:]], [h["loss"] for h in second.history])
+    np.testing.assert_array_equal([h["loss"] for h in whole.history], [h["loss"] for h in second.history])
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+
+
+class Killed(Exception):
+    pass
+
+
+class DyingLoader(ArrayLoader):
+    """Raises after yielding `die_after` micro-batches in this process: a crash between two checkpoints."""
+
+    def __init__(self, *args, die_after: int):
+        super().__init__(*args)
+        self.left = die_after
+
+    def epoch(self, epoch, start_step=0):
+        for batch in super().epoch(epoch, start_step):
+            if self.left == 0:
+                raise Killed
+            self.left -= 1
+            yield batch
+
+
+def test_a_crash_between_checkpoints_logs_each_step_once(tmp_path):
+    steps = 6
+    whole = train.fit(make_trainer(steps), ArrayLoader(24, 4, 16), output_dir=tmp_path / "whole")
+    with pytest.raises(Killed):  # steps 1-3 logged, checkpoint at 2 (save_every=2), dies in step 4
+        train.fit(make_trainer(steps), DyingLoader(24, 4, 16, die_after=7), output_dir=tmp_path / "cut")
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 0.')  # and a line torn by the kill
+    resumed = train.fit(make_trainer(steps), ArrayLoader(24, 4, 16), output_dir=tmp_path / "cut")
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_array_equal([m["loss"] for m in logged], [h["loss"] for h in whole.history])
+    for a, b in zip(leaves(whole.state), leaves(resumed.state), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_loss_falls_and_eval_runs(tmp_path):
@@ -66,15 +100,50 @@ def test_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7)
 
 
-def test_divergence_stops_with_the_last_good_checkpoint(tmp_path):
-    trainer = make_trainer(20, max_steps=20, learning_rate=1e12, max_grad_norm=1e30, warmup_ratio=0.0,
-                           save_every=1)
-    with pytest.raises(train.TrainingDivergedError, match="non-finite loss or gradient at step .* last good "
-                                                           "checkpoint is step"):
+def test_divergence_deletes_the_poisoned_checkpoint_and_resumes_from_the_good_one(tmp_path):
+    # warmup makes step 1's learning rate 0; step 2's update puts the adapters near 1e37: finite, so the state
+    # is saved, but the next forward overflows. That checkpoint is deleted; step 1's is named and works.
+    crazy = dict(max_steps=8, learning_rate=1e37, warmup_ratio=0.1, save_every=1, keep_checkpoints=3)
+    with pytest.raises(train.TrainingDivergedError, match="diverged at step 3: loss=.*last good checkpoint is step "
+                                                           "1 in .*lower the learning rate and resume"):
+        train.fit(make_trainer(8, **crazy), ArrayLoader(16, 4, 16), output_dir=tmp_path)
+    assert train.Checkpoints.latest_in(tmp_path / "checkpoints") == 1
+    sane = make_trainer(8, **crazy | {"learning_rate": 1e-3})
+    result = train.fit(sane, ArrayLoader(16, 4, 16), output_dir=tmp_path)
+    assert [h["step"] for h in result.history] == list(range(1, 9))
+    assert all(np.all(np.isfinite(x)) for x in leaves(result.state))
+
+
+def test_divergence_guard_stops_a_blown_up_run(tmp_path):
+    # lr 1e4 (after a warmup step at lr 0): one update saturates the softmax, the loss sits at ln(vocab) and the
+    # gradient is exactly 0 from step 3 on; the states after step 1 are distrusted
+    trainer = make_trainer(10, max_steps=10, learning_rate=1e4, warmup_ratio=0.1, save_every=1, keep_checkpoints=5)
+    with pytest.raises(train.TrainingDivergedError, match="diverged at step 5: the gradient norm has been exactly 0 "
+                                                          "for 3 steps .* last good checkpoint is step 1 in"):
         train.fit(trainer, ArrayLoader(16, 4, 16), output_dir=tmp_path)
-    checkpoints = train.Checkpoints(tmp_path / "checkpoints", 2)
-    restored, meta = checkpoints.restore(make_trainer(20, max_steps=20).initial_state)
-    assert all(np.all(np.isfinite(x)) for x in leaves(restored)) and meta["step"] == int(restored.step)
+
+
+def test_divergence_guard_rules():
+    guard = train.DivergenceGuard(factor=4.0, zero_steps=3)
+    step = lambda n, loss, grad=1.0, tokens=10: guard({"step": n, "loss": loss, "grad_norm": grad, "tokens": tokens})
+    assert all(step(n, 2.0 - 0.01 * n) is None for n in range(1, 30))  # a falling loss
+    assert step(30, 50.0, tokens=0) is None  # a padding-only step is not counted
+    assert step(30, 8.0) is None  # one bad batch moves the average by a tenth
+    restored = train.DivergenceGuard(4.0, 3, json.loads(json.dumps(guard.state())))
+    assert restored.state() == guard.state()
+    messages = [step(n, 40.0) for n in range(31, 40)]
+    first = next(m for m in messages if m)
+    assert messages[0] is None and "exceeds divergence_factor=4 x its lowest value 1.7" in first[0]
+    assert first[1] == 31 + messages.index(first) - 1  # the state that gave the tripping loss
+    zeros = train.DivergenceGuard(factor=0.0, zero_steps=3)
+    assert [zeros({"step": n, "loss": 1.0, "grad_norm": 0.0, "tokens": 5}) for n in (1, 2)] == [None, None]
+    assert zeros({"step": 3, "loss": 1.0, "grad_norm": 0.0, "tokens": 5})[1] == 0  # from the initial state on
+
+
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-4, 1e39])  # 1e39 overflows float32
+def test_unusable_learning_rates_are_refused_up_front(lr):
+    with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
+        train.TrainConfig(learning_rate=lr)
 
 
 def test_bad_train_configs():
@@ -84,6 +153,8 @@ def test_bad_train_configs():
         train.TrainConfig(mask_every="epoch")
     with pytest.raises(ValueError, match=r"warmup_ratio must lie in \[0, 1\)"):
         train.TrainConfig(warmup_ratio=1.5)
+    with pytest.raises(ValueError, match="divergence_factor must be > 1"):
+        train.TrainConfig(divergence_factor=0.5)
 
 
 def test_lr_schedule_is_hf_like():
