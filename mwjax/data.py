@@ -66,33 +66,56 @@ class Encoded(NamedTuple):
 
 
 def load_examples(cfg: DataConfig) -> list[dict]:
-    """The alpaca records of `cfg.source` (at most `max_examples`), in the source's order."""
+    """The alpaca records of `cfg.source` (at most `max_examples`), in the source's order; every record
+    checked, a bad one named by file and line (JSONL) or index (JSON list)."""
     if cfg.source == "synthetic":
-        rows = synthetic_examples(cfg.num_synthetic, cfg.seed)
+        located = [(f"synthetic example {i}", row) for i, row in enumerate(synthetic_examples(cfg.num_synthetic,
+                                                                                               cfg.seed))]
     elif cfg.source.endswith((".json", ".jsonl")):
-        rows = _read_json(Path(cfg.source))
+        located = _read_json(Path(cfg.source))
     else:
-        rows = _read_hub(cfg.source)
-    rows = rows[: cfg.max_examples] if cfg.max_examples else rows
-    for i, row in enumerate(rows):
+        located = [(f"{cfg.source} row {i}", row) for i, row in enumerate(_read_hub(cfg.source))]
+    if not located:
+        raise ValueError(f"{cfg.source} holds no records")
+    located = located[: cfg.max_examples] if cfg.max_examples else located
+    for where, row in located:
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a record is a JSON object (alpaca format: instruction, input, output), got "
+                             f"{type(row).__name__}")
         missing = [c for c in ("instruction", "output") if c not in row]
         if missing:
-            raise ValueError(f"{cfg.source}: record {i} has no {missing[0]!r} column (alpaca format: instruction, "
-                             "input, output)")
+            raise ValueError(f"{where}: the record has no {missing[0]!r} column (alpaca format: instruction, input, "
+                             "output)")
+        wrong = [c for c in (*COLUMNS, "system") if not isinstance(row.get(c), str | int | float | None)]
+        if wrong:
+            raise ValueError(f"{where}: {wrong[0]!r} is a {type(row[wrong[0]]).__name__}, not text")
     return [{c: str(row.get(c) or "") for c in COLUMNS} | ({"system": row["system"]} if row.get("system") else {})
-            for row in rows]
+            for _, row in located]
 
 
-def _read_json(path: Path) -> list[dict]:
+def _read_json(path: Path) -> list[tuple[str, object]]:
+    """(where, record) of a JSON list or a JSONL file; a syntax error names the file, line and column."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    rows = json.loads(text)
+        return [(f"{path}, line {n}", _parse(line, path, n))
+                for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    rows = _parse(text, path)
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of alpaca records")
-    return rows
+        raise ValueError(f"{path}: expected a JSON list of alpaca records, got {type(rows).__name__} (one record "
+                         "per line goes in a .jsonl file)")
+    return [(f"{path}, record {i}", row) for i, row in enumerate(rows)]
+
+
+def _parse(text: str, path: Path, line: int = 1):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {line + e.lineno - 1} column {e.colno}: not JSON ({e.msg})") from None
 
 
 def _read_hub(name: str) -> list[dict]:
@@ -223,10 +246,10 @@ def encode(example: dict, tokenizer, cfg: DataConfig) -> Encoded:
     return Encoded(source + target, [IGNORE] * len(source) + target)
 
 
-def build(cfg: DataConfig, tokenizer) -> tuple[list[Encoded], list[Encoded]]:
-    """(train, validation) examples: read, shuffled by cfg.seed, split, encoded; records with nothing to learn
-    (an empty response cut away) are dropped."""
-    rows = load_examples(cfg)
+def build(cfg: DataConfig, tokenizer, rows: list[dict] | None = None) -> tuple[list[Encoded], list[Encoded]]:
+    """(train, validation) examples: read (unless `rows`, from `load_examples`, are given), shuffled by
+    cfg.seed, split, encoded; records with nothing to learn (an empty response cut away) are dropped."""
+    rows = load_examples(cfg) if rows is None else rows
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     n_val = int(cfg.val_size) if cfg.val_size >= 1 else math.floor(cfg.val_size * len(rows))
     if n_val >= len(rows):

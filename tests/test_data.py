@@ -99,8 +99,32 @@ def test_local_json_and_missing_columns(tmp_path):
         got = data.load_examples(data.DataConfig(source=str(tmp_path / name)))
         assert got == [RECORD, {"instruction": "b", "input": "", "output": "c"}]
     (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "a", "response": "b"}]))
-    with pytest.raises(ValueError, match="record 0 has no 'output' column"):
+    with pytest.raises(ValueError, match="bad.json, record 0: the record has no 'output' column"):
         data.load_examples(data.DataConfig(source=str(tmp_path / "bad.json")))
+
+
+GOOD = json.dumps({"instruction": "a", "output": "b"})
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("empty.jsonl", "", "empty.jsonl holds no records"),
+    ("blank.jsonl", "\n \n", "blank.jsonl holds no records"),
+    ("empty.json", "[]", "empty.json holds no records"),
+    ("second.jsonl", f"{GOOD}\n{{'instruction': 1}}\n", r"second.jsonl, line 2 column 2: not JSON \(Expecting"),
+    ("third.jsonl", f"{GOOD}\n\n[1, 2]\n", "third.jsonl, line 3: a record is a JSON object .* got list"),
+    ("nested.jsonl", f'{GOOD}\n{{"instruction": ["a"], "output": "b"}}', "nested.jsonl, line 2: 'instruction' is a "
+                                                                           "list, not text"),
+    ("broken.json", "[\n" + GOOD + ",\n  {oops}\n]", r"broken.json, line 3 column 4: not JSON"),
+    ("object.json", GOOD, "object.json: expected a JSON list of alpaca records, got dict .*jsonl"),
+    ("latin1.jsonl", None, "latin1.jsonl: not UTF-8 text"),
+])
+def test_bad_data_files_are_named_with_the_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_bytes("é".encode("latin-1")) if text is None else path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        data.load_examples(data.DataConfig(source=str(path)))
+    with pytest.raises(FileNotFoundError, match="nothing.jsonl: no such data file"):
+        data.load_examples(data.DataConfig(source=str(tmp_path / "nothing.jsonl")))
 
 
 def test_synthetic_tasks_are_checkable():
