@@ -23,11 +23,13 @@ from absl import app, flags
 from experiments import common
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
+from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 5, "top-k massive weights to attack")
 flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
+common.check_flag("datasets", check_corpus)
 flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk (the protocol's 4096)")
 flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus (beyond the protocol's own cap)")
 flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
@@ -69,8 +71,8 @@ def sweep(model, mw, tokens: np.ndarray, ks: list[int]) -> dict[str, list[float]
 
 def main(argv):
     del argv
+    out = common.output_dir("outputs/attacks")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()
-    out = common.output_dir("outputs/attacks")
     ks = [int(k) for k in FLAGS.sweep]
     mw = massive.find_massive_weights(model, tokenizer, k=max([FLAGS.k, *ks]), first_token=common.first_token_flag())
     print(f"massive weights: {mw.label}, top-{FLAGS.k} rows {list(mw.indices[:FLAGS.k])} "

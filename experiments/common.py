@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -57,9 +60,30 @@ def first_token_flag():
     return int(first) if first is not None and first.lstrip("-").isdigit() else first
 
 
+def check_flag(name: str, check: Callable[[Any], object]) -> None:
+    """Check --name as the command line is parsed, before any model loads: `check(value)` raises ValueError
+    (or FileNotFoundError) with the message absl prints. A list flag is checked item by item."""
+
+    def validator(value) -> bool:
+        try:
+            for item in value if isinstance(value, list) else [] if value is None else [value]:
+                check(item)
+        except (ValueError, FileNotFoundError) as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    flags.register_validator(name, validator)
+
+
 def output_dir(default: str) -> Path:
+    """--output_dir (or `default`), created and shown writable: call it before loading the model."""
     path = Path(FLAGS.output_dir or default)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"cannot write to the output directory {path}: {e}") from None
     return path
 
 

@@ -32,6 +32,8 @@ class MwjaxPretrainedLM(MwjaxLM):
                  **kwargs):
         for key in LM_EVAL_ONLY:
             kwargs.pop(key, None)
+        if attack:
+            attacks.parse_spec(attack)  # a bad spec fails before the model loads
         # tokenizer=PATH as lm-eval's HF backend: another tokenizer than the checkpoint's own
         model, tokenizer = converters.load(pretrained, dtype=jnp.dtype(dtype), tokenizer=tokenizer or True)
         if adapter:

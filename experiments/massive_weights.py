@@ -19,6 +19,7 @@ from absl import app, flags
 
 from experiments import common
 from mwjax import massive, plots, probes
+from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
 
 FLAGS = flags.FLAGS
@@ -26,6 +27,7 @@ flags.DEFINE_integer("k", 5, "how many massive weights to report")
 flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: where massive activations originate)")
 flags.DEFINE_string("prompt", "Summer is warm. Winter is cold.", "prompt of the 3D magnitude plot")
 flags.DEFINE_string("stats_corpus", "python_docs", "corpus (name or text file) for the averaged statistics")
+common.check_flag("stats_corpus", check_corpus)
 flags.DEFINE_integer("stats_sequences", 8, "how many sequences to average the statistics over")
 flags.DEFINE_integer("stats_seqlen", 256, "tokens per sequence for the averaged statistics")
 
@@ -48,8 +50,8 @@ def state_magnitudes(model, token_id: int, layers: int) -> dict[str, list[float]
 
 def main(argv):
     del argv
+    out = common.output_dir("outputs/massive_weights")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()
-    out = common.output_dir("outputs/massive_weights")
     mw = massive.find_massive_weights(model, tokenizer, k=FLAGS.k, layer=FLAGS.layer,
                                       first_token=common.first_token_flag())
     print(table6_row(FLAGS.model, mw))

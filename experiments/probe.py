@@ -88,6 +88,7 @@ def growth(rows: list[dict]) -> str:
 
 def main(argv):
     del argv
+    out = common.output_dir(FLAGS.output_dir) if FLAGS.output_dir else None  # checked before the model loads
     model, tokenizer = common.load_model()
     token_id = first_token_id(tokenizer, model.config, common.first_token_flag())
     label = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else str(token_id)
@@ -96,9 +97,9 @@ def main(argv):
     rows = probe_first_token(model, token_id, FLAGS.top_k)
     print(format_table(rows))
     print("\n" + summary(rows))
-    if FLAGS.output_dir:
+    if out:
         payload = {"model": FLAGS.model, "dtype": FLAGS.dtype, "token_id": token_id, "layers": rows}
-        print(f"wrote {common.write_json(common.output_dir(FLAGS.output_dir) / 'probe.json', payload)}")
+        print(f"wrote {common.write_json(out / 'probe.json', payload)}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from absl import app, flags
 from experiments import common
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
+from mwjax.eval.corpora import check_name as check_corpus
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection runs")
@@ -26,6 +27,7 @@ flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)")
 flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)")
 flags.DEFINE_list("factors", ["0", "0.2", "0.5", "0.8", "1", "1.5", "2", "3"], "scaling factors")
 flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
+common.check_flag("datasets", check_corpus)
 flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk")
 flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus")
 flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
@@ -48,8 +50,8 @@ def choose(model, tokenizer) -> tuple[massive.SuperWeight, list[massive.SuperWei
 
 def main(argv):
     del argv
+    out = common.output_dir("outputs/super_weight")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()
-    out = common.output_dir("outputs/super_weight")
     sw, candidates = choose(model, tokenizer)
     print(f"super weight candidates (spike > {FLAGS.threshold:g}):")
     print(common.markdown_table(["layer", "coordinates", "weight", "input spike", "output spike"],

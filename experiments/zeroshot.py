@@ -21,6 +21,7 @@ from mwjax.eval import zeroshot_tasks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("attack", None, "attack applied before evaluation, e.g. zero_top_k:5 (mwjax.attacks.from_spec)")
+common.check_flag("attack", attacks.parse_spec)
 flags.DEFINE_list("tasks", list(zeroshot_tasks.PAPER_TASKS), "lm-eval task names")
 flags.DEFINE_string("data_dir", None, "run the tasks from <task>.jsonl files here instead of the hub")
 flags.DEFINE_string("export_data", None, "download the tasks' evaluation splits into this directory and exit")
@@ -64,6 +65,8 @@ def main(argv):
         for task, path in zeroshot_tasks.export_task_data(FLAGS.export_data, FLAGS.tasks).items():
             print(f"{task}: {path}")
         return
+    out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model
+    zeroshot_tasks.check_tasks(FLAGS.tasks, FLAGS.data_dir)
     model, tokenizer = common.load_model()
     if FLAGS.attack:
         model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
@@ -74,7 +77,6 @@ def main(argv):
     header = ["method"] + [TASK_TITLES.get(t, t) for t in scores if t != "mean"] + ["Avg."]
     table = common.markdown_table(header, [table_row(label, scores)])
     print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
-    out = common.output_dir("outputs/zeroshot")
     (out / "zeroshot.md").write_text(table + "\n")
     payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "label": label,
                "add_bos_token": add_bos, "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}

@@ -260,29 +260,40 @@ SPECS = ("zero_top_k:K", "retain_top_k:K", "scale_super_weight:FACTOR", "prune_s
          "restore_super_activation")
 
 
+def parse_spec(spec: str) -> tuple[str, float | None]:
+    """(attack name, its number or None) of a spec as `from_spec` takes it; ValueError naming the fix. Needs no
+    model, so command lines check their --attack before loading one."""
+    name, _, arg = spec.partition(":")
+    if name in ("zero_top_k", "retain_top_k"):
+        if not arg.isdigit() or int(arg) < 1:
+            raise ValueError(f"attack {spec!r}: write {name}:K with an integer K >= 1, e.g. {name}:5")
+        return name, int(arg)
+    if name == "scale_super_weight":
+        try:
+            return name, float(arg)
+        except ValueError:
+            raise ValueError(f"attack {spec!r}: write scale_super_weight:FACTOR, e.g. scale_super_weight:1.5") from None
+    if name in ("prune_super_weight", "restore_super_activation"):
+        if arg:
+            raise ValueError(f"attack {spec!r}: {name} takes no argument")
+        return name, None
+    raise ValueError(f"unknown attack {spec!r}; write one of {SPECS}")
+
+
 def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | None = None) -> nnx.Module:
     """Apply an attack named as on a command line: "zero_top_k:5", "retain_top_k:5", "scale_super_weight:1.5",
     "prune_super_weight", "restore_super_activation". Massive / super weights are found first."""
     from mwjax import massive
 
-    name, _, arg = spec.partition(":")
+    name, arg = parse_spec(spec)
     if name in ("zero_top_k", "retain_top_k"):
-        if not arg.isdigit():
-            raise ValueError(f"attack {spec!r}: write {name}:K with an integer K, e.g. {name}:5")
-        mw = massive.find_massive_weights(model, tokenizer, k=int(arg), first_token=first_token)
-        return (zero_top_k if name == "zero_top_k" else retain_top_k)(model, mw, int(arg))
-    if name in ("scale_super_weight", "prune_super_weight", "restore_super_activation"):
-        candidates = massive.find_super_weights(model, tokenizer)
-        if not candidates:
-            raise ValueError(f"attack {spec!r}: no super weight found (no down_proj spikes above "
-                             f"{massive.SPIKE_THRESHOLD})")
-        sw = max(candidates, key=lambda c: abs(c.output_value))
-        if name == "restore_super_activation":
-            return restore_super_activation(model, sw)
-        if name == "prune_super_weight":
-            return scale_super_weight(model, sw, 0.0)
-        try:
-            return scale_super_weight(model, sw, float(arg))
-        except ValueError:
-            raise ValueError(f"attack {spec!r}: write scale_super_weight:FACTOR, e.g. scale_super_weight:1.5") from None
-    raise ValueError(f"unknown attack {spec!r}; write one of {SPECS}")
+        mw = massive.find_massive_weights(model, tokenizer, k=arg, first_token=first_token)
+        return (zero_top_k if name == "zero_top_k" else retain_top_k)(model, mw, arg)
+    candidates = massive.find_super_weights(model, tokenizer)
+    if not candidates:
+        raise ValueError(f"attack {spec!r}: no super weight found (no down_proj spikes above "
+                         f"{massive.SPIKE_THRESHOLD})")
+    sw = max(candidates, key=lambda c: abs(c.output_value))
+    if name == "restore_super_activation":
+        return restore_super_activation(model, sw)
+    return scale_super_weight(model, sw, 0.0 if name == "prune_super_weight" else arg)

@@ -162,6 +162,23 @@ def test_bad_inputs(setup, call, message):
         call(model, mw)
 
 
+@pytest.mark.parametrize("spec, parsed", [("zero_top_k:5", ("zero_top_k", 5)), ("retain_top_k:1", ("retain_top_k", 1)),
+                                           ("scale_super_weight:1.5", ("scale_super_weight", 1.5)),
+                                           ("prune_super_weight", ("prune_super_weight", None))])
+def test_attack_specs_parse_without_a_model(spec, parsed):
+    assert attacks.parse_spec(spec) == parsed
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("zero_top_k", r"write zero_top_k:K with an integer K >= 1"), ("retain_top_k:0", "integer K >= 1"),
+    ("scale_super_weight:big", "write scale_super_weight:FACTOR"), ("prune_super_weight:3", "takes no argument"),
+    ("zero_top:5", r"unknown attack 'zero_top:5'; write one of"),
+])
+def test_bad_attack_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        attacks.parse_spec(spec)
+
+
 # ------------------------------------------------------------------------------------------ other families
 
 

@@ -28,6 +28,17 @@ def tiny(tiny_checkpoint, tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("module, args, message", [
+    ("experiments.attacks", ["--datasets=python_docs,wikitext3"], "unknown corpus 'wikitext3'"),
+    ("experiments.zeroshot", ["--attack=zero_top_k:five"], "write zero_top_k:K with an integer K"),
+    ("experiments.super_weight", ["--output_dir=/proc/mwjax"], "cannot write to the output directory /proc/mwjax"),
+])
+def test_bad_inputs_fail_before_the_model_loads(module, args, message):
+    out = subprocess.run([sys.executable, "-m", module, "--model=/nonexistent/model", *args], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]  # not the missing model
+
+
 def test_attacks_experiment_on_a_tiny_model(tiny):
     out = tiny / "attacks"
     stdout = run("experiments.attacks", f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}",

@@ -75,10 +75,13 @@ def python_docs(tokenizer, max_chunks: int | None = None) -> Corpus:
 LOADERS = {"wikitext2": wikitext2, "c4": c4, "pg19": pg19, "python_docs": python_docs}
 
 
+def check_name(name: str) -> None:
+    """Raise ValueError unless `name` is a known corpus or an existing file (checked before a model loads)."""
+    if name not in LOADERS and not Path(name).is_file():
+        raise ValueError(f"unknown corpus {name!r}: choose from {sorted(LOADERS)} or give a text file path")
+
+
 def load(name: str, tokenizer) -> Corpus:
     """A corpus by name (LOADERS), or a path to a UTF-8 text file."""
-    if name in LOADERS:
-        return LOADERS[name](tokenizer)
-    if Path(name).is_file():
-        return text_file(name, tokenizer)
-    raise ValueError(f"unknown corpus {name!r}: choose from {sorted(LOADERS)} or give a text file path")
+    check_name(name)
+    return LOADERS[name](tokenizer) if name in LOADERS else text_file(name, tokenizer)

@@ -61,17 +61,34 @@ def export_task_data(out_dir: str | os.PathLike, tasks=PAPER_TASKS) -> dict[str,
     return written
 
 
+def check_tasks(tasks, data_dir: str | os.PathLike | None = None) -> None:
+    """Raise unless every task can run: with `data_dir`, one of TASKS with its <task>.jsonl there; without,
+    a task lm-eval knows. Cheap next to loading a model, so command lines call it first."""
+    if data_dir is None:
+        from lm_eval.tasks import TaskManager
+
+        unknown = sorted(set(tasks) - set(TaskManager().all_tasks))
+        if unknown:
+            raise ValueError(f"lm-eval knows no task {unknown[0]!r} (of {list(tasks)})")
+        return
+    for name in tasks:
+        if name not in TASKS:
+            raise ValueError(f"task {name!r} has no local form: --data_dir runs {sorted(TASKS)}")
+        data = Path(data_dir) / f"{name}.jsonl"
+        if not data.is_file():
+            raise FileNotFoundError(f"{data} is missing: export it where the hub is reachable with "
+                                    f"mwjax.eval.zeroshot_tasks.export_task_data (or experiments.zeroshot --export)")
+
+
 def write_local_tasks(data_dir: str | os.PathLike, include_dir: str | os.PathLike, tasks=PAPER_TASKS) -> list[str]:
     """Task configs reading `data_dir/<task>.jsonl`; returns the local task names (`<task>_local`)."""
+    check_tasks(tasks, data_dir)
     data_dir, include_dir = Path(data_dir).absolute(), Path(include_dir)
     include_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for name in tasks:
         task = TASKS[name]
         data = data_dir / f"{name}.jsonl"
-        if not data.exists():
-            raise FileNotFoundError(f"{data} is missing: export it where the hub is reachable with "
-                                    f"mwjax.eval.zeroshot_tasks.export_task_data (or experiments.zeroshot --export)")
         splits = {"training_split": None, "validation_split": None, "test_split": None, task.split_key: task.split}
         lines = [f"include: {lm_eval_tasks_dir() / task.config}", f"task: {name}{LOCAL_SUFFIX}", "tag: []",
                  "dataset_path: json", "dataset_name: null", "dataset_kwargs:", "  data_files:",
