@@ -13,7 +13,7 @@ from converters.errors import (
     ShapeMismatchError,
     UnsupportedCheckpointError,
 )
-from converters.loader import build_from_source, load, load_tokenizer
+from converters.loader import build_from_source, load, load_tokenizer, resolve
 from converters.save_hf import save_hf
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "build_from_source",
     "load",
     "load_tokenizer",
+    "resolve",
     "save_hf",
 ]

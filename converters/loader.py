@@ -59,7 +59,7 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
         model, _ = load(path, dtype, param_dtype=param_dtype, shardings=shardings, tokenizer=False, revision=revision,
                         allow_unused=allow_unused)
         return model, tok
-    path = _resolve(path, revision)
+    path = resolve(path, revision)
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFSource(path)
         config = _model_config(source.hf_config, path)
@@ -190,7 +190,7 @@ def _place(array: np.ndarray, dtype, sharding: jax.sharding.Sharding | None) -> 
 
 def load_tokenizer(path: str | os.PathLike):
     """The tokenizer of a HF directory, a `.gguf` file or `embedded:<name>` (no weights read)."""
-    path = _resolve(path, None)
+    path = resolve(path, None)
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_tokenizer(gguf_source.open_reader(path), path)
     return _hf_tokenizer(path, checkpoint=path)
@@ -220,8 +220,8 @@ def _hf_tokenizer(directory: Path, checkpoint: Path):
                               "alone with tokenizer=False, or pass tokenizer=PATH") from e
 
 
-def _resolve(path: str | os.PathLike, revision: str | None) -> Path:
-    """Local path, `embedded:<name>`, or hub id -> a local path."""
+def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """Local path, `embedded:<name>`, or hub id (downloaded) -> a local path; FileNotFoundError if none."""
     text = os.fspath(path)
     if text.startswith(embedded.PREFIX):
         return embedded.path(text[len(embedded.PREFIX):])

@@ -5,10 +5,17 @@ while the pretrained massive rows are dropped on a curriculum, save the adapter.
     python -m experiments.macdrop --config=llama3_8b:dora_macdrop --config.train.epochs=1
 
 Bare config names are files under experiments/configs/ (`name:arg` passes `arg` to its
-get_config); `--config.<field>=value` overrides any field. Every setting is checked before the
-model is touched. Written under `output_dir` (default runs/<config name>): config.json,
-massive_weights.json, metrics.jsonl, checkpoints/ (orbax, resumed automatically), adapter/ (orbax,
-`mwjax.peft.load_adapters`), adapter_peft/ (HF PEFT `PeftModel.from_pretrained`) and results.json.
+get_config); `--config.<field>=value` overrides any field. Every setting, the data file and the
+output directory are checked before the model is touched. Written under `output_dir` (default
+runs/<config name>): config.json, massive_weights.json, metrics.jsonl, checkpoints/ (orbax),
+adapter/ (orbax, `mwjax.peft.load_adapters`), adapter_peft/ (HF PEFT `PeftModel.from_pretrained`)
+and, last, results.json.
+
+Re-running into the same output_dir with the same config resumes from the latest checkpoint (or,
+when results.json is there, reports the finished run). A different config is refused with the
+fields that differ, unless `--config.resume=True` (continue with the new config, e.g. a lower
+learning rate after a divergence; the old config is kept as config.step<N>.json) or
+`--config.overwrite_output_dir=True` (delete what the earlier run wrote and start afresh).
 """
 
 from __future__ import annotations
@@ -17,11 +24,15 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from absl import app
+from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 import converters
@@ -84,6 +95,74 @@ def plan(config: ConfigDict) -> Plan:
     return Plan(config, tc, lc, dc, Path(config.output_dir or Path("runs") / config.name))
 
 
+RUN_FILES = ("config.json", "massive_weights.json", "metrics.jsonl", "results.json", "adapter", "adapter_peft",
+             "checkpoints")
+NOT_COMPARED = ("output_dir", "resume", "overwrite_output_dir")  # fields that may change between relaunches
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'field: old -> new' for every field (dotted path) whose value differs, NOT_COMPARED left out."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        name, a, b = prefix + key, old.get(key, "<absent>"), new.get(key, "<absent>")
+        if name in NOT_COMPARED:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | None:
+    """Decide what to do with what `out` holds (module doc) before the model is loaded; write config.json.
+    Returns results.json's content when the same run already finished, else None (start or resume)."""
+    if config.resume and config.overwrite_output_dir:
+        raise ValueError("config.resume and config.overwrite_output_dir exclude each other")
+    lead = distributed.is_lead()
+    checkpoints = epath.Path(checkpoint_dir)
+    new = json.loads(config.to_json_best_effort())
+    if config.overwrite_output_dir:
+        if lead:
+            for target in [out / name for name in RUN_FILES] + [checkpoints]:
+                if target.is_dir():
+                    epath.Path(target).rmtree()
+                elif target.exists():
+                    target.unlink()
+    latest = train.Checkpoints.latest_in(checkpoints)
+    results = out / "results.json"
+    if not config.overwrite_output_dir and (latest is not None or results.exists()):
+        previous = out / "config.json"
+        changes = (config_changes(json.loads(previous.read_text()), new) if previous.exists()
+                   else ["config.json is missing"])
+        if changes and not config.resume:
+            raise ValueError(
+                f"{out} holds a run (checkpoint step {latest}{', finished' if results.exists() else ''}) with another "
+                f"config: {'; '.join(changes)}. Pass --config.resume=True to continue it with this config, "
+                "--config.overwrite_output_dir=True to delete it and start afresh, or another --config.output_dir")
+        if not changes and results.exists():
+            return json.loads(results.read_text())
+        if changes and lead:
+            log.warning("resuming from step %s with a changed config: %s", latest, "; ".join(changes))
+            if previous.exists():
+                os.replace(previous, out / f"config.step{latest}.json")
+    if lead:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_atomically(out / "config.json", json.dumps(new, indent=2))
+        except OSError as e:
+            raise ValueError(f"cannot write to output_dir {out}: {e}") from e
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("output_dir prepared")
+    return None
+
+
 def massive_weights(model, tokenizer, config: ConfigDict) -> massive.MassiveWeights:
     """From the config when it names them, else found with the bos token (Algorithm 1, lines 1-3)."""
     m, d_ff = config.massive, model.config.intermediate_size
@@ -104,15 +183,23 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
     distributed.initialize()
     lead = distributed.is_lead()
     log.setLevel(logging.INFO if lead else logging.WARNING)  # one voice in a multi-host run
+    out = p.output_dir
+    checkpoint_dir = config.checkpoint_dir or out / "checkpoints"
+    finished = prepare_output_dir(config, out, checkpoint_dir)
+    if finished is not None:
+        log.info("%s holds this run, finished: its results.json is the result", out)
+        return finished
+    model_path = converters.resolve(config.model)  # a missing model, then a bad data file: seconds, not minutes
+    rows = data.load_examples(p.data)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    model, tokenizer = converters.load(config.model, dtype=jnp.dtype(config.dtype),
+    model, tokenizer = converters.load(model_path, dtype=jnp.dtype(config.dtype),
                                        param_dtype=jnp.dtype(config.param_dtype),
                                        shardings=sharding.param_sharding_fn(mesh))
     peft.select_targets(model, p.lora)  # a pattern that matches nothing fails here, before any compute
     mw = massive_weights(model, tokenizer, config)
     log.info("massive weights: %s, rows %s", mw.label, mw.indices[: config.massive.k])
 
-    train_examples, val_examples = data.build(p.data, tokenizer)
+    train_examples, val_examples = data.build(p.data, tokenizer, rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loader = lambda examples, seed: data.BatchLoader(examples, p.train.micro_batch_size, p.data.cutoff_len,
                                                      seed=seed, pad_id=pad_id, packing=p.data.packing)
@@ -131,31 +218,21 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
                                                   model.config.intermediate_size, schedule, scope=config.macdrop.scope)
     trainer = train.Trainer(lora_model, p.train, steps=steps, mesh=mesh, macdrop=md)
 
-    out = p.output_dir
     if lead:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(config.to_json_best_effort(indent=2))
-        (out / "massive_weights.json").write_text(json.dumps(mw.to_dict(), indent=2))
-    checkpoint_dir = config.checkpoint_dir or out / "checkpoints"
-    existing = train.Checkpoints(checkpoint_dir, p.train.keep_checkpoints)
-    fresh = existing.latest() is None
-    existing.close()
-    initial_eval = None
-    if config.eval_before and val_loader is not None and fresh:
-        initial_eval = trainer.evaluate(trainer.initial_state, val_loader.epoch(0))
-        log.info("validation loss before fine-tuning: %.4f", initial_eval)
+        write_atomically(out / "massive_weights.json", json.dumps(mw.to_dict(), indent=2))
     meta = {"config": config.name, "massive_weights": mw.to_dict()}
     result = train.fit(trainer, train_loader, val_loader, output_dir=out, meta=meta, stop_after=stop_after,
-                       checkpoint_dir=checkpoint_dir)
+                       checkpoint_dir=checkpoint_dir, eval_before=config.eval_before)
     if int(result.state.step) < steps:  # interrupted on purpose (stop_after): the checkpoint is the output
         return {"step": int(result.state.step), "steps": steps}
 
     tuned = trainer.model(result.state)
     peft.save_adapters(tuned, out / "adapter")
+    before = [loss for step, loss in result.eval_losses if step == 0]
     summary = {
         "config": config.name, "model": config.model, "steps": steps, "massive_weights": mw.to_dict(),
         "macdrop": config.macdrop.to_dict() if md else None, "lora": dataclasses.asdict(p.lora),
-        "eval_loss_before": initial_eval, "eval_losses": result.eval_losses,
+        "eval_loss_before": before[0] if before else None, "eval_losses": [e for e in result.eval_losses if e[0]],
         "final_train_loss": result.history[-1]["loss"] if result.history else None,
         "adapter": str(out / "adapter"), "adapter_peft": None,
     }
@@ -165,7 +242,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
                                                            base_model_name_or_path=config.model))
         except ValueError as e:  # fused HF modules (Phi-3): the orbax adapter is the output
             log.warning("no PEFT export: %s", e)
-        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        write_atomically(out / "results.json", json.dumps(summary, indent=2))  # last: its presence means done
     return summary
 
 

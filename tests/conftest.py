@@ -219,3 +219,17 @@ def tiny_smol_vocab(smollm2_tokenizer, tmp_path_factory):
     hf.save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
     return hf, path
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(smollm2_tokenizer, tmp_path_factory):
+    """A HF directory of a tiny random llama (mwjax's init, written by `save_hf`, no torch) with SmolLM2's
+    vocabulary and real tokenizer: experiments run end to end on it in seconds."""
+    from converters import save_hf
+    from mwjax import models
+    from mwjax.config import ModelConfig
+
+    config = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                         bos_token_id=1, eos_token_id=2, max_position_embeddings=512)
+    return save_hf(models.build(config, seed=0), tmp_path_factory.mktemp("tiny_smol_dir"), tokenizer=smollm2_tokenizer)

@@ -18,8 +18,8 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_smol_vocab):
-    return tiny_smol_vocab[1]
+def tiny_dir(tiny_smol_dir):
+    return tiny_smol_dir
 
 
 def experiment(model: Path, output_dir: Path) -> list[str]:

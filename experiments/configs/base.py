@@ -19,6 +19,8 @@ def get_config() -> ConfigDict:
     c.output_dir = config_dict.placeholder(str)  # default: runs/<name> (multi-host: a path every host shares)
     c.checkpoint_dir = config_dict.placeholder(str)  # default: <output_dir>/checkpoints; may be gs://bucket/run
     c.eval_before = True  # validation loss of the untouched model, to compare with the end
+    c.resume = False  # continue the run in output_dir even though its config differs (else refused)
+    c.overwrite_output_dir = False  # delete what an earlier run wrote to output_dir and start afresh
 
     # massive weights (Algorithm 1, lines 1-3): found with the bos token unless layer+indices are given
     c.massive = ConfigDict({"k": 5, "layer": config_dict.placeholder(int), "indices": config_dict.placeholder(tuple)})
@@ -41,7 +43,7 @@ def get_config() -> ConfigDict:
         "decay": "cosine", "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "max_grad_norm": 1.0,
         "micro_batch_size": 64, "grad_accum": 4, "remat": "full", "mask_every": "step", "seed": 42,
         "log_every": 10, "eval_every": 100, "eval_batches": config_dict.placeholder(int), "save_every": 100,
-        "keep_checkpoints": 2,
+        "keep_checkpoints": 2, "divergence_factor": 4.0, "zero_grad_steps": 3,
     })
 
     # ("data", "fsdp", "tensor"); -1 takes the remaining devices
