@@ -173,7 +173,8 @@ def massive_weights(model, tokenizer, config: ConfigDict) -> massive.MassiveWeig
             raise ValueError(f"massive.layer={m.layer} / indices {tuple(m.indices)} lie outside the model "
                              f"({model.config.num_hidden_layers} layers, d_ff={d_ff})")
         # given, not measured: no values, no bos token
-        return massive.MassiveWeights(layer=m.layer, indices=tuple(m.indices), values=(), median=0.0, token_id=-1)
+        return massive.MassiveWeights(layer=m.layer, indices=tuple(m.indices), values=(), median=0.0, token_id=-1,
+                                      selected_by="given")
     return massive.find_massive_weights(model, tokenizer, k=m.k, layer=m.layer, first_token=config.first_token)
 
 
@@ -197,7 +198,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
                                        shardings=sharding.param_sharding_fn(mesh))
     peft.select_targets(model, p.lora)  # a pattern that matches nothing fails here, before any compute
     mw = massive_weights(model, tokenizer, config)
-    log.info("massive weights: %s, rows %s", mw.label, mw.indices[: config.massive.k])
+    log.info("massive weights: %s (%s), rows %s", mw.label, mw.selected_by, mw.indices[: config.massive.k])
 
     train_examples, val_examples = data.build(p.data, tokenizer, rows)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -24,7 +24,10 @@ from mwjax.eval.perplexity import chunk_tokens
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 5, "how many massive weights to report")
-flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: where massive activations originate)")
+flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: chosen by --layer_rule)")
+flags.DEFINE_enum("layer_rule", "intermediate", list(massive.LAYER_RULES), "intermediate: the earliest layer whose "
+                  "intermediate state is massive (House of Cards, Algorithm 1); hidden_jump: the largest rise of the "
+                  "hidden state's max |x|")
 flags.DEFINE_string("prompt", "Summer is warm. Winter is cold.", "prompt of the 3D magnitude plot")
 flags.DEFINE_string("stats_corpus", "python_docs", "corpus (name or text file) for the averaged statistics")
 common.check_flag("stats_corpus", check_corpus)
@@ -52,11 +55,11 @@ def main(argv):
     del argv
     out = common.output_dir("outputs/massive_weights")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()
-    mw = massive.find_massive_weights(model, tokenizer, k=FLAGS.k, layer=FLAGS.layer,
+    mw = massive.find_massive_weights(model, tokenizer, k=FLAGS.k, layer=FLAGS.layer, layer_rule=FLAGS.layer_rule,
                                       first_token=common.first_token_flag())
     print(table6_row(FLAGS.model, mw))
     print(f"\nintermediate values at {mw.label}: {[round(v, 1) for v in mw.values]} (median |x| {mw.median:.3g}; "
-          f"massive-activation criterion {'met' if mw.meets_criterion else 'NOT met'})")
+          f"massive-activation criterion {'met' if mw.meets_criterion else 'NOT met'}; layer: {mw.selected_by})")
 
     profile = massive.first_token_profile(model, mw.token_id, top_k=3)
     for point in ("hidden", "intermediate"):

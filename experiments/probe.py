@@ -8,12 +8,11 @@ intermediate values sit.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from experiments import common
-from mwjax import probes
+from mwjax import massive
 from mwjax.tokens import first_token_id
 
 FLAGS = flags.FLAGS
@@ -21,30 +20,25 @@ flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per
 
 
 def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
-    """Per layer: hidden / intermediate top-k values, indices and median |x| for one token at position 0.
+    """Per layer: hidden / intermediate top-k values, indices and median |x| for one token at position 0
+    (`mwjax.massive.first_token_profile` as JSON-ready rows).
 
     In a mixture-of-experts model (Mixtral) the intermediate state is the one of the expert the
     router ranks first for the token at that layer, recorded in the row as "expert".
     """
-    moe = getattr(model.config, "num_local_experts", None) is not None
-    points = ("hidden", "intermediate") + (("router_probs",) if moe else ())
-    config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
-    _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
+    return layer_rows(massive.first_token_profile(model, token_id, top_k))
+
+
+def layer_rows(profile: dict) -> list[dict]:
     rows = []
-    for layer in range(model.config.num_hidden_layers):
+    for layer in range(len(profile["hidden_top"])):
         row = {"layer": layer, "paper_layer": layer + 1}
-        where = (0, 0)
-        if moe:  # intermediate stats are per expert: [b, t, E, ...]
-            row["expert"] = int(result["router_probs"][layer]["top_indices"][0, 0, 0])
-            where = (0, 0, row["expert"])
+        if "expert" in profile:
+            row["expert"] = int(profile["expert"][layer])
         for point in ("hidden", "intermediate"):
-            stats = result[point][layer]
-            at = (0, 0) if point == "hidden" else where
-            row[point] = {
-                "top_values": np.asarray(stats["top_values"][at], np.float64).tolist(),
-                "top_indices": np.asarray(stats["top_indices"][at]).tolist(),
-                "median": float(stats["median"][at]),
-            }
+            row[point] = {"top_values": profile[f"{point}_top"][layer].tolist(),
+                          "top_indices": profile[f"{point}_idx"][layer].tolist(),
+                          "median": float(profile[f"{point}_median"][layer])}
         rows.append(row)
     return rows
 
@@ -64,25 +58,24 @@ def format_table(rows: list[dict]) -> str:
 EXPLOSION_SHARE = 0.5  # one layer adding this much of the peak hidden |x| is an explosion
 
 
-def summary(rows: list[dict]) -> str:
-    top = max(rows, key=lambda r: abs(r["intermediate"]["top_values"][0]))
-    m = top["intermediate"]
-    ratio = abs(m["top_values"][0]) / max(m["median"], 1e-12)
-    expert = f", expert {top['expert']}" if "expert" in top else ""
-    return (f"largest intermediate value: layer {top['paper_layer']} (HF layers[{top['layer']}]){expert}, "
-            f"dim {m['top_indices'][0]}, |x| = {abs(m['top_values'][0]):.1f} ({ratio:.0f}x the layer's median)\n"
-            + growth(rows))
+def summary(profile: dict) -> str:
+    """The massive weights' layer as `find_massive_weights` picks it (the same `origin_layer`), then growth."""
+    layer, why = massive.origin_layer(profile)
+    largest, median = abs(profile["intermediate_top"][layer, 0]), profile["intermediate_median"][layer]
+    expert = f", expert {profile['expert'][layer]}" if "expert" in profile else ""
+    return (f"massive weights' layer: {layer + 1} (HF layers[{layer}]){expert} ({why}): dim "
+            f"{profile['intermediate_idx'][layer, 0]}, |x| = {largest:.1f} ({largest / max(median, 1e-12):.0f}x the "
+            f"layer's median)\n" + growth(profile))
 
 
-def growth(rows: list[dict]) -> str:
+def growth(profile: dict) -> str:
     """How the hidden state's largest |x| grows: in one layer (Llama-style) or over many (Gemma-style)."""
-    peaks = np.abs([r["hidden"]["top_values"][0] for r in rows])
-    steps = np.diff(peaks, prepend=0.0)
-    peak, jump = int(np.argmax(peaks)), int(np.argmax(steps[1:]) + 1) if len(rows) > 1 else 0
-    share = steps[jump] / peaks[peak]
+    peaks, rises = np.abs(profile["hidden_top"][:, 0]), massive.hidden_jumps(profile)
+    peak, jump = int(np.argmax(peaks)), massive.origin_layer(profile, "hidden_jump")[0]
+    share = rises[jump] / peaks[peak]
     kind = "a single-layer explosion" if share >= EXPLOSION_SHARE else "gradual growth"
     return (f"hidden state max |x|: {peaks[0]:.1f} after layer 1, peak {peaks[peak]:.1f} at layer {peak + 1} "
-            f"(HF layers[{peak}]); the largest rise in one layer is {steps[jump]:.1f} at layer {jump + 1} "
+            f"(HF layers[{peak}]); the largest rise in one layer is {rises[jump]:.1f} at layer {jump + 1} "
             f"(HF layers[{jump}]), {share:.0%} of the peak: {kind}")
 
 
@@ -94,9 +87,10 @@ def main(argv):
     label = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else str(token_id)
     print(f"{FLAGS.model}: {model.config.num_hidden_layers} layers, d_model {model.config.hidden_size}, "
           f"d_ff {model.config.intermediate_size}; first token {label!r} (id {token_id}) alone at position 0\n")
-    rows = probe_first_token(model, token_id, FLAGS.top_k)
+    profile = massive.first_token_profile(model, token_id, FLAGS.top_k)
+    rows = layer_rows(profile)
     print(format_table(rows))
-    print("\n" + summary(rows))
+    print("\n" + summary(profile))
     if out:
         payload = {"model": FLAGS.model, "dtype": FLAGS.dtype, "token_id": token_id, "layers": rows}
         print(f"wrote {common.write_json(out / 'probe.json', payload)}")

@@ -1,7 +1,8 @@
 """MacDrop (House of Cards, Algorithm 1): curriculum dropout on the pretrained massive weights.
 
 Before fine-tuning, the top-k massive weights are found once with the bos token (rows `indices`
-of W_gate and W_up at `layer`). At every optimizer step t a mask
+of W_gate and W_up at `layer`). At every training step (Algorithm 1 wraps the HF Trainer's
+`training_step`, which runs once per micro-batch: the trainer's default `mask_every="microbatch"`) a mask
 
     mask = uniform(k, d_model) > p(t)            (1 keeps a weight, 0 drops it; no 1/(1-p) rescaling)
 
@@ -9,8 +10,8 @@ multiplies those k pretrained rows of W_up AND W_gate (one mask for both); the a
 masked. The mask reaches the model as an FFN row mask, so the stored pretrained weights are never
 modified and "restoring" them is free.
 
-Curricula p(t) are optax schedules of the optimizer step t (T = total steps, E = epochs,
-e = 1-based epoch of step t):
+Curricula p(t) are optax schedules called with the trainer's 0-based optimizer step s; Algorithm 1
+counts t = s + 1 = 1..T, so the last step has p = 0 (T = total steps, E = epochs, e = 1-based epoch):
 
     step           p0 (1 - t / T)                 (the paper's default)
     epoch_before   p0 (1 - (e - 1) / E)
@@ -55,17 +56,18 @@ def curriculum(name: str, p0: float, *, total_steps: int | None = None, steps_pe
     if name == "exp":
         if alpha < 0:
             raise ValueError(f"the exp curriculum needs alpha >= 0, got {alpha}")
-        return lambda t: p0 * jnp.exp(-alpha * jnp.asarray(t, jnp.float32))
+        return lambda s: p0 * jnp.exp(-alpha * (jnp.asarray(s, jnp.float32) + 1.0))  # t = s + 1
     if name == "step":
         if not total_steps or total_steps < 1:
             raise ValueError("the step curriculum needs total_steps >= 1")
-        return lambda t: p0 * jnp.clip(1.0 - jnp.asarray(t, jnp.float32) / total_steps, 0.0, 1.0)
+        # Algorithm 1: p = p0 (1 - t / T), t = s + 1 = 1..T
+        return lambda s: p0 * jnp.clip(1.0 - (jnp.asarray(s, jnp.float32) + 1.0) / total_steps, 0.0, 1.0)
     if not steps_per_epoch or not epochs:
         raise ValueError(f"the {name} curriculum needs steps_per_epoch and epochs")
     shift = 1.0 if name == "epoch_before" else 0.0
 
-    def by_epoch(t):
-        epoch = jnp.asarray(t, jnp.int32) // steps_per_epoch + 1  # 1-based
+    def by_epoch(s):
+        epoch = jnp.asarray(s, jnp.int32) // steps_per_epoch + 1  # 1-based
         return p0 * jnp.clip(1.0 - (epoch - shift) / epochs, 0.0, 1.0)
 
     return by_epoch
@@ -117,6 +119,7 @@ class MacDrop:
         return MacDropState(key=rng)
 
     def probability(self, step) -> jax.Array:
+        """p of the 0-based optimizer step `step` (Algorithm 1's t = step + 1)."""
         return jnp.asarray(self.schedule(step), jnp.float32)
 
     def masks(self, state: MacDropState, step) -> masks.FFNMasks:

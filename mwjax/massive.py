@@ -8,11 +8,14 @@ state `act(x W_gate) * (x W_up)` (the input of `down_proj`). In most LLMs one ea
 intermediate state holds a few values that are orders of magnitude larger than the rest; the
 rows of W_gate / W_up behind the top-k of them are the top-k massive weights.
 
-Which layer: the one whose output makes the hidden state's largest magnitude jump the most,
-    layer = argmax_l ( max|h_l| - max|h_{l-1}| ),   h_{-1} = the token's embedding,
-which is where massive activations originate. The result records whether that layer's
-intermediate state also meets the massive-activation criterion of Sun et al. (the largest |value|
-exceeds 100 and 1000x the median |value|); `layer=` overrides the rule.
+Which layer (`origin_layer`): Algorithm 1 takes "the layer where the massive intermediate state
+appears" (Table 6: "selected based on the magnitudes of intermediate state"), so by default the
+earliest layer whose intermediate state meets the massive-activation criterion of Sun et al. (the
+largest |value| exceeds 100 and 1000x the median |value|). When no layer meets it, the layer with
+the largest intermediate |value| is taken and the result says so (`meets_criterion=False`,
+`selected_by`). The rule "hidden_jump" (the layer after which the hidden state's largest |value|
+rises the most) is kept as an option: it agrees on Llama / Mistral / SmolLM2 but not where post-FFN
+norms damp the hidden state (Gemma 2/3). `layer=` overrides both.
 
 Super weights (Yu et al.): run a prompt, and per layer take the largest |input| of `down_proj`
 (its channel is the super weight's column, an intermediate dimension) and the largest |output|
@@ -34,6 +37,13 @@ from mwjax.tokens import first_token_id
 
 MASSIVE_MIN = 100.0  # |x| above this ...
 MASSIVE_RATIO = 1000.0  # ... and this many times the median |x|
+LAYER_RULES = ("intermediate", "hidden_jump")
+
+
+def is_massive(largest, median):
+    """Sun et al.'s massive-activation criterion: |x| > MASSIVE_MIN and >= MASSIVE_RATIO x the median |x|."""
+    largest, median = np.abs(largest), np.asarray(median)
+    return (largest > MASSIVE_MIN) & (largest >= MASSIVE_RATIO * median)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +63,7 @@ class MassiveWeights:
     token_id: int
     expert: int | None = None
     meets_criterion: bool = True
+    selected_by: str = ""  # how `layer` was chosen (origin_layer's reason, or "given")
 
     @property
     def paper_layer(self) -> int:
@@ -116,19 +127,32 @@ def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> dict[st
     return profile
 
 
-def origin_layer(profile: dict[str, Any]) -> int:
-    """The layer after which the hidden state's largest |value| grew the most."""
+def hidden_jumps(profile: dict[str, Any]) -> np.ndarray:
+    """[L] how much each layer raised the hidden state's largest |value| (layer 0: over the embedding)."""
     top = np.abs(profile["hidden_top"][:, 0])
-    previous = np.concatenate([[profile["embed_max"]], top[:-1]])
-    return int(np.argmax(top - previous))
+    return top - np.concatenate([[profile["embed_max"]], top[:-1]])
+
+
+def origin_layer(profile: dict[str, Any], rule: str = "intermediate") -> tuple[int, str]:
+    """(layer, why) of the massive weights from a `first_token_profile` (module doc; rule in LAYER_RULES)."""
+    if rule not in LAYER_RULES:
+        raise ValueError(f"unknown layer rule {rule!r}; choose from {LAYER_RULES}")
+    if rule == "hidden_jump":
+        return int(np.argmax(hidden_jumps(profile))), "largest rise of the hidden state's max |x|"
+    top = np.abs(profile["intermediate_top"][:, 0])
+    massive = is_massive(top, profile["intermediate_median"])
+    if massive.any():
+        return int(np.argmax(massive)), ("earliest layer whose intermediate state is massive (|x| > 100, >= 1000x "
+                                         "median)")
+    return int(np.argmax(top)), "no layer's intermediate state is massive: the largest intermediate |x| instead"
 
 
 def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: int | None = None,
-                         first_token: int | str | None = None) -> MassiveWeights:
-    """The top-k massive weights of `model` (House of Cards §2.3).
+                         first_token: int | str | None = None, layer_rule: str = "intermediate") -> MassiveWeights:
+    """The top-k massive weights of `model` (House of Cards §2.3, Algorithm 1 line 1).
 
     tokenizer: supplies the bos token (or pass `first_token=` an id / token string).
-    layer: 0-based layer to take them from; default: where massive activations originate (module doc).
+    layer: 0-based layer to take them from; default: chosen by `layer_rule` (module doc, `origin_layer`).
     Mixture of experts: the rows belong to the expert the router ranks first for the token at that
     layer (Mixtral's bos goes to one expert; House of Cards attacks only that one), in `.expert`.
     """
@@ -139,11 +163,9 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
         raise ValueError(f"layer={layer} is out of range: the model has layers 0..{config.num_hidden_layers - 1}")
     token_id = first_token_id(tokenizer, config, first_token)
     profile = first_token_profile(model, token_id, top_k=k)
-    if layer is None:
-        layer = origin_layer(profile)
+    layer, selected_by = origin_layer(profile, layer_rule) if layer is None else (layer, "given")
     top = profile["intermediate_top"][layer]
     median = float(profile["intermediate_median"][layer])
-    largest = float(np.abs(top[0]))
     return MassiveWeights(
         layer=layer,
         indices=tuple(int(i) for i in profile["intermediate_idx"][layer]),
@@ -151,7 +173,8 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
         median=median,
         token_id=token_id,
         expert=int(profile["expert"][layer]) if "expert" in profile else None,
-        meets_criterion=largest > MASSIVE_MIN and largest >= MASSIVE_RATIO * median,
+        meets_criterion=bool(is_massive(top[0], median)),
+        selected_by=selected_by,
     )
 
 

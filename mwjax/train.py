@@ -71,7 +71,8 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per micro-batch, all devices and hosts together
     grad_accum: int = 4  # gradient_accumulation_steps
     remat: str | None = None  # None | "full" | "dots" | "nothing" (models.base.REMAT_POLICIES)
-    mask_every: str = "step"  # resample the MacDrop mask every optimizer "step" or every "microbatch"
+    # a MacDrop mask per "microbatch" (Algorithm 1 wraps HF's training_step, called per micro-batch) or per "step"
+    mask_every: str = "microbatch"
     seed: int = 42
     log_every: int = 1
     eval_every: int = 0  # steps between validation losses (0: only at the end)

@@ -127,6 +127,11 @@ def test_bad_data_files_are_named_with_the_line(tmp_path, name, text, message):
         data.load_examples(data.DataConfig(source=str(tmp_path / "nothing.jsonl")))
 
 
+def test_validation_split_rounds_up_as_datasets_does():
+    assert data.validation_size(0.05, 52002) == 2601  # alpaca_gpt4_en under LLaMA-Factory's val_size 0.05
+    assert data.validation_size(0.05, 100) == 5 and data.validation_size(64, 600) == 64
+
+
 def test_synthetic_tasks_are_checkable():
     rows = data.synthetic_examples(300, seed=1)
     assert rows == data.synthetic_examples(300, seed=1) and rows != data.synthetic_examples(300, seed=2)

@@ -10,6 +10,7 @@ import pytest
 
 from experiments import macdrop as experiment
 from experiments.configs import llama3_8b, smollm2_135m
+from mwjax import train
 
 
 def test_bare_config_names_resolve():
@@ -26,6 +27,8 @@ def test_paper_configs_follow_table_5():
     assert (c.massive.k, c.macdrop.p0, c.macdrop.curriculum, c.lora.rank, c.lora.alpha) == (5, 0.8, "step", 16, 16.0)
     assert (c.train.learning_rate, c.train.epochs, c.train.warmup_ratio, c.data.val_size) == (1e-4, 3.0, 0.05, 0.05)
     assert c.train.micro_batch_size * c.train.grad_accum == 256  # sequences per optimizer step
+    # Algorithm 1 wraps HF's training_step, called once per micro-batch: a fresh mask for each
+    assert c.train.mask_every == "microbatch" == train.TrainConfig().mask_every
     with pytest.raises(ValueError, match="unknown variant"):
         llama3_8b.get_config("qlora")
 

@@ -18,7 +18,7 @@ from flax import nnx
 import converters
 from converters.sources import SafetensorsSource
 from experiments.probe import format_table, probe_first_token, summary
-from mwjax import checkpoint, masks, models, probes
+from mwjax import checkpoint, masks, massive, models, probes
 from mwjax.config import ConfigError, RopeConfig
 from mwjax.models.cache import KVCache
 
@@ -356,7 +356,8 @@ def test_probe_experiment_on_every_family(name, hf_checkpoint):
             assert r["expert"] == int(np.argmax(full["router_probs"][r["layer"]]["full"][0, 0]))
             h = h[r["expert"]]
         np.testing.assert_allclose(np.abs(r["intermediate"]["top_values"]), np.sort(np.abs(h))[::-1][:3], rtol=1e-6)
-    assert "largest intermediate value" in summary(rows) and len(format_table(rows).splitlines()) == len(rows) + 1
+    text = summary(massive.first_token_profile(model, 1, top_k=3))
+    assert "massive weights' layer" in text and len(format_table(rows).splitlines()) == len(rows) + 1
 
 
 def test_probe_cli_on_a_mixtral_checkpoint(tiny_checkpoint, tmp_path):

@@ -9,7 +9,7 @@ from conftest import assert_logits_close, needs_torch, torch
 import converters
 from converters import embedded
 from experiments.probe import growth, probe_first_token
-from mwjax import models
+from mwjax import massive, models
 from mwjax.config import FULL_ATTENTION, SLIDING_ATTENTION
 
 pytestmark = pytest.mark.slow
@@ -73,4 +73,12 @@ def test_bos_intermediate_and_gradual_growth(both):
     assert top["intermediate"]["top_indices"] == ref_top.indices.tolist()
     np.testing.assert_allclose(np.abs(top["intermediate"]["top_values"]), ref_top.values.numpy(), rtol=1e-4)
     # Gemma's hidden state grows over many layers instead of exploding in one (contrast SmolLM2)
-    assert growth(rows).endswith("gradual growth")
+    assert growth(massive.first_token_profile(ours, tokenizer.bos_token_id, top_k=5)).endswith("gradual growth")
+    # Algorithm 1's layer: the earliest whose intermediate state is massive (by HF's own values); the hidden
+    # state's largest rise (the former rule) is at HF layers[5], whose intermediate state peaks at |x| ~ 0.3
+    massive_ref = [i for i in sorted(captured) if massive.is_massive(captured[i].abs().max().item(),
+                                                                       captured[i].abs().median().item())]
+    mw = massive.find_massive_weights(ours, tokenizer, k=5)
+    assert mw.layer == massive_ref[0] == 0 and mw.meets_criterion and mw.selected_by.startswith("earliest")
+    jump = massive.find_massive_weights(ours, tokenizer, k=5, layer_rule="hidden_jump")
+    assert jump.layer == 5 and not jump.meets_criterion

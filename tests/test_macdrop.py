@@ -12,19 +12,19 @@ MW = MassiveWeights(layer=2, indices=(7, 3, 90, 12, 40, 5), values=(1.0,) * 6, m
 
 
 def test_curricula_values():
-    step = macdrop.curriculum("step", 0.8, total_steps=100)
-    assert float(step(0)) == pytest.approx(0.8) and float(step(50)) == pytest.approx(0.4)
-    assert float(step(100)) == 0.0  # p(T) = 0
+    step = macdrop.curriculum("step", 0.8, total_steps=100)  # called with the 0-based step s; t = s + 1
+    assert float(step(0)) == pytest.approx(0.8 * 0.99) and float(step(49)) == pytest.approx(0.4)
+    assert float(step(99)) == 0.0  # the last step of the run (t = T) has p = 0
     before = macdrop.curriculum("epoch_before", 0.8, steps_per_epoch=10, epochs=4)
     after = macdrop.curriculum("epoch_after", 0.8, steps_per_epoch=10, epochs=4)
     # epoch e = 1 for steps 0..9, 2 for 10..19, ...
     assert [round(float(before(t)), 6) for t in (0, 9, 10, 35)] == [0.8, 0.8, 0.6, 0.2]
     assert [round(float(after(t)), 6) for t in (0, 9, 10, 35)] == [0.6, 0.6, 0.4, 0.0]
     exp = macdrop.curriculum("exp", 0.8, alpha=0.05)
-    assert float(exp(20)) == pytest.approx(0.8 * np.exp(-1.0), rel=1e-6)
+    assert float(exp(19)) == pytest.approx(0.8 * np.exp(-1.0), rel=1e-6)
     assert float(macdrop.curriculum("constant", 0.3)(1000)) == pytest.approx(0.3)
     # jittable
-    assert float(jax.jit(step)(jnp.int32(25))) == pytest.approx(0.6)
+    assert float(jax.jit(step)(jnp.int32(24))) == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -65,8 +65,8 @@ def test_probability_follows_the_schedule_in_jit():
     md = macdrop.MacDrop.from_massive_weights(MW, 5, 256, 128, macdrop.curriculum("step", 0.8, total_steps=10))
     state = md.init(jax.random.key(1))
     dropped = jax.jit(lambda t: jnp.sum(md.masks(state, t)[2].values == 0))
-    assert int(dropped(0)) / (5 * 256) == pytest.approx(0.8, abs=0.05)
-    assert int(dropped(10)) == 0  # p(T) = 0: nothing dropped at the end
+    assert int(dropped(0)) / (5 * 256) == pytest.approx(0.72, abs=0.05)  # step 0 is t = 1: p = 0.8 (1 - 1/10)
+    assert int(dropped(9)) == 0  # the run's last step (t = T): p = 0, nothing dropped
 
 
 def test_scopes():

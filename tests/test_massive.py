@@ -30,7 +30,11 @@ def test_matches_hf_hooks(hf_checkpoint):
     emb, inter, outs = hf_bos_profile(hf, 5)
     tops = [outs[i].abs().max().item() for i in range(len(outs))]
     jumps = np.array(tops) - np.array([emb.abs().max().item()] + tops[:-1])
-    assert mw.layer == int(np.argmax(jumps))
+    # random weights: no layer is massive, so the layer of the largest intermediate |x|, and it says so
+    assert mw.layer == int(np.argmax([inter[i].abs().max().item() for i in range(len(inter))]))
+    assert mw.selected_by.startswith("no layer's intermediate state is massive")
+    assert massive.find_massive_weights(model, first_token=5, k=4, layer_rule="hidden_jump").layer == int(
+        np.argmax(jumps))
     ref = inter[mw.layer].abs().topk(4)
     assert list(mw.indices) == ref.indices.tolist()
     np.testing.assert_allclose(np.abs(mw.values), ref.values.numpy(), rtol=1e-5)
@@ -38,11 +42,34 @@ def test_matches_hf_hooks(hf_checkpoint):
     assert not mw.meets_criterion  # random weights have no massive activations
 
 
+def profile(hidden_max, intermediate_max, intermediate_median, embed_max=1.0):
+    layers = len(hidden_max)
+    return {"hidden_top": np.array(hidden_max, float)[:, None], "embed_max": embed_max,
+            "intermediate_top": np.array(intermediate_max, float)[:, None],
+            "intermediate_median": np.array(intermediate_median, float), "intermediate_idx": np.zeros((layers, 1), int)}
+
+
+def test_origin_layer_is_the_earliest_massive_intermediate_state():
+    # Gemma-like: the massive intermediate state at layer 1 is damped by post-FFN norms; the hidden state rises
+    # most at layer 3 (the former rule's pick)
+    p = profile(hidden_max=[5, 8, 9, 60, 61], intermediate_max=[3, 400, 2, 900, 5], intermediate_median=[.1, .2, .1,
+                                                                                                       .2, .1])
+    assert massive.origin_layer(p) == (1, "earliest layer whose intermediate state is massive (|x| > 100, >= 1000x "
+                                          "median)")
+    assert massive.origin_layer(p, "hidden_jump")[0] == 3
+    # 400 / 0.5 < 1000: not massive; 900 / 0.2 is
+    assert massive.origin_layer(profile([5, 8, 9, 60, 61], [3, 400, 2, 900, 5], [.1, .5, .1, .2, .1]))[0] == 3
+    none = massive.origin_layer(profile([5, 8, 9, 60, 61], [3, 40, 2, 90, 5], [.1, .2, .1, .2, .1]))
+    assert none == (3, "no layer's intermediate state is massive: the largest intermediate |x| instead")
+    with pytest.raises(ValueError, match="unknown layer rule 'jump'"):
+        massive.origin_layer(p, "jump")
+
+
 def test_layer_override_and_round_trip(tiny_checkpoint):
     path = tiny_checkpoint("llama_gqa")
     model, _ = converters.load(path, tokenizer=False)
     mw = massive.find_massive_weights(model, first_token=5, k=3, layer=2)
-    assert mw.layer == 2 and len(mw.indices) == 3
+    assert mw.layer == 2 and len(mw.indices) == 3 and mw.selected_by == "given"
     assert massive.MassiveWeights.from_dict(mw.to_dict()) == mw
     mask = mw.row_mask(model.config.hidden_size, k=2)
     assert list(mask) == [2] and mask[2].rows.tolist() == list(mw.indices[:2])

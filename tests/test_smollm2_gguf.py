@@ -76,5 +76,7 @@ def test_probe_cli_on_the_embedded_model(tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.probe", f"--output_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "largest intermediate value: layer 12 (HF layers[11]), dim 1229" in out.stdout
+    assert ("massive weights' layer: 12 (HF layers[11]) (earliest layer whose intermediate state is massive"
+            in out.stdout)
+    assert "dim 1229, |x| = 3064.8" in out.stdout
     assert (tmp_path / "probe.json").exists()

@@ -84,7 +84,7 @@ def test_loss_falls_and_eval_runs(tmp_path):
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0] - 0.3
     assert [s for s, _ in result.eval_losses] == [6, 12] and result.eval_losses[1][1] < result.eval_losses[0][1]
-    assert result.history[0]["p"] == pytest.approx(0.8) and result.history[-1]["p"] < 0.1
+    assert result.history[0]["p"] == pytest.approx(0.8 * 11 / 12) and result.history[-1]["p"] == 0.0  # t = 1..T
 
 
 def test_accumulation_equals_one_big_batch():

@@ -41,7 +41,7 @@ def get_config() -> ConfigDict:
     c.train = ConfigDict({
         "learning_rate": 1e-4, "epochs": 3.0, "max_steps": config_dict.placeholder(int), "warmup_ratio": 0.05,
         "decay": "cosine", "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "max_grad_norm": 1.0,
-        "micro_batch_size": 64, "grad_accum": 4, "remat": "full", "mask_every": "step", "seed": 42,
+        "micro_batch_size": 64, "grad_accum": 4, "remat": "full", "mask_every": "microbatch", "seed": 42,
         "log_every": 10, "eval_every": 100, "eval_batches": config_dict.placeholder(int), "save_every": 100,
         "keep_checkpoints": 2, "divergence_factor": 4.0, "zero_grad_steps": 3,
     })
