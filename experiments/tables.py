@@ -69,6 +69,16 @@ def table8(zeroshot: list[dict], attack: str = "zero_top_k:3") -> str:
     return common.markdown_table(["model", "method", "mean zero-shot", f"after {attack}"], rows)
 
 
+def bos_note(zeroshot: list[dict]) -> str:
+    """Which bos choice the zero-shot runs made (massive activations sit on the first token, so runs with
+    different choices are not comparable)."""
+    choices = {z["path"]: str(z.get("add_bos_token")) for z in zeroshot}
+    if len(set(choices.values())) == 1:
+        return f"Zero-shot runs: add_bos_token={next(iter(choices.values()))}."
+    return "WARNING: the zero-shot runs mix add_bos_token choices, their numbers are not comparable: " + ", ".join(
+        f"{path}: {choice}" for path, choice in choices.items())
+
+
 def main(argv):
     del argv
     attacks, zeroshot = load_runs(Path(FLAGS.runs))
@@ -76,6 +86,7 @@ def main(argv):
         raise SystemExit(f"no attacks.json or zeroshot.json under {FLAGS.runs}")
     parts = [f"## Table 1 ({run['model']}, seqlen {run['seqlen']})\n\n{table1(run, zeroshot)}" for run in attacks]
     if zeroshot:
+        parts.append(bos_note(zeroshot))
         parts.append(f"## Table 2: zero-shot accuracy\n\n{table2(zeroshot)}")
         parts.append(f"## Table 8: top-3 zeroing\n\n{table8(zeroshot)}")
     text = "\n\n".join(parts) + "\n"

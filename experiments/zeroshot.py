@@ -27,8 +27,10 @@ flags.DEFINE_string("data_dir", None, "run the tasks from <task>.jsonl files her
 flags.DEFINE_string("export_data", None, "download the tasks' evaluation splits into this directory and exit")
 flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each task")
 flags.DEFINE_integer("batch_size", 8, "requests per forward pass")
-flags.DEFINE_enum("add_bos_token", "default", ["default", "true", "false"],
-                  "prepend bos (default: the tokenizer's own choice, as lm-eval >= 0.4.10 does for HF models)")
+BOS_CHOICES = {"false": False, "true": True, "tokenizer": None}
+flags.DEFINE_enum("add_bos_token", "false", list(BOS_CHOICES),
+                  "prepend bos to every request: false (default: the papers' tables, made with lm-eval <= 0.4.9.1, "
+                  "which added none for HF models), true, or tokenizer (its own default, as lm-eval >= 0.4.10 does)")
 flags.DEFINE_string("label", None, "method label of this run in the tables (e.g. 'LoRA + MacDrop'; default "
                     "'original'); give an attacked run the same label as its unattacked twin")
 
@@ -70,7 +72,8 @@ def main(argv):
     model, tokenizer = common.load_model()
     if FLAGS.attack:
         model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
-    add_bos = {"default": None, "true": True, "false": False}[FLAGS.add_bos_token]
+    add_bos = BOS_CHOICES[FLAGS.add_bos_token]
+    print(f"add_bos_token={FLAGS.add_bos_token}" + (" (as the papers' lm-eval <= 0.4.9.1)" if add_bos is False else ""))
     scores, _ = evaluate(model, tokenizer, FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
                          batch_size=FLAGS.batch_size, add_bos_token=add_bos)
     label = FLAGS.label or "original"
@@ -79,7 +82,7 @@ def main(argv):
     print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
     (out / "zeroshot.md").write_text(table + "\n")
     payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "label": label,
-               "add_bos_token": add_bos, "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}
+               "add_bos_token": FLAGS.add_bos_token, "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}
     print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
 
 

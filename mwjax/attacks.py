@@ -165,12 +165,14 @@ def scale_super_weight(model: nnx.Module, sw: SuperWeight, factor) -> nnx.Module
 class SuperActivationRestored(Linear):
     """A down_proj whose super weight is pruned but whose super activation is put back.
 
-    Output channel `row` gets, wherever the unpruned model's value there would exceed `min_abs`
-    in magnitude, that unpruned value (= pruned value + w * x[..., col]); elsewhere the pruned
-    value. Computed from the input, so it restores the super activation on any text.
+    Output channel `row` gets the unpruned model's value (= pruned value + w * x[..., col]) at the
+    position of each sequence where that value's magnitude is largest, as the Super Weight reference
+    hook restores it (`min_abs=None`; note that a cached decoding step sees one position), or, with
+    `min_abs`, wherever its magnitude exceeds min_abs; elsewhere the pruned value. Computed from the
+    input, so it restores the super activation on any text.
     """
 
-    def __init__(self, base: Linear, sw: SuperWeight, min_abs: float):
+    def __init__(self, base: Linear, sw: SuperWeight, min_abs: float | None):
         self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
         kernel = base.kernel[...]
         self.pruned_weight = float(kernel[sw.col, sw.row])
@@ -181,23 +183,20 @@ class SuperActivationRestored(Linear):
     def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
         y = super().__call__(x, column_mask)
         pruned = y[..., self.row]
-        unpruned = pruned + jnp.asarray(self.pruned_weight, y.dtype) * x[..., self.col].astype(y.dtype)
-        return y.at[..., self.row].set(jnp.where(jnp.abs(unpruned) > self.min_abs, unpruned, pruned))
-
-
-def super_activation_threshold(sw: SuperWeight) -> float:
-    """|value| from which an unpruned output of channel `row` counts as the super activation: a tenth of the
-    spike that detection saw (at least 100, the massive-activation floor), so ordinary values stay pruned."""
-    spike = abs(sw.output_value) if np.isfinite(sw.output_value) else 0.0
-    return max(MASSIVE_ACTIVATION_MIN, 0.1 * spike)
+        unpruned = pruned + jnp.asarray(self.pruned_weight, y.dtype) * x[..., self.col].astype(y.dtype)  # [..., t]
+        if self.min_abs is None:  # the argmax position of each sequence
+            restore = jnp.arange(unpruned.shape[-1]) == jnp.argmax(jnp.abs(unpruned), axis=-1)[..., None]
+        else:
+            restore = jnp.abs(unpruned) > self.min_abs
+        return y.at[..., self.row].set(jnp.where(restore, unpruned, pruned))
 
 
 def restore_super_activation(model: nnx.Module, sw: SuperWeight, min_abs: float | None = None) -> nnx.Module:
     """The Super Weight paper's "Prune SW, +SA": prune the super weight, put its super activation back.
 
-    min_abs: magnitude from which the unpruned value is restored (default `super_activation_threshold`).
+    min_abs: None (default, the reference hook): restore the channel at its argmax position in each
+    sequence; a magnitude: restore every position whose unpruned value exceeds it.
     """
-    min_abs = super_activation_threshold(sw) if min_abs is None else min_abs
     out = copy(model)
     _check_layer(out, sw.layer)
     mlp = out.model.layers[sw.layer].mlp

@@ -209,7 +209,7 @@ class SuperWeight:
         return dataclasses.asdict(self)
 
 
-DEFAULT_PROMPT = "My favourite condiment is mustard. Apple Inc. is a worldwide tech company."
+DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the detection prompt of the Super Weight reference code
 
 
 def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> dict[str, np.ndarray]:

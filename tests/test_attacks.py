@@ -117,6 +117,12 @@ def test_restore_super_activation_touches_only_the_super_activation(setup):
     np.testing.assert_allclose(restored[..., row][~big], pruned[..., row][~big], rtol=1e-5, atol=1e-6)
     others = np.arange(64) != row
     np.testing.assert_allclose(restored[..., others], original[..., others], rtol=1e-5, atol=1e-6)
+    # the default, as the reference hook: only the position of each sequence where |value| is largest
+    at_argmax = get(attacks.restore_super_activation(model, sw))[..., row]
+    peak = np.arange(original.shape[1]) == np.argmax(np.abs(original[..., row]), axis=1)[:, None]
+    np.testing.assert_allclose(at_argmax[peak], original[..., row][peak], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(at_argmax[~peak], pruned[..., row][~peak], rtol=1e-5, atol=1e-6)
+    assert peak.sum() == original.shape[0] and not np.allclose(original[..., row][peak], pruned[..., row][peak])
 
 
 def test_set_massive_activations_edits_only_large_entries(setup):

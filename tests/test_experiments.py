@@ -93,8 +93,8 @@ def test_tables_from_run_outputs(tmp_path):
     def zs(model, label, attack, mean):
         scores = {t: {"acc": mean, "acc_norm": mean} for t in ("arc_easy", "arc_challenge", "piqa")}
         scores |= {t: {"acc": mean} for t in ("boolq", "winogrande")}
-        return {"model": model, "label": label, "attack": attack, "scores": scores | {"mean": {"acc": mean,
-                                                                                                 "acc_norm": mean}}}
+        return {"model": model, "label": label, "attack": attack, "add_bos_token": "false",
+                "scores": scores | {"mean": {"acc": mean, "acc_norm": mean}}}
 
     runs = {"a/zeroshot.json": zs("m", "original", None, 70.0), "b/zeroshot.json": zs("m", "original", "zero_top_k:5",
                                                                                       40.0),
@@ -112,4 +112,8 @@ def test_tables_from_run_outputs(tmp_path):
     assert "| top-5 retaining | 10.15 | - |" in stdout
     assert "| m | LoRA + MacDrop | 76.50 | 76.50 | 76.50 | 76.50 | 76.50 | 76.50 |" in stdout
     assert "| m | LoRA + MacDrop | 76.50 | 47.70 |" in stdout
-    assert (tmp_path / "tables" / "tables.md").exists()
+    assert (tmp_path / "tables" / "tables.md").exists() and "Zero-shot runs: add_bos_token=false." in stdout
+    from experiments.tables import bos_note
+
+    mixed = bos_note([{"path": "a", "add_bos_token": "false"}, {"path": "b", "add_bos_token": "tokenizer"}])
+    assert mixed.startswith("WARNING: the zero-shot runs mix add_bos_token choices") and "b: tokenizer" in mixed

@@ -166,6 +166,8 @@ def test_zeroshot_experiment_from_local_data(tiny, local_tasks, tmp_path):
     result = json.loads((tmp_path / "zeroshot.json").read_text())
     assert set(result["scores"]) == {*zeroshot_tasks.PAPER_TASKS, "mean"}
     assert "| tiny |" in (tmp_path / "zeroshot.md").read_text()
+    # the papers' bos choice (lm-eval <= 0.4.9.1: none for HF models) is the default, printed and recorded
+    assert result["add_bos_token"] == "false" and "add_bos_token=false (as the papers'" in out.stdout
 
 
 def test_missing_local_data_says_how_to_get_it(tmp_path):
