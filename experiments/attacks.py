@@ -34,7 +34,8 @@ flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk (the protocol'
 flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus (beyond the protocol's own cap)")
 flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
 flags.DEFINE_list("sweep", ["0", "1", "2", "3", "5", "10"], "k values of the Figure 4 sweep (empty: skip)")
-flags.DEFINE_integer("sweep_chunks", 4, "chunks of the first corpus per sweep point")
+flags.DEFINE_integer("sweep_chunks", None, "a further cap on the first corpus's chunks per sweep point (default: the "
+                     "run's own, so the k=0 zeroing point equals 'original')")
 flags.DEFINE_bool("activation_interventions", True, "also set the massive activations to zero / their mean")
 flags.DEFINE_list("prompts", ["What is the capital of France?", "Write a short poem about the sea."],
                   "generation prompts (user turns of the chat template when the tokenizer has one)")
@@ -98,7 +99,8 @@ def main(argv):
     payload = {"model": FLAGS.model, "massive_weights": mw.to_dict(), "k": FLAGS.k, "seqlen": FLAGS.seqlen,
                "settings": results}
     if ks:
-        tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, FLAGS.sweep_chunks)
+        caps = [c for c in (corpora[0].max_chunks, FLAGS.sweep_chunks) if c is not None]
+        tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
         series = sweep(model, mw, tokens, ks)
         plots.k_sweep(ks, series, f"{corpora[0].name} perplexity under attack, {mw.label}", out / "k_sweep.png")
         payload["k_sweep"] = {"k": ks, "corpus": corpora[0].name, "chunks": len(tokens), **series}

@@ -1,7 +1,6 @@
 """The experiment CLIs end to end: on a tiny checkpoint quickly, and on the embedded SmolLM2 (slow)."""
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -42,15 +41,16 @@ def test_bad_inputs_fail_before_the_model_loads(module, args, message):
 def test_attacks_experiment_on_a_tiny_model(tiny):
     out = tiny / "attacks"
     stdout = run("experiments.attacks", f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}",
-                 "--seqlen=64", "--max_chunks=2", "--sweep=0,1,2", "--sweep_chunks=1", "--prompts=abc",
+                 "--seqlen=64", "--max_chunks=2", "--sweep=0,1,2", "--prompts=abc",
                  "--max_new_tokens=3", "--first_token=1", f"--output_dir={out}")
     assert "Table 1" in stdout and "top-5 zeroing" in stdout
     result = json.loads((out / "attacks.json").read_text())
     assert set(result["settings"]) >= {"original", "top-5 zeroing", "top-5 retaining"}
     assert result["k_sweep"]["k"] == [0, 1, 2]
-    # k = 0 zeroing is the original model (the sweep scores the first chunk only)
-    first_chunk = result["settings"]["original"]["perplexity"]["text.txt"]["chunk_nll"][0]
-    assert result["k_sweep"]["top-k zeroing"][0] == pytest.approx(math.exp(first_chunk), rel=1e-5)
+    # k = 0 zeroing is the original model, on the same chunks (--max_chunks caps the sweep too)
+    original = result["settings"]["original"]["perplexity"]["text.txt"]
+    assert result["k_sweep"]["chunks"] == len(original["chunk_nll"]) == 2
+    assert result["k_sweep"]["top-k zeroing"][0] == pytest.approx(original["perplexity"], rel=1e-5)
     assert (out / "k_sweep.png").stat().st_size > 0 and (out / "table1.md").exists()
 
 
