@@ -3,10 +3,12 @@
     python -m experiments.super_weight --seqlen=512 --max_chunks=8      # the embedded SmolLM2, CPU-sized
     python -m experiments.super_weight --model=PATH --datasets=wikitext2,c4
 
-Detection runs a prompt and flags every layer whose down_proj input and output both spike above
---threshold (default 50); the candidate with the largest output spike is "the" super weight unless
---layer/--row/--col name one. Then perplexity for: the original model, the super weight pruned,
-pruned with its super activation restored, and the weight scaled by each of --factors.
+Detection runs the reference prompt and flags every layer whose down_proj input and output both
+spike above --threshold (default 50), with every row of it whose contribution reaches --ratio of the
+largest output (`mwjax.massive.find_super_weights`). All of them are attacked jointly, as the paper
+does for models with several (Llama-3-8B), unless --layer/--row/--col name one. Then perplexity
+for: the original model, the super weights pruned, pruned with their super activations restored,
+and the weights scaled by each of --factors.
 Writes super_weight.json and scaling.png under --output_dir.
 """
 
@@ -22,6 +24,8 @@ from mwjax.eval.corpora import check_name as check_corpus
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection runs")
 flags.DEFINE_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|")
+flags.DEFINE_float("ratio", massive.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
+                   "contribution reaches this fraction of the largest |output| (mwjax.massive module doc)")
 flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection")
 flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)")
 flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)")
@@ -34,29 +38,31 @@ flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
 flags.DEFINE_string("generation_prompt", "What is the capital of France?", "prompt for a sample per setting")
 
 
-def choose(model, tokenizer) -> tuple[massive.SuperWeight, list[massive.SuperWeight]]:
-    candidates = massive.find_super_weights(model, tokenizer, FLAGS.prompt, threshold=FLAGS.threshold)
+def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.SuperWeight]]:
+    """(the super weights to attack jointly, every one found): all found, or the one named by --layer/--row/--col."""
+    candidates = massive.find_super_weights(model, tokenizer, FLAGS.prompt, threshold=FLAGS.threshold,
+                                            ratio=FLAGS.ratio)
     if FLAGS.layer is not None:
         if FLAGS.row is None or FLAGS.col is None:
             raise app.UsageError("--layer needs --row and --col")
         kernel = massive.down_proj_kernel(model, FLAGS.layer)
-        return massive.SuperWeight(FLAGS.layer, FLAGS.row, FLAGS.col, float(kernel[FLAGS.col, FLAGS.row]),
-                                   float("nan"), float("nan"), -1), candidates
+        return [massive.SuperWeight(FLAGS.layer, FLAGS.row, FLAGS.col, float(kernel[FLAGS.col, FLAGS.row]),
+                                    float("nan"), float("nan"), -1)], candidates
     if not candidates:
         raise SystemExit(f"no layer's down_proj spikes above {FLAGS.threshold} on this prompt; lower --threshold "
                          "or name the weight with --layer/--row/--col")
-    return max(candidates, key=lambda c: abs(c.output_value)), candidates
+    return candidates, candidates
 
 
 def main(argv):
     del argv
     out = common.output_dir("outputs/super_weight")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()
-    sw, candidates = choose(model, tokenizer)
-    print(f"super weight candidates (spike > {FLAGS.threshold:g}):")
+    sws, candidates = choose(model, tokenizer)
+    print(f"super weights found (spike > {FLAGS.threshold:g}, further rows from {FLAGS.ratio:g} of the largest):")
     print(common.markdown_table(["layer", "coordinates", "weight", "input spike", "output spike"],
                                 [[c.layer, c.label, c.weight, c.input_value, c.output_value] for c in candidates]))
-    print(f"\nattacking {sw.label} = {sw.weight:.4g}\n")
+    print("\nattacking jointly: " + ", ".join(f"{sw.label} = {sw.weight:.4g}" for sw in sws) + "\n")
 
     corpora = common.load_corpora(FLAGS.datasets, tokenizer, FLAGS.max_chunks)
     chat = getattr(tokenizer, "chat_template", None) is not None
@@ -69,17 +75,19 @@ def main(argv):
         return {"perplexity": ppl, "generation": sample}
 
     results = {"original": evaluate("original", model),
-               "prune SW": evaluate("prune SW", attacks.scale_super_weight(model, sw, 0.0)),
-               "prune SW, +SA": evaluate("prune SW, +SA", attacks.restore_super_activation(model, sw))}
+               "prune SW": evaluate("prune SW", attacks.scale_super_weight(model, sws, 0.0)),
+               "prune SW, +SA": evaluate("prune SW, +SA", attacks.restore_super_activation(model, sws))}
     factors = [float(f) for f in FLAGS.factors]
     first = corpora[0]
-    scaling = [perplexity(attacks.scale_super_weight(model, sw, f), first.token_ids, FLAGS.seqlen,
+    scaling = [perplexity(attacks.scale_super_weight(model, sws, f), first.token_ids, FLAGS.seqlen,
                           max_chunks=first.max_chunks, batch_size=FLAGS.batch_size).perplexity for f in factors]
     print("\nscaling the super weight:")
     print(common.markdown_table(["factor", f"{first.name} PPL"], [[f, p] for f, p in zip(factors, scaling,
                                                                                               strict=True)]))
-    plots.scaling_curve(factors, scaling, f"{sw.label}", out / "scaling.png", ylabel=f"{first.name} perplexity")
-    payload = {"model": FLAGS.model, "super_weight": sw.to_dict(), "candidates": [c.to_dict() for c in candidates],
+    title = sws[0].label + (f" and {len(sws) - 1} more" if len(sws) > 1 else "")
+    plots.scaling_curve(factors, scaling, title, out / "scaling.png", ylabel=f"{first.name} perplexity")
+    payload = {"model": FLAGS.model, "super_weights": [sw.to_dict() for sw in sws],
+               "candidates": [c.to_dict() for c in candidates],
                "settings": results, "scaling": {"factors": factors, "corpus": first.name, "perplexity": scaling}}
     print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and scaling.png in {out}")
 

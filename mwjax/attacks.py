@@ -153,54 +153,69 @@ def _down_proj(model: nnx.Module, layer: int) -> Linear:
     return mlp.down_proj
 
 
-def scale_super_weight(model: nnx.Module, sw: SuperWeight, factor) -> nnx.Module:
-    """down_proj.weight[row, col] (HF layout) multiplied by `factor` (0 prunes it; factor may be traced)."""
+def _as_list(sws: SuperWeight | Sequence[SuperWeight]) -> list[SuperWeight]:
+    sws = [sws] if isinstance(sws, SuperWeight) else list(sws)
+    if not sws:
+        raise ValueError("no super weight given")
+    return sws
+
+
+def scale_super_weight(model: nnx.Module, sws: SuperWeight | Sequence[SuperWeight], factor) -> nnx.Module:
+    """down_proj.weight[row, col] (HF layout) of one super weight or of a set (jointly, as the Super Weight
+    experiments do) multiplied by `factor` (0 prunes; factor may be traced)."""
     out = copy(model)
-    proj = _down_proj(out, sw.layer)
-    kernel = proj.kernel[...]  # [d_ff, d_model]: weight[row, col] = kernel[col, row]
-    proj.kernel[...] = kernel.at[sw.col, sw.row].multiply(jnp.asarray(factor, kernel.dtype))
+    for sw in _as_list(sws):
+        proj = _down_proj(out, sw.layer)
+        kernel = proj.kernel[...]  # [d_ff, d_model]: weight[row, col] = kernel[col, row]
+        proj.kernel[...] = kernel.at[sw.col, sw.row].multiply(jnp.asarray(factor, kernel.dtype))
     return out
 
 
 class SuperActivationRestored(Linear):
-    """A down_proj whose super weight is pruned but whose super activation is put back.
+    """A down_proj whose super weights (one layer's) are pruned but whose super activations are put back.
 
-    Output channel `row` gets the unpruned model's value (= pruned value + w * x[..., col]) at the
-    position of each sequence where that value's magnitude is largest, as the Super Weight reference
-    hook restores it (`min_abs=None`; note that a cached decoding step sees one position), or, with
-    `min_abs`, wherever its magnitude exceeds min_abs; elsewhere the pruned value. Computed from the
-    input, so it restores the super activation on any text.
+    Each super weight's output channel `row` gets the unpruned model's value (= pruned value +
+    w * x[..., col]) at the position of each sequence where that value's magnitude is largest, as
+    the Super Weight reference hook restores it (`min_abs=None`; a cached decoding step sees one
+    position), or, with `min_abs`, wherever its magnitude exceeds min_abs; elsewhere the pruned
+    value. Computed from the input, so it restores the super activations on any text.
     """
 
-    def __init__(self, base: Linear, sw: SuperWeight, min_abs: float | None):
+    def __init__(self, base: Linear, sws: list[SuperWeight], min_abs: float | None):
         self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
         kernel = base.kernel[...]
-        self.pruned_weight = float(kernel[sw.col, sw.row])
-        self.kernel = nnx.Param(kernel.at[sw.col, sw.row].set(0))
+        rows, cols = jnp.asarray([sw.row for sw in sws]), jnp.asarray([sw.col for sw in sws])
+        self.pruned_weights = tuple(float(w) for w in kernel[cols, rows])  # [n]
+        self.kernel = nnx.Param(kernel.at[cols, rows].set(0))
         self.bias = base.bias
-        self.row, self.col, self.min_abs = sw.row, sw.col, min_abs
+        self.rows, self.cols, self.min_abs = tuple(sw.row for sw in sws), tuple(sw.col for sw in sws), min_abs
 
     def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
-        y = super().__call__(x, column_mask)
-        pruned = y[..., self.row]
-        unpruned = pruned + jnp.asarray(self.pruned_weight, y.dtype) * x[..., self.col].astype(y.dtype)  # [..., t]
-        if self.min_abs is None:  # the argmax position of each sequence
-            restore = jnp.arange(unpruned.shape[-1]) == jnp.argmax(jnp.abs(unpruned), axis=-1)[..., None]
+        y = super().__call__(x, column_mask)  # [b, t, d_model]
+        rows, cols = jnp.asarray(self.rows), jnp.asarray(self.cols)
+        pruned = y[..., rows]  # [b, t, n]
+        unpruned = pruned + jnp.asarray(self.pruned_weights, y.dtype) * x[..., cols].astype(y.dtype)
+        if self.min_abs is None:  # the argmax position of each sequence, per channel
+            positions = jnp.arange(unpruned.shape[-2])[:, None]  # [t, 1]
+            restore = positions == jnp.argmax(jnp.abs(unpruned), axis=-2)[..., None, :]
         else:
             restore = jnp.abs(unpruned) > self.min_abs
-        return y.at[..., self.row].set(jnp.where(restore, unpruned, pruned))
+        return y.at[..., rows].set(jnp.where(restore, unpruned, pruned))
 
 
-def restore_super_activation(model: nnx.Module, sw: SuperWeight, min_abs: float | None = None) -> nnx.Module:
-    """The Super Weight paper's "Prune SW, +SA": prune the super weight, put its super activation back.
+def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[SuperWeight],
+                             min_abs: float | None = None) -> nnx.Module:
+    """The Super Weight paper's "Prune SW, +SA": prune the super weight(s), put their super activations back.
 
-    min_abs: None (default, the reference hook): restore the channel at its argmax position in each
+    min_abs: None (default, the reference hook): restore each channel at its argmax position in each
     sequence; a magnitude: restore every position whose unpruned value exceeds it.
     """
     out = copy(model)
-    _check_layer(out, sw.layer)
-    mlp = out.model.layers[sw.layer].mlp
-    mlp.down_proj = SuperActivationRestored(_down_proj(out, sw.layer), sw, min_abs)
+    sws = _as_list(sws)
+    for layer in sorted({sw.layer for sw in sws}):
+        mlp = out.model.layers[layer].mlp
+        mlp.down_proj = SuperActivationRestored(_down_proj(out, layer), [sw for sw in sws if sw.layer == layer],
+                                                min_abs)
     return out
 
 
@@ -288,11 +303,10 @@ def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | 
     if name in ("zero_top_k", "retain_top_k"):
         mw = massive.find_massive_weights(model, tokenizer, k=arg, first_token=first_token)
         return (zero_top_k if name == "zero_top_k" else retain_top_k)(model, mw, arg)
-    candidates = massive.find_super_weights(model, tokenizer)
-    if not candidates:
+    found = massive.find_super_weights(model, tokenizer)  # all of them, attacked jointly
+    if not found:
         raise ValueError(f"attack {spec!r}: no super weight found (no down_proj spikes above "
                          f"{massive.SPIKE_THRESHOLD})")
-    sw = max(candidates, key=lambda c: abs(c.output_value))
     if name == "restore_super_activation":
-        return restore_super_activation(model, sw)
-    return scale_super_weight(model, sw, 0.0 if name == "prune_super_weight" else arg)
+        return restore_super_activation(model, found)
+    return scale_super_weight(model, found, 0.0 if name == "prune_super_weight" else arg)

@@ -20,7 +20,11 @@ norms damp the hidden state (Gemma 2/3). `layer=` overrides both.
 Super weights (Yu et al.): run a prompt, and per layer take the largest |input| of `down_proj`
 (its channel is the super weight's column, an intermediate dimension) and the largest |output|
 (its channel is the row, a hidden dimension). A layer where both exceed a spike threshold
-(default 50) holds a super-weight candidate `down_proj.weight[row, col]` (HF layout).
+(default 50) holds super weights `down_proj.weight[row, col]` (HF layout): the argmax row, and every
+other row whose own contribution weight[row, col] x input spike is at least SUPER_RATIO (0.5) of the
+largest output (Llama-3-8B has three, rows 788, 1384, 4062 at column 2427). Requiring the weight's
+own contribution, not just a large output, keeps a massive-activation token whose whole down_proj
+output is large (SmolLM2's bos: ~280 channels above 50 at layer 12) from yielding hundreds.
 """
 
 from __future__ import annotations
@@ -180,7 +184,8 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
 
 # ------------------------------------------------------------------------------------------- super weights
 
-SPIKE_THRESHOLD = 50.0
+SPIKE_THRESHOLD = 50.0  # |down_proj input| and |output| of a super weight's layer (the reference code's 50)
+SUPER_RATIO = 0.5  # a further row's own contribution, as a fraction of the largest |output|
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +234,10 @@ def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> dict[str, np.nda
 
 
 def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_PROMPT, *,
-                       tokens: jnp.ndarray | None = None, threshold: float = SPIKE_THRESHOLD) -> list[SuperWeight]:
-    """Super-weight candidates, one per layer whose down_proj input and output both spike above `threshold`.
+                       tokens: jnp.ndarray | None = None, threshold: float = SPIKE_THRESHOLD,
+                       ratio: float = SUPER_RATIO) -> list[SuperWeight]:
+    """The super weights of every layer whose down_proj input and output both spike above `threshold`
+    (module doc; `ratio` admits the further rows), the argmax row of each layer first.
 
     The prompt is tokenized with the tokenizer's defaults (bos included where it adds one); or pass
     `tokens` [1, seq] directly.
@@ -247,11 +254,14 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
     for layer in range(model.config.num_hidden_layers):
         x, y = spikes["input_value"][layer], spikes["output_value"][layer]
         if abs(x) > threshold and abs(y) > threshold:
-            row, col = int(spikes["output_channel"][layer]), int(spikes["input_channel"][layer])
-            kernel = down_proj_kernel(model, layer)  # [d_ff, d_model] = weight.T
-            found.append(SuperWeight(layer=layer, row=row, col=col, weight=float(kernel[col, row]),
-                                     input_value=float(x), output_value=float(y),
-                                     position=int(spikes["output_position"][layer])))
+            top, col = int(spikes["output_channel"][layer]), int(spikes["input_channel"][layer])
+            weights = np.asarray(down_proj_kernel(model, layer)[col], np.float64)  # [d_model]: weight[:, col]
+            contribution = np.abs(weights * x)
+            rows = [top] + [int(r) for r in np.argsort(-contribution)
+                            if r != top and contribution[r] >= ratio * abs(y)]
+            found += [SuperWeight(layer=layer, row=row, col=col, weight=float(weights[row]), input_value=float(x),
+                                  output_value=float(y), position=int(spikes["output_position"][layer]))
+                      for row in rows]
     return found
 
 

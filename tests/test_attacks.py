@@ -125,6 +125,30 @@ def test_restore_super_activation_touches_only_the_super_activation(setup):
     assert peak.sum() == original.shape[0] and not np.allclose(original[..., row][peak], pruned[..., row][peak])
 
 
+def test_a_set_of_super_weights_is_attacked_jointly(setup):
+    _, model, _ = setup
+    kernel = lambda m, layer: np.asarray(m.model.layers[layer].mlp.down_proj.kernel[...])
+    sws = [SuperWeight(1, row, col, float(kernel(model, 1)[col, row]), 0.0, 0.0, 0) for row, col in ((5, 40), (7, 40))]
+    sws.append(SuperWeight(2, 3, 11, float(kernel(model, 2)[11, 3]), 0.0, 0.0, 0))
+    pruned = attacks.scale_super_weight(model, sws, 0.0)
+    for layer in (1, 2):
+        zeroed = np.zeros_like(kernel(model, layer), bool)
+        for sw in sws:
+            zeroed[sw.col, sw.row] |= sw.layer == layer
+        assert np.all(kernel(pruned, layer)[zeroed] == 0)
+        np.testing.assert_array_equal(kernel(pruned, layer)[~zeroed], kernel(model, layer)[~zeroed])
+    config = probes.ProbeConfig(points=("down_proj_output",), layers=(1, 2))
+    get = lambda m: probes.capture(m, jnp.asarray(TOKENS), config)[1]["down_proj_output"]
+    layer1 = sws[:2]  # (a later layer's values change with the earlier layer's pruned positions)
+    original, cut = get(model), get(attacks.scale_super_weight(model, layer1, 0.0))
+    restored = get(attacks.restore_super_activation(model, layer1))
+    for sw in layer1:  # each channel back at its own argmax position, pruned elsewhere
+        a, b, c = (np.asarray(r[sw.layer]["full"][0, :, sw.row]) for r in (original, cut, restored))
+        peak = np.arange(len(a)) == np.argmax(np.abs(a))
+        np.testing.assert_allclose(c[peak], a[peak], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(c[~peak], b[~peak], rtol=1e-5, atol=1e-6)
+
+
 def test_set_massive_activations_edits_only_large_entries(setup):
     _, model, _ = setup
     tokens = jnp.asarray(TOKENS)

@@ -112,14 +112,22 @@ def test_super_weight_coordinates_match_hook_argmax(hf_checkpoint):
         hf(torch.from_numpy(tokens).long())
     for h in hooks:
         h.remove()
-    assert [sw.layer for sw in found] == [0, 1, 2]
-    for sw in found:
-        x, y = io[sw.layer]
+    assert sorted({sw.layer for sw in found}) == [0, 1, 2]
+    for layer in range(3):
+        x, y = io[layer]
         col = int(x.abs().flatten().argmax()) % x.shape[-1]
         row = int(y.abs().flatten().argmax()) % y.shape[-1]
-        assert (sw.row, sw.col) == (row, col)
-        assert sw.weight == pytest.approx(hf.model.layers[sw.layer].mlp.down_proj.weight[row, col].item())
-        assert abs(sw.output_value) == pytest.approx(y.abs().max().item(), rel=1e-5)
+        weight = hf.model.layers[layer].mlp.down_proj.weight
+        # the argmax row, then every row whose own contribution w[r, col] * x_col is >= half the largest output
+        contribution = (weight[:, col] * x.flatten()[x.abs().flatten().argmax()]).abs()
+        others = [r for r in contribution.argsort(descending=True).tolist()
+                  if r != row and contribution[r] >= massive.SUPER_RATIO * y.abs().max()]
+        ours = [sw for sw in found if sw.layer == layer]
+        assert [(sw.row, sw.col) for sw in ours] == [(r, col) for r in [row, *others]]
+        for sw in ours:
+            assert sw.weight == pytest.approx(weight[sw.row, col].item())
+            assert abs(sw.output_value) == pytest.approx(y.abs().max().item(), rel=1e-5)
+    assert any(len([sw for sw in found if sw.layer == layer]) > 1 for layer in range(3))  # the rule was exercised
     assert massive.find_super_weights(model, tokens=tokens) == []  # random weights do not spike above 50
 
 
@@ -140,6 +148,9 @@ def test_smollm2_super_weight_and_massive_activations(smollm2_path):
     strongest = max(found, key=lambda s: abs(s.output_value))
     # the super weight's column is the top massive-weight row: the two papers point at one weight
     assert (strongest.layer, strongest.row, strongest.col) == (11, 507, 1229)
+    # all of them: layer 27 has three rows at one column; layer 11's ~280 outputs above 50 yield one
+    assert [(s.layer, s.row, s.col) for s in found] == [(2, 507, 90), (9, 507, 200), (11, 507, 1229), (27, 199, 903),
+                                                        (27, 299, 903), (27, 243, 903), (28, 507, 678), (29, 507, 999)]
     tokens = np.asarray([tokenizer("The sea was calm. Boats rested in the harbour.").input_ids])
     ma = massive.find_massive_activations(model, tokens, 11)
     assert ma.dims[0] == 507 and ma.positions == (0,)
