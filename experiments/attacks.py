@@ -17,12 +17,15 @@ Writes attacks.json, table1.md and k_sweep.png under --output_dir.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from absl import app, flags
 
 from experiments import common
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
+from mwjax.eval.corpora import calibration_chunks
 from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
 
@@ -37,6 +40,11 @@ flags.DEFINE_list("sweep", ["0", "1", "2", "3", "5", "10"], "k values of the Fig
 flags.DEFINE_integer("sweep_chunks", None, "a further cap on the first corpus's chunks per sweep point (default: the "
                      "run's own, so the k=0 zeroing point equals 'original')")
 flags.DEFINE_bool("activation_interventions", True, "also set the massive activations to zero / their mean")
+flags.DEFINE_string("calibration", attacks.CALIBRATION_CORPUS, "corpus whose LAST chunks give the massive-activation "
+                    "means (kept apart from the evaluated text, as the thesis' 100 RedPajama sequences)")
+common.check_flag("calibration", check_corpus)
+flags.DEFINE_integer("calibration_sequences", attacks.CALIBRATION_SEQUENCES, "calibration sequences (the thesis: 100)")
+flags.DEFINE_integer("calibration_seqlen", attacks.CALIBRATION_SEQLEN, "tokens per calibration sequence (with bos)")
 flags.DEFINE_list("prompts", ["What is the capital of France?", "Write a short poem about the sea."],
                   "generation prompts (user turns of the chat template when the tokenizer has one)")
 flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt")
@@ -52,10 +60,29 @@ def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict
         print(f"massive activations after {mw.label}: dims {list(ma.dims)} at positions {list(ma.positions)[:8]} "
               f"(|x| > {ma.threshold:.0f})")
         if ma.dims:
-            for value in ("zero", "mean"):
+            for value in ("zero", "mean"):  # means per position class, on the calibration set
                 out[f"massive activations = {value}"] = attacks.set_massive_activations(
                     model, mw.layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold)
+            out["median activations = zero (control)"] = attacks.zero_median_activations(
+                model, mw.layer, len(ma.dims), calibration)
     return out
+
+
+def calibration_set(corpora, tokenizer) -> np.ndarray:
+    """--calibration's last chunks; refused when they overlap what an evaluated corpus reads."""
+    evaluated = next((c for c in corpora if c.name == Path(FLAGS.calibration).name), None)
+    source = evaluated or common.load_corpora([FLAGS.calibration], tokenizer, None)[0]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    tokens = calibration_chunks(source, FLAGS.calibration_sequences, FLAGS.calibration_seqlen, bos)
+    print(f"calibration: the last {len(tokens)} x {FLAGS.calibration_seqlen} tokens of {source.name}"
+          + (f", each after the bos token (id {bos})" if bos is not None else ""))
+    if evaluated is not None:
+        read = len(chunk_tokens(source.token_ids, FLAGS.seqlen, source.max_chunks)) * FLAGS.seqlen
+        if read > len(source.token_ids) - tokens.size:
+            raise SystemExit(f"the calibration sequences (the last {tokens.size} tokens of {source.name}) overlap the "
+                             f"{read} tokens evaluated: use another --calibration, fewer --calibration_sequences or "
+                             "--max_chunks")
+    return tokens
 
 
 def sweep(model, mw, tokens: np.ndarray, ks: list[int]) -> dict[str, list[float]]:
@@ -80,7 +107,7 @@ def main(argv):
           f"(intermediate values {[round(v, 1) for v in mw.values[:FLAGS.k]]}, median |x| {mw.median:.3g})\n")
 
     corpora = common.load_corpora(FLAGS.datasets, tokenizer, FLAGS.max_chunks)
-    calibration = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, corpora[0].max_chunks)
+    calibration = calibration_set(corpora, tokenizer) if FLAGS.activation_interventions else None
     chat = getattr(tokenizer, "chat_template", None) is not None
     rows, results = [], {}
     for name, attacked in settings(model, mw, calibration).items():

@@ -25,7 +25,7 @@ from flax import nnx
 
 from mwjax import masks, probes
 from mwjax.interventions import ActivationEdit, Edits
-from mwjax.massive import MassiveWeights, SuperWeight
+from mwjax.massive import MassiveActivations, MassiveWeights, SuperWeight, find_massive_activations
 from mwjax.models.base import Attached
 from mwjax.models.layers import Linear
 
@@ -223,55 +223,109 @@ def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[Supe
 
 
 def massive_activation_means(model: nnx.Module, tokens, layer: int, dims: Sequence[int],
-                             min_abs: float = MASSIVE_ACTIVATION_MIN, batch_size: int = 8) -> np.ndarray:
-    """Mean of hidden[..., dims] after `layer` over the entries where |value| > min_abs, per dim."""
+                             min_abs: float = MASSIVE_ACTIVATION_MIN, batch_size: int = 8
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """(first, other) [k]: the mean of hidden[..., dims] after `layer` over the entries where |value| > min_abs,
+    per dim and position class: the first token (position 0) and every other position (the delimiters).
+
+    The Massive Activations reference code sets each massive activation to its own constant per (position,
+    dim), and the two classes differ (Llama-2-7B dim 2533: ~768 at token 0, ~2547 at the first delimiter).
+    A class where a dim is never massive takes the other class's mean (an edit fires only where |x| > min_abs).
+    tokens: [num_sequences, seq], a calibration set apart from the evaluation text (thesis: 100 sequences).
+    """
     tokens = np.asarray(tokens, np.int32)
     dims = np.asarray(dims)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
-    total, count = np.zeros(len(dims)), np.zeros(len(dims))
+    total, count = np.zeros((2, len(dims))), np.zeros((2, len(dims)))  # [first / other, k]
     for start in range(0, len(tokens), batch_size):
         _, result = probes.capture(model, jnp.asarray(tokens[start:start + batch_size]), config)
-        x = np.asarray(result["hidden"][layer]["full"][..., dims], np.float64).reshape(-1, len(dims))
+        x = np.asarray(result["hidden"][layer]["full"][..., dims], np.float64)  # [b, t, k]
         large = np.abs(x) > min_abs
-        total += np.where(large, x, 0).sum(0)
-        count += large.sum(0)
-    if np.any(count == 0):
-        raise ValueError(f"dims {dims[count == 0].tolist()} never exceed |x| > {min_abs} after layer {layer} on "
-                         "these sequences: they hold no massive activation there")
-    return total / count
+        for cls, part in enumerate((slice(0, 1), slice(1, None))):
+            total[cls] += np.where(large[:, part], x[:, part], 0).sum((0, 1))
+            count[cls] += large[:, part].sum((0, 1))
+    if np.any(count.sum(0) == 0):
+        raise ValueError(f"dims {dims[count.sum(0) == 0].tolist()} never exceed |x| > {min_abs} after layer {layer} "
+                         "on these sequences: they hold no massive activation there")
+    means = total / np.maximum(count, 1)
+    first, other = (np.where(count[c] > 0, means[c], means[1 - c]) for c in (0, 1))
+    return first, other
 
 
-def massive_activation_edits(layer: int, dims: Sequence[int], values, min_abs: float = MASSIVE_ACTIVATION_MIN
-                             ) -> Edits:
-    """Edits setting the massive activations (|x| > min_abs) of `dims` in the hidden state after `layer`."""
+def massive_activation_edits(layer: int, dims: Sequence[int], values, min_abs: float = MASSIVE_ACTIVATION_MIN,
+                             first_values=None) -> Edits:
+    """Edits setting the massive activations (|x| > min_abs) of `dims` in the hidden state after `layer` to
+    `values` [k] (or a scalar), and to `first_values` [k] at the first token when given."""
     dims = jnp.asarray(dims, jnp.int32)
-    return {("hidden", layer): ActivationEdit(dims=dims, values=jnp.broadcast_to(jnp.asarray(values), dims.shape),
-                                              min_abs=min_abs)}
+    per_dim = lambda v: None if v is None else jnp.broadcast_to(jnp.asarray(v, jnp.float32), dims.shape)
+    return {("hidden", layer): ActivationEdit(dims=dims, values=per_dim(values), min_abs=min_abs,
+                                              first_values=per_dim(first_values))}
 
 
 def set_massive_activations(model: nnx.Module, layer: int, dims: Sequence[int], value="zero", *, tokens=None,
                             min_abs: float = MASSIVE_ACTIVATION_MIN) -> nnx.Module:
     """Set the massive activations in `dims` of the hidden state after `layer` (wherever |x| > min_abs).
 
-    value: "zero"; "mean" (their mean over `tokens` [num_sequences, seq], computed here); or a number.
+    value: "zero"; "mean" (their means per position class over calibration `tokens` [num_sequences, seq],
+    computed here: `massive_activation_means`); or a number.
     """
     _check_layer(model, layer)
+    first = None
     if isinstance(value, str):
         if value == "zero":
             value = 0.0
         elif value == "mean":
             if tokens is None:
                 raise ValueError('value="mean" needs tokens=[num_sequences, seq] to average the activations over')
-            value = massive_activation_means(model, tokens, layer, dims, min_abs)
+            first, value = massive_activation_means(model, tokens, layer, dims, min_abs)
         else:
             raise ValueError(f'value must be "zero", "mean" or a number, got {value!r}')
-    return attach(model, edits=massive_activation_edits(layer, dims, value, min_abs))
+    return attach(model, edits=massive_activation_edits(layer, dims, value, min_abs, first_values=first))
+
+
+def zero_median_activations(model: nnx.Module, layer: int, count: int, tokens) -> nnx.Module:
+    """The thesis' control for "set to zero": zero `count` activations of median magnitude instead of the
+    massive ones, at the first token (where massive activations sit; delimiter positions are not covered).
+    The dims are those whose mean |x| at position 0 of `tokens` [num_sequences, seq] lies nearest the median."""
+    _check_layer(model, layer)
+    config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
+    first_tokens = jnp.asarray(np.asarray(tokens)[:, :1], jnp.int32)  # position 0 sees only itself
+    hidden = probes.capture(model, first_tokens, config)[1]["hidden"][layer]["full"][:, 0]  # [n, d_model]
+    first = np.mean(np.abs(np.asarray(hidden, np.float64)), axis=0)
+    dims = np.argsort(np.abs(first - np.median(first)))[:count]
+    edit = ActivationEdit(dims=jnp.asarray(dims, jnp.int32), values=None, first_values=jnp.zeros(count))
+    return attach(model, edits={("hidden", layer): edit})
+
+
+def intervene_massive_activations(model: nnx.Module, layer: int, value: str, calibration
+                                  ) -> tuple[nnx.Module, MassiveActivations]:
+    """(the model with the massive activations after `layer` set to `value` ("zero" / "mean"), or as many
+    median-magnitude ones zeroed ("control"), and the MassiveActivations found on `calibration`
+    [num_sequences, seq] that say which)."""
+    ma = find_massive_activations(model, calibration, layer)
+    if not ma.dims:
+        raise ValueError(f"no massive activation after layer {layer} on the calibration set (|x| > {ma.threshold:.0f})")
+    if value == "control":
+        return zero_median_activations(model, layer, len(ma.dims), calibration), ma
+    return set_massive_activations(model, layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold), ma
 
 
 # ----------------------------------------------------------------------------------------- by name
 
 SPECS = ("zero_top_k:K", "retain_top_k:K", "scale_super_weight:FACTOR", "prune_super_weight",
-         "restore_super_activation")
+         "restore_super_activation", "massive_activations:zero", "massive_activations:mean",
+         "massive_activations:control")
+# the calibration set of "massive_activations:mean" (thesis: 100 sequences, kept apart from the evaluation)
+CALIBRATION_CORPUS, CALIBRATION_SEQUENCES, CALIBRATION_SEQLEN = "python_docs", 100, 256
+
+
+def calibration_tokens(tokenizer, corpus: str = CALIBRATION_CORPUS, sequences: int = CALIBRATION_SEQUENCES,
+                       seqlen: int = CALIBRATION_SEQLEN) -> np.ndarray:
+    """[sequences, seqlen]: the last chunks of a corpus (name or text file), each after the bos token."""
+    from mwjax.eval import corpora
+
+    return corpora.calibration_chunks(corpora.load(corpus, tokenizer), sequences, seqlen,
+                                      getattr(tokenizer, "bos_token_id", None))
 
 
 def parse_spec(spec: str) -> tuple[str, float | None]:
@@ -291,15 +345,26 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
         if arg:
             raise ValueError(f"attack {spec!r}: {name} takes no argument")
         return name, None
+    if name == "massive_activations":
+        if arg not in ("zero", "mean", "control"):
+            raise ValueError(f"attack {spec!r}: write massive_activations:zero, :mean or :control (as many "
+                             "median-magnitude activations zeroed)")
+        return name, arg
     raise ValueError(f"unknown attack {spec!r}; write one of {SPECS}")
 
 
 def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | None = None) -> nnx.Module:
     """Apply an attack named as on a command line: "zero_top_k:5", "retain_top_k:5", "scale_super_weight:1.5",
-    "prune_super_weight", "restore_super_activation". Massive / super weights are found first."""
+    "prune_super_weight", "restore_super_activation", "massive_activations:zero" / ":mean" / ":control" (those
+    after the massive weights' layer; means from `calibration_tokens`). Massive / super weights are found first."""
     from mwjax import massive
 
     name, arg = parse_spec(spec)
+    if name == "massive_activations":
+        if tokenizer is None:
+            raise ValueError(f"attack {spec!r} needs the tokenizer (its calibration text)")
+        layer = massive.find_massive_weights(model, tokenizer, k=1, first_token=first_token).layer
+        return intervene_massive_activations(model, layer, arg, calibration_tokens(tokenizer))[0]
     if name in ("zero_top_k", "retain_top_k"):
         mw = massive.find_massive_weights(model, tokenizer, k=arg, first_token=first_token)
         return (zero_top_k if name == "zero_top_k" else retain_top_k)(model, mw, arg)

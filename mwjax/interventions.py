@@ -23,28 +23,35 @@ class ActivationEdit:
     """x[..., dims] := values where `where` is true and |x[..., dims]| > min_abs.
 
     dims:    int32 [k], feature indices (last axis)
-    values:  broadcastable to [batch, seq, k]: the replacement values
+    values:  broadcastable to [batch, seq, k]: the replacement values (None: unchanged, with first_values)
     where:   bool, broadcastable to [batch, seq] (None = every token)
     min_abs: static; only entries whose magnitude exceeds it are replaced (e.g. 100 selects the
              massive activations of those dims, wherever in the sequence they occur)
+    first_values: [k] or None: the replacement at the sequence's first position (position 0) instead
+             of `values` (the first token's massive activations differ from the delimiters')
     """
 
     dims: jax.Array
-    values: jax.Array
+    values: jax.Array | None
     where: jax.Array | None = None
     min_abs: float | None = struct.field(pytree_node=False, default=None)
+    first_values: jax.Array | None = None
 
 
 Edits = Mapping[tuple[str, int], ActivationEdit]
 
 
-def apply(edits: Edits | None, point: str, layer: int, x: jax.Array) -> jax.Array:
-    """x with the edit registered for (point, layer) applied; x itself when there is none."""
+def apply(edits: Edits | None, point: str, layer: int, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """x [b, t, d] with the edit registered for (point, layer) applied; x itself when there is none.
+    positions [b, t] (default 0..t-1) locate the first token for `first_values`."""
     if not edits or (point, layer) not in edits:
         return x
     edit = edits[(point, layer)]
     current = x[..., edit.dims]  # [b, t, k]
-    new = jnp.broadcast_to(jnp.asarray(edit.values, x.dtype), current.shape)
+    new = current if edit.values is None else jnp.broadcast_to(jnp.asarray(edit.values, x.dtype), current.shape)
+    if edit.first_values is not None:
+        first = (jnp.arange(x.shape[-2]) if positions is None else positions) == 0  # [(b,) t]
+        new = jnp.where(first[..., None], jnp.asarray(edit.first_values, x.dtype), new)
     selected = None
     if edit.where is not None:
         selected = jnp.broadcast_to(jnp.asarray(edit.where, bool)[..., None], current.shape)

@@ -149,6 +149,21 @@ def test_a_set_of_super_weights_is_attacked_jointly(setup):
         np.testing.assert_allclose(c[~peak], b[~peak], rtol=1e-5, atol=1e-6)
 
 
+def test_median_control_zeroes_as_many_median_entries_at_the_first_token(setup):
+    _, model, _ = setup
+    config = probes.ProbeConfig(points=("hidden",), layers=(1,))
+    get = lambda m: np.asarray(probes.capture(m, jnp.asarray(TOKENS), config)[1]["hidden"][1]["full"])
+    original, edited = get(model), get(attacks.zero_median_activations(model, 1, 3, TOKENS))
+    changed = np.argwhere(edited != original)
+    assert len(changed) == 3 and set(changed[:, 1]) == {0}  # three entries, all at the first token
+    magnitudes = np.abs(original[0, 0])
+    assert all(abs(magnitudes[d] - np.median(magnitudes)) <= np.sort(np.abs(magnitudes - np.median(magnitudes)))[2]
+               for d in changed[:, 2])
+    assert np.all(edited[0, 0, changed[:, 2]] == 0)
+    with pytest.raises(ValueError, match="no massive activation after layer 1 on the calibration set"):
+        attacks.intervene_massive_activations(model, 1, "control", TOKENS)
+
+
 def test_set_massive_activations_edits_only_large_entries(setup):
     _, model, _ = setup
     tokens = jnp.asarray(TOKENS)
@@ -162,14 +177,19 @@ def test_set_massive_activations_edits_only_large_entries(setup):
     assert np.all(edited[..., dims][large] == 0)
     np.testing.assert_array_equal(edited[..., dims][~large], original[..., dims][~large])
     np.testing.assert_array_equal(np.delete(edited, dims, axis=-1), np.delete(original, dims, axis=-1))
-    # "mean": the mean of exactly those entries, over the given sequences
-    means = attacks.massive_activation_means(model, TOKENS, 1, dims, threshold)
-    expected = [original[..., d][np.abs(original[..., d]) > threshold].mean() for d in dims]
-    np.testing.assert_allclose(means, expected, rtol=1e-5)
+    # "mean": per position class (the first token, the others), the mean of exactly those entries
+    first, other = attacks.massive_activation_means(model, TOKENS, 1, dims, threshold)
+    head, rest = original[:, :1], original[:, 1:]
+    expected_other = [rest[..., d][np.abs(rest[..., d]) > threshold].mean() for d in dims]
+    expected_first = [head[..., d][np.abs(head[..., d]) > threshold].mean() if np.any(np.abs(head[..., d]) > threshold)
+                      else expected_other[j] for j, d in enumerate(dims)]  # never massive there: the other mean
+    np.testing.assert_allclose(other, expected_other, rtol=1e-5)
+    np.testing.assert_allclose(first, expected_first, rtol=1e-5)
     meaned = attacks.set_massive_activations(model, 1, dims, "mean", tokens=TOKENS, min_abs=threshold)
     after = np.asarray(probes.capture(meaned, tokens, config)[1]["hidden"][1]["full"])
     for j, d in enumerate(dims):
-        np.testing.assert_allclose(after[..., d][large[..., j]], means[j], rtol=1e-5)
+        np.testing.assert_allclose(after[:, 1:, d][large[:, 1:, j]], other[j], rtol=1e-5)
+        np.testing.assert_allclose(after[:, :1, d][large[:, :1, j]], first[j], rtol=1e-5)
     # attached edits travel with the copy, not the original
     np.testing.assert_array_equal(ours(model), ours(model))
     assert model.attached is None and edited_model.attached is not None
@@ -194,7 +214,8 @@ def test_bad_inputs(setup, call, message):
 
 @pytest.mark.parametrize("spec, parsed", [("zero_top_k:5", ("zero_top_k", 5)), ("retain_top_k:1", ("retain_top_k", 1)),
                                            ("scale_super_weight:1.5", ("scale_super_weight", 1.5)),
-                                           ("prune_super_weight", ("prune_super_weight", None))])
+                                           ("prune_super_weight", ("prune_super_weight", None)),
+                                           ("massive_activations:mean", ("massive_activations", "mean"))])
 def test_attack_specs_parse_without_a_model(spec, parsed):
     assert attacks.parse_spec(spec) == parsed
 
@@ -203,6 +224,7 @@ def test_attack_specs_parse_without_a_model(spec, parsed):
     ("zero_top_k", r"write zero_top_k:K with an integer K >= 1"), ("retain_top_k:0", "integer K >= 1"),
     ("scale_super_weight:big", "write scale_super_weight:FACTOR"), ("prune_super_weight:3", "takes no argument"),
     ("zero_top:5", r"unknown attack 'zero_top:5'; write one of"),
+    ("massive_activations:median", "write massive_activations:zero, :mean or :control"),
 ])
 def test_bad_attack_specs(spec, message):
     with pytest.raises(ValueError, match=message):

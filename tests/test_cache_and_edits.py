@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_logits_close, hf_logits, random_tokens, torch
 
 import converters
-from mwjax import models, probes
+from mwjax import interventions, models, probes
 from mwjax.interventions import ActivationEdit
 from mwjax.models.cache import KVCache
 
@@ -97,3 +97,16 @@ def test_edit_validation(tiny_checkpoint):
         model(jnp.ones((1, 2), jnp.int32), edits={("attn_probs", 0): edit})
     with pytest.raises(ValueError, match="layer 9 is out of range"):
         model(jnp.ones((1, 2), jnp.int32), edits={("hidden", 9): edit})
+
+
+def test_first_token_values_follow_positions_not_indices():
+    x = jnp.full((2, 3, 4), 500.0)  # every entry "massive"
+    edit = {("hidden", 0): ActivationEdit(dims=jnp.array([1, 2]), values=jnp.array([7.0, 8.0]), min_abs=100.0,
+                                          first_values=jnp.array([1.0, 2.0]))}
+    positions = jnp.array([[0, 1, 2], [5, 6, 7]])  # the second row: a later chunk, as in cached decoding
+    out = np.asarray(interventions.apply(edit, "hidden", 0, x, positions))
+    np.testing.assert_array_equal(out[0, 0, 1:3], [1, 2])  # the first token: its own values
+    np.testing.assert_array_equal(out[0, 1:, 1:3], [[7, 8], [7, 8]])
+    np.testing.assert_array_equal(out[1, :, 1:3], [[7, 8]] * 3)  # no position 0 in this call
+    np.testing.assert_array_equal(out[..., [0, 3]], 500.0)
+    assert np.asarray(interventions.apply(edit, "hidden", 0, x))[1, 0, 1] == 1.0  # default positions 0..t-1

@@ -77,7 +77,8 @@ def test_massive_weights_and_super_weight_experiments_on_a_tiny_model(tiny):
 def test_the_main_job_on_smollm2(tmp_path):
     """The README's main command, with CPU-sized settings: zeroing hurts far more than retaining."""
     stdout = run("experiments.attacks", "--seqlen=256", "--max_chunks=3", "--sweep=0,5", "--sweep_chunks=1",
-                 "--max_new_tokens=12", "--prompts=What is the capital of France?", f"--output_dir={tmp_path}")
+                 "--max_new_tokens=12", "--prompts=What is the capital of France?", "--calibration_sequences=20",
+                 f"--output_dir={tmp_path}")
     result = json.loads((tmp_path / "attacks.json").read_text())
     ppl = {name: s["perplexity"]["python_docs"]["perplexity"] for name, s in result["settings"].items()}
     assert result["massive_weights"]["layer"] == 11
@@ -86,6 +87,9 @@ def test_the_main_job_on_smollm2(tmp_path):
     assert ppl["massive activations = mean"] == pytest.approx(ppl["original"], rel=0.05)
     gens = {name: s["generations"]["What is the capital of France?"] for name, s in result["settings"].items()}
     assert "Paris" in gens["original"] and "Paris" not in gens["top-5 zeroing"]
+    # means per position class from bos-led calibration text: the chat prompt's first token keeps its own value
+    # (one pooled mean gave it another, and the answer turned into French text)
+    assert gens["massive activations = mean"] == gens["original"]
     assert "massive weights: layer 12 (HF layers[11])" in stdout
 
 

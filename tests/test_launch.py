@@ -46,8 +46,10 @@ def check(run: subprocess.CompletedProcess):
 
 
 def losses(output_dir: Path) -> dict[int, float]:
-    """step -> training loss (a resumed run logs the steps after its checkpoint again: the last entry counts)."""
-    return {m["step"]: m["loss"] for m in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())}
+    """step -> training loss (metrics.jsonl holds each step once, after any number of kills; step 0 has no loss)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len({m["step"] for m in records}) == len(records), "a step logged twice"
+    return {m["step"]: m["loss"] for m in records if "loss" in m}
 
 
 def adapters(output_dir: Path) -> dict[str, np.ndarray]:

@@ -75,6 +75,20 @@ def python_docs(tokenizer, max_chunks: int | None = None) -> Corpus:
 LOADERS = {"wikitext2": wikitext2, "c4": c4, "pg19": pg19, "python_docs": python_docs}
 
 
+def calibration_chunks(corpus: Corpus, sequences: int, seqlen: int, bos_id: int | None = None) -> np.ndarray:
+    """[sequences, seqlen]: the LAST chunks of a corpus, for statistics (massive-activation means) kept apart
+    from an evaluation that reads the corpus from its start; each begins with `bos_id` when given (as the
+    reference's tokenized sequences do: the first token's massive activation depends on which token it is).
+    ValueError when the corpus is too short."""
+    ids = np.asarray(corpus.token_ids, np.int32).reshape(-1)
+    body = seqlen - (bos_id is not None)
+    if len(ids) < sequences * body or body < 1:
+        raise ValueError(f"{corpus.name} has {len(ids)} tokens, fewer than {sequences} calibration sequences of "
+                         f"{seqlen}")
+    chunks = ids[len(ids) - sequences * body:].reshape(sequences, body)
+    return chunks if bos_id is None else np.concatenate([np.full((sequences, 1), bos_id, np.int32), chunks], 1)
+
+
 def check_name(name: str) -> None:
     """Raise ValueError unless `name` is a known corpus or an existing file (checked before a model loads)."""
     if name not in LOADERS and not Path(name).is_file():

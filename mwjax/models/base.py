@@ -31,17 +31,18 @@ class Taps:
 
     probes: probes.ProbeConfig | None = None
     edits: interventions.Edits | None = None
+    positions: jax.Array | None = None  # int32 [b, t], for edits that treat the first token apart
 
     def edit(self, point: str, layer: int, x: jax.Array) -> jax.Array:
         """Only the edit (for blocks that record a value assembled from several edited parts)."""
-        return interventions.apply(self.edits, point, layer, x)
+        return interventions.apply(self.edits, point, layer, x, self.positions)
 
     def record(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> None:
         """Only the probe."""
         probes.sow(module, point, layer, x, self.probes)
 
     def __call__(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> jax.Array:
-        x = interventions.apply(self.edits, point, layer, x)
+        x = interventions.apply(self.edits, point, layer, x, self.positions)
         probes.sow(module, point, layer, x, self.probes)
         return x
 
@@ -115,7 +116,7 @@ class CausalLM(nnx.Module):
                                         segment_ids=segment_ids)
             for kind in set(cfg.layer_types)
         }
-        taps = Taps(probes, edits)
+        taps = Taps(probes, edits, positions if edits else None)
         x = self.embed(tokens)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.model.layers):
