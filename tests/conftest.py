@@ -198,6 +198,17 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """name -> the embedded model's tokenizer as `converters.load_tokenizer` builds it, once per session
+    (Gemma-3's takes ~25 s to parse and build)."""
+    import functools
+
+    import converters
+
+    return functools.cache(lambda name: converters.load_tokenizer(f"embedded:{name}"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
     """SmolLM2's real BPE tokenizer (49152 tokens), built by transformers from the GGUF metadata."""
     from converters.gguf_source import GGUFSource

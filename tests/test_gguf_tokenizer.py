@@ -11,7 +11,6 @@ from conftest import needs_torch
 
 import converters
 from converters import embedded
-from converters.gguf_source import GGUFSource
 
 # A few thousand characters of what tokenizers get wrong: code, accents, digits, whitespace runs,
 # emoji, CJK, special-token strings inside text.
@@ -56,21 +55,21 @@ def assert_same_tokenizer(ours, ref, text: str = VARIED_TEXT):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2", "gemma3-270m"])  # byte-level BPE; SentencePiece (Gemma)
-def test_real_gguf_tokenizers_match_transformers(name):
+def test_real_gguf_tokenizers_match_transformers(name, embedded_tokenizer):
     path = embedded.path(name)
-    assert_same_tokenizer(GGUFSource(path).tokenizer(), _reference(path))
+    assert_same_tokenizer(embedded_tokenizer(name), _reference(path))
 
 
 @pytest.mark.slow
-def test_embedded_tokenizers_load_without_the_reference():
+def test_embedded_tokenizers_load_without_the_reference(embedded_tokenizer):
     """What the README's main job relies on, on any machine: bos, the chat template, lossless round trips."""
-    smol = converters.load_tokenizer("embedded:smollm2")
+    smol = embedded_tokenizer("smollm2")
     ids = smol("The capital of France is").input_ids
     assert ids == [504, 3575, 282, 4649, 314]  # transformers' GGUF tokenizer gives these ids
     assert smol.decode(smol(VARIED_TEXT).input_ids) == VARIED_TEXT  # byte-level: lossless
     chat = smol.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert chat.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-    gemma = converters.load_tokenizer("embedded:gemma3-270m")
+    gemma = embedded_tokenizer("gemma3-270m")
     assert gemma("Hello").input_ids[0] == gemma.bos_token_id == 2  # Gemma adds bos
 
 
