@@ -38,11 +38,12 @@ def quiet_logs() -> None:
     logging.getLogger("jax").setLevel(logging.WARNING)
 
 
-def load_model():
-    """--model (with --adapter merged in, so attacks see the fine-tuned weights) and its tokenizer."""
+def load_model(merge_adapter: bool = True):
+    """--model (with --adapter merged in, so attacks see the fine-tuned weights, unless `merge_adapter` is
+    False: the caller attaches it) and its tokenizer."""
     quiet_logs()
     model, tokenizer = converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), tokenizer=tokenizer_flag())
-    if FLAGS.adapter:
+    if FLAGS.adapter and merge_adapter:
         model = peft.merge(peft.load_adapters(model, FLAGS.adapter))
     return model, tokenizer
 

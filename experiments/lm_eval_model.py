@@ -4,10 +4,12 @@
         --tasks arc_easy,arc_challenge,boolq,piqa,winogrande --batch_size 8
 
 model_args: pretrained (anything `converters.load` reads), adapter (an HF PEFT directory or the orbax
-adapter/ of experiments.macdrop, merged into the weights before any attack, so an attack after fine-tuning
-zeroes the tuned rows), dtype (float32 | bfloat16), attack (see `mwjax.attacks.from_spec`), first_token (for
-finding massive weights when the tokenizer has no bos),
-add_bos_token (True / False / unset = the tokenizer's default), max_length, max_gen_toks.
+adapter/ of experiments.macdrop, merged into the weights), attack (see `mwjax.attacks.from_spec`),
+attack_on (with adapter and attack, House of Cards Table 8's reading: merged, the default, re-finds the
+massive weights on the merged model and attacks its rows; base attacks the pretrained rows under the live
+adapter; `mwjax.attacks.after_fine_tuning`), dtype (float32 | bfloat16), first_token (for finding massive
+weights when the tokenizer has no bos), add_bos_token (True / False / unset = the tokenizer's default),
+max_length, max_gen_toks.
 `pip install -e .` makes `--model mwjax` known to the `lm_eval` command (a small .pth hook registers
 it in lm_eval processes only); in Python, import this module or pass an `MwjaxLM` instance.
 """
@@ -29,21 +31,26 @@ LM_EVAL_ONLY = ("device", "max_batch_size")  # lm-eval passes these to every bac
 class MwjaxPretrainedLM(MwjaxLM):
     def __init__(self, pretrained: str, dtype: str = "float32", attack: str | None = None, adapter: str | None = None,
                  first_token: int | str | None = None, batch_size: int | str = 8, tokenizer: str | None = None,
-                 **kwargs):
+                 attack_on: str = "merged", **kwargs):
         for key in LM_EVAL_ONLY:
             kwargs.pop(key, None)
         if attack:
             attacks.parse_spec(attack)  # a bad spec fails before the model loads
+        if attack_on not in attacks.ATTACK_ON:
+            raise ValueError(f"attack_on={attack_on!r}: write one of {attacks.ATTACK_ON}")
         # tokenizer=PATH as lm-eval's HF backend: another tokenizer than the checkpoint's own
         model, tokenizer = converters.load(pretrained, dtype=jnp.dtype(dtype), tokenizer=tokenizer or True)
-        if adapter:
+        if adapter and attack:
+            model = attacks.after_fine_tuning(model, tokenizer, attack, adapter, attack_on, first_token=first_token)
+        elif adapter:
             model = peft.merge(peft.load_adapters(model, adapter))
-        if attack:
+        elif attack:
             model = attacks.from_spec(model, tokenizer, attack, first_token=first_token)
         if batch_size == "auto" or str(batch_size).startswith("auto"):
             batch_size = 8
         super().__init__(model, tokenizer, batch_size=int(batch_size), **kwargs)
-        self.description = {"pretrained": pretrained, "adapter": adapter, "dtype": dtype, "attack": attack}
+        self.description = {"pretrained": pretrained, "adapter": adapter, "dtype": dtype, "attack": attack,
+                            "attack_on": attack_on if adapter and attack else None}
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

@@ -10,7 +10,8 @@ and writes tables.md with
   Table 2: zero-shot accuracy per task and mean for every unattacked run, one row per --label
            (e.g. "LoRA", "LoRA + MacDrop");
   Table 8: the mean zero-shot accuracy of each label after top-3 zeroing (runs with
-           --attack=zero_top_k:3), beside its unattacked mean.
+           --attack=zero_top_k:3), beside its unattacked mean, with the reading of each attacked
+           fine-tuned run (--attack_on: merged or base).
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
 """
 
@@ -65,8 +66,8 @@ def table8(zeroshot: list[dict], attack: str = "zero_top_k:3") -> str:
     for z in zeroshot:
         if z["attack"] == attack:
             base = clean.get((z["model"], z["label"]))
-            rows.append([z["model"], z["label"], _mean(base) if base else "-", _mean(z)])
-    return common.markdown_table(["model", "method", "mean zero-shot", f"after {attack}"], rows)
+            rows.append([z["model"], z["label"], z.get("attack_on") or "-", _mean(base) if base else "-", _mean(z)])
+    return common.markdown_table(["model", "method", "attack on", "mean zero-shot", f"after {attack}"], rows)
 
 
 def bos_note(zeroshot: list[dict]) -> str:

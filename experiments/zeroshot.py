@@ -1,7 +1,7 @@
 """Zero-shot accuracy on House of Cards' five tasks through lm-evaluation-harness (Tables 1, 2, 7, 8).
 
     python -m experiments.zeroshot --model=PATH [--adapter=runs/NAME/adapter] [--attack=zero_top_k:3] \\
-        [--label="LoRA + MacDrop"]
+        [--attack_on=merged|base] [--label="LoRA + MacDrop"]
     python -m experiments.zeroshot --export_data=DIR          # where the hub is reachable: save the five tasks
     python -m experiments.zeroshot --model=PATH --data_dir=DIR   # then, anywhere: run them from those files
 
@@ -22,6 +22,10 @@ from mwjax.eval import zeroshot_tasks
 FLAGS = flags.FLAGS
 flags.DEFINE_string("attack", None, "attack applied before evaluation, e.g. zero_top_k:5 (mwjax.attacks.from_spec)")
 common.check_flag("attack", attacks.parse_spec)
+flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapter and --attack, Table 8's two "
+                  "readings: merged (massive weights re-found on the merged model, its rows attacked) or base (found "
+                  "before fine-tuning, the pretrained rows attacked under the live adapter; mwjax.attacks."
+                  "after_fine_tuning)")
 flags.DEFINE_list("tasks", list(zeroshot_tasks.PAPER_TASKS), "lm-eval task names")
 flags.DEFINE_string("data_dir", None, "run the tasks from <task>.jsonl files here instead of the hub")
 flags.DEFINE_string("export_data", None, "download the tasks' evaluation splits into this directory and exit")
@@ -69,8 +73,13 @@ def main(argv):
         return
     out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model
     zeroshot_tasks.check_tasks(FLAGS.tasks, FLAGS.data_dir)
-    model, tokenizer = common.load_model()
-    if FLAGS.attack:
+    fine_tuned_attack = bool(FLAGS.attack and FLAGS.adapter)
+    model, tokenizer = common.load_model(merge_adapter=not fine_tuned_attack)
+    if fine_tuned_attack:
+        model = attacks.after_fine_tuning(model, tokenizer, FLAGS.attack, FLAGS.adapter, FLAGS.attack_on,
+                                          first_token=common.first_token_flag())
+        print(f"{FLAGS.attack} on the fine-tuned model, attack_on={FLAGS.attack_on}")
+    elif FLAGS.attack:
         model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
     add_bos = BOS_CHOICES[FLAGS.add_bos_token]
     print(f"add_bos_token={FLAGS.add_bos_token}" + (" (as the papers' lm-eval <= 0.4.9.1)" if add_bos is False else ""))
@@ -81,7 +90,8 @@ def main(argv):
     table = common.markdown_table(header, [table_row(label, scores)])
     print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
     (out / "zeroshot.md").write_text(table + "\n")
-    payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "label": label,
+    payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack,
+               "attack_on": FLAGS.attack_on if fine_tuned_attack else None, "label": label,
                "add_bos_token": FLAGS.add_bos_token, "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}
     print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
 

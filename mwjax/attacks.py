@@ -16,6 +16,7 @@ attached to a model copy with `attach`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -23,13 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax import masks, probes
+from mwjax import masks, massive, probes
 from mwjax.interventions import ActivationEdit, Edits
 from mwjax.massive import MassiveActivations, MassiveWeights, SuperWeight, find_massive_activations
 from mwjax.models.base import Attached
 from mwjax.models.layers import Linear
-
-MASSIVE_ACTIVATION_MIN = 100.0
 
 
 def copy(model: nnx.Module) -> nnx.Module:
@@ -213,6 +212,9 @@ def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[Supe
     out = copy(model)
     sws = _as_list(sws)
     for layer in sorted({sw.layer for sw in sws}):
+        if hasattr(_down_proj(out, layer), "lora_a"):  # its kernel would be restored without the adapter
+            raise ValueError(f"layer {layer}'s down_proj carries a LoRA adapter: merge it (peft.merge) before "
+                             "restoring super activations")
         mlp = out.model.layers[layer].mlp
         mlp.down_proj = SuperActivationRestored(_down_proj(out, layer), [sw for sw in sws if sw.layer == layer],
                                                 min_abs)
@@ -223,7 +225,7 @@ def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[Supe
 
 
 def massive_activation_means(model: nnx.Module, tokens, layer: int, dims: Sequence[int],
-                             min_abs: float = MASSIVE_ACTIVATION_MIN, batch_size: int = 8
+                             min_abs: float = massive.MASSIVE_MIN, batch_size: int = 8
                              ) -> tuple[np.ndarray, np.ndarray]:
     """(first, other) [k]: the mean of hidden[..., dims] after `layer` over the entries where |value| > min_abs,
     per dim and position class: the first token (position 0) and every other position (the delimiters).
@@ -252,7 +254,7 @@ def massive_activation_means(model: nnx.Module, tokens, layer: int, dims: Sequen
     return first, other
 
 
-def massive_activation_edits(layer: int, dims: Sequence[int], values, min_abs: float = MASSIVE_ACTIVATION_MIN,
+def massive_activation_edits(layer: int, dims: Sequence[int], values, min_abs: float = massive.MASSIVE_MIN,
                              first_values=None) -> Edits:
     """Edits setting the massive activations (|x| > min_abs) of `dims` in the hidden state after `layer` to
     `values` [k] (or a scalar), and to `first_values` [k] at the first token when given."""
@@ -263,7 +265,7 @@ def massive_activation_edits(layer: int, dims: Sequence[int], values, min_abs: f
 
 
 def set_massive_activations(model: nnx.Module, layer: int, dims: Sequence[int], value="zero", *, tokens=None,
-                            min_abs: float = MASSIVE_ACTIVATION_MIN) -> nnx.Module:
+                            min_abs: float = massive.MASSIVE_MIN) -> nnx.Module:
     """Set the massive activations in `dims` of the hidden state after `layer` (wherever |x| > min_abs).
 
     value: "zero"; "mean" (their means per position class over calibration `tokens` [num_sequences, seq],
@@ -353,25 +355,51 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
     raise ValueError(f"unknown attack {spec!r}; write one of {SPECS}")
 
 
-def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | None = None) -> nnx.Module:
+def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | None = None, *,
+              find_on: nnx.Module | None = None) -> nnx.Module:
     """Apply an attack named as on a command line: "zero_top_k:5", "retain_top_k:5", "scale_super_weight:1.5",
     "prune_super_weight", "restore_super_activation", "massive_activations:zero" / ":mean" / ":control" (those
-    after the massive weights' layer; means from `calibration_tokens`). Massive / super weights are found first."""
-    from mwjax import massive
-
+    after the massive weights' layer; means from `calibration_tokens`). Massive / super weights are found first,
+    on `find_on` (default: `model` itself; `after_fine_tuning` passes the pretrained model)."""
+    find_on = model if find_on is None else find_on
     name, arg = parse_spec(spec)
     if name == "massive_activations":
         if tokenizer is None:
             raise ValueError(f"attack {spec!r} needs the tokenizer (its calibration text)")
-        layer = massive.find_massive_weights(model, tokenizer, k=1, first_token=first_token).layer
+        layer = massive.find_massive_weights(find_on, tokenizer, k=1, first_token=first_token).layer
         return intervene_massive_activations(model, layer, arg, calibration_tokens(tokenizer))[0]
     if name in ("zero_top_k", "retain_top_k"):
-        mw = massive.find_massive_weights(model, tokenizer, k=arg, first_token=first_token)
+        mw = massive.find_massive_weights(find_on, tokenizer, k=arg, first_token=first_token)
         return (zero_top_k if name == "zero_top_k" else retain_top_k)(model, mw, arg)
-    found = massive.find_super_weights(model, tokenizer)  # all of them, attacked jointly
+    found = massive.find_super_weights(find_on, tokenizer)  # all of them, attacked jointly
     if not found:
         raise ValueError(f"attack {spec!r}: no super weight found (no down_proj spikes above "
                          f"{massive.SPIKE_THRESHOLD})")
     if name == "restore_super_activation":
         return restore_super_activation(model, found)
     return scale_super_weight(model, found, 0.0 if name == "prune_super_weight" else arg)
+
+
+ATTACK_ON = ("merged", "base")
+
+
+def after_fine_tuning(model: nnx.Module, tokenizer, spec: str, adapter: str | os.PathLike, attack_on: str = "merged",
+                      first_token: int | str | None = None) -> nnx.Module:
+    """House of Cards Table 8: the attack `spec` on the pretrained `model` fine-tuned with the adapter in
+    `adapter` (a PEFT directory or mwjax's adapter/), in either reading of the paper:
+
+    merged: the adapter merged into the weights, then the massive weights found again on the merged model and
+        its rows (W0 + BA) attacked.
+    base:   the massive weights found on the pretrained model (before fine-tuning) and the pretrained rows
+        attacked under the live adapter, as MacDrop drops them in training: LoRA keeps its BA rows, and
+        DoRA's norm of the attacked rows, recomputed from the attacked weight, rescales the adapter's rows.
+    """
+    from mwjax import peft
+
+    if attack_on not in ATTACK_ON:
+        raise ValueError(f"attack_on must be one of {ATTACK_ON}, got {attack_on!r}")
+    adapted = peft.load_adapters(model, adapter)
+    if attack_on == "merged":
+        return from_spec(peft.merge(adapted), tokenizer, spec, first_token)
+    adapted.eval()  # LoRA dropout off: an evaluated model
+    return from_spec(adapted, tokenizer, spec, first_token, find_on=model)

@@ -139,9 +139,9 @@ def test_lm_eval_command_line_knows_mwjax(tiny, local_tasks, tmp_path):
     assert "arc_easy_local" in out.stdout and "winogrande_local" in out.stdout
 
 
-def test_adapter_is_merged_before_the_attack(tiny, tmp_path):
+def test_attack_after_fine_tuning_in_both_readings(tiny, tmp_path):
     from experiments.lm_eval_model import MwjaxPretrainedLM
-    from mwjax import attacks, models, peft
+    from mwjax import attacks, massive, models, peft
 
     _, model, path = tiny
     tuned = peft.add_adapters(model, peft.LoraConfig(rank=2, alpha=4.0), seed=3)
@@ -155,6 +155,14 @@ def test_adapter_is_merged_before_the_attack(tiny, tmp_path):
     np.testing.assert_allclose(models.forward(lm.model, tokens), models.forward(expected, tokens), rtol=1e-5,
                                atol=1e-5)
     assert lm.description["adapter"] == str(tmp_path / "adapter")
+    # Table 8 read as the pretrained rows zeroed under the live adapter: rows found before fine-tuning
+    base = MwjaxPretrainedLM(pretrained=str(path), adapter=str(tmp_path / "adapter"), attack="zero_top_k:2",
+                             first_token=1, attack_on="base")
+    assert peft.adapters(base.model) and base.description["attack_on"] == "base"
+    expected = attacks.zero_top_k(tuned, massive.find_massive_weights(model, None, k=2, first_token=1), 2)
+    got = models.forward(base.model, tokens)
+    np.testing.assert_allclose(got, models.forward(expected, tokens), rtol=1e-5, atol=1e-5)
+    assert np.abs(got - models.forward(lm.model, tokens)).max() > 1e-3  # the readings differ
 
 
 def test_zeroshot_experiment_from_local_data(tiny, local_tasks, tmp_path):

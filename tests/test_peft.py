@@ -120,6 +120,28 @@ def test_macdrop_mask_reaches_only_the_base_weight(base, dora):
 
 
 @pytest.mark.parametrize("dora", [False, True])
+def test_pretrained_rows_attacked_under_a_live_adapter(base, dora):
+    """House of Cards Table 8, read as zeroing the pretrained rows with the adapter unmerged: PEFT with those
+    rows of base_layer.weight zeroed is the reference (for DoRA its norm then rescales the adapter's rows)."""
+    from mwjax import attacks, massive
+
+    hf, model = base
+    theirs, ours = peft_pair(hf, model, dora=dora, seed=9)
+    mw = massive.find_massive_weights(model, None, k=3, first_token=1)
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj"):
+            theirs.base_model.model.model.layers[mw.layer].mlp.get_submodule(name).base_layer.weight[
+                list(mw.indices)] = 0
+    got = models.forward(attacks.zero_top_k(ours, mw, 3), jnp.asarray(TOKENS))
+    assert_logits_close(got, hf_logits(theirs, TOKENS))
+    merged = models.forward(attacks.zero_top_k(peft.merge(ours), mw, 3), jnp.asarray(TOKENS))
+    with pytest.raises(AssertionError):  # zeroing the merged rows (W0 + BA) is the other reading
+        assert_logits_close(merged, got, rel=1e-5)
+    with pytest.raises(ValueError, match="merge it"):
+        attacks.restore_super_activation(ours, massive.SuperWeight(1, 2, 3, 0.5, 1.0, 1.0, 0))
+
+
+@pytest.mark.parametrize("dora", [False, True])
 def test_merge_folds_adapters(base, dora):
     hf, model = base
     _, ours = peft_pair(hf, model, dora=dora, seed=5)
