@@ -9,10 +9,12 @@ the massive activations of the origin layer's hidden state set to zero / to thei
 perplexity on every corpus (the massive-activations protocol: --seqlen 4096, all WikiText chunks,
 100 of C4 / PG-19) and a greedy generation per prompt, so a reader sees what the attack does.
 Then Figure 4's sweep over k for both attacks: every point runs the same compiled program (the
-attack is a traced row mask over the layer). Zero-shot accuracy (Table 1's last column) comes from
-`experiments.zeroshot`.
+attack is a traced row mask over the layer), measured as perplexity on the first corpus and, with
+--sweep_metrics=perplexity,zeroshot, as the paper plots it: mean zero-shot accuracy over --tasks
+(lm-eval; --data_dir for local task files, as experiments.zeroshot). Zero-shot accuracy of Table 1's
+settings comes from `experiments.zeroshot --attack=...`.
 
-Writes attacks.json, table1.md and k_sweep.png under --output_dir.
+Writes attacks.json, table1.md, k_sweep.png (and k_sweep_zeroshot.png) under --output_dir.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import common, zeroshot_flags
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
 from mwjax.eval.corpora import calibration_chunks
@@ -37,6 +39,9 @@ flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk (the protocol'
 flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus (beyond the protocol's own cap)")
 flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
 flags.DEFINE_list("sweep", ["0", "1", "2", "3", "5", "10"], "k values of the Figure 4 sweep (empty: skip)")
+flags.DEFINE_list("sweep_metrics", ["perplexity"], "what the sweep reports: perplexity (the first corpus) and/or "
+                  "zeroshot (mean zero-shot accuracy over --tasks, Figure 4's metric)")
+common.check_flag("sweep_metrics", zeroshot_flags.check_metric)
 flags.DEFINE_integer("sweep_chunks", None, "a further cap on the first corpus's chunks per sweep point (default: the "
                      "run's own, so the k=0 zeroing point equals 'original')")
 flags.DEFINE_bool("activation_interventions", True, "also set the massive activations to zero / their mean")
@@ -85,21 +90,31 @@ def calibration_set(corpora, tokenizer) -> np.ndarray:
     return tokens
 
 
-def sweep(model, mw, tokens: np.ndarray, ks: list[int]) -> dict[str, list[float]]:
-    """Figure 4 (as perplexity): zeroing and retaining for each k, one compiled program for all points."""
+def sweep(model, mw, ks: list[int], measure) -> dict[str, list[float]]:
+    """Figure 4: `measure(attacked model)` under zeroing and retaining for each k. The attack is a row mask over
+    the whole layer (`row_scale_masks`), so every point runs the same compiled program."""
     d_ff, d_model = model.config.intermediate_size, model.config.hidden_size
-    series = {"top-k zeroing": [], "top-k retaining": []}
+    series = {}
     for retain, name in ((False, "top-k zeroing"), (True, "top-k retaining")):
+        series[name] = []
         for k in ks:
-            ffn_masks = attacks.row_scale_masks(mw, attacks.top_k_row_scale(mw, k, d_ff, retain=retain), d_model)
-            result = perplexity(model, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size, ffn_masks=ffn_masks)
-            series[name].append(result.perplexity)
+            scale = attacks.top_k_row_scale(mw, k, d_ff, retain=retain)
+            series[name].append(measure(attacks.attach(model, ffn_masks=attacks.row_scale_masks(mw, scale, d_model))))
+            print(f"   {name}, k={k}: {series[name][-1]:.2f}", flush=True)
     return series
+
+
+def print_sweep(ks: list[int], series: dict[str, list[float]], metric: str) -> None:
+    print(f"\nFigure 4 sweep ({metric}):")
+    rows = [[k, *(s[i] for s in series.values())] for i, k in enumerate(ks)]
+    print(common.markdown_table(["k"] + list(series), rows))
 
 
 def main(argv):
     del argv
     out = common.output_dir("outputs/attacks")  # unwritable: fails before the model loads
+    if "zeroshot" in FLAGS.sweep_metrics and FLAGS.sweep:
+        zeroshot_flags.check()
     model, tokenizer = common.load_model()
     ks = [int(k) for k in FLAGS.sweep]
     mw = massive.find_massive_weights(model, tokenizer, k=max([FLAGS.k, *ks]), first_token=common.first_token_flag())
@@ -125,16 +140,22 @@ def main(argv):
     (out / "table1.md").write_text(table + "\n")
     payload = {"model": FLAGS.model, "massive_weights": mw.to_dict(), "k": FLAGS.k, "seqlen": FLAGS.seqlen,
                "settings": results}
-    if ks:
+    if ks and "perplexity" in FLAGS.sweep_metrics:
         caps = [c for c in (corpora[0].max_chunks, FLAGS.sweep_chunks) if c is not None]
         tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
-        series = sweep(model, mw, tokens, ks)
+        series = sweep(model, mw, ks, lambda m: perplexity(m, tokens, FLAGS.seqlen,
+                                                           batch_size=FLAGS.batch_size).perplexity)
         plots.k_sweep(ks, series, f"{corpora[0].name} perplexity under attack, {mw.label}", out / "k_sweep.png")
         payload["k_sweep"] = {"k": ks, "corpus": corpora[0].name, "chunks": len(tokens), **series}
-        print("\nFigure 4 sweep (perplexity):")
-        print(common.markdown_table(["k"] + list(series), [[k, *(s[i] for s in series.values())]
-                                                            for i, k in enumerate(ks)]))
-    print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and k_sweep.png in {out}")
+        print_sweep(ks, series, f"{corpora[0].name} perplexity")
+    if ks and "zeroshot" in FLAGS.sweep_metrics:
+        zeroshot_flags.announce()
+        series = sweep(model, mw, ks, lambda m: zeroshot_flags.mean_accuracy(m, tokenizer))
+        plots.k_sweep(ks, series, f"mean zero-shot accuracy under attack, {mw.label}", out / "k_sweep_zeroshot.png",
+                      ylabel="mean accuracy (%)", log_y=False)
+        payload["k_sweep_zeroshot"] = {"k": ks, **zeroshot_flags.recorded(), **series}
+        print_sweep(ks, series, f"mean zero-shot accuracy over {', '.join(FLAGS.tasks)}")
+    print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and figures in {out}")
 
 
 if __name__ == "__main__":

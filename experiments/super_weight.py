@@ -8,15 +8,17 @@ spike above --threshold (default 50), with every row of it whose contribution re
 largest output (`mwjax.massive.find_super_weights`). All of them are attacked jointly, as the paper
 does for models with several (Llama-3-8B), unless --layer/--row/--col name one. Then perplexity
 for: the original model, the super weights pruned, pruned with their super activations restored,
-and the weights scaled by each of --factors.
-Writes super_weight.json and scaling.png under --output_dir.
+and the weights scaled by each of --factors, measured as perplexity on the first corpus and, with
+--scaling_metrics=perplexity,zeroshot, as the paper's Figure 8 plots it: mean zero-shot accuracy over
+--tasks (lm-eval; --data_dir for local task files, as experiments.zeroshot).
+Writes super_weight.json, scaling.png (and scaling_zeroshot.png) under --output_dir.
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import common
+from experiments import common, zeroshot_flags
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
 from mwjax.eval.corpora import check_name as check_corpus
@@ -29,6 +31,9 @@ flags.DEFINE_float("ratio", massive.SUPER_RATIO, "a further row of a spiking lay
 flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection")
 flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)")
 flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)")
+flags.DEFINE_list("scaling_metrics", ["perplexity"], "what the scaling sweep reports: perplexity (the first "
+                  "corpus) and/or zeroshot (mean zero-shot accuracy over --tasks, Figure 8's metric)")
+common.check_flag("scaling_metrics", zeroshot_flags.check_metric)
 flags.DEFINE_list("factors", ["0", "0.2", "0.5", "0.8", "1", "1.5", "2", "3"], "scaling factors")
 flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
 common.check_flag("datasets", check_corpus)
@@ -57,6 +62,8 @@ def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.Su
 def main(argv):
     del argv
     out = common.output_dir("outputs/super_weight")  # unwritable: fails before the model loads
+    if "zeroshot" in FLAGS.scaling_metrics:
+        zeroshot_flags.check()
     model, tokenizer = common.load_model()
     sws, candidates = choose(model, tokenizer)
     print(f"super weights found (spike > {FLAGS.threshold:g}, further rows from {FLAGS.ratio:g} of the largest):")
@@ -78,18 +85,30 @@ def main(argv):
                "prune SW": evaluate("prune SW", attacks.scale_super_weight(model, sws, 0.0)),
                "prune SW, +SA": evaluate("prune SW, +SA", attacks.restore_super_activation(model, sws))}
     factors = [float(f) for f in FLAGS.factors]
-    first = corpora[0]
-    scaling = [perplexity(attacks.scale_super_weight(model, sws, f), first.token_ids, FLAGS.seqlen,
-                          max_chunks=first.max_chunks, batch_size=FLAGS.batch_size).perplexity for f in factors]
-    print("\nscaling the super weight:")
-    print(common.markdown_table(["factor", f"{first.name} PPL"], [[f, p] for f, p in zip(factors, scaling,
-                                                                                              strict=True)]))
     title = sws[0].label + (f" and {len(sws) - 1} more" if len(sws) > 1 else "")
-    plots.scaling_curve(factors, scaling, title, out / "scaling.png", ylabel=f"{first.name} perplexity")
     payload = {"model": FLAGS.model, "super_weights": [sw.to_dict() for sw in sws],
-               "candidates": [c.to_dict() for c in candidates],
-               "settings": results, "scaling": {"factors": factors, "corpus": first.name, "perplexity": scaling}}
-    print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and scaling.png in {out}")
+               "candidates": [c.to_dict() for c in candidates], "settings": results, "scaling": {"factors": factors}}
+    measures = {}
+    if "perplexity" in FLAGS.scaling_metrics:
+        first = corpora[0]
+        measures["perplexity"] = (f"{first.name} PPL", "scaling.png", lambda m: perplexity(
+            m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks, batch_size=FLAGS.batch_size).perplexity)
+        payload["scaling"]["corpus"] = first.name
+    if "zeroshot" in FLAGS.scaling_metrics:
+        zeroshot_flags.announce()
+        measures["zeroshot"] = ("mean zero-shot accuracy (%)", "scaling_zeroshot.png",
+                                lambda m: zeroshot_flags.mean_accuracy(m, tokenizer))
+        payload["scaling"]["zeroshot_settings"] = zeroshot_flags.recorded()
+    for metric, (label, figure, measure) in measures.items():
+        values = []
+        for f in factors:
+            values.append(measure(attacks.scale_super_weight(model, sws, f)))
+            print(f"   factor {f:g}: {label} {values[-1]:.2f}", flush=True)
+        print(f"\nscaling the super weight ({label}):")
+        print(common.markdown_table(["factor", label], [[f, v] for f, v in zip(factors, values, strict=True)]))
+        plots.scaling_curve(factors, values, title, out / figure, ylabel=label)
+        payload["scaling"][metric] = values
+    print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and figures in {out}")
 
 
 if __name__ == "__main__":

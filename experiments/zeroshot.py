@@ -11,11 +11,9 @@ under --output_dir; `experiments.tables` assembles the papers' tables from such 
 
 from __future__ import annotations
 
-import tempfile
-
 from absl import app, flags
 
-from experiments import common
+from experiments import common, zeroshot_flags
 from mwjax import attacks
 from mwjax.eval import zeroshot_tasks
 
@@ -26,38 +24,13 @@ flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapte
                   "readings: merged (massive weights re-found on the merged model, its rows attacked) or base (found "
                   "before fine-tuning, the pretrained rows attacked under the live adapter; mwjax.attacks."
                   "after_fine_tuning)")
-flags.DEFINE_list("tasks", list(zeroshot_tasks.PAPER_TASKS), "lm-eval task names")
-flags.DEFINE_string("data_dir", None, "run the tasks from <task>.jsonl files here instead of the hub")
 flags.DEFINE_string("export_data", None, "download the tasks' evaluation splits into this directory and exit")
-flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each task")
-flags.DEFINE_integer("batch_size", 8, "requests per forward pass")
-BOS_CHOICES = {"false": False, "true": True, "tokenizer": None}
-flags.DEFINE_enum("add_bos_token", "false", list(BOS_CHOICES),
-                  "prepend bos to every request: false (default: the papers' tables, made with lm-eval <= 0.4.9.1, "
-                  "which added none for HF models), true, or tokenizer (its own default, as lm-eval >= 0.4.10 does)")
+flags.DEFINE_alias("batch_size", "zeroshot_batch_size")
 flags.DEFINE_string("label", None, "method label of this run in the tables (e.g. 'LoRA + MacDrop'; default "
                     "'original'); give an attacked run the same label as its unattacked twin")
 
 TASK_TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "boolq": "BoolQ", "piqa": "PIQA",
                "winogrande": "WinoGrande"}
-
-
-def evaluate(model, tokenizer, tasks, *, data_dir=None, limit=None, batch_size=8, add_bos_token=None):
-    """Run the tasks with lm-eval on an in-memory model; returns (scores, lm-eval's raw results)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from mwjax.eval.lm_eval import MwjaxLM
-
-    lm = MwjaxLM(model, tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
-    with tempfile.TemporaryDirectory() as include_dir:
-        manager = None
-        if data_dir:
-            tasks = zeroshot_tasks.write_local_tasks(data_dir, include_dir, tasks)
-            manager = TaskManager(include_path=include_dir)
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          num_fewshot=0)
-    return zeroshot_tasks.task_scores(results, tasks), results
 
 
 def table_row(label: str, scores: dict) -> list:
@@ -72,7 +45,7 @@ def main(argv):
             print(f"{task}: {path}")
         return
     out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model
-    zeroshot_tasks.check_tasks(FLAGS.tasks, FLAGS.data_dir)
+    zeroshot_flags.check()
     fine_tuned_attack = bool(FLAGS.attack and FLAGS.adapter)
     model, tokenizer = common.load_model(merge_adapter=not fine_tuned_attack)
     if fine_tuned_attack:
@@ -81,10 +54,8 @@ def main(argv):
         print(f"{FLAGS.attack} on the fine-tuned model, attack_on={FLAGS.attack_on}")
     elif FLAGS.attack:
         model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
-    add_bos = BOS_CHOICES[FLAGS.add_bos_token]
-    print(f"add_bos_token={FLAGS.add_bos_token}" + (" (as the papers' lm-eval <= 0.4.9.1)" if add_bos is False else ""))
-    scores, _ = evaluate(model, tokenizer, FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
-                         batch_size=FLAGS.batch_size, add_bos_token=add_bos)
+    zeroshot_flags.announce()
+    scores = zeroshot_flags.evaluate(model, tokenizer)
     label = FLAGS.label or "original"
     header = ["method"] + [TASK_TITLES.get(t, t) for t in scores if t != "mean"] + ["Avg."]
     table = common.markdown_table(header, [table_row(label, scores)])
@@ -92,7 +63,7 @@ def main(argv):
     (out / "zeroshot.md").write_text(table + "\n")
     payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack,
                "attack_on": FLAGS.attack_on if fine_tuned_attack else None, "label": label,
-               "add_bos_token": FLAGS.add_bos_token, "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "scores": scores}
+               **zeroshot_flags.recorded(), "scores": scores}
     print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
 
 

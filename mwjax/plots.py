@@ -53,12 +53,13 @@ def magnitudes_3d(values: np.ndarray, token_labels: Sequence[str], title: str, p
 
 
 def k_sweep(ks: Sequence[int], series: Mapping[str, Sequence[float]], title: str, path: str | Path,
-            ylabel: str = "perplexity") -> Path:
-    """House of Cards Figure 4: a metric against k for each attack (log y)."""
+            ylabel: str = "perplexity", log_y: bool = True) -> Path:
+    """House of Cards Figure 4: a metric against k for each attack (perplexity on a log axis; the paper's
+    mean zero-shot accuracy with log_y=False)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, ys in series.items():
         ax.plot(list(ks), list(ys), marker="o", ms=4, label=name)
-    return _finish(fig, ax, title, "k", ylabel, path)
+    return _finish(fig, ax, title, "k", ylabel, path, log_y=log_y)
 
 
 def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str, path: str | Path,

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from conftest import tiny_tokenizer
+from zeroshot_docs import write_task_data
 
 TEXT = "the quick brown fox jumps over the lazy dog and keeps running through the quiet field " * 20
 
@@ -71,6 +72,30 @@ def test_massive_weights_and_super_weight_experiments_on_a_tiny_model(tiny):
     assert set(result["settings"]) == {"original", "prune SW", "prune SW, +SA"}
     assert result["scaling"]["perplexity"][1] == pytest.approx(
         result["settings"]["original"]["perplexity"]["text.txt"], rel=1e-6)
+
+
+def test_sweeps_as_the_papers_plot_them_mean_zero_shot_accuracy(tiny, tmp_path):
+    """Figure 4's k-sweep and Figure 8's scaling as mean zero-shot accuracy, from local task files: the k=0
+    zeroing and factor-1 points are the unattacked model's accuracy."""
+    import converters
+    from mwjax.eval import zeroshot_tasks
+
+    data = write_task_data(tmp_path)
+    model, tokenizer = converters.load(str(tiny / "model"))
+    original = zeroshot_tasks.evaluate(model, tokenizer, data_dir=data, add_bos_token=False)[0]["mean"]["acc_norm"]
+    common = [f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}", "--seqlen=64", "--max_chunks=1",
+              f"--data_dir={data}", "--first_token=1"]
+    run("experiments.attacks", *common, "--sweep=0,2", "--sweep_metrics=zeroshot", "--activation_interventions=false",
+        "--prompts=abc", "--max_new_tokens=2", f"--output_dir={tmp_path / 'a'}")
+    result = json.loads((tmp_path / "a" / "attacks.json").read_text())
+    assert "k_sweep" not in result and result["k_sweep_zeroshot"]["add_bos_token"] == "false"
+    assert result["k_sweep_zeroshot"]["top-k zeroing"][0] == pytest.approx(original, abs=1e-9)
+    assert (tmp_path / "a" / "k_sweep_zeroshot.png").stat().st_size > 0
+    run("experiments.super_weight", *common, "--layer=1", "--row=3", "--col=7", "--factors=1,0",
+        "--scaling_metrics=perplexity,zeroshot", "--generation_prompt=abc", f"--output_dir={tmp_path / 's'}")
+    scaling = json.loads((tmp_path / "s" / "super_weight.json").read_text())["scaling"]
+    assert scaling["zeroshot"][0] == pytest.approx(original, abs=1e-9) and len(scaling["perplexity"]) == 2
+    assert (tmp_path / "s" / "scaling_zeroshot.png").stat().st_size > 0
 
 
 @pytest.mark.slow

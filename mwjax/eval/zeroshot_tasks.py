@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,23 @@ def task_scores(results: dict, tasks) -> dict[str, dict[str, float]]:
     scores["mean"] = {"acc": float(np.mean([s["acc"] for s in per_task])),
                       "acc_norm": float(np.mean([s.get("acc_norm", s["acc"]) for s in per_task]))}
     return scores
+
+
+def evaluate(model, tokenizer, tasks=PAPER_TASKS, *, data_dir: str | os.PathLike | None = None,
+             limit: int | None = None, batch_size: int = 8, add_bos_token: bool | None = None) -> tuple[dict, dict]:
+    """(task_scores, lm-eval's raw results) of `tasks` run zero-shot by lm-eval on an in-memory model; from the
+    <task>.jsonl files in `data_dir` (`write_local_tasks`) when given, else from the hub."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mwjax.eval.lm_eval import MwjaxLM
+
+    lm = MwjaxLM(model, tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
+    with tempfile.TemporaryDirectory() as include_dir:
+        manager = None
+        if data_dir:
+            tasks = write_local_tasks(data_dir, include_dir, tasks)
+            manager = TaskManager(include_path=include_dir)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                                          num_fewshot=0)
+    return task_scores(results, tasks), results

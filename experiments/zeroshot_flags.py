@@ -1,0 +1,57 @@
+"""The zero-shot evaluation flags of experiments.zeroshot, shared by the sweeps that report mean zero-shot
+accuracy as the papers' figures do (experiments.attacks' k-sweep, experiments.super_weight's scaling)."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from mwjax.eval import zeroshot_tasks
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("tasks", list(zeroshot_tasks.PAPER_TASKS), "lm-eval task names")
+flags.DEFINE_string("data_dir", None, "run the tasks from <task>.jsonl files here instead of the hub "
+                    "(experiments.zeroshot --export_data writes them)")
+flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each task")
+flags.DEFINE_integer("zeroshot_batch_size", 8, "lm-eval requests per forward pass")
+BOS_CHOICES = {"false": False, "true": True, "tokenizer": None}
+flags.DEFINE_enum("add_bos_token", "false", list(BOS_CHOICES),
+                  "prepend bos to every request: false (default: the papers' tables, made with lm-eval <= 0.4.9.1, "
+                  "which added none for HF models), true, or tokenizer (its own default, as lm-eval >= 0.4.10 does)")
+
+
+SWEEP_METRICS = ("perplexity", "zeroshot")
+
+
+def check_metric(name: str) -> None:
+    """A sweep's metric: perplexity (on the first corpus) or zeroshot (mean accuracy over --tasks)."""
+    if name not in SWEEP_METRICS:
+        raise ValueError(f"unknown sweep metric {name!r}; write perplexity, zeroshot or both (comma-separated)")
+
+
+def check() -> None:
+    """Unknown tasks or missing local files: fail before the model loads."""
+    zeroshot_tasks.check_tasks(FLAGS.tasks, FLAGS.data_dir)
+
+
+def announce() -> None:
+    """Print the bos choice, which changes every number (massive activations sit on the first token)."""
+    paper = " (as the papers' lm-eval <= 0.4.9.1)" if BOS_CHOICES[FLAGS.add_bos_token] is False else ""
+    print(f"add_bos_token={FLAGS.add_bos_token}{paper}")
+
+
+def evaluate(model, tokenizer) -> dict[str, dict[str, float]]:
+    """`zeroshot_tasks.task_scores` of the --tasks on `model`, as the flags say."""
+    return zeroshot_tasks.evaluate(model, tokenizer, FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
+                                   batch_size=FLAGS.zeroshot_batch_size,
+                                   add_bos_token=BOS_CHOICES[FLAGS.add_bos_token])[0]
+
+
+def mean_accuracy(model, tokenizer) -> float:
+    """The papers' figure metric: the mean over --tasks of acc_norm where a task has it, else acc (%)."""
+    return evaluate(model, tokenizer)["mean"]["acc_norm"]
+
+
+def recorded() -> dict:
+    """The settings a results JSON keeps beside zero-shot numbers."""
+    return {"tasks": FLAGS.tasks, "add_bos_token": FLAGS.add_bos_token, "limit": FLAGS.limit,
+            "data_dir": FLAGS.data_dir}
