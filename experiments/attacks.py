@@ -27,7 +27,6 @@ from absl import app, flags
 from experiments import common, zeroshot_flags
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
-from mwjax.eval.corpora import calibration_chunks
 from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
 
@@ -77,8 +76,8 @@ def calibration_set(corpora, tokenizer) -> np.ndarray:
     """--calibration's last chunks; refused when they overlap what an evaluated corpus reads."""
     evaluated = next((c for c in corpora if c.name == Path(FLAGS.calibration).name), None)
     source = evaluated or common.load_corpora([FLAGS.calibration], tokenizer, None)[0]
+    tokens = attacks.calibration_tokens(tokenizer, source, FLAGS.calibration_sequences, FLAGS.calibration_seqlen)
     bos = getattr(tokenizer, "bos_token_id", None)
-    tokens = calibration_chunks(source, FLAGS.calibration_sequences, FLAGS.calibration_seqlen, bos)
     print(f"calibration: the last {len(tokens)} x {FLAGS.calibration_seqlen} tokens of {source.name}"
           + (f", each after the bos token (id {bos})" if bos is not None else ""))
     if evaluated is not None:

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 import converters
-from mwjax import data, distributed, macdrop, massive, peft, sharding, train
+from mwjax import checkpoint, data, distributed, macdrop, massive, peft, sharding, train
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py[:arg], or a bare <name>")
@@ -114,12 +114,6 @@ def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | None:
     """Decide what to do with what `out` holds (module doc) before the model is loaded; write config.json.
     Returns results.json's content when the same run already finished, else None (start or resume)."""
@@ -151,11 +145,12 @@ def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | 
         if changes and lead:
             log.warning("resuming from step %s with a changed config: %s", latest, "; ".join(changes))
             if previous.exists():
-                os.replace(previous, out / f"config.step{latest}.json")
+                kept = f"config.step{latest}.json" if latest is not None else "config.previous.json"
+                os.replace(previous, out / kept)
     if lead:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_atomically(out / "config.json", json.dumps(new, indent=2))
+            checkpoint.write_text_atomically(out / "config.json", json.dumps(new, indent=2))
         except OSError as e:
             raise ValueError(f"cannot write to output_dir {out}: {e}") from e
     if jax.process_count() > 1:
@@ -220,7 +215,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
     trainer = train.Trainer(lora_model, p.train, steps=steps, mesh=mesh, macdrop=md)
 
     if lead:
-        write_atomically(out / "massive_weights.json", json.dumps(mw.to_dict(), indent=2))
+        checkpoint.write_text_atomically(out / "massive_weights.json", json.dumps(mw.to_dict(), indent=2))
     meta = {"config": config.name, "massive_weights": mw.to_dict()}
     result = train.fit(trainer, train_loader, val_loader, output_dir=out, meta=meta, stop_after=stop_after,
                        checkpoint_dir=checkpoint_dir, eval_before=config.eval_before)
@@ -243,7 +238,8 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
                                                            base_model_name_or_path=config.model))
         except ValueError as e:  # fused HF modules (Phi-3): the orbax adapter is the output
             log.warning("no PEFT export: %s", e)
-        write_atomically(out / "results.json", json.dumps(summary, indent=2))  # last: its presence means done
+        # last: its presence means done
+        checkpoint.write_text_atomically(out / "results.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -321,13 +321,14 @@ SPECS = ("zero_top_k:K", "retain_top_k:K", "scale_super_weight:FACTOR", "prune_s
 CALIBRATION_CORPUS, CALIBRATION_SEQUENCES, CALIBRATION_SEQLEN = "python_docs", 100, 256
 
 
-def calibration_tokens(tokenizer, corpus: str = CALIBRATION_CORPUS, sequences: int = CALIBRATION_SEQUENCES,
+def calibration_tokens(tokenizer, corpus=CALIBRATION_CORPUS, sequences: int = CALIBRATION_SEQUENCES,
                        seqlen: int = CALIBRATION_SEQLEN) -> np.ndarray:
-    """[sequences, seqlen]: the last chunks of a corpus (name or text file), each after the bos token."""
+    """[sequences, seqlen]: the last chunks of a corpus (a `corpora.Corpus`, or a name or text file to load),
+    each after the bos token."""
     from mwjax.eval import corpora
 
-    return corpora.calibration_chunks(corpora.load(corpus, tokenizer), sequences, seqlen,
-                                      getattr(tokenizer, "bos_token_id", None))
+    corpus = corpora.load(corpus, tokenizer) if isinstance(corpus, str) else corpus
+    return corpora.calibration_chunks(corpus, sequences, seqlen, getattr(tokenizer, "bos_token_id", None))
 
 
 def parse_spec(spec: str) -> tuple[str, float | None]:

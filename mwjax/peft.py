@@ -285,10 +285,11 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
     }
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / "adapter_model.safetensors.partial"
-    save_file(tensors, str(partial), metadata={"format": "pt"})
-    os.replace(partial, directory / "adapter_model.safetensors")
-    (directory / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    from mwjax import checkpoint
+
+    with checkpoint.atomic_file(directory / "adapter_model.safetensors") as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+    checkpoint.write_text_atomically(directory / "adapter_config.json", json.dumps(peft_config, indent=2))
     return directory
 
 

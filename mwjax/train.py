@@ -43,7 +43,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from mwjax import sharding
+from mwjax import checkpoint, sharding
 from mwjax.macdrop import MacDrop, MacDropState
 from mwjax.peft import LoRAParam
 
@@ -411,9 +411,7 @@ def resume_log(path: Path, step: int) -> list[dict]:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and 0 < step and record["step"] <= step:
             records.append(record)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(partial, path)
+    checkpoint.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
