@@ -149,7 +149,8 @@ def main(argv):
         print_sweep(ks, series, f"{corpora[0].name} perplexity")
     if ks and "zeroshot" in FLAGS.sweep_metrics:
         zeroshot_flags.announce()
-        series = sweep(model, mw, ks, lambda m: zeroshot_flags.mean_accuracy(m, tokenizer))
+        evaluate = zeroshot_flags.evaluator()
+        series = sweep(model, mw, ks, lambda m: zeroshot_flags.mean_accuracy(evaluate, m, tokenizer))
         plots.k_sweep(ks, series, f"mean zero-shot accuracy under attack, {mw.label}", out / "k_sweep_zeroshot.png",
                       ylabel="mean accuracy (%)", log_y=False)
         payload["k_sweep_zeroshot"] = {"k": ks, **zeroshot_flags.recorded(), **series}

@@ -96,8 +96,9 @@ def main(argv):
         payload["scaling"]["corpus"] = first.name
     if "zeroshot" in FLAGS.scaling_metrics:
         zeroshot_flags.announce()
+        evaluate = zeroshot_flags.evaluator()
         measures["zeroshot"] = ("mean zero-shot accuracy (%)", "scaling_zeroshot.png",
-                                lambda m: zeroshot_flags.mean_accuracy(m, tokenizer))
+                                lambda m: zeroshot_flags.mean_accuracy(evaluate, m, tokenizer))
         payload["scaling"]["zeroshot_settings"] = zeroshot_flags.recorded()
     for metric, (label, figure, measure) in measures.items():
         values = []

@@ -55,7 +55,7 @@ def main(argv):
     elif FLAGS.attack:
         model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
     zeroshot_flags.announce()
-    scores = zeroshot_flags.evaluate(model, tokenizer)
+    scores, _ = zeroshot_flags.evaluator()(model, tokenizer)
     label = FLAGS.label or "original"
     header = ["method"] + [TASK_TITLES.get(t, t) for t in scores if t != "mean"] + ["Avg."]
     table = common.markdown_table(header, [table_row(label, scores)])

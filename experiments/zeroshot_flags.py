@@ -39,16 +39,15 @@ def announce() -> None:
     print(f"add_bos_token={FLAGS.add_bos_token}{paper}")
 
 
-def evaluate(model, tokenizer) -> dict[str, dict[str, float]]:
-    """`zeroshot_tasks.task_scores` of the --tasks on `model`, as the flags say."""
-    return zeroshot_tasks.evaluate(model, tokenizer, FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
-                                   batch_size=FLAGS.zeroshot_batch_size,
-                                   add_bos_token=BOS_CHOICES[FLAGS.add_bos_token])[0]
+def evaluator() -> zeroshot_tasks.Evaluator:
+    """The --tasks as the flags say; call it on each model to evaluate (`zeroshot_tasks.Evaluator`)."""
+    return zeroshot_tasks.Evaluator(FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit, batch_size=FLAGS.
+                                    zeroshot_batch_size, add_bos_token=BOS_CHOICES[FLAGS.add_bos_token])
 
 
-def mean_accuracy(model, tokenizer) -> float:
-    """The papers' figure metric: the mean over --tasks of acc_norm where a task has it, else acc (%)."""
-    return evaluate(model, tokenizer)["mean"]["acc_norm"]
+def mean_accuracy(evaluate: zeroshot_tasks.Evaluator, model, tokenizer) -> float:
+    """The papers' figure metric: the mean over the tasks of acc_norm where a task has it, else acc (%)."""
+    return evaluate(model, tokenizer)[0]["mean"]["acc_norm"]
 
 
 def recorded() -> dict:

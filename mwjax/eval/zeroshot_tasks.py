@@ -115,21 +115,31 @@ def task_scores(results: dict, tasks) -> dict[str, dict[str, float]]:
     return scores
 
 
-def evaluate(model, tokenizer, tasks=PAPER_TASKS, *, data_dir: str | os.PathLike | None = None,
-             limit: int | None = None, batch_size: int = 8, add_bos_token: bool | None = None) -> tuple[dict, dict]:
-    """(task_scores, lm-eval's raw results) of `tasks` run zero-shot by lm-eval on an in-memory model; from the
-    <task>.jsonl files in `data_dir` (`write_local_tasks`) when given, else from the hub."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+class Evaluator:
+    """Runs `tasks` zero-shot through lm-eval on in-memory models: `evaluator(model, tokenizer)` -> (task_scores,
+    lm-eval's raw results). The task setup (lm-eval indexes its ~10k task configs in ~10 s) happens once, so a
+    sweep pays it once. From the <task>.jsonl files in `data_dir` (`write_local_tasks`) when given, else the hub."""
 
-    from mwjax.eval.lm_eval import MwjaxLM
+    def __init__(self, tasks=PAPER_TASKS, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
+                 batch_size: int = 8, add_bos_token: bool | None = None):
+        from lm_eval.tasks import TaskManager
 
-    lm = MwjaxLM(model, tokenizer, batch_size=batch_size, add_bos_token=add_bos_token)
-    with tempfile.TemporaryDirectory() as include_dir:
-        manager = None
-        if data_dir:
-            tasks = write_local_tasks(data_dir, include_dir, tasks)
-            manager = TaskManager(include_path=include_dir)
-        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
-                                          num_fewshot=0)
-    return task_scores(results, tasks), results
+        self.limit, self.batch_size, self.add_bos_token = limit, batch_size, add_bos_token
+        self._include = tempfile.TemporaryDirectory() if data_dir else None  # removed with the evaluator
+        self.tasks = write_local_tasks(data_dir, self._include.name, tasks) if data_dir else list(tasks)
+        self.manager = TaskManager(include_path=self._include.name if data_dir else None)
+
+    def __call__(self, model, tokenizer) -> tuple[dict, dict]:
+        import lm_eval
+
+        from mwjax.eval.lm_eval import MwjaxLM
+
+        lm = MwjaxLM(model, tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token)
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), task_manager=self.manager,
+                                          limit=self.limit, num_fewshot=0)
+        return task_scores(results, self.tasks), results
+
+
+def evaluate(model, tokenizer, tasks=PAPER_TASKS, **options) -> tuple[dict, dict]:
+    """(task_scores, lm-eval's raw results) of one model: `Evaluator(tasks, **options)(model, tokenizer)`."""
+    return Evaluator(tasks, **options)(model, tokenizer)
