@@ -175,6 +175,22 @@ def test_adapters_saved_by_hf_peft_load(base, dora, tmp_path):
     assert_logits_close(models.forward(loaded, jnp.asarray(TOKENS)), hf_logits(theirs, TOKENS))
 
 
+def test_peft_dropout_on_fused_modules_is_dropped_with_a_warning(base, tmp_path):
+    """PEFT's dropout only acts in training: a fused adapter trained with it loads (computing PEFT's eval
+    output) with dropout 0, and says so."""
+    import json
+
+    hf, model = base
+    theirs, _ = fused_pair(hf, model, dora=False, seed=13)
+    theirs.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"lora_dropout": 0.1}))
+    with pytest.warns(UserWarning, match="LoRA dropout 0.1 dropped: mwjax's fused adapters carry none"):
+        loaded = peft.load_peft(model, tmp_path)
+    assert loaded.lora_config.fuse and loaded.lora_config.dropout == 0.0
+    assert_logits_close(models.forward(loaded, jnp.asarray(TOKENS)), hf_logits(theirs, TOKENS))
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_orbax_round_trip_and_merge(base, dora, tmp_path):
     hf, model = base
