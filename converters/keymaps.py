@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mwjax.models.phi3 import FUSED_MODULES as PHI3_FUSED
+
 
 @dataclasses.dataclass(frozen=True)
 class Concat:
@@ -188,15 +190,28 @@ MIXTRAL = KeyMap(
     ignored_hf=_IGNORED,
 )
 
+
+
+def _fused_rules(fused: Mapping[str, Sequence[str]]) -> list[Rule]:
+    """One concat rule per HF fused module of a decoder layer, e.g. `self_attn.qkv_proj.weight` =
+    [q_proj | k_proj | v_proj] rows (`fused`: HF module -> mwjax modules in row order, one parent module)."""
+    rules = []
+    for hf_module, parts in fused.items():
+        parents = {part.rpartition(".")[0] for part in parts}
+        if len(parents) != 1:
+            raise ValueError(f"fused module {hf_module} joins modules of different parents: {parts}")
+        parent = parents.pop()
+        rules.append(Rule(f"model.layers.{{i}}.{parent}.{{p}}.kernel", f"model.layers.{{i}}.{hf_module}.weight",
+                          transpose=True, concat=Concat("p", tuple(part.rpartition(".")[2] for part in parts))))
+    return rules
+
+
 PHI3 = KeyMap(
     "phi3",
     [
         *_EMBED_AND_NORMS,
-        Rule("model.layers.{i}.self_attn.{p}.kernel", "model.layers.{i}.self_attn.qkv_proj.weight", transpose=True,
-             concat=Concat("p", ("q_proj", "k_proj", "v_proj"))),
+        *_fused_rules(PHI3_FUSED),  # qkv_proj, gate_up_proj
         Rule("model.layers.{i}.self_attn.o_proj.kernel", "model.layers.{i}.self_attn.o_proj.weight", transpose=True),
-        Rule("model.layers.{i}.mlp.{p}.kernel", "model.layers.{i}.mlp.gate_up_proj.weight", transpose=True,
-             concat=Concat("p", ("gate_proj", "up_proj"))),
         Rule("model.layers.{i}.mlp.down_proj.kernel", "model.layers.{i}.mlp.down_proj.weight", transpose=True),
     ],
     ignored_hf=_IGNORED,

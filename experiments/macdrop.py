@@ -236,7 +236,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
         try:
             summary["adapter_peft"] = str(peft.export_peft(tuned, out / "adapter_peft",
                                                            base_model_name_or_path=config.model))
-        except ValueError as e:  # fused HF modules (Phi-3): the orbax adapter is the output
+        except ValueError as e:  # adapters PEFT cannot hold (Phi-3 without lora.fuse, Mixtral experts)
             log.warning("no PEFT export: %s", e)
         # last: its presence means done
         checkpoint.write_text_atomically(out / "results.json", json.dumps(summary, indent=2))

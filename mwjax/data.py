@@ -9,6 +9,8 @@ JSON / JSONL file, or the embedded generator of synthetic tasks with checkable a
 for machines without the hub). The user turn is `instruction + "\\n" + input` (empty parts dropped);
 prompt tokens get label IGNORE, the response and the template's end-of-turn token are learned
 (LLaMA-Factory's supervised processor). Long examples are cut by LLaMA-Factory's `infer_max_len`.
+The templates follow LLaMA-Factory v0.9.0 (`src/llamafactory/data/template.py` at dfff411e, the
+paper's era; `_pieces` gives each one's definition).
 
 Batching is deterministic: the order of epoch e is a permutation seeded by (seed, e), the same on
 every host, and host h of H reads rows [h B/H, (h+1) B/H) of every global batch of B rows. So
@@ -29,7 +31,8 @@ from typing import NamedTuple
 import numpy as np
 
 IGNORE = -100  # label without loss (HF / LLaMA-Factory IGNORE_INDEX); equals mwjax.train.IGNORE
-TEMPLATES = ("llama3", "mistral", "tokenizer", "plain")
+TEMPLATES = ("llama3", "mistral", "gemma", "phi", "tokenizer", "plain")
+EFFICIENT_EOS = ("gemma",)  # LLaMA-Factory templates with `efficient_eos=True` (`_efficient_eos`)
 COLUMNS = ("instruction", "input", "output")
 
 
@@ -38,7 +41,7 @@ class DataConfig:
     """What to train on (LLaMA-Factory's data arguments in comments)."""
 
     source: str = "synthetic"  # dataset: "synthetic", a hub dataset name, or a .json / .jsonl file
-    template: str = "tokenizer"  # template: llama3 | mistral | tokenizer (its chat template) | plain
+    template: str = "tokenizer"  # template: llama3 | mistral | gemma | phi | tokenizer (its chat template) | plain
     cutoff_len: int = 1024  # cutoff_len: prompt + response tokens per example
     val_size: float = 0.05  # val_size: a fraction (< 1) or a number of examples (>= 1)
     seed: int = 42  # shuffling of the examples before the split
@@ -206,8 +209,27 @@ def _special(tokenizer, token: str, template: str) -> int:
     return int(token_id)
 
 
+def _bos(tokenizer) -> list[int]:
+    """LLaMA-Factory's `{"bos_token"}` slot: the tokenizer's bos, nothing where it has none."""
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
 def _pieces(example: dict, tokenizer, template: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) of one record under `template`."""
+    r"""(prompt ids, response ids) of one record under `template`.
+
+    gemma (LLaMA-Factory v0.9.0 `_register_template(name="gemma")`): prefix bos; format_user
+      "<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n"; no format_system, so the default
+      "{{content}}" puts a system prompt right after bos with no turn markers; default_system ""; format_assistant
+      "{a}" with no eos slot because `efficient_eos=True`: the tokenizer's eos (Gemma's `<eos>`, not
+      `<end_of_turn>`) is appended after truncation (`_efficient_eos`). "<end_of_turn>\n" is only the separator
+      before a later turn, which alpaca records do not have. (v0.9.2 on end the response with "<end_of_turn>\n".)
+    phi (`name="phi"`): prefix bos; format_user "<|user|>\n{q}<|end|>\n<|assistant|>\n"; format_system
+      "<|system|>\n{s}<|end|>\n"; default_system ""; stop_words ["<|end|>"] with `replace_eos=True`, so the
+      response is "{a}" + <|end|> (the eos it replaced), no newline after it ("\n" is the separator before a
+      later turn). (v0.9.2 on: "{a}<|end|>\n".)
+    As LLaMA-Factory's `_convert_elements_to_ids` does, each slot string is encoded whole (special tokens in it
+    included) and system and user slots apart: SentencePiece tokenizers may encode pieces differently.
+    """
     text = lambda s: tokenizer.encode(s, add_special_tokens=False)
     q, a = _user_turn(example), example["output"]
     if template == "llama3":
@@ -220,29 +242,57 @@ def _pieces(example: dict, tokenizer, template: str) -> tuple[list[int], list[in
     if template == "mistral":
         bos, eos = _special(tokenizer, "<s>", template), _special(tokenizer, "</s>", template)
         return [bos, *text(f"[INST] {q} [/INST]")], [*text(a), eos]
+    if template == "gemma":
+        for token in ("<start_of_turn>", "<end_of_turn>"):
+            _special(tokenizer, token, template)
+        system = text(example["system"]) if example.get("system") else []
+        user = text(f"<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>model\n")
+        return [*_bos(tokenizer), *system, *user], text(a)
+    if template == "phi":
+        end = _special(tokenizer, "<|end|>", template)
+        for token in ("<|user|>", "<|assistant|>", *(("<|system|>",) if example.get("system") else ())):
+            _special(tokenizer, token, template)
+        system = text(f"<|system|>\n{example['system']}<|end|>\n") if example.get("system") else []
+        return [*_bos(tokenizer), *system, *text(f"<|user|>\n{q}<|end|>\n<|assistant|>\n")], [*text(a), end]
     if template == "plain":
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
         if tokenizer.eos_token_id is None:
             raise ValueError("template 'plain' ends each response with the eos token; this tokenizer has none")
-        return [*bos, *text(q + "\n")], [*text(a), tokenizer.eos_token_id]
+        return [*_bos(tokenizer), *text(q + "\n")], [*text(a), tokenizer.eos_token_id]
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("template='tokenizer' but this tokenizer has no chat template; use 'plain' (prompt, "
-                         "newline, response, eos), 'llama3' or 'mistral'")
+                         "newline, response, eos) or one of LLaMA-Factory's: 'llama3', 'mistral', 'gemma', 'phi'")
     messages = ([{"role": "system", "content": example["system"]}] if example.get("system") else []) + [
         {"role": "user", "content": q}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": a}], tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("this tokenizer's chat template does not render the prompt as a prefix of the whole "
-                         "conversation, so the response cannot be told apart; use 'plain', 'llama3' or 'mistral'")
+                         "conversation, so the response cannot be told apart; use 'plain' or one of LLaMA-Factory's "
+                         "templates: 'llama3', 'mistral', 'gemma', 'phi'")
     return text(prompt), text(full[len(prompt):])
 
 
+def _efficient_eos(tokenizer, template: str) -> list[int]:
+    """The tokens LLaMA-Factory's supervised processor appends after truncation: the tokenizer's eos under an
+    `efficient_eos` template (gemma), learned and kept out of the cut; [] under the others."""
+    if template not in EFFICIENT_EOS:
+        return []
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"template {template!r} ends each response with the tokenizer's eos token; this tokenizer "
+                         "has none")
+    return [tokenizer.eos_token_id]
+
+
 def encode(example: dict, tokenizer, cfg: DataConfig) -> Encoded:
-    """One record -> token ids and labels (prompt masked), cut to cfg.cutoff_len (`infer_max_len`)."""
+    """One record -> token ids and labels (prompt masked), cut to cfg.cutoff_len (`infer_max_len`; an
+    efficient-eos template's eos is reserved out of the budget and appended after the cut, as LLaMA-Factory's
+    `_encode_supervised_example` does)."""
     source, target = _pieces(example, tokenizer, cfg.template)
-    keep_source, keep_target = infer_max_len(len(source), len(target), cfg.cutoff_len)
-    source, target = source[:keep_source], target[:keep_target]
+    eos = _efficient_eos(tokenizer, cfg.template)
+    keep_source, keep_target = infer_max_len(len(source), len(target), cfg.cutoff_len - len(eos))
+    source, target = source[:keep_source], target[:keep_target] + eos
+    # LLaMA-Factory labels the first prompt token with eos under efficient_eos; the label at position 0 is never
+    # predicted (the logits at t predict labels[t + 1]), so IGNORE there is the same loss
     return Encoded(source + target, [IGNORE] * len(source) + target)
 
 

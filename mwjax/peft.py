@@ -18,6 +18,14 @@ With LoRA dropout p > 0 in training, the adapter path sees dropout(x) (DoRA: PEF
 three-term form). The base weights stay `nnx.Param` and are never trained; adapter weights are
 `LoRAParam`, float32 by default.
 
+Fused HF modules (`LoraConfig(fuse=True)`): HF Phi-3 computes q, k, v with one `qkv_proj` and
+W_gate, W_up with one `gate_up_proj`, so PEFT (and LLaMA-Factory) put ONE adapter on each: lora_A
+[r, in] shared, lora_B [q+k+v, r] (or [2 d_ff, r]) and DoRA's magnitude over the fused output rows.
+mwjax keeps the projections apart (`mwjax.models.FUSED_MODULES`); under fuse the adapters of one
+fused module hold the same `lora_a` Variable (NNX keeps one copy in `nnx.state`, sums its gradient
+over the uses, saves and restores it once) and each its rows of B and m. DoRA's norm is per output
+row, so the fused module's norm is the split modules' norms side by side: the computation is PEFT's.
+
 MacDrop: the FFN row mask reaches `columns`, which multiplies the masked PyTorch rows of the *base*
 weight only (adapters are never masked) and, for DoRA, recomputes those rows' norm from the masked
 weight.
@@ -30,6 +38,7 @@ import fnmatch
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax import masks
+from mwjax import masks, models
 from mwjax.models.layers import Linear
 
 DEFAULT_EXCLUDE = ("lm_head",)
@@ -56,6 +65,11 @@ class LoraConfig:
     targets: glob patterns over module paths (e.g. "*.self_attn.q_proj"); () = every linear layer
       except embeddings and `lm_head` (LLaMA-Factory's "all"; for Mixtral that includes the router,
       unless `exclude_router`).
+    fuse: one adapter per HF fused module (Phi-3's `qkv_proj`, `gate_up_proj`), as PEFT / LLaMA-Factory
+      adapt HF Phi-3 (module doc); needed by `export_peft` for those projections. Targets must then take
+      a fused module's projections all or none. Refused for families without fused HF modules (a flag
+      that did nothing would let a config believe it matched a fused PEFT layout), and with dropout > 0:
+      PEFT draws one dropout mask for the fused module's input, which separate adapters here do not share.
     """
 
     rank: int = 16  # r
@@ -66,6 +80,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ()  # target_modules
     exclude_router: bool = False
     param_dtype: str = "float32"
+    fuse: bool = False  # (no PEFT field: PEFT adapts whatever modules the HF model has)
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -73,6 +88,10 @@ class LoraConfig:
             raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+        if self.fuse and self.dropout > 0:
+            raise ValueError(f"LoRA dropout {self.dropout} with fuse=True: PEFT applies one dropout mask to a fused "
+                             "module's input, which mwjax's separate q/k/v (gate/up) adapters cannot share; set "
+                             "dropout=0 (LLaMA-Factory's default) or fuse=False")
 
     @property
     def scaling(self) -> float:
@@ -82,14 +101,20 @@ class LoraConfig:
 class LoRALinear(Linear):
     """A `Linear` whose base weight is frozen and whose output gains a LoRA (or DoRA) update."""
 
-    def __init__(self, base: Linear, config: LoraConfig, *, rngs: nnx.Rngs):
+    def __init__(self, base: Linear, config: LoraConfig, *, rngs: nnx.Rngs, lora_a: LoRAParam | None = None):
+        """lora_a: an A [in, r] to share (the other projections of a fused HF module); default a new one."""
         # the base's Variables are reused, not copied
         self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
         self.kernel, self.bias = base.kernel, base.bias
         self.rank, self.scaling, self.use_dora = config.rank, config.scaling, config.dora
         pdtype = jnp.dtype(config.param_dtype)
-        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in]
-        self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, self.rank), pdtype, -bound, bound))
+        if lora_a is None:
+            bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in]
+            lora_a = LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, self.rank), pdtype, -bound, bound))
+        elif lora_a[...].shape != (self.in_features, self.rank):
+            raise ValueError(f"a shared lora_a of shape {lora_a[...].shape} does not fit a layer of "
+                             f"{self.in_features} inputs at rank {self.rank}")
+        self.lora_a = lora_a
         self.lora_b = LoRAParam(jnp.zeros((self.rank, self.out_features), pdtype))
         self.lora_magnitude = LoRAParam(self.weight_norm().astype(pdtype)) if self.use_dora else None
         self.lora_dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
@@ -179,8 +204,38 @@ def linear_paths(model: nnx.Module) -> list[str]:
     return [".".join(map(str, path)) for path, m in model.iter_modules() if isinstance(m, Linear)]
 
 
+def fused_groups(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """HF fused module path -> the paths of its projections (in its output-row order) for every fused module
+    that any of `paths` belongs to, e.g. "model.layers.0.self_attn.qkv_proj" -> (...q_proj, ...k_proj, ...v_proj)
+    (`mwjax.models.FUSED_MODULES`); {} for a family without fused HF modules."""
+    groups = {}
+    for path in paths:
+        for hf_module, parts in models.FUSED_MODULES.get(model.config.model_type, {}).items():
+            for part in parts:
+                if path.endswith("." + part):
+                    prefix = path[: -len(part)]
+                    groups[prefix + hf_module] = tuple(prefix + p for p in parts)
+    return groups
+
+
+def _check_fused(model: nnx.Module, chosen: list[str]) -> None:
+    """Under fuse, every fused HF module is adapted whole or not at all."""
+    model_type = model.config.model_type
+    if model_type not in models.FUSED_MODULES:
+        raise ValueError(f"LoraConfig(fuse=True) ties the adapters of projections that HF fuses into one module; HF "
+                         f"{model_type} fuses none (only {sorted(models.FUSED_MODULES)} do): set fuse=False")
+    for hf_path, members in fused_groups(model, chosen).items():
+        missing = [m for m in members if m not in chosen]
+        if missing:
+            names = ", ".join(m.rpartition(".")[2] for m in members)
+            raise ValueError(f"with fuse=True HF's {hf_path} is one PEFT module over {names}, but the LoRA targets "
+                             f"leave out {missing}: target all of them (e.g. '*.self_attn.[qkv]_proj', "
+                             "'*.mlp.gate_proj' with '*.mlp.up_proj') or none, or set fuse=False")
+
+
 def select_targets(model: nnx.Module, config: LoraConfig) -> list[str]:
-    """The module paths that get adapters; an error names any pattern that matches nothing."""
+    """The module paths that get adapters; an error names any pattern that matches nothing, and (under
+    `config.fuse`) a fused HF module that the targets take only in part."""
     paths = linear_paths(model)
     if config.targets:
         unmatched = [p for p in config.targets if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
@@ -194,6 +249,8 @@ def select_targets(model: nnx.Module, config: LoraConfig) -> list[str]:
         chosen = [path for path in chosen if not fnmatch.fnmatchcase(path, ROUTER_PATTERN)]
     if not chosen:
         raise ValueError("no linear layer left to adapt")
+    if config.fuse:
+        _check_fused(model, chosen)
     return chosen
 
 
@@ -223,9 +280,16 @@ def add_adapters(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Mo
     targets = select_targets(model, config)
     out = nnx.clone(model)
     rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    # under fuse: projection path -> its fused module, whose first adapter made makes the shared A
+    group_of = {m: hf for hf, members in fused_groups(model, targets).items() for m in members} if config.fuse else {}
+    shared: dict[str, LoRAParam] = {}
     for path in targets:
         parts = _split_path(path)
-        _set(out, parts, LoRALinear(_get(out, parts), config, rngs=rngs))
+        group = group_of.get(path)
+        layer = LoRALinear(_get(out, parts), config, rngs=rngs, lora_a=shared.get(group))
+        if group is not None:
+            shared.setdefault(group, layer.lora_a)
+        _set(out, parts, layer)
     out.lora_config = config
     return out
 
@@ -257,30 +321,30 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
                 ) -> Path:
     """Write an HF PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
 
-    Module paths are HF's; families whose HF modules are fused (Phi-3's qkv_proj / gate_up_proj,
-    transformers 5's stacked Mixtral experts) have no per-projection PEFT target and are refused.
+    Module paths are HF's. Adapters made with `LoraConfig(fuse=True)` are written as PEFT's adapter of
+    each fused HF module (Phi-3: `self_attn.qkv_proj.lora_A.weight` [r, in], `lora_B.weight` [q+k+v, r]
+    = the projections' B stacked in row order, DoRA's `lora_magnitude_vector` likewise). Separate
+    adapters on projections HF fuses have no PEFT target and are refused, as are transformers 5's
+    stacked Mixtral experts.
     """
     from safetensors.numpy import save_file
 
     config: LoraConfig = model.lora_config
-    layers = adapters(model)
-    fused = {"phi3": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
-    unsupported = [p for p in layers if p.endswith(fused.get(model.config.model_type, ()))]
-    unsupported += [p for p in layers if ".experts." in p]
-    if unsupported:
-        raise ValueError(f"HF {model.config.architecture} has no separate module for {unsupported[:3]}...: PEFT "
-                         "cannot load adapters on them; merge() and save_hf instead, or target other layers")
+    modules = _peft_modules(model)
     tensors = {}
-    for path, layer in layers.items():
-        prefix = f"base_model.model.{path}"
-        tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(np.asarray(layer.lora_a[...]).T)
-        tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(np.asarray(layer.lora_b[...]).T)
-        if layer.use_dora:
-            tensors[f"{prefix}.lora_magnitude_vector"] = np.asarray(layer.lora_magnitude[...])
+    for peft_path, layers in modules.items():
+        prefix = f"base_model.model.{peft_path}"
+        tensors[f"{prefix}.lora_A.weight"] = np.asarray(layers[0].lora_a[...]).T  # [r, in]
+        tensors[f"{prefix}.lora_B.weight"] = np.concatenate([np.asarray(m.lora_b[...]).T for m in layers])  # [out, r]
+        if config.dora:
+            tensors[f"{prefix}.lora_magnitude_vector"] = np.concatenate([np.asarray(m.lora_magnitude[...])
+                                                                         for m in layers])  # [out]
+    # safetensors writes the raw buffer: a transposed (Fortran-order) array would be stored scrambled
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "use_dora": config.dora, "use_rslora": config.rslora, "bias": "none",
-        "target_modules": sorted(layers), "fan_in_fan_out": False, "init_lora_weights": True,
+        "target_modules": sorted(modules), "fan_in_fan_out": False, "init_lora_weights": True,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
     directory = Path(directory)
@@ -291,6 +355,31 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
         save_file(tensors, str(partial), metadata={"format": "pt"})
     checkpoint.write_text_atomically(directory / "adapter_config.json", json.dumps(peft_config, indent=2))
     return directory
+
+
+def _peft_modules(model: nnx.Module) -> dict[str, list[LoRALinear]]:
+    """HF module path -> the adapters it holds (one, or a fused module's, in row order sharing one lora_a);
+    refuses adapters that HF PEFT could not load."""
+    layers = adapters(model)
+    groups = fused_groups(model, layers) if model.lora_config.fuse else {}
+    grouped = {m for members in groups.values() for m in members}
+    alone = [p for p in layers if p not in grouped and fused_groups(model, [p])]
+    if alone:
+        hf = ", ".join(fused_groups(model, alone[:1]))
+        raise ValueError(f"HF {model.config.architecture} fuses {alone[0]} with other projections ({hf}): PEFT has "
+                         "no module for it alone. Build the adapters with LoraConfig(fuse=True) (one adapter per fused "
+                         "module, as PEFT and LLaMA-Factory adapt HF Phi-3), or merge() and save_hf instead")
+    experts = [p for p in layers if ".experts." in p]
+    if experts:
+        raise ValueError(f"HF {model.config.architecture} has no separate module for {experts[:3]}...: PEFT "
+                         "cannot load adapters on them; merge() and save_hf instead, or target other layers")
+    modules = {hf: [layers[m] for m in members] for hf, members in groups.items()}
+    modules |= {p: [layer] for p, layer in layers.items() if p not in grouped}
+    for hf, members in modules.items():
+        if any(m.lora_a is not members[0].lora_a for m in members):
+            raise ValueError(f"the adapters of fused module {hf} do not share one lora_a; build them with "
+                             "add_adapters(..., LoraConfig(fuse=True))")
+    return modules
 
 
 def _peft_config(adapter_dir: Path) -> LoraConfig:
@@ -314,22 +403,43 @@ def load_peft(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
     suffix = ".lora_A.weight"
     paths = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
-    config = dataclasses.replace(_peft_config(directory), targets=tuple(paths))
+    # a fused HF module (Phi-3 qkv_proj / gate_up_proj) -> its projections; any other module -> itself
+    fused = _fused_paths(model)
+    members = {path: fused.get(path, (path,)) for path in paths}
+    config = _peft_config(directory)
+    if fuse := any(path in fused for path in paths):
+        if config.dropout > 0:  # only training sees dropout; the loaded adapter computes PEFT's eval output
+            warnings.warn(f"{directory}: LoRA dropout {config.dropout} dropped: mwjax's fused adapters carry none "
+                          "(LoraConfig(fuse=True)), so further training of this adapter runs without it", stacklevel=2)
+        config = dataclasses.replace(config, dropout=0.0)
+    config = dataclasses.replace(config, fuse=fuse, targets=tuple(m for path in paths for m in members[path]))
     out = add_adapters(model, config)
-    for path, layer in adapters(out).items():
-        a, b = tensors[f"{path}.lora_A.weight"].T, tensors[f"{path}.lora_B.weight"].T
-        if a.shape != layer.lora_a[...].shape or b.shape != layer.lora_b[...].shape:
+    layers = adapters(out)
+    for path in paths:
+        group = [layers[m] for m in members[path]]
+        a, b = tensors[f"{path}.lora_A.weight"].T, tensors[f"{path}.lora_B.weight"].T  # [in, r], [r, out]
+        rows = np.cumsum([0] + [layer.out_features for layer in group])
+        if a.shape != group[0].lora_a[...].shape or b.shape != (config.rank, rows[-1]):
             raise ValueError(f"adapter {path}: lora_A/lora_B shapes {a.shape[::-1]}/{b.shape[::-1]} do not fit the "
-                             f"layer [{layer.in_features} -> {layer.out_features}] (another base model?)")
-        layer.lora_a[...] = jnp.asarray(a, layer.lora_a[...].dtype)
-        layer.lora_b[...] = jnp.asarray(b, layer.lora_b[...].dtype)
-        if layer.use_dora:
-            key = f"{path}.lora_magnitude_vector"
-            magnitude = tensors.get(key, tensors.get(f"{key}.weight"))
-            if magnitude is None:
-                raise ValueError(f"DoRA adapter {path} has no lora_magnitude_vector in {weights}")
-            layer.lora_magnitude[...] = jnp.asarray(magnitude, layer.lora_magnitude[...].dtype)
+                             f"layer [{group[0].in_features} -> {rows[-1]}] (another base model?)")
+        key = f"{path}.lora_magnitude_vector"
+        magnitude = tensors.get(key, tensors.get(f"{key}.weight"))
+        if config.dora and magnitude is None:
+            raise ValueError(f"DoRA adapter {path} has no lora_magnitude_vector in {weights}")
+        if config.dora and magnitude.shape != (rows[-1],):
+            raise ValueError(f"DoRA adapter {path}: lora_magnitude_vector of shape {magnitude.shape} does not fit "
+                             f"the layer's {rows[-1]} outputs (another base model?)")
+        for layer, start, stop in zip(group, rows[:-1], rows[1:], strict=True):
+            layer.lora_a[...] = jnp.asarray(a, layer.lora_a[...].dtype)  # the same Variable within a fused group
+            layer.lora_b[...] = jnp.asarray(b[:, start:stop], layer.lora_b[...].dtype)
+            if layer.use_dora:
+                layer.lora_magnitude[...] = jnp.asarray(magnitude[start:stop], layer.lora_magnitude[...].dtype)
     return out
+
+
+def _fused_paths(model: nnx.Module) -> dict[str, tuple[str, ...]]:
+    """Every HF fused module path of `model` -> its projections' paths (`fused_groups` over all linear layers)."""
+    return fused_groups(model, linear_paths(model))
 
 
 ADAPTER_ITEM, LORA_CONFIG_ITEM = "adapters", "lora_config"

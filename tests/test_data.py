@@ -11,13 +11,14 @@ import transformers
 from mwjax import data, models, train
 from mwjax.config import ModelConfig
 
-SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>"]
+SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>",
+            "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 RECORD = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
 
 
 @pytest.fixture(scope="module")
 def char_tokenizer():
-    """One token per printable character, plus the llama3 / mistral special tokens."""
+    """One token per printable character, plus the llama3 / mistral / gemma / phi special tokens."""
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers import models as tok_models
 
@@ -69,6 +70,58 @@ def test_mistral_template_and_empty_input(char_tokenizer):
     assert decode(char_tokenizer, enc.labels) == "hi</s>"
 
 
+def split(tokenizer, enc):
+    """(decoded prompt, decoded learned tokens) of an encoded example; the prompt is exactly the unlabelled head."""
+    n_prompt = next(i for i, x in enumerate(enc.labels) if x != data.IGNORE)
+    assert all(x != data.IGNORE for x in enc.labels[n_prompt:]) and enc.labels[n_prompt:] == enc.input_ids[n_prompt:]
+    return tokenizer.decode(enc.input_ids[:n_prompt]), decode(tokenizer, enc.labels)
+
+
+# LLaMA-Factory v0.9.0 (template.py at dfff411e): gemma = bos + "<start_of_turn>user\n{q}<end_of_turn>\n<start_of_turn>
+# model\n", response "{a}" + the tokenizer's eos (efficient_eos); a system prompt is bare text after bos.
+# phi = bos + ["<|system|>\n{s}<|end|>\n"] + "<|user|>\n{q}<|end|>\n<|assistant|>\n", response "{a}<|end|>".
+@pytest.mark.parametrize("template, system, prompt, response", [
+    ("gemma", "", "<s><start_of_turn>user\nAdd the numbers.\n2 and 3<end_of_turn>\n<start_of_turn>model\n", "5</s>"),
+    ("gemma", "Be brief.", "<s>Be brief.<start_of_turn>user\nAdd the numbers.\n2 and 3<end_of_turn>\n"
+                           "<start_of_turn>model\n", "5</s>"),
+    ("phi", "", "<s><|user|>\nAdd the numbers.\n2 and 3<|end|>\n<|assistant|>\n", "5<|end|>"),
+    ("phi", "Be brief.", "<s><|system|>\nBe brief.<|end|>\n<|user|>\nAdd the numbers.\n2 and 3<|end|>\n"
+                         "<|assistant|>\n", "5<|end|>"),
+])
+def test_gemma_and_phi_templates(char_tokenizer, template, system, prompt, response):
+    record = RECORD | ({"system": system} if system else {})
+    enc = data.encode(record, char_tokenizer, data.DataConfig(template=template))
+    assert split(char_tokenizer, enc) == (prompt, response)
+    assert char_tokenizer.decode(enc.input_ids) == prompt + response
+    special = {"gemma": "<start_of_turn>", "phi": "<|user|>"}[template]  # one token, not its characters
+    assert char_tokenizer.convert_tokens_to_ids(special) in enc.input_ids
+
+
+def test_gemma_template_with_gemmas_tokenizer(embedded_tokenizer):
+    """Gemma's real SentencePiece tokenizer: bos <bos>, the turn markers single tokens, the response ended by
+    <eos> (the tokenizer's eos under efficient_eos), not by <end_of_turn>."""
+    tokenizer = embedded_tokenizer("gemma3-270m")
+    enc = data.encode(RECORD, tokenizer, data.DataConfig(template="gemma"))
+    prompt, response = split(tokenizer, enc)
+    assert prompt == "<bos><start_of_turn>user\nAdd the numbers.\n2 and 3<end_of_turn>\n<start_of_turn>model\n"
+    assert response == "5<eos>"
+    turn = [tokenizer.convert_tokens_to_ids(t) for t in ("<start_of_turn>", "<end_of_turn>")]
+    assert [enc.input_ids.count(t) for t in turn] == [2, 1]
+    assert enc.input_ids[0] == tokenizer.bos_token_id and enc.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_gemma_eos_survives_truncation_and_phis_end_does_not(char_tokenizer):
+    """efficient_eos (gemma): the eos is reserved out of cutoff_len and appended after the cut; phi's <|end|> is
+    part of the response and is cut with it (LLaMA-Factory's `_encode_supervised_example`)."""
+    long = {"instruction": "x" * 10, "input": "", "output": "y" * 100}
+    gemma = data.encode(long, char_tokenizer, data.DataConfig(template="gemma", cutoff_len=64))
+    # prompt: 26 tokens; infer_max_len(26, 100, 63) keeps 37 response tokens, then the eos
+    assert len(gemma.input_ids) == 64 and decode(char_tokenizer, gemma.labels) == "y" * 37 + "</s>"
+    phi = data.encode(long, char_tokenizer, data.DataConfig(template="phi", cutoff_len=64))
+    # prompt: 17 tokens; infer_max_len(17, 101, 64) keeps 47 response tokens: <|end|> is cut away
+    assert len(phi.input_ids) == 64 and decode(char_tokenizer, phi.labels) == "y" * 47
+
+
 def test_truncation_applies_to_encoded_examples(char_tokenizer):
     long = {"instruction": "x" * 200, "input": "", "output": "y" * 10}
     enc = data.encode(long, char_tokenizer, data.DataConfig(template="plain", cutoff_len=64))
@@ -89,6 +142,10 @@ def test_template_errors(char_tokenizer, smollm2_tokenizer):
         data.encode(RECORD, char_tokenizer, data.DataConfig(template="tokenizer"))
     with pytest.raises(ValueError, match="needs the special token '<|begin_of_text|>'"):
         data.encode(RECORD, smollm2_tokenizer, data.DataConfig(template="llama3"))
+    with pytest.raises(ValueError, match="template 'gemma' needs the special token '<start_of_turn>'"):
+        data.encode(RECORD, smollm2_tokenizer, data.DataConfig(template="gemma"))
+    with pytest.raises(ValueError, match=r"template 'phi' needs the special token '<\|end\|>'"):
+        data.encode(RECORD, smollm2_tokenizer, data.DataConfig(template="phi"))
 
 
 def test_local_json_and_missing_columns(tmp_path):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from experiments import macdrop as experiment
-from experiments.configs import llama3_8b, smollm2_135m
-from mwjax import train
+from experiments.configs import gemma2_2b, llama3_8b, phi3_mini, smollm2_135m
+from mwjax import peft, train
 
 
 def test_bare_config_names_resolve():
@@ -31,6 +31,11 @@ def test_paper_configs_follow_table_5():
     assert c.train.mask_every == "microbatch" == train.TrainConfig().mask_every
     with pytest.raises(ValueError, match="unknown variant"):
         llama3_8b.get_config("qlora")
+    # LLaMA-Factory's own templates; Phi-3 adapted on its fused modules, as LLaMA-Factory does on HF Phi-3
+    phi, gemma = phi3_mini.get_config("dora"), gemma2_2b.get_config()
+    assert (phi.data.template, phi.lora.fuse, phi.lora.dora) == ("phi", True, True)
+    assert (gemma.data.template, gemma.lora.fuse) == ("gemma", False) and not c.lora.fuse
+    assert experiment.plan(phi).lora == peft.LoraConfig(rank=16, alpha=16.0, dora=True, fuse=True)
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -25,9 +25,10 @@ def get_config() -> ConfigDict:
     # massive weights (Algorithm 1, lines 1-3): found with the bos token unless layer+indices are given
     c.massive = ConfigDict({"k": 5, "layer": config_dict.placeholder(int), "indices": config_dict.placeholder(tuple)})
 
-    # LoRA / DoRA on every linear layer except embeddings and lm_head (lora_target: all)
+    # LoRA / DoRA on every linear layer except embeddings and lm_head (lora_target: all); fuse: one adapter per
+    # HF fused module (Phi-3's qkv_proj / gate_up_proj, as LLaMA-Factory adapts them), families with those only
     c.lora = ConfigDict({"rank": 16, "alpha": 16.0, "dropout": 0.0, "dora": False, "rslora": False,
-                         "targets": (), "exclude_router": False})
+                         "targets": (), "exclude_router": False, "fuse": False})
 
     # MacDrop: Step curriculum from p0 = 0.8 on the top-5 rows
     c.macdrop = ConfigDict({"enabled": True, "p0": 0.8, "curriculum": "step", "alpha": 0.05, "scope": "massive"})

@@ -12,6 +12,7 @@ from mwjax.config import ModelConfig
 from mwjax.models.gemma import GemmaForCausalLM
 from mwjax.models.llama import LlamaForCausalLM
 from mwjax.models.mixtral import MixtralForCausalLM
+from mwjax.models.phi3 import FUSED_MODULES as PHI3_FUSED
 from mwjax.models.phi3 import Phi3ForCausalLM
 
 # model_type -> model class
@@ -25,6 +26,10 @@ FAMILIES: dict[str, type[nnx.Module]] = {
     "mixtral": MixtralForCausalLM,
     "phi3": Phi3ForCausalLM,
 }
+
+# model_type -> {HF fused module: mwjax modules in its row order}, for families whose HF checkpoints and
+# modules fuse projections that mwjax keeps apart (module paths relative to a decoder layer)
+FUSED_MODULES: dict[str, dict[str, tuple[str, ...]]] = {"phi3": PHI3_FUSED}
 
 
 def build(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, seed: int = 0) -> nnx.Module:

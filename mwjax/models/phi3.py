@@ -15,6 +15,14 @@ from __future__ import annotations
 
 from mwjax.models.llama import LlamaForCausalLM
 
+# HF fused module (relative to a decoder layer) -> the mwjax modules it holds, in the order of its output rows
+# (HF `Phi3Attention.qkv_proj`: [q | k | v]; `Phi3MLP.gate_up_proj`: [gate | up], split by `chunk(2)`). The
+# converters' key map and PEFT export / import read this one table.
+FUSED_MODULES: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     """HF `Phi3ForCausalLM` (computation identical to `LlamaForCausalLM` once the fused weights are split)."""
