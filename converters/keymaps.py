@@ -191,7 +191,6 @@ MIXTRAL = KeyMap(
 )
 
 
-
 def _fused_rules(fused: Mapping[str, Sequence[str]]) -> list[Rule]:
     """One concat rule per HF fused module of a decoder layer, e.g. `self_attn.qkv_proj.weight` =
     [q_proj | k_proj | v_proj] rows (`fused`: HF module -> mwjax modules in row order, one parent module)."""
