@@ -30,7 +30,6 @@ state is a small pytree that checkpoints with the optimizer.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -131,9 +130,3 @@ class MacDrop:
     def advance(self, state: MacDropState) -> MacDropState:
         """The state of the next mask."""
         return MacDropState(key=jax.random.split(state.key)[0])
-
-
-def total_steps(num_examples: int, batch_size: int, grad_accum: int, epochs: float) -> int:
-    """Optimizer steps of a run: ceil(epochs x batches per epoch / grad_accum), as the HF Trainer counts."""
-    batches = num_examples // batch_size
-    return max(1, math.ceil(epochs * batches / grad_accum))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mwjax import macdrop
+from mwjax import data, macdrop, train
 from mwjax.massive import MassiveWeights
 
 MW = MassiveWeights(layer=2, indices=(7, 3, 90, 12, 40, 5), values=(1.0,) * 6, median=0.1, token_id=1)
@@ -89,5 +89,6 @@ def test_k_checks():
 
 def test_total_steps_matches_the_paper():
     # Table 5: alpaca_gpt4_en (52,002 examples), 5% validation, 256 sequences per optimizer step, 3 epochs = 579
-    train = 52002 - round(0.05 * 52002)
-    assert macdrop.total_steps(train, batch_size=64, grad_accum=4, epochs=3) == 579
+    rows = 52002 - data.validation_size(0.05, 52002)  # 49,401 (LLaMA-Factory takes the validation rows by ceil)
+    config = train.TrainConfig(epochs=3, micro_batch_size=64, grad_accum=4)
+    assert train.total_steps(config, batches_per_epoch=rows // 64) == 579

@@ -9,9 +9,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from train_helpers import ArrayLoader, tiny_setup
 
-from mwjax import macdrop, sharding, train
+from mwjax import macdrop, peft, sharding, train
 
 
 def make_trainer(steps, **kwargs):
@@ -85,6 +86,17 @@ def test_loss_falls_and_eval_runs(tmp_path):
     assert losses[-1] < losses[0] - 0.3
     assert [s for s, _ in result.eval_losses] == [6, 12] and result.eval_losses[1][1] < result.eval_losses[0][1]
     assert result.history[0]["p"] == pytest.approx(0.8 * 11 / 12) and result.history[-1]["p"] == 0.0  # t = 1..T
+
+
+def test_the_trainer_leaves_the_given_model_as_it_was():
+    model, tc, _, _ = tiny_setup(max_steps=1, remat="full")
+    with_dropout = peft.add_adapters(peft.merge(model), peft.LoraConfig(rank=4, alpha=8.0, dropout=0.1), seed=2)
+    for given, mode in ((model, "eval"), (with_dropout, "train")):
+        given.remat = "dots"  # what the caller chose, not the run's "full"
+        getattr(given, mode)()
+        before = nnx.graphdef(given)
+        train.Trainer(given, tc, steps=1, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+        assert given.remat == "dots" and nnx.graphdef(given) == before  # remat and train/eval flags untouched
 
 
 def test_accumulation_equals_one_big_batch():

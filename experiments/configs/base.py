@@ -4,9 +4,28 @@ Every field can be overridden on the command line, e.g. `--config.train.learning
 `--config.macdrop.enabled=False`, `--config.model=/data/llama3-8b-orbax`.
 """
 
+import dataclasses
+import typing
+
 from ml_collections import ConfigDict, config_dict
 
+from mwjax import data, peft, train
+
 VARIANTS = ("lora", "lora_macdrop", "dora", "dora_macdrop")
+
+
+def from_dataclass(instance) -> ConfigDict:
+    """The fields of a config dataclass (`TrainConfig`, `LoraConfig`, `DataConfig`) as a ConfigDict: the library's
+    defaults are the one source, a run config states only where it departs from them. A field that is None
+    becomes a typed placeholder, so `--config.train.max_steps=100` can still set it."""
+    hints = typing.get_type_hints(type(instance))
+    fields = {}
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if value is None:
+            value = config_dict.placeholder(next(t for t in typing.get_args(hints[field.name]) if t is not type(None)))
+        fields[field.name] = value
+    return ConfigDict(fields)
 
 
 def get_config() -> ConfigDict:
@@ -25,27 +44,19 @@ def get_config() -> ConfigDict:
     # massive weights (Algorithm 1, lines 1-3): found with the bos token unless layer+indices are given
     c.massive = ConfigDict({"k": 5, "layer": config_dict.placeholder(int), "indices": config_dict.placeholder(tuple)})
 
-    # LoRA / DoRA on every linear layer except embeddings and lm_head (lora_target: all); fuse: one adapter per
-    # HF fused module (Phi-3's qkv_proj / gate_up_proj, as LLaMA-Factory adapts them), families with those only
-    c.lora = ConfigDict({"rank": 16, "alpha": 16.0, "dropout": 0.0, "dora": False, "rslora": False,
-                         "targets": (), "exclude_router": False, "fuse": False})
+    # LoRA / DoRA r 16, alpha 16 on every linear layer except embeddings and lm_head (lora_target: all): the
+    # LoraConfig defaults (fuse: one adapter per HF fused module, Phi-3's qkv_proj / gate_up_proj)
+    c.lora = from_dataclass(peft.LoraConfig())
 
     # MacDrop: Step curriculum from p0 = 0.8 on the top-5 rows
     c.macdrop = ConfigDict({"enabled": True, "p0": 0.8, "curriculum": "step", "alpha": 0.05, "scope": "massive"})
 
-    # alpaca_gpt4_en, 5% validation, cutoff_len 1024
-    c.data = ConfigDict({"source": "llamafactory/alpaca_gpt4_en", "template": "llama3", "cutoff_len": 1024,
-                         "val_size": 0.05, "seed": 42, "num_synthetic": 2000, "packing": False,
-                         "max_examples": config_dict.placeholder(int)})
+    # alpaca_gpt4_en with the llama3 template (the DataConfig defaults: 5% validation, cutoff_len 1024)
+    c.data = from_dataclass(data.DataConfig(source="llamafactory/alpaca_gpt4_en", template="llama3"))
 
-    # 8 devices x per_device_train_batch_size 8 = 64 sequences per micro-batch, x gradient_accumulation 4
-    c.train = ConfigDict({
-        "learning_rate": 1e-4, "epochs": 3.0, "max_steps": config_dict.placeholder(int), "warmup_ratio": 0.05,
-        "decay": "cosine", "weight_decay": 0.0, "b1": 0.9, "b2": 0.999, "max_grad_norm": 1.0,
-        "micro_batch_size": 64, "grad_accum": 4, "remat": "full", "mask_every": "microbatch", "seed": 42,
-        "log_every": 10, "eval_every": 100, "eval_batches": config_dict.placeholder(int), "save_every": 100,
-        "keep_checkpoints": 2, "divergence_factor": 4.0, "zero_grad_steps": 3,
-    })
+    # the TrainConfig defaults (Table 5: lr 1e-4, 3 epochs, cosine, warmup 0.05, gradient_accumulation 4), and
+    # 8 devices x per_device_train_batch_size 8 = 64 sequences per micro-batch; remat and logging for 8B scale
+    c.train = from_dataclass(train.TrainConfig(micro_batch_size=64, remat="full", log_every=10, eval_every=100))
 
     # ("data", "fsdp", "tensor"); -1 takes the remaining devices
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
