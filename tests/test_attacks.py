@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_logits_close, hf_logits, random_tokens, torch
+from hf_reference import assert_logits_close, capture_hf, hf_logits, random_tokens, torch
 
 import converters
 from mwjax import attacks, massive, models, probes
@@ -261,12 +261,8 @@ def test_mixtral_massive_weights_sit_in_the_routed_expert(hf_checkpoint):
     model, _ = converters.load(path, tokenizer=False)
     mw = massive.find_massive_weights(model, first_token=5, k=3, layer=1)
     # the reference, in torch: bos alone, the router's first choice at layer 1 and that expert's state
-    captured = {}
-    handle = hf.model.layers[1].post_attention_layernorm.register_forward_hook(
-        lambda m, i, o: captured.__setitem__("x", o))
-    with torch.no_grad():
-        out = hf(torch.tensor([[5]]), output_router_logits=True)
-    handle.remove()
+    states, out = capture_hf(hf, np.array([[5]]), ("mlp_input",), output_router_logits=True)
+    captured = {"x": states[("mlp_input", 1)]}  # the FFN's input at layer 1
     expert = int(out.router_logits[1].float().softmax(-1).reshape(-1).argmax())
     f = hf.config.intermediate_size
     experts = hf.model.layers[1].mlp.experts

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_logits_close, hf_logits, random_tokens, torch
+from hf_reference import assert_logits_close, hf_logits, random_tokens, torch
 
 import converters
 from mwjax import interventions, models, probes

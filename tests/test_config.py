@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import transformers
-from conftest import TINY_CONFIGS, torch
+from hf_reference import TINY_CONFIGS, torch
 
 from mwjax.config import FULL_ATTENTION, SLIDING_ATTENTION, ConfigError, ModelConfig, RopeConfig
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import assert_logits_close, hf_logits, make_hf_model, random_tokens, tiny_tokenizer, torch
+from hf_reference import assert_logits_close, hf_logits, make_hf_model, random_tokens, tiny_tokenizer, torch
 from safetensors.numpy import load_file, save_file
 
 import converters

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_tokens, tiny_tokenizer, torch
+from hf_reference import capture_hf, random_tokens, tiny_tokenizer, torch
 
 import converters
 from mwjax import attacks, massive
@@ -149,18 +149,12 @@ def test_activation_stats_match_pytorch(pair):
     hf, model = pair
     seqs = random_tokens(48, batch=3, seed=30)
     stats = massive.activation_stats(model, seqs, top_k=3, batch_size=2, progress=False)
-    hidden = {}
-    hooks = [layer.register_forward_hook(lambda m, i, o, li=li: hidden.__setitem__(li, o[0] if isinstance(o, tuple)
-                                                                                    else o))
-             for li, layer in enumerate(hf.model.layers)]
     tops, medians = [], []
     for s in seqs:
-        with torch.no_grad():
-            hf(torch.tensor(s[None]).long())
-        tops.append([hidden[i].abs().flatten().topk(3).values.numpy() for i in range(3)])
-        medians.append([np.median(hidden[i].abs().numpy()) for i in range(3)])
-    for h in hooks:
-        h.remove()
+        captured, _ = capture_hf(hf, s[None], ("hidden",))
+        hidden = [captured[("hidden", i)] for i in range(3)]
+        tops.append([h.abs().flatten().topk(3).values.numpy() for h in hidden])
+        medians.append([np.median(h.abs().numpy()) for h in hidden])
     np.testing.assert_allclose(stats["hidden"]["top"], np.mean(tops, axis=0), rtol=1e-4)
     np.testing.assert_allclose(stats["hidden"]["median"], np.mean(medians, axis=0), rtol=1e-4)
     assert stats["intermediate"]["top"].shape == (3, 3) and stats["num_sequences"] == 3

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tiny_tokenizer
+from hf_reference import tiny_tokenizer
 from zeroshot_docs import write_task_data
 
 TEXT = "the quick brown fox jumps over the lazy dog and keeps running through the quiet field " * 20

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import FAMILY_CONFIGS, SEQ_LEN, assert_logits_close, hf_logits, random_tokens, torch
 from flax import nnx
+from hf_reference import FAMILY_CONFIGS, SEQ_LEN, assert_logits_close, capture_hf, hf_logits, random_tokens, torch
 
 import converters
 from converters.sources import SafetensorsSource
@@ -99,26 +99,6 @@ def test_orbax_round_trip_keeps_family_config(name, tiny_checkpoint, tmp_path):
 DENSE_POINTS = ("hidden", "intermediate", "down_proj_output", "attn_output", "attn_input", "mlp_input", "attn_probs")
 
 
-def hf_hooks(hf, mlp_input_norm: str):
-    """Forward hooks on every HF layer recording our probe points; returns (captured, handles)."""
-    captured, handles = {}, []
-
-    def hook(module, point, i, take=lambda args, out: out[0] if isinstance(out, tuple) else out):
-        def record(m, args, out):  # returns None: the output is left as it is
-            captured[(point, i)] = take(args, out).detach()
-        handles.append(module.register_forward_hook(record))
-
-    for i, layer in enumerate(hf.model.layers):
-        hook(layer, "hidden", i)
-        hook(layer.self_attn.o_proj, "attn_output", i)
-        hook(layer.input_layernorm, "attn_input", i)
-        hook(getattr(layer, mlp_input_norm), "mlp_input", i)
-        if isinstance(getattr(layer.mlp, "down_proj", None), torch.nn.Linear):
-            hook(layer.mlp.down_proj, "intermediate", i, take=lambda args, out: args[0])
-            hook(layer.mlp.down_proj, "down_proj_output", i)
-    return captured, handles
-
-
 def assert_probe_close(stats, ref, what):
     np.testing.assert_allclose(stats["full"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=what)
 
@@ -131,13 +111,7 @@ def assert_probe_close(stats, ref, what):
 def test_dense_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
     hf, path = hf_checkpoint(name)
     tokens = random_tokens(64, hf.config.vocab_size, seed=2)
-    captured, handles = hf_hooks(hf, mlp_input_norm)
-    try:
-        with torch.no_grad():
-            hf_out = hf(torch.from_numpy(tokens).long(), output_attentions=True)
-    finally:
-        for h in handles:
-            h.remove()
+    captured, hf_out = capture_hf(hf, tokens, mlp_input_norm=mlp_input_norm, output_attentions=True)
     _, result = probes.capture(load(path), jnp.asarray(tokens), probes.ProbeConfig(points=DENSE_POINTS))
     for i in range(hf.config.num_hidden_layers):
         for point in DENSE_POINTS:
@@ -150,13 +124,7 @@ def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
     state, computed here in torch from HF's fused expert weights; the layer outputs agree."""
     hf, path = hf_checkpoint("mixtral")
     tokens = random_tokens(64, hf.config.vocab_size, seed=2)
-    captured, handles = hf_hooks(hf, "post_attention_layernorm")
-    try:
-        with torch.no_grad():
-            hf_out = hf(torch.from_numpy(tokens).long(), output_router_logits=True)
-    finally:
-        for h in handles:
-            h.remove()
+    captured, hf_out = capture_hf(hf, tokens, output_router_logits=True)
     points = ("router_probs", "intermediate", "down_proj_output", "hidden", "mlp_input", "attn_output")
     _, result = probes.capture(load(path), jnp.asarray(tokens), probes.ProbeConfig(points=points, top_k=3))
     num_experts, f = hf.config.num_local_experts, hf.config.intermediate_size

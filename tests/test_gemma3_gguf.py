@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import assert_logits_close, needs_torch, torch
+from hf_reference import assert_logits_close, capture_hf, needs_torch, torch
 
 import converters
 from converters import embedded
@@ -58,13 +58,8 @@ def test_logits_match_transformers_gguf(both):
 
 def test_bos_intermediate_and_gradual_growth(both):
     ours, tokenizer, hf = both
-    captured = {}
-    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, a[0][0, 0]))
-             for i, layer in enumerate(hf.model.layers)]
-    with torch.no_grad():
-        hf(torch.tensor([[tokenizer.bos_token_id]]))
-    for h in hooks:
-        h.remove()
+    states, _ = capture_hf(hf, np.array([[tokenizer.bos_token_id]]), ("intermediate",))
+    captured = {layer: x[0, 0] for (_, layer), x in states.items()}  # the bos token's intermediate state
     ref_layer = max(captured, key=lambda i: captured[i].abs().max().item())
     ref_top = captured[ref_layer].abs().topk(5)
     rows = probe_first_token(ours, tokenizer.bos_token_id, top_k=5)

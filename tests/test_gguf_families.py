@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import SEQ_LEN, assert_logits_close, hf_logits, make_hf_model, random_tokens, torch
 from gguf_files import write_gguf
+from hf_reference import SEQ_LEN, assert_logits_close, hf_logits, make_hf_model, random_tokens, torch
 
 import converters
 from mwjax import models

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from conftest import needs_torch
+from hf_reference import needs_torch
 
 import converters
 from converters import embedded

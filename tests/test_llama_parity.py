@@ -3,7 +3,16 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAMILY_CONFIGS, SEQ_LEN, TINY_CONFIGS, assert_logits_close, hf_logits, random_tokens, torch
+from hf_reference import (
+    FAMILY_CONFIGS,
+    SEQ_LEN,
+    TINY_CONFIGS,
+    assert_logits_close,
+    capture_hf,
+    hf_logits,
+    random_tokens,
+    torch,
+)
 
 import converters
 from mwjax import models, probes
@@ -38,23 +47,7 @@ def test_probes_match_hf_hooks(name, hf_checkpoint):
     hf, path = hf_checkpoint(name)
     model, _ = converters.load(path, tokenizer=False)
     tokens = random_tokens(64, hf.config.vocab_size, seed=2)
-    captured = {}
-    hooks = []
-    for i, layer in enumerate(hf.model.layers):
-        hooks.append(layer.mlp.down_proj.register_forward_hook(
-            lambda m, inp, out, i=i: captured.update({("intermediate", i): inp[0], ("down_proj_output", i): out})))
-        hooks.append(layer.register_forward_hook(
-            lambda m, inp, out, i=i: captured.update({("hidden", i): out[0] if isinstance(out, tuple) else out})))
-        hooks.append(layer.self_attn.o_proj.register_forward_hook(
-            lambda m, inp, out, i=i: captured.update({("attn_output", i): out})))
-        hooks.append(layer.input_layernorm.register_forward_hook(
-            lambda m, inp, out, i=i: captured.update({("attn_input", i): out})))
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(
-            lambda m, inp, out, i=i: captured.update({("mlp_input", i): out})))
-    with torch.no_grad():
-        hf_out = hf(torch.from_numpy(tokens).long(), output_attentions=True)
-    for h in hooks:
-        h.remove()
+    captured, hf_out = capture_hf(hf, tokens, output_attentions=True)
     points = ("hidden", "intermediate", "down_proj_output", "attn_output", "attn_input", "mlp_input", "attn_probs")
     config = probes.ProbeConfig(points=points, top_k=3, median=True)
     _, result = probes.capture(model, jnp.asarray(tokens), config)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import torch
+from hf_reference import torch
 from zeroshot_docs import write_task_data
 
 lm_eval = pytest.importorskip("lm_eval")

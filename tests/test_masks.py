@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close_to_scale, assert_logits_close, hf_logits, random_tokens, torch
 from flax import nnx
+from hf_reference import assert_close_to_scale, assert_logits_close, hf_logits, random_tokens, torch
 
 import converters
 from mwjax import masks, models

@@ -2,25 +2,20 @@
 
 import numpy as np
 import pytest
-from conftest import torch
+from hf_reference import capture_hf, torch
 
 import converters
 from mwjax import massive
 
 
 def hf_bos_profile(hf, token_id):
-    inter = {}
-    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out, i=i: inter.__setitem__(i, inp[0][0, 0]))
-             for i, layer in enumerate(hf.model.layers)]
-    outs = {}
-    hooks += [layer.register_forward_hook(lambda m, inp, out, i=i: outs.__setitem__(i, out[0][0, 0] if isinstance(
-        out, tuple) else out[0, 0])) for i, layer in enumerate(hf.model.layers)]
+    """(embedding, {layer: intermediate state}, {layer: hidden state}) of `token_id` alone, from HF."""
+    captured, _ = capture_hf(hf, np.array([[token_id]]), ("intermediate", "hidden"))
     with torch.no_grad():
         emb = hf.model.embed_tokens(torch.tensor([[token_id]]))[0, 0]
-        hf(torch.tensor([[token_id]]))
-    for h in hooks:
-        h.remove()
-    return emb, inter, outs
+    layers = range(hf.config.num_hidden_layers)
+    return emb, {i: captured[("intermediate", i)][0, 0] for i in layers}, {i: captured[("hidden", i)][0, 0]
+                                                                          for i in layers}
 
 
 def test_matches_hf_hooks(hf_checkpoint):
@@ -105,13 +100,8 @@ def test_super_weight_coordinates_match_hook_argmax(hf_checkpoint):
     model, _ = converters.load(path, tokenizer=False)
     tokens = np.random.default_rng(3).integers(0, 160, (1, 40)).astype(np.int32)
     found = massive.find_super_weights(model, tokens=tokens, threshold=0.0)  # every layer is a candidate
-    io = {}
-    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, inp, out, i=i: io.__setitem__(i, (inp[0], out)))
-             for i, layer in enumerate(hf.model.layers)]
-    with torch.no_grad():
-        hf(torch.from_numpy(tokens).long())
-    for h in hooks:
-        h.remove()
+    captured, _ = capture_hf(hf, tokens, ("intermediate", "down_proj_output"))
+    io = {i: (captured[("intermediate", i)], captured[("down_proj_output", i)]) for i in range(3)}
     assert sorted({sw.layer for sw in found}) == [0, 1, 2]
     for layer in range(3):
         x, y = io[layer]
