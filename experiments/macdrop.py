@@ -100,18 +100,35 @@ RUN_FILES = ("config.json", "massive_weights.json", "metrics.jsonl", "results.js
 NOT_COMPARED = ("output_dir", "resume", "overwrite_output_dir")  # fields that may change between relaunches
 
 
+def library_defaults() -> dict[str, dict]:
+    """The config sections that are library dataclasses, with their defaults: a field a newer mwjax added to
+    them reads, in a run's older config.json, as absent, and the run used its default."""
+    return {"train": dataclasses.asdict(train.TrainConfig()), "lora": dataclasses.asdict(peft.LoraConfig()),
+            "data": dataclasses.asdict(data.DataConfig())}
+
+
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'field: old -> new' for every field (dotted path) whose value differs, NOT_COMPARED left out."""
+    """'field: old -> new' for every field (dotted path) whose value differs, NOT_COMPARED left out, and a field
+    absent from `old` but at its library default in `new` (added by a newer mwjax) not counted as a change."""
     changes = []
+    defaults = library_defaults()
     for key in sorted(set(old) | set(new)):
         name, a, b = prefix + key, old.get(key, "<absent>"), new.get(key, "<absent>")
         if name in NOT_COMPARED:
+            continue
+        section, _, field = name.partition(".")
+        if a == "<absent>" and field in defaults.get(section, {}) and _jsonable(b) == _jsonable(
+                defaults[section][field]):
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             changes += config_changes(a, b, name + ".")
         elif a != b:
             changes.append(f"{name}: {a!r} -> {b!r}")
     return changes
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))  # tuples as lists, as config.json holds them
 
 
 def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | None:

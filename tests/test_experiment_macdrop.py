@@ -113,3 +113,13 @@ def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     np.testing.assert_allclose(logits, np.asarray(models.forward(ours_from_peft, jnp.asarray(tokens))), atol=1e-5)
     err = np.abs(logits - theirs).max()
     assert err <= 1e-4 * np.abs(theirs).max(), err
+
+
+def test_a_field_added_by_a_newer_mwjax_at_its_default_is_not_a_change():
+    """A run's config.json written before a field existed resumes, unless the new config moves it off its default."""
+    new = json.loads(smollm2_135m.get_config().to_json())
+    old = json.loads(json.dumps(new))
+    del old["lora"]["fuse"], old["train"]["eps"]
+    assert experiment.config_changes(old, new) == []
+    new["lora"]["fuse"] = True
+    assert experiment.config_changes(old, new) == ["lora.fuse: '<absent>' -> True"]
