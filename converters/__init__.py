@@ -13,7 +13,7 @@ from converters.errors import (
     ShapeMismatchError,
     UnsupportedCheckpointError,
 )
-from converters.loader import build_from_source, load, load_tokenizer, resolve
+from converters.loader import build_from_source, load, load_tokenizer, peft_base, resolve
 from converters.save_hf import save_hf
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "build_from_source",
     "load",
     "load_tokenizer",
+    "peft_base",
     "resolve",
     "save_hf",
 ]

@@ -233,6 +233,19 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
     raise FileNotFoundError(f"{text}: no such file or directory (nor an embedded:<name> model or a hub id owner/name)")
 
 
+def peft_base(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(base_model_name_or_path, gguf_file) by which HF transformers / PEFT load the base `path` names: a hub id
+    as it is, a local HF directory as its absolute path, a .gguf file (or `embedded:<name>`) as its directory and
+    file name (`from_pretrained(directory, gguf_file=name)`)."""
+    text = os.fspath(path)
+    if not text.startswith(embedded.PREFIX) and not Path(text).expanduser().exists() and _HUB_ID.match(text):
+        return text, None
+    local = resolve(text).absolute()
+    if local.suffix == ".gguf":
+        return str(local.parent), local.name
+    return str(local), None
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import HfApi, snapshot_download
 

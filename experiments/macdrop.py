@@ -251,8 +251,9 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
     }
     if lead:
         try:
-            summary["adapter_peft"] = str(peft.export_peft(tuned, out / "adapter_peft",
-                                                           base_model_name_or_path=config.model))
+            base, gguf_file = converters.peft_base(config.model)
+            summary["adapter_peft"] = str(peft.export_peft(tuned, out / "adapter_peft", base_model_name_or_path=base,
+                                                           gguf_file=gguf_file))
         except ValueError as e:  # adapters PEFT cannot hold (Phi-3 without lora.fuse, Mixtral experts)
             log.warning("no PEFT export: %s", e)
         # last: its presence means done

@@ -317,9 +317,15 @@ def merge(model: nnx.Module) -> nnx.Module:
 # -------------------------------------------------------------------------------------------- export
 
 
-def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None
-                ) -> Path:
-    """Write an HF PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                gguf_file: str | None = None) -> Path:
+    """Write an HF PEFT adapter directory as `PeftModel.save_pretrained` does: adapter_config.json,
+    adapter_model.safetensors and a README.md model card.
+
+    base_model_name_or_path: what `AutoPeftModelForCausalLM.from_pretrained(directory)` loads the base from (a
+    hub id or an HF directory); with `gguf_file` (a GGUF base, which PEFT cannot name) the card says to pass
+    `gguf_file=` to it. target_modules are PEFT's short names ("q_proj", ...) when they select exactly the
+    adapted modules, else the full module paths.
 
     Module paths are HF's. Adapters made with `LoraConfig(fuse=True)` are written as PEFT's adapter of
     each fused HF module (Phi-3: `self_attn.qkv_proj.lora_A.weight` [r, in], `lora_B.weight` [q+k+v, r]
@@ -344,9 +350,11 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "use_dora": config.dora, "use_rslora": config.rslora, "bias": "none",
-        "target_modules": sorted(modules), "fan_in_fan_out": False, "init_lora_weights": True,
-        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
+        "target_modules": _target_modules(model, list(modules)), "fan_in_fan_out": False,
+        "init_lora_weights": True, "base_model_name_or_path": base_model_name_or_path, "inference_mode": True,
     }
+    if version := _installed("peft"):
+        peft_config["peft_version"] = version
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from mwjax import checkpoint
@@ -354,7 +362,47 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
     with checkpoint.atomic_file(directory / "adapter_model.safetensors") as partial:
         save_file(tensors, str(partial), metadata={"format": "pt"})
     checkpoint.write_text_atomically(directory / "adapter_config.json", json.dumps(peft_config, indent=2))
+    checkpoint.write_text_atomically(directory / "README.md", _model_card(config, base_model_name_or_path, gguf_file))
     return directory
+
+
+def _installed(package: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _target_modules(model: nnx.Module, peft_paths: list[str]) -> list[str]:
+    """PEFT's short target names when each selects every module of that name in the HF model and nothing else
+    (PEFT matches a name against the end of each module path), else the full paths."""
+    fused = _fused_paths(model) if model.lora_config.fuse else {}
+    members = {m for group in fused.values() for m in group}
+    hf_paths = [p for p in linear_paths(model) if p not in members] + list(fused)
+    short = lambda path: path.rpartition(".")[2]
+    names = sorted({short(p) for p in peft_paths})
+    exact = all(sum(short(p) == n for p in peft_paths) == sum(short(p) == n for p in hf_paths) for n in names)
+    return names if exact else sorted(peft_paths)
+
+
+def _model_card(config: LoraConfig, base: str | None, gguf_file: str | None) -> str:
+    """A PEFT-style README.md: the base model, how to load the adapter, what it is."""
+    kind = "DoRA" if config.dora else "LoRA"
+    extra = f', gguf_file="{gguf_file}"' if gguf_file else ""
+    lines = ["---", f"base_model: {base}" if base else "base_model: null", "library_name: peft", "tags:",
+             f"- {kind.lower()}", "- mwjax", "---", "", f"# {kind} adapter (exported by mwjax)", "",
+             f"{kind}, rank {config.rank}, alpha {config.alpha:g}{', rsLoRA scaling' if config.rslora else ''}.",
+             "", "```python", "from peft import AutoPeftModelForCausalLM", "",
+             f'model = AutoPeftModelForCausalLM.from_pretrained("<this directory>"{extra})', "```"]
+    if gguf_file:
+        lines += ["", f"The base is the GGUF file `{gguf_file}` in `{base}`: transformers dequantizes it when "
+                  "`gguf_file` is passed (PEFT's config cannot name a file)."]
+    elif base is None:
+        lines += ["", "No base model was recorded: load the base yourself and use `PeftModel.from_pretrained(base, "
+                  "\"<this directory>\")`."]
+    return "\n".join(lines) + "\n"
 
 
 def _peft_modules(model: nnx.Module) -> dict[str, list[LoRALinear]]:

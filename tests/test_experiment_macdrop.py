@@ -81,7 +81,6 @@ def test_missing_checkpoint_fails_fast(tmp_path):
 def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     import peft as peft_lib
     import torch
-    import transformers
 
     import converters
     from mwjax import models, peft
@@ -103,9 +102,11 @@ def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     base, _ = converters.load(smollm2_path, tokenizer=False)
     ours = peft.load_adapters(base, out / "adapter")
     ours_from_peft = peft.load_adapters(base, out / "adapter_peft")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                           dtype=torch.float32)
-    hf = peft_lib.PeftModel.from_pretrained(hf, str(out / "adapter_peft")).eval()
+    # the adapter names its base (the embedded model's GGUF directory): AutoPeft loads both, given the file
+    written = json.loads((out / "adapter_peft" / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == str(smollm2_path.parent.absolute())
+    hf = peft_lib.AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter_peft"), gguf_file=smollm2_path.name,
+                                                           dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, 49152, (1, 64))
     with torch.no_grad():
         theirs = hf(torch.as_tensor(tokens)).logits.numpy()

@@ -1,6 +1,8 @@
 """LoRA / DoRA against HF PEFT on tiny models: same init copied over, same logits, loss and gradients;
 the MacDrop row mask reaches the base weight only; merge and export round trips."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,6 +162,27 @@ def test_export_loads_in_hf_peft(base, dora, tmp_path):
     clone.load_state_dict(hf.state_dict())
     loaded = peft_lib.PeftModel.from_pretrained(clone, str(tmp_path)).eval()
     assert_logits_close(models.forward(ours, jnp.asarray(TOKENS)), hf_logits(loaded, TOKENS))
+
+
+def test_export_is_what_peft_writes_and_auto_peft_loads_it(hf_checkpoint, tmp_path):
+    """base_model_name_or_path resolvable, PEFT's short target names, peft_version, a model card: the adapter
+    loads with AutoPeftModelForCausalLM alone."""
+    hf, path = hf_checkpoint("llama_gqa")
+    _, ours = peft_pair(hf, converters.load(path, tokenizer=False)[0], dora=True, seed=11)
+    peft.export_peft(ours, tmp_path / "adapter", base_model_name_or_path=str(path))
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert written["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert written["peft_version"] == peft_lib.__version__
+    assert f"base_model: {path}" in (tmp_path / "adapter" / "README.md").read_text()
+    loaded = peft_lib.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32).eval()
+    assert_logits_close(models.forward(ours, jnp.asarray(TOKENS)), hf_logits(loaded, TOKENS))
+    # adapters on some layers only: short names would adapt every layer, so the full paths are written
+    some = peft.add_adapters(converters.load(path, tokenizer=False)[0],
+                             peft.LoraConfig(rank=2, alpha=4.0, targets=("model.layers.0.*",)))
+    peft.export_peft(some, tmp_path / "some", base_model_name_or_path=str(path), gguf_file="model.gguf")
+    written = json.loads((tmp_path / "some" / "adapter_config.json").read_text())
+    assert written["target_modules"] == sorted(peft.adapters(some)) and len(written["target_modules"]) == 7
+    assert 'gguf_file="model.gguf"' in (tmp_path / "some" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("dora", [False, True])
