@@ -31,6 +31,9 @@ from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
 
 FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
+flags.adopt_module_key_flags(zeroshot_flags)
 flags.DEFINE_integer("k", 5, "top-k massive weights to attack")
 flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
 common.check_flag("datasets", check_corpus)

@@ -23,6 +23,8 @@ from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
 
 FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
 flags.DEFINE_integer("k", 5, "how many massive weights to report")
 flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: chosen by --layer_rule)")
 flags.DEFINE_enum("layer_rule", "intermediate", list(massive.LAYER_RULES), "intermediate: the earliest layer whose "

@@ -16,6 +16,8 @@ from mwjax import massive
 from mwjax.tokens import first_token_id
 
 FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
 flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state")
 
 

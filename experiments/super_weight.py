@@ -24,6 +24,9 @@ from mwjax.eval import generate_text, perplexity
 from mwjax.eval.corpora import check_name as check_corpus
 
 FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
+flags.adopt_module_key_flags(zeroshot_flags)
 flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection runs")
 flags.DEFINE_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|")
 flags.DEFINE_float("ratio", massive.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "

@@ -26,6 +26,8 @@ from experiments import common
 from experiments.zeroshot import TASK_TITLES
 
 FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
 flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for attacks.json and zeroshot.json")
 
 

@@ -18,6 +18,9 @@ from mwjax import attacks
 from mwjax.eval import zeroshot_tasks
 
 FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
+flags.adopt_module_key_flags(zeroshot_flags)
 flags.DEFINE_string("attack", None, "attack applied before evaluation, e.g. zero_top_k:5 (mwjax.attacks.from_spec)")
 common.check_flag("attack", attacks.parse_spec)
 flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapter and --attack, Table 8's two "

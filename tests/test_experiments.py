@@ -51,6 +51,13 @@ def task_data(tiny, tmp_path_factory):
     return data, scores["mean"]["acc_norm"]
 
 
+@pytest.mark.parametrize("module, own", [("experiments.attacks", "--sweep_metrics"),
+                                         ("experiments.zeroshot", "--attack_on")])
+def test_help_lists_the_shared_flags_with_the_own(module, own):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+    assert all(f"\n  {flag}" in out.stdout for flag in (own, "--model", "--output_dir", "--adapter", "--tasks"))
+
+
 def test_attacks_experiment_on_a_tiny_model(tiny, task_data):
     out = tiny / "attacks"
     data, accuracy = task_data
