@@ -8,6 +8,9 @@ large model converted once is then restored straight into a mesh on every host.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import jax.numpy as jnp
 from absl import app, flags
 
@@ -31,6 +34,10 @@ def convert(src: str, dst: str, dtype=jnp.float32, overwrite: bool = False):
 
 def main(argv):
     del argv
+    if Path(FLAGS.dst).exists() and not FLAGS.overwrite:  # before minutes of loading
+        raise SystemExit(f"{FLAGS.dst} exists: pass --overwrite to replace it, or another --dst")
+    for name in ("absl", "orbax", "jax"):  # orbax logs ~40 INFO lines per save
+        logging.getLogger(name).setLevel(logging.WARNING)
     path = convert(FLAGS.src, FLAGS.dst, jnp.dtype(FLAGS.dtype), FLAGS.overwrite)
     print(f"wrote {path}")
 

@@ -102,6 +102,11 @@ def test_orbax_checkpoint_and_cli(tiny_checkpoint, tmp_path):
     model2, tok2 = converters.load(tmp_path / "cli")
     assert tok2 is not None and tok2.bos_token == "<s>"
     np.testing.assert_array_equal(our_logits(model2, tokens), our_logits(model, tokens))
+    assert "orbax" not in out.stderr.lower()  # no INFO chatter per save
+    again = subprocess.run([sys.executable, "-m", "converters.to_orbax", "--src=/nonexistent",
+                            f"--dst={tmp_path / 'cli'}"], capture_output=True, text=True, timeout=300)
+    # refused before loading the (missing) source
+    assert again.returncode != 0 and "pass --overwrite to replace it" in again.stderr, again.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------- errors
