@@ -13,6 +13,8 @@ and writes tables.md with
            --attack=zero_top_k:3), beside its unattacked mean, with the reading of each attacked
            fine-tuned run (--attack_on: merged or base).
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
+A zero-shot run made with --limit or on a subset of the five tasks is not the papers' protocol: its
+numbers carry a "*" and the tables say which runs and why.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from absl import app, flags
 
 from experiments import common
 from experiments.zeroshot import TASK_TITLES
+from mwjax.eval.zeroshot_tasks import PAPER_TASKS
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -37,8 +40,23 @@ def load_runs(root: Path) -> tuple[list[dict], list[dict]]:
     return attacks, zeroshot
 
 
-def _mean(run: dict) -> float:
-    return run["scores"]["mean"]["acc_norm"]
+def departure(run: dict) -> str | None:
+    """How a zero-shot run departs from the papers' protocol (all five tasks, every document), or None."""
+    tasks = [t for t in run["scores"] if t != "mean"]
+    parts = [f"--limit={run['limit']}"] if run.get("limit") else []
+    if sorted(tasks) != sorted(PAPER_TASKS):
+        parts.append(f"{len(tasks)} of the {len(PAPER_TASKS)} tasks")
+    return ", ".join(parts) or None
+
+
+def _mean(run: dict) -> float | str:
+    mean = run["scores"]["mean"]["acc_norm"]
+    return f"{mean:.2f}*" if departure(run) else mean
+
+
+def departures_note(zeroshot: list[dict]) -> str | None:
+    marked = [f"{z['path']} ({departure(z)})" for z in zeroshot if departure(z)]
+    return ("* not the papers' protocol, so not comparable with their tables: " + "; ".join(marked)) if marked else None
 
 
 def table1(attack_run: dict, zeroshot: list[dict]) -> str:
@@ -57,8 +75,8 @@ def table1(attack_run: dict, zeroshot: list[dict]) -> str:
 def table2(zeroshot: list[dict]) -> str:
     runs = [z for z in zeroshot if not z["attack"]]
     tasks = [t for t in TASK_TITLES if all(t in z["scores"] for z in runs)]
-    rows = [[z["model"], z["label"]] + [z["scores"][t].get("acc_norm", z["scores"][t]["acc"]) for t in tasks]
-            + [_mean(z)] for z in runs]
+    rows = [[z["model"], z["label"] + ("*" if departure(z) else "")]
+            + [z["scores"][t].get("acc_norm", z["scores"][t]["acc"]) for t in tasks] + [_mean(z)] for z in runs]
     return common.markdown_table(["model", "method"] + [TASK_TITLES[t] for t in tasks] + ["Avg."], rows)
 
 
@@ -90,6 +108,8 @@ def main(argv):
     parts = [f"## Table 1 ({run['model']}, seqlen {run['seqlen']})\n\n{table1(run, zeroshot)}" for run in attacks]
     if zeroshot:
         parts.append(bos_note(zeroshot))
+        if note := departures_note(zeroshot):
+            parts.append(note)
         parts.append(f"## Table 2: zero-shot accuracy\n\n{table2(zeroshot)}")
         parts.append(f"## Table 8: top-3 zeroing\n\n{table8(zeroshot)}")
     text = "\n\n".join(parts) + "\n"

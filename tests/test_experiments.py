@@ -132,7 +132,8 @@ def test_tables_from_run_outputs(tmp_path):
     runs = {"a/zeroshot.json": zs("m", "original", None, 70.0), "b/zeroshot.json": zs("m", "original", "zero_top_k:5",
                                                                                       40.0),
             "c/zeroshot.json": zs("m", "LoRA + MacDrop", None, 76.5),
-            "d/zeroshot.json": zs("m", "LoRA + MacDrop", "zero_top_k:3", 47.7) | {"attack_on": "base"}}
+            "d/zeroshot.json": zs("m", "LoRA + MacDrop", "zero_top_k:3", 47.7) | {"attack_on": "base"},
+            "f/zeroshot.json": zs("m", "DoRA", None, 60.0) | {"limit": 20}}
     ppl = lambda p: {"wikitext2": {"perplexity": p}}
     runs["e/attacks.json"] = {"model": "m", "k": 5, "seqlen": 4096, "settings": {
         "original": {"perplexity": ppl(5.75)}, "top-5 zeroing": {"perplexity": ppl(104.57)},
@@ -146,6 +147,9 @@ def test_tables_from_run_outputs(tmp_path):
     assert "| m | LoRA + MacDrop | 76.50 | 76.50 | 76.50 | 76.50 | 76.50 | 76.50 |" in stdout
     assert "| m | LoRA + MacDrop | base | 76.50 | 47.70 |" in stdout  # Table 8's reading shown
     assert (tmp_path / "tables" / "tables.md").exists() and "Zero-shot runs: add_bos_token=false." in stdout
+    # a run with --limit is marked, never passed off as the papers' protocol
+    assert "| m | DoRA* | 60.00 | 60.00 | 60.00 | 60.00 | 60.00 | 60.00* |" in stdout
+    assert "* not the papers' protocol" in stdout and "f/zeroshot.json (--limit=20)" in stdout
     from experiments.tables import bos_note
 
     mixed = bos_note([{"path": "a", "add_bos_token": "false"}, {"path": "b", "add_bos_token": "tokenizer"}])

@@ -77,8 +77,8 @@ def check_tasks(tasks, data_dir: str | os.PathLike | None = None) -> None:
             raise ValueError(f"task {name!r} has no local form: --data_dir runs {sorted(TASKS)}")
         data = Path(data_dir) / f"{name}.jsonl"
         if not data.is_file():
-            raise FileNotFoundError(f"{data} is missing: export it where the hub is reachable with "
-                                    f"mwjax.eval.zeroshot_tasks.export_task_data (or experiments.zeroshot --export)")
+            raise FileNotFoundError(f"{data} is missing: export it where the hub is reachable with experiments."
+                                    "zeroshot --export_data=DIR (or mwjax.eval.zeroshot_tasks.export_task_data)")
 
 
 def write_local_tasks(data_dir: str | os.PathLike, include_dir: str | os.PathLike, tasks=PAPER_TASKS) -> list[str]:
