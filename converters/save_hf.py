@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import jax
@@ -44,6 +45,8 @@ def save_hf(model: nnx.Module, directory: str | os.PathLike, *, tokenizer=None,
     _atomic(directory / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+    else:  # the model does not carry its tokenizer: say so, since AutoTokenizer will fail on this directory
+        warnings.warn(f"save_hf: no tokenizer written to {directory} (pass tokenizer=...)", stacklevel=2)
     return directory
 
 
