@@ -41,11 +41,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm.auto import tqdm
 
 from mwjax import checkpoint, sharding
 from mwjax.macdrop import MacDrop, MacDropState
 from mwjax.peft import LoRAParam
+from mwjax.run_log import RunLog
 
 IGNORE = -100  # label of positions without loss (prompt, padding), as HF / LLaMA-Factory
 
@@ -326,6 +326,12 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.close()
 
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _to_saveable(state: TrainState) -> dict:
     """A pytree of plain arrays (PRNG keys as their raw data)."""
@@ -430,6 +436,11 @@ def _diverged(checkpoints: Checkpoints, bad_from: int, reason: str, step: int) -
     return TrainingDivergedError(f"training diverged at step {step}: {reason}; {where}.")
 
 
+def input_tokens(arrays: dict) -> int:
+    """The tokens a host fed in one step, padding left out (segment id 0, `mwjax.data`)."""
+    return int(np.count_nonzero(arrays["segment_ids"]))
+
+
 def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Path, meta: dict | None = None,
         resume: bool = True, stop_after: int | None = None, on_eval: Callable[[int, float], None] | None = None,
         checkpoint_dir: str | Path | None = None, eval_before: bool = False) -> RunResult:
@@ -457,7 +468,6 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
     earlier = resume_log(output_dir / "metrics.jsonl", start) if lead else []
     history = [r for r in earlier if "loss" in r]
     eval_losses = [(r["step"], r["eval_loss"]) for r in earlier if "eval_loss" in r]
-    log = open(output_dir / "metrics.jsonl", "a") if lead else None  # noqa: SIM115 (closed below)
 
     def evaluate(step: int, metrics: dict) -> None:
         metrics["eval_loss"] = trainer.evaluate(state, val_loader.epoch(0))
@@ -466,12 +476,10 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
             on_eval(step, metrics["eval_loss"])
 
     template = None
-    bar = tqdm(total=trainer.steps, initial=start, desc="fine-tuning", disable=not lead or None)
-    try:
+    with RunLog(output_dir, total=trainer.steps, start=start, lead=lead) as run_log, checkpoints:
         if eval_before and start == 0 and val_loader is not None:
             evaluate(0, before := {"step": 0})
-            if log:
-                log.write(json.dumps(before) + "\n")
+            run_log.record(before)
         last_time = time.perf_counter()
         for step in range(start, trainer.steps):
             arrays, template = stack_step(stream, config.grad_accum, template)
@@ -487,26 +495,19 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
                 raise _diverged(checkpoints, step + 1, "the update made the adapters non-finite", step + 1)
             if stop := guard(metrics):
                 raise _diverged(checkpoints, stop[1], stop[0], step + 1)
-            now = time.perf_counter()
-            metrics |= {"step_time": now - last_time, "tokens_per_s": metrics["tokens"] / max(now - last_time, 1e-9)}
+            elapsed = max(time.perf_counter() - last_time, 1e-9)
+            # tokens: label tokens (the loss's); input tokens: every non-padding token fed, on all hosts
+            metrics |= {"step_time": elapsed, "tokens_per_s": metrics["tokens"] / elapsed,
+                        "input_tokens_per_s": input_tokens(arrays) * jax.process_count() / elapsed}
             history.append(metrics)
             at_end = step + 1 == trainer.steps
             if val_loader is not None and (at_end or (config.eval_every and (step + 1) % config.eval_every == 0)):
                 evaluate(step + 1, metrics)
-            if log and ((step + 1) % config.log_every == 0 or "eval_loss" in metrics or at_end):
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
-            bar.update()
-            bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr", "p", "eval_loss") if k in metrics})
+            run_log.step(metrics, record=(step + 1) % config.log_every == 0 or "eval_loss" in metrics or at_end)
             stopping = stop_after is not None and step + 1 >= stop_after
             if at_end or stopping or (config.save_every and (step + 1) % config.save_every == 0):
                 checkpoints.save(state, meta | {"step": step + 1, "guard": guard.state()})
             if stopping:
                 break
             last_time = time.perf_counter()  # step time leaves out evaluation and checkpointing
-    finally:
-        bar.close()
-        checkpoints.close()
-        if log:
-            log.close()
     return RunResult(state=state, history=history, eval_losses=eval_losses)

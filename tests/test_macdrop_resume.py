@@ -13,9 +13,10 @@ from ml_collections import ConfigDict
 
 from experiments import macdrop as experiment
 from experiments.configs import smollm2_135m
+from mwjax import run_log
 
 ROOT = Path(__file__).parent
-TIMINGS = ("step_time", "tokens_per_s")  # differ from run to run
+TIMINGS = run_log.TIMINGS  # differ from run to run
 
 
 def command(model: Path, output_dir: Path, *extra: str, kill_at: str | None = None) -> list[str]:

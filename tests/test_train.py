@@ -78,10 +78,38 @@ def test_a_crash_between_checkpoints_logs_each_step_once(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_loss_falls_and_eval_runs(tmp_path):
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the TensorBoard event files under `directory` (TFRecord framing: length,
+    its crc, the Event proto, its crc), read with tensorboardX's compiled protos."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for path in sorted(Path(directory).rglob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_loss_falls_and_eval_runs(tmp_path, capsys):
     loader = ArrayLoader(8, 4, 16)  # the same 8 rows again and again: the adapters can memorise them
     trainer = make_trainer(12, max_steps=12, learning_rate=2e-2, eval_every=6)
     result = train.fit(trainer, loader, ArrayLoader(8, 4, 16), output_dir=tmp_path)
+    # off a terminal (here: captured) a line per logged step, and TensorBoard events beside metrics.jsonl
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert len(lines) == 12 and lines[-1].startswith("step 12/12 | loss ") and " tok/s | eval_loss " in lines[-1]
+    assert "ETA" in lines[0]
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 13))
+    assert [s for s, _ in scalars["eval/loss"]] == [6, 12]
+    assert scalars["train/loss"][-1][1] == pytest.approx(result.history[-1]["loss"], rel=1e-6)
+    assert result.history[0]["input_tokens_per_s"] > result.history[0]["tokens_per_s"]  # the prompt counts too
     losses = [h["loss"] for h in result.history]
     assert losses[-1] < losses[0] - 0.3
     assert [s for s, _ in result.eval_losses] == [6, 12] and result.eval_losses[1][1] < result.eval_losses[0][1]
