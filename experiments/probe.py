@@ -13,6 +13,7 @@ from absl import app, flags
 
 from experiments import common
 from mwjax import massive
+from mwjax.layer_index import layer_label, layer_numbers
 from mwjax.tokens import first_token_id
 
 FLAGS = flags.FLAGS
@@ -65,7 +66,7 @@ def summary(profile: dict) -> str:
     layer, why = massive.origin_layer(profile)
     largest, median = abs(profile["intermediate_top"][layer, 0]), profile["intermediate_median"][layer]
     expert = f", expert {profile['expert'][layer]}" if "expert" in profile else ""
-    return (f"massive weights' layer: {layer + 1} (HF layers[{layer}]){expert} ({why}): dim "
+    return (f"massive weights' layer: {layer_numbers(layer)}{expert} ({why}): dim "
             f"{profile['intermediate_idx'][layer, 0]}, |x| = {largest:.1f} ({largest / max(median, 1e-12):.0f}x the "
             f"layer's median)\n" + growth(profile))
 
@@ -76,9 +77,9 @@ def growth(profile: dict) -> str:
     peak, jump = int(np.argmax(peaks)), massive.origin_layer(profile, "hidden_jump")[0]
     share = rises[jump] / peaks[peak]
     kind = "a single-layer explosion" if share >= EXPLOSION_SHARE else "gradual growth"
-    return (f"hidden state max |x|: {peaks[0]:.1f} after layer 1, peak {peaks[peak]:.1f} at layer {peak + 1} "
-            f"(HF layers[{peak}]); the largest rise in one layer is {rises[jump]:.1f} at layer {jump + 1} "
-            f"(HF layers[{jump}]), {share:.0%} of the peak: {kind}")
+    return (f"hidden state max |x|: {peaks[0]:.1f} after layer 1, peak {peaks[peak]:.1f} at {layer_label(peak)}; "
+            f"the largest rise in one layer is {rises[jump]:.1f} at {layer_label(jump)}, {share:.0%} of the "
+            f"peak: {kind}")
 
 
 def main(argv):

@@ -26,6 +26,7 @@ from flax import nnx
 
 from mwjax import masks, massive, probes
 from mwjax.interventions import ActivationEdit, Edits
+from mwjax.layer_index import check_layer
 from mwjax.massive import MassiveActivations, MassiveWeights, SuperWeight, find_massive_activations
 from mwjax.models.base import Attached
 from mwjax.models.layers import Linear
@@ -39,7 +40,7 @@ def copy(model: nnx.Module) -> nnx.Module:
 def ffn_projections(model: nnx.Module, layer: int, expert: int | None = None) -> tuple[Linear, Linear]:
     """(gate_proj, up_proj) of a layer's FFN, or of one expert's: the modules whose PyTorch rows are the
     massive weights."""
-    _check_layer(model, layer)
+    check_layer(model.config, layer)
     mlp = model.model.layers[layer].mlp
     if hasattr(mlp, "experts"):
         if expert is None:
@@ -75,12 +76,6 @@ def _check_k(mw: MassiveWeights, k, allow_zero: bool) -> None:
     if not low <= int(k) <= len(mw.indices):
         raise ValueError(f"k={k} must lie in [{low}, {len(mw.indices)}]: the MassiveWeights result holds the "
                          f"top {len(mw.indices)} rows (find more with find_massive_weights(..., k=...))")
-
-
-def _check_layer(model: nnx.Module, layer: int) -> None:
-    n = model.config.num_hidden_layers
-    if not 0 <= layer < n:
-        raise ValueError(f"layer {layer} is out of range: the model has layers 0..{n - 1}")
 
 
 def _top_k_keep(mw: MassiveWeights, k) -> jax.Array:
@@ -145,7 +140,7 @@ def retain_top_k(model: nnx.Module, mw: MassiveWeights, k) -> nnx.Module:
 
 
 def _down_proj(model: nnx.Module, layer: int) -> Linear:
-    _check_layer(model, layer)
+    check_layer(model.config, layer)
     mlp = model.model.layers[layer].mlp
     if hasattr(mlp, "experts"):
         raise ValueError("super-weight attacks address a dense FFN's down_proj; this model routes between experts")
@@ -271,7 +266,7 @@ def set_massive_activations(model: nnx.Module, layer: int, dims: Sequence[int], 
     value: "zero"; "mean" (their means per position class over calibration `tokens` [num_sequences, seq],
     computed here: `massive_activation_means`); or a number.
     """
-    _check_layer(model, layer)
+    check_layer(model.config, layer)
     first = None
     if isinstance(value, str):
         if value == "zero":
@@ -289,7 +284,7 @@ def zero_median_activations(model: nnx.Module, layer: int, count: int, tokens) -
     """The thesis' control for "set to zero": zero `count` activations of median magnitude instead of the
     massive ones, at the first token (where massive activations sit; delimiter positions are not covered).
     The dims are those whose mean |x| at position 0 of `tokens` [num_sequences, seq] lies nearest the median."""
-    _check_layer(model, layer)
+    check_layer(model.config, layer)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     first_tokens = jnp.asarray(np.asarray(tokens)[:, :1], jnp.int32)  # position 0 sees only itself
     hidden = probes.capture(model, first_tokens, config)[1]["hidden"][layer]["full"][:, 0]  # [n, d_model]

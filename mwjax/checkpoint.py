@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from mwjax import models
+from mwjax import models, peft
 from mwjax.config import ModelConfig
 
 # (dotted parameter path, shape) -> where the array should live
@@ -87,7 +87,10 @@ def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = F
     """Write `model`'s parameters and config to `directory` (absolute or relative).
 
     overwrite: replace an existing checkpoint atomically (written beside it, then swapped in).
+    A model with adapters is refused (ValueError): `restore` rebuilds a plain model from the config,
+    so save `peft.merge(model)` or the adapters alone with `peft.save_adapters`.
     """
+    peft.check_no_adapters(model, "checkpoint.save")  # LoRAParam is an nnx.Param: the filter below would keep it
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     kernel = jax.tree.leaves(params)[0]
     metadata = {

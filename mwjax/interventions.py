@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from mwjax.layer_index import check_layer
+
 EDITABLE_POINTS = ("hidden", "intermediate", "down_proj_output", "attn_output")
 
 
@@ -67,5 +69,4 @@ def validate(edits: Edits | None, num_layers: int) -> None:
     for point, layer in edits or {}:
         if point not in EDITABLE_POINTS:
             raise ValueError(f"edits: point {point!r} cannot be edited; choose from {EDITABLE_POINTS}")
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"edits: layer {layer} is out of range: the model has layers 0..{num_layers - 1}")
+        check_layer(num_layers, layer, what=f"edits: layer {layer}")

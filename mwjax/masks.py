@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from mwjax.layer_index import check_layer
+
 
 @struct.dataclass
 class RowMask:
@@ -84,8 +86,7 @@ def validate(ffn_masks: FFNMasks, *, num_layers: int, d_ff: int, d_model: int,
              num_experts: int | None = None) -> None:
     """Check layer indices and shapes (row indices too when they are concrete). Raises ValueError."""
     for layer, mask in ffn_masks.items():
-        if not 0 <= int(layer) < num_layers:
-            raise ValueError(f"ffn_masks: layer {layer} is out of range: the model has layers 0..{num_layers - 1}")
+        check_layer(num_layers, layer, what=f"ffn_masks: layer {layer}")
         if mask.values.shape != (mask.rows.shape[0], d_model):
             raise ValueError(
                 f"ffn_masks[{layer}]: values must have shape [k, d_model] = [{mask.rows.shape[0]}, {d_model}], "

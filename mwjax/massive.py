@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from mwjax import masks, probes
+from mwjax.layer_index import check_layer, layer_label
 from mwjax.tokens import first_token_id
 
 MASSIVE_MIN = 100.0  # |x| above this ...
@@ -76,7 +77,7 @@ class MassiveWeights:
 
     @property
     def label(self) -> str:
-        return f"layer {self.paper_layer} (HF layers[{self.layer}])"
+        return layer_label(self.layer)
 
     def top(self, k: int) -> tuple[int, ...]:
         if not 1 <= k <= len(self.indices):
@@ -163,8 +164,8 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
     config = model.config
     if not 1 <= k <= config.intermediate_size:
         raise ValueError(f"k={k} must lie in [1, d_ff={config.intermediate_size}]")
-    if layer is not None and not 0 <= layer < config.num_hidden_layers:
-        raise ValueError(f"layer={layer} is out of range: the model has layers 0..{config.num_hidden_layers - 1}")
+    if layer is not None:
+        check_layer(config, layer, what=f"layer={layer}")
     token_id = first_token_id(tokenizer, config, first_token)
     profile = first_token_profile(model, token_id, top_k=k)
     layer, selected_by = origin_layer(profile, layer_rule) if layer is None else (layer, "given")

@@ -298,6 +298,18 @@ def adapters(model: nnx.Module) -> dict[str, LoRALinear]:
     return {".".join(map(str, p)): m for p, m in model.iter_modules() if isinstance(m, LoRALinear)}
 
 
+def check_no_adapters(model: nnx.Module, action: str) -> None:
+    """Raise ValueError if `model` carries adapters: `action` (e.g. "checkpoint.save") stores plain models,
+    whose parameters a model rebuilt from the config has a place for; adapter weights it has none for."""
+    paths = list(adapters(model))
+    if paths:
+        raise ValueError(
+            f"{action}: the model carries LoRA/DoRA adapters on {len(paths)} layers (e.g. {paths[0]}), which a "
+            "model rebuilt from its config has no place for. Save peft.merge(model) to keep the adapted model "
+            "(adapters folded into the base weights), or peft.save_adapters(model, directory) to keep only the "
+            "adapters (peft.load_adapters(base_model, directory) puts them back).")
+
+
 def merge(model: nnx.Module) -> nnx.Module:
     """A copy with every adapter folded into its base weight (plain `Linear` layers again)."""
     out = nnx.clone(model)

@@ -17,12 +17,13 @@ each top value sits at.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from mwjax.compiled import jit_model
 
 
 class Probe(nnx.Intermediate):
@@ -145,13 +146,11 @@ def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_k
 
     model_kwargs: positions, attention_mask, ffn_masks (arrays / pytrees, traced).
     """
-    graphdef, state = nnx.split(model)
-    return _capture(graphdef, config, state, tokens, model_kwargs)
+    return _capture(model, config, tokens, model_kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _capture(graphdef, config, state, tokens, model_kwargs):
-    model = nnx.merge(graphdef, state)
+@jit_model(static_argnums=0)
+def _capture(model, config, tokens, model_kwargs):
     logits, *states = nnx.capture(model, *config.types)(tokens, probes=config, **model_kwargs)
     return logits, collect(states)
 

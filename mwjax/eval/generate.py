@@ -6,7 +6,6 @@ derives them from the attention mask), so a padded prompt continues exactly as i
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mwjax.compiled import jit_model
 from mwjax.models.cache import KVCache
 
 
@@ -36,10 +36,8 @@ def _sample(logits: jax.Array, key, temperature: float, top_k: int | None, top_p
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _generate(graphdef, max_new_tokens, temperature, top_k, top_p, eos_ids, state, tokens, prompt_mask, key,
-              model_kwargs):
-    model = nnx.merge(graphdef, state)
+@jit_model(static_argnums=(0, 1, 2, 3, 4))
+def _generate(model, max_new_tokens, temperature, top_k, top_p, eos_ids, tokens, prompt_mask, key, model_kwargs):
     b, p = tokens.shape
     total = p + max_new_tokens
     mask = jnp.concatenate([prompt_mask, jnp.ones((b, max_new_tokens), prompt_mask.dtype)], axis=1)
@@ -87,8 +85,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
     for i, p in enumerate(prompts):
         tokens[i, width - len(p):] = p
         prompt_mask[i, width - len(p):] = 1
-    graphdef, state = nnx.split(model)
-    out, finished = _generate(graphdef, max_new_tokens, float(temperature), top_k, top_p, tuple(eos_ids), state,
+    out, finished = _generate(model, max_new_tokens, float(temperature), top_k, top_p, tuple(eos_ids),
                               jnp.asarray(tokens), jnp.asarray(prompt_mask), jax.random.key(seed), model_kwargs)
     out, finished = np.asarray(out), np.asarray(finished)
     return [row[~done].tolist() for row, done in zip(out, finished, strict=True)]

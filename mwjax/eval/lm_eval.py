@@ -20,7 +20,6 @@ the tokenizer's default, as current lm-eval).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -31,14 +30,15 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from tqdm.auto import tqdm
 
+from mwjax.compiled import jit_model
 from mwjax.eval.generate import generate
 
 # ~1.5x steps: little padding, still only a handful of compiled programs per run
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score(graphdef, state, inputs, last_pos, last_tokens):
+@jit_model
+def _score(model, inputs, last_pos, last_tokens):
     """One forward for a batch of distinct inputs [b, t].
 
     Returns log p(inputs[:, 1:]) [b, t-1] (the targets shared by every request with that input), the
@@ -46,7 +46,7 @@ def _score(graphdef, state, inputs, last_pos, last_tokens):
     position last_pos [b] for the candidates last_tokens [b, r] (requests that share an input differ
     only there, e.g. " yes" / " no").
     """
-    logits = nnx.merge(graphdef, state)(inputs)
+    logits = model(inputs)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     shared = jnp.take_along_axis(logp[:, :-1], inputs[:, 1:, None], axis=-1)[..., 0]
     last = logp[jnp.arange(inputs.shape[0]), last_pos]  # [b, vocab]
@@ -77,7 +77,7 @@ class MwjaxLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self._max_gen_toks = int(max_gen_toks)
         self.buckets = tuple(sorted(buckets))
-        self._graphdef, self._state = nnx.split(model)
+        self._split = nnx.split(model)  # once: every batch runs _score.on_state on it
 
     # ------------------------------------------------------------------ tokenizer plumbing (as HFLM)
 
@@ -142,8 +142,8 @@ class MwjaxLM(TemplateLM):
                 inputs[r, :len(inp)] = inp
                 last_pos[r] = len(inp) - 1
                 last[r, :len(groups[inp])] = [last_token[i] for i in groups[inp]]
-            shared, argmax, last_logp = (np.asarray(x) for x in _score(
-                self._graphdef, self._state, jnp.asarray(inputs), jnp.asarray(last_pos), jnp.asarray(last)))
+            shared, argmax, last_logp = (np.asarray(x) for x in _score.on_state(
+                *self._split, jnp.asarray(inputs), jnp.asarray(last_pos), jnp.asarray(last)))
             for r, inp in enumerate(batch):
                 n = len(inp)
                 for j, i in enumerate(groups[inp]):

@@ -14,13 +14,14 @@ it on purpose: each chunk is preceded by the bos token and all `seqlen` chunk to
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
+
+from mwjax.compiled import jit_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,8 @@ def sequence_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array | Non
     return (nll * weights).sum(-1) / jnp.maximum(weights.sum(-1), 1)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _chunk_nll(graphdef, state, chunks, bos, model_kwargs):
-    model = nnx.merge(graphdef, state)
+@jit_model
+def _chunk_nll(model, chunks, bos, model_kwargs):
     if bos is None:
         logits = model(chunks, **model_kwargs)
         return sequence_nll(logits[:, :-1], chunks[:, 1:])
@@ -80,14 +80,14 @@ def perplexity(model: nnx.Module, token_ids, seqlen: int = 4096, *, max_chunks: 
         bos = bos_id if bos_id is not None else model.config.bos_token_id
         if bos is None:
             raise ValueError("add_bos=True but the model config has no bos_token_id; pass bos_id=")
-    graphdef, state = nnx.split(model)
+    split = nnx.split(model)  # once for all batches
     nlls = []
     for start in tqdm(range(0, len(chunks), batch_size), desc=f"perplexity ({len(chunks)}x{seqlen})",
                       disable=not progress or None, leave=False):
         batch = chunks[start:start + batch_size]
         pad = batch_size - len(batch)  # keep one compiled shape: pad the last batch, drop its results
         padded = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)]) if pad else batch
-        nll = _chunk_nll(graphdef, state, jnp.asarray(padded), bos, model_kwargs)
+        nll = _chunk_nll.on_state(*split, jnp.asarray(padded), bos, model_kwargs)
         nlls.extend(np.asarray(nll[: len(batch)], np.float64).tolist())
     mean = float(np.mean(nlls))
     return PerplexityResult(perplexity=float(np.exp(mean)), mean_nll=mean, chunk_nll=tuple(nlls),

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mwjax.compiled import jit_model
 from mwjax.config import ModelConfig
 from mwjax.models.gemma import GemmaForCausalLM
 from mwjax.models.llama import LlamaForCausalLM
@@ -44,10 +43,9 @@ def abstract(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None) -> nnx
 
 def forward(model: nnx.Module, tokens: jax.Array, **kwargs) -> jax.Array:
     """`model(tokens, **kwargs)` compiled with `jax.jit` (positions, attention_mask, ffn_masks are traced)."""
-    graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, tokens, kwargs)
+    return _forward(model, tokens, kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens, kwargs):
-    return nnx.merge(graphdef, state)(tokens, **kwargs)
+@jit_model
+def _forward(model, tokens, kwargs):
+    return model(tokens, **kwargs)
