@@ -30,10 +30,28 @@ import numpy as np
 from converters import gguf_tokenizer
 from converters.errors import CheckpointError, MissingTensorError, UnsupportedCheckpointError
 from converters.sources import TensorSource
+from mwjax import family as registry
 
-# GGUF general.architecture -> HF model_type (llama with experts: mixtral; with a sliding window: mistral)
-GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
-                    "gemma3": "gemma3_text", "phi3": "phi3"}
+
+def gguf_model_types() -> dict[str, str]:
+    """GGUF general.architecture -> the HF model_type its files are read as, from the family records'
+    `gguf_architecture`. Where several model types share an architecture, the one named like it is the
+    default and the others are told apart by metadata in `GGUFSource.hf_config` (llama with experts:
+    mixtral; with a sliding window: mistral)."""
+    by_arch: dict[str, list[str]] = {}
+    for record in registry.families():
+        if record.gguf_architecture is not None:
+            by_arch.setdefault(record.gguf_architecture, []).append(record.model_type)
+    out = {}
+    for arch, types in by_arch.items():
+        if arch not in types and len(types) > 1:
+            raise ValueError(f"GGUF architecture {arch!r} serves {types} and none is named like it: "
+                             "say which is the default in gguf_model_types")
+        out[arch] = arch if arch in types else types[0]
+    return out
+
+
+GGUF_MODEL_TYPES = gguf_model_types()
 # Architectures whose llama.cpp converter permutes the rows of Q and K.
 _PERMUTED_QK = {"llama"}
 # Architectures whose llama.cpp converter stores RMSNorm weights as 1 + w.
