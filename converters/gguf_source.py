@@ -31,6 +31,8 @@ from converters import gguf_tokenizer
 from converters.errors import CheckpointError, MissingTensorError, UnsupportedCheckpointError
 from converters.sources import TensorSource
 from mwjax import family as registry
+from mwjax.models.llama import MISTRAL
+from mwjax.models.mixtral import MIXTRAL
 
 
 def gguf_model_types() -> dict[str, str]:
@@ -183,9 +185,9 @@ class GGUFSource(TensorSource):
             config["attention_bias"] = "blk.0.attn_q.bias" in self._tensors
             window = m("attention.sliding_window")
             if window:
-                config |= {"model_type": "mistral", "sliding_window": int(window)}
+                config |= {"model_type": MISTRAL.model_type, "sliding_window": int(window)}
             if m("expert_count"):
-                config |= {"model_type": "mixtral", "num_local_experts": int(m("expert_count")),
+                config |= {"model_type": MIXTRAL.model_type, "num_local_experts": int(m("expert_count")),
                            "num_experts_per_tok": int(m("expert_used_count"))}
         elif a in _NORM_PLUS_ONE:
             config |= self._gemma_config(m, config)
