@@ -191,6 +191,9 @@ class ModelConfig:
     `rope_local_base_freq`) and `qk_norm` (RMSNorm of every query / key head before RoPE: Gemma 3).
     Gemma 2 / 3 add `query_pre_attn_scalar` and the soft-caps; Mixtral `num_local_experts` and
     `num_experts_per_tok` (None for dense models).
+
+    Fields and derived properties only: what a family means by its HF keys is its `Family` record's
+    (`self.family`); `from_hf_config` / `to_hf_config` handle the shared keys and hand over to it.
     """
 
     model_type: str
