@@ -30,10 +30,30 @@ import numpy as np
 from converters import gguf_tokenizer
 from converters.errors import CheckpointError, MissingTensorError, UnsupportedCheckpointError
 from converters.sources import TensorSource
+from mwjax import family as registry
+from mwjax.models.llama import MISTRAL
+from mwjax.models.mixtral import MIXTRAL
 
-# GGUF general.architecture -> HF model_type (llama with experts: mixtral; with a sliding window: mistral)
-GGUF_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
-                    "gemma3": "gemma3_text", "phi3": "phi3"}
+
+def gguf_model_types() -> dict[str, str]:
+    """GGUF general.architecture -> the HF model_type its files are read as, from the family records'
+    `gguf_architecture`. Where several model types share an architecture, the one named like it is the
+    default and the others are told apart by metadata in `GGUFSource.hf_config` (llama with experts:
+    mixtral; with a sliding window: mistral)."""
+    by_arch: dict[str, list[str]] = {}
+    for record in registry.families():
+        if record.gguf_architecture is not None:
+            by_arch.setdefault(record.gguf_architecture, []).append(record.model_type)
+    out = {}
+    for arch, types in by_arch.items():
+        if arch not in types and len(types) > 1:
+            raise ValueError(f"GGUF architecture {arch!r} serves {types} and none is named like it: "
+                             "say which is the default in gguf_model_types")
+        out[arch] = arch if arch in types else types[0]
+    return out
+
+
+GGUF_MODEL_TYPES = gguf_model_types()
 # Architectures whose llama.cpp converter permutes the rows of Q and K.
 _PERMUTED_QK = {"llama"}
 # Architectures whose llama.cpp converter stores RMSNorm weights as 1 + w.
@@ -165,9 +185,9 @@ class GGUFSource(TensorSource):
             config["attention_bias"] = "blk.0.attn_q.bias" in self._tensors
             window = m("attention.sliding_window")
             if window:
-                config |= {"model_type": "mistral", "sliding_window": int(window)}
+                config |= {"model_type": MISTRAL.model_type, "sliding_window": int(window)}
             if m("expert_count"):
-                config |= {"model_type": "mixtral", "num_local_experts": int(m("expert_count")),
+                config |= {"model_type": MIXTRAL.model_type, "num_local_experts": int(m("expert_count")),
                            "num_experts_per_tok": int(m("expert_used_count"))}
         elif a in _NORM_PLUS_ONE:
             config |= self._gemma_config(m, config)

@@ -14,6 +14,9 @@ the tensor a parameter needs, `save_hf` assembles the tensor from its pieces.
 
 Several rules may serve one parameter (a family read from more than one checkpoint layout): the
 loader takes the first whose tensor the checkpoint has, `save_hf` always writes the first.
+
+`KEYMAPS` indexes the tables by the model types of the family records (`mwjax.family`), so the
+registry stays the one list of families; tests/test_registry.py checks that every record has a table.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from mwjax.models.phi3 import FUSED_MODULES as PHI3_FUSED
+from mwjax.models import gemma, llama, mixtral, phi3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,16 +212,25 @@ PHI3 = KeyMap(
     "phi3",
     [
         *_EMBED_AND_NORMS,
-        *_fused_rules(PHI3_FUSED),  # qkv_proj, gate_up_proj
+        *_fused_rules(phi3.PHI3.fused_modules),  # qkv_proj, gate_up_proj
         Rule("model.layers.{i}.self_attn.o_proj.kernel", "model.layers.{i}.self_attn.o_proj.weight", transpose=True),
         Rule("model.layers.{i}.mlp.down_proj.kernel", "model.layers.{i}.mlp.down_proj.weight", transpose=True),
     ],
     ignored_hf=_IGNORED,
 )
 
-KEYMAPS = {
-    "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA,
-    "gemma": LLAMA, "gemma2": LLAMA, "gemma3_text": LLAMA,  # same module names (norm names carry over)
-    "mixtral": MIXTRAL,
-    "phi3": PHI3,
-}
+_BY_FAMILY = (
+    ((llama.LLAMA, llama.MISTRAL, llama.QWEN2), LLAMA),
+    ((gemma.GEMMA, gemma.GEMMA2, gemma.GEMMA3_TEXT), LLAMA),  # same module names (norm names carry over)
+    ((mixtral.MIXTRAL,), MIXTRAL),
+    ((phi3.PHI3,), PHI3),
+)
+# model_type -> key table
+KEYMAPS: dict[str, KeyMap] = {record.model_type: keymap for records, keymap in _BY_FAMILY for record in records}
+
+
+def keymap(model_type: str) -> KeyMap:
+    """The key table of a registered model type."""
+    if model_type not in KEYMAPS:
+        raise KeyError(f"no key table for model_type {model_type!r}: add one to KEYMAPS in converters/keymaps.py")
+    return KEYMAPS[model_type]

@@ -20,10 +20,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from converters import embedded, gguf_source
+from converters import embedded, gguf_source, keymaps
 from converters.errors import CheckpointError, InvalidConfigError, ShapeMismatchError, UnsupportedCheckpointError
 from converters.gguf_source import GGUFSource
-from converters.keymaps import KEYMAPS
 from converters.sources import FLOAT_DTYPES, SafetensorsSource, TensorSource, TorchBinSource
 from mwjax import checkpoint, models
 from mwjax.checkpoint import ShardingFn, dotted
@@ -118,7 +117,7 @@ def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.fl
     shape the config implies and every checkpoint tensor must be used (`allow_unused=True` lets
     extras pass with a warning); then each tensor must be floating point and finite.
     """
-    keymap = KEYMAPS[config.model_type]
+    keymap = keymaps.keymap(config.model_type)
     graphdef, state = nnx.split(models.abstract(config, dtype=dtype, param_dtype=param_dtype))
     abstract = nnx.to_pure_dict(state)
     shapes = {dotted(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}

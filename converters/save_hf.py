@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from converters.keymaps import KEYMAPS
+from converters import keymaps
 from mwjax.checkpoint import dotted
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -55,7 +55,7 @@ def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     (fused and stacked tensors assembled from their parts)."""
     params = {dotted(path): np.asarray(jax.device_get(value))
               for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
-    plan = KEYMAPS[model.config.model_type].plan({name: value.shape for name, value in params.items()})
+    plan = keymaps.keymap(model.config.model_type).plan({name: value.shape for name, value in params.items()})
     tensors: dict[str, np.ndarray] = {}
     for name, value in params.items():
         location = plan[name][0]

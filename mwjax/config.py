@@ -2,7 +2,11 @@
 
 `ModelConfig.from_hf_config` reads a Hugging Face `config.json` dict (transformers 4.x layout with
 `rope_theta` / `rope_scaling`, or transformers 5.x layout with `rope_parameters`) and refuses, by
-name, anything mwjax does not compute exactly as HF does.
+name, anything mwjax does not compute exactly as HF does. The keys every family shares are read
+here; a family's own keys, defaults and RoPE peculiarities by its `Family` record (`mwjax.family`,
+declared in the family's model module), and a key neither understands is refused unless it is
+known to be informational (`INFORMATIONAL_HF_KEYS`). The readers' helpers (`read_rope`,
+`rope_from_params`) live here so every family parses RoPE the same way.
 """
 
 from __future__ import annotations
@@ -14,26 +18,38 @@ from typing import Any
 
 import numpy as np
 
+from mwjax import family as registry
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
-# model_type -> HF architecture class written back by `to_hf_config`.
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3_text": "Gemma3ForCausalLM",
-    "mixtral": "MixtralForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-}
-GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
-# HF's rope_theta when a config omits it (`PreTrainedConfig.default_theta`).
-_DEFAULT_THETA = {"mixtral": 1_000_000.0, "gemma3_text": 1_000_000.0}
-_GEMMA3_LOCAL_THETA = 10_000.0  # Gemma3TextConfig.default_theta["local"] (rope_local_base_freq)
+# HF config keys the shared reader understands for every family (a family's own: `Family.hf_keys`).
+SHARED_HF_KEYS = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "partial_rotary_factor",
+    "layer_types", "bos_token_id", "eos_token_id", "pad_token_id", "use_bidirectional_attention",
+})
+# Keys that never change a forward pass in inference: bookkeeping, token ids, initialisation, dropout,
+# generation defaults, output switches (transformers' `PretrainedConfig` base attributes, 4.x and 5.x).
+INFORMATIONAL_HF_KEYS = frozenset({
+    "architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+    "auto_map", "tokenizer_class", "prefix", "id2label", "label2id", "num_labels", "problem_type",
+    "finetuning_task", "task_specific_params", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "chunk_size_feed_forward", "pruned_heads",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "return_dict", "output_attentions", "output_hidden_states",
+    "use_cache", "cache_implementation", "attn_implementation", "_attn_implementation",
+    "_attn_implementation_autoset", "initializer_range", "pretraining_tp",  # pretraining_tp: same math, sliced
+    "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",  # dropout: training only
+    "sep_token_id", "decoder_start_token_id", "forced_bos_token_id", "forced_eos_token_id",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens",
+})
 _REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # HF config keys read as numbers: checked for type before any arithmetic, so a corrupt value is named.
 _INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -175,6 +191,9 @@ class ModelConfig:
     `rope_local_base_freq`) and `qk_norm` (RMSNorm of every query / key head before RoPE: Gemma 3).
     Gemma 2 / 3 add `query_pre_attn_scalar` and the soft-caps; Mixtral `num_local_experts` and
     `num_experts_per_tok` (None for dense models).
+
+    Fields and derived properties only: what a family means by its HF keys is its `Family` record's
+    (`self.family`); `from_hf_config` / `to_hf_config` handle the shared keys and hand over to it.
     """
 
     model_type: str
@@ -235,8 +254,13 @@ class ModelConfig:
                               f"[1, num_local_experts={self.num_local_experts}]")
 
     @property
+    def family(self) -> registry.Family:
+        """The registry record of this config's model type (`mwjax.family`)."""
+        return registry.family(self.model_type)
+
+    @property
     def architecture(self) -> str:
-        return ARCHITECTURES[self.model_type]
+        return self.family.architecture
 
     @property
     def attention_scale(self) -> float:
@@ -257,7 +281,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, hf: Mapping[str, Any]) -> ModelConfig:
-        """Build from a HF `config.json` dict. Raises `ConfigError` naming what is unsupported or out of range."""
+        """Build from a HF `config.json` dict: the shared keys here, the family's own through its
+        `Family.read_hf`. Raises `ConfigError` naming what is unsupported or out of range."""
         _check_numbers(hf)
         try:
             return cls._from_hf_config(hf)
@@ -270,33 +295,27 @@ class ModelConfig:
     def _from_hf_config(cls, hf: Mapping[str, Any]) -> ModelConfig:
         model_type = hf.get("model_type")
         _refuse_multimodal(hf)
-        if model_type not in ARCHITECTURES:
+        fam = registry.get(model_type) if isinstance(model_type, str) else None
+        if fam is None:
             raise ConfigError(
                 f"unknown or unsupported model_type {model_type!r} "
-                f"(architectures={hf.get('architectures')}); mwjax supports {sorted(ARCHITECTURES)}"
+                f"(architectures={hf.get('architectures')}); mwjax supports "
+                f"{sorted(f.model_type for f in registry.families())}"
             )
         missing = [k for k in _REQUIRED_KEYS if hf.get(k) is None]
         if missing:
             raise ConfigError(f"{model_type} config lacks required keys {missing}")
+        refuse_unknown_keys(fam, hf)
         if hf.get("use_bidirectional_attention"):
             raise ConfigError(f"{model_type}: use_bidirectional_attention=True (an encoder variant) is not implemented")
-        act = _activation(model_type, hf)
         heads = int(hf["num_attention_heads"])
         hidden = int(hf["hidden_size"])
         layers = int(hf["num_hidden_layers"])
-        head_dim = hf.get("head_dim") or hidden // heads
-
-        sliding_window, layer_types = _attention_layout(model_type, hf, layers)
-        if model_type == "qwen2":
-            qkv_bias, o_bias, mlp_bias = True, False, False
-        elif model_type in ("mixtral", "phi3"):
-            qkv_bias = o_bias = mlp_bias = False  # hard-coded in HF's modules
+        if fam.read_rope is not None:
+            rope, sliding_rope = fam.read_rope(hf)
         else:
-            qkv_bias = o_bias = bool(hf.get("attention_bias", False))
-            mlp_bias = bool(hf.get("mlp_bias", False))
-        rope, sliding_rope = _ropes_from_hf(model_type, hf)
-
-        return cls(
+            rope, sliding_rope = read_rope(model_type, hf, fam.rope_theta), None
+        fields: dict[str, Any] = dict(
             model_type=model_type,
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
@@ -304,26 +323,30 @@ class ModelConfig:
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            hidden_act=act,
+            head_dim=int(hf.get("head_dim") or hidden // heads),
+            hidden_act=hf.get("hidden_act", fam.hidden_act),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=rope,
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type in GEMMA_TYPES)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=mlp_bias,
-            sliding_window=sliding_window,
-            layer_types=layer_types,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", fam.tie_word_embeddings)),
+            sliding_window=hf.get("sliding_window"),
+            layer_types=hf.get("layer_types"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=_int_or_tuple(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
             sliding_rope=sliding_rope,
-            **_family_fields(model_type, hf),
         )
+        fields |= fam.read_hf(hf, fields)
+        if fields["hidden_act"] not in SUPPORTED_ACTIVATIONS:
+            raise ConfigError(f"{model_type}: hidden_act {fields['hidden_act']!r} is not implemented; "
+                              f"supported: {SUPPORTED_ACTIVATIONS}")
+        fields["sliding_window"], fields["layer_types"] = _layer_layout(
+            model_type, fields["sliding_window"], fields["layer_types"], layers)
+        return cls(**fields)
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The HF `config.json` dict (legacy `rope_theta` / `rope_scaling` keys, read by transformers 4 and 5)."""
+        """The HF `config.json` dict (legacy `rope_theta` / `rope_scaling` keys, read by transformers 4 and 5):
+        the shared keys here, the family's own through its `Family.write_hf`."""
         hf: dict[str, Any] = {
             "architectures": [self.architecture],
             "model_type": self.model_type,
@@ -347,43 +370,7 @@ class ModelConfig:
             hf["rope_scaling"] = scaling
         if self.rope.partial_rotary_factor != 1.0:
             hf["partial_rotary_factor"] = self.rope.partial_rotary_factor
-        if self.model_type == "qwen2":
-            sliding = [i for i, t in enumerate(self.layer_types) if t == SLIDING_ATTENTION]
-            hf |= {
-                "use_sliding_window": bool(sliding),
-                "sliding_window": self.sliding_window,
-                "max_window_layers": sliding[0] if sliding else self.num_hidden_layers,
-                "layer_types": list(self.layer_types),
-            }
-        elif self.model_type in ("mixtral", "phi3"):
-            hf["sliding_window"] = self.sliding_window
-        elif self.model_type == "gemma":
-            hf["attention_bias"] = self.qkv_bias
-        else:
-            hf |= {"attention_bias": self.qkv_bias, "mlp_bias": self.mlp_bias, "sliding_window": self.sliding_window}
-        if self.model_type in ("gemma2", "gemma3_text"):
-            hf |= {
-                "hidden_activation": hf.pop("hidden_act"),
-                "query_pre_attn_scalar": self.query_pre_attn_scalar,
-                "attn_logit_softcapping": self.attn_logit_softcapping,
-                "final_logit_softcapping": self.final_logit_softcapping,
-                "layer_types": list(self.layer_types),
-            }
-        if self.model_type == "gemma3_text":
-            hf["rope_local_base_freq"] = self.rope_for(SLIDING_ATTENTION).theta
-            if self.rope_for(SLIDING_ATTENTION).to_hf_scaling() is not None:  # not expressible in legacy keys
-                hf.pop("rope_theta")
-                hf.pop("rope_local_base_freq")
-                hf.pop("rope_scaling", None)
-                hf["rope_parameters"] = {
-                    kind: {"rope_theta": r.theta, "rope_type": "default"} | (r.to_hf_scaling() or {})
-                    for kind, r in ((FULL_ATTENTION, self.rope), (SLIDING_ATTENTION, self.sliding_rope))
-                }
-        if self.model_type == "mixtral":
-            hf |= {"num_local_experts": self.num_local_experts, "num_experts_per_tok": self.num_experts_per_tok}
-        if self.model_type == "phi3" and self.rope.original_max_position_embeddings is not None:
-            hf["original_max_position_embeddings"] = self.rope.original_max_position_embeddings
-        return hf
+        return self.family.write_hf(self, hf)
 
     # ------------------------------------------------------------------ native (orbax) serialisation
 
@@ -417,77 +404,50 @@ def _refuse_multimodal(hf: Mapping[str, Any]) -> None:
         )
 
 
-def _activation(model_type: str, hf: Mapping[str, Any]) -> str:
-    """HF's activation name. Gemma 2 / 3 call it `hidden_activation`; Gemma 1 configs that say "gelu"
-    mean the tanh approximation (GemmaConfig rewrites it, transformers#29402)."""
-    if model_type in ("gemma2", "gemma3_text"):
-        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
-    else:
-        act = hf.get("hidden_act", "gelu_pytorch_tanh" if model_type == "gemma" else "silu")
-        if model_type == "gemma" and act == "gelu":
-            act = "gelu_pytorch_tanh"
-    if act not in SUPPORTED_ACTIVATIONS:
-        raise ConfigError(f"{model_type}: hidden_act {act!r} is not implemented; supported: {SUPPORTED_ACTIVATIONS}")
-    return act
+def refuse_unknown_keys(fam: registry.Family, hf: Mapping[str, Any]) -> None:
+    """Refuse HF config keys that neither the shared reader nor the family understands and that are not
+    known to be informational: an unread key may change the computation, so it is an error, not a warning.
+    A key set to null asks for nothing and passes."""
+    known = SHARED_HF_KEYS | INFORMATIONAL_HF_KEYS | fam.hf_keys | fam.ignored_hf_keys
+    unknown = sorted(k for k, v in hf.items() if k not in known and v is not None)
+    if unknown:
+        raise ConfigError(
+            f"mwjax does not implement {', '.join(map(repr, unknown))} for {fam.model_type}: a HF config key that "
+            "mwjax does not read may change the computation, so it is refused, not ignored. If it does not "
+            f"change the math, add it to `ignored_hf_keys` of the {fam.model_type} record "
+            f"({fam.model_class.__module__}) or to `INFORMATIONAL_HF_KEYS` (mwjax/config.py); otherwise implement it"
+        )
 
 
-def _family_fields(model_type: str, hf: Mapping[str, Any]) -> dict[str, Any]:
-    """ModelConfig fields that only some families have."""
-    fields: dict[str, Any] = {}
-    if model_type in ("gemma2", "gemma3_text"):
-        fields["query_pre_attn_scalar"] = hf.get("query_pre_attn_scalar", 256)  # int in HF's strict config
-        fields["final_logit_softcapping"] = _float_or_none(hf.get("final_logit_softcapping"))
-    if model_type == "gemma2":
-        # Gemma3Attention never passes `attn_logit_softcapping` on (the key is null in its checkpoints).
-        fields["attn_logit_softcapping"] = _float_or_none(hf.get("attn_logit_softcapping"))
-    if model_type == "gemma3_text":
-        fields["qk_norm"] = True
-    if model_type == "mixtral":
-        fields["num_local_experts"] = int(hf.get("num_local_experts", hf.get("num_experts", 8)))
-        fields["num_experts_per_tok"] = int(hf.get("num_experts_per_tok", 2))
-    return fields
-
-
-def _float_or_none(x) -> float | None:
+def float_or_none(x) -> float | None:
     return None if x is None else float(x)
 
 
-def _ropes_from_hf(model_type: str, hf: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig | None]:
-    """(rope, sliding_rope) from transformers 5 `rope_parameters` (flat, or nested per layer type as
-    Gemma 3 writes it) or transformers 4 `rope_theta` / `rope_scaling` (+ Gemma 3's `rope_local_base_freq`)."""
-    default_theta = _DEFAULT_THETA.get(model_type, 10000.0)
+def read_rope(model_type: str, hf: Mapping[str, Any], default_theta: float, *, partial_rotary: bool = False,
+              aliases: Mapping[str, str] | None = None) -> RopeConfig:
+    """The RoPE of a family with one RoPE for every layer: transformers 5 `rope_parameters` (flat) or
+    transformers 4 `rope_theta` / `rope_scaling`. partial_rotary: the family implements
+    `partial_rotary_factor` < 1; aliases: rope type names the family's HF config renames."""
     params = dict(hf.get("rope_parameters") or {})
-    if model_type != "gemma3_text":
-        if params.keys() & {FULL_ATTENTION, SLIDING_ATTENTION}:
-            raise ConfigError(f"{model_type}: per-layer-type rope_parameters are not implemented for this family")
-        if not params:  # transformers 4.x layout
-            params = dict(hf.get("rope_scaling") or {})
-            params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
-        return _rope_from_params(model_type, params, hf, default_theta), None
     if params.keys() & {FULL_ATTENTION, SLIDING_ATTENTION}:
-        full = dict(params.get(FULL_ATTENTION) or {})
-        local = dict(params.get(SLIDING_ATTENTION) or {})
-    else:  # transformers 4.x: rope_scaling applies to the global (full attention) layers only
-        full = dict(hf.get("rope_scaling") or {}) | dict(params)
-        full.setdefault("rope_theta", hf.get("rope_theta", default_theta))
-        local = {"rope_theta": hf.get("rope_local_base_freq", _GEMMA3_LOCAL_THETA)}
-    full.setdefault("rope_theta", default_theta)
-    local.setdefault("rope_theta", _GEMMA3_LOCAL_THETA)
-    return (_rope_from_params(model_type, full, hf, default_theta),
-            _rope_from_params(model_type, local, hf, _GEMMA3_LOCAL_THETA))
+        raise ConfigError(f"{model_type}: per-layer-type rope_parameters are not implemented for this family")
+    if not params:  # transformers 4.x layout
+        params = dict(hf.get("rope_scaling") or {})
+        params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
+    return rope_from_params(model_type, params, hf, default_theta, partial_rotary=partial_rotary, aliases=aliases)
 
 
-def _rope_from_params(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any],
-                      default_theta: float) -> RopeConfig:
+def rope_from_params(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any], default_theta: float, *,
+                     partial_rotary: bool = False, aliases: Mapping[str, str] | None = None) -> RopeConfig:
+    """One `RopeConfig` from a HF rope parameter dict (`rope_type` + its keys)."""
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if model_type == "phi3" and rope_type in ("su", "yarn"):
-        rope_type = "longrope"  # Phi3Config renames both (transformers 5.23)
+    rope_type = (aliases or {}).get(rope_type, rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
             f"{model_type}: rope type {rope_type!r} is not implemented; mwjax supports {SUPPORTED_ROPE_TYPES}"
         )
     partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0))
-    if partial != 1.0 and model_type != "phi3":
+    if partial != 1.0 and not partial_rotary:
         raise ConfigError(f"{model_type}: partial_rotary_factor={partial} is not implemented")
     rope = RopeConfig(theta=float(params.get("rope_theta", default_theta)), type=rope_type,
                       partial_rotary_factor=partial)
@@ -532,31 +492,16 @@ def _longrope(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any],
     )
 
 
-def _attention_layout(model_type: str, hf: Mapping[str, Any], layers: int) -> tuple[int | None, tuple[str, ...]]:
-    """(sliding_window, layer_types) with HF's rules: Mistral, Mixtral and Phi-3 slide on every layer
-    when `sliding_window` is set; Qwen2 only with `use_sliding_window`, from `max_window_layers` on;
-    Gemma 2 on every other layer (0, 2, ...), Gemma 3 on all but every `sliding_window_pattern`-th."""
-    window = hf.get("sliding_window")
-    if model_type in ("llama", "gemma"):
-        window = None  # LlamaConfig / GemmaConfig have no sliding window
-    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
-        window = None
-    types = hf.get("layer_types")
+def _layer_layout(model_type: str, window, types, layers: int) -> tuple[int | None, tuple[str, ...]]:
+    """(sliding_window, layer_types) from what the family's reader made of them: without layer types,
+    every layer slides when there is a window (Mistral, Mixtral, Phi-3); HF maps sliding layers without
+    a window to full attention."""
     if types is None:
-        if model_type == "qwen2" and window is not None:
-            first = int(hf.get("max_window_layers", layers))
-            types = [SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(layers)]
-        elif model_type in ("gemma2", "gemma3_text"):
-            pattern = 2 if model_type == "gemma2" else int(hf.get("sliding_window_pattern", 6))
-            types = [SLIDING_ATTENTION if (i + 1) % pattern else FULL_ATTENTION for i in range(layers)]
-        else:
-            types = [SLIDING_ATTENTION if window else FULL_ATTENTION] * layers
+        types = [SLIDING_ATTENTION if window else FULL_ATTENTION] * layers
     types = tuple(types)
     unknown = set(types) - {FULL_ATTENTION, SLIDING_ATTENTION}
     if unknown:
         raise ConfigError(f"{model_type}: layer_types {sorted(unknown)} are not implemented")
     if window is None and SLIDING_ATTENTION in types:
-        # HF maps sliding layers without a window to full attention.
         types = (FULL_ATTENTION,) * layers
     return (int(window) if window else None), types
-

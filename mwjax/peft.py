@@ -21,7 +21,7 @@ three-term form). The base weights stay `nnx.Param` and are never trained; adapt
 Fused HF modules (`LoraConfig(fuse=True)`): HF Phi-3 computes q, k, v with one `qkv_proj` and
 W_gate, W_up with one `gate_up_proj`, so PEFT (and LLaMA-Factory) put ONE adapter on each: lora_A
 [r, in] shared, lora_B [q+k+v, r] (or [2 d_ff, r]) and DoRA's magnitude over the fused output rows.
-mwjax keeps the projections apart (`mwjax.models.FUSED_MODULES`); under fuse the adapters of one
+mwjax keeps the projections apart (the family record's `fused_modules`); under fuse the adapters of one
 fused module hold the same `lora_a` Variable (NNX keeps one copy in `nnx.state`, sums its gradient
 over the uses, saves and restores it once) and each its rows of B and m. DoRA's norm is per output
 row, so the fused module's norm is the split modules' norms side by side: the computation is PEFT's.
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax import masks, models
+from mwjax import family, masks
 from mwjax.models.layers import Linear
 
 DEFAULT_EXCLUDE = ("lm_head",)
@@ -207,10 +207,10 @@ def linear_paths(model: nnx.Module) -> list[str]:
 def fused_groups(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
     """HF fused module path -> the paths of its projections (in its output-row order) for every fused module
     that any of `paths` belongs to, e.g. "model.layers.0.self_attn.qkv_proj" -> (...q_proj, ...k_proj, ...v_proj)
-    (`mwjax.models.FUSED_MODULES`); {} for a family without fused HF modules."""
+    (the family record's `fused_modules`); {} for a family without fused HF modules."""
     groups = {}
     for path in paths:
-        for hf_module, parts in models.FUSED_MODULES.get(model.config.model_type, {}).items():
+        for hf_module, parts in model.config.family.fused_modules.items():
             for part in parts:
                 if path.endswith("." + part):
                     prefix = path[: -len(part)]
@@ -221,9 +221,10 @@ def fused_groups(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str
 def _check_fused(model: nnx.Module, chosen: list[str]) -> None:
     """Under fuse, every fused HF module is adapted whole or not at all."""
     model_type = model.config.model_type
-    if model_type not in models.FUSED_MODULES:
+    if not model.config.family.fused_modules:
+        fusing = sorted(f.model_type for f in family.families() if f.fused_modules)
         raise ValueError(f"LoraConfig(fuse=True) ties the adapters of projections that HF fuses into one module; HF "
-                         f"{model_type} fuses none (only {sorted(models.FUSED_MODULES)} do): set fuse=False")
+                         f"{model_type} fuses none (only {fusing} do): set fuse=False")
     for hf_path, members in fused_groups(model, chosen).items():
         missing = [m for m in members if m not in chosen]
         if missing:

@@ -6,34 +6,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mwjax import family as registry
 from mwjax.compiled import jit_model
 from mwjax.config import ModelConfig
 from mwjax.models.gemma import GemmaForCausalLM
 from mwjax.models.llama import LlamaForCausalLM
 from mwjax.models.mixtral import MixtralForCausalLM
-from mwjax.models.phi3 import FUSED_MODULES as PHI3_FUSED
 from mwjax.models.phi3 import Phi3ForCausalLM
 
-# model_type -> model class
-FAMILIES: dict[str, type[nnx.Module]] = {
-    "llama": LlamaForCausalLM,
-    "mistral": LlamaForCausalLM,
-    "qwen2": LlamaForCausalLM,
-    "gemma": GemmaForCausalLM,
-    "gemma2": GemmaForCausalLM,
-    "gemma3_text": GemmaForCausalLM,
-    "mixtral": MixtralForCausalLM,
-    "phi3": Phi3ForCausalLM,
-}
+# (importing a family's module above registered its records)
+__all__ = ["FAMILIES", "FUSED_MODULES", "GemmaForCausalLM", "LlamaForCausalLM", "MixtralForCausalLM",
+           "Phi3ForCausalLM", "abstract", "build", "forward"]
+
+# model_type -> model class (the registry's view; `mwjax.family.family(model_type).model_class`)
+FAMILIES: dict[str, type[nnx.Module]] = {f.model_type: f.model_class for f in registry.families()}
 
 # model_type -> {HF fused module: mwjax modules in its row order}, for families whose HF checkpoints and
 # modules fuse projections that mwjax keeps apart (module paths relative to a decoder layer)
-FUSED_MODULES: dict[str, dict[str, tuple[str, ...]]] = {"phi3": PHI3_FUSED}
+FUSED_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
+    f.model_type: dict(f.fused_modules) for f in registry.families() if f.fused_modules
+}
 
 
 def build(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, seed: int = 0) -> nnx.Module:
     """A randomly initialised model (normal(0.02) weights, as HF initialises them)."""
-    return FAMILIES[config.model_type](config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+    model_class = registry.family(config.model_type).model_class
+    return model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 
 def abstract(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None) -> nnx.Module:

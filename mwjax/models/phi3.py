@@ -13,6 +13,11 @@ sequence length, and a cos / sin factor) and `partial_rotary_factor` are handled
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from mwjax.config import ModelConfig, RopeConfig, read_rope
+from mwjax.family import Family, register
 from mwjax.models.llama import LlamaForCausalLM
 
 # HF fused module (relative to a decoder layer) -> the mwjax modules it holds, in the order of its output rows
@@ -26,3 +31,34 @@ FUSED_MODULES: dict[str, tuple[str, ...]] = {
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     """HF `Phi3ForCausalLM` (computation identical to `LlamaForCausalLM` once the fused weights are split)."""
+
+
+# ------------------------------------------------------------------ family record (`mwjax.family`)
+
+
+def read_phi3_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """HF `Phi3Config`: no biases (hard-coded in its modules)."""
+    return dict(qkv_bias=False, o_bias=False, mlp_bias=False)
+
+
+def write_phi3_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
+    hf = hf | {"sliding_window": config.sliding_window}
+    if config.rope.original_max_position_embeddings is not None:
+        hf["original_max_position_embeddings"] = config.rope.original_max_position_embeddings
+    return hf
+
+
+def read_phi3_rope(hf: Mapping[str, Any]) -> tuple[RopeConfig, None]:
+    """Phi-3's RoPE: `partial_rotary_factor` < 1 allowed; Phi3Config renames "su" and "yarn" scaling to
+    longrope (transformers 5.23)."""
+    return read_rope("phi3", hf, PHI3.rope_theta, partial_rotary=True,
+                     aliases={"su": "longrope", "yarn": "longrope"}), None
+
+
+PHI3 = register(Family(
+    model_type="phi3", architecture="Phi3ForCausalLM", model_class=Phi3ForCausalLM,
+    read_hf=read_phi3_hf, write_hf=write_phi3_hf, read_rope=read_phi3_rope,
+    hf_keys=frozenset({"sliding_window", "original_max_position_embeddings"}),
+    ignored_hf_keys=frozenset({"attention_bias"}),  # Phi-3 configs say false; its modules have no bias
+    fused_modules=FUSED_MODULES, gguf_architecture="phi3",
+))
