@@ -13,6 +13,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from converters import keymaps
+from mwjax import peft
 from mwjax.checkpoint import dotted
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -25,6 +26,7 @@ def save_hf(model: nnx.Module, directory: str | os.PathLike, *, tokenizer=None,
     Parameters keep their dtype. Each file is written under a temporary name and renamed, so an
     interrupted save never leaves a truncated file behind.
     """
+    peft.check_no_adapters(model, "save_hf")  # before anything is written
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = model.config

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mwjax import family as registry
+from mwjax import layer_index
 
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
@@ -275,7 +276,7 @@ class ModelConfig:
 
     def layer_label(self, layer: int) -> str:
         """'layer 12 (HF layers[11])': the papers number layers from 1, HF and mwjax from 0."""
-        return f"layer {layer + 1} (HF layers[{layer}])"
+        return layer_index.layer_label(layer)
 
     # ------------------------------------------------------------------ HF <-> mwjax
 

@@ -38,3 +38,11 @@ def test_the_merged_model_saves_and_restores_as_the_adapted_one(tmp_path):
     restored = checkpoint.restore(checkpoint.save(peft.merge(model), tmp_path / "ckpt"))
     assert not peft.adapters(restored)
     np.testing.assert_allclose(restored(tokens), model(tokens), atol=1e-5)
+
+
+def test_save_hf_refuses_adapters_too(tmp_path):
+    from converters import save_hf
+
+    with pytest.raises(ValueError, match=re.escape("save_hf: the model carries LoRA/DoRA adapters")):
+        save_hf(adapted(), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

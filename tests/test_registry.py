@@ -8,8 +8,8 @@ from pathlib import Path
 import gguf
 import pytest
 import transformers
-from conftest import TINY_CONFIGS
 from flax import nnx
+from hf_reference import TINY_CONFIGS
 
 import mwjax.family
 from converters.gguf_source import GGUF_MODEL_TYPES
