@@ -124,6 +124,22 @@ def assert_logits_close(ours, ref, rel: float = 1e-4):
     return assert_close_to_scale(ours, ref, rel, what="logits")
 
 
+def loss_torch(model, tokens: np.ndarray):
+    """HF's mean next-token cross-entropy of `tokens` [1, seq] (a torch scalar, for .backward())."""
+    logits = model(torch.from_numpy(tokens).long()).logits[0, :-1]
+    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(tokens[0, 1:]).long())
+
+
+def loss_ours(model, tokens: np.ndarray, **kw):
+    """The same loss of an mwjax model (differentiable in JAX); kw go to the model (ffn_masks, ...)."""
+    import jax
+    import jax.numpy as jnp
+
+    logits = model(jnp.asarray(tokens), **kw)[0, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, jnp.asarray(tokens[0, 1:, None]), axis=-1).mean()
+
+
 # the probe points of mwjax.probes that a forward hook on an HF decoder layer can see
 HF_POINTS = ("hidden", "attn_input", "attn_output", "mlp_input", "intermediate", "down_proj_output")
 

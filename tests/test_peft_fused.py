@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hf_reference import assert_close_to_scale, assert_logits_close, hf_logits, random_tokens, torch
+from hf_reference import (
+    assert_close_to_scale,
+    assert_logits_close,
+    hf_logits,
+    loss_ours,
+    loss_torch,
+    random_tokens,
+    torch,
+)
 
 peft_lib = pytest.importorskip("peft")
 
@@ -75,17 +83,6 @@ def fused_pair(hf, model, *, dora, seed=0):
             if dora:
                 layer.lora_magnitude[...] = jnp.asarray(mag[start:stop])
     return theirs, ours
-
-
-def loss_torch(model, tokens):
-    logits = model(torch.from_numpy(tokens).long()).logits[0, :-1]
-    return torch.nn.functional.cross_entropy(logits, torch.from_numpy(tokens[0, 1:]).long())
-
-
-def loss_ours(model, tokens, **kw):
-    logits = model(jnp.asarray(tokens), **kw)[0, :-1]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, jnp.asarray(tokens[0, 1:, None]), axis=-1).mean()
 
 
 def test_fused_modules_share_one_a(base):
