@@ -20,7 +20,7 @@ Adding a family touches these files (tests/test_registry.py checks the first thr
 2. `converters/keymaps.py`: its `KeyMap` in `KEYMAPS[model_type]`.
 3. `converters/gguf_source.py`: only where llama.cpp's converter changed the tensors or the
    metadata needs reading of its own; otherwise give the record `gguf_architecture=None` (no GGUF).
-4. tests: a tiny HF config in `tests/conftest.py` `FAMILY_CONFIGS` (test_config, test_families and
+4. tests: a tiny HF config in `tests/hf_reference.py` `FAMILY_CONFIGS` (test_config, test_families and
    test_registry run over it).
 """
 

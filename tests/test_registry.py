@@ -51,7 +51,7 @@ def test_every_family_is_complete(record):
         assert record.gguf_architecture in GGUF_MODEL_TYPES
     # its tiny HF config(s) read and write back to the same ModelConfig
     names = _tiny_configs_of(record.model_type)
-    assert names, f"tests/conftest.py TINY_CONFIGS has no config of {record.model_type}"
+    assert names, f"tests/hf_reference.py TINY_CONFIGS has no config of {record.model_type}"
     for name in names:
         config = ModelConfig.from_hf_config(_hf(name))
         assert config.family is record and config.architecture == record.architecture
@@ -125,7 +125,7 @@ def test_the_files_a_new_family_needs():
     """The registry's docstring lists them; each built-in family has its record in its model class's module."""
     doc = inspect.getdoc(mwjax.family)
     for path in ("mwjax/models/<family>.py", "mwjax/models/__init__.py", "converters/keymaps.py",
-                 "converters/gguf_source.py", "tests/conftest.py"):
+                 "converters/gguf_source.py", "tests/hf_reference.py"):
         assert path in doc
         if "<" not in path:
             assert (ROOT / path).is_file()
