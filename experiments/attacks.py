@@ -14,7 +14,8 @@ attack is a traced row mask over the layer), measured as perplexity on the first
 (lm-eval; --data_dir for local task files, as experiments.zeroshot). Zero-shot accuracy of Table 1's
 settings comes from `experiments.zeroshot --attack=...`.
 
-Writes attacks.json, table1.md, k_sweep.png (and k_sweep_zeroshot.png) under --output_dir.
+Writes attacks.json, table1.md, k_sweep.png (and k_sweep_zeroshot.png; --format=pdf|svg for vector
+figures) under --output_dir.
 """
 
 from __future__ import annotations
@@ -147,15 +148,16 @@ def main(argv):
         tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
         series = sweep(model, mw, ks, lambda m: perplexity(m, tokens, FLAGS.seqlen,
                                                            batch_size=FLAGS.batch_size).perplexity)
-        plots.k_sweep(ks, series, f"{corpora[0].name} perplexity under attack, {mw.label}", out / "k_sweep.png")
+        plots.k_sweep(ks, series, f"{common.model_name()}: {corpora[0].name} perplexity, {mw.label} attacked",
+                      common.figure(out, "k_sweep"))
         payload["k_sweep"] = {"k": ks, "corpus": corpora[0].name, "chunks": len(tokens), **series}
         print_sweep(ks, series, f"{corpora[0].name} perplexity")
     if ks and "zeroshot" in FLAGS.sweep_metrics:
         zeroshot_flags.announce()
         evaluate = zeroshot_flags.evaluator()
         series = sweep(model, mw, ks, lambda m: zeroshot_flags.mean_accuracy(evaluate, m, tokenizer))
-        plots.k_sweep(ks, series, f"mean zero-shot accuracy under attack, {mw.label}", out / "k_sweep_zeroshot.png",
-                      ylabel="mean accuracy (%)", log_y=False)
+        plots.k_sweep(ks, series, f"{common.model_name()}: mean zero-shot accuracy, {mw.label} attacked",
+                      common.figure(out, "k_sweep_zeroshot"), ylabel="mean accuracy (%)", log_y=False)
         payload["k_sweep_zeroshot"] = {"k": ks, **zeroshot_flags.recorded(), **series}
         print_sweep(ks, series, f"mean zero-shot accuracy over {', '.join(FLAGS.tasks)}")
     print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and figures in {out}")

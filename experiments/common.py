@@ -26,6 +26,7 @@ flags.DEFINE_string("tokenizer", None, "tokenizer to use instead of the checkpoi
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
 flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")
 flags.DEFINE_string("output_dir", None, "where to write JSON results and figures")
+flags.DEFINE_enum("format", "png", ["png", "pdf", "svg"], "file format of the figures")
 flags.DEFINE_string("adapter", None, "LoRA/DoRA adapter to merge into the model on load: an HF PEFT directory or "
                     "experiments.macdrop's adapter/ (orbax)")
 
@@ -86,6 +87,16 @@ def output_dir(default: str) -> Path:
     except OSError as e:
         raise SystemExit(f"cannot write to the output directory {path}: {e}") from None
     return path
+
+
+def figure(out: Path, name: str) -> Path:
+    """Where figure `name` goes: out/name.<--format>."""
+    return out / f"{name}.{FLAGS.format}"
+
+
+def model_name() -> str:
+    """--model as figure titles show it: a path's last part ("Meta-Llama-3-8B"), embedded:<name> as is."""
+    return FLAGS.model if FLAGS.model.startswith(embedded.PREFIX) else Path(FLAGS.model.rstrip("/")).name
 
 
 def write_json(path: Path, payload) -> Path:

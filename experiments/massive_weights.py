@@ -8,7 +8,7 @@ per-layer statistics) and figures: bos_hidden.png / bos_intermediate.png (Figure
 and median |value| per layer with the bos token alone), states.png (Figure 3(a): the largest
 |value| of each state of the first layers), corpus_hidden.png / corpus_intermediate.png (the
 same statistics averaged over text sequences) and magnitudes_3d.png (|hidden state| over the
-prompt's tokens at the origin layer).
+prompt's tokens at the origin layer); --format=pdf|svg for vector figures.
 """
 
 from __future__ import annotations
@@ -63,19 +63,18 @@ def main(argv):
     print(f"\nintermediate values at {mw.label}: {[round(v, 1) for v in mw.values]} (median |x| {mw.median:.3g}; "
           f"massive-activation criterion {'met' if mw.meets_criterion else 'NOT met'}; layer: {mw.selected_by})")
 
+    name = common.model_name()
     profile = massive.first_token_profile(model, mw.token_id, top_k=3)
-    for point in ("hidden", "intermediate"):
-        stats = {"top": np.abs(profile[f"{point}_top"]), "median": profile[f"{point}_median"]}
-        plots.layer_magnitudes(stats, f"{point} state, bos token alone", out / f"bos_{point}.png")
+    plots.bos_profile(profile, name, lambda figure: common.figure(out, figure))
     states = state_magnitudes(model, mw.token_id, min(model.config.num_hidden_layers, mw.layer + 2))
-    plots.grouped_bars(states, "max |value| per state, bos alone", out / "states.png")
+    plots.grouped_bars(states, f"{name}: max |value| per state, first token alone", common.figure(out, "states"))
 
     corpus = common.load_corpora([FLAGS.stats_corpus], tokenizer, None)[0]
     seqs = chunk_tokens(corpus.token_ids, FLAGS.stats_seqlen, FLAGS.stats_sequences)
     averaged = massive.activation_stats(model, seqs, top_k=3)
     for point in ("hidden", "intermediate"):
-        plots.layer_magnitudes(averaged[point], f"{point} state, {len(seqs)} x {FLAGS.stats_seqlen} tokens of "
-                               f"{corpus.name}", out / f"corpus_{point}.png")
+        plots.layer_magnitudes(averaged[point], f"{name}: {point} state, {len(seqs)} x {FLAGS.stats_seqlen} "
+                               f"tokens of {corpus.name}", common.figure(out, f"corpus_{point}"))
 
     ids = tokenizer(FLAGS.prompt).input_ids
     if ids[0] != mw.token_id:
@@ -83,8 +82,8 @@ def main(argv):
     config = probes.ProbeConfig(points=("hidden",), layers=(mw.layer,))
     _, result = probes.capture(model, jnp.asarray([ids], jnp.int32), config)
     plots.magnitudes_3d(np.asarray(result["hidden"][mw.layer]["full"][0]),
-                        tokenizer.convert_ids_to_tokens(ids), f"|hidden| after {mw.label}",
-                        out / "magnitudes_3d.png")
+                        [plots.token_label(tokenizer, i) for i in ids], f"{name}: |hidden state| after {mw.label}",
+                        common.figure(out, "magnitudes_3d"))
 
     payload = {
         "model": FLAGS.model,

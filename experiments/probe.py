@@ -4,6 +4,9 @@ intermediate values sit.
 
     python -m experiments.probe                       # the embedded SmolLM2-135M-Instruct
     python -m experiments.probe --model=PATH --output_dir=out/
+
+With --output_dir: probe.json and House of Cards Figure 3(b, c)'s plots (bos_hidden.png,
+bos_intermediate.png: the top-3 and median |value| per layer).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from mwjax import massive
+from mwjax import massive, plots
 from mwjax.layer_index import layer_label, layer_numbers
 from mwjax.tokens import first_token_id
 
@@ -96,7 +99,8 @@ def main(argv):
     print("\n" + summary(profile))
     if out:
         payload = {"model": FLAGS.model, "dtype": FLAGS.dtype, "token_id": token_id, "layers": rows}
-        print(f"wrote {common.write_json(out / 'probe.json', payload)}")
+        plots.bos_profile(profile, common.model_name(), lambda figure: common.figure(out, figure))
+        print(f"wrote {common.write_json(out / 'probe.json', payload)} and figures in {out}")
 
 
 if __name__ == "__main__":

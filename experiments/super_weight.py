@@ -11,7 +11,7 @@ for: the original model, the super weights pruned, pruned with their super activ
 and the weights scaled by each of --factors, measured as perplexity on the first corpus and, with
 --scaling_metrics=perplexity,zeroshot, as the paper's Figure 8 plots it: mean zero-shot accuracy over
 --tasks (lm-eval; --data_dir for local task files, as experiments.zeroshot).
-Writes super_weight.json, scaling.png (and scaling_zeroshot.png) under --output_dir.
+Writes super_weight.json, scaling.png (and scaling_zeroshot.png; --format=pdf|svg) under --output_dir.
 """
 
 from __future__ import annotations
@@ -88,19 +88,19 @@ def main(argv):
                "prune SW": evaluate("prune SW", attacks.scale_super_weight(model, sws, 0.0)),
                "prune SW, +SA": evaluate("prune SW, +SA", attacks.restore_super_activation(model, sws))}
     factors = [float(f) for f in FLAGS.factors]
-    title = sws[0].label + (f" and {len(sws) - 1} more" if len(sws) > 1 else "")
+    title = f"{common.model_name()}: {sws[0].label}" + (f" and {len(sws) - 1} more" if len(sws) > 1 else "")
     payload = {"model": FLAGS.model, "super_weights": [sw.to_dict() for sw in sws],
                "candidates": [c.to_dict() for c in candidates], "settings": results, "scaling": {"factors": factors}}
     measures = {}
     if "perplexity" in FLAGS.scaling_metrics:
         first = corpora[0]
-        measures["perplexity"] = (f"{first.name} PPL", "scaling.png", lambda m: perplexity(
+        measures["perplexity"] = (f"{first.name} PPL", "scaling", lambda m: perplexity(
             m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks, batch_size=FLAGS.batch_size).perplexity)
         payload["scaling"]["corpus"] = first.name
     if "zeroshot" in FLAGS.scaling_metrics:
         zeroshot_flags.announce()
         evaluate = zeroshot_flags.evaluator()
-        measures["zeroshot"] = ("mean zero-shot accuracy (%)", "scaling_zeroshot.png",
+        measures["zeroshot"] = ("mean zero-shot accuracy (%)", "scaling_zeroshot",
                                 lambda m: zeroshot_flags.mean_accuracy(evaluate, m, tokenizer))
         payload["scaling"]["zeroshot_settings"] = zeroshot_flags.recorded()
     for metric, (label, figure, measure) in measures.items():
@@ -110,7 +110,7 @@ def main(argv):
             print(f"   factor {f:g}: {label} {values[-1]:.2f}", flush=True)
         print(f"\nscaling the super weight ({label}):")
         print(common.markdown_table(["factor", label], [[f, v] for f, v in zip(factors, values, strict=True)]))
-        plots.scaling_curve(factors, values, title, out / figure, ylabel=label)
+        plots.scaling_curve(factors, values, title, common.figure(out, figure), ylabel=label)
         payload["scaling"][metric] = values
     print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and figures in {out}")
 

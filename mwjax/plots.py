@@ -10,6 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+DPI = 200  # raster figures (png); pdf and svg are vector
 
 
 def layer_magnitudes(stats: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
@@ -44,8 +47,10 @@ def magnitudes_3d(values: np.ndarray, token_labels: Sequence[str], title: str, p
     ax.bar3d(xs.ravel(), ys.ravel(), np.zeros(xs.size), 0.8, 0.8, mag.ravel(), shade=True)
     ax.set_yticks(np.arange(mag.shape[0]))
     ax.set_yticklabels(token_labels, fontsize=6)
-    for d in np.argsort(mag.max(0))[-2:]:
-        ax.text(d, int(np.argmax(mag[:, d])), mag[:, d].max(), f"dim {dims[d]}", fontsize=7)
+    # the largest dims named on the axis itself (a label in the plot would sit on a bar)
+    top = np.sort(np.argsort(mag.max(0))[-2:])
+    ax.set_xticks(top)
+    ax.set_xticklabels([f"dim {dims[d]}" for d in top], fontsize=7)
     ax.set_xlabel("feature dimension")
     ax.set_zlabel("|value|")
     ax.set_title(title)
@@ -75,6 +80,11 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path, *, 
             legend: bool = True) -> Path:
     if log_y:
         ax.set_yscale("log")
+        # plain numbers ("20", not "2x10^1"); minor ticks labelled only when the axis spans under a decade
+        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        low, high = ax.get_ylim()
+        ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-300) < 10 else ticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -87,9 +97,23 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path, *, 
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=DPI)  # the format follows the suffix: .png, .pdf, .svg
     plt.close(fig)
     return path
+
+
+def token_label(tokenizer, token_id: int) -> str:
+    """A token as a reader reads it: decoded ("cold", not BPE's "Ġcold"), with whitespace made visible."""
+    text = tokenizer.decode([int(token_id)])
+    return text.strip() or repr(text)
+
+
+def bos_profile(profile: Mapping[str, np.ndarray], title: str, path_of) -> list[Path]:
+    """House of Cards Figure 3(b, c): the top-3 and median |value| per layer of the hidden and intermediate
+    states for the first token alone (`mwjax.massive.first_token_profile`); `path_of(name)` names each file."""
+    return [layer_magnitudes({"top": np.abs(profile[f"{point}_top"]), "median": profile[f"{point}_median"]},
+                             f"{title}: {point} state, first token alone", path_of(f"bos_{point}"))
+            for point in ("hidden", "intermediate")]
 
 
 def grouped_bars(values: Mapping[str, Sequence[float]], title: str, path: str | Path) -> Path:

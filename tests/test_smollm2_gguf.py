@@ -75,3 +75,4 @@ def test_probe_cli_on_the_embedded_model(tmp_path):
             in out.stdout)
     assert "dim 1229, |x| = 3064.8" in out.stdout
     assert (tmp_path / "probe.json").exists()
+    assert (tmp_path / "bos_hidden.png").stat().st_size > 0 and (tmp_path / "bos_intermediate.png").stat().st_size > 0
