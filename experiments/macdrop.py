@@ -36,12 +36,29 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 import converters
+from experiments.configs import base as base_config
 from mwjax import checkpoint, data, distributed, macdrop, massive, peft, sharding, train
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py[:arg], or a bare <name>")
 
 log = logging.getLogger("mwjax.macdrop")
+
+
+def config_fields(config: ConfigDict, prefix: str = "") -> list[str]:
+    """'train.learning_rate = 0.0001' for every field of `config`, dotted, in order."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, ConfigDict):
+            lines += config_fields(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key} = {value!r}")
+    return lines
+
+
+# --help shows every field a run takes, with the defaults of experiments/configs/base.py
+__doc__ += ("\nConfig fields (--config.<field>=value) and their defaults in experiments/configs/base.py:\n  "
+            + "\n  ".join(config_fields(base_config.get_config())))
 
 
 def resolve_config_argv(argv: list[str]) -> list[str]:

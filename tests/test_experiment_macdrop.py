@@ -124,3 +124,10 @@ def test_a_field_added_by_a_newer_mwjax_at_its_default_is_not_a_change():
     assert experiment.config_changes(old, new) == []
     new["lora"]["fuse"] = True
     assert experiment.config_changes(old, new) == ["lora.fuse: '<absent>' -> True"]
+
+
+def test_help_lists_every_config_field_with_its_default():
+    out = subprocess.run([sys.executable, "-m", "experiments.macdrop", "--help"], capture_output=True, text=True,
+                         timeout=300)
+    for line in ("train.learning_rate = 0.0001", "train.micro_batch_size = 64", "macdrop.p0 = 0.8", "lora.rank = 16"):
+        assert f"\n  {line}\n" in out.stdout, line
