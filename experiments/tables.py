@@ -13,7 +13,8 @@ and writes tables.md with
            --attack=zero_top_k:3), beside its unattacked mean, with the reading of each attacked
            fine-tuned run (--attack_on: merged or base).
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
-A zero-shot run made with --limit or on a subset of the five tasks is not the papers' protocol: its
+A zero-shot run made with --limit, on a subset of the five tasks or with --apply_chat_template is not
+the papers' protocol: its
 numbers carry a "*" and the tables say which runs and why.
 """
 
@@ -46,6 +47,8 @@ def departure(run: dict) -> str | None:
     parts = [f"--limit={run['limit']}"] if run.get("limit") else []
     if sorted(tasks) != sorted(PAPER_TASKS):
         parts.append(f"{len(tasks)} of the {len(PAPER_TASKS)} tasks")
+    if run.get("apply_chat_template"):
+        parts.append("--apply_chat_template")
     return ", ".join(parts) or None
 
 

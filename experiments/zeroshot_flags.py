@@ -17,6 +17,9 @@ BOS_CHOICES = {"false": False, "true": True, "tokenizer": None}
 flags.DEFINE_enum("add_bos_token", "false", list(BOS_CHOICES),
                   "prepend bos to every request: false (default: the papers' tables, made with lm-eval <= 0.4.9.1, "
                   "which added none for HF models), true, or tokenizer (its own default, as lm-eval >= 0.4.10 does)")
+flags.DEFINE_bool("apply_chat_template", False, "render each request with the tokenizer's chat template, as lm-eval's "
+                  "--apply_chat_template (instruct models; the papers' tables used none)")
+flags.DEFINE_string("system_instruction", None, "system turn of the chat template (lm-eval's --system_instruction)")
 
 
 SWEEP_METRICS = ("perplexity", "zeroshot")
@@ -41,8 +44,11 @@ def announce() -> None:
 
 def evaluator() -> zeroshot_tasks.Evaluator:
     """The --tasks as the flags say; call it on each model to evaluate (`zeroshot_tasks.Evaluator`)."""
-    return zeroshot_tasks.Evaluator(FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit, batch_size=FLAGS.
-                                    zeroshot_batch_size, add_bos_token=BOS_CHOICES[FLAGS.add_bos_token])
+    return zeroshot_tasks.Evaluator(FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
+                                    batch_size=FLAGS.zeroshot_batch_size,
+                                    add_bos_token=BOS_CHOICES[FLAGS.add_bos_token],
+                                    apply_chat_template=FLAGS.apply_chat_template,
+                                    system_instruction=FLAGS.system_instruction)
 
 
 def mean_accuracy(evaluate: zeroshot_tasks.Evaluator, model, tokenizer) -> float:
@@ -53,4 +59,5 @@ def mean_accuracy(evaluate: zeroshot_tasks.Evaluator, model, tokenizer) -> float
 def recorded() -> dict:
     """The settings a results JSON keeps beside zero-shot numbers."""
     return {"tasks": FLAGS.tasks, "add_bos_token": FLAGS.add_bos_token, "limit": FLAGS.limit,
-            "data_dir": FLAGS.data_dir}
+            "data_dir": FLAGS.data_dir, "apply_chat_template": FLAGS.apply_chat_template,
+            "system_instruction": FLAGS.system_instruction}

@@ -37,11 +37,11 @@ def tiny(tiny_smol_vocab):
     return hf, model, path
 
 
-def evaluate_both(hf, model, tokenizer, tasks, manager, add_bos):
+def evaluate_both(hf, model, tokenizer, tasks, manager, add_bos, **options):
     ours = lm_eval.simple_evaluate(model=MwjaxLM(model, tokenizer, batch_size=3, add_bos_token=add_bos),
-                                   tasks=tasks, task_manager=manager, log_samples=True, num_fewshot=0)
+                                   tasks=tasks, task_manager=manager, log_samples=True, num_fewshot=0, **options)
     ref = lm_eval.simple_evaluate(model=HFLM(pretrained=hf, tokenizer=tokenizer, batch_size=3, add_bos_token=add_bos),
-                                  tasks=tasks, task_manager=manager, log_samples=True, num_fewshot=0)
+                                  tasks=tasks, task_manager=manager, log_samples=True, num_fewshot=0, **options)
     worst = 0.0
     for task in tasks:
         for metric in ("acc,none", "acc_norm,none"):
@@ -62,6 +62,15 @@ def test_matches_the_hf_backend_on_the_five_task_formats(tiny, smollm2_tokenizer
     _, include, names = local_tasks
     worst = evaluate_both(hf, model, smollm2_tokenizer, names, TaskManager(include_path=str(include)), add_bos)
     print(f"tiny model, add_bos_token={add_bos}: max |loglikelihood difference| {worst:.2e}")
+
+
+def test_chat_template_and_system_instruction_as_the_hf_backend(tiny, smollm2_tokenizer, local_tasks):
+    """--apply_chat_template (with a --system_instruction) renders the same requests as lm-eval's HF backend."""
+    hf, model, _ = tiny
+    _, include, names = local_tasks
+    evaluate_both(hf, model, smollm2_tokenizer, [n for n in names if n.startswith(("arc_easy", "piqa"))],
+                  TaskManager(include_path=str(include)), None, apply_chat_template=True,
+                  system_instruction="Answer the question.")
 
 
 def test_loglikelihood_rolling_equals_perplexity(tiny, smollm2_tokenizer):

@@ -95,6 +95,24 @@ class MwjaxLM(TemplateLM):
         return self._max_length
 
     @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval keys its chat-template cache by (HFLM's `tokenizer_name`)."""
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's turns through the tokenizer's chat template (`--apply_chat_template`), as HFLM renders them:
+        a template that refuses a system turn gets the history without it."""
+        import jinja2
+
+        render = lambda history: self.tokenizer.apply_chat_template(
+            history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt)
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:
+            return render([turn for turn in chat_history if turn["role"] != "system"])
+
+    @property
     def max_gen_toks(self) -> int:
         return self._max_gen_toks
 

@@ -121,10 +121,13 @@ class Evaluator:
     sweep pays it once. From the <task>.jsonl files in `data_dir` (`write_local_tasks`) when given, else the hub."""
 
     def __init__(self, tasks=PAPER_TASKS, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
-                 batch_size: int = 8, add_bos_token: bool | None = None):
+                 batch_size: int = 8, add_bos_token: bool | None = None, apply_chat_template: bool = False,
+                 system_instruction: str | None = None):
         from lm_eval.tasks import TaskManager
 
         self.limit, self.batch_size, self.add_bos_token = limit, batch_size, add_bos_token
+        # lm-eval's --apply_chat_template / --system_instruction (instruct models; the papers used neither)
+        self.chat = {"apply_chat_template": apply_chat_template, "system_instruction": system_instruction}
         self._include = tempfile.TemporaryDirectory() if data_dir else None  # removed with the evaluator
         self.tasks = write_local_tasks(data_dir, self._include.name, tasks) if data_dir else list(tasks)
         self.manager = TaskManager(include_path=self._include.name if data_dir else None)
@@ -136,7 +139,7 @@ class Evaluator:
 
         lm = MwjaxLM(model, tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token)
         results = lm_eval.simple_evaluate(model=lm, tasks=list(self.tasks), task_manager=self.manager,
-                                          limit=self.limit, num_fewshot=0)
+                                          limit=self.limit, num_fewshot=0, **self.chat)
         return task_scores(results, self.tasks), results
 
 
