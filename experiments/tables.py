@@ -14,8 +14,7 @@ and writes tables.md with
            fine-tuned run (--attack_on: merged or base).
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
 A zero-shot run made with --limit, on a subset of the five tasks or with --apply_chat_template is not
-the papers' protocol: its
-numbers carry a "*" and the tables say which runs and why.
+the papers' protocol: its numbers carry a "*" and the tables say which runs and why.
 """
 
 from __future__ import annotations
