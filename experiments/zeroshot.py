@@ -4,6 +4,7 @@
         [--attack_on=merged|base] [--label="LoRA + MacDrop"]
     python -m experiments.zeroshot --export_data=DIR          # where the hub is reachable: save the five tasks
     python -m experiments.zeroshot --model=PATH --data_dir=DIR   # then, anywhere: run them from those files
+    python -m experiments.zeroshot --data_dir=DIR --write_tasks=INC   # task configs for lm_eval --include_path
 
 Writes zeroshot.json (acc and acc_norm per task, and their means) and zeroshot.md (a Table 2 / 7 row)
 under --output_dir; `experiments.tables` assembles the papers' tables from such runs.
@@ -28,6 +29,8 @@ flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapte
                   "before fine-tuning, the pretrained rows attacked under the live adapter; mwjax.attacks."
                   "after_fine_tuning)")
 flags.DEFINE_string("export_data", None, "download the tasks' evaluation splits into this directory and exit")
+flags.DEFINE_string("write_tasks", None, "write task configs reading --data_dir's files into this directory (for "
+                    "`lm_eval --include_path=DIR --tasks=arc_easy_local,...`) and exit")
 flags.DEFINE_alias("batch_size", "zeroshot_batch_size")
 flags.DEFINE_string("label", None, "method label of this run in the tables (e.g. 'LoRA + MacDrop'; default "
                     "'original'); give an attacked run the same label as its unattacked twin")
@@ -46,6 +49,13 @@ def main(argv):
     if FLAGS.export_data:
         for task, path in zeroshot_tasks.export_task_data(FLAGS.export_data, FLAGS.tasks).items():
             print(f"{task}: {path}")
+        return
+    if FLAGS.write_tasks:
+        if not FLAGS.data_dir:
+            raise app.UsageError("--write_tasks needs --data_dir (the <task>.jsonl files the configs read)")
+        names = zeroshot_tasks.write_local_tasks(FLAGS.data_dir, FLAGS.write_tasks, FLAGS.tasks)
+        print(f"lm_eval --model mwjax --model_args pretrained=PATH --include_path={FLAGS.write_tasks} "
+              f"--tasks={','.join(names)}")
         return
     out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model
     zeroshot_flags.check()

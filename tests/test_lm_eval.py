@@ -156,6 +156,16 @@ def test_zeroshot_experiment_from_local_data(tiny, local_tasks, tmp_path):
     assert result["add_bos_token"] == "false" and "add_bos_token=false (as the papers'" in out.stdout
 
 
+def test_zeroshot_writes_task_configs_for_include_path(local_tasks, tmp_path):
+    data, _, _ = local_tasks
+    out = subprocess.run([sys.executable, "-m", "experiments.zeroshot", f"--data_dir={data}",
+                          f"--write_tasks={tmp_path}", "--tasks=piqa,boolq"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"--include_path={tmp_path} --tasks=piqa_local,boolq_local" in out.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boolq_local.yaml", "piqa_local.yaml"]
+
+
 def test_missing_local_data_says_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="export_task_data"):
         zeroshot_tasks.write_local_tasks(tmp_path, tmp_path / "inc", ["piqa"])
