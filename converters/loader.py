@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from converters import embedded, gguf_source, keymaps
 from converters.errors import CheckpointError, InvalidConfigError, ShapeMismatchError, UnsupportedCheckpointError
@@ -27,6 +26,7 @@ from converters.sources import FLOAT_DTYPES, SafetensorsSource, TensorSource, To
 from mwjax import checkpoint, models
 from mwjax.checkpoint import ShardingFn, dotted
 from mwjax.config import ConfigError, ModelConfig
+from mwjax.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +132,7 @@ def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.fl
         log.warning("%s: %d checkpoint tensors were not used: %s", source.name, len(unused), unused[:10])
     _check_tied_embeddings(config, source)
     read = functools.lru_cache(maxsize=4)(source.get)  # the fused / stacked tensors being split
-    bar = tqdm(total=len(shapes), desc=f"loading {Path(source.name).name}", disable=not progress or None,
-               leave=False)
+    bar = progress_display(len(shapes), f"loading {Path(source.name).name}", enabled=progress)
 
     def fill(key_path, leaf: jax.ShapeDtypeStruct):
         name = dotted(key_path)

@@ -283,14 +283,15 @@ def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: i
     "median": [L]}} as numpy float64 (magnitudes), plus "num_sequences". For a mixture of experts the
     intermediate statistics run over every expert's state, routed or not.
     """
-    from tqdm.auto import tqdm
+    from mwjax.progress import track
 
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [num_sequences, seq], got shape {tokens.shape}")
     config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True, scope="sequence")
     sums = {p: {"top": 0.0, "median": 0.0} for p in points}
-    for start in tqdm(range(0, len(tokens), batch_size), desc="activation stats", disable=not progress or None):
+    starts = range(0, len(tokens), batch_size)
+    for start in track(starts, len(starts), "activation stats", enabled=progress):
         _, result = probes.capture(model, jnp.asarray(tokens[start:start + batch_size]), config)
         for p in points:
             sums[p]["top"] = sums[p]["top"] + np.abs(np.asarray(probes.stack(result, p, "top_values"))).sum(1)

@@ -28,10 +28,10 @@ import numpy as np
 from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from tqdm.auto import tqdm
 
 from mwjax.compiled import jit_model
 from mwjax.eval.generate import generate
+from mwjax.progress import progress
 
 # ~1.5x steps: little padding, still only a handful of compiled programs per run
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -149,7 +149,7 @@ class MwjaxLM(TemplateLM):
         # one width for the candidate axis in the whole call: fewer compiled programs
         alternatives = 1 << (max(len(g) for g in groups.values()) - 1).bit_length() if groups else 1
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = tqdm(total=len(requests), desc="mwjax loglikelihood", disable=disable_tqdm or None)
+        bar = progress(len(requests), "mwjax loglikelihood", enabled=not disable_tqdm)
         for start in range(0, len(inputs_by_length), self.batch_size):
             batch = inputs_by_length[start:start + self.batch_size]
             width = bucket(len(batch[0]), self.buckets, self.max_length)
@@ -202,7 +202,7 @@ class MwjaxLM(TemplateLM):
         for i, (_, gen_kwargs) in enumerate(args):
             groups.setdefault(repr(sorted(gen_kwargs.items())), []).append(i)
         out: list[str | None] = [None] * len(args)
-        bar = tqdm(total=len(args), desc="mwjax generate_until", disable=disable_tqdm or None)
+        bar = progress(len(args), "mwjax generate_until", enabled=not disable_tqdm)
         for members in groups.values():
             kwargs = dict(args[members[0]][1])
             until = kwargs.pop("until", None) or []

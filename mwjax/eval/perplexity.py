@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from mwjax.compiled import jit_model
+from mwjax.progress import track
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,8 +82,8 @@ def perplexity(model: nnx.Module, token_ids, seqlen: int = 4096, *, max_chunks: 
             raise ValueError("add_bos=True but the model config has no bos_token_id; pass bos_id=")
     split = nnx.split(model)  # once for all batches
     nlls = []
-    for start in tqdm(range(0, len(chunks), batch_size), desc=f"perplexity ({len(chunks)}x{seqlen})",
-                      disable=not progress or None, leave=False):
+    starts = range(0, len(chunks), batch_size)
+    for start in track(starts, len(starts), f"perplexity ({len(chunks)}x{seqlen})", enabled=progress):
         batch = chunks[start:start + batch_size]
         pad = batch_size - len(batch)  # keep one compiled shape: pad the last batch, drop its results
         padded = np.concatenate([batch, np.repeat(batch[-1:], pad, 0)]) if pad else batch
