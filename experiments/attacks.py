@@ -143,23 +143,19 @@ def main(argv):
     (out / "table1.md").write_text(table + "\n")
     payload = {"model": FLAGS.model, "massive_weights": mw.to_dict(), "k": FLAGS.k, "seqlen": FLAGS.seqlen,
                "settings": results}
-    if ks and "perplexity" in FLAGS.sweep_metrics:
+    if ks:
         caps = [c for c in (corpora[0].max_chunks, FLAGS.sweep_chunks) if c is not None]
         tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
-        series = sweep(model, mw, ks, lambda m: perplexity(m, tokens, FLAGS.seqlen,
-                                                           batch_size=FLAGS.batch_size).perplexity)
-        plots.k_sweep(ks, series, f"{common.model_name()}: {corpora[0].name} perplexity, {mw.label} attacked",
-                      common.figure(out, "k_sweep"))
-        payload["k_sweep"] = {"k": ks, "corpus": corpora[0].name, "chunks": len(tokens), **series}
-        print_sweep(ks, series, f"{corpora[0].name} perplexity")
-    if ks and "zeroshot" in FLAGS.sweep_metrics:
-        zeroshot_flags.announce()
-        evaluate = zeroshot_flags.evaluator()
-        series = sweep(model, mw, ks, lambda m: zeroshot_flags.mean_accuracy(evaluate, m, tokenizer))
-        plots.k_sweep(ks, series, f"{common.model_name()}: mean zero-shot accuracy, {mw.label} attacked",
-                      common.figure(out, "k_sweep_zeroshot"), ylabel="mean accuracy (%)", log_y=False)
-        payload["k_sweep_zeroshot"] = {"k": ks, **zeroshot_flags.recorded(), **series}
-        print_sweep(ks, series, f"mean zero-shot accuracy over {', '.join(FLAGS.tasks)}")
+        metrics = zeroshot_flags.sweep_metrics(
+            FLAGS.sweep_metrics, tokenizer, f"{corpora[0].name} perplexity",
+            lambda m: perplexity(m, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size).perplexity,
+            {"corpus": corpora[0].name, "chunks": len(tokens)})
+        for metric in metrics.values():
+            series = sweep(model, mw, ks, metric.measure)
+            plots.k_sweep(ks, series, f"{common.model_name()}: {metric.label}, {mw.label} attacked",
+                          common.figure(out, "k_sweep" + metric.suffix), ylabel=metric.label, log_y=metric.log_y)
+            payload["k_sweep" + metric.suffix] = {"k": ks, **metric.settings, **series}
+            print_sweep(ks, series, metric.label)
     print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and figures in {out}")
 
 

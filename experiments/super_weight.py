@@ -91,27 +91,21 @@ def main(argv):
     title = f"{common.model_name()}: {sws[0].label}" + (f" and {len(sws) - 1} more" if len(sws) > 1 else "")
     payload = {"model": FLAGS.model, "super_weights": [sw.to_dict() for sw in sws],
                "candidates": [c.to_dict() for c in candidates], "settings": results, "scaling": {"factors": factors}}
-    measures = {}
-    if "perplexity" in FLAGS.scaling_metrics:
-        first = corpora[0]
-        measures["perplexity"] = (f"{first.name} PPL", "scaling", lambda m: perplexity(
-            m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks, batch_size=FLAGS.batch_size).perplexity)
-        payload["scaling"]["corpus"] = first.name
-    if "zeroshot" in FLAGS.scaling_metrics:
-        zeroshot_flags.announce()
-        evaluate = zeroshot_flags.evaluator()
-        measures["zeroshot"] = ("mean zero-shot accuracy (%)", "scaling_zeroshot",
-                                lambda m: zeroshot_flags.mean_accuracy(evaluate, m, tokenizer))
-        payload["scaling"]["zeroshot_settings"] = zeroshot_flags.recorded()
-    for metric, (label, figure, measure) in measures.items():
+    first = corpora[0]
+    metrics = zeroshot_flags.sweep_metrics(
+        FLAGS.scaling_metrics, tokenizer, f"{first.name} PPL",
+        lambda m: perplexity(m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks,
+                             batch_size=FLAGS.batch_size).perplexity, {"corpus": first.name})
+    for metric, sweep in metrics.items():
         values = []
         for f in factors:
-            values.append(measure(attacks.scale_super_weight(model, sws, f)))
-            print(f"   factor {f:g}: {label} {values[-1]:.2f}", flush=True)
-        print(f"\nscaling the super weight ({label}):")
-        print(common.markdown_table(["factor", label], [[f, v] for f, v in zip(factors, values, strict=True)]))
-        plots.scaling_curve(factors, values, title, common.figure(out, figure), ylabel=label)
+            values.append(sweep.measure(attacks.scale_super_weight(model, sws, f)))
+            print(f"   factor {f:g}: {sweep.label} {values[-1]:.2f}", flush=True)
+        print(f"\nscaling the super weight ({sweep.label}):")
+        print(common.markdown_table(["factor", sweep.label], [[f, v] for f, v in zip(factors, values, strict=True)]))
+        plots.scaling_curve(factors, values, title, common.figure(out, "scaling" + sweep.suffix), ylabel=sweep.label)
         payload["scaling"][metric] = values
+        payload["scaling"][f"{metric}_settings"] = sweep.settings
     print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and figures in {out}")
 
 

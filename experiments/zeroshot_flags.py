@@ -3,6 +3,9 @@ accuracy as the papers' figures do (experiments.attacks' k-sweep, experiments.su
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 from absl import flags
 
 from mwjax.eval import zeroshot_tasks
@@ -29,6 +32,32 @@ def check_metric(name: str) -> None:
     """A sweep's metric: perplexity (on the first corpus) or zeroshot (mean accuracy over --tasks)."""
     if name not in SWEEP_METRICS:
         raise ValueError(f"unknown sweep metric {name!r}; write perplexity, zeroshot or both (comma-separated)")
+
+
+class SweepMetric(NamedTuple):
+    """One metric of a sweep: the axis label, the figure / results-key suffix, the measure of an attacked
+    model, the settings its results keep, and whether its axis is logarithmic."""
+
+    label: str
+    suffix: str  # "" (perplexity) or "_zeroshot"
+    measure: Callable[[object], float]
+    settings: dict
+    log_y: bool
+
+
+def sweep_metrics(names: list[str], tokenizer, perplexity_label: str, perplexity: Callable[[object], float],
+                  perplexity_settings: dict) -> dict[str, SweepMetric]:
+    """{metric: SweepMetric} for the metrics named (perplexity as the caller measures it; zeroshot: the mean
+    accuracy over --tasks, with the tasks set up once for the whole sweep)."""
+    metrics = {}
+    if "perplexity" in names:
+        metrics["perplexity"] = SweepMetric(perplexity_label, "", perplexity, perplexity_settings, True)
+    if "zeroshot" in names:
+        announce()
+        evaluate = evaluator()
+        metrics["zeroshot"] = SweepMetric("mean zero-shot accuracy (%)", "_zeroshot",
+                                          lambda m: mean_accuracy(evaluate, m, tokenizer), recorded(), False)
+    return metrics
 
 
 def check() -> None:
