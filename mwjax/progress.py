@@ -11,12 +11,22 @@ from collections.abc import Iterable, Iterator
 from tqdm.auto import tqdm
 
 
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 95 -> '1m35s', 7 -> '7s'."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    if hours:
+        return f"{hours}h{rest // 60:02d}m"
+    return f"{rest // 60}m{rest % 60:02d}s" if rest >= 60 else f"{rest}s"
+
+
 class LineProgress:
     """tqdm's update / set_postfix / close, printed as whole lines: 'loading x.gguf: 120/272 (44%), 31s, ETA 39s'."""
 
-    def __init__(self, total: int, desc: str, stream, interval: float):
+    def __init__(self, total: int, desc: str, stream, interval: float, initial: int = 0):
         self.total, self.desc, self.stream, self.interval = total, desc, stream, interval
-        self.n, self.start = 0, time.monotonic()
+        self.n = self.initial = initial
+        self.start = time.monotonic()
         self._last = self.start
 
     def update(self, n: int = 1) -> None:
@@ -32,8 +42,10 @@ class LineProgress:
     def _print(self, now: float) -> None:
         elapsed = now - self.start
         share = self.n / self.total if self.total else 1.0
-        eta = f", ETA {elapsed / share - elapsed:.0f}s" if 0 < share < 1 else ""
-        print(f"{self.desc}: {self.n}/{self.total} ({share:.0%}), {elapsed:.0f}s{eta}", file=self.stream, flush=True)
+        done = self.n - self.initial  # this run's steps set the pace
+        eta = f", ETA {duration(elapsed / done * (self.total - self.n))}" if done > 0 and share < 1 else ""
+        print(f"{self.desc}: {self.n}/{self.total} ({share:.0%}), {duration(elapsed)}{eta}", file=self.stream,
+              flush=True)
 
     def close(self) -> None:
         if self.n and time.monotonic() - self.start >= self.interval:  # a short loop stays quiet
@@ -46,12 +58,14 @@ class LineProgress:
         self.close()
 
 
-def progress(total: int, desc: str, *, enabled: bool = True, stream=None, interval: float = 30.0):
-    """A progress display for `total` steps (`.update()`, `.close()`, a context manager)."""
+def progress(total: int, desc: str, *, enabled: bool = True, stream=None, interval: float = 30.0,
+             interactive: bool | None = None, initial: int = 0):
+    """A progress display for `total` steps (`.update()`, `.close()`, a context manager); `interactive`
+    (default: whether `stream` is a terminal) chooses the bar over the lines; `initial`: steps already done."""
     stream = stream or sys.stderr
-    if not enabled or not stream.isatty():
-        return LineProgress(total, desc, stream, interval if enabled else float("inf"))
-    return tqdm(total=total, desc=desc, file=stream, leave=True, dynamic_ncols=True)
+    if not enabled or not (stream.isatty() if interactive is None else interactive):
+        return LineProgress(total, desc, stream, interval if enabled else float("inf"), initial)
+    return tqdm(total=total, initial=initial, desc=desc, file=stream, leave=True, dynamic_ncols=True)
 
 
 def track(iterable: Iterable, total: int, desc: str, *, enabled: bool = True) -> Iterator:

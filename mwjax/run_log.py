@@ -18,17 +18,10 @@ import math
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from mwjax.progress import duration, progress
 
 SCALARS = ("loss", "eval_loss", "lr", "p", "grad_norm", "tokens_per_s", "input_tokens_per_s")
 TIMINGS = ("step_time", "tokens_per_s", "input_tokens_per_s")  # the record's wall-clock fields (differ per run)
-
-
-def duration(seconds: float) -> str:
-    """3725 -> '1h02m', 95 -> '1m35s'."""
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def progress_line(metrics: dict, total: int, eta_s: float | None) -> str:
@@ -68,8 +61,7 @@ class RunLog:
 
         self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start + 1 if start else None)
         if self.interactive:
-            self._bar = tqdm(total=total, initial=start, desc="fine-tuning", file=self.stream, leave=True,
-                             dynamic_ncols=True)
+            self._bar = progress(total, "fine-tuning", stream=self.stream, interactive=True, initial=start)
 
     def __enter__(self) -> RunLog:
         return self
