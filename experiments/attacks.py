@@ -116,8 +116,7 @@ def print_sweep(ks: list[int], series: dict[str, list[float]], metric: str) -> N
 def main(argv):
     del argv
     out = common.output_dir("outputs/attacks")  # unwritable: fails before the model loads
-    if "zeroshot" in FLAGS.sweep_metrics and FLAGS.sweep:
-        zeroshot_flags.check()
+    zeroshot = zeroshot_flags.evaluator() if "zeroshot" in FLAGS.sweep_metrics and FLAGS.sweep else None
     model, tokenizer = common.load_model()
     ks = [int(k) for k in FLAGS.sweep]
     mw = massive.find_massive_weights(model, tokenizer, k=max([FLAGS.k, *ks]), first_token=common.first_token_flag())
@@ -147,7 +146,7 @@ def main(argv):
         caps = [c for c in (corpora[0].max_chunks, FLAGS.sweep_chunks) if c is not None]
         tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
         metrics = zeroshot_flags.sweep_metrics(
-            FLAGS.sweep_metrics, tokenizer, f"{corpora[0].name} perplexity",
+            FLAGS.sweep_metrics, tokenizer, zeroshot, f"{corpora[0].name} perplexity",
             lambda m: perplexity(m, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size).perplexity,
             {"corpus": corpora[0].name, "chunks": len(tokens)})
         for metric in metrics.values():

@@ -65,8 +65,7 @@ def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.Su
 def main(argv):
     del argv
     out = common.output_dir("outputs/super_weight")  # unwritable: fails before the model loads
-    if "zeroshot" in FLAGS.scaling_metrics:
-        zeroshot_flags.check()
+    zeroshot = zeroshot_flags.evaluator() if "zeroshot" in FLAGS.scaling_metrics else None
     model, tokenizer = common.load_model()
     sws, candidates = choose(model, tokenizer)
     print(f"super weights found (spike > {FLAGS.threshold:g}, further rows from {FLAGS.ratio:g} of the largest):")
@@ -93,7 +92,7 @@ def main(argv):
                "candidates": [c.to_dict() for c in candidates], "settings": results, "scaling": {"factors": factors}}
     first = corpora[0]
     metrics = zeroshot_flags.sweep_metrics(
-        FLAGS.scaling_metrics, tokenizer, f"{first.name} PPL",
+        FLAGS.scaling_metrics, tokenizer, zeroshot, f"{first.name} PPL",
         lambda m: perplexity(m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks,
                              batch_size=FLAGS.batch_size).perplexity, {"corpus": first.name})
     for metric, sweep in metrics.items():

@@ -58,7 +58,7 @@ def main(argv):
               f"--tasks={','.join(names)}")
         return
     out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model
-    zeroshot_flags.check()
+    evaluate = zeroshot_flags.evaluator()
     fine_tuned_attack = bool(FLAGS.attack and FLAGS.adapter)
     model, tokenizer = common.load_model(merge_adapter=not fine_tuned_attack)
     if fine_tuned_attack:
@@ -68,7 +68,7 @@ def main(argv):
     elif FLAGS.attack:
         model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
     zeroshot_flags.announce()
-    scores, _ = zeroshot_flags.evaluator()(model, tokenizer)
+    scores, _ = evaluate(model, tokenizer)
     label = FLAGS.label or "original"
     header = ["method"] + [TASK_TITLES.get(t, t) for t in scores if t != "mean"] + ["Avg."]
     table = common.markdown_table(header, [table_row(label, scores)])

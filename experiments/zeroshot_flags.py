@@ -45,24 +45,18 @@ class SweepMetric(NamedTuple):
     log_y: bool
 
 
-def sweep_metrics(names: list[str], tokenizer, perplexity_label: str, perplexity: Callable[[object], float],
-                  perplexity_settings: dict) -> dict[str, SweepMetric]:
+def sweep_metrics(names: list[str], tokenizer, evaluate: zeroshot_tasks.Evaluator | None, perplexity_label: str,
+                  perplexity: Callable[[object], float], perplexity_settings: dict) -> dict[str, SweepMetric]:
     """{metric: SweepMetric} for the metrics named (perplexity as the caller measures it; zeroshot: the mean
-    accuracy over --tasks, with the tasks set up once for the whole sweep)."""
+    accuracy over --tasks by `evaluate`, `evaluator()` built before the model loaded)."""
     metrics = {}
     if "perplexity" in names:
         metrics["perplexity"] = SweepMetric(perplexity_label, "", perplexity, perplexity_settings, True)
     if "zeroshot" in names:
         announce()
-        evaluate = evaluator()
         metrics["zeroshot"] = SweepMetric("mean zero-shot accuracy (%)", "_zeroshot",
                                           lambda m: mean_accuracy(evaluate, m, tokenizer), recorded(), False)
     return metrics
-
-
-def check() -> None:
-    """Unknown tasks or missing local files: fail before the model loads."""
-    zeroshot_tasks.check_tasks(FLAGS.tasks, FLAGS.data_dir)
 
 
 def announce() -> None:
@@ -72,7 +66,8 @@ def announce() -> None:
 
 
 def evaluator() -> zeroshot_tasks.Evaluator:
-    """The --tasks as the flags say; call it on each model to evaluate (`zeroshot_tasks.Evaluator`)."""
+    """The --tasks as the flags say; call it on each model to evaluate (`zeroshot_tasks.Evaluator`). Unknown
+    tasks or missing local files fail here: build it before the model loads."""
     return zeroshot_tasks.Evaluator(FLAGS.tasks, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
                                     batch_size=FLAGS.zeroshot_batch_size,
                                     add_bos_token=BOS_CHOICES[FLAGS.add_bos_token],

@@ -62,13 +62,14 @@ def export_task_data(out_dir: str | os.PathLike, tasks=PAPER_TASKS) -> dict[str,
     return written
 
 
-def check_tasks(tasks, data_dir: str | os.PathLike | None = None) -> None:
+def check_tasks(tasks, data_dir: str | os.PathLike | None = None, manager=None) -> None:
     """Raise unless every task can run: with `data_dir`, one of TASKS with its <task>.jsonl there; without,
-    a task lm-eval knows. Cheap next to loading a model, so command lines call it first."""
+    a task lm-eval knows (`manager`: an lm-eval TaskManager already built, else one is). Cheap next to loading
+    a model, so command lines check first (building their `Evaluator` before the model)."""
     if data_dir is None:
         from lm_eval.tasks import TaskManager
 
-        unknown = sorted(set(tasks) - set(TaskManager().all_tasks))
+        unknown = sorted(set(tasks) - set((manager or TaskManager()).all_tasks))
         if unknown:
             raise ValueError(f"lm-eval knows no task {unknown[0]!r} (of {list(tasks)})")
         return
@@ -118,7 +119,8 @@ def task_scores(results: dict, tasks) -> dict[str, dict[str, float]]:
 class Evaluator:
     """Runs `tasks` zero-shot through lm-eval on in-memory models: `evaluator(model, tokenizer)` -> (task_scores,
     lm-eval's raw results). The task setup (lm-eval indexes its ~10k task configs in ~10 s) happens once, so a
-    sweep pays it once. From the <task>.jsonl files in `data_dir` (`write_local_tasks`) when given, else the hub."""
+    sweep pays it once. From the <task>.jsonl files in `data_dir` (`write_local_tasks`) when given, else the hub.
+    Unknown tasks or missing files raise here, so build it before loading a model."""
 
     def __init__(self, tasks=PAPER_TASKS, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
                  batch_size: int = 8, add_bos_token: bool | None = None, apply_chat_template: bool = False,
@@ -131,6 +133,8 @@ class Evaluator:
         self._include = tempfile.TemporaryDirectory() if data_dir else None  # removed with the evaluator
         self.tasks = write_local_tasks(data_dir, self._include.name, tasks) if data_dir else list(tasks)
         self.manager = TaskManager(include_path=self._include.name if data_dir else None)
+        if not data_dir:
+            check_tasks(self.tasks, manager=self.manager)
 
     def __call__(self, model, tokenizer) -> tuple[dict, dict]:
         import lm_eval
