@@ -124,6 +124,15 @@ def assert_logits_close(ours, ref, rel: float = 1e-4):
     return assert_close_to_scale(ours, ref, rel, what="logits")
 
 
+def our_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """An mwjax model's float32 logits of `tokens` [b, t] (jitted, as `mwjax.models.forward`)."""
+    import jax.numpy as jnp
+
+    from mwjax import models
+
+    return np.asarray(models.forward(model, jnp.asarray(tokens)), np.float32)
+
+
 def loss_torch(model, tokens: np.ndarray):
     """HF's mean next-token cross-entropy of `tokens` [1, seq] (a torch scalar, for .backward())."""
     logits = model(torch.from_numpy(tokens).long()).logits[0, :-1]
@@ -188,3 +197,45 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                                 unk_token="<unk>")
+
+
+# a text of ~300 tokens for the real-model parity tests
+LIGHTHOUSE = (
+    "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
+    "trimmed the wick and polished the great lens until it shone. Ships passing the rocky headland "
+    "counted on that beam, and in forty years he had never once let it go dark. One winter a storm tore "
+    "the shutters from the windows and flooded the oil store, yet he carried the last dry cans up two "
+    "hundred steps in the dark and kept the light burning until morning. "
+) * 3
+
+
+def gguf_with_transformers(source: str, path):
+    """(mwjax model, tokenizer, transformers' own GGUF load of the same file), float32: the reference of
+    the real-model tests. `source`: what `converters.load` reads (a path or `embedded:NAME`)."""
+    import jax.numpy as jnp
+
+    import converters
+
+    needs_torch()
+    ours, tokenizer = converters.load(source, dtype=jnp.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    return ours, tokenizer, hf
+
+
+def assert_bos_intermediate_agrees(ours, tokenizer, hf, top_k: int = 5):
+    """Feeding bos alone, the layer whose FFN intermediate state holds the largest |value| and that state's
+    top-k dims and values agree with HF's (House of Cards' Algorithm 1 input). Returns (HF's bos intermediate
+    state per layer {layer: [d_ff]}, our probe row of that layer)."""
+    from experiments.probe import probe_first_token
+
+    states, _ = capture_hf(hf, np.array([[tokenizer.bos_token_id]]), ("intermediate",))
+    captured = {layer: x[0, 0] for (_, layer), x in states.items()}
+    ref_layer = max(captured, key=lambda i: captured[i].abs().max().item())
+    ref_top = captured[ref_layer].abs().topk(top_k)
+    rows = probe_first_token(ours, tokenizer.bos_token_id, top_k=top_k)
+    row = max(rows, key=lambda r: abs(r["intermediate"]["top_values"][0]))
+    assert row["layer"] == ref_layer
+    assert row["intermediate"]["top_indices"] == ref_top.indices.tolist()
+    np.testing.assert_allclose(np.abs(row["intermediate"]["top_values"]), ref_top.values.numpy(), rtol=1e-4)
+    return captured, row

@@ -9,21 +9,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from hf_reference import assert_logits_close, hf_logits, make_hf_model, random_tokens, tiny_tokenizer, torch
+from hf_reference import assert_logits_close, hf_logits, make_hf_model, our_logits, random_tokens, tiny_tokenizer, torch
 from safetensors.numpy import load_file, save_file
 
 import converters
 from converters import embedded
 from converters.sources import SafetensorsSource
-from mwjax import checkpoint, models
+from mwjax import checkpoint
 from mwjax.config import ConfigError
 
 
-def our_logits(model, tokens):
-    return np.asarray(models.forward(model, jnp.asarray(tokens)), np.float32)
-
-
-@pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "qwen2_sliding", "llama_bias_headdim"])
+@pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "qwen2_sliding", "llama_bias_headdim", "gemma",
+                                  "gemma2",
+                                  "gemma3", "mixtral", "phi3_longrope", "phi3_partial_rotary"])
 def test_save_hf_round_trip(name, hf_checkpoint, tmp_path):
     hf, path = hf_checkpoint(name)
     model, _ = converters.load(path, tokenizer=False)

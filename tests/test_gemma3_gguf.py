@@ -3,34 +3,19 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
-from hf_reference import assert_logits_close, capture_hf, needs_torch, torch
+from hf_reference import LIGHTHOUSE, assert_bos_intermediate_agrees, assert_logits_close, gguf_with_transformers, torch
 
-import converters
 from converters import embedded
-from experiments.probe import growth, probe_first_token
+from experiments.probe import growth
 from mwjax import massive, models
 from mwjax.config import FULL_ATTENTION, SLIDING_ATTENTION
 
 pytestmark = pytest.mark.slow
 
-TEXT = (
-    "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
-    "trimmed the wick and polished the great lens until it shone. Ships passing the rocky headland "
-    "counted on that beam, and in forty years he had never once let it go dark. One winter a storm tore "
-    "the shutters from the windows and flooded the oil store, yet he carried the last dry cans up two "
-    "hundred steps in the dark and kept the light burning until morning. "
-) * 3
-
 
 @pytest.fixture(scope="module")
 def both():
-    needs_torch()  # transformers' own GGUF load is the reference
-    path = embedded.path("gemma3-270m")
-    ours, tokenizer = converters.load(embedded.PREFIX + "gemma3-270m", dtype=jnp.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
-    return ours, tokenizer, hf
+    return gguf_with_transformers(embedded.PREFIX + "gemma3-270m", embedded.path("gemma3-270m"))
 
 
 def test_config_and_tokenizer(both):
@@ -46,7 +31,7 @@ def test_config_and_tokenizer(both):
 
 def test_logits_match_transformers_gguf(both):
     ours, tokenizer, hf = both
-    ids = np.asarray([tokenizer(TEXT).input_ids], np.int32)
+    ids = np.asarray([tokenizer(LIGHTHOUSE).input_ids], np.int32)
     assert ids.shape[1] >= 250 and ids[0, 0] == tokenizer.bos_token_id
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids).long()).logits.numpy()
@@ -58,15 +43,7 @@ def test_logits_match_transformers_gguf(both):
 
 def test_bos_intermediate_and_gradual_growth(both):
     ours, tokenizer, hf = both
-    states, _ = capture_hf(hf, np.array([[tokenizer.bos_token_id]]), ("intermediate",))
-    captured = {layer: x[0, 0] for (_, layer), x in states.items()}  # the bos token's intermediate state
-    ref_layer = max(captured, key=lambda i: captured[i].abs().max().item())
-    ref_top = captured[ref_layer].abs().topk(5)
-    rows = probe_first_token(ours, tokenizer.bos_token_id, top_k=5)
-    top = max(rows, key=lambda r: abs(r["intermediate"]["top_values"][0]))
-    assert top["layer"] == ref_layer
-    assert top["intermediate"]["top_indices"] == ref_top.indices.tolist()
-    np.testing.assert_allclose(np.abs(top["intermediate"]["top_values"]), ref_top.values.numpy(), rtol=1e-4)
+    captured, _ = assert_bos_intermediate_agrees(ours, tokenizer, hf)
     # Gemma's hidden state grows over many layers instead of exploding in one (contrast SmolLM2)
     assert growth(massive.first_token_profile(ours, tokenizer.bos_token_id, top_k=5)).endswith("gradual growth")
     # Algorithm 1's layer: the earliest whose intermediate state is massive (by HF's own values); the hidden

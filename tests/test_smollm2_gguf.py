@@ -6,31 +6,16 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
-from hf_reference import assert_logits_close, capture_hf, needs_torch, torch
+from hf_reference import LIGHTHOUSE, assert_bos_intermediate_agrees, assert_logits_close, gguf_with_transformers, torch
 
-import converters
-from experiments.probe import probe_first_token
 from mwjax import models
 
 pytestmark = pytest.mark.slow
 
-TEXT = (
-    "The old lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
-    "trimmed the wick and polished the great lens until it shone. Ships passing the rocky headland "
-    "counted on that beam, and in forty years he had never once let it go dark. One winter a storm tore "
-    "the shutters from the windows and flooded the oil store, yet he carried the last dry cans up two "
-    "hundred steps in the dark and kept the light burning until morning. "
-) * 3
-
 
 @pytest.fixture(scope="module")
 def both(smollm2_path):
-    needs_torch()  # transformers' own GGUF load is the reference
-    ours, tokenizer = converters.load(smollm2_path, dtype=jnp.float32)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
-    return ours, tokenizer, hf
+    return gguf_with_transformers(smollm2_path, smollm2_path)
 
 
 def test_config_and_tokenizer(both):
@@ -44,7 +29,7 @@ def test_config_and_tokenizer(both):
 
 def test_logits_match_transformers_gguf(both):
     ours, tokenizer, hf = both
-    ids = np.asarray([tokenizer(TEXT).input_ids], np.int32)
+    ids = np.asarray([tokenizer(LIGHTHOUSE).input_ids], np.int32)
     assert ids.shape[1] >= 250
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids).long()).logits.numpy()
@@ -55,15 +40,8 @@ def test_logits_match_transformers_gguf(both):
 
 def test_bos_massive_intermediate_agrees(both):
     ours, tokenizer, hf = both
-    states, _ = capture_hf(hf, np.array([[tokenizer.bos_token_id]]), ("intermediate",))
-    captured = {layer: x[0, 0] for (_, layer), x in states.items()}  # the bos token's intermediate state
-    ref_layer = max(captured, key=lambda i: captured[i].abs().max().item())
-    ref_top = captured[ref_layer].abs().topk(5)
-    rows = probe_first_token(ours, tokenizer.bos_token_id, top_k=5)
-    layer = max(rows, key=lambda r: abs(r["intermediate"]["top_values"][0]))
-    assert layer["layer"] == ref_layer == 11  # "layer 12" in the papers' numbering
-    assert layer["intermediate"]["top_indices"] == ref_top.indices.tolist()
-    np.testing.assert_allclose(np.abs(layer["intermediate"]["top_values"]), ref_top.values.numpy(), rtol=1e-4)
+    _, layer = assert_bos_intermediate_agrees(ours, tokenizer, hf)
+    assert layer["layer"] == 11  # "layer 12" in the papers' numbering
     assert abs(layer["intermediate"]["top_values"][0]) > 1000 * layer["intermediate"]["median"]
 
 
