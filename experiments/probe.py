@@ -35,16 +35,16 @@ def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
     return layer_rows(massive.first_token_profile(model, token_id, top_k))
 
 
-def layer_rows(profile: dict) -> list[dict]:
+def layer_rows(profile: massive.FirstTokenProfile) -> list[dict]:
     rows = []
-    for layer in range(len(profile["hidden_top"])):
+    for layer in range(profile.num_layers):
         row = {"layer": layer, "paper_layer": layer + 1}
-        if "expert" in profile:
-            row["expert"] = int(profile["expert"][layer])
+        if profile.expert is not None:
+            row["expert"] = int(profile.expert[layer])
         for point in ("hidden", "intermediate"):
-            row[point] = {"top_values": profile[f"{point}_top"][layer].tolist(),
-                          "top_indices": profile[f"{point}_idx"][layer].tolist(),
-                          "median": float(profile[f"{point}_median"][layer])}
+            state = getattr(profile, point)
+            row[point] = {"top_values": state.values[layer].tolist(), "top_indices": state.indices[layer].tolist(),
+                          "median": float(state.median[layer])}
         rows.append(row)
     return rows
 
@@ -64,19 +64,20 @@ def format_table(rows: list[dict]) -> str:
 EXPLOSION_SHARE = 0.5  # one layer adding this much of the peak hidden |x| is an explosion
 
 
-def summary(profile: dict) -> str:
+def summary(profile: massive.FirstTokenProfile) -> str:
     """The massive weights' layer as `find_massive_weights` picks it (the same `origin_layer`), then growth."""
     layer, why = massive.origin_layer(profile)
-    largest, median = abs(profile["intermediate_top"][layer, 0]), profile["intermediate_median"][layer]
-    expert = f", expert {profile['expert'][layer]}" if "expert" in profile else ""
+    state = profile.intermediate
+    largest, median = abs(state.values[layer, 0]), state.median[layer]
+    expert = f", expert {profile.expert[layer]}" if profile.expert is not None else ""
     return (f"massive weights' layer: {layer_numbers(layer)}{expert} ({why}): dim "
-            f"{profile['intermediate_idx'][layer, 0]}, |x| = {largest:.1f} ({largest / max(median, 1e-12):.0f}x the "
+            f"{state.indices[layer, 0]}, |x| = {largest:.1f} ({largest / max(median, 1e-12):.0f}x the "
             f"layer's median)\n" + growth(profile))
 
 
-def growth(profile: dict) -> str:
+def growth(profile: massive.FirstTokenProfile) -> str:
     """How the hidden state's largest |x| grows: in one layer (Llama-style) or over many (Gemma-style)."""
-    peaks, rises = np.abs(profile["hidden_top"][:, 0]), massive.hidden_jumps(profile)
+    peaks, rises = np.abs(profile.hidden.values[:, 0]), massive.hidden_jumps(profile)
     peak, jump = int(np.argmax(peaks)), massive.origin_layer(profile, "hidden_jump")[0]
     share = rises[jump] / peaks[peak]
     kind = "a single-layer explosion" if share >= EXPLOSION_SHARE else "gradual growth"

@@ -99,53 +99,99 @@ class MassiveWeights:
         return cls(**(d | {"indices": tuple(d["indices"]), "values": tuple(d["values"])}))
 
 
-def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> dict[str, Any]:
-    """One token alone at position 0: per layer top-k / median of |hidden| and |intermediate|.
+@dataclasses.dataclass(frozen=True)
+class Magnitudes:
+    """Per layer, the top-k and the median |value| of one state (House of Cards Figure 3(b, c), the thesis'
+    Figure 4.4), numpy float64."""
 
-    Returns numpy arrays: hidden_top / hidden_idx and intermediate_top / intermediate_idx [L, top_k]
-    (signed values, feature indices), hidden_median / intermediate_median [L], and embed_max
-    (max |embedding|). For a mixture of experts also expert [L] (the router's first choice for the
-    token) and router_prob [L] (its probability); the intermediate statistics are that expert's.
+    top: np.ndarray  # [L, k], largest first
+    median: np.ndarray  # [L]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top": self.top.tolist(), "median": self.median.tolist()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateTop:
+    """Per layer, one state's top-k values (signed, float64), their feature dims and its median |value|."""
+
+    values: np.ndarray  # [L, k], largest |value| first
+    indices: np.ndarray  # int [L, k]
+    median: np.ndarray  # [L]
+
+    @property
+    def magnitudes(self) -> Magnitudes:
+        return Magnitudes(np.abs(self.values), self.median)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": self.values.tolist(), "indices": self.indices.tolist(), "median": self.median.tolist()}
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstTokenProfile:
+    """One token alone at position 0, per layer (`first_token_profile`): the hidden state after each layer
+    (HF `hidden_states[l + 1]`, the paper's h_l) and the FFN intermediate state act(x W_gate) * (x W_up).
+
+    Mixture of experts: `expert` [L] is the router's first choice for the token and `router_prob` [L] its
+    probability; `intermediate` is that expert's state.
     """
+
+    hidden: StateTop
+    intermediate: StateTop
+    embed_max: float  # max |embedding| of the token (h_0)
+    expert: np.ndarray | None = None  # int [L]
+    router_prob: np.ndarray | None = None  # [L]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden.median)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"hidden": self.hidden.to_dict(), "intermediate": self.intermediate.to_dict(),
+               "embed_max": self.embed_max}
+        if self.expert is not None:
+            out |= {"expert": self.expert.tolist(), "router_prob": self.router_prob.tolist()}
+        return out
+
+
+def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> FirstTokenProfile:
+    """One token alone at position 0: per layer the top-k values and median |x| of the hidden and intermediate
+    states (`FirstTokenProfile`)."""
     moe = model.config.num_local_experts is not None
     points = ("hidden", "intermediate") + (("router_probs",) if moe else ())
     config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
     tokens = jnp.array([[token_id]], jnp.int32)
     _, result = probes.capture(model, tokens, config)
-    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L, ...]
-    profile = {
-        "hidden_top": pick("hidden", "top_values").astype(np.float64),
-        "hidden_idx": pick("hidden", "top_indices"),
-        "hidden_median": pick("hidden", "median").astype(np.float64),
-        "intermediate_top": pick("intermediate", "top_values").astype(np.float64),  # MoE: [L, E, k]
-        "intermediate_idx": pick("intermediate", "top_indices"),
-        "intermediate_median": pick("intermediate", "median").astype(np.float64),
-        "embed_max": float(jnp.max(jnp.abs(model.embed(tokens).astype(jnp.float32)))),
-    }
-    if moe:
-        expert = pick("router_probs", "top_indices")[:, 0]  # [L]
-        layers = np.arange(len(expert))
-        for key in ("intermediate_top", "intermediate_idx", "intermediate_median"):
-            profile[key] = profile[key][layers, expert]
-        profile["expert"] = expert
-        profile["router_prob"] = pick("router_probs", "top_values")[:, 0].astype(np.float64)
-    return profile
+    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L, ...] (MoE: [L, E, ...])
+
+    def state(point: str, expert: np.ndarray | None = None) -> StateTop:
+        values, indices, median = (pick(point, s) for s in ("top_values", "top_indices", "median"))
+        if expert is not None:  # the routed expert's state
+            layers = np.arange(len(expert))
+            values, indices, median = values[layers, expert], indices[layers, expert], median[layers, expert]
+        return StateTop(values.astype(np.float64), indices, median.astype(np.float64))
+
+    expert = pick("router_probs", "top_indices")[:, 0] if moe else None
+    return FirstTokenProfile(
+        hidden=state("hidden"), intermediate=state("intermediate", expert),
+        embed_max=float(jnp.max(jnp.abs(model.embed(tokens).astype(jnp.float32)))), expert=expert,
+        router_prob=pick("router_probs", "top_values")[:, 0].astype(np.float64) if moe else None)
 
 
-def hidden_jumps(profile: dict[str, Any]) -> np.ndarray:
+def hidden_jumps(profile: FirstTokenProfile) -> np.ndarray:
     """[L] how much each layer raised the hidden state's largest |value| (layer 0: over the embedding)."""
-    top = np.abs(profile["hidden_top"][:, 0])
-    return top - np.concatenate([[profile["embed_max"]], top[:-1]])
+    top = np.abs(profile.hidden.values[:, 0])
+    return top - np.concatenate([[profile.embed_max], top[:-1]])
 
 
-def origin_layer(profile: dict[str, Any], rule: str = "intermediate") -> tuple[int, str]:
+def origin_layer(profile: FirstTokenProfile, rule: str = "intermediate") -> tuple[int, str]:
     """(layer, why) of the massive weights from a `first_token_profile` (module doc; rule in LAYER_RULES)."""
     if rule not in LAYER_RULES:
         raise ValueError(f"unknown layer rule {rule!r}; choose from {LAYER_RULES}")
     if rule == "hidden_jump":
         return int(np.argmax(hidden_jumps(profile))), "largest rise of the hidden state's max |x|"
-    top = np.abs(profile["intermediate_top"][:, 0])
-    massive = is_massive(top, profile["intermediate_median"])
+    top = np.abs(profile.intermediate.values[:, 0])
+    massive = is_massive(top, profile.intermediate.median)
     if massive.any():
         return int(np.argmax(massive)), ("earliest layer whose intermediate state is massive (|x| > 100, >= 1000x "
                                          "median)")
@@ -169,15 +215,15 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
     token_id = first_token_id(tokenizer, config, first_token)
     profile = first_token_profile(model, token_id, top_k=k)
     layer, selected_by = origin_layer(profile, layer_rule) if layer is None else (layer, "given")
-    top = profile["intermediate_top"][layer]
-    median = float(profile["intermediate_median"][layer])
+    top = profile.intermediate.values[layer]
+    median = float(profile.intermediate.median[layer])
     return MassiveWeights(
         layer=layer,
-        indices=tuple(int(i) for i in profile["intermediate_idx"][layer]),
+        indices=tuple(int(i) for i in profile.intermediate.indices[layer]),
         values=tuple(float(v) for v in top),
         median=median,
         token_id=token_id,
-        expert=int(profile["expert"][layer]) if "expert" in profile else None,
+        expert=None if profile.expert is None else int(profile.expert[layer]),
         meets_criterion=bool(is_massive(top[0], median)),
         selected_by=selected_by,
     )
@@ -218,20 +264,33 @@ class SuperWeight:
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the detection prompt of the Super Weight reference code
 
 
-def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> dict[str, np.ndarray]:
-    """Per layer, the largest |down_proj input| and |output| over the sequence, with channel and position.
+@dataclasses.dataclass(frozen=True)
+class Spike:
+    """Per layer, the largest |value| of one state over a sequence: the value (signed, float64), its channel
+    and its token position."""
 
-    Returns arrays [L]: input_value, input_channel, input_position, output_value, output_channel,
-    output_position (values signed; the first batch row only).
-    """
+    value: np.ndarray  # [L]
+    channel: np.ndarray  # int [L]
+    position: np.ndarray  # int [L]
+
+
+@dataclasses.dataclass(frozen=True)
+class DownProjSpikes:
+    """The Super Weight's detection signal: per layer, the spike of down_proj's input (the intermediate state;
+    its channel is a super weight's column) and of its output (the channel is the row)."""
+
+    input: Spike
+    output: Spike
+
+
+def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> DownProjSpikes:
+    """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only)."""
     config = probes.ProbeConfig(points=("intermediate", "down_proj_output"), full=False, top_k=1, scope="sequence")
     _, result = probes.capture(model, tokens, config)
-    out = {}
-    for point, name in (("intermediate", "input"), ("down_proj_output", "output")):
-        out[f"{name}_value"] = np.asarray(probes.stack(result, point, "top_values")[:, 0, 0], np.float64)
-        out[f"{name}_channel"] = np.asarray(probes.stack(result, point, "top_indices")[:, 0, 0])
-        out[f"{name}_position"] = np.asarray(probes.stack(result, point, "top_positions")[:, 0, 0])
-    return out
+    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L]
+    spike = lambda point: Spike(pick(point, "top_values").astype(np.float64), pick(point, "top_indices"),
+                                pick(point, "top_positions"))
+    return DownProjSpikes(input=spike("intermediate"), output=spike("down_proj_output"))
 
 
 def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_PROMPT, *,
@@ -253,15 +312,15 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
     spikes = down_proj_spikes(model, tokens)
     found = []
     for layer in range(model.config.num_hidden_layers):
-        x, y = spikes["input_value"][layer], spikes["output_value"][layer]
+        x, y = spikes.input.value[layer], spikes.output.value[layer]
         if abs(x) > threshold and abs(y) > threshold:
-            top, col = int(spikes["output_channel"][layer]), int(spikes["input_channel"][layer])
+            top, col = int(spikes.output.channel[layer]), int(spikes.input.channel[layer])
             weights = np.asarray(down_proj_kernel(model, layer)[col], np.float64)  # [d_model]: weight[:, col]
             contribution = np.abs(weights * x)
             rows = [top] + [int(r) for r in np.argsort(-contribution)
                             if r != top and contribution[r] >= ratio * abs(y)]
             found += [SuperWeight(layer=layer, row=row, col=col, weight=float(weights[row]), input_value=float(x),
-                                  output_value=float(y), position=int(spikes["output_position"][layer]))
+                                  output_value=float(y), position=int(spikes.output.position[layer]))
                       for row in rows]
     return found
 
@@ -275,13 +334,13 @@ def down_proj_kernel(model: nnx.Module, layer: int) -> jnp.ndarray:
 
 
 def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: int = 8,
-                     points: tuple[str, ...] = ("hidden", "intermediate"), progress: bool = True) -> dict[str, Any]:
+                     points: tuple[str, ...] = ("hidden", "intermediate"),
+                     progress: bool = True) -> dict[str, Magnitudes]:
     """Per layer, the top-k and median |value| of each point over each whole sequence, averaged over sequences.
 
     tokens: int [num_sequences, seq] (e.g. 100 chunks of a corpus). This is what House of Cards'
-    Figure 3 and the Massive Activations thesis' Figure 4.4 plot. Returns {point: {"top": [L, k],
-    "median": [L]}} as numpy float64 (magnitudes), plus "num_sequences". For a mixture of experts the
-    intermediate statistics run over every expert's state, routed or not.
+    Figure 3 and the Massive Activations thesis' Figure 4.4 plot: {point: Magnitudes}. For a mixture
+    of experts the intermediate statistics run over every expert's state, routed or not.
     """
     from mwjax.progress import track
 
@@ -297,8 +356,8 @@ def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: i
             sums[p]["top"] = sums[p]["top"] + np.abs(np.asarray(probes.stack(result, p, "top_values"))).sum(1)
             sums[p]["median"] = sums[p]["median"] + np.asarray(probes.stack(result, p, "median")).sum(1)
     n = len(tokens)
-    return {p: {k: np.asarray(v, np.float64) / n for k, v in s.items()} for p, s in sums.items()} | {
-        "num_sequences": n}
+    return {p: Magnitudes(np.asarray(s["top"], np.float64) / n, np.asarray(s["median"], np.float64) / n)
+            for p, s in sums.items()}
 
 
 # ------------------------------------------------------------------------------------------- massive activations

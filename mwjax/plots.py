@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,15 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+if TYPE_CHECKING:
+    from mwjax import massive
+
 DPI = 200  # raster figures (png); pdf and svg are vector
 
 
-def layer_magnitudes(stats: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
-    """House of Cards Figure 3(b, c) / thesis Figure 4.4: top-k and median |value| per layer (1-based axis).
-
-    stats: {"top": [L, k], "median": [L]} magnitudes.
-    """
-    top, median = np.asarray(stats["top"]), np.asarray(stats["median"])
+def layer_magnitudes(stats: massive.Magnitudes, title: str, path: str | Path) -> Path:
+    """House of Cards Figure 3(b, c) / thesis Figure 4.4: top-k and median |value| per layer (1-based axis)."""
+    top, median = np.asarray(stats.top), np.asarray(stats.median)
     layers = np.arange(1, len(median) + 1)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i in range(top.shape[1]):
@@ -108,11 +109,11 @@ def token_label(tokenizer, token_id: int) -> str:
     return text.strip() or repr(text)
 
 
-def bos_profile(profile: Mapping[str, np.ndarray], title: str, path_of) -> list[Path]:
+def bos_profile(profile: massive.FirstTokenProfile, title: str, path_of) -> list[Path]:
     """House of Cards Figure 3(b, c): the top-3 and median |value| per layer of the hidden and intermediate
     states for the first token alone (`mwjax.massive.first_token_profile`); `path_of(name)` names each file."""
-    return [layer_magnitudes({"top": np.abs(profile[f"{point}_top"]), "median": profile[f"{point}_median"]},
-                             f"{title}: {point} state, first token alone", path_of(f"bos_{point}"))
+    return [layer_magnitudes(getattr(profile, point).magnitudes, f"{title}: {point} state, first token alone",
+                             path_of(f"bos_{point}"))
             for point in ("hidden", "intermediate")]
 
 

@@ -155,9 +155,9 @@ def test_activation_stats_match_pytorch(pair):
         hidden = [captured[("hidden", i)] for i in range(3)]
         tops.append([h.abs().flatten().topk(3).values.numpy() for h in hidden])
         medians.append([np.median(h.abs().numpy()) for h in hidden])
-    np.testing.assert_allclose(stats["hidden"]["top"], np.mean(tops, axis=0), rtol=1e-4)
-    np.testing.assert_allclose(stats["hidden"]["median"], np.mean(medians, axis=0), rtol=1e-4)
-    assert stats["intermediate"]["top"].shape == (3, 3) and stats["num_sequences"] == 3
+    np.testing.assert_allclose(stats["hidden"].top, np.mean(tops, axis=0), rtol=1e-4)
+    np.testing.assert_allclose(stats["hidden"].median, np.mean(medians, axis=0), rtol=1e-4)
+    assert stats["intermediate"].top.shape == (3, 3)
 
 
 def test_jnp_input_accepted(pair):

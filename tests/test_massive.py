@@ -38,10 +38,10 @@ def test_matches_hf_hooks(hf_checkpoint):
 
 
 def profile(hidden_max, intermediate_max, intermediate_median, embed_max=1.0):
-    layers = len(hidden_max)
-    return {"hidden_top": np.array(hidden_max, float)[:, None], "embed_max": embed_max,
-            "intermediate_top": np.array(intermediate_max, float)[:, None],
-            "intermediate_median": np.array(intermediate_median, float), "intermediate_idx": np.zeros((layers, 1), int)}
+    state = lambda top, median: massive.StateTop(np.array(top, float)[:, None], np.zeros((len(top), 1), int),
+                                                 np.array(median, float))
+    return massive.FirstTokenProfile(hidden=state(hidden_max, np.ones(len(hidden_max))),
+                                     intermediate=state(intermediate_max, intermediate_median), embed_max=embed_max)
 
 
 def test_origin_layer_is_the_earliest_massive_intermediate_state():
