@@ -1,6 +1,6 @@
 """The lm-evaluation-harness backend `mwjax`, loading what `--model_args` names.
 
-    lm_eval --model mwjax --model_args pretrained=PATH,adapter=DIR,dtype=bfloat16,attack=zero_top_k:5 \\
+    mwjax-lm-eval --model mwjax --model_args pretrained=PATH,adapter=DIR,dtype=bfloat16,attack=zero_top_k:5 \\
         --tasks arc_easy,arc_challenge,boolq,piqa,winogrande --batch_size 8
 
 model_args: pretrained (anything `converters.load` reads), adapter (an HF PEFT directory or the orbax
@@ -10,8 +10,8 @@ massive weights on the merged model and attacks its rows; base attacks the pretr
 adapter; `mwjax.attacks.after_fine_tuning`), dtype (float32 | bfloat16), first_token (for finding massive
 weights when the tokenizer has no bos), add_bos_token (True / False / unset = the tokenizer's default),
 max_length, max_gen_toks.
-`pip install -e .` makes `--model mwjax` known to the `lm_eval` command (a small .pth hook registers
-it in lm_eval processes only); in Python, import this module or pass an `MwjaxLM` instance.
+From the shell: `mwjax-lm-eval` (installed with mwjax) is lm-eval's command line with this backend
+registered (`experiments.lm_eval_cli`); in Python, import this module or pass an `MwjaxLM` instance.
 """
 
 from __future__ import annotations

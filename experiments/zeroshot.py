@@ -54,7 +54,7 @@ def main(argv):
         if not FLAGS.data_dir:
             raise app.UsageError("--write_tasks needs --data_dir (the <task>.jsonl files the configs read)")
         names = zeroshot_tasks.write_local_tasks(FLAGS.data_dir, FLAGS.write_tasks, FLAGS.tasks)
-        print(f"lm_eval --model mwjax --model_args pretrained=PATH --include_path={FLAGS.write_tasks} "
+        print(f"mwjax-lm-eval --model mwjax --model_args pretrained=PATH --include_path={FLAGS.write_tasks} "
               f"--tasks={','.join(names)}")
         return
     out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model

@@ -108,7 +108,7 @@ def test_few_programs_for_many_lengths(tiny, smollm2_tokenizer):
 def test_lm_eval_command_line_knows_mwjax(tiny, local_tasks, tmp_path):
     _, _, path = tiny
     _, include, _ = local_tasks
-    lm_eval_cli = str(Path(sys.executable).with_name("lm_eval"))  # this environment's, activated or not
+    lm_eval_cli = str(Path(sys.executable).with_name("mwjax-lm-eval"))  # this environment's, activated or not
     cmd = [lm_eval_cli, "--model", "mwjax", "--model_args", f"pretrained={path},attack=zero_top_k:2,first_token=1",
            "--tasks", "arc_easy_local,winogrande_local", "--include_path", str(include), "--output_path",
            str(tmp_path), "--batch_size", "2"]

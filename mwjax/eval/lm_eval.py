@@ -3,8 +3,8 @@
     from mwjax.eval.lm_eval import MwjaxLM
     lm_eval.simple_evaluate(model=MwjaxLM(model, tokenizer, add_bos_token=False), tasks=["arc_easy"])
 
-From the shell the backend is registered as `mwjax` (`lm_eval --model mwjax --model_args
-pretrained=PATH,...`); that path loads checkpoints, adapters and attacks, one layer up, in
+From the shell, `mwjax-lm-eval --model mwjax --model_args pretrained=PATH,...` (lm-eval's command line
+with the backend registered); that path loads checkpoints, adapters and attacks, one layer up, in
 `experiments.lm_eval_model`.
 
 The scoring follows lm-eval's own HF backend request by request: `TemplateLM` splits context and
