@@ -26,6 +26,7 @@ from converters.sources import FLOAT_DTYPES, SafetensorsSource, TensorSource, To
 from mwjax import checkpoint, models
 from mwjax.checkpoint import ShardingFn, dotted
 from mwjax.config import ConfigError, ModelConfig
+from mwjax.models.layers import declared_axes
 from mwjax.progress import progress as progress_display
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.fl
     """
     keymap = keymaps.keymap(config.model_type)
     graphdef, state = nnx.split(models.abstract(config, dtype=dtype, param_dtype=param_dtype))
-    abstract = nnx.to_pure_dict(state)
+    abstract, axes = nnx.to_pure_dict(state), declared_axes(state)
     shapes = {dotted(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
     locations = {name: _locate(source, name, candidates) for name, candidates in keymap.plan(shapes).items()}
     unused = [k for k in source.unused({loc.hf_key for loc in locations.values()}) if not keymap.ignored(k)]
@@ -147,7 +148,7 @@ def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.fl
             raise CheckpointError(f"{source.name}: tensor {location.hf_key!r} holds {bad} NaN / inf values (mwjax "
                                   f"parameter {name}); the checkpoint is corrupt")
         bar.update()
-        return _place(array, leaf.dtype, shardings(name, leaf.shape) if shardings else None)
+        return _place(array, leaf.dtype, shardings(name, leaf.shape, axes.get(name)) if shardings else None)
 
     with bar:
         values = jax.tree_util.tree_map_with_path(fill, abstract)

@@ -180,7 +180,7 @@ class SuperActivationRestored(Linear):
         kernel = base.kernel[...]
         rows, cols = jnp.asarray([sw.row for sw in sws]), jnp.asarray([sw.col for sw in sws])
         self.pruned_weights = tuple(float(w) for w in kernel[cols, rows])  # [n]
-        self.kernel = nnx.Param(kernel.at[cols, rows].set(0))
+        self.kernel = base.kernel.replace(kernel.at[cols, rows].set(0))  # keeps its declared axes
         self.bias = base.bias
         self.rows, self.cols, self.min_abs = tuple(sw.row for sw in sws), tuple(sw.col for sw in sws), min_abs
 

@@ -23,9 +23,11 @@ from flax import nnx
 
 from mwjax import models, peft
 from mwjax.config import ModelConfig
+from mwjax.models.layers import declared_axes
 
 # (dotted parameter path, shape) -> where the array should live
-ShardingFn = Callable[[str, tuple[int, ...]], jax.sharding.Sharding]
+# (dotted parameter path, shape, the parameter's declared logical axes or None) -> where its array lives
+ShardingFn = Callable[[str, tuple[int, ...], tuple[str | None, ...] | None], jax.sharding.Sharding]
 
 METADATA_ITEM = "mwjax"
 STATE_ITEM = "params"
@@ -140,9 +142,11 @@ def restore(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
         param_dtype = param_dtype or dtype
     abstract = models.abstract(config, dtype=dtype, param_dtype=param_dtype)
     graphdef, state = nnx.split(abstract)
+    axes = declared_axes(state)
 
     def target(path, leaf):
-        sharding = shardings(dotted(path), leaf.shape) if shardings else jax.sharding.SingleDeviceSharding(
+        name = dotted(path)
+        sharding = shardings(name, leaf.shape, axes.get(name)) if shardings else jax.sharding.SingleDeviceSharding(
             jax.devices()[0])
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 

@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 
 from mwjax import family, masks
-from mwjax.models.layers import Linear
+from mwjax.models.layers import Linear, param
 
 DEFAULT_EXCLUDE = ("lm_head",)
 ROUTER_PATTERN = "*.mlp.gate"  # Mixtral's router (HF `block_sparse_moe.gate` / `mlp.gate`)
@@ -56,6 +56,9 @@ ROUTER_PATTERN = "*.mlp.gate"  # Mixtral's router (HF `block_sparse_moe.gate` / 
 
 class LoRAParam(nnx.Param):
     """An adapter parameter: the only kind the trainer differentiates and the optimizer updates."""
+
+
+ADAPTER_AXES = (None, None)  # A [in, r] and B [r, out] are small: replicated on every device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +113,14 @@ class LoRALinear(Linear):
         pdtype = jnp.dtype(config.param_dtype)
         if lora_a is None:
             bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in]
-            lora_a = LoRAParam(jax.random.uniform(rngs.params(), (self.in_features, self.rank), pdtype, -bound, bound))
+            lora_a = param(jax.random.uniform(rngs.params(), (self.in_features, self.rank), pdtype, -bound, bound),
+                           ADAPTER_AXES, LoRAParam)
         elif lora_a[...].shape != (self.in_features, self.rank):
             raise ValueError(f"a shared lora_a of shape {lora_a[...].shape} does not fit a layer of "
                              f"{self.in_features} inputs at rank {self.rank}")
         self.lora_a = lora_a
-        self.lora_b = LoRAParam(jnp.zeros((self.rank, self.out_features), pdtype))
-        self.lora_magnitude = LoRAParam(self.weight_norm().astype(pdtype)) if self.use_dora else None
+        self.lora_b = param(jnp.zeros((self.rank, self.out_features), pdtype), ADAPTER_AXES, LoRAParam)
+        self.lora_magnitude = param(self.weight_norm().astype(pdtype), (None,), LoRAParam) if self.use_dora else None
         self.lora_dropout = nnx.Dropout(config.dropout, rngs=rngs) if config.dropout > 0 else None
 
     # ---------------------------------------------------------------- pieces
@@ -317,9 +321,9 @@ def merge(model: nnx.Module) -> nnx.Module:
     for path, layer in adapters(out).items():
         kernel = layer.merged_kernel()
         plain = nnx.eval_shape(lambda layer=layer, kernel=kernel: Linear(
-            layer.in_features, layer.out_features, use_bias=layer.bias is not None, dtype=layer.dtype,
-            param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
-        plain.kernel = nnx.Param(kernel)
+            layer.in_features, layer.out_features, axes=layer.axes, use_bias=layer.bias is not None,
+            dtype=layer.dtype, param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+        plain.kernel = param(kernel, layer.axes)
         plain.bias = layer.bias
         _set(out, _split_path(path), plain)
     if hasattr(out, "lora_config"):

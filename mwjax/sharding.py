@@ -1,14 +1,14 @@
 """Meshes and shardings: one table of logical axes, mapped onto a ("data", "fsdp", "tensor") mesh.
 
-Parameters get logical axes from their path (PARAM_AXES); logical axes map to mesh axes through
-LOGICAL_RULES (as maxtext's `logical_axis_rules`). The frozen base is sharded FSDP x tensor-parallel;
-LoRA adapters, norms and the rest are replicated; batches are split over ("data", "fsdp"). A
-dimension that a mesh axis does not divide is left unsharded rather than failing.
+Parameters declare the logical axes of their dimensions where the module creates them
+(`mwjax.models.layers.param`); logical axes map to mesh axes through LOGICAL_RULES (as maxtext's
+`logical_axis_rules`). The frozen base is sharded FSDP x tensor-parallel; LoRA adapters, norms and the
+rest are replicated; batches are split over ("data", "fsdp"). A dimension that a mesh axis does not
+divide is left unsharded rather than failing.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mwjax.checkpoint import ShardingFn, dotted
+from mwjax.models.layers import declared_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -29,19 +30,6 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "experts": None,
 }
 
-# parameter path (dotted) -> logical axes of its dimensions; the first match wins; no match = replicated
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"\.lora_(a|b|magnitude)$", ()),  # adapters: replicated
-    (r"\.(q|k|v)_proj\.kernel$", ("embed", "heads")),
-    (r"\.(q|k|v)_proj\.bias$", ("heads",)),
-    (r"\.o_proj\.kernel$", ("heads", "embed")),
-    (r"\.(gate|up)_proj\.kernel$", ("embed", "mlp")),
-    (r"\.(gate|up)_proj\.bias$", ("mlp",)),
-    (r"\.down_proj\.kernel$", ("mlp", "embed")),
-    (r"\.mlp\.gate\.kernel$", ("embed", "experts")),  # Mixtral router
-    (r"embed_tokens\.embedding$", ("vocab", "embed")),
-    (r"lm_head\.kernel$", ("embed", "vocab")),
-)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
@@ -62,13 +50,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    for pattern, axes in PARAM_AXES:
-        if re.search(pattern, path):
-            return axes if len(axes) == ndim else (None,) * ndim
-    return (None,) * ndim
-
-
 def spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
     """The PartitionSpec of a value with these logical axes, dropping mesh axes that do not divide a dim."""
     parts = []
@@ -82,17 +63,18 @@ def spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> Par
 
 
 def param_sharding_fn(mesh: Mesh) -> ShardingFn:
-    """(dotted parameter path, shape) -> NamedSharding; for converters.load / checkpoint.restore."""
-    return lambda path, shape: NamedSharding(mesh, spec(logical_axes(path, len(shape)), shape, mesh))
+    """(dotted parameter path, shape, declared logical axes or None) -> NamedSharding; for converters.load /
+    checkpoint.restore. Undeclared: replicated."""
+    return lambda path, shape, axes: NamedSharding(mesh, spec(axes or (None,) * len(shape), shape, mesh))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh):
-    """A pytree of NamedShardings matching `state` (parameters by PARAM_AXES, anything else replicated)."""
-    fn = param_sharding_fn(mesh)
+    """A pytree of NamedShardings matching `state` (parameters by their declared axes, anything else replicated)."""
+    fn, axes = param_sharding_fn(mesh), declared_axes(state)
 
     def one(path, leaf):
         name = dotted(path).removesuffix(".value")  # Variables flatten to their `.value`
-        return fn(name, tuple(getattr(leaf, "shape", ())))
+        return fn(name, tuple(getattr(leaf, "shape", ())), axes.get(name))
 
     return jax.tree_util.tree_map_with_path(one, state)
 

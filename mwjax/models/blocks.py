@@ -35,10 +35,11 @@ class Attention(nnx.Module):
         self.softcap = config.attn_logit_softcapping
         d, hd = config.hidden_size, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(d, self.num_heads * hd, use_bias=config.qkv_bias, **kw)
-        self.k_proj = Linear(d, self.num_kv_heads * hd, use_bias=config.qkv_bias, **kw)
-        self.v_proj = Linear(d, self.num_kv_heads * hd, use_bias=config.qkv_bias, **kw)
-        self.o_proj = Linear(self.num_heads * hd, d, use_bias=config.o_bias, **kw)
+        qkv = dict(axes=("embed", "heads"), use_bias=config.qkv_bias, **kw)  # heads: the head-major feature axis
+        self.q_proj = Linear(d, self.num_heads * hd, **qkv)
+        self.k_proj = Linear(d, self.num_kv_heads * hd, **qkv)
+        self.v_proj = Linear(d, self.num_kv_heads * hd, **qkv)
+        self.o_proj = Linear(self.num_heads * hd, d, axes=("heads", "embed"), use_bias=config.o_bias, **kw)
         if config.qk_norm:
             norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype, offset=norm_offset)
             self.q_norm, self.k_norm = RMSNorm(hd, **norm), RMSNorm(hd, **norm)
@@ -74,9 +75,9 @@ class MLP(nnx.Module):
         self.act = activation(config.hidden_act)
         d, f = config.hidden_size, config.intermediate_size
         kw = dict(use_bias=config.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, **kw)
-        self.up_proj = Linear(d, f, **kw)
-        self.down_proj = Linear(f, d, **kw)
+        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
 
     def intermediate(self, x: jax.Array, row_mask: masks.RowMask | None = None) -> jax.Array:
         """The paper's intermediate state act(x W_gate) * (x W_up): [..., d_ff]."""

@@ -3,6 +3,10 @@
 Parameters keep HF's numerics: a `Linear.kernel` is HF's `weight` transposed ([in, out]), so the
 paper's "row i of W_up" (PyTorch layout [d_ff, d_model]) is `up_proj.kernel[:, i]`
 (see `mwjax.masks.pytorch_rows`).
+
+Every parameter declares the logical axes of its dimensions where it is created (Variable metadata
+`logical_axes`, e.g. ("embed", "mlp") for W_up's kernel; None: never sharded); `mwjax.sharding` maps
+them onto a mesh through its one rules table.
 """
 
 from __future__ import annotations
@@ -14,6 +18,26 @@ from flax import nnx
 from mwjax import masks
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # HF `initializer_range` default
+
+Axes = tuple[str | None, ...]  # logical axis names, one per dimension (keys of `mwjax.sharding.LOGICAL_RULES`)
+AXES = "logical_axes"  # the Variable metadata that holds them
+
+
+def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+    """A parameter with its logical axes declared (one name, or None, per dimension of `value`)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
+    return kind(value, **{AXES: tuple(axes)})
+
+
+def declared_axes(state: nnx.State) -> dict[str, Axes]:
+    """{dotted parameter path: its declared logical axes} for every Variable of `state` that declares them."""
+    out = {}
+    for path, variable in nnx.to_flat_state(state):
+        axes = variable.get_metadata().get(AXES)
+        if axes is not None:
+            out[".".join(map(str, path))] = axes
+    return out
 
 
 def activation(name: str):
@@ -37,11 +61,17 @@ class Linear(nnx.Module):
     only.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        """axes: the logical axes of the kernel [in, out] (the bias takes the output's)."""
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
-        self.kernel = nnx.Param(_INIT(rngs.params(), (in_features, out_features), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+        self.kernel = param(_INIT(rngs.params(), (in_features, out_features), param_dtype), axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
+
+    @property
+    def axes(self) -> Axes:
+        return self.kernel.get_metadata()[AXES]
 
     def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
         x = x.astype(self.dtype)
@@ -66,7 +96,7 @@ class Embed(nnx.Module):
 
     def __init__(self, num_embeddings: int, features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
-        self.embedding = nnx.Param(_INIT(rngs.params(), (num_embeddings, features), param_dtype))
+        self.embedding = param(_INIT(rngs.params(), (num_embeddings, features), param_dtype), ("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
@@ -84,7 +114,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, features: int, *, eps: float, param_dtype, offset: float = 0.0):
         self.eps, self.offset = eps, offset
         init = jnp.zeros if offset else jnp.ones
-        self.scale = nnx.Param(init((features,), param_dtype))
+        self.scale = param(init((features,), param_dtype), (None,))  # small: replicated
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)

@@ -80,7 +80,7 @@ class LlamaForCausalLM(CausalLM):
                                 norm_offset=norm_offset)
         self.lm_head = (
             None if config.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+            else Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype,
                         param_dtype=param_dtype, rngs=rngs)
         )
 

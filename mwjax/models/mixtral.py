@@ -57,8 +57,8 @@ class MixtralSparseMoeBlock(nnx.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.layer_idx = layer_idx
         self.top_k = config.num_experts_per_tok
-        self.gate = Linear(config.hidden_size, config.num_local_experts, use_bias=False, dtype=dtype,
-                           param_dtype=param_dtype, rngs=rngs)
+        self.gate = Linear(config.hidden_size, config.num_local_experts, axes=("embed", "experts"), use_bias=False,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.experts = nnx.List([MLP(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                  for _ in range(config.num_local_experts)])
 
