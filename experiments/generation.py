@@ -103,11 +103,13 @@ def main(argv):
     checkpoint.write_text_atomically(out / "generation.json", json.dumps(payload, indent=2))
     checkpoint.write_text_atomically(out / "generation.md", table + "\n")
     scores = summary["scores"]
-    if scores["avg"] is not None:
-        bars = {spec_bench.COLUMNS[c]: scores[c] for c in spec_bench.COLUMNS if c in scores} | {"Avg.": scores["avg"]}
-        plots.likert_bars(bars, f"{common.model_name()} ({label}), judge {FLAGS.judge.rstrip('/').split('/')[-1]}",
-                          common.figure(out, "generation"))
-    print(f"wrote generation.jsonl, generation.json, generation.md and the figure in {out}")
+    if scores["avg"] is None:
+        print(f"wrote generation.jsonl, generation.json and generation.md in {out} (no figure: no judgement parsed)")
+        return
+    bars = {spec_bench.COLUMNS[c]: scores[c] for c in spec_bench.COLUMNS if c in scores} | {"Avg.": scores["avg"]}
+    figure = plots.likert_bars(bars, f"{common.model_name()} ({label}), judge "
+                               f"{FLAGS.judge.rstrip('/').split('/')[-1]}", common.figure(out, "generation"))
+    print(f"wrote generation.jsonl, generation.json, generation.md and {figure.name} in {out}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def tiny(tiny_checkpoint, tmp_path_factory):
     ("experiments.attacks", ["--datasets=python_docs,wikitext3"], "unknown corpus 'wikitext3'"),
     ("experiments.zeroshot", ["--attack=zero_top_k:five"], "write zero_top_k:K with an integer K"),
     ("experiments.super_weight", ["--output_dir=/proc/mwjax"], "cannot write to the output directory /proc/mwjax"),
+    ("experiments.generation", ["--questions=/nonexistent/q.jsonl"], "no Spec-Bench question file"),
 ])
 def test_bad_inputs_fail_before_the_model_loads(module, args, message):
     out = subprocess.run([sys.executable, "-m", module, "--model=/nonexistent/model", *args], capture_output=True,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 import urllib.request
 
 import pytest
@@ -17,6 +19,7 @@ from prometheus_eval.prompts import ABSOLUTE_PROMPT  # noqa: E402
 from prometheus_eval.utils import batch_completions_with_retries  # noqa: E402
 
 import converters  # noqa: E402
+from mwjax import plots  # noqa: E402
 from mwjax.eval import generation_tasks, judge, spec_bench  # noqa: E402
 
 QUESTIONS = [
@@ -151,44 +154,51 @@ def test_grade_parses_counts_and_retries_as_prometheus_eval(monkeypatch, smollm2
         judge.grade(None, smollm2_tokenizer, items, params={"best_of": 2})
 
 
-def test_table3_means_columns_then_averages_them():
+def test_table3_means_columns_then_averages_them(tmp_path):
     qs = [spec_bench.parse_question(json.dumps(q), "q") for q in QUESTIONS]
     scores = spec_bench.table3(qs, [[4, 2], [5, None], [3], [None]])
     assert scores == {"mt_1": 4.5, "mt_2": 2.0, "translation": 3.0, "avg": (4.5 + 2.0 + 3.0) / 3}
     assert spec_bench.table3_row(scores) == [4.5, 2.0, 3.0, "-", "-", "-", "-", scores["avg"]]
     assert spec_bench.table3(qs[3:], [[None]]) == {"avg": None}
+    assert plots.likert_bars({"MT-1": 4.5, "Avg.": 3.2}, "t", tmp_path / "bars.png").stat().st_size > 0
     assert spec_bench.instruction(qs[0], ["Rain falls.", "x"], 1) == (
         "User: Write a line about rain.\n\nAssistant: Rain falls.\n\nUser: Rewrite it to rhyme.")
 
 
-def test_pipeline_on_a_tiny_random_assistant_and_judge(tiny_smol_dir, tmp_path):
-    """A random judge never writes a parseable score: every judgement is retried to the budget and counted."""
-    model, tokenizer = converters.load(str(tiny_smol_dir))
-    qs = spec_bench.read_questions(write_questions(tmp_path / "q.jsonl", QUESTIONS), subtasks=["mt_bench", "qa"])
-    qs = [q for q in qs if q.question_id in (81, 241)]
-    answers = spec_bench.answer(model, tokenizer, qs, 3, batch_size=2)
-    assert [len(a) for a in answers] == [2, 1]
-    records, summary = generation_tasks.judge_answers(model, tokenizer, qs, answers, max_retries=2,
-                                                      params={"max_tokens": 3}, prompt_format="chat_template",
-                                                      batch_size=2)
+def test_experiment_on_a_tiny_random_assistant_judging_itself(tiny_smol_dir, tmp_path):
+    """experiments.generation end to end: a random judge never writes a parseable score, so every judgement is
+    retried to the budget, counted, and left out of the means."""
+    questions = write_questions(tmp_path / "q.jsonl", QUESTIONS)
+    out = subprocess.run([sys.executable, "-m", "experiments.generation", f"--model={tiny_smol_dir}",
+                          f"--judge={tiny_smol_dir}", "--judge_prompt=chat_template", f"--questions={questions}",
+                          "--subtasks=mt_bench,qa", "--per_subtask=1", "--max_new_tokens=3",
+                          "--judge_max_new_tokens=3", "--judge_max_retries=2", "--batch_size=2", "--label=tiny",
+                          f"--output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "generation.json").read_text())
     assert summary["scores"] == {"avg": None}
     assert summary["counts"] == {c: {"judged": 1, "unparsed_first": 1, "retries": 2, "failed": 1}
                                  for c in ("mt_1", "mt_2", "qa")}
+    records = [json.loads(line) for line in (tmp_path / "out" / "generation.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in records] == [81, 241] and len(records[0]["answers"]) == 2
     assert [j["column"] for j in records[0]["judgements"]] == ["mt_1", "mt_2"]
-    assert records[0]["answers"] == answers[0] and len(records[0]["judgements"][1]["outputs"]) == 3
+    assert all(len(j["outputs"]) == 3 and j["feedback"] == judge.FAILED for r in records for j in r["judgements"])
+    assert "| tiny | - | - | - | - | - | - | - | - |" in (tmp_path / "out" / "generation.md").read_text()
+    assert "3 judgement(s) never parsed" in out.stdout
 
 
 @pytest.mark.slow
 def test_smollm2_answers_and_judges_itself(tmp_path):
     """The whole pipeline on the real SmolLM2 as assistant and judge (a pipeline check, not a result)."""
     model, tokenizer = converters.load("embedded:smollm2")
-    qs = [spec_bench.parse_question(json.dumps(q), "test") for q in (QUESTIONS[0], QUESTIONS[3])]
-    answers = spec_bench.answer(model, tokenizer, qs, 6, batch_size=2)
+    qs = [spec_bench.parse_question(json.dumps(q), "test") for q in QUESTIONS[2:]]  # one turn each: 2 programs
+    answers = spec_bench.answer(model, tokenizer, qs, 6, batch_size=1)
     assert all(a for turns in answers for a in turns)  # real words, not an empty decode
-    records, summary = generation_tasks.judge_answers(model, tokenizer, qs, answers, max_retries=1,
+    # retries are covered above; here one judge pass keeps the test short
+    records, summary = generation_tasks.judge_answers(model, tokenizer, qs, answers, max_retries=0,
                                                       params={"max_tokens": 6}, prompt_format="chat_template",
-                                                      batch_size=2)
+                                                      batch_size=1)
     judged = [j for r in records for j in r["judgements"]]
-    assert len(judged) == 3 and all(j["score"] in (None, 1, 2, 3, 4, 5) for j in judged)
-    assert all(len(j["outputs"]) == 1 + j["retries"] and all(j["outputs"]) for j in judged)
-    assert sum(c["judged"] for c in summary["counts"].values()) == 3
+    assert len(judged) == 2 and all(j["score"] in (None, 1, 2, 3, 4, 5) for j in judged)
+    assert all(j["retries"] == 0 and len(j["outputs"]) == 1 and j["outputs"][0] for j in judged)
+    assert list(summary["counts"]) == ["translation", "qa"]
