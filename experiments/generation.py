@@ -63,11 +63,6 @@ def judge_params() -> dict:
             "top_p": FLAGS.judge_top_p, "repetition_penalty": FLAGS.judge_repetition_penalty}
 
 
-def load_judge(model, tokenizer):
-    """--judge; the assistant itself when --judge names it unchanged (a pipeline check: loaded once)."""
-    if FLAGS.judge == FLAGS.model and not FLAGS.adapter and not FLAGS.attack:
-        return model, tokenizer
-    return converters.load(FLAGS.judge, dtype=jnp.dtype(FLAGS.dtype))
 
 
 def main(argv):
@@ -79,8 +74,11 @@ def main(argv):
     model, tokenizer = common.load_attacked_model(FLAGS.attack, FLAGS.attack_on)
     answers = spec_bench.answer(model, tokenizer, questions, FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                                 temperature=FLAGS.temperature, seed=FLAGS.seed)
-    judge_model, judge_tokenizer = load_judge(model, tokenizer)
-    del model  # the assistant's weights can go before the judge generates
+    if FLAGS.judge == FLAGS.model and not FLAGS.adapter and not FLAGS.attack:  # judging itself: loaded once
+        judge_model, judge_tokenizer = model, tokenizer
+    else:
+        del model  # one model in memory at a time: the assistant goes before the judge loads
+        judge_model, judge_tokenizer = converters.load(FLAGS.judge, dtype=jnp.dtype(FLAGS.dtype))
     records, summary = generation_tasks.judge_answers(
         judge_model, judge_tokenizer, questions, answers, rubric=FLAGS.rubric, params=judge_params(),
         max_retries=FLAGS.judge_max_retries, prompt_format=FLAGS.judge_prompt, batch_size=FLAGS.batch_size,
