@@ -29,7 +29,7 @@ except ImportError as e:  # an optional extra: the rest of mwjax runs without it
     raise ImportError(f"LLM-judged generation tasks need prometheus-eval ({e}): pip install 'mwjax[judge]'") from None
 
 # The sampling of prometheus-eval's judge: batch_completions_with_retries' parameters when the caller passes
-# none (vLLM SamplingParams names), and its retry budget. tests/test_judge.py checks both against the package.
+# none (vLLM SamplingParams names), and its retry budget (tests/test_generation_tasks.py checks both).
 PROMETHEUS_PARAMS = {"max_tokens": 1024, "repetition_penalty": 1.03, "best_of": 1, "temperature": 1.0, "top_p": 0.9}
 MAX_RETRIES = 10
 RUBRICS = ("helpfulness", "harmlessness", "honesty", "factual_validity", "reasoning")  # load_rubric's criteria
