@@ -2,8 +2,8 @@
 
     python -m experiments.tables --runs=outputs/ [--output_dir=outputs/tables]
 
-Reads every attacks.json (experiments.attacks) and zeroshot.json (experiments.zeroshot) under --runs
-and writes tables.md with
+Reads every attacks.json (experiments.attacks), zeroshot.json (experiments.zeroshot) and generation.json
+(experiments.generation) under --runs and writes tables.md with
   Table 1: perplexity per corpus and mean zero-shot accuracy of the original model, top-k zeroing
            and top-k retaining (zero-shot runs matched by their --attack: none, zero_top_k:K,
            retain_top_k:K);
@@ -12,6 +12,10 @@ and writes tables.md with
   Table 8: the mean zero-shot accuracy of each label after top-3 zeroing (runs with
            --attack=zero_top_k:3), beside its unattacked mean, with the reading of each attacked
            fine-tuned run (--attack_on: merged or base).
+  Table 3: the judge's mean 1-5 score per generation task (MT-1, MT-2, translation, summarization, QA,
+           math reasoning, RAG) and their mean, one row per --label (an attacked run shows its attack);
+           a run on fewer questions or subtasks or with another judge than Prometheus-2-7B carries a "*",
+           and judgements that never parsed (left out of the means) are counted.
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
 A zero-shot run made with --limit, on a subset of the five tasks or with --apply_chat_template is not
 the papers' protocol: its numbers carry a "*" and the tables say which runs and why.
@@ -26,18 +30,19 @@ from absl import app, flags
 
 from experiments import common
 from experiments.zeroshot import TASK_TITLES
+from mwjax.eval import spec_bench
 from mwjax.eval.zeroshot_tasks import PAPER_TASKS
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
-flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for attacks.json and zeroshot.json")
+flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for attacks.json, zeroshot.json and "
+                    "generation.json")
 
 
-def load_runs(root: Path) -> tuple[list[dict], list[dict]]:
-    attacks = [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob("attacks.json"))]
-    zeroshot = [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob("zeroshot.json"))]
-    return attacks, zeroshot
+def load_runs(root: Path, name: str) -> list[dict]:
+    """Every `name` (attacks.json, zeroshot.json, generation.json) under root, each with its "path"."""
+    return [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob(name))]
 
 
 def departure(run: dict) -> str | None:
@@ -102,11 +107,37 @@ def bos_note(zeroshot: list[dict]) -> str:
         f"{path}: {choice}" for path, choice in choices.items())
 
 
+def generation_departure(run: dict) -> str | None:
+    """How a generation run departs from Table 3's protocol (80 questions of each of the six Spec-Bench
+    subtasks, judged by Prometheus-2-7B), or None."""
+    parts = [f"--per_subtask={run['per_subtask']}"] if run.get("per_subtask") else []
+    if sorted(run["subtasks"]) != sorted(spec_bench.SUBTASKS):
+        parts.append(f"{len(run['subtasks'])} of the {len(spec_bench.SUBTASKS)} subtasks")
+    if run["judge"] != spec_bench.PAPER_JUDGE:
+        parts.append(f"judge {run['judge']}")
+    return ", ".join(parts) or None
+
+
+def table3(generation: list[dict]) -> str:
+    rows = [[g["model"], g["label"] + (f" [{g['attack']}]" if g.get("attack") else "")
+             + ("*" if generation_departure(g) else "")] + spec_bench.table3_row(g["scores"]) for g in generation]
+    return common.markdown_table(["model", "method"] + spec_bench.TABLE3_HEADER, rows)
+
+
+def table3_notes(generation: list[dict]) -> list[str]:
+    marked = [f"{g['path']} ({generation_departure(g)})" for g in generation if generation_departure(g)]
+    failed = [f"{g['path']}: {n} of {sum(c['judged'] for c in g['counts'].values())}" for g in generation
+              if (n := sum(c["failed"] for c in g["counts"].values()))]
+    notes = ["* not the paper's protocol, so not comparable with its Table 3: " + "; ".join(marked)] if marked else []
+    return notes + (["judgements never parsed (left out of the means): " + "; ".join(failed)] if failed else [])
+
+
 def main(argv):
     del argv
-    attacks, zeroshot = load_runs(Path(FLAGS.runs))
-    if not attacks and not zeroshot:
-        raise SystemExit(f"no attacks.json or zeroshot.json under {FLAGS.runs}")
+    root = Path(FLAGS.runs)
+    attacks, zeroshot, generation = (load_runs(root, f"{n}.json") for n in ("attacks", "zeroshot", "generation"))
+    if not attacks and not zeroshot and not generation:
+        raise SystemExit(f"no attacks.json, zeroshot.json or generation.json under {FLAGS.runs}")
     parts = [f"## Table 1 ({run['model']}, seqlen {run['seqlen']})\n\n{table1(run, zeroshot)}" for run in attacks]
     if zeroshot:
         parts.append(bos_note(zeroshot))
@@ -114,6 +145,9 @@ def main(argv):
             parts.append(note)
         parts.append(f"## Table 2: zero-shot accuracy\n\n{table2(zeroshot)}")
         parts.append(f"## Table 8: top-3 zeroing\n\n{table8(zeroshot)}")
+    if generation:
+        parts.append(f"## Table 3: generation tasks, judge's mean score (1-5)\n\n{table3(generation)}")
+        parts += table3_notes(generation)
     text = "\n\n".join(parts) + "\n"
     print(text)
     out = common.output_dir("outputs/tables")

@@ -60,13 +60,7 @@ def main(argv):
     out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model
     evaluate = zeroshot_flags.evaluator()
     fine_tuned_attack = bool(FLAGS.attack and FLAGS.adapter)
-    model, tokenizer = common.load_model(merge_adapter=not fine_tuned_attack)
-    if fine_tuned_attack:
-        model = attacks.after_fine_tuning(model, tokenizer, FLAGS.attack, FLAGS.adapter, FLAGS.attack_on,
-                                          first_token=common.first_token_flag())
-        print(f"{FLAGS.attack} on the fine-tuned model, attack_on={FLAGS.attack_on}")
-    elif FLAGS.attack:
-        model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
+    model, tokenizer = common.load_attacked_model(FLAGS.attack, FLAGS.attack_on)
     zeroshot_flags.announce()
     scores, _ = evaluate(model, tokenizer)
     label = FLAGS.label or "original"

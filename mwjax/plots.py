@@ -128,3 +128,13 @@ def grouped_bars(values: Mapping[str, Sequence[float]], title: str, path: str | 
     ax.set_xticks(np.arange(n_layers) + 0.4 - width / 2)
     ax.set_xticklabels([str(i + 1) for i in range(n_layers)])
     return _finish(fig, ax, title, "layer (1-based)", "max |value|", path)
+
+
+def likert_bars(scores: Mapping[str, float], title: str, path: str | Path) -> Path:
+    """House of Cards Table 3 as bars: a judge's mean 1-5 score per column (MT-1, ..., Avg.)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = ax.bar(list(scores), list(scores.values()), color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_ylim(1, 5.3)
+    ax.tick_params(axis="x", labelrotation=30)
+    return _finish(fig, ax, title, "", "mean score (1-5)", path, log_y=False, legend=False)

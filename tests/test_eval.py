@@ -66,15 +66,18 @@ def test_chunking():
     np.testing.assert_array_equal(chunk_tokens(np.arange(10), 3, max_chunks=1), [[0, 1, 2]])
 
 
-def test_greedy_generation_matches_hf_generate(pair):
+@pytest.mark.parametrize("repetition_penalty", [1.0, 3.0])
+def test_greedy_generation_matches_hf_generate(pair, repetition_penalty):
     hf, model = pair
     prompts = [random_tokens(7, seed=20)[0].tolist(), random_tokens(12, seed=21)[0].tolist()]
-    ours = generate(model, prompts, 16, eos_ids=())
+    ours = generate(model, prompts, 16, eos_ids=(), repetition_penalty=repetition_penalty)  # the first left-padded
     for prompt, out in zip(prompts, ours, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)
+                              pad_token_id=0, repetition_penalty=repetition_penalty)
         assert out == ref[0, len(prompt):].tolist()
+    if repetition_penalty != 1.0:  # the penalty changes what a tiny random model repeats
+        assert ours != generate(model, prompts, 16, eos_ids=())
 
 
 def test_generation_stops_at_eos_and_samples_reproducibly(pair):

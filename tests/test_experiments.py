@@ -32,6 +32,7 @@ def tiny(tiny_checkpoint, tmp_path_factory):
     ("experiments.attacks", ["--datasets=python_docs,wikitext3"], "unknown corpus 'wikitext3'"),
     ("experiments.zeroshot", ["--attack=zero_top_k:five"], "write zero_top_k:K with an integer K"),
     ("experiments.super_weight", ["--output_dir=/proc/mwjax"], "cannot write to the output directory /proc/mwjax"),
+    ("experiments.generation", ["--questions=/nonexistent/q.jsonl"], "no Spec-Bench question file"),
 ])
 def test_bad_inputs_fail_before_the_model_loads(module, args, message):
     out = subprocess.run([sys.executable, "-m", module, "--model=/nonexistent/model", *args], capture_output=True,
@@ -138,6 +139,16 @@ def test_tables_from_run_outputs(tmp_path):
     runs["e/attacks.json"] = {"model": "m", "k": 5, "seqlen": 4096, "settings": {
         "original": {"perplexity": ppl(5.75)}, "top-5 zeroing": {"perplexity": ppl(104.57)},
         "top-5 retaining": {"perplexity": ppl(10.15)}}}
+    scores = {"mt_1": 3.71, "mt_2": 3.54, "translation": 4.5, "summarization": 3.24, "qa": 4.35,
+              "math_reasoning": 3.64, "rag": 3.74, "avg": 3.817}  # House of Cards Table 3, Llama-3-8B LoRA
+    counts = {c: {"judged": 80, "unparsed_first": 0, "retries": 0, "failed": 0} for c in scores if c != "avg"}
+    generation = {"model": "m", "label": "LoRA", "attack": None, "judge": "prometheus-eval/prometheus-7b-v2.0",
+                  "subtasks": ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"],
+                  "per_subtask": None, "scores": scores, "counts": counts}
+    runs["g/generation.json"] = generation
+    runs["h/generation.json"] = generation | {"label": "original", "per_subtask": 2, "judge": "embedded:smollm2",
+                                              "counts": counts | {"qa": {"judged": 2, "unparsed_first": 1,
+                                                                         "retries": 10, "failed": 1}}}
     for name, payload in runs.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(json.dumps(payload))
@@ -150,6 +161,10 @@ def test_tables_from_run_outputs(tmp_path):
     # a run with --limit is marked, never passed off as the papers' protocol
     assert "| m | DoRA* | 60.00 | 60.00 | 60.00 | 60.00 | 60.00 | 60.00* |" in stdout
     assert "* not the papers' protocol" in stdout and "f/zeroshot.json (--limit=20)" in stdout
+    assert "| m | LoRA | 3.71 | 3.54 | 4.50 | 3.24 | 4.35 | 3.64 | 3.74 | 3.82 |" in stdout
+    assert "| m | original* | 3.71 |" in stdout
+    assert "h/generation.json (--per_subtask=2, judge embedded:smollm2)" in stdout
+    assert "judgements never parsed (left out of the means): " in stdout and "h/generation.json: 1 of 482" in stdout
     from experiments.tables import bos_note
 
     mixed = bos_note([{"path": "a", "add_bos_token": "false"}, {"path": "b", "add_bos_token": "tokenizer"}])

@@ -1,7 +1,9 @@
-"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), one compiled program.
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p, repetition penalty), one
+compiled program.
 
 Prompts of different lengths are left-padded; positions count real tokens only (as HF `generate`
 derives them from the attention mask), so a padded prompt continues exactly as it would alone.
+`generate_many` runs any number of prompts in fixed-size batches of a few bucketed widths.
 """
 
 from __future__ import annotations
@@ -15,11 +17,32 @@ from flax import nnx
 
 from mwjax.compiled import jit_model
 from mwjax.models.cache import KVCache
+from mwjax.progress import progress
+
+# prompt widths (padded lengths) of `generate_many`: ~1.5x steps, little padding, a handful of programs per run
+DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+def bucket(length: int, buckets: Sequence[int], cap: int) -> int:
+    """The smallest bucket >= length (or length rounded up to a multiple of the largest bucket), <= cap."""
+    for b in buckets:
+        if b >= length:
+            return min(b, cap)
+    step = buckets[-1]
+    return min(-(-length // step) * step, cap)
+
+
+def _penalize(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+    """HF's RepetitionPenaltyLogitsProcessor (vLLM's repetition_penalty): the logit of every token already in
+    the prompt or the output is divided by `penalty` where positive, multiplied where negative.
+    logits [b, vocab] float32, seen [b, vocab] bool."""
+    if penalty == 1.0:
+        return logits
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def _sample(logits: jax.Array, key, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
-    """Next tokens [b] from logits [b, vocab]."""
-    logits = logits.astype(jnp.float32)
+    """Next tokens [b] from logits [b, vocab] (float32)."""
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -36,38 +59,48 @@ def _sample(logits: jax.Array, key, temperature: float, top_k: int | None, top_p
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@jit_model(static_argnums=(0, 1, 2, 3, 4))
-def _generate(model, max_new_tokens, temperature, top_k, top_p, eos_ids, tokens, prompt_mask, key, model_kwargs):
+@jit_model(static_argnums=(0, 1, 2, 3, 4, 5))
+def _generate(model, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_ids, tokens, prompt_mask, key,
+              model_kwargs):
     b, p = tokens.shape
     total = p + max_new_tokens
     mask = jnp.concatenate([prompt_mask, jnp.ones((b, max_new_tokens), prompt_mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     cache = KVCache.init(model.config, b, total, dtype=model.dtype)
     logits, cache = model(tokens, positions=positions, attention_mask=mask, cache=cache, **model_kwargs)
+    rows = jnp.arange(b)[:, None]
+    vocab = logits.shape[-1]
+    # tokens seen so far [b, vocab] (the real prompt tokens, not the padding), for the repetition penalty
+    seen = jnp.zeros((b, vocab), jnp.int32).at[rows, tokens].max(prompt_mask) > 0
+    pick = lambda logits, seen, key: _sample(_penalize(logits.astype(jnp.float32), seen, repetition_penalty), key,
+                                             temperature, top_k, top_p)
     key, sub = jax.random.split(key)
-    first = _sample(logits[:, -1], sub, temperature, top_k, top_p)
+    first = pick(logits[:, -1], seen, sub)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def step(carry, _):
-        token, pos, cache, done, key = carry
+        token, pos, cache, done, seen, key = carry
         logits, cache = model(token[:, None], positions=pos[:, None], attention_mask=mask, cache=cache,
                               **model_kwargs)
+        seen = seen.at[rows[:, 0], token].set(True)
         key, sub = jax.random.split(key)
-        nxt = _sample(logits[:, -1], sub, temperature, top_k, top_p)
-        return (nxt, pos + 1, cache, done | jnp.isin(token, eos), key), (token, done)
+        nxt = pick(logits[:, -1], seen, sub)
+        return (nxt, pos + 1, cache, done | jnp.isin(token, eos), seen, key), (token, done)
 
-    init = (first, positions[:, -1] + 1, cache, jnp.zeros((b,), bool), key)
+    init = (first, positions[:, -1] + 1, cache, jnp.zeros((b,), bool), seen, key)
     _, (out, finished) = jax.lax.scan(step, init, None, length=max_new_tokens)
     return out.T, finished.T  # [b, max_new_tokens]; finished[i, j]: eos emitted before step j
 
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_ids: Sequence[int] | None = None, pad_id: int = 0, width: int | None = None,
-             **model_kwargs) -> list[list[int]]:
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, seed: int = 0, eos_ids: Sequence[int] | None = None, pad_id: int = 0,
+             width: int | None = None, **model_kwargs) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens`; returns the new tokens.
 
-    temperature 0 is greedy decoding. Generation of a row stops after it emits one of `eos_ids`
+    temperature 0 is greedy decoding; repetition_penalty > 1 lowers the tokens already in the prompt or
+    the output before the choice (HF `generate(repetition_penalty=)`, vLLM SamplingParams'), greedy or not.
+    Generation of a row stops after it emits one of `eos_ids`
     (default: the config's eos token), which is kept at the end of its output. `width` left-pads
     the prompts to at least that many tokens (one compiled program for a range of prompt lengths).
     model_kwargs (ffn_masks=, edits=) apply to every step.
@@ -85,10 +118,36 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
     for i, p in enumerate(prompts):
         tokens[i, width - len(p):] = p
         prompt_mask[i, width - len(p):] = 1
-    out, finished = _generate(model, max_new_tokens, float(temperature), top_k, top_p, tuple(eos_ids),
-                              jnp.asarray(tokens), jnp.asarray(prompt_mask), jax.random.key(seed), model_kwargs)
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    out, finished = _generate(model, max_new_tokens, float(temperature), top_k, top_p, float(repetition_penalty),
+                              tuple(eos_ids),
+                              jnp.asarray(tokens), jnp.asarray(prompt_mask), jax.random.key(seed),
+                              model_kwargs)
     out, finished = np.asarray(out), np.asarray(finished)
     return [row[~done].tolist() for row, done in zip(out, finished, strict=True)]
+
+
+def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch_size: int = 8,
+                  buckets: Sequence[int] = DEFAULT_BUCKETS, seed: int = 0, desc: str = "generate",
+                  **kwargs) -> list[list[int]]:
+    """`generate` over any number of prompts, in the given order: longest first in batches of exactly
+    `batch_size` (the last one filled with copies), each left-padded to a bucketed width, so XLA compiles a
+    program per bucket rather than one per prompt length. Batch j samples with seed `seed + j`."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[list[int] | None] = [None] * len(prompts)
+    cap = max(buckets[-1], max((len(p) for p in prompts), default=0))
+    with progress(len(prompts), desc) as bar:
+        for j, start in enumerate(range(0, len(order), batch_size)):
+            batch = order[start:start + batch_size]
+            rows = [prompts[i] for i in batch]
+            rows += [rows[-1]] * (batch_size - len(rows))  # fixed batch: one program
+            new = generate(model, rows, max_new_tokens, seed=seed + j, width=bucket(len(rows[0]), buckets, cap),
+                           **kwargs)
+            for i, tokens in zip(batch, new, strict=False):
+                out[i] = tokens
+            bar.update(len(batch))
+    return out
 
 
 def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, *,

@@ -30,11 +30,8 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
 from mwjax.compiled import jit_model
-from mwjax.eval.generate import generate
+from mwjax.eval.generate import DEFAULT_BUCKETS, bucket, generate
 from mwjax.progress import progress
-
-# ~1.5x steps: little padding, still only a handful of compiled programs per run
-DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
 
 @jit_model
@@ -51,15 +48,6 @@ def _score(model, inputs, last_pos, last_tokens):
     shared = jnp.take_along_axis(logp[:, :-1], inputs[:, 1:, None], axis=-1)[..., 0]
     last = logp[jnp.arange(inputs.shape[0]), last_pos]  # [b, vocab]
     return shared, jnp.argmax(logits, axis=-1), jnp.take_along_axis(last, last_tokens, axis=-1)
-
-
-def bucket(length: int, buckets: Sequence[int], cap: int) -> int:
-    """The smallest bucket >= length (or length rounded up to a multiple of the largest bucket), <= cap."""
-    for b in buckets:
-        if b >= length:
-            return min(b, cap)
-    step = buckets[-1]
-    return min(-(-length // step) * step, cap)
 
 
 class MwjaxLM(TemplateLM):
