@@ -7,8 +7,8 @@ The prompt (without bos) is fed four times: bos absent, at the start, in the mid
 sentence), at the end. For each, the |hidden state| after the probed layer (default: the middle layer,
 or the massive activations' origin layer if deeper; `mwjax.attention_sinks`) and the head-averaged
 attention probabilities of the next layer. Writes attention_sinks.json, attention_sinks.md (per
-placement: the tokens with massive activations, the largest |h|, the token receiving the most
-attention) and attention_sinks.png (the paper's two rows, one column per placement; --format=pdf|svg).
+placement: the tokens with massive activations, the largest |h|, the token the later tokens attend to
+most) and attention_sinks.png (the paper's two rows, one column per placement; --format=pdf|svg).
 With --attack the model is attacked first (e.g. zero_top_k:5: do the sinks survive?); the layer is
 chosen on the unattacked model.
 """
@@ -49,15 +49,15 @@ def table(result: attention_sinks.AttentionSinks, labels: dict[str, list[str]]) 
     for p in result.placements:
         names = labels[p.placement]
         peak = int(np.argmax(p.magnitudes.max(-1)))
-        received = p.attention_received
-        sink = int(np.argmax(received))
-        on_bos = "-" if p.bos_position is None else f"{received[p.bos_position]:.2f}"
+        received, sink = p.attention_received, p.top_sink
+        on_bos = "-" if p.bos_position is None or np.isnan(received[p.bos_position]) else \
+            f"{received[p.bos_position]:.2f}"
         rows.append([PLACEMENT_TITLES[p.placement], " ".join(names),
                      ", ".join(f"{names[t]} ({t})" for t in massive_tokens(p)) or "none",
                      f"{p.magnitudes.max():.1f} at {names[peak]} ({peak}), dim {p.max_dims[peak]}",
                      f"{names[sink]} ({sink}): {received[sink]:.2f}", on_bos])
     return common.markdown_table(["bos", "tokens", "massive activations at", "largest |h|",
-                                  "top sink: mean attention received", "attention received by bos"], rows)
+                                  "top sink: mean attention from later tokens", "bos: the same"], rows)
 
 
 def main(argv):

@@ -56,10 +56,17 @@ class BosPlacement:
 
     @property
     def attention_received(self) -> np.ndarray:
-        """[seq] the attention each key token receives, averaged over the queries that can see it (itself
-        and every later token): how much of a sink it is."""
-        seq = len(self.token_ids)
-        return self.attention.sum(axis=0) / np.arange(seq, 0, -1)
+        """[seq] the attention each token receives from the later tokens, averaged over them: how much of a sink
+        it is (its attention to itself left out, so the first token's trivial 1 and the last token's own
+        attention do not count); NaN for the last token, which no later token sees."""
+        later = np.tril(self.attention, k=-1).sum(axis=0)  # from queries q > k
+        count = np.arange(len(self.token_ids) - 1, -1, -1)
+        return np.where(count > 0, later / np.maximum(count, 1), np.nan)
+
+    @property
+    def top_sink(self) -> int:
+        """The position receiving the most attention from the later tokens (`attention_received`)."""
+        return int(np.nanargmax(self.attention_received)) if len(self.token_ids) > 1 else 0
 
     def summary(self, top_k: int = 3) -> dict[str, Any]:
         """JSON-ready: per token the top-k |h| with their dims and the median |h|; the attention matrix."""
@@ -72,7 +79,7 @@ class BosPlacement:
             "hidden_top_dims": order.tolist(),
             "hidden_median": np.median(self.magnitudes, axis=-1).tolist(),
             "attention": self.attention.tolist(),
-            "attention_received": self.attention_received.tolist(),
+            "attention_received": [None if np.isnan(a) else float(a) for a in self.attention_received],
         }
 
 

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib import patches, ticker  # noqa: E402
 
 DPI = 200  # raster figures (png); pdf and svg are vector
+_PROB_CMAP = matplotlib.colormaps["YlGnBu"].with_extremes(bad="white")  # probabilities; masked cells blank
 
 
 def layer_magnitudes(stats: Mapping[str, np.ndarray], title: str, path: str | Path) -> Path:
@@ -157,7 +158,7 @@ def attention_sinks(columns: Sequence[tuple[str, np.ndarray, np.ndarray, Sequenc
         ax.set_title(f"{name}\nmax |h| {np.max(magnitudes):,.1f}", fontsize=10)
         ax = fig.add_subplot(2, n, n + i + 1)
         causal = np.ma.masked_where(np.triu(np.ones_like(attention, bool), k=1), attention)
-        image = ax.imshow(causal, cmap=_SINK_CMAP, vmin=0.0, vmax=1.0)
+        image = ax.imshow(causal, cmap=_PROB_CMAP, vmin=0.0, vmax=1.0)
         ticks = np.arange(len(labels))
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels, fontsize=7, rotation=90)
@@ -174,8 +175,6 @@ def attention_sinks(columns: Sequence[tuple[str, np.ndarray, np.ndarray, Sequenc
     return _save(fig, path)
 
 
-_SINK_CMAP = matplotlib.colormaps["YlGnBu"].with_extremes(bad="white")
-
 
 def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: int | None = None) -> Path:
     """House of Cards Figure 5: the router's probability of each expert (rows, HF's 0-based expert index) per
@@ -186,14 +185,13 @@ def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: in
     probs = np.asarray(probs, np.float64)
     num_layers, num_experts = probs.shape
     fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * num_layers + 2), max(2.5, 0.4 * num_experts + 1.2)))
-    image = ax.imshow(probs.T, cmap="YlGnBu", vmin=0.0, vmax=1.0, aspect="auto")
+    image = ax.imshow(probs.T, cmap=_PROB_CMAP, vmin=0.0, vmax=1.0, aspect="auto")
     if num_layers * num_experts <= 512:  # Mixtral-8x7B's 32 x 8 still reads
         for (layer, expert), p in np.ndenumerate(probs):
             ax.text(layer, expert, f"{p:.2f}".lstrip("0"), ha="center", va="center", fontsize=6,
                     color="white" if p > 0.6 else "black")
     if mark_layer is not None:
-        ax.add_patch(patches.Rectangle((mark_layer - 0.5, -0.5), 1, num_experts, fill=False,
-                                                  edgecolor="red", lw=1.5))
+        ax.add_patch(patches.Rectangle((mark_layer - 0.5, -0.5), 1, num_experts, fill=False, edgecolor="red", lw=1.5))
     ax.set_xticks(np.arange(num_layers))
     ax.set_xticklabels([str(i + 1) for i in range(num_layers)], fontsize=7)
     ax.set_yticks(np.arange(num_experts))

@@ -48,9 +48,12 @@ def test_bos_placements_match_hf_hidden_states_and_attentions(hf_checkpoint):
         np.testing.assert_allclose(p.magnitudes, hidden, rtol=1e-4, atol=1e-5 * hidden.max(), err_msg=p.placement)
         np.testing.assert_allclose(p.attention, attention, rtol=1e-4, atol=1e-6, err_msg=p.placement)
         seq = len(p.token_ids)
-        np.testing.assert_allclose(p.attention_received[-1], attention[-1, -1], rtol=1e-6)  # seen by itself only
-        np.testing.assert_allclose(p.attention_received[0], attention[:, 0].mean(), rtol=1e-6)  # by every query
+        assert np.isnan(p.attention_received[-1])  # no later token sees the last one
+        np.testing.assert_allclose(p.attention_received[0], attention[1:, 0].mean(), rtol=1e-5)  # every later query
+        np.testing.assert_allclose(p.attention_received[seq - 2], attention[-1, -2], rtol=1e-5)
+        assert p.top_sink == int(np.argmax([attention[k + 1:, k].mean() for k in range(seq - 1)]))
         summary = p.summary(top_k=2)
+        assert summary["attention_received"][-1] is None
         assert np.asarray(summary["hidden_top_values"]).shape == (seq, 2)
         assert summary["hidden_top_dims"][0][0] == int(hidden[0].argmax())
     assert result["start"].token_ids[0] == BOS and result["absent"].bos_position is None

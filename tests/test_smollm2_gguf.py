@@ -90,10 +90,11 @@ def test_attention_sinks_cli_on_the_embedded_model(tmp_path):
     assert "| bos in the middle | Summer is warm . <\\|im_start\\|> Winter is cold . | Summer (0) |" in out.stdout
     result = {p["placement"]: p for p in json.loads((tmp_path / "attention_sinks.json").read_text())["placements"]}
     for name, p in result.items():
-        received = np.asarray(p["attention_received"])
+        received = np.asarray(p["attention_received"][:-1])  # the last token: no later token sees it
         assert received.argmax() == 0 and received[0] > 0.6, name  # the first token is the sink
         assert p["hidden_top_values"][0][0] > 20000 and p["hidden_top_dims"][0][0] == 507, name  # ~23100-24900
-    for name in ("middle", "end"):  # a bos after the first position: no massive activation, little attention
+    for name in ("middle", "end"):  # a bos after the first position: no massive activation ...
         bos = result[name]["bos_position"]
-        assert result[name]["hidden_top_values"][bos][0] < 200 and result[name]["attention_received"][bos] < 0.1
+        assert result[name]["hidden_top_values"][bos][0] < 200, name
+    assert result["middle"]["attention_received"][4] < 0.1  # ... and little attention from the tokens after it
     assert (tmp_path / "attention_sinks.png").stat().st_size > 0
