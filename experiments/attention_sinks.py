@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from mwjax import attention_sinks, massive, plots
+from mwjax import attention_sinks, plots
 from mwjax.checkpoint import write_text_atomically
 from mwjax.layer_index import layer_label
 from mwjax.tokens import first_token_id
@@ -38,12 +38,6 @@ PLACEMENT_TITLES = {"absent": "bos absent", "start": "bos at the start", "middle
                     "end": "bos at the end"}
 
 
-def massive_tokens(placement: attention_sinks.BosPlacement) -> list[int]:
-    """Positions whose largest |h| meets the massive-activation criterion against the sequence's median |h|."""
-    median = float(np.median(placement.magnitudes))
-    return [int(t) for t in np.flatnonzero(massive.is_massive(placement.magnitudes.max(-1), median))]
-
-
 def table(result: attention_sinks.AttentionSinks, labels: dict[str, list[str]]) -> str:
     rows = []
     for p in result.placements:
@@ -53,7 +47,7 @@ def table(result: attention_sinks.AttentionSinks, labels: dict[str, list[str]]) 
         on_bos = "-" if p.bos_position is None or np.isnan(received[p.bos_position]) else \
             f"{received[p.bos_position]:.2f}"
         rows.append([PLACEMENT_TITLES[p.placement], " ".join(names),
-                     ", ".join(f"{names[t]} ({t})" for t in massive_tokens(p)) or "none",
+                     ", ".join(f"{names[t]} ({t})" for t in p.massive_positions) or "none",
                      f"{p.magnitudes.max():.1f} at {names[peak]} ({peak}), dim {p.max_dims[peak]}",
                      f"{names[sink]} ({sink}): {received[sink]:.2f}", on_bos])
     return common.markdown_table(["bos", "tokens", "massive activations at", "largest |h|",

@@ -55,6 +55,13 @@ class BosPlacement:
         return np.argmax(self.magnitudes, axis=-1)
 
     @property
+    def massive_positions(self) -> list[int]:
+        """The tokens holding massive activations: largest |h| > 100 and >= 1000x the sequence's median |h|
+        (Sun et al.'s criterion, `mwjax.massive.is_massive`)."""
+        median = float(np.median(self.magnitudes))
+        return [int(t) for t in np.flatnonzero(massive.is_massive(self.magnitudes.max(-1), median))]
+
+    @property
     def attention_received(self) -> np.ndarray:
         """[seq] the attention each token receives from the later tokens, averaged over them: how much of a sink
         it is (its attention to itself left out, so the first token's trivial 1 and the last token's own
@@ -75,6 +82,7 @@ class BosPlacement:
             "placement": self.placement,
             "token_ids": list(self.token_ids),
             "bos_position": self.bos_position,
+            "massive_positions": self.massive_positions,
             "hidden_top_values": np.take_along_axis(self.magnitudes, order, axis=-1).tolist(),
             "hidden_top_dims": order.tolist(),
             "hidden_median": np.median(self.magnitudes, axis=-1).tolist(),

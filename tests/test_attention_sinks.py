@@ -54,6 +54,8 @@ def test_bos_placements_match_hf_hidden_states_and_attentions(hf_checkpoint):
         assert p.top_sink == int(np.argmax([attention[k + 1:, k].mean() for k in range(seq - 1)]))
         summary = p.summary(top_k=2)
         assert summary["attention_received"][-1] is None
+        median = np.median(hidden)
+        assert p.massive_positions == [t for t in range(seq) if hidden[t].max() > max(100, 1000 * median)]
         assert np.asarray(summary["hidden_top_values"]).shape == (seq, 2)
         assert summary["hidden_top_dims"][0][0] == int(hidden[0].argmax())
     assert result["start"].token_ids[0] == BOS and result["absent"].bos_position is None

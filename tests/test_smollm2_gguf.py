@@ -97,4 +97,6 @@ def test_attention_sinks_cli_on_the_embedded_model(tmp_path):
         bos = result[name]["bos_position"]
         assert result[name]["hidden_top_values"][bos][0] < 200, name
     assert result["middle"]["attention_received"][4] < 0.1  # ... and little attention from the tokens after it
+    assert {name: p["massive_positions"] for name, p in result.items()} == {
+        "absent": [0], "start": [0], "middle": [0], "end": [0]}
     assert (tmp_path / "attention_sinks.png").stat().st_size > 0
