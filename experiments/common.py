@@ -16,6 +16,7 @@ from absl import flags
 import converters
 from converters import embedded
 from mwjax import attacks, peft
+from mwjax.checkpoint import write_text_atomically
 from mwjax.eval import corpora
 
 FLAGS = flags.FLAGS
@@ -70,6 +71,21 @@ def tokenizer_flag() -> bool | str:
     return False if FLAGS.tokenizer.lower() == "none" else FLAGS.tokenizer
 
 
+def define_attack_flag(before: str) -> None:
+    """--attack for an experiment that measures an attacked model (checked as the command line is parsed);
+    `apply_attack` applies it. `before`: what the attack precedes, for --help."""
+    flags.DEFINE_string("attack", None, f"attack applied before {before}, e.g. zero_top_k:5 or "
+                        "massive_activations:zero (mwjax.attacks.from_spec)")
+    check_flag("attack", attacks.parse_spec)
+
+
+def apply_attack(model, tokenizer):
+    """The model with --attack applied (massive / super weights found on `model`), or the model itself."""
+    if not FLAGS.attack:
+        return model
+    return attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=first_token_flag())
+
+
 def first_token_flag():
     """--first_token as an int when it is one, else the token string (or None)."""
     first = FLAGS.first_token
@@ -114,7 +130,7 @@ def model_name() -> str:
 
 
 def write_json(path: Path, payload) -> Path:
-    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
     return path
 
 
@@ -137,7 +153,8 @@ def load_corpora(names: list[str], tokenizer, max_chunks: int | None) -> list[co
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """A Markdown table; a "|" inside a cell (|h|, a token such as <|im_start|>) is escaped."""
+    fmt = lambda v: (f"{v:.2f}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+    lines = ["| " + " | ".join(fmt(v) for v in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

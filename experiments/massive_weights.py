@@ -6,9 +6,10 @@
 Writes massive_weights.json (the Table 6 row: layer in both numberings and the top-k indices, plus
 per-layer statistics) and figures: bos_hidden.png / bos_intermediate.png (Figure 3(b, c): top-3
 and median |value| per layer with the bos token alone), states.png (Figure 3(a): the largest
-|value| of each state of the first layers), corpus_hidden.png / corpus_intermediate.png (the
-same statistics averaged over text sequences) and magnitudes_3d.png (|hidden state| over the
-prompt's tokens at the origin layer); --format=pdf|svg for vector figures.
+|value| of each state of the first layers, from h_{l-1} through the FFN's gate and up factors to
+h_l), corpus_hidden.png / corpus_intermediate.png (the same statistics averaged over text
+sequences) and magnitudes_3d.png (|hidden state| over the prompt's tokens at the origin layer);
+--format=pdf|svg for vector figures.
 """
 
 from __future__ import annotations
@@ -36,7 +37,20 @@ common.check_flag("stats_corpus", check_corpus)
 flags.DEFINE_integer("stats_sequences", 8, "how many sequences to average the statistics over")
 flags.DEFINE_integer("stats_seqlen", 256, "tokens per sequence for the averaged statistics")
 
-STATES = ("attn_input", "attn_output", "mlp_input", "down_proj_output", "hidden")
+# House of Cards Figure 3(a) (Eq. (1)): the states of layer l in the order the forward pass makes them, with the
+# paper's symbols; the intermediate state is shown with its two factors (before / after the gate multiplies).
+STATES = {
+    "previous_hidden": r"$h_{l-1}$",
+    "attn_input": r"LN$(h_{l-1})$",
+    "attn_output": r"ATTN(LN$(h_{l-1})$)",
+    "attn_residual": r"$\hat{h}_l$",
+    "mlp_input": r"LN$(\hat{h}_l)$",
+    "up_proj_output": r"$x W_{up}$ (before the gate)",
+    "gate_activation": r"$\sigma(x W_{gate})$",
+    "intermediate": r"$\sigma(x W_{gate}) \odot x W_{up}$ (after)",
+    "down_proj_output": r"FFN(LN$(\hat{h}_l)$)",
+    "hidden": r"$h_l$",
+}
 
 
 def table6_row(name: str, mw: massive.MassiveWeights) -> str:
@@ -46,11 +60,18 @@ def table6_row(name: str, mw: massive.MassiveWeights) -> str:
 
 
 def state_magnitudes(model, token_id: int, layers: int) -> dict[str, list[float]]:
-    """Figure 3(a): max |value| of each state of the first `layers` layers, bos alone."""
-    config = probes.ProbeConfig(points=STATES, layers=tuple(range(layers)), full=False, top_k=1)
-    _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
-    # (a mixture of experts records down_proj_output per expert: the largest over experts)
-    return {p: [float(np.abs(np.asarray(result[p][i]["top_values"])).max()) for i in range(layers)] for p in STATES}
+    """Figure 3(a): max |value| of each of STATES in the first `layers` layers, the first token alone.
+
+    h_{l-1} of the first layer is the embedding output. A mixture of experts records the FFN's states per
+    expert: the largest over experts.
+    """
+    points = tuple(p for p in STATES if p != "previous_hidden")
+    config = probes.ProbeConfig(points=points, layers=tuple(range(layers)), full=False, top_k=1)
+    tokens = jnp.array([[token_id]], jnp.int32)
+    _, result = probes.capture(model, tokens, config)
+    largest = {p: [float(np.abs(np.asarray(result[p][i]["top_values"])).max()) for i in range(layers)] for p in points}
+    embedding = float(jnp.max(jnp.abs(model.embed(tokens).astype(jnp.float32))))
+    return {p: [embedding] + largest["hidden"][:-1] if p == "previous_hidden" else largest[p] for p in STATES}
 
 
 def main(argv):
@@ -67,7 +88,8 @@ def main(argv):
     profile = massive.first_token_profile(model, mw.token_id, top_k=3)
     plots.bos_profile(profile, name, lambda figure: common.figure(out, figure))
     states = state_magnitudes(model, mw.token_id, min(model.config.num_hidden_layers, mw.layer + 2))
-    plots.grouped_bars(states, f"{name}: max |value| per state, first token alone", common.figure(out, "states"))
+    plots.grouped_bars({STATES[p]: v for p, v in states.items()}, f"{name}: max |value| per state of layer l, first "
+                       "token alone", common.figure(out, "states"))
 
     corpus = common.load_corpora([FLAGS.stats_corpus], tokenizer, None)[0]
     seqs = chunk_tokens(corpus.token_ids, FLAGS.stats_seqlen, FLAGS.stats_sequences)

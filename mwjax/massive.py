@@ -178,6 +178,17 @@ def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> FirstTo
         router_prob=pick("router_probs", "top_values")[:, 0].astype(np.float64) if moe else None)
 
 
+def first_token_router_probs(model: nnx.Module, token_id: int) -> np.ndarray:
+    """House of Cards Figure 5: the router's probability of every expert for one token (bos) alone at position
+    0, per layer: [L, E] float64 (softmax of HF's `router_logits`, before the top-k choice)."""
+    if model.config.num_local_experts is None:
+        raise ValueError(f"this {model.config.model_type} model has a dense FFN and no router: router probabilities "
+                         "exist only for a mixture of experts (a config with num_local_experts, e.g. Mixtral)")
+    config = probes.ProbeConfig(points=("router_probs",))
+    _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
+    return np.asarray(probes.stack(result, "router_probs")[:, 0, 0], np.float64)
+
+
 def hidden_jumps(profile: FirstTokenProfile) -> np.ndarray:
     """[L] how much each layer raised the hidden state's largest |value| (layer 0: over the embedding)."""
     top = np.abs(profile.hidden.values[:, 0])

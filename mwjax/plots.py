@@ -11,12 +11,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib import ticker  # noqa: E402
+from matplotlib import patches, ticker  # noqa: E402
 
 if TYPE_CHECKING:
     from mwjax import massive
 
 DPI = 200  # raster figures (png); pdf and svg are vector
+_PROB_CMAP = matplotlib.colormaps["YlGnBu"].with_extremes(bad="white")  # probabilities; masked cells blank
 
 
 def layer_magnitudes(stats: massive.Magnitudes, title: str, path: str | Path) -> Path:
@@ -32,30 +33,37 @@ def layer_magnitudes(stats: massive.Magnitudes, title: str, path: str | Path) ->
 
 def magnitudes_3d(values: np.ndarray, token_labels: Sequence[str], title: str, path: str | Path,
                   max_dims: int | None = None) -> Path:
-    """Thesis Figure 4.1-style 3D bars: |hidden state| over tokens x feature dimensions at one layer.
+    """Thesis Figure 4.1: |hidden state| (z) over tokens (x) and feature dimensions (y) at one layer, one
+    line per token. values: [seq, dim]; `max_dims` keeps only the dims with the largest magnitude (all by
+    default)."""
+    fig = plt.figure(figsize=(8, 5))
+    ax = fig.add_subplot(projection="3d")
+    _magnitude_lines(ax, values, token_labels, max_dims)
+    ax.set_title(title)
+    return _save(fig, path)
 
-    values: [seq, dim]. The largest dimensions are labelled; `max_dims` keeps only the dims with the
-    largest magnitude (all by default).
-    """
+
+def _magnitude_lines(ax, values: np.ndarray, token_labels: Sequence[str], max_dims: int | None = None,
+                     label_size: float = 6) -> None:
+    """Draw |values| [seq, dim] on a 3D axis as the Massive Activations code does: each token a line over
+    the feature dimensions, tokens along x; the two largest dims named on the feature axis."""
     mag = np.abs(np.asarray(values, np.float64))
     dims = np.arange(mag.shape[1])
     if max_dims is not None and max_dims < mag.shape[1]:
         dims = np.sort(np.argsort(mag.max(0))[-max_dims:])
         mag = mag[:, dims]
-    fig = plt.figure(figsize=(8, 5))
-    ax = fig.add_subplot(projection="3d")
-    xs, ys = np.meshgrid(np.arange(len(dims)), np.arange(mag.shape[0]))
-    ax.bar3d(xs.ravel(), ys.ravel(), np.zeros(xs.size), 0.8, 0.8, mag.ravel(), shade=True)
-    ax.set_yticks(np.arange(mag.shape[0]))
-    ax.set_yticklabels(token_labels, fontsize=6)
-    # the largest dims named on the axis itself (a label in the plot would sit on a bar)
+    for t in range(mag.shape[0]):
+        ax.plot(np.full(len(dims), t), np.arange(len(dims)), mag[t], color="royalblue", lw=1.2)
+    ax.set_xticks(np.arange(mag.shape[0]))
+    ax.set_xticklabels(token_labels, fontsize=label_size, rotation=60, ha="right")
+    # the largest dims named on the axis itself (a label in the plot would sit on a line)
     top = np.sort(np.argsort(mag.max(0))[-2:])
-    ax.set_xticks(top)
-    ax.set_xticklabels([f"dim {dims[d]}" for d in top], fontsize=7)
-    ax.set_xlabel("feature dimension")
-    ax.set_zlabel("|value|")
-    ax.set_title(title)
-    return _save(fig, path)
+    ax.set_yticks(top)
+    ax.set_yticklabels([str(dims[d]) for d in top], fontsize=label_size + 1)
+    ax.set_ylabel("feature dim", fontsize=label_size + 1)
+    ax.set_zlim(0, None)
+    ax.tick_params(axis="z", labelsize=label_size)
+    ax.view_init(elev=20, azim=-60)
 
 
 def k_sweep(ks: Sequence[int], series: Mapping[str, Sequence[float]], title: str, path: str | Path,
@@ -78,7 +86,8 @@ def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str,
 
 
 def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path, *, log_y: bool = True,
-            legend: bool = True) -> Path:
+            legend: bool | str = True) -> Path:
+    """Axis labels, title, log y axis (plain numbers), legend (True: inside; "outside": to the right), save."""
     if log_y:
         ax.set_yscale("log")
         # plain numbers ("20", not "2x10^1"); minor ticks labelled only when the axis spans under a decade
@@ -89,7 +98,9 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path, *, 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    if legend:
+    if legend == "outside":  # beside the axes, never over the data
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    elif legend:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
@@ -122,12 +133,13 @@ def grouped_bars(values: Mapping[str, Sequence[float]], title: str, path: str | 
     names = list(values)
     n_layers = len(next(iter(values.values())))
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7 + 0.25 * len(names), 3.8))
+    colors = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
     for i, name in enumerate(names):
-        ax.bar(np.arange(n_layers) + i * width, values[name], width, label=name)
+        ax.bar(np.arange(n_layers) + i * width, values[name], width, label=name, color=colors[i % len(colors)])
     ax.set_xticks(np.arange(n_layers) + 0.4 - width / 2)
     ax.set_xticklabels([str(i + 1) for i in range(n_layers)])
-    return _finish(fig, ax, title, "layer (1-based)", "max |value|", path)
+    return _finish(fig, ax, title, "layer l (1-based)", "max |value|", path, legend="outside")
 
 
 def likert_bars(scores: Mapping[str, float], title: str, path: str | Path) -> Path:
@@ -138,3 +150,64 @@ def likert_bars(scores: Mapping[str, float], title: str, path: str | Path) -> Pa
     ax.set_ylim(1, 5.3)
     ax.tick_params(axis="x", labelrotation=30)
     return _finish(fig, ax, title, "", "mean score (1-5)", path, log_y=False, legend=False)
+
+
+def attention_sinks(columns: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[str]]], title: str,
+                    row_titles: tuple[str, str], path: str | Path) -> Path:
+    """House of Cards Figure 2 / Figures 8-18: one column per bos placement; top row the |hidden state| over
+    tokens x feature dims (as `magnitudes_3d`), bottom row the head-averaged attention probabilities
+    (query rows, key columns, causal: nothing above the diagonal) on one colour scale from 0 to 1.
+
+    columns: (column title, |h| [seq, d], attention [seq, seq], token labels) each.
+    """
+    n = len(columns)
+    fig = plt.figure(figsize=(4.2 * n, 8.4))
+    image = None
+    for i, (name, magnitudes, attention, labels) in enumerate(columns):
+        ax = fig.add_subplot(2, n, i + 1, projection="3d")
+        _magnitude_lines(ax, magnitudes, labels)
+        ax.set_title(f"{name}\nmax |h| {np.max(magnitudes):,.1f}", fontsize=10)
+        ax = fig.add_subplot(2, n, n + i + 1)
+        causal = np.ma.masked_where(np.triu(np.ones_like(attention, bool), k=1), attention)
+        image = ax.imshow(causal, cmap=_PROB_CMAP, vmin=0.0, vmax=1.0)
+        ticks = np.arange(len(labels))
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(labels, fontsize=7, rotation=90)
+        ax.set_yticks(ticks)
+        ax.set_yticklabels(labels, fontsize=7)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.text(0.005, 0.75, row_titles[0], rotation=90, va="center", fontsize=10)
+    fig.text(0.005, 0.27, row_titles[1], rotation=90, va="center", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0.015, 0.0, 0.93, 0.97))
+    fig.colorbar(image, cax=fig.add_axes((0.945, 0.08, 0.012, 0.36)), label="attention probability")
+    return _save(fig, path)
+
+
+def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: int | None = None) -> Path:
+    """House of Cards Figure 5: the router's probability of each expert (rows, HF's 0-based expert index) per
+    layer (columns, 1-based) for the bos token; `mark_layer` (0-based) framed, e.g. the massive weights' layer.
+
+    probs: [L, E], rows summing to 1.
+    """
+    probs = np.asarray(probs, np.float64)
+    num_layers, num_experts = probs.shape
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * num_layers + 2), max(2.5, 0.4 * num_experts + 1.2)))
+    image = ax.imshow(probs.T, cmap=_PROB_CMAP, vmin=0.0, vmax=1.0, aspect="auto")
+    if num_layers * num_experts <= 512:  # Mixtral-8x7B's 32 x 8 still reads
+        for (layer, expert), p in np.ndenumerate(probs):
+            ax.text(layer, expert, f"{p:.2f}".lstrip("0"), ha="center", va="center", fontsize=6,
+                    color="white" if p > 0.6 else "black")
+    if mark_layer is not None:
+        ax.add_patch(patches.Rectangle((mark_layer - 0.5, -0.5), 1, num_experts, fill=False, edgecolor="red", lw=1.5))
+    ax.set_xticks(np.arange(num_layers))
+    ax.set_xticklabels([str(i + 1) for i in range(num_layers)], fontsize=7)
+    ax.set_yticks(np.arange(num_experts))
+    ax.set_xlabel("layer (1-based)")
+    ax.set_ylabel("expert")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="router probability", pad=0.01)
+    fig.tight_layout()
+    return _save(fig, path)

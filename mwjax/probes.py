@@ -46,6 +46,11 @@ class AttentionOutput(Probe):
     """Output of `o_proj`, before the residual add."""
 
 
+class AttentionResidual(Probe):
+    """Residual stream after the attention block's residual add, before the FFN: House of Cards' ĥ_l in
+    Eq. (1), `h_{l-1} + ATTN(LN(h_{l-1}))` (Gemma 2 / 3: with the post-attention norm). No HF output holds it."""
+
+
 class AttentionProbs(Probe):
     """Attention probabilities [batch, heads, q, k] (HF `output_attentions`)."""
 
@@ -55,6 +60,15 @@ class IntermediateState(Probe):
 
     Mixtral: every expert's, routed or not, [b, t, num_experts, d_ff].
     """
+
+
+class GateActivation(Probe):
+    """act(x W_gate) [b, t, d_ff]: the gate factor of the intermediate state (Mixtral: per expert,
+    [b, t, E, d_ff])."""
+
+
+class UpProjOutput(Probe):
+    """x W_up [b, t, d_ff]: the intermediate state before the gate multiplies it (Mixtral: per expert)."""
 
 
 class DownProjOutput(Probe):
@@ -72,7 +86,10 @@ POINTS: dict[str, type[Probe]] = {
     "attn_input": AttentionInput,
     "mlp_input": MLPInput,
     "attn_output": AttentionOutput,
+    "attn_residual": AttentionResidual,
     "attn_probs": AttentionProbs,
+    "gate_activation": GateActivation,
+    "up_proj_output": UpProjOutput,
     "intermediate": IntermediateState,
     "down_proj_output": DownProjOutput,
     "router_probs": RouterProbs,

@@ -151,6 +151,7 @@ def loss_ours(model, tokens: np.ndarray, **kw):
 
 # the probe points of mwjax.probes that a forward hook on an HF decoder layer can see
 HF_POINTS = ("hidden", "attn_input", "attn_output", "mlp_input", "intermediate", "down_proj_output")
+FFN_PARTS = ("attn_residual", "gate_activation", "up_proj_output")  # also seen by hooks (dense, unfused FFNs)
 
 
 def capture_hf(hf, tokens: np.ndarray, points=HF_POINTS, *, mlp_input_norm: str = "post_attention_layernorm",
@@ -159,7 +160,9 @@ def capture_hf(hf, tokens: np.ndarray, points=HF_POINTS, *, mlp_input_norm: str 
     tensor as mwjax.probes names them, and the model's output for `tokens` [batch, seq] (forward_kwargs such
     as output_attentions=True passed on). hidden: the layer's output; attn_input: input_layernorm's output;
     attn_output: o_proj's output; mlp_input: the output of `mlp_input_norm` (Gemma 2/3: pre_feedforward_layernorm);
-    intermediate / down_proj_output: down_proj's input / output (dense FFNs only)."""
+    intermediate / down_proj_output: down_proj's input / output (dense FFNs only); FFN_PARTS: attn_residual: the
+    input of `mlp_input_norm`, gate_activation / up_proj_output: the outputs of mlp.act_fn / mlp.up_proj (dense
+    FFNs with separate gate and up projections)."""
     needs_torch()
     captured, handles = {}, []
 
@@ -171,11 +174,16 @@ def capture_hf(hf, tokens: np.ndarray, points=HF_POINTS, *, mlp_input_norm: str 
     for i, layer in enumerate(hf.model.layers):
         down_proj = getattr(layer.mlp, "down_proj", None)
         dense = isinstance(down_proj, torch.nn.Linear)
+        up_proj = getattr(layer.mlp, "up_proj", None)
         modules = {"hidden": (layer,), "attn_input": (layer.input_layernorm,), "attn_output": (layer.self_attn.o_proj,),
-                   "mlp_input": (getattr(layer, mlp_input_norm),), "down_proj_output": (down_proj,) if dense else ()}
+                   "mlp_input": (getattr(layer, mlp_input_norm),), "down_proj_output": (down_proj,) if dense else (),
+                   "up_proj_output": (up_proj,) if up_proj is not None else (),
+                   "gate_activation": (layer.mlp.act_fn,) if up_proj is not None else ()}
         for point in points:
             if point == "intermediate" and dense:
                 hook(down_proj, point, i, take=lambda args, out: args[0])
+            if point == "attn_residual":
+                hook(getattr(layer, mlp_input_norm), point, i, take=lambda args, out: args[0])
             for module in modules.get(point, ()):
                 hook(module, point, i)
     try:

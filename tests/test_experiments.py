@@ -90,6 +90,10 @@ def test_massive_weights_and_super_weight_experiments_on_a_tiny_model(tiny, task
     assert result["massive_weights"]["paper_layer"] == result["massive_weights"]["layer"] + 1
     for figure in ("bos_hidden", "bos_intermediate", "states", "corpus_hidden", "magnitudes_3d"):
         assert (out / f"{figure}.png").stat().st_size > 0
+    states = result["states"]  # Figure 3(a): h_{l-1} ... h_l, the FFN's gate and up factors included
+    assert list(states) == ["previous_hidden", "attn_input", "attn_output", "attn_residual", "mlp_input",
+                            "up_proj_output", "gate_activation", "intermediate", "down_proj_output", "hidden"]
+    assert states["previous_hidden"][1:] == states["hidden"][:-1]
     out = tiny / "sw"
     stdout = run("experiments.super_weight", f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}",
                  "--layer=1", "--row=3", "--col=7", "--seqlen=64", "--max_chunks=1", "--factors=0,1",
@@ -101,6 +105,34 @@ def test_massive_weights_and_super_weight_experiments_on_a_tiny_model(tiny, task
         result["settings"]["original"]["perplexity"]["text.txt"], rel=1e-6)
     assert result["scaling"]["zeroshot"][1] == pytest.approx(task_data[1], abs=1e-9)  # Figure 8's metric
     assert (out / "scaling_zeroshot.svg").read_text().startswith("<?xml") and (out / "scaling.svg").exists()
+
+
+def test_attention_sinks_experiment_on_a_tiny_model(tiny):
+    out = tiny / "sinks"
+    stdout = run("experiments.attention_sinks", f"--model={tiny / 'model'}", "--prompt=abcdef", "--middle=3",
+                 "--attack=zero_top_k:2", f"--output_dir={out}")
+    assert "| bos in the middle | a b c <s> d e f |" in stdout
+    result = json.loads((out / "attention_sinks.json").read_text())
+    assert result["attack"] == "zero_top_k:2" and result["attention_layer"] == result["layer"] + 1
+    assert [p["bos_position"] for p in result["placements"]] == [None, 0, 3, 6]
+    assert result["tokens"]["end"] == ["a", "b", "c", "d", "e", "f", "<s>"]
+    assert (out / "attention_sinks.png").stat().st_size > 0 and (out / "attention_sinks.md").exists()
+
+
+def test_router_experiment_on_a_tiny_mixture_of_experts(tiny_checkpoint, tmp_path):
+    stdout = run("experiments.router", f"--model={tiny_checkpoint('mixtral')}", "--tokenizer=none",
+                 f"--output_dir={tmp_path}")
+    assert "| layer (paper) | HF layer | top-2 experts: probability | entropy (nats) |" in stdout
+    result = json.loads((tmp_path / "router.json").read_text())
+    probs = result["router_probs"]
+    assert len(probs) == 3 and all(len(p) == 4 and sum(p) == pytest.approx(1.0) for p in probs)
+    mw = result["massive_weights"]  # the expert the router ranks first at the massive weights' layer
+    assert mw["expert"] == max(range(4), key=probs[mw["layer"]].__getitem__)
+    assert (tmp_path / "router.png").stat().st_size > 0 and (tmp_path / "router.md").exists()
+    dense = subprocess.run([sys.executable, "-m", "experiments.router", f"--model={tiny_checkpoint('llama_gqa')}",
+                            "--tokenizer=none", f"--output_dir={tmp_path}"], capture_output=True, text=True,
+                           timeout=300)
+    assert dense.returncode != 0 and "is a dense llama model: it has no router" in dense.stderr
 
 
 @pytest.mark.slow

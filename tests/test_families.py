@@ -15,6 +15,7 @@ import transformers
 from flax import nnx
 from hf_reference import (
     FAMILY_CONFIGS,
+    FFN_PARTS,
     SEQ_LEN,
     assert_logits_close,
     capture_hf,
@@ -124,13 +125,31 @@ def test_dense_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
             assert_probe_close(result[point][i], ref.numpy(), f"{name} {point} layer {i}")
 
 
+@pytest.mark.parametrize("name, mlp_input_norm", [("llama_gqa", "post_attention_layernorm"),
+                                                  ("gemma2", "pre_feedforward_layernorm")])
+def test_residual_and_ffn_factor_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
+    """House of Cards Figure 3(a)'s further states: ĥ_l (after the attention's residual add; Gemma 2: with its
+    post-attention norm), act(x W_gate) and x W_up, whose product is the intermediate state."""
+    hf, path = hf_checkpoint(name)
+    tokens = random_tokens(32, hf.config.vocab_size, seed=3)
+    captured, _ = capture_hf(hf, tokens, FFN_PARTS + ("intermediate",), mlp_input_norm=mlp_input_norm)
+    _, result = probes.capture(load(path), jnp.asarray(tokens),
+                               probes.ProbeConfig(points=FFN_PARTS + ("intermediate",)))
+    for i in range(hf.config.num_hidden_layers):
+        for point in FFN_PARTS:
+            assert_probe_close(result[point][i], captured[(point, i)].numpy(), f"{name} {point} layer {i}")
+        product = result["gate_activation"][i]["full"] * result["up_proj_output"][i]["full"]
+        np.testing.assert_array_equal(product, result["intermediate"][i]["full"])
+
+
 def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
     """router_probs = softmax of HF's router logits; intermediate / down_proj_output hold every expert's
     state, computed here in torch from HF's fused expert weights; the layer outputs agree."""
     hf, path = hf_checkpoint("mixtral")
     tokens = random_tokens(64, hf.config.vocab_size, seed=2)
     captured, hf_out = capture_hf(hf, tokens, output_router_logits=True)
-    points = ("router_probs", "intermediate", "down_proj_output", "hidden", "mlp_input", "attn_output")
+    points = ("router_probs", "intermediate", "down_proj_output", "hidden", "mlp_input", "attn_output",
+              "gate_activation", "up_proj_output")
     _, result = probes.capture(load(path), jnp.asarray(tokens), probes.ProbeConfig(points=points, top_k=3))
     num_experts, f = hf.config.num_local_experts, hf.config.intermediate_size
     for i, layer in enumerate(hf.model.layers):
@@ -141,15 +160,32 @@ def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
         experts = layer.mlp.experts
         with torch.no_grad():
             gate, up = experts.gate_up_proj[:, :f], experts.gate_up_proj[:, f:]  # [E, d_ff, d]
-            h = torch.stack([torch.nn.functional.silu(x @ gate[e].T) * (x @ up[e].T) for e in range(num_experts)],
-                            dim=2)  # [1, t, E, d_ff]
+            gates = torch.stack([torch.nn.functional.silu(x @ gate[e].T) for e in range(num_experts)], dim=2)
+            ups = torch.stack([x @ up[e].T for e in range(num_experts)], dim=2)
+            h = gates * ups  # [1, t, E, d_ff]
             out = torch.stack([h[:, :, e] @ experts.down_proj[e].T for e in range(num_experts)], dim=2)
         assert result["intermediate"][i]["full"].shape == (1, 64, num_experts, f)
         assert_probe_close(result["intermediate"][i], h.numpy(), f"intermediate layer {i}")
+        assert_probe_close(result["gate_activation"][i], gates.numpy(), f"gate_activation layer {i}")
+        assert_probe_close(result["up_proj_output"][i], ups.numpy(), f"up_proj_output layer {i}")
         np.testing.assert_array_equal(result["intermediate"][i]["top_indices"], h.abs().topk(3).indices.numpy())
         assert_probe_close(result["down_proj_output"][i], out.numpy(), f"down_proj_output layer {i}")
         for point in ("hidden", "attn_output"):
             assert_probe_close(result[point][i], captured[(point, i)].numpy(), f"{point} layer {i}")
+
+
+def test_first_token_router_probs_match_hf(hf_checkpoint, tiny_checkpoint):
+    """House of Cards Figure 5's data: per layer, the router's softmax over experts for bos alone; a dense
+    model has no router and says so."""
+    hf, path = hf_checkpoint("mixtral")
+    with torch.no_grad():
+        logits = hf(torch.tensor([[1]]), output_router_logits=True).router_logits  # per layer [1, E]
+    ref = np.stack([torch.softmax(x.float(), dim=-1)[0].numpy() for x in logits])  # [L, E]
+    probs = massive.first_token_router_probs(load(path), 1)
+    assert probs.shape == (hf.config.num_hidden_layers, hf.config.num_local_experts)
+    np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dense FFN and no router"):
+        massive.first_token_router_probs(load(tiny_checkpoint("llama_gqa")), 1)
 
 
 # ------------------------------------------------------------------------------------------ cache

@@ -54,3 +54,27 @@ def test_probe_cli_on_the_embedded_model(tmp_path):
     assert "dim 1229, |x| = 3064.8" in out.stdout
     assert (tmp_path / "probe.json").exists()
     assert (tmp_path / "bos_hidden.png").stat().st_size > 0 and (tmp_path / "bos_intermediate.png").stat().st_size > 0
+
+
+def test_attention_sinks_cli_on_the_embedded_model(tmp_path):
+    """House of Cards Figure 2 on SmolLM2: massive activations and the attention sink sit on the first position,
+    whatever token is there; bos placed later gets neither (as the paper's Llama-2-13B and Phi-3)."""
+    import json
+
+    out = subprocess.run([sys.executable, "-m", "experiments.attention_sinks", f"--output_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "|h| after layer 15 (HF layers[14]), head-averaged attention of layer 16 (HF layers[15])" in out.stdout
+    assert "| bos in the middle | Summer is warm . <\\|im_start\\|> Winter is cold . | Summer (0) |" in out.stdout
+    result = {p["placement"]: p for p in json.loads((tmp_path / "attention_sinks.json").read_text())["placements"]}
+    for name, p in result.items():
+        received = np.asarray(p["attention_received"][:-1])  # the last token: no later token sees it
+        assert received.argmax() == 0 and received[0] > 0.6, name  # the first token is the sink
+        assert p["hidden_top_values"][0][0] > 20000 and p["hidden_top_dims"][0][0] == 507, name  # ~23100-24900
+    for name in ("middle", "end"):  # a bos after the first position: no massive activation ...
+        bos = result[name]["bos_position"]
+        assert result[name]["hidden_top_values"][bos][0] < 200, name
+    assert result["middle"]["attention_received"][4] < 0.1  # ... and little attention from the tokens after it
+    assert {name: p["massive_positions"] for name, p in result.items()} == {
+        "absent": [0], "start": [0], "middle": [0], "end": [0]}
+    assert (tmp_path / "attention_sinks.png").stat().st_size > 0

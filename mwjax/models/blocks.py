@@ -79,10 +79,19 @@ class MLP(nnx.Module):
         self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
 
+    def gate_and_up(self, x: jax.Array, row_mask: masks.RowMask | None = None) -> tuple[jax.Array, jax.Array]:
+        """The two factors of the intermediate state, act(x W_gate) and x W_up: [..., d_ff] each."""
+        return self.act(self.gate_proj(x, row_mask)), self.up_proj(x, row_mask)
+
     def intermediate(self, x: jax.Array, row_mask: masks.RowMask | None = None) -> jax.Array:
         """The paper's intermediate state act(x W_gate) * (x W_up): [..., d_ff]."""
-        return self.act(self.gate_proj(x, row_mask)) * self.up_proj(x, row_mask)
+        gate, up = self.gate_and_up(x, row_mask)
+        return gate * up
 
     def __call__(self, x, row_mask: masks.RowMask | None, taps: Taps):
-        h = taps(self, "intermediate", self.layer_idx, self.intermediate(x, row_mask))  # [b, t, d_ff]
-        return taps(self, "down_proj_output", self.layer_idx, self.down_proj(h))
+        i = self.layer_idx
+        gate, up = self.gate_and_up(x, row_mask)  # [b, t, d_ff] each
+        taps.record(self, "gate_activation", i, gate)
+        taps.record(self, "up_proj_output", i, up)
+        h = taps(self, "intermediate", i, gate * up)
+        return taps(self, "down_proj_output", i, self.down_proj(h))

@@ -62,6 +62,7 @@ class Gemma2DecoderLayer(nnx.Module):
         h = taps(self, "attn_input", i, self.input_layernorm(x))
         a, cache = self.self_attn(h, rope, mask, taps, cache)
         x = x + self.post_attention_layernorm(taps(self, "attn_output", i, a))
+        taps.record(self, "attn_residual", i, x)
         h = taps(self, "mlp_input", i, self.pre_feedforward_layernorm(x))
         x = x + self.post_feedforward_layernorm(self.mlp(h, row_mask, taps))
         return taps(self, "hidden", i, x), cache

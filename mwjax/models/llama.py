@@ -45,6 +45,7 @@ class DecoderLayer(nnx.Module):
         h = taps(self, "attn_input", i, self.input_layernorm(x))
         a, cache = self.self_attn(h, rope, mask, taps, cache)
         x = x + taps(self, "attn_output", i, a)
+        taps.record(self, "attn_residual", i, x)
         h = taps(self, "mlp_input", i, self.post_attention_layernorm(x))
         x = x + self.mlp(h, row_mask, taps)
         return taps(self, "hidden", i, x), cache

@@ -28,6 +28,7 @@ massive weights of the expert the router picks for bos needs.
 Probes of the MoE block (layer i):
 - "router_probs":     [b, t, E] float32, softmax of the router logits (House of Cards, Figure 5)
 - "intermediate":     [b, t, E, d_ff], each expert's act(x W_gate) * (x W_up), routed or not
+- "gate_activation" / "up_proj_output": [b, t, E, d_ff], each expert's two factors of it
 - "down_proj_output": [b, t, E, d], each expert's down_proj output before the routing weights
 An activation edit at "intermediate" / "down_proj_output" applies to every expert's [b, t, .] state.
 """
@@ -76,8 +77,11 @@ class MixtralSparseMoeBlock(nnx.Module):
         probs, weights = self.route(x)
         taps.record(self, "router_probs", i, probs)
         expert_mask = lambda e: row_mask if row_mask is not None and row_mask.expert == e else None
-        hs = [taps.edit("intermediate", i, expert.intermediate(x, expert_mask(e)))  # [b, t, d_ff] each
-              for e, expert in enumerate(self.experts)]
+        gates, ups = zip(*(expert.gate_and_up(x, expert_mask(e)) for e, expert in enumerate(self.experts)),
+                         strict=True)  # [b, t, d_ff] each
+        taps.record(self, "gate_activation", i, jnp.stack(gates, axis=2))
+        taps.record(self, "up_proj_output", i, jnp.stack(ups, axis=2))
+        hs = [taps.edit("intermediate", i, gate * up) for gate, up in zip(gates, ups, strict=True)]
         taps.record(self, "intermediate", i, jnp.stack(hs, axis=2))
         outs = [taps.edit("down_proj_output", i, expert.down_proj(h))  # [b, t, d] each
                 for expert, h in zip(self.experts, hs, strict=True)]
