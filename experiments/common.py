@@ -15,7 +15,7 @@ from absl import flags
 
 import converters
 from converters import embedded
-from mwjax import peft
+from mwjax import checkpoint, peft
 from mwjax.eval import corpora
 
 FLAGS = flags.FLAGS
@@ -100,7 +100,7 @@ def model_name() -> str:
 
 
 def write_json(path: Path, payload) -> Path:
-    path.write_text(json.dumps(payload, indent=2, default=_jsonable))
+    checkpoint.write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
     return path
 
 

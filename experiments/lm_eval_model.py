@@ -9,7 +9,8 @@ attack_on (with adapter and attack, House of Cards Table 8's reading: merged, th
 massive weights on the merged model and attacks its rows; base attacks the pretrained rows under the live
 adapter; `mwjax.attacks.after_fine_tuning`), dtype (float32 | bfloat16), first_token (for finding massive
 weights when the tokenizer has no bos), add_bos_token (True / False / unset = the tokenizer's default),
-max_length, max_gen_toks.
+max_length, max_gen_toks, truncation (left, as lm-eval's HF backend, or middle: LongBench's cut of a prompt
+over max_prompt_length tokens; `mwjax.eval.lm_eval.middle_truncate`), max_prompt_length.
 `pip install -e .` makes `--model mwjax` known to the `lm_eval` command (a small .pth hook registers
 it in lm_eval processes only); in Python, import this module or pass an `MwjaxLM` instance.
 """
