@@ -36,6 +36,8 @@ flags.DEFINE_string("export_data", None, "download the datasets' test splits int
 flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each dataset")
 flags.DEFINE_integer("max_length", longbench.MAX_LENGTH, "prompts over this many tokens lose their middle "
                      "(House of Cards Appendix H: 7,500)")
+flags.DEFINE_integer("max_gen_toks", None, "generate at most this many tokens on every dataset instead of each "
+                     "one's own length (LongBench's, up to 512): quick checks, not the paper's protocol")
 flags.DEFINE_integer("batch_size", 8, "generation requests per batch")
 flags.DEFINE_bool("chat_template", True, "wrap the prompts of the datasets LongBench wraps in the tokenizer's chat "
                   "template (when it has one)")
@@ -54,7 +56,8 @@ def main(argv):
     longbench.check_datasets(FLAGS.datasets, FLAGS.data_dir)
     evaluate = longbench.Evaluator(FLAGS.datasets, data_dir=FLAGS.data_dir, limit=FLAGS.limit,
                                    batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
-                                   chat_template=FLAGS.chat_template, add_bos_token=BOS_CHOICES[FLAGS.add_bos_token])
+                                   chat_template=FLAGS.chat_template, add_bos_token=BOS_CHOICES[FLAGS.add_bos_token],
+                                   max_gen_toks=FLAGS.max_gen_toks)
     model, tokenizer = attack_flags.load_model()
     templated = evaluate.templated(tokenizer)
     print(f"max_length={FLAGS.max_length} (middle truncation), add_bos_token={FLAGS.add_bos_token}, chat template on: "
@@ -62,7 +65,8 @@ def main(argv):
     scores, raw = evaluate(model, tokenizer)
     run = attack_flags.recorded() | {
         "datasets": FLAGS.datasets, "limit": FLAGS.limit, "data_dir": FLAGS.data_dir, "max_length": FLAGS.max_length,
-        "add_bos_token": FLAGS.add_bos_token, "chat_template": templated, "scores": scores,
+        "max_gen_toks": FLAGS.max_gen_toks, "add_bos_token": FLAGS.add_bos_token, "chat_template": templated,
+        "scores": scores,
         "predictions": longbench.predictions(raw["samples"], evaluate.tasks)}
     table = tables.table9([run])
     if departure := tables.longbench_departure(run):

@@ -16,7 +16,7 @@ Reads every attacks.json (experiments.attacks), zeroshot.json (experiments.zeros
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
 A zero-shot run made with --limit, on a subset of the five tasks or with --apply_chat_template is not
 the papers' protocol: its numbers carry a "*" and the tables say which runs and why; so does a LongBench
-run made with --limit, on a subset of the datasets or with another --max_length than 7,500.
+run made with --limit, on a subset of the datasets, with another --max_length than 7,500 or --max_gen_toks.
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def longbench_departure(run: dict) -> str | None:
         parts.append(f"{len(datasets)} of the {len(longbench.DATASETS)} datasets")
     if run["max_length"] != longbench.MAX_LENGTH:
         parts.append(f"--max_length={run['max_length']}")
+    if run.get("max_gen_toks"):
+        parts.append(f"--max_gen_toks={run['max_gen_toks']}")
     return ", ".join(parts) or None
 
 

@@ -14,7 +14,7 @@ from hf_reference import torch
 from longbench_docs import write_task_data
 
 lm_eval = pytest.importorskip("lm_eval")
-for _metric_dependency in ("jieba", "fuzzywuzzy", "rouge"):  # lm-eval's LongBench metrics: pip install lm_eval[longbench]
+for _metric_dependency in ("jieba", "fuzzywuzzy", "rouge"):  # lm-eval's LongBench metrics
     pytest.importorskip(_metric_dependency)
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
@@ -124,13 +124,14 @@ def test_longbench_through_lm_eval_matches_the_hf_backend(tiny, smollm2_tokenize
     """The same prompts (chat template on hotpotqa only), generations and LongBench scores as lm-eval's HF backend,
     with prompts under the limit (the HF backend has no middle truncation)."""
     hf, model, _ = tiny
-    evaluate = longbench.Evaluator(DATASETS, data_dir=data_dir, batch_size=2)
+    evaluate = longbench.Evaluator(DATASETS, data_dir=data_dir, batch_size=2, max_gen_toks=8)
     scores, raw = evaluate(model, smollm2_tokenizer)
     assert raw["chat_template"] == ["hotpotqa"]
     ref_lm = HFLM(pretrained=hf, tokenizer=smollm2_tokenizer, batch_size=2)
     for apply, names in ((True, ["hotpotqa"]), (False, ["trec", "lcc"])):
         ref = lm_eval.simple_evaluate(model=ref_lm, tasks=[evaluate.tasks[n] for n in names], num_fewshot=0,
-                                      task_manager=evaluate.manager, apply_chat_template=apply, log_samples=True)
+                                      task_manager=evaluate.manager, apply_chat_template=apply, log_samples=True,
+                                      gen_kwargs=evaluate.gen_kwargs)
         for name in names:
             ours, theirs = raw["samples"][evaluate.tasks[name]], ref["samples"][evaluate.tasks[name]]
             assert [s["arguments"] for s in ours] == [s["arguments"] for s in theirs]
@@ -147,7 +148,7 @@ def test_longbench_experiment_and_table9(tiny_smol_dir, data_dir, tmp_path):
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.longbench", f"--model={tiny_smol_dir}", f"--data_dir={data_dir}",
-           "--datasets=trec,lcc", "--limit=1", "--max_length=32", "--batch_size=1", "--label=tiny",
+           "--datasets=trec,lcc", "--limit=1", "--max_length=32", "--max_gen_toks=4", "--batch_size=1", "--label=tiny",
            f"--output_dir={out}"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -160,22 +161,23 @@ def test_longbench_experiment_and_table9(tiny_smol_dir, data_dir, tmp_path):
     row = tables.table9_row(run)
     assert row[:2] == [str(tiny_smol_dir), "tiny*"] and row[2] == "-" and len(row) == 2 + 16 + 1
     assert row[2 + longbench.DATASETS.index("trec")] == run["scores"]["trec"]
-    assert tables.longbench_departure(run) == "--limit=1, 2 of the 16 datasets, --max_length=32"
-    assert tables.longbench_departure(run | {"limit": None, "max_length": 7500,
+    assert tables.longbench_departure(run) == "--limit=1, 2 of the 16 datasets, --max_length=32, --max_gen_toks=4"
+    assert tables.longbench_departure(run | {"limit": None, "max_length": 7500, "max_gen_toks": None,
                                              "scores": dict.fromkeys([*longbench.DATASETS, "mean"], 1.0)}) is None
 
 
 @pytest.mark.slow
 def test_smollm2_longbench_matches_the_hf_backend(smollm2_path, smollm2_tokenizer, data_dir):
     model, _ = converters.load(smollm2_path, dtype=jnp.float32, tokenizer=False)
-    evaluate = longbench.Evaluator(["hotpotqa", "trec"], data_dir=data_dir, limit=1, batch_size=1)
+    evaluate = longbench.Evaluator(["hotpotqa", "trec"], data_dir=data_dir, limit=1, batch_size=1, max_gen_toks=16)
     scores, raw = evaluate(model, smollm2_tokenizer)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
                                                            dtype=torch.float32).eval()
     ref_lm = HFLM(pretrained=hf, tokenizer=smollm2_tokenizer, batch_size=1)
     for apply, name in ((True, "hotpotqa"), (False, "trec")):
         ref = lm_eval.simple_evaluate(model=ref_lm, tasks=[evaluate.tasks[name]], task_manager=evaluate.manager,
-                                      num_fewshot=0, limit=1, apply_chat_template=apply, log_samples=True)
+                                      num_fewshot=0, limit=1, apply_chat_template=apply, log_samples=True,
+                                      gen_kwargs=evaluate.gen_kwargs)
         ours, theirs = raw["samples"][evaluate.tasks[name]], ref["samples"][evaluate.tasks[name]]
         assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in theirs]
     print(f"SmolLM2 on one local document each: {scores}; "

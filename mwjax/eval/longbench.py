@@ -122,20 +122,24 @@ def predictions(samples: dict, tasks: dict[str, str], n: int = 3) -> dict[str, l
 class Evaluator:
     """Runs LongBench datasets through lm-eval on in-memory models: `evaluator(model, tokenizer)` -> (task_scores,
     {"results", "samples", "chat_template"}). lm-eval's task setup happens once. From <dataset>.jsonl files in
-    `data_dir` when given, else the hub. `chat_template=False` never applies the tokenizer's template."""
+    `data_dir` when given, else the hub. `chat_template=False` never applies the tokenizer's template;
+    `max_gen_toks` replaces every dataset's own generation length (quick checks, not the protocol)."""
 
     def __init__(self, names=DATASETS, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
                  batch_size: int = 8, max_length: int = MAX_LENGTH, chat_template: bool = True,
-                 add_bos_token: bool | None = None):
+                 add_bos_token: bool | None = None, max_gen_toks: int | None = None):
         from lm_eval.tasks import TaskManager
 
         check_datasets(names, data_dir)
         self.limit, self.batch_size, self.max_length = limit, batch_size, max_length
         self.chat_template, self.add_bos_token = chat_template, add_bos_token
+        self.gen_kwargs = {"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None
         self._include = tempfile.TemporaryDirectory() if data_dir else None  # removed with the evaluator
         self.tasks = (write_local_tasks(data_dir, self._include.name, names) if data_dir
                       else {name: task_name(name) for name in names})
-        self.manager = TaskManager(include_path=self._include.name if data_dir else None)
+        # only LongBench's configs (or the local ones, which include them): lm-eval takes ~10 s to index all its tasks
+        include = self._include.name if data_dir else str(lm_eval_tasks_dir() / "longbench")
+        self.manager = TaskManager(include_path=include, include_defaults=False)
 
     def templated(self, tokenizer) -> list[str]:
         """The datasets whose prompt the tokenizer's chat template wraps (none if it has no template)."""
@@ -158,7 +162,8 @@ class Evaluator:
         for apply, tasks in runs.items():
             if tasks:
                 out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=self.manager, limit=self.limit,
-                                              num_fewshot=0, apply_chat_template=apply, log_samples=True)
+                                              num_fewshot=0, apply_chat_template=apply, gen_kwargs=self.gen_kwargs,
+                                              log_samples=True)
                 merged["results"] |= out["results"]
                 merged["samples"] |= out["samples"]
         return task_scores(merged, self.tasks), merged
