@@ -9,9 +9,7 @@ import sys
 
 import jax.numpy as jnp
 import pytest
-import transformers
-from hf_reference import torch
-from longbench_docs import write_task_data
+from longbench_docs import TREC_CLASSES, write_task_data
 
 lm_eval = pytest.importorskip("lm_eval")
 for _metric_dependency in ("jieba", "fuzzywuzzy", "rouge"):  # lm-eval's LongBench metrics
@@ -23,7 +21,7 @@ import converters  # noqa: E402
 from mwjax.eval import longbench  # noqa: E402
 from mwjax.eval.lm_eval import MwjaxLM, middle_truncate  # noqa: E402
 
-DATASETS = ("hotpotqa", "trec", "lcc")  # chat-templated QA (qa_f1), few-shot (classification), code (code_sim)
+DATASETS = ("hotpotqa", "trec")  # chat-templated QA (qa_f1), few-shot (classification); code: the CLI test
 INSTRUCTION, QUESTION = "Instruction: keep this.", " Question: what is left?"
 
 
@@ -128,7 +126,7 @@ def test_longbench_through_lm_eval_matches_the_hf_backend(tiny, smollm2_tokenize
     scores, raw = evaluate(model, smollm2_tokenizer)
     assert raw["chat_template"] == ["hotpotqa"]
     ref_lm = HFLM(pretrained=hf, tokenizer=smollm2_tokenizer, batch_size=2)
-    for apply, names in ((True, ["hotpotqa"]), (False, ["trec", "lcc"])):
+    for apply, names in ((True, ["hotpotqa"]), (False, ["trec"])):
         ref = lm_eval.simple_evaluate(model=ref_lm, tasks=[evaluate.tasks[n] for n in names], num_fewshot=0,
                                       task_manager=evaluate.manager, apply_chat_template=apply, log_samples=True,
                                       gen_kwargs=evaluate.gen_kwargs)
@@ -167,18 +165,12 @@ def test_longbench_experiment_and_table9(tiny_smol_dir, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_longbench_matches_the_hf_backend(smollm2_path, smollm2_tokenizer, data_dir):
+def test_smollm2_longbench_pipeline(smollm2_path, smollm2_tokenizer, data_dir):
+    """The real SmolLM2 on a few-shot document (the generations equal lm-eval's HF backend's on the tiny model
+    above): the few-shot prompt reaches it whole, so it answers with a TREC class."""
     model, _ = converters.load(smollm2_path, dtype=jnp.float32, tokenizer=False)
-    evaluate = longbench.Evaluator(["hotpotqa", "trec"], data_dir=data_dir, limit=1, batch_size=1, max_gen_toks=16)
+    evaluate = longbench.Evaluator(["trec"], data_dir=data_dir, limit=1, batch_size=1, max_gen_toks=16)
     scores, raw = evaluate(model, smollm2_tokenizer)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                           dtype=torch.float32).eval()
-    ref_lm = HFLM(pretrained=hf, tokenizer=smollm2_tokenizer, batch_size=1)
-    for apply, name in ((True, "hotpotqa"), (False, "trec")):
-        ref = lm_eval.simple_evaluate(model=ref_lm, tasks=[evaluate.tasks[name]], task_manager=evaluate.manager,
-                                      num_fewshot=0, limit=1, apply_chat_template=apply, log_samples=True,
-                                      gen_kwargs=evaluate.gen_kwargs)
-        ours, theirs = raw["samples"][evaluate.tasks[name]], ref["samples"][evaluate.tasks[name]]
-        assert [s["filtered_resps"] for s in ours] == [s["filtered_resps"] for s in theirs]
-    print(f"SmolLM2 on one local document each: {scores}; "
-          f"{ {n: p[0]['prediction'] for n, p in longbench.predictions(raw['samples'], evaluate.tasks).items()} }")
+    said = {name: p[0]["prediction"] for name, p in longbench.predictions(raw["samples"], evaluate.tasks).items()}
+    print(f"SmolLM2 on one local document: {scores}; {said}")
+    assert said["trec"].strip() in TREC_CLASSES
