@@ -9,6 +9,8 @@ import pytest
 from hf_reference import tiny_tokenizer
 from zeroshot_docs import write_task_data
 
+from mwjax.eval import longbench
+
 TEXT = "the quick brown fox jumps over the lazy dog and keeps running through the quiet field " * 20
 
 
@@ -31,6 +33,7 @@ def tiny(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("module, args, message", [
     ("experiments.attacks", ["--datasets=python_docs,wikitext3"], "unknown corpus 'wikitext3'"),
     ("experiments.zeroshot", ["--attack=zero_top_k:five"], "write zero_top_k:K with an integer K"),
+    ("experiments.longbench", ["--datasets=qasper,lsht"], "unknown LongBench dataset 'lsht'"),
     ("experiments.super_weight", ["--output_dir=/proc/mwjax"], "cannot write to the output directory /proc/mwjax"),
 ])
 def test_bad_inputs_fail_before_the_model_loads(module, args, message):
@@ -138,6 +141,9 @@ def test_tables_from_run_outputs(tmp_path):
     runs["e/attacks.json"] = {"model": "m", "k": 5, "seqlen": 4096, "settings": {
         "original": {"perplexity": ppl(5.75)}, "top-5 zeroing": {"perplexity": ppl(104.57)},
         "top-5 retaining": {"perplexity": ppl(10.15)}}}
+    long_context = {name: 30.0 + i for i, name in enumerate(longbench.DATASETS)}
+    runs["g/longbench.json"] = {"model": "m", "label": "LoRA", "max_length": 7500, "limit": None,
+                                "scores": long_context | {"mean": 37.5}}
     for name, payload in runs.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(json.dumps(payload))
@@ -150,6 +156,8 @@ def test_tables_from_run_outputs(tmp_path):
     # a run with --limit is marked, never passed off as the papers' protocol
     assert "| m | DoRA* | 60.00 | 60.00 | 60.00 | 60.00 | 60.00 | 60.00* |" in stdout
     assert "* not the papers' protocol" in stdout and "f/zeroshot.json (--limit=20)" in stdout
+    assert "## Table 9" in stdout and "| NtvQA | Qasper |" in stdout  # the paper's columns, in its order
+    assert "| m | LoRA | 30.00 | 31.00 | 32.00 |" in stdout and "| 44.00 | 45.00 | 37.50 |" in stdout
     from experiments.tables import bos_note
 
     mixed = bos_note([{"path": "a", "add_bos_token": "false"}, {"path": "b", "add_bos_token": "tokenizer"}])
