@@ -42,6 +42,7 @@ CATEGORIES = {"Single-document QA": DATASETS[0:3], "Multi-document QA": DATASETS
               "Code": DATASETS[14:16]}
 NO_CHAT_TEMPLATE = ("trec", "triviaqa", "samsum", "lcc", "repobench-p")  # pred.py (and lsht, not English)
 MAX_LENGTH = 7500  # House of Cards Appendix H: "We set the max length of models to 7,500"
+LONGEST_GENERATION = 512  # the summarization datasets' max_gen_toks (LongBench's dataset2maxlen, lm-eval's configs)
 HUB = "Xnhyacinth/LongBench"  # the dataset_path of lm-eval's longbench tasks (THUDM/LongBench as parquet)
 LOCAL_SUFFIX = "_local"
 
@@ -154,6 +155,10 @@ class Evaluator:
 
         lm = MwjaxLM(model, tokenizer, batch_size=self.batch_size, add_bos_token=self.add_bos_token,
                      truncation="middle", max_prompt_length=self.max_length)
+        longest = self.gen_kwargs["max_gen_toks"] if self.gen_kwargs else LONGEST_GENERATION
+        if lm.max_length < self.max_length + longest:
+            print(f"warning: the model's window ({lm.max_length} tokens) is shorter than max_length={self.max_length} "
+                  f"plus up to {longest} generated tokens: prompts near max_length also lose their left end")
         templated = self.templated(tokenizer)
         # lm-eval applies a chat template to all tasks of a run or to none: one run per choice
         runs = {True: [self.tasks[n] for n in templated],
