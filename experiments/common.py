@@ -15,8 +15,7 @@ from absl import flags
 
 import converters
 from converters import embedded
-from mwjax import attacks, peft
-from mwjax.checkpoint import write_text_atomically
+from mwjax import attacks, checkpoint, peft
 from mwjax.eval import corpora
 
 FLAGS = flags.FLAGS
@@ -47,20 +46,6 @@ def load_model(merge_adapter: bool = True):
     model, tokenizer = converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), tokenizer=tokenizer_flag())
     if FLAGS.adapter and merge_adapter:
         model = peft.merge(peft.load_adapters(model, FLAGS.adapter))
-    return model, tokenizer
-
-
-def load_attacked_model(attack: str | None, attack_on: str = "merged"):
-    """load_model, then `attack` (a mwjax.attacks spec) if given: with --adapter, House of Cards Table 8's
-    reading `attack_on` (mwjax.attacks.after_fine_tuning), else on the loaded model."""
-    fine_tuned_attack = bool(attack and FLAGS.adapter)
-    model, tokenizer = load_model(merge_adapter=not fine_tuned_attack)
-    if fine_tuned_attack:
-        model = attacks.after_fine_tuning(model, tokenizer, attack, FLAGS.adapter, attack_on,
-                                          first_token=first_token_flag())
-        print(f"{attack} on the fine-tuned model, attack_on={attack_on}")
-    elif attack:
-        model = attacks.from_spec(model, tokenizer, attack, first_token=first_token_flag())
     return model, tokenizer
 
 
@@ -130,7 +115,7 @@ def model_name() -> str:
 
 
 def write_json(path: Path, payload) -> Path:
-    write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
+    checkpoint.write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
     return path
 
 

@@ -26,17 +26,13 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import converters
-from experiments import common
-from mwjax import attacks, checkpoint, plots
+from experiments import attack_flags, common
+from mwjax import checkpoint, plots
 from mwjax.eval import generation_tasks, judge, spec_bench
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)  # --help lists the shared flags (--model, --output_dir, ...) too
-flags.DEFINE_string("attack", None, "attack applied to the assistant, e.g. zero_top_k:3 (mwjax.attacks.from_spec)")
-common.check_flag("attack", attacks.parse_spec)
-flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapter and --attack: re-find the "
-                  "massive weights on the merged model (merged) or attack the pretrained rows (base); Table 8")
-flags.DEFINE_string("label", None, "method label of this run in Table 3 (e.g. 'LoRA + MacDrop'; default 'original')")
+flags.adopt_module_key_flags(attack_flags)  # --attack, --attack_on, --label
 flags.DEFINE_string("questions", "hub", "Spec-Bench's question.jsonl: a local path, or 'hub' (its GitHub repository)")
 flags.DEFINE_list("subtasks", list(spec_bench.SUBTASKS), "Spec-Bench subtasks to run")
 flags.DEFINE_integer("per_subtask", None, "only the first N questions of each subtask (Spec-Bench has 80)")
@@ -71,7 +67,7 @@ def main(argv):
     questions = spec_bench.read_questions(FLAGS.questions, per_subtask=FLAGS.per_subtask, subtasks=FLAGS.subtasks)
     print(f"{len(questions)} Spec-Bench questions from {FLAGS.questions}")
     start = time.monotonic()
-    model, tokenizer = common.load_attacked_model(FLAGS.attack, FLAGS.attack_on)
+    model, tokenizer = attack_flags.load_model()
     answers = spec_bench.answer(model, tokenizer, questions, FLAGS.max_new_tokens, batch_size=FLAGS.batch_size,
                                 temperature=FLAGS.temperature, seed=FLAGS.seed)
     if FLAGS.judge == FLAGS.model and not FLAGS.adapter and not FLAGS.attack:  # judging itself: loaded once
@@ -83,15 +79,14 @@ def main(argv):
         judge_model, judge_tokenizer, questions, answers, rubric=FLAGS.rubric, params=judge_params(),
         max_retries=FLAGS.judge_max_retries, prompt_format=FLAGS.judge_prompt, batch_size=FLAGS.batch_size,
         seed=FLAGS.seed)
-    label = FLAGS.label or "original"
+    run = attack_flags.recorded()
+    label = run["label"]
     table = common.markdown_table(["method"] + spec_bench.TABLE3_HEADER,
                                   [[label] + spec_bench.table3_row(summary["scores"])])
     failed = sum(c["failed"] for c in summary["counts"].values())
     print(f"{FLAGS.model} judged by {FLAGS.judge} ({FLAGS.rubric} rubric; {failed} judgement(s) never parsed, "
           f"left out of the means):\n{table}")
-    payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack,
-               "attack_on": FLAGS.attack_on if FLAGS.attack and FLAGS.adapter else None, "label": label,
-               "judge": FLAGS.judge, "judge_prompt": FLAGS.judge_prompt, "rubric": FLAGS.rubric,
+    payload = {**run, "judge": FLAGS.judge, "judge_prompt": FLAGS.judge_prompt, "rubric": FLAGS.rubric,
                "judge_params": judge_params(), "judge_max_retries": FLAGS.judge_max_retries,
                "questions": FLAGS.questions, "subtasks": FLAGS.subtasks, "per_subtask": FLAGS.per_subtask,
                "max_new_tokens": FLAGS.max_new_tokens, "temperature": FLAGS.temperature, "seed": FLAGS.seed,

@@ -9,7 +9,8 @@ attack_on (with adapter and attack, House of Cards Table 8's reading: merged, th
 massive weights on the merged model and attacks its rows; base attacks the pretrained rows under the live
 adapter; `mwjax.attacks.after_fine_tuning`), dtype (float32 | bfloat16), first_token (for finding massive
 weights when the tokenizer has no bos), add_bos_token (True / False / unset = the tokenizer's default),
-max_length, max_gen_toks.
+max_length, max_gen_toks, truncation (left, as lm-eval's HF backend, or middle: LongBench's cut of a prompt
+over max_prompt_length tokens; `mwjax.eval.lm_eval.middle_truncate`), max_prompt_length.
 From the shell: `mwjax-lm-eval` (installed with mwjax) is lm-eval's command line with this backend
 registered (`experiments.lm_eval_cli`); in Python, import this module or pass an `MwjaxLM` instance.
 """

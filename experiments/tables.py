@@ -2,8 +2,8 @@
 
     python -m experiments.tables --runs=outputs/ [--output_dir=outputs/tables]
 
-Reads every attacks.json (experiments.attacks), zeroshot.json (experiments.zeroshot) and generation.json
-(experiments.generation) under --runs and writes tables.md with
+Reads every attacks.json (experiments.attacks), zeroshot.json (experiments.zeroshot), generation.json
+(experiments.generation) and longbench.json (experiments.longbench) under --runs and writes tables.md with
   Table 1: perplexity per corpus and mean zero-shot accuracy of the original model, top-k zeroing
            and top-k retaining (zero-shot runs matched by their --attack: none, zero_top_k:K,
            retain_top_k:K);
@@ -11,14 +11,16 @@ Reads every attacks.json (experiments.attacks), zeroshot.json (experiments.zeros
            (e.g. "LoRA", "LoRA + MacDrop");
   Table 8: the mean zero-shot accuracy of each label after top-3 zeroing (runs with
            --attack=zero_top_k:3), beside its unattacked mean, with the reading of each attacked
-           fine-tuned run (--attack_on: merged or base).
+           fine-tuned run (--attack_on: merged or base);
   Table 3: the judge's mean 1-5 score per generation task (MT-1, MT-2, translation, summarization, QA,
            math reasoning, RAG) and their mean, one row per --label (an attacked run shows its attack);
            a run on fewer questions or subtasks or with another judge than Prometheus-2-7B carries a "*",
-           and judgements that never parsed (left out of the means) are counted.
+           and judgements that never parsed (left out of the means) are counted;
+  Table 9: LongBench's 16 English datasets and their mean, one row per long-context run.
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
 A zero-shot run made with --limit, on a subset of the five tasks or with --apply_chat_template is not
-the papers' protocol: its numbers carry a "*" and the tables say which runs and why.
+the papers' protocol: its numbers carry a "*" and the tables say which runs and why; so does a LongBench
+run made with --limit, on a subset of the datasets, with another --max_length than 7,500 or --max_gen_toks.
 """
 
 from __future__ import annotations
@@ -29,20 +31,20 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import common
-from experiments.zeroshot import TASK_TITLES
-from mwjax.eval import spec_bench
+from mwjax.eval import longbench, spec_bench
 from mwjax.eval.zeroshot_tasks import PAPER_TASKS
+from mwjax.eval.zeroshot_tasks import TITLES as TASK_TITLES
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
 flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for attacks.json, zeroshot.json and "
-                    "generation.json")
+                    "generation.json and longbench.json")
 
 
 def load_runs(root: Path, name: str) -> list[dict]:
-    """Every `name` (attacks.json, zeroshot.json, generation.json) under root, each with its "path"."""
-    return [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob(name))]
+    """Every <name>.json under root, each with the path it came from."""
+    return [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob(f"{name}.json"))]
 
 
 def departure(run: dict) -> str | None:
@@ -132,12 +134,39 @@ def table3_notes(generation: list[dict]) -> list[str]:
     return notes + (["judgements never parsed (left out of the means): " + "; ".join(failed)] if failed else [])
 
 
+def longbench_departure(run: dict) -> str | None:
+    """How a LongBench run departs from House of Cards Appendix H (16 datasets, every document, 7,500), or None."""
+    parts = [f"--limit={run['limit']}"] if run.get("limit") else []
+    datasets = [d for d in run["scores"] if d != "mean"]
+    if sorted(datasets) != sorted(longbench.DATASETS):
+        parts.append(f"{len(datasets)} of the {len(longbench.DATASETS)} datasets")
+    if run["max_length"] != longbench.MAX_LENGTH:
+        parts.append(f"--max_length={run['max_length']}")
+    if run.get("max_gen_toks"):
+        parts.append(f"--max_gen_toks={run['max_gen_toks']}")
+    return ", ".join(parts) or None
+
+
+def table9_row(run: dict) -> list:
+    """One row of Table 9: model, method, the score (%) of each of the 16 datasets ("-" where not run), Avg."""
+    star = "*" if longbench_departure(run) else ""
+    scores = run["scores"]
+    return ([run["model"], run["label"] + star] + [scores.get(d, "-") for d in longbench.DATASETS]
+            + [f"{scores['mean']:.2f}{star}"])
+
+
+def table9(runs: list[dict]) -> str:
+    header = ["model", "method"] + list(longbench.TITLES.values()) + ["Avg."]
+    return common.markdown_table(header, [table9_row(run) for run in runs])
+
+
 def main(argv):
     del argv
     root = Path(FLAGS.runs)
-    attacks, zeroshot, generation = (load_runs(root, f"{n}.json") for n in ("attacks", "zeroshot", "generation"))
-    if not attacks and not zeroshot and not generation:
-        raise SystemExit(f"no attacks.json, zeroshot.json or generation.json under {FLAGS.runs}")
+    attacks, zeroshot, generation, long_context = (load_runs(root, name) for name in ("attacks", "zeroshot",
+                                                                                       "generation", "longbench"))
+    if not (attacks or zeroshot or generation or long_context):
+        raise SystemExit(f"no attacks.json, zeroshot.json, generation.json or longbench.json under {FLAGS.runs}")
     parts = [f"## Table 1 ({run['model']}, seqlen {run['seqlen']})\n\n{table1(run, zeroshot)}" for run in attacks]
     if zeroshot:
         parts.append(bos_note(zeroshot))
@@ -148,6 +177,10 @@ def main(argv):
     if generation:
         parts.append(f"## Table 3: generation tasks, judge's mean score (1-5)\n\n{table3(generation)}")
         parts += table3_notes(generation)
+    if long_context:
+        marked = [f"{run['path']} ({longbench_departure(run)})" for run in long_context if longbench_departure(run)]
+        note = ("\n\n* not the paper's protocol: " + "; ".join(marked)) if marked else ""
+        parts.append(f"## Table 9: long context (LongBench)\n\n{table9(long_context)}{note}")
     text = "\n\n".join(parts) + "\n"
     print(text)
     out = common.output_dir("outputs/tables")

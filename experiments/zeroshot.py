@@ -14,29 +14,20 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import common, zeroshot_flags
-from mwjax import attacks
+from experiments import attack_flags, common, zeroshot_flags
 from mwjax.eval import zeroshot_tasks
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
 flags.adopt_module_key_flags(zeroshot_flags)
-flags.DEFINE_string("attack", None, "attack applied before evaluation, e.g. zero_top_k:5 (mwjax.attacks.from_spec)")
-common.check_flag("attack", attacks.parse_spec)
-flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapter and --attack, Table 8's two "
-                  "readings: merged (massive weights re-found on the merged model, its rows attacked) or base (found "
-                  "before fine-tuning, the pretrained rows attacked under the live adapter; mwjax.attacks."
-                  "after_fine_tuning)")
+flags.adopt_module_key_flags(attack_flags)
 flags.DEFINE_string("export_data", None, "download the tasks' evaluation splits into this directory and exit")
 flags.DEFINE_string("write_tasks", None, "write task configs reading --data_dir's files into this directory (for "
                     "`lm_eval --include_path=DIR --tasks=arc_easy_local,...`) and exit")
 flags.DEFINE_alias("batch_size", "zeroshot_batch_size")
-flags.DEFINE_string("label", None, "method label of this run in the tables (e.g. 'LoRA + MacDrop'; default "
-                    "'original'); give an attacked run the same label as its unattacked twin")
 
-TASK_TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "boolq": "BoolQ", "piqa": "PIQA",
-               "winogrande": "WinoGrande"}
+TASK_TITLES = zeroshot_tasks.TITLES
 
 
 def table_row(label: str, scores: dict) -> list:
@@ -59,18 +50,16 @@ def main(argv):
         return
     out = common.output_dir("outputs/zeroshot")  # unwritable, unknown tasks, missing files: fail before the model
     evaluate = zeroshot_flags.evaluator()
-    fine_tuned_attack = bool(FLAGS.attack and FLAGS.adapter)
-    model, tokenizer = common.load_attacked_model(FLAGS.attack, FLAGS.attack_on)
+    model, tokenizer = attack_flags.load_model()
     zeroshot_flags.announce()
     scores, _ = evaluate(model, tokenizer)
-    label = FLAGS.label or "original"
+    run = attack_flags.recorded()
+    label = run["label"]
     header = ["method"] + [TASK_TITLES.get(t, t) for t in scores if t != "mean"] + ["Avg."]
     table = common.markdown_table(header, [table_row(label, scores)])
     print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
     (out / "zeroshot.md").write_text(table + "\n")
-    payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack,
-               "attack_on": FLAGS.attack_on if fine_tuned_attack else None, "label": label,
-               **zeroshot_flags.recorded(), "scores": scores}
+    payload = {**run, **zeroshot_flags.recorded(), "scores": scores}
     print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
 
 

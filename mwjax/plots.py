@@ -211,3 +211,20 @@ def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: in
     fig.colorbar(image, ax=ax, label="router probability", pad=0.01)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def category_bars(scores: Mapping[str, float], categories: Mapping[str, Sequence[str]], title: str,
+                  path: str | Path, ylabel: str = "score (%)") -> Path:
+    """House of Cards Table 9 as a figure: one bar per dataset (`scores` keys, in the order given), coloured by
+    the category that lists it, with the mean as a dashed line."""
+    names = list(scores)
+    colour = {name: f"C{i}" for i, members in enumerate(categories.values()) for name in members}
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.5))
+    ax.bar(np.arange(len(names)), [scores[n] for n in names], color=[colour.get(n, "gray") for n in names])
+    ax.axhline(float(np.mean([scores[n] for n in names])), color="black", lw=0.8, ls="--", label="mean")
+    for i, (category, members) in enumerate(categories.items()):
+        if any(n in scores for n in members):
+            ax.bar([0], [0], color=f"C{i}", label=category)  # a legend entry, nothing drawn
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+    return _finish(fig, ax, title, "", ylabel, path, log_y=False)

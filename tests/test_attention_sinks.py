@@ -7,7 +7,7 @@ import pytest
 from hf_reference import needs_torch, random_tokens, torch
 
 import converters
-from mwjax import attention_sinks
+from mwjax import attention_sinks, massive
 
 BOS = 1
 
@@ -69,7 +69,8 @@ def test_default_layer_is_the_middle_unless_massive_activations_appear_later(ori
     def profile(model, token_id, top_k):  # bos alone: a massive intermediate value at `origin` only
         top = np.ones((32, top_k))
         top[origin] = 5000.0
-        return {"intermediate_top": top, "intermediate_median": np.full(32, 0.1)}
+        state = massive.StateTop(top, np.zeros((32, top_k), int), np.full(32, 0.1))
+        return massive.FirstTokenProfile(hidden=state, intermediate=state, embed_max=1.0)
 
     monkeypatch.setattr(attention_sinks.massive, "first_token_profile", profile)
     model = types.SimpleNamespace(config=types.SimpleNamespace(num_hidden_layers=32))

@@ -9,6 +9,8 @@ import pytest
 from hf_reference import tiny_tokenizer
 from zeroshot_docs import write_task_data
 
+from mwjax.eval import longbench
+
 TEXT = "the quick brown fox jumps over the lazy dog and keeps running through the quiet field " * 20
 
 
@@ -31,6 +33,7 @@ def tiny(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.parametrize("module, args, message", [
     ("experiments.attacks", ["--datasets=python_docs,wikitext3"], "unknown corpus 'wikitext3'"),
     ("experiments.zeroshot", ["--attack=zero_top_k:five"], "write zero_top_k:K with an integer K"),
+    ("experiments.longbench", ["--datasets=qasper,lsht"], "unknown LongBench dataset 'lsht'"),
     ("experiments.super_weight", ["--output_dir=/proc/mwjax"], "cannot write to the output directory /proc/mwjax"),
     ("experiments.generation", ["--questions=/nonexistent/q.jsonl"], "no Spec-Bench question file"),
 ])
@@ -181,6 +184,9 @@ def test_tables_from_run_outputs(tmp_path):
     runs["h/generation.json"] = generation | {"label": "original", "per_subtask": 2, "judge": "embedded:smollm2",
                                               "counts": counts | {"qa": {"judged": 2, "unparsed_first": 1,
                                                                          "retries": 10, "failed": 1}}}
+    long_context = {name: 30.0 + i for i, name in enumerate(longbench.DATASETS)}
+    runs["l/longbench.json"] = {"model": "m", "label": "LoRA", "max_length": 7500, "limit": None,
+                                "scores": long_context | {"mean": 37.5}}
     for name, payload in runs.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(json.dumps(payload))
@@ -197,6 +203,8 @@ def test_tables_from_run_outputs(tmp_path):
     assert "| m | original* | 3.71 |" in stdout
     assert "h/generation.json (--per_subtask=2, judge embedded:smollm2)" in stdout
     assert "judgements never parsed (left out of the means): " in stdout and "h/generation.json: 1 of 482" in stdout
+    assert "## Table 9" in stdout and "| NtvQA | Qasper |" in stdout  # the paper's columns, in its order
+    assert "| m | LoRA | 30.00 | 31.00 | 32.00 |" in stdout and "| 44.00 | 45.00 | 37.50 |" in stdout
     from experiments.tables import bos_note
 
     mixed = bos_note([{"path": "a", "add_bos_token": "false"}, {"path": "b", "add_bos_token": "tokenizer"}])

@@ -13,6 +13,10 @@ continuation's log-probabilities are summed and `is_greedy` says whether every c
 the argmax. Requests run sorted by length, in batches of a fixed size padded on the right to one of
 a few bucketed lengths, so XLA compiles a handful of programs rather than one per request.
 
+Generation requests longer than the model's window lose their left end, as the HF backend does; with
+`truncation="middle"` a prompt over `max_prompt_length` tokens loses its middle instead, as LongBench
+does (`middle_truncate`; House of Cards Table 9 ran LongBench so at 7,500 tokens).
+
 bos: lm-eval up to 0.4.9.1 added no bos for HF models, later versions follow the tokenizer's default;
 massive activations sit on the first token, so `add_bos_token` makes the choice explicit (None =
 the tokenizer's default, as current lm-eval).
@@ -50,12 +54,29 @@ def _score(model, inputs, last_pos, last_tokens):
     return shared, jnp.argmax(logits, axis=-1), jnp.take_along_axis(last, last_tokens, axis=-1)
 
 
+TRUNCATIONS = ("left", "middle")
+
+
+def middle_truncate(tokenizer, text: str, max_length: int) -> str:
+    """LongBench's prompt truncation (THUDM/LongBench pred.py): a text of more than `max_length` tokens
+    (tokenized as the tokenizer does by default, its special tokens included) becomes its first and its
+    last max_length // 2 tokens, each half decoded without special tokens and the two texts joined. The
+    instructions at both ends of a LongBench prompt survive; the middle of the long context goes."""
+    ids = tokenizer.encode(text)
+    if len(ids) <= max_length:
+        return text
+    half = max_length // 2
+    return (tokenizer.decode(ids[:half], skip_special_tokens=True)
+            + tokenizer.decode(ids[-half:], skip_special_tokens=True))
+
+
 class MwjaxLM(TemplateLM):
     """lm-eval `LM` over an mwjax model already in memory (attacks / adapters applied by the caller)."""
 
     def __init__(self, model: nnx.Module, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
                  add_bos_token: bool | None = None, max_gen_toks: int = 256,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, truncation: str = "left",
+                 max_prompt_length: int | None = None):
         super().__init__()
         if tokenizer is None:
             raise ValueError("MwjaxLM needs the model's tokenizer")
@@ -65,6 +86,15 @@ class MwjaxLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self._max_gen_toks = int(max_gen_toks)
         self.buckets = tuple(sorted(buckets))
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation={truncation!r}: write one of {TRUNCATIONS}")
+        if truncation == "middle" and not max_prompt_length:
+            raise ValueError("truncation='middle' needs max_prompt_length (LongBench in House of Cards: 7500)")
+        self.truncation = truncation
+        self.max_prompt_length = int(max_prompt_length) if max_prompt_length else None
+        # hashes of the chat-templated prompts whose user turn apply_chat_template already cut (LongBench cuts
+        # the prompt before the template), so that generate_until does not cut them again
+        self._cut_before_template: set[int] = set()
         self._split = nnx.split(model)  # once: every batch runs _score.on_state on it
 
     # ------------------------------------------------------------------ tokenizer plumbing (as HFLM)
@@ -89,16 +119,31 @@ class MwjaxLM(TemplateLM):
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """lm-eval's turns through the tokenizer's chat template (`--apply_chat_template`), as HFLM renders them:
-        a template that refuses a system turn gets the history without it."""
+        a template that refuses a system turn gets the history without it. With truncation="middle" the last
+        user turn (LongBench's prompt) is cut before the template wraps it, as LongBench's pred.py does."""
         import jinja2
+
+        if self.truncation == "middle" and chat_history and chat_history[-1]["role"] == "user":
+            last = chat_history[-1] | {"content": middle_truncate(self.tokenizer, chat_history[-1]["content"],
+                                                                  self.max_prompt_length)}
+            chat_history = [*chat_history[:-1], last]
 
         render = lambda history: self.tokenizer.apply_chat_template(
             history, tokenize=False, add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt)
         try:
-            return render(chat_history)
+            text = render(chat_history)
         except jinja2.exceptions.TemplateError:
-            return render([turn for turn in chat_history if turn["role"] != "system"])
+            text = render([turn for turn in chat_history if turn["role"] != "system"])
+        if self.truncation == "middle":
+            self._cut_before_template.add(hash(text))
+        return text
+
+    def _prompt(self, context: str) -> str:
+        """A generation request's context after the middle truncation (left truncation happens on its tokens)."""
+        if self.truncation != "middle" or hash(context) in self._cut_before_template:
+            return context
+        return middle_truncate(self.tokenizer, context, self.max_prompt_length)
 
     @property
     def max_gen_toks(self) -> int:
@@ -184,7 +229,10 @@ class MwjaxLM(TemplateLM):
     # ------------------------------------------------------------------ generation
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled) continuations, cut at the first stop sequence; batched per generation kwargs."""
+        """Greedy (or sampled) continuations, cut at the first stop sequence; batched per generation kwargs.
+
+        A context is cut in the middle first (truncation="middle"), then its tokens on the left to leave room
+        for max_gen_toks in max_length (as the HF backend)."""
         groups: dict[str, list[int]] = {}
         args = [req.args for req in requests]
         for i, (_, gen_kwargs) in enumerate(args):
@@ -205,7 +253,7 @@ class MwjaxLM(TemplateLM):
             max_ctx = self.max_length - max_new
             if max_ctx <= 0:
                 raise ValueError(f"max_gen_toks={max_new} leaves no room for context in max_length={self.max_length}")
-            encoded = {i: self.tok_encode(args[i][0], left_truncate_len=max_ctx) for i in members}
+            encoded = {i: self.tok_encode(self._prompt(args[i][0]), left_truncate_len=max_ctx) for i in members}
             members = sorted(members, key=lambda i: -len(encoded[i]))
             for start in range(0, len(members), self.batch_size):
                 batch = members[start:start + self.batch_size]

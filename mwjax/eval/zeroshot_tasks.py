@@ -38,6 +38,8 @@ TASKS = {
                                "validation", "validation_split"),
 }
 PAPER_TASKS = tuple(TASKS)
+TITLES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "boolq": "BoolQ", "piqa": "PIQA",
+          "winogrande": "WinoGrande"}  # the papers' column titles
 LOCAL_SUFFIX = "_local"
 
 
