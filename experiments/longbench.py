@@ -9,7 +9,8 @@ The paper's setting: prompts over --max_length=7500 tokens cut in the middle as 
 tokenizer's chat template where LongBench applies one (`mwjax.eval.longbench` says where, and what it
 keeps of LongBench's protocol). --data_dir holds <dataset>.jsonl in LongBench's record format (its
 release's data.zip, or --export_data's files). From the shell, lm-eval runs the same requests with
-`lm_eval --model mwjax --model_args pretrained=PATH,truncation=middle,max_prompt_length=7500 --tasks longbench_qasper`.
+`mwjax-lm-eval --model mwjax --model_args pretrained=PATH,truncation=middle,max_prompt_length=7500
+--tasks longbench_qasper`.
 
 Writes longbench.json (score per dataset, their mean, the first generations of each), longbench.md (a
 Table 9 row) and longbench.png (score per dataset) under --output_dir; `experiments.tables` assembles
