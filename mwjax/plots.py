@@ -153,9 +153,11 @@ def pruning_summary(labels: Sequence[str], perplexities: Mapping[str, Sequence[f
     right.bar(x - width / 2, removed, width, label="top-k massive-row entries pruned")
     right.bar(x + width / 2, retained, width, label="bos massive value left (pruned / dense)")
     right.axhline(1.0, color="gray", lw=0.6)
+    right.set_ylim(0, 1.4 * max(1.0, *removed, *retained))  # room for the legend above the bars
     right.set_xticks(x)
     right.set_xticklabels(labels, fontsize=8)
-    _finish(fig, right, "massive weights, no protection", "", "fraction", path=None, log_y=False)
+    _finish(fig, right, "massive weights, no protection", "", "fraction", path=None, log_y=False, legend=False)
+    right.legend(fontsize=7, loc="upper center")
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)

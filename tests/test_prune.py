@@ -177,14 +177,14 @@ def test_bad_specs():
 def test_prune_experiment_on_smollm2(tmp_path):
     """The CLI end to end on the embedded SmolLM2, offline and CPU-sized."""
     out = subprocess.run([sys.executable, "-m", "experiments.prune", "--calibration=python_docs",
-                          "--calibration_sequences=4", "--calibration_seqlen=128", "--datasets=python_docs",
-                          "--seqlen=256", "--max_chunks=2", "--sparsities=0.5,2:4", f"--output_dir={tmp_path}"],
+                          "--calibration_sequences=2", "--calibration_seqlen=64", "--datasets=python_docs",
+                          "--seqlen=128", "--max_chunks=2", "--sparsities=0.5", f"--output_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads((tmp_path / "prune.json").read_text())
     assert result["massive_weights"]["layer"] == 11 and result["super_weights"]
     got = {(s["method"], s["sparsity"], s["protect"]): s for s in result["settings"]}
-    assert len(got) == 8
+    assert len(got) == 4
     for (method, _, protect), s in got.items():
         rows = s["removed"]["massive_rows"]
         assert s["actual_sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3 if protect == "none" else 2e-3)
