@@ -20,8 +20,6 @@ figures) under --output_dir.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from absl import app, flags
 
@@ -76,23 +74,6 @@ def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict
     return out
 
 
-def calibration_set(corpora, tokenizer) -> np.ndarray:
-    """--calibration's last chunks; refused when they overlap what an evaluated corpus reads."""
-    evaluated = next((c for c in corpora if c.name == Path(FLAGS.calibration).name), None)
-    source = evaluated or common.load_corpora([FLAGS.calibration], tokenizer, None)[0]
-    tokens = attacks.calibration_tokens(tokenizer, source, FLAGS.calibration_sequences, FLAGS.calibration_seqlen)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    print(f"calibration: the last {len(tokens)} x {FLAGS.calibration_seqlen} tokens of {source.name}"
-          + (f", each after the bos token (id {bos})" if bos is not None else ""))
-    if evaluated is not None:
-        read = len(chunk_tokens(source.token_ids, FLAGS.seqlen, source.max_chunks)) * FLAGS.seqlen
-        if read > len(source.token_ids) - tokens.size:
-            raise SystemExit(f"the calibration sequences (the last {tokens.size} tokens of {source.name}) overlap the "
-                             f"{read} tokens evaluated: use another --calibration, fewer --calibration_sequences or "
-                             "--max_chunks")
-    return tokens
-
-
 def sweep(model, mw, ks: list[int], measure) -> dict[str, list[float]]:
     """Figure 4: `measure(attacked model)` under zeroing and retaining for each k. The attack is a row mask over
     the whole layer (`row_scale_masks`), so every point runs the same compiled program."""
@@ -124,7 +105,9 @@ def main(argv):
           f"(intermediate values {[round(v, 1) for v in mw.values[:FLAGS.k]]}, median |x| {mw.median:.3g})\n")
 
     corpora = common.load_corpora(FLAGS.datasets, tokenizer, FLAGS.max_chunks)
-    calibration = calibration_set(corpora, tokenizer) if FLAGS.activation_interventions else None
+    calibration = (common.calibration_set(corpora, tokenizer, FLAGS.calibration, FLAGS.calibration_sequences,
+                                          FLAGS.calibration_seqlen, FLAGS.seqlen)
+                   if FLAGS.activation_interventions else None)
     chat = getattr(tokenizer, "chat_template", None) is not None
     rows, results = [], {}
     for name, attacked in settings(model, mw, calibration).items():

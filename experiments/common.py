@@ -17,6 +17,7 @@ import converters
 from converters import embedded
 from mwjax import attacks, checkpoint, peft
 from mwjax.eval import corpora
+from mwjax.eval.perplexity import chunk_tokens
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
@@ -143,3 +144,22 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(fmt(v) for v in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def calibration_set(evaluated: list[corpora.Corpus], tokenizer, name: str, sequences: int, seqlen: int,
+                    eval_seqlen: int, bos: bool = True) -> np.ndarray:
+    """[sequences, seqlen]: the last chunks of corpus `name` (each after the bos token when `bos`), kept apart from
+    the evaluated text: refused when they overlap what an evaluated corpus of the same name reads."""
+    same = next((c for c in evaluated if c.name == Path(name).name), None)
+    source = same or load_corpora([name], tokenizer, None)[0]
+    bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
+    tokens = corpora.calibration_chunks(source, sequences, seqlen, bos_id)
+    print(f"calibration: the last {len(tokens)} x {seqlen} tokens of {source.name}"
+          + (f", each after the bos token (id {bos_id})" if bos_id is not None else ""))
+    if same is not None:
+        read = len(chunk_tokens(source.token_ids, eval_seqlen, source.max_chunks)) * eval_seqlen
+        if read > len(source.token_ids) - tokens.size:
+            raise SystemExit(f"the calibration sequences (the last {tokens.size} tokens of {source.name}) overlap the "
+                             f"{read} tokens evaluated: use another calibration corpus, fewer calibration sequences "
+                             "or --max_chunks")
+    return tokens

@@ -85,9 +85,10 @@ def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str,
     return _finish(fig, ax, title, "super weight scaling factor", ylabel, path, log_y=False, legend=False)
 
 
-def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path, *, log_y: bool = True,
-            legend: bool | str = True) -> Path:
-    """Axis labels, title, log y axis (plain numbers), legend (True: inside; "outside": to the right), save."""
+def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path | None, *, log_y: bool = True,
+            legend: bool | str = True) -> Path | None:
+    """Axis labels, title, log y axis (plain numbers), legend (True: inside; "outside": to the right); saves the
+    figure to `path` (None: a panel, the caller saves)."""
     if log_y:
         ax.set_yscale("log")
         # plain numbers ("20", not "2x10^1"); minor ticks labelled only when the axis spans under a decade
@@ -102,6 +103,8 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path, *, 
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     elif legend:
         ax.legend(fontsize=8)
+    if path is None:
+        return None
     fig.tight_layout()
     return _save(fig, path)
 
@@ -228,3 +231,34 @@ def category_bars(scores: Mapping[str, float], categories: Mapping[str, Sequence
     ax.set_xticks(np.arange(len(names)))
     ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
     return _finish(fig, ax, title, "", ylabel, path, log_y=False)
+
+
+def pruning_summary(labels: Sequence[str], perplexities: Mapping[str, Sequence[float]], dense: float,
+                    removed: Sequence[float], retained: Sequence[float], title: str, path: str | Path) -> Path:
+    """Pruning (Wanda / magnitude) against the massive weights, two panels over the same settings `labels`
+    ("wanda 50%", "magnitude 2:4", ...): left, perplexity per protection setting (bars, log y) with the dense
+    model's as a dashed line (thesis Table 3.3's comparison); right, without protection, the fraction of the
+    top-k massive rows' entries pruned and the first token's top-1 massive intermediate value left (pruned /
+    dense)."""
+    x = np.arange(len(labels))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(len(perplexities), 1)
+    for i, (name, ys) in enumerate(perplexities.items()):
+        bars = left.bar(x + (i - (len(perplexities) - 1) / 2) * width, ys, width, label=name)
+        left.bar_label(bars, labels=[f"{y:.1f}" for y in ys], fontsize=6)
+    left.axhline(dense, color="gray", ls="--", lw=0.8, label=f"dense {dense:.2f}")
+    left.set_xticks(x)
+    left.set_xticklabels(labels, fontsize=8)
+    _finish(fig, left, "perplexity", "", "perplexity", path=None)
+    width = 0.38
+    right.bar(x - width / 2, removed, width, label="top-k massive-row entries pruned")
+    right.bar(x + width / 2, retained, width, label="bos massive value left (pruned / dense)")
+    right.axhline(1.0, color="gray", lw=0.6)
+    right.set_ylim(0, 1.4 * max(1.0, *removed, *retained))  # room for the legend above the bars
+    right.set_xticks(x)
+    right.set_xticklabels(labels, fontsize=8)
+    _finish(fig, right, "massive weights, no protection", "", "fraction", path=None, log_y=False, legend=False)
+    right.legend(fontsize=7, loc="upper center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -85,6 +85,15 @@ class CausalLM(nnx.Module):
         return {kind: attention.rope_table(cfg.rope_for(kind), cfg.head_dim, positions)
                 for kind in set(cfg.layer_types)}
 
+    def attention_masks(self, t: int, kv_len: int, offset=0, padding_mask: jax.Array | None = None,
+                        segment_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+        """The causal mask per layer type (sliding-window layers get theirs) for t queries over kv_len keys."""
+        cfg = self.config
+        return {kind: attention.causal_mask(t, kv_len, q_offset=offset, padding_mask=padding_mask,
+                                            sliding_window=cfg.sliding_window if kind == SLIDING_ATTENTION else None,
+                                            segment_ids=segment_ids)
+                for kind in set(cfg.layer_types)}
+
     def __call__(
         self,
         tokens: jax.Array,  # int32 [b, t]
@@ -110,12 +119,7 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
         ropes = self.rope_tables(positions)
-        attn_masks = {
-            kind: attention.causal_mask(t, kv_len, q_offset=offset, padding_mask=attention_mask,
-                                        sliding_window=cfg.sliding_window if kind == SLIDING_ATTENTION else None,
-                                        segment_ids=segment_ids)
-            for kind in set(cfg.layer_types)
-        }
+        attn_masks = self.attention_masks(t, kv_len, offset, attention_mask, segment_ids)
         taps = Taps(probes, edits, positions if edits else None)
         x = self.embed(tokens)
         new_keys, new_values = [], []

@@ -58,7 +58,7 @@ class Linear(nnx.Module):
     `column_mask` multiplies chosen PyTorch rows of the weight (kernel columns) without touching the
     stored kernel; only those k output columns are recomputed, so an absent mask costs nothing.
     Subclasses that add adapters (LoRA, DoRA) override `columns` so the mask reaches the base weight
-    only.
+    only; `weight` is the kernel the forward multiplies by (`mwjax.prune.PrunedLinear` masks it).
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool, dtype, param_dtype,
@@ -75,16 +75,20 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)  # [..., out]
+        y = x @ self.weight().astype(self.dtype)  # [..., out]
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if column_mask is not None:
             y = y.at[..., column_mask.rows].set(self.columns(x, column_mask))
         return y
 
+    def weight(self) -> jax.Array:
+        """The kernel [in, out] the forward uses: the stored one."""
+        return self.kernel[...]
+
     def columns(self, x: jax.Array, mask: masks.RowMask) -> jax.Array:
         """Outputs [..., k] of the k masked PyTorch rows: x @ (W[rows] * values).T (+ bias[rows])."""
-        kernel = masks.masked_columns(self.kernel[...], mask).astype(self.dtype)  # [in, k]
+        kernel = masks.masked_columns(self.weight(), mask).astype(self.dtype)  # [in, k]
         y = x @ kernel
         if self.bias is not None:
             y = y + self.bias[...][mask.rows].astype(self.dtype)
