@@ -5,8 +5,9 @@ the only thing differentiated and given optimizer state), dropout RNG streams, a
 (any dtype, sharded FSDP x tensor-parallel by `mwjax.sharding`). One optimizer step consumes
 `grad_accum` micro-batches in a `lax.scan`; the loss is the mean next-token cross-entropy over all
 label tokens of the step (token-weighted, so accumulation and data parallelism give the loss of
-the whole batch). MacDrop's mask is drawn once per optimizer step (or per micro-batch) and enters
-the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay as torch's AdamW)
+the whole batch; the vocabulary is unembedded in sequence chunks, `TrainConfig.loss_chunk`, so the
+[b, t, V] float32 logits never exist whole). MacDrop's mask is drawn once per optimizer step (or per
+micro-batch) and enters the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay as torch's AdamW)
 after global-norm clipping, learning rate warmed up linearly then decayed (cosine or linear) as HF's
 schedulers do.
 
