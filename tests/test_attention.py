@@ -47,13 +47,12 @@ def test_fused_attention_equals_eager_with_its_gradients(name):
 def test_the_choice_of_implementation(monkeypatch):
     choose = lambda requested="auto", probs=False, softcap=None, dtype=jnp.bfloat16, cached=False: (
         attention.choose_implementation(requested, needs_probs=probs, softcap=softcap, dtype=dtype, cached=cached))
-    assert choose() == "xla"  # on this CPU
-    assert choose("eager") == "eager" and choose(probs=True) == "eager" and choose(softcap=50.0) == "eager"
-    assert choose("cudnn", probs=True) == "eager"  # no kernel returns the probabilities
+    assert choose() == "eager" and choose("xla") == "xla"  # on this CPU
+    assert choose(probs=True) == "eager" and choose(softcap=50.0) == "eager"
+    assert choose("cudnn", probs=True) == "eager" and choose("xla", softcap=50.0) == "eager"  # no kernel does those
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert choose() == "cudnn" and choose(dtype=jnp.float16) == "cudnn"
-    assert choose(dtype=jnp.float32) == "xla" and choose(cached=True) == "xla" and choose("xla") == "xla"
-    assert choose(softcap=30.0) == "eager"
+    assert choose() == "cudnn" and choose(dtype=jnp.float16) == "cudnn" and choose("xla") == "xla"
+    assert choose(dtype=jnp.float32) == "eager" and choose(cached=True) == "eager" and choose(softcap=30.0) == "eager"
     with pytest.raises(ValueError, match="unknown attention implementation 'flash'"):
         choose("flash")
 

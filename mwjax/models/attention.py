@@ -114,11 +114,14 @@ def choose_implementation(requested: str, *, needs_probs: bool, softcap: float |
     """The attention path of one call: "eager" (`grouped_query_attention`), "xla" or "cudnn"
     (`fused_attention`).
 
-    requested: "auto" (cuDNN flash attention on a GPU in bfloat16 / float16 without a KV cache, XLA
-    elsewhere), "eager", or the kernel to use whenever a kernel can do the job. The eager path runs
-    whatever was requested when the probabilities are probed (`attn_probs`, which no kernel returns) or
-    the scores are soft-capped (Gemma 2), which `jax.nn.dot_product_attention` does not do.
-    TPU: XLA's attention here; the Pallas splash attention kernel is not wired in.
+    requested: "auto", "eager", or the kernel to use whenever a kernel can do the job ("xla", "cudnn").
+    "auto" takes cuDNN's flash attention on a GPU in bfloat16 / float16 without a KV cache, and the
+    eager path elsewhere: XLA's `dot_product_attention` materialises the same [b, h, t, s] probabilities
+    (no memory saved on CPU / TPU) but forms the scores in float32, where HF's eager attention (the
+    reference of the bfloat16 parity tests) forms them in the compute dtype. The eager path runs whatever
+    was requested when the probabilities are probed (`attn_probs`, which no kernel returns) or the
+    scores are soft-capped (Gemma 2), which `jax.nn.dot_product_attention` does not do.
+    TPU: the Pallas splash attention kernel is not wired in (no TPU to test its selection on).
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {requested!r}; choose from {IMPLEMENTATIONS}")
@@ -127,7 +130,7 @@ def choose_implementation(requested: str, *, needs_probs: bool, softcap: float |
     if requested != "auto":
         return requested
     gpu = jax.default_backend() == "gpu"
-    return "cudnn" if gpu and not cached and any(dtype == d for d in CUDNN_DTYPES) else "xla"
+    return "cudnn" if gpu and not cached and any(dtype == d for d in CUDNN_DTYPES) else "eager"
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,

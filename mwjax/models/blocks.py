@@ -34,8 +34,8 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
-        # attention.IMPLEMENTATIONS: "auto" picks a fused kernel unless the probabilities are probed or the scores
-        # soft-capped; "eager" forces HF's eager computation (`model.set_attributes(attention="eager")`)
+        # attention.IMPLEMENTATIONS: "auto" (cuDNN on GPU where it can, else eager: `choose_implementation`),
+        # "eager", "xla" or "cudnn" (`model.set_attributes(attention="xla")`)
         self.attention = "auto"
         d, hd = config.hidden_size, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
