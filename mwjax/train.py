@@ -7,9 +7,9 @@ the only thing differentiated and given optimizer state), dropout RNG streams, a
 label tokens of the step (token-weighted, so accumulation and data parallelism give the loss of
 the whole batch; the vocabulary is unembedded in sequence chunks, `TrainConfig.loss_chunk`, so the
 [b, t, V] float32 logits never exist whole). MacDrop's mask is drawn once per optimizer step (or per
-micro-batch) and enters the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay as torch's AdamW)
-after global-norm clipping, learning rate warmed up linearly then decayed (cosine or linear) as HF's
-schedulers do.
+micro-batch) and enters the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay
+as torch's AdamW) after global-norm clipping, learning rate warmed up linearly then decayed (cosine or
+linear) as HF's schedulers do.
 
 The loop runs the step over a stream of micro-batches that spans epochs, evaluates, logs (console
 progress bar; JSONL on process 0), checkpoints with orbax (atomic; every `save_every` steps and at
@@ -177,7 +177,7 @@ class Trainer:
         # weights (benchmarks/compile_memory.py)
         self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen))
         place = sharding.shaped if self.abstract else sharding.put
-        state = (jax.eval_shape if self.abstract else lambda f, *args: f(*args))(initial_state, params, rngs)
+        state = jax.eval_shape(initial_state, params, rngs) if self.abstract else initial_state(params, rngs)
         self.frozen = place(frozen, sharding.state_shardings(frozen, mesh))
         self.initial_state = place(state, self.replicated)
         # the state stays replicated (else XLA may return adapters split along whatever it chose)
