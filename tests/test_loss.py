@@ -48,3 +48,25 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(name):
 def test_a_bad_chunk_is_refused():
     with pytest.raises(ValueError, match="chunk must be >= 1"):
         chunked_token_loss(lambda h: h, jnp.zeros((1, 4, 2)), jnp.zeros((1, 4), jnp.int32), 0)
+
+
+def test_the_trainer_with_the_chunked_loss_compiles_to_less_memory():
+    """The abstract trainer (an nnx.eval_shape model: no weights) compiles its step; chunking the loss over a
+    vocabulary much wider than the model shrinks the step's temp memory (benchmarks/compile_memory.py at scale)."""
+    from mwjax import peft, sharding, train
+
+    config = ModelConfig(model_type="llama", vocab_size=8192, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    model = nnx.eval_shape(lambda: peft.add_adapters(models.build(config), peft.LoraConfig(rank=2)))
+
+    def temp_bytes(loss_chunk):
+        tc = train.TrainConfig(micro_batch_size=2, grad_accum=1, max_steps=1, loss_chunk=loss_chunk)
+        trainer = train.Trainer(model, tc, steps=1, mesh=sharding.make_mesh())
+        assert trainer.abstract
+        batch = {k: jax.ShapeDtypeStruct((1, 2, 64), jnp.int32, sharding=sharding.batch_sharding(trainer.mesh, 3))
+                 for k in train.BATCH_KEYS}
+        compiled = trainer.step_fn.lower(trainer.initial_state, trainer.frozen, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 2 * 64 * 8192 * 4  # [b, t, V] float32
+    assert temp_bytes(None) - temp_bytes(8) > logits_bytes
