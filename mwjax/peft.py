@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import math
 import os
@@ -190,6 +191,33 @@ class LoRALinear(Linear):
         base = x @ kernel.astype(self.dtype)
         y = self._with_bias(base, mask.rows)
         return (y.astype(jnp.float32) + self._update(x, base, kernel, mask.rows, kernel)).astype(y.dtype)
+
+    @classmethod
+    def grouped(cls, layers, x: jax.Array, group_sizes: jax.Array, groups: jax.Array, column_masks) -> jax.Array:
+        """`Linear.grouped` with each layer's adapter (Mixtral's routed experts): the base, A and B products as
+        ragged matmuls over the stacked weights; per row what `layers[groups[r]]` computes with its mask
+        (dropout from that layer's own stream, DoRA's norm from its masked weight)."""
+        first, n = layers[0], len(layers)
+        x = x.astype(first.dtype)
+        kernels = [layer.masked_kernel(m) for layer, m in zip(layers, column_masks, strict=True)]  # [in, out] each
+        ragged = lambda lhs, rhs: jax.lax.ragged_dot(lhs, jnp.stack(rhs).astype(lhs.dtype), group_sizes)
+        per_row = lambda values: jnp.stack(values)[groups]  # [g, ...] -> [n, ...]
+        base = ragged(x, kernels)  # [n, out]
+        y = base if first.bias is None else base + per_row([layer.bias[...] for layer in layers]).astype(base.dtype)
+        xa = x.astype(first.lora_a[...].dtype)
+        dropping = first.lora_dropout is not None and not first.lora_dropout.deterministic
+        if dropping:  # each row takes the dropout of its own layer's stream
+            xa = functools.reduce(lambda acc, e: jnp.where((groups == e)[:, None], layers[e].lora_dropout(xa), acc),
+                                  range(n), xa)
+        update = ragged(ragged(xa, [layer.lora_a[...] for layer in layers]),
+                        [layer.lora_b[...] for layer in layers]) * first.scaling
+        if first.use_dora:
+            scale = per_row([layer.lora_magnitude[...] / layer.weight_norm(k) for layer, k in zip(layers, kernels,
+                                                                                                strict=True)])
+            if dropping:
+                base = ragged(xa, kernels)  # PEFT recomputes the base term from dropout(x)
+            update = (scale - 1) * base.astype(jnp.float32) + scale * update
+        return (y.astype(jnp.float32) + update).astype(y.dtype)
 
     def merged_kernel(self) -> jax.Array:
         """W + s A B (LoRA) or (m / n) * (W + s A B) (DoRA), in the base kernel's dtype."""

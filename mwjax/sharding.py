@@ -111,3 +111,11 @@ def put(tree, shardings):
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: one(x, shardings), tree)
     return jax.tree.map(one, tree, shardings)
+
+
+def shaped(tree, shardings):
+    """`put` for an abstract tree (`jax.ShapeDtypeStruct` leaves, e.g. from `nnx.eval_shape`): the same leaves
+    carrying `shardings` (one Sharding, or a matching pytree), for lowering and compiling without weights."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

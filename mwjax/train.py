@@ -5,10 +5,11 @@ the only thing differentiated and given optimizer state), dropout RNG streams, a
 (any dtype, sharded FSDP x tensor-parallel by `mwjax.sharding`). One optimizer step consumes
 `grad_accum` micro-batches in a `lax.scan`; the loss is the mean next-token cross-entropy over all
 label tokens of the step (token-weighted, so accumulation and data parallelism give the loss of
-the whole batch). MacDrop's mask is drawn once per optimizer step (or per micro-batch) and enters
-the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay as torch's AdamW)
-after global-norm clipping, learning rate warmed up linearly then decayed (cosine or linear) as HF's
-schedulers do.
+the whole batch; the vocabulary is unembedded in sequence chunks, `TrainConfig.loss_chunk`, so the
+[b, t, V] float32 logits never exist whole). MacDrop's mask is drawn once per optimizer step (or per
+micro-batch) and enters the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay
+as torch's AdamW) after global-norm clipping, learning rate warmed up linearly then decayed (cosine or
+linear) as HF's schedulers do.
 
 The loop runs the step over a stream of micro-batches that spans epochs, evaluates, logs (console
 progress bar; JSONL on process 0), checkpoints with orbax (atomic; every `save_every` steps and at
@@ -43,11 +44,10 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mwjax import checkpoint, sharding
+from mwjax.loss import IGNORE, chunked_token_loss, token_loss
 from mwjax.macdrop import MacDrop, MacDropState
 from mwjax.peft import LoRAParam
 from mwjax.run_log import RunLog
-
-IGNORE = -100  # label of positions without loss (prompt, padding), as HF / LLaMA-Factory
 
 
 class TrainingDivergedError(RuntimeError):
@@ -71,6 +71,10 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per micro-batch, all devices and hosts together
     grad_accum: int = 4  # gradient_accumulation_steps
     remat: str | None = None  # None | "full" | "dots" | "nothing" (models.base.REMAT_POLICIES)
+    # positions per chunk of the vocabulary loss (mwjax.loss.chunked_token_loss): the [b, t, V] float32 logits
+    # are never held whole (Llama 3's 128k vocabulary at 8 x 1024 tokens: 4 GiB, and as much for their gradient);
+    # None computes them whole
+    loss_chunk: int | None = 256
     # a MacDrop mask per "microbatch" (Algorithm 1 wraps HF's training_step, called per micro-batch) or per "step"
     mask_every: str = "microbatch"
     seed: int = 42
@@ -107,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
             raise ValueError("micro_batch_size and grad_accum must be >= 1")
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be >= 1 positions (or None: whole logits), got {self.loss_chunk}")
 
 
 def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
@@ -145,16 +151,6 @@ class TrainState:
     rngs: nnx.State  # dropout RNG streams (empty without LoRA dropout)
 
 
-def token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of next-token NLL over label tokens, their count); logits [b, t, V], labels [b, t] aligned
-    with the inputs (the logits at position t predict labels[t + 1])."""
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid)
-
-
 class Trainer:
     """The split model, the optimizer and the compiled steps of one run."""
 
@@ -172,20 +168,35 @@ class Trainer:
         if not jax.tree.leaves(params):
             raise ValueError("the model has no adapter parameters: call mwjax.peft.add_adapters first")
         self.replicated = sharding.replicated(mesh)
-        self.frozen = sharding.put(frozen, sharding.state_shardings(frozen, mesh))
-        self.initial_state = sharding.put(TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-            macdrop=macdrop.init(jax.random.key(config.seed)) if macdrop else None, rngs=rngs), self.replicated)
+
+        def initial_state(params, rngs):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                              macdrop=macdrop.init(jax.random.key(config.seed)) if macdrop else None, rngs=rngs)
+
+        # an abstract model (nnx.eval_shape) gives an abstract trainer, whose steps lower and compile without
+        # weights (benchmarks/compile_memory.py)
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen))
+        place = sharding.shaped if self.abstract else sharding.put
+        state = jax.eval_shape(initial_state, params, rngs) if self.abstract else initial_state(params, rngs)
+        self.frozen = place(frozen, sharding.state_shardings(frozen, mesh))
+        self.initial_state = place(state, self.replicated)
         # the state stays replicated (else XLA may return adapters split along whatever it chose)
         self.step_fn = jax.jit(self._train_step, donate_argnums=0, out_shardings=self.replicated)
         self.eval_fn = jax.jit(self._eval_step)
 
     # ------------------------------------------------------------------ pure functions
 
+    def _loss(self, model, mb, ffn_masks=None):
+        """(NLL sum, label count) of one micro-batch, the vocabulary in chunks when `config.loss_chunk` says so."""
+        kwargs = dict(positions=mb["positions"], segment_ids=mb["segment_ids"], ffn_masks=ffn_masks)
+        if self.config.loss_chunk is None:
+            return token_loss(model(mb["tokens"], **kwargs), mb["labels"])
+        hidden, _ = model.hidden_states(mb["tokens"], **kwargs)
+        return chunked_token_loss(model.unembed, hidden, mb["labels"], self.config.loss_chunk)
+
     def _forward_loss(self, params, rngs, frozen, mb, ffn_masks):
         model = nnx.merge(self.graphdef, params, rngs, frozen, copy=True)
-        logits = model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"], ffn_masks=ffn_masks)
-        loss_sum, count = token_loss(logits, mb["labels"])
+        loss_sum, count = self._loss(model, mb, ffn_masks)
         return loss_sum, (count, nnx.state(model, nnx.RngState))
 
     def _train_step(self, state: TrainState, frozen, batch):
@@ -220,8 +231,7 @@ class Trainer:
         return new, metrics
 
     def _eval_step(self, params, rngs, frozen, mb):
-        model = nnx.merge(self.eval_graphdef, params, rngs, frozen, copy=True)
-        return token_loss(model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"]), mb["labels"])
+        return self._loss(nnx.merge(self.eval_graphdef, params, rngs, frozen, copy=True), mb)
 
     # ------------------------------------------------------------------ host side
 

@@ -24,6 +24,7 @@ from hf_reference import (
     random_tokens,
     torch,
 )
+from hf_reference import assert_close_to_scale as assert_close
 
 import converters
 from converters.sources import SafetensorsSource
@@ -258,6 +259,48 @@ def test_mixtral_masks_must_name_an_expert(tiny_checkpoint):
         model(tokens, ffn_masks={0: masks.zero_rows([1], 64)})
     with pytest.raises(ValueError, match="expert 4 out of range"):
         model(tokens, ffn_masks={0: masks.zero_rows([1], 64, expert=4)})
+
+
+def test_mixtral_routed_experts_match_hf(hf_checkpoint):
+    hf, path = hf_checkpoint("mixtral")
+    model = load(path)
+    model.set_attributes(dispatch="routed")
+    tokens = random_tokens(64, hf.config.vocab_size, batch=2, seed=2)
+    assert_logits_close(our_logits(model, tokens), hf_logits(hf, tokens))
+
+
+def test_mixtral_routed_experts_equal_all_experts(tiny_checkpoint):
+    """The sparse dispatch (only the chosen experts, ragged matmuls) gives the outputs and gradients (base weights,
+    adapters, input) of running every expert on every token, with an expert's FFN row mask and DoRA adapters (the
+    LoRA path and its rescaling) on the experts. (Without adapters: test_mixtral_routed_experts_match_hf.)"""
+    from mwjax import peft
+    from mwjax.models.base import Taps
+
+    model = peft.add_adapters(load(tiny_checkpoint("mixtral")), peft.LoraConfig(rank=4, alpha=8.0, dora=True))
+    for layer in peft.adapters(model).values():  # B != 0, so the adapters change the outputs
+        layer.lora_b[...] = jax.random.normal(jax.random.key(1), layer.lora_b[...].shape) * 0.1
+    block = model.model.layers[LAYER].mlp
+    block.dispatch = "routed"  # "auto" runs every expert on CPU
+    x = jax.random.normal(jax.random.key(0), (2, 9, 64))
+    mask = masks.zero_rows(ROWS, 64, expert=EXPERT)
+    routed = lambda block, x: block(x, mask, Taps())
+    dense = lambda block, x: block.all_experts(x, *block.route(x)[1:], [mask if e == EXPERT else None
+                                                                         for e in range(4)], Taps())
+
+    @jax.jit
+    def outputs_and_grads(block, x):
+        loss = lambda f: lambda block, x: (lambda y: (jnp.sum(y**2), y))(f(block, x))
+        return [nnx.value_and_grad(loss(f), argnums=(0, 1), has_aux=True)(block, x) for f in (routed, dense)]
+
+    ((_, y), (g_block, g_x)), ((_, ref), (ref_block, ref_x)) = outputs_and_grads(block, x)
+    assert_close(y, ref, 1e-5, what="outputs")
+    assert_close(g_x, ref_x, 1e-5, what="d/dx")
+    ref_grads = dict(nnx.to_flat_state(ref_block))
+    for path, g in nnx.to_flat_state(g_block):
+        assert_close(g[...], ref_grads[path][...], 1e-5, what=str(path))
+    assert "ragged_dot" in str(jax.make_jaxpr(lambda x: routed(block, x))(x))  # the sparse path did run
+    with pytest.raises(AssertionError):  # the mask reaches the routed expert
+        assert_close(jax.jit(lambda block, x: block(x, None, Taps()))(block, x), y, 1e-5)
 
 
 @pytest.mark.torch

@@ -1,6 +1,8 @@
-"""Rotary embeddings, attention masks and grouped-query attention, with HF's numerics."""
+"""Rotary embeddings, attention masks and grouped-query attention: eager with HF's numerics, or fused kernels."""
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +101,55 @@ def grouped_query_attention(
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, d)
     return out, probs.reshape(b, h, t, -1)
+
+
+# ------------------------------------------------------------------ fused attention kernels
+
+IMPLEMENTATIONS = ("auto", "eager", "xla", "cudnn")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)  # cuDNN's flash attention takes no float32
+
+
+def choose_implementation(requested: str, *, needs_probs: bool, softcap: float | None, dtype,
+                          cached: bool) -> str:
+    """The attention path of one call: "eager" (`grouped_query_attention`), "xla" or "cudnn"
+    (`fused_attention`).
+
+    requested: "auto", "eager", or the kernel to use whenever a kernel can do the job ("xla", "cudnn").
+    "auto" takes cuDNN's flash attention on a GPU in bfloat16 / float16 without a KV cache, and the
+    eager path elsewhere: XLA's `dot_product_attention` materialises the same [b, h, t, s] probabilities
+    (no memory saved on CPU / TPU) but forms the scores in float32, where HF's eager attention (the
+    reference of the bfloat16 parity tests) forms them in the compute dtype. The eager path runs whatever
+    was requested when the probabilities are probed (`attn_probs`, which no kernel returns) or the
+    scores are soft-capped (Gemma 2), which `jax.nn.dot_product_attention` does not do.
+    TPU: the Pallas splash attention kernel is not wired in (no TPU to test its selection on).
+    """
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {requested!r}; choose from {IMPLEMENTATIONS}")
+    if requested == "eager" or needs_probs or softcap is not None:
+        return "eager"
+    if requested != "auto":
+        return requested
+    gpu = jax.default_backend() == "gpu"
+    return "cudnn" if gpu and not cached and any(dtype == d for d in CUDNN_DTYPES) else "eager"
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
+                    implementation: str, causal: bool) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the same inputs and output as `grouped_query_attention` (no
+    probabilities): q [b, t, h, d], k / v [b, s, h_kv, d] (grouped-query heads as they are), mask bool
+    [b|1, 1, t, s] (causal, sliding window, padding and packed segments: `causal_mask`).
+
+    causal: the mask is causal by index with t == s (no cache), which lets cuDNN skip the masked blocks.
+    cuDNN refusing the shapes (head_dim, GPU generation, cuDNN version) falls back to XLA with a warning.
+    Logits in float32 in both (the eager path forms them in the compute dtype, as HF's eager attention).
+    """
+    dtype = jnp.result_type(q, k, v)  # a float32 cache under a bfloat16 model: as the eager einsum promotes
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                                implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError) as error:
+            warnings.warn(f"cuDNN flash attention refused q {q.shape} {q.dtype}, k {k.shape} ({error}); "
+                          "using XLA's attention", stacklevel=2)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")

@@ -41,6 +41,11 @@ class Taps:
         """Only the probe."""
         probes.sow(module, point, layer, x, self.probes)
 
+    def touches(self, point: str, layer: int) -> bool:
+        """Whether an edit or a probe acts at (point, layer)."""
+        edited = bool(self.edits) and (point, layer) in self.edits
+        return edited or (self.probes is not None and self.probes.wants(point, layer))
+
     def __call__(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> jax.Array:
         x = interventions.apply(self.edits, point, layer, x, self.positions)
         probes.sow(module, point, layer, x, self.probes)
@@ -106,6 +111,24 @@ class CausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,  # [b, t]: packed sequences (training); attention stays within one
     ) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits [b, t, vocab]; with a cache, (logits, the cache advanced by t positions)."""
+        x, cache = self.hidden_states(tokens, positions, attention_mask, ffn_masks, probes, edits, cache, segment_ids)
+        logits = self.unembed(x)
+        return logits if cache is None else (logits, cache)
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,  # int32 [b, t]
+        positions: jax.Array | None = None,  # int32 [b, t]; default offset + 0..t-1
+        attention_mask: jax.Array | None = None,  # [b, t] (with a cache: [b, cache.max_len]); 1 = real token
+        ffn_masks: masks.FFNMasks | None = None,  # {layer: RowMask} on W_gate / W_up rows
+        probes: probes.ProbeConfig | None = None,
+        edits: interventions.Edits | None = None,  # {(point, layer): ActivationEdit}
+        cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,  # [b, t]: packed sequences (training); attention stays within one
+    ) -> tuple[jax.Array, KVCache | None]:
+        """(the final norm's output [b, t, d_model], the cache advanced by t positions or None): everything of
+        `__call__` but the unembedding (HF `*Model.forward`'s last hidden state), for losses that unembed in
+        chunks (`mwjax.loss.chunked_token_loss`)."""
         cfg = self.config
         b, t = tokens.shape
         ffn_masks, edits = self.with_attached(ffn_masks, edits)
@@ -132,10 +155,10 @@ class CausalLM(nnx.Module):
             if layer_cache is not None:
                 new_keys.append(layer_cache.keys)
                 new_values.append(layer_cache.values)
-        logits = self.unembed(self.model.norm(x))
+        x = self.model.norm(x)
         if cache is None:
-            return logits
-        return logits, KVCache(keys=tuple(new_keys), values=tuple(new_values), length=offset + t)
+            return x, None
+        return x, KVCache(keys=tuple(new_keys), values=tuple(new_values), length=offset + t)
 
     def run_layer(self, layer, x, rope, mask, row_mask, taps: Taps, cache):
         """One decoder layer, rematerialised under autodiff when `self.remat` says so."""

@@ -22,7 +22,8 @@ class Attention(nnx.Module):
     """HF `LlamaAttention` (also Gemma / Gemma 2 / Gemma 3 / Mixtral / Phi-3 attention).
 
     q/k/v/o projections, optional QK-norm over each head (`q_norm` / `k_norm`, Gemma 3), RoPE,
-    grouped-query attention with `config.attention_scale` and optional soft-capping of the scores.
+    grouped-query attention with `config.attention_scale` and optional soft-capping of the scores: a fused
+    kernel (`jax.nn.dot_product_attention`) or HF's eager computation (`attention.choose_implementation`).
     Phi-3's fused `qkv_proj` is split into q/k/v_proj by the converters.
     """
 
@@ -33,6 +34,9 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
+        # attention.IMPLEMENTATIONS: "auto" (cuDNN on GPU where it can, else eager: `choose_implementation`),
+        # "eager", "xla" or "cudnn" (`model.set_attributes(attention="xla")`)
+        self.attention = "auto"
         d, hd = config.hidden_size, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         qkv = dict(axes=("embed", "heads"), use_bias=config.qkv_bias, **kw)  # heads: the head-major feature axis
@@ -58,8 +62,13 @@ class Attention(nnx.Module):
         if cache is not None:
             cache = cache.update(k, v)
             k, v = cache.keys, cache.values
-        out, probs = attention.grouped_query_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
-        taps(self, "attn_probs", self.layer_idx, probs)
+        how = attention.choose_implementation(self.attention, needs_probs=taps.touches("attn_probs", self.layer_idx),
+                                              softcap=self.softcap, dtype=q.dtype, cached=cache is not None)
+        if how == "eager":
+            out, probs = attention.grouped_query_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+            taps(self, "attn_probs", self.layer_idx, probs)
+        else:
+            out = attention.fused_attention(q, k, v, mask, scale=self.scale, implementation=how, causal=cache is None)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 

@@ -94,6 +94,25 @@ class Linear(nnx.Module):
             y = y + self.bias[...][mask.rows].astype(self.dtype)
         return y
 
+    def masked_kernel(self, mask: masks.RowMask | None) -> jax.Array:
+        """The kernel [in, out] with the masked PyTorch rows multiplied by the mask (the stored one without)."""
+        kernel = self.kernel[...]
+        return kernel if mask is None else kernel.at[:, mask.rows].set(masks.masked_columns(kernel, mask))
+
+    @classmethod
+    def grouped(cls, layers, x: jax.Array, group_sizes: jax.Array, groups: jax.Array,
+                column_masks) -> jax.Array:
+        """Row r of x [n, in] through `layers[groups[r]]` (with `column_masks[groups[r]]`), the rows sorted by
+        group: one `jax.lax.ragged_dot` over the stacked kernels [g, in, out] instead of g dense matmuls.
+        group_sizes [g] counts the rows of each group; equal to `layers[g](x[r], column_masks[g])` per row."""
+        dtype = layers[0].dtype
+        kernels = jnp.stack([layer.masked_kernel(m).astype(dtype) for layer, m in zip(layers, column_masks,
+                                                                                        strict=True)])
+        y = jax.lax.ragged_dot(x.astype(dtype), kernels, group_sizes)  # [n, out]
+        if layers[0].bias is not None:
+            y = y + jnp.stack([layer.bias[...] for layer in layers]).astype(dtype)[groups]
+        return y
+
 
 class Embed(nnx.Module):
     """`torch.nn.Embedding`; `attend` is the tied `lm_head` (x @ embedding.T)."""

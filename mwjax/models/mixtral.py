@@ -19,11 +19,16 @@ Routing (HF `MixtralTopKRouter`): router logits in the compute dtype, softmax in
 top-k probabilities renormalised to sum to 1; the expert outputs are weighted by them and summed
 in expert order.
 
-Cost. Every expert runs on every token and the unselected ones get weight 0 (exact: adding 0
-changes nothing), so the FFN costs num_local_experts / num_experts_per_tok times HF's sparse
-dispatch (4x for Mixtral-8x7B) and, while probed, holds a [b, t, E, d_ff] intermediate state. In
-exchange every expert's intermediate state is available to probes, which is what finding the
-massive weights of the expert the router picks for bos needs.
+Cost. On TPU and GPU only the chosen experts run (`routed_experts`): the (token, expert) pairs are sorted
+by expert and each projection is one `jax.lax.ragged_dot` over the experts' weights stacked at call time,
+as HF's dispatch loop computes them (LoRA / DoRA adapters on the experts and FFN row masks included).
+Every expert runs on every token instead (`all_experts`: the unselected ones weighted 0, which is exact;
+num_local_experts / num_experts_per_tok times the FFN cost, 4x for Mixtral-8x7B) on CPU, where jax
+lowers a ragged matmul as a dense one per group (costlier still), when a probe or an activation edit
+asks for a layer's "intermediate" / "down_proj_output" states (every expert's: what finding the massive
+weights of the expert the router picks for bos needs; a [b, t, E, d_ff] state while probed), or when
+adapters sit on some experts only. `model.set_attributes(dispatch="routed" | "all_experts")` forces a
+path (the probes' need still wins).
 
 Probes of the MoE block (layer i):
 - "router_probs":     [b, t, E] float32, softmax of the router logits (House of Cards, Figure 5)
@@ -51,6 +56,8 @@ from mwjax.models.blocks import MLP
 from mwjax.models.layers import Linear
 from mwjax.models.llama import DecoderLayer, LlamaForCausalLM
 
+DISPATCH = ("auto", "routed", "all_experts")
+
 
 class MixtralSparseMoeBlock(nnx.Module):
     """HF `MixtralSparseMoeBlock`: a top-k router (`gate`) over `experts` (one gated MLP each)."""
@@ -62,22 +69,64 @@ class MixtralSparseMoeBlock(nnx.Module):
                            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.experts = nnx.List([MLP(config, layer_idx, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                                  for _ in range(config.num_local_experts)])
+        # DISPATCH: "auto" routes (`routed_experts`) on TPU / GPU, runs every expert on CPU, where jax lowers a
+        # ragged matmul as one dense matmul per group (k times the all-experts cost);
+        # `model.set_attributes(dispatch="routed")` forces the routed path everywhere
+        self.dispatch = "auto"
 
-    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(router probabilities, routing weights), both [b, t, E] float32; a weight is 0 unless its
-        expert is among the token's top-k, and the top-k weights sum to 1."""
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(router probabilities [b, t, E] float32, top-k weights [b, t, k] float32 summing to 1, their experts
+        [b, t, k] int32), the k choices of a token in ascending expert order (the order HF adds them in)."""
         probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)
         top, chosen = jax.lax.top_k(probs, self.top_k)  # [b, t, k]
         top = top / jnp.sum(top, axis=-1, keepdims=True)
-        weights = jnp.sum(jax.nn.one_hot(chosen, probs.shape[-1], dtype=top.dtype) * top[..., None], axis=-2)
-        return probs, weights
+        order = jnp.argsort(chosen, axis=-1)
+        return probs, jnp.take_along_axis(top, order, axis=-1), jnp.take_along_axis(chosen, order, axis=-1)
 
     def __call__(self, x: jax.Array, row_mask: masks.RowMask | None, taps: Taps) -> jax.Array:
         i = self.layer_idx
-        probs, weights = self.route(x)
+        probs, top, chosen = self.route(x)
         taps.record(self, "router_probs", i, probs)
-        expert_mask = lambda e: row_mask if row_mask is not None and row_mask.expert == e else None
-        gates, ups = zip(*(expert.gate_and_up(x, expert_mask(e)) for e, expert in enumerate(self.experts)),
+        expert_masks = [row_mask if row_mask is not None and row_mask.expert == e else None
+                        for e in range(len(self.experts))]
+        if self.dispatch not in DISPATCH:
+            raise ValueError(f"unknown MoE dispatch {self.dispatch!r}; choose from {DISPATCH}")
+        routed = self.dispatch == "routed" or (self.dispatch == "auto" and jax.default_backend() != "cpu")
+        every_expert = ("gate_activation", "up_proj_output", "intermediate", "down_proj_output")  # probed or edited
+        if not routed or any(taps.touches(point, i) for point in every_expert):
+            return self.all_experts(x, top, chosen, expert_masks, taps)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if len({type(getattr(expert, name)) for expert in self.experts}) > 1:  # adapters on some experts only
+                return self.all_experts(x, top, chosen, expert_masks, taps)
+        return self.routed_experts(x, top, chosen, expert_masks)
+
+    def routed_experts(self, x: jax.Array, top: jax.Array, chosen: jax.Array, expert_masks) -> jax.Array:
+        """Only the chosen experts run (HF's dispatch): the b t k (token, expert) pairs sorted by expert, each
+        projection one ragged matmul over the experts' stacked weights (`Linear.grouped`)."""
+        b, t, d = x.shape
+        k = self.top_k
+        experts = chosen.reshape(-1)  # [b t k]
+        order = jnp.argsort(experts, stable=True)  # pairs grouped by expert
+        groups = experts[order]
+        sizes = jnp.bincount(experts, length=len(self.experts)).astype(jnp.int32)
+        xs = x.reshape(b * t, d)[order // k]  # [b t k, d], sorted
+        grouped = lambda name, h, column_masks: type(getattr(self.experts[0], name)).grouped(
+            [getattr(expert, name) for expert in self.experts], h, sizes, groups, column_masks)
+        h = self.experts[0].act(grouped("gate_proj", xs, expert_masks)) * grouped("up_proj", xs, expert_masks)
+        out = grouped("down_proj", h, [None] * len(self.experts))  # [b t k, d]
+        weighted = (out * top.reshape(-1)[order][:, None]).astype(x.dtype)  # as HF: weight, then cast
+        pairs = jnp.zeros_like(weighted).at[order].set(weighted).reshape(b, t, k, d)  # back to token order
+        y = pairs[:, :, 0]
+        for j in range(1, k):  # in ascending expert order, as HF's index_add_ loop
+            y = y + pairs[:, :, j]
+        return y
+
+    def all_experts(self, x: jax.Array, top: jax.Array, chosen: jax.Array, expert_masks, taps: Taps) -> jax.Array:
+        """Every expert on every token, the unselected ones weighted 0 (exact): what probes of every expert's
+        intermediate state / down_proj output and activation edits there need."""
+        i = self.layer_idx
+        weights = jnp.sum(jax.nn.one_hot(chosen, len(self.experts), dtype=top.dtype) * top[..., None], axis=-2)
+        gates, ups = zip(*(expert.gate_and_up(x, m) for expert, m in zip(self.experts, expert_masks, strict=True)),
                          strict=True)  # [b, t, d_ff] each
         taps.record(self, "gate_activation", i, jnp.stack(gates, axis=2))
         taps.record(self, "up_proj_output", i, jnp.stack(ups, axis=2))
