@@ -27,7 +27,7 @@ class LineProgress:
         self.total, self.desc, self.stream, self.interval = total, desc, stream, interval
         self.n = self.initial = initial
         self.start = time.monotonic()
-        self._last = self.start
+        self._last, self._printed = self.start, initial
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -40,6 +40,7 @@ class LineProgress:
         pass
 
     def _print(self, now: float) -> None:
+        self._printed = self.n
         elapsed = now - self.start
         share = self.n / self.total if self.total else 1.0
         done = self.n - self.initial  # this run's steps set the pace
@@ -48,7 +49,8 @@ class LineProgress:
               flush=True)
 
     def close(self) -> None:
-        if self.n and time.monotonic() - self.start >= self.interval:  # a short loop stays quiet
+        # a short loop stays quiet, and a line already printed for this count is not repeated
+        if self.n != self._printed and time.monotonic() - self.start >= self.interval:
             self._print(time.monotonic())
 
     def __enter__(self) -> LineProgress:

@@ -31,3 +31,12 @@ def test_on_a_terminal_a_bar_that_stays():
     bar = progress(3, "perplexity", stream=Terminal())
     assert isinstance(bar, tqdm) and bar.leave
     bar.close()
+
+
+def test_a_line_is_not_repeated_at_close():
+    stream = io.StringIO()
+    bar = progress(2, "slow", stream=stream, interval=0.0)
+    bar.update()
+    bar.update()
+    bar.close()  # the count was printed by the last update already
+    assert stream.getvalue().splitlines() == ["slow: 1/2 (50%), 0s, ETA 0s", "slow: 2/2 (100%), 0s"]
