@@ -99,19 +99,10 @@ class CausalLM(nnx.Module):
                                             segment_ids=segment_ids)
                 for kind in set(cfg.layer_types)}
 
-    def __call__(
-        self,
-        tokens: jax.Array,  # int32 [b, t]
-        positions: jax.Array | None = None,  # int32 [b, t]; default offset + 0..t-1
-        attention_mask: jax.Array | None = None,  # [b, t] (with a cache: [b, cache.max_len]); 1 = real token
-        ffn_masks: masks.FFNMasks | None = None,  # {layer: RowMask} on W_gate / W_up rows
-        probes: probes.ProbeConfig | None = None,
-        edits: interventions.Edits | None = None,  # {(point, layer): ActivationEdit}
-        cache: KVCache | None = None,
-        segment_ids: jax.Array | None = None,  # [b, t]: packed sequences (training); attention stays within one
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
-        """Logits [b, t, vocab]; with a cache, (logits, the cache advanced by t positions)."""
-        x, cache = self.hidden_states(tokens, positions, attention_mask, ffn_masks, probes, edits, cache, segment_ids)
+    def __call__(self, tokens: jax.Array, *args, **kwargs) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits [b, t, vocab]; with a cache, (logits, the cache advanced by t positions). Arguments as
+        `hidden_states` (positions, attention_mask, ffn_masks, probes, edits, cache, segment_ids)."""
+        x, cache = self.hidden_states(tokens, *args, **kwargs)
         logits = self.unembed(x)
         return logits if cache is None else (logits, cache)
 
