@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +16,14 @@ from matplotlib import patches, ticker  # noqa: E402
 
 if TYPE_CHECKING:
     from mwjax import massive
+
+TITLE_WIDTH = 70  # characters per title line: a model name and a layer label still fit a 6-inch figure
+
+
+def wrapped(title: str) -> str:
+    """A title broken into lines that fit the figure (long model paths no longer run off the edge)."""
+    return "\n".join(textwrap.wrap(title, TITLE_WIDTH)) or title
+
 
 DPI = 200  # raster figures (png); pdf and svg are vector
 _PROB_CMAP = matplotlib.colormaps["YlGnBu"].with_extremes(bad="white")  # probabilities; masked cells blank
@@ -39,7 +48,7 @@ def magnitudes_3d(values: np.ndarray, token_labels: Sequence[str], title: str, p
     fig = plt.figure(figsize=(8, 5))
     ax = fig.add_subplot(projection="3d")
     _magnitude_lines(ax, values, token_labels, max_dims)
-    ax.set_title(title)
+    ax.set_title(wrapped(title), fontsize=10)
     return _save(fig, path)
 
 
@@ -98,7 +107,7 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path | No
         ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-300) < 10 else ticker.NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(wrapped(title), fontsize=10)
     if legend == "outside":  # beside the axes, never over the data
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     elif legend:
@@ -183,7 +192,7 @@ def attention_sinks(columns: Sequence[tuple[str, np.ndarray, np.ndarray, Sequenc
             side.set_visible(False)
     fig.text(0.005, 0.75, row_titles[0], rotation=90, va="center", fontsize=10)
     fig.text(0.005, 0.27, row_titles[1], rotation=90, va="center", fontsize=10)
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title))
     fig.tight_layout(rect=(0.015, 0.0, 0.93, 0.97))
     fig.colorbar(image, cax=fig.add_axes((0.945, 0.08, 0.012, 0.36)), label="attention probability")
     return _save(fig, path)
@@ -210,7 +219,7 @@ def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: in
     ax.set_yticks(np.arange(num_experts))
     ax.set_xlabel("layer (1-based)")
     ax.set_ylabel("expert")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(wrapped(title), fontsize=10)
     fig.colorbar(image, ax=ax, label="router probability", pad=0.01)
     fig.tight_layout()
     return _save(fig, path)
@@ -259,6 +268,6 @@ def pruning_summary(labels: Sequence[str], perplexities: Mapping[str, Sequence[f
     right.set_xticklabels(labels, fontsize=8)
     _finish(fig, right, "massive weights, no protection", "", "fraction", path=None, log_y=False, legend=False)
     right.legend(fontsize=7, loc="upper center")
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title))
     fig.tight_layout()
     return _save(fig, path)
