@@ -102,7 +102,8 @@ def main(argv):
             print(f"   factor {f:g}: {sweep.label} {values[-1]:.2f}", flush=True)
         print(f"\nscaling the super weight ({sweep.label}):")
         print(common.markdown_table(["factor", sweep.label], [[f, v] for f, v in zip(factors, values, strict=True)]))
-        plots.scaling_curve(factors, values, title, common.figure(out, "scaling" + sweep.suffix), ylabel=sweep.label)
+        plots.scaling_curve(factors, values, title, common.figure(out, "scaling" + sweep.suffix), ylabel=sweep.label,
+                            log_y=sweep.log_y)
         payload["scaling"][metric] = values
         payload["scaling"][f"{metric}_settings"] = sweep.settings
     print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and figures in {out}")

@@ -86,12 +86,13 @@ def k_sweep(ks: Sequence[int], series: Mapping[str, Sequence[float]], title: str
 
 
 def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str, path: str | Path,
-                  ylabel: str = "perplexity") -> Path:
-    """The Super Weight Figure 8: a metric against the super weight's scaling factor."""
+                  ylabel: str = "perplexity", log_y: bool = True) -> Path:
+    """The Super Weight Figure 8: a metric against the super weight's scaling factor (perplexity on a log axis,
+    so the pruned model's blow-up at 0 leaves the region around 1 readable; accuracy with log_y=False)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(list(factors), list(values), marker="o")
     ax.axvline(1.0, color="gray", lw=0.8, ls="--")
-    return _finish(fig, ax, title, "super weight scaling factor", ylabel, path, log_y=False, legend=False)
+    return _finish(fig, ax, title, "super weight scaling factor", ylabel, path, log_y=log_y, legend=False)
 
 
 def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path | None, *, log_y: bool = True,
