@@ -187,12 +187,14 @@ class Trainer:
     # ------------------------------------------------------------------ pure functions
 
     def _loss(self, model, mb, ffn_masks=None):
-        """(NLL sum, label count) of one micro-batch, the vocabulary in chunks when `config.loss_chunk` says so."""
+        """(NLL sum, label count) of one micro-batch, the vocabulary in chunks when `config.loss_chunk` says so
+        (a sequence that one chunk covers takes the whole logits: the same loss, without the scan to compile)."""
         kwargs = dict(positions=mb["positions"], segment_ids=mb["segment_ids"], ffn_masks=ffn_masks)
-        if self.config.loss_chunk is None:
+        chunk = self.config.loss_chunk
+        if chunk is None or mb["tokens"].shape[-1] - 1 <= chunk:
             return token_loss(model(mb["tokens"], **kwargs), mb["labels"])
         hidden, _ = model.hidden_states(mb["tokens"], **kwargs)
-        return chunked_token_loss(model.unembed, hidden, mb["labels"], self.config.loss_chunk)
+        return chunked_token_loss(model.unembed, hidden, mb["labels"], chunk)
 
     def _forward_loss(self, params, rngs, frozen, mb, ffn_masks):
         model = nnx.merge(self.graphdef, params, rngs, frozen, copy=True)
