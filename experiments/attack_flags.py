@@ -9,8 +9,7 @@ from experiments import common
 from mwjax import attacks
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("attack", None, "attack applied before evaluation, e.g. zero_top_k:5 (mwjax.attacks.from_spec)")
-common.check_flag("attack", attacks.parse_spec)
+common.define_attack_flag("evaluation")
 flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapter and --attack, Table 8's two "
                   "readings: merged (massive weights re-found on the merged model, its rows attacked) or base (found "
                   "before fine-tuning, the pretrained rows attacked under the live adapter; mwjax.attacks."
@@ -28,9 +27,8 @@ def load_model():
         model = attacks.after_fine_tuning(model, tokenizer, FLAGS.attack, FLAGS.adapter, FLAGS.attack_on,
                                           first_token=common.first_token_flag())
         print(f"{FLAGS.attack} on the fine-tuned model, attack_on={FLAGS.attack_on}")
-    elif FLAGS.attack:
-        model = attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=common.first_token_flag())
-    return model, tokenizer
+        return model, tokenizer
+    return common.apply_attack(model, tokenizer), tokenizer
 
 
 def recorded() -> dict:
