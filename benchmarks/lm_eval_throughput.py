@@ -55,8 +55,8 @@ def main():
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    import converters
-    from converters import embedded
+    from mwjax import converters
+    from mwjax.converters import embedded
     from mwjax.eval import zeroshot_tasks
     from mwjax.eval.lm_eval import MwjaxLM
 

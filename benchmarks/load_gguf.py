@@ -36,8 +36,8 @@ def main():
     import torch
     import transformers
 
-    import converters
-    from converters import embedded
+    from mwjax import converters
+    from mwjax.converters import embedded
 
     path = Path(args.model) if args.model else embedded.path("smollm2")
     path.read_bytes()  # warm the page cache for both sides

@@ -1,31 +1,7 @@
-"""Foreign checkpoint formats <-> mwjax.
+"""`python -m converters.<name>` (e.g. `converters.to_orbax`): an alias of `mwjax.converters`.
 
-    from converters import load, save_hf
-    model, tokenizer = load("path/to/hf_dir" | "model.gguf" | "embedded:smollm2" | "embedded:gemma3-270m"
-                            | "owner/name")
-    save_hf(model, "out_dir", tokenizer=tokenizer)
+The converters live in `mwjax/converters/`; this package only points its module search path there.
+In code, import `mwjax.converters`.
 """
 
-from converters.errors import (
-    CheckpointError,
-    InvalidConfigError,
-    MissingTensorError,
-    ShapeMismatchError,
-    UnsupportedCheckpointError,
-)
-from converters.loader import build_from_source, load, load_tokenizer, peft_base, resolve
-from converters.save_hf import save_hf
-
-__all__ = [
-    "CheckpointError",
-    "InvalidConfigError",
-    "MissingTensorError",
-    "ShapeMismatchError",
-    "UnsupportedCheckpointError",
-    "build_from_source",
-    "load",
-    "load_tokenizer",
-    "peft_base",
-    "resolve",
-    "save_hf",
-]
+from mwjax.converters import __path__  # noqa: F401

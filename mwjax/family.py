@@ -17,8 +17,8 @@ shared (llama / mistral / qwen2 -> `LlamaForCausalLM`; gemma / gemma2 / gemma3_t
 Adding a family touches these files (tests/test_registry.py checks the first three):
 1. `mwjax/models/<family>.py`: the model class and its `Family` record(s), passed to `register`
    when the module is imported; import the module in `mwjax/models/__init__.py`.
-2. `converters/keymaps.py`: its `KeyMap` in `KEYMAPS[model_type]`.
-3. `converters/gguf_source.py`: only where llama.cpp's converter changed the tensors or the
+2. `mwjax/converters/keymaps.py`: its `KeyMap` in `KEYMAPS[model_type]`.
+3. `mwjax/converters/gguf_source.py`: only where llama.cpp's converter changed the tensors or the
    metadata needs reading of its own; otherwise give the record `gguf_architecture=None` (no GGUF).
 4. tests: a tiny HF config in `tests/hf_reference.py` `FAMILY_CONFIGS` (test_config, test_families and
    test_registry run over it).

@@ -37,9 +37,9 @@ def hf_checkpoint(tmp_path_factory):
 def tiny_checkpoint(tmp_path_factory):
     """name -> a HF directory (config.json + safetensors) of a random mwjax model of one of TINY_CONFIGS,
     written by `save_hf` without torch: for tests that need a checkpoint but not the PyTorch reference."""
-    from converters import save_hf
     from mwjax import models
     from mwjax.config import ModelConfig
+    from mwjax.converters import save_hf
 
     cache = {}
 
@@ -69,7 +69,7 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from converters import embedded
+    from mwjax.converters import embedded
 
     return embedded.path("smollm2")
 
@@ -80,7 +80,7 @@ def embedded_tokenizer():
     (Gemma-3's takes ~25 s to parse and build)."""
     import functools
 
-    import converters
+    from mwjax import converters
 
     return functools.cache(lambda name: converters.load_tokenizer(f"embedded:{name}"))
 
@@ -88,7 +88,7 @@ def embedded_tokenizer():
 @pytest.fixture(scope="session")
 def smollm2_tokenizer(smollm2_path):
     """SmolLM2's real BPE tokenizer (49152 tokens), built by transformers from the GGUF metadata."""
-    from converters.gguf_source import GGUFSource
+    from mwjax.converters.gguf_source import GGUFSource
 
     return GGUFSource(smollm2_path).tokenizer()
 
@@ -113,9 +113,9 @@ def tiny_smol_vocab(smollm2_tokenizer, tmp_path_factory):
 def tiny_smol_dir(smollm2_tokenizer, tmp_path_factory):
     """A HF directory of a tiny random llama (mwjax's init, written by `save_hf`, no torch) with SmolLM2's
     vocabulary and real tokenizer: experiments run end to end on it in seconds."""
-    from converters import save_hf
     from mwjax import models
     from mwjax.config import ModelConfig
+    from mwjax.converters import save_hf
 
     config = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -222,7 +222,7 @@ def gguf_with_transformers(source: str, path):
     the real-model tests. `source`: what `converters.load` reads (a path or `embedded:NAME`)."""
     import jax.numpy as jnp
 
-    import converters
+    from mwjax import converters
 
     needs_torch()
     ours, tokenizer = converters.load(source, dtype=jnp.float32)
@@ -235,7 +235,7 @@ def assert_bos_intermediate_agrees(ours, tokenizer, hf, top_k: int = 5):
     """Feeding bos alone, the layer whose FFN intermediate state holds the largest |value| and that state's
     top-k dims and values agree with HF's (House of Cards' Algorithm 1 input). Returns (HF's bos intermediate
     state per layer {layer: [d_ff]}, our probe row of that layer)."""
-    from experiments.probe import probe_first_token
+    from mwjax.experiments.probe import probe_first_token
 
     states, _ = capture_hf(hf, np.array([[tokenizer.bos_token_id]]), ("intermediate",))
     captured = {layer: x[0, 0] for (_, layer), x in states.items()}

@@ -56,7 +56,7 @@ if __name__ == "__main__":
     arm(point)
     from absl import app
 
-    from experiments import macdrop
+    from mwjax.experiments import macdrop
 
     sys.argv = macdrop.resolve_config_argv(["experiments.macdrop", *args])  # as its __main__ block does
     app.run(macdrop.main)

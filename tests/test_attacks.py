@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hf_reference import assert_logits_close, capture_hf, hf_logits, random_tokens, torch
 
-import converters
-from mwjax import attacks, massive, models, probes
+from mwjax import attacks, converters, massive, models, probes
 from mwjax.massive import MassiveWeights, SuperWeight
 
 TOKENS = random_tokens(128, seed=7)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hf_reference import assert_close_to_scale, assert_logits_close, hf_logits, random_tokens
 
-import converters
-from mwjax import models, probes
+from mwjax import converters, models, probes
 from mwjax.models import attention
 
 

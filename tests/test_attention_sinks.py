@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hf_reference import needs_torch, random_tokens, torch
 
-import converters
-from mwjax import attention_sinks, massive
+from mwjax import attention_sinks, converters, massive
 
 BOS = 1
 

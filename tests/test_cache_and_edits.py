@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from hf_reference import assert_logits_close, hf_logits, random_tokens, torch
 
-import converters
-from mwjax import interventions, models, probes
+from mwjax import converters, interventions, models, probes
 from mwjax.interventions import ActivationEdit
 from mwjax.models.cache import KVCache
 

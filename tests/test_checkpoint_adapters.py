@@ -41,7 +41,7 @@ def test_the_merged_model_saves_and_restores_as_the_adapted_one(tmp_path):
 
 
 def test_save_hf_refuses_adapters_too(tmp_path):
-    from converters import save_hf
+    from mwjax.converters import save_hf
 
     with pytest.raises(ValueError, match=re.escape("save_hf: the model carries LoRA/DoRA adapters")):
         save_hf(adapted(), tmp_path / "hf")

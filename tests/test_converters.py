@@ -12,11 +12,10 @@ import transformers
 from hf_reference import assert_logits_close, hf_logits, make_hf_model, our_logits, random_tokens, tiny_tokenizer, torch
 from safetensors.numpy import load_file, save_file
 
-import converters
-from converters import embedded
-from converters.sources import SafetensorsSource
-from mwjax import checkpoint
+from mwjax import checkpoint, converters
 from mwjax.config import ConfigError
+from mwjax.converters import embedded
+from mwjax.converters.sources import SafetensorsSource
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "qwen2_sliding", "llama_bias_headdim", "gemma",

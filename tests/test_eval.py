@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 from hf_reference import capture_hf, random_tokens, tiny_tokenizer, torch
 
-import converters
-from mwjax import attacks, massive
+from mwjax import attacks, converters, massive
 from mwjax.eval import chunk_tokens, corpora, generate, generate_text, perplexity
 
 

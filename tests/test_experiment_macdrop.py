@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import macdrop as experiment
-from experiments.configs import gemma2_2b, llama3_8b, phi3_mini, smollm2_135m
 from mwjax import peft, train
+from mwjax.experiments import macdrop as experiment
+from mwjax.experiments.configs import gemma2_2b, llama3_8b, phi3_mini, smollm2_135m
 
 
 def test_bare_config_names_resolve():
@@ -47,7 +47,7 @@ def test_paper_configs_follow_table_5():
     ("massive.k", 0, "massive.k must be >= 1"),
 ])
 def test_bad_configs_fail_before_loading(field, value, message, monkeypatch):
-    monkeypatch.setattr("converters.load", lambda *a, **k: pytest.fail("loaded a model for a bad config"))
+    monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model for a bad config"))
     with pytest.raises(ValueError, match=message):
         experiment.run(smollm2_with(field, value))
 
@@ -82,8 +82,7 @@ def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     import peft as peft_lib
     import torch
 
-    import converters
-    from mwjax import models, peft
+    from mwjax import converters, models, peft
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.macdrop", "--config=smollm2_135m", f"--config.output_dir={out}",

@@ -46,7 +46,7 @@ def test_bad_inputs_fail_before_the_model_loads(module, args, message):
 @pytest.fixture(scope="module")
 def task_data(tiny, tmp_path_factory):
     """(local zero-shot task files, the tiny model's mean accuracy on them as experiments.zeroshot measures it)."""
-    import converters
+    from mwjax import converters
     from mwjax.eval import zeroshot_tasks
 
     data = write_task_data(tmp_path_factory.mktemp("tasks"))
@@ -205,7 +205,7 @@ def test_tables_from_run_outputs(tmp_path):
     assert "judgements never parsed (left out of the means): " in stdout and "h/generation.json: 1 of 482" in stdout
     assert "## Table 9" in stdout and "| NtvQA | Qasper |" in stdout  # the paper's columns, in its order
     assert "| m | LoRA | 30.00 | 31.00 | 32.00 |" in stdout and "| 44.00 | 45.00 | 37.50 |" in stdout
-    from experiments.tables import bos_note
+    from mwjax.experiments.tables import bos_note
 
     mixed = bos_note([{"path": "a", "add_bos_token": "false"}, {"path": "b", "add_bos_token": "tokenizer"}])
     assert mixed.startswith("WARNING: the zero-shot runs mix add_bos_token choices") and "b: tokenizer" in mixed

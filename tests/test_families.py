@@ -26,11 +26,10 @@ from hf_reference import (
 )
 from hf_reference import assert_close_to_scale as assert_close
 
-import converters
-from converters.sources import SafetensorsSource
-from experiments.probe import format_table, probe_first_token, summary
-from mwjax import checkpoint, masks, massive, models, probes
+from mwjax import checkpoint, converters, masks, massive, models, probes
 from mwjax.config import ConfigError, RopeConfig
+from mwjax.converters.sources import SafetensorsSource
+from mwjax.experiments.probe import format_table, probe_first_token, summary
 from mwjax.models.cache import KVCache
 
 

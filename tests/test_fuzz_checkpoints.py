@@ -28,10 +28,9 @@ import pytest
 import transformers
 from gguf_files import write_gguf_tensors
 
-import converters
-from converters.save_hf import hf_tensors
-from mwjax import models
+from mwjax import converters, models
 from mwjax.config import ModelConfig
+from mwjax.converters.save_hf import hf_tensors
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)

@@ -18,8 +18,10 @@ from prometheus_eval.mock import MockLLM  # noqa: E402
 from prometheus_eval.prompts import ABSOLUTE_PROMPT  # noqa: E402
 from prometheus_eval.utils import batch_completions_with_retries  # noqa: E402
 
-import converters  # noqa: E402
-from mwjax import plots  # noqa: E402
+from mwjax import (
+    converters,  # noqa: E402
+    plots,  # noqa: E402
+)
 from mwjax.eval import generation_tasks, judge, spec_bench  # noqa: E402
 
 QUESTIONS = [

@@ -14,8 +14,7 @@ import transformers
 from gguf_files import write_gguf
 from hf_reference import SEQ_LEN, assert_logits_close, hf_logits, make_hf_model, random_tokens, torch
 
-import converters
-from mwjax import models
+from mwjax import converters, models
 
 
 @pytest.fixture(scope="module")

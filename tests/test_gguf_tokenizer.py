@@ -9,8 +9,8 @@ import gguf
 import pytest
 from hf_reference import needs_torch
 
-import converters
-from converters import embedded
+from mwjax import converters
+from mwjax.converters import embedded
 
 # A few thousand characters of what tokenizers get wrong: code, accents, digits, whitespace runs,
 # emoji, CJK, special-token strings inside text.

@@ -14,8 +14,7 @@ from hf_reference import (
     torch,
 )
 
-import converters
-from mwjax import models, probes
+from mwjax import converters, models, probes
 
 CASES = sorted(set(TINY_CONFIGS) - set(FAMILY_CONFIGS))  # the other families: test_families.py
 
@@ -103,8 +102,8 @@ def test_parity_tests_are_sensitive(name, change, hf_checkpoint):
     """The features these configs exercise change the logits well beyond the tolerance."""
     import dataclasses
 
-    from converters.sources import SafetensorsSource
     from mwjax.config import RopeConfig
+    from mwjax.converters.sources import SafetensorsSource
 
     hf, path = hf_checkpoint(name)
     model, _ = converters.load(path, tokenizer=False)

@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-import converters  # noqa: E402
+from mwjax import converters  # noqa: E402
 from mwjax.eval import perplexity, zeroshot_tasks  # noqa: E402
 from mwjax.eval.lm_eval import MwjaxLM  # noqa: E402
 
@@ -118,8 +118,8 @@ def test_lm_eval_command_line_knows_mwjax(tiny, local_tasks, tmp_path):
 
 
 def test_attack_after_fine_tuning_in_both_readings(tiny, tmp_path):
-    from experiments.lm_eval_model import MwjaxPretrainedLM
     from mwjax import attacks, massive, models, peft
+    from mwjax.experiments.lm_eval_model import MwjaxPretrainedLM
 
     _, model, path = tiny
     tuned = peft.add_adapters(model, peft.LoraConfig(rank=2, alpha=4.0), seed=3)

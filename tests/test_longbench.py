@@ -17,7 +17,7 @@ for _metric_dependency in ("jieba", "fuzzywuzzy", "rouge"):  # lm-eval's LongBen
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-import converters  # noqa: E402
+from mwjax import converters  # noqa: E402
 from mwjax.eval import longbench  # noqa: E402
 from mwjax.eval.lm_eval import MwjaxLM, middle_truncate  # noqa: E402
 
@@ -88,7 +88,7 @@ def test_truncation_options_are_checked_and_reach_the_backend(tiny):
         MwjaxLM(model, object(), truncation="right")
     with pytest.raises(ValueError, match="max_prompt_length"):
         MwjaxLM(model, object(), truncation="middle")
-    from experiments.lm_eval_model import MwjaxPretrainedLM
+    from mwjax.experiments.lm_eval_model import MwjaxPretrainedLM
 
     lm = MwjaxPretrainedLM.create_from_arg_string(f"pretrained={path},truncation=middle,max_prompt_length=7500")
     assert (lm.truncation, lm.max_prompt_length) == ("middle", 7500)
@@ -142,7 +142,7 @@ def test_longbench_through_lm_eval_matches_the_hf_backend(tiny, smollm2_tokenize
 
 
 def test_longbench_experiment_and_table9(tiny_smol_dir, data_dir, tmp_path):
-    from experiments import tables
+    from mwjax.experiments import tables
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.longbench", f"--model={tiny_smol_dir}", f"--data_dir={data_dir}",

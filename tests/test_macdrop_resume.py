@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from experiments import macdrop as experiment
-from experiments.configs import smollm2_135m
 from mwjax import run_log
+from mwjax.experiments import macdrop as experiment
+from mwjax.experiments.configs import smollm2_135m
 
 ROOT = Path(__file__).parent
 TIMINGS = run_log.TIMINGS  # differ from run to run
@@ -130,7 +130,7 @@ def test_output_dir_rules(tmp_path):
 def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setattr("converters.load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="cannot write to output_dir .*file/run"):
         experiment.run(config(blocker / "run"))
 
@@ -138,6 +138,6 @@ def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path, monkeypatc
 def test_bad_data_file_fails_before_the_model_loads(tmp_path, monkeypatch):
     data = tmp_path / "data.jsonl"
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a" "output": "b"}\n')
-    monkeypatch.setattr("converters.load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="data.jsonl, line 2 column 21: not JSON \\(Expecting ','"):
         experiment.run(config(tmp_path / "run", data__source=str(data)))

@@ -8,8 +8,7 @@ import pytest
 from flax import nnx
 from hf_reference import assert_close_to_scale, assert_logits_close, hf_logits, random_tokens, torch
 
-import converters
-from mwjax import masks, models
+from mwjax import converters, masks, models
 
 LAYER, ROWS = 1, [7, 3, 50, 91, 12]
 

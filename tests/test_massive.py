@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 from hf_reference import capture_hf, torch
 
-import converters
-from mwjax import massive
+from mwjax import converters, massive
 
 
 def hf_bos_profile(hf, token_id):

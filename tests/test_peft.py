@@ -20,8 +20,12 @@ from hf_reference import (
 
 peft_lib = pytest.importorskip("peft")
 
-import converters  # noqa: E402
-from mwjax import masks, models, peft  # noqa: E402
+from mwjax import (  # noqa: E402
+    converters,  # noqa: E402
+    masks,
+    models,
+    peft,
+)
 
 TOKENS = random_tokens(48, seed=40)
 

@@ -19,8 +19,12 @@ from hf_reference import (
 
 peft_lib = pytest.importorskip("peft")
 
-import converters  # noqa: E402
-from mwjax import masks, models, peft  # noqa: E402
+from mwjax import (  # noqa: E402
+    converters,  # noqa: E402
+    masks,
+    models,
+    peft,
+)
 from mwjax.massive import MassiveWeights  # noqa: E402
 
 TOKENS = random_tokens(48, seed=41)

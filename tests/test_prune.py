@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from hf_reference import assert_logits_close, hf_logits, random_tokens, torch
 
-import converters
-from mwjax import massive, probes, prune
+from mwjax import converters, massive, probes, prune
 from mwjax.massive import SuperWeight
 
 CALIBRATION = random_tokens(24, batch=6, seed=3)  # [6, 24]

@@ -12,11 +12,11 @@ from flax import nnx
 from hf_reference import TINY_CONFIGS
 
 import mwjax.family
-from converters.gguf_source import GGUF_MODEL_TYPES
-from converters.keymaps import KEYMAPS, KeyMap
 from mwjax import family as registry
 from mwjax import models
 from mwjax.config import ConfigError, ModelConfig
+from mwjax.converters.gguf_source import GGUF_MODEL_TYPES
+from mwjax.converters.keymaps import KEYMAPS, KeyMap
 
 FAMILIES = registry.families()
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def test_unknown_math_keys_are_refused_by_name(key, value):
 def test_the_loader_names_the_file_of_a_refused_key(tiny_checkpoint, tmp_path):
     import json
 
-    import converters
+    from mwjax import converters
 
     cfg = json.loads((tiny_checkpoint("mixtral") / "config.json").read_text()) | {"moe_shared_expert": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
@@ -124,8 +124,8 @@ def test_transformers_default_configs_load(cls_name):
 def test_the_files_a_new_family_needs():
     """The registry's docstring lists them; each built-in family has its record in its model class's module."""
     doc = inspect.getdoc(mwjax.family)
-    for path in ("mwjax/models/<family>.py", "mwjax/models/__init__.py", "converters/keymaps.py",
-                 "converters/gguf_source.py", "tests/hf_reference.py"):
+    for path in ("mwjax/models/<family>.py", "mwjax/models/__init__.py", "mwjax/converters/keymaps.py",
+                 "mwjax/converters/gguf_source.py", "tests/hf_reference.py"):
         assert path in doc
         if "<" not in path:
             assert (ROOT / path).is_file()

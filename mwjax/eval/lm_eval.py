@@ -5,7 +5,7 @@
 
 From the shell, `mwjax-lm-eval --model mwjax --model_args pretrained=PATH,...` (lm-eval's command line
 with the backend registered); that path loads checkpoints, adapters and attacks, one layer up, in
-`experiments.lm_eval_model`.
+`mwjax.experiments.lm_eval_model`.
 
 The scoring follows lm-eval's own HF backend request by request: `TemplateLM` splits context and
 continuation the same way, a request is `(context + continuation)[-(max_length + 1):]`, the

@@ -1,0 +1,31 @@
+"""Foreign checkpoint formats <-> mwjax.
+
+    from mwjax.converters import load, save_hf
+    model, tokenizer = load("path/to/hf_dir" | "model.gguf" | "embedded:smollm2" | "embedded:gemma3-270m"
+                            | "owner/name")
+    save_hf(model, "out_dir", tokenizer=tokenizer)
+"""
+
+from mwjax.converters.errors import (
+    CheckpointError,
+    InvalidConfigError,
+    MissingTensorError,
+    ShapeMismatchError,
+    UnsupportedCheckpointError,
+)
+from mwjax.converters.loader import build_from_source, load, load_tokenizer, peft_base, resolve
+from mwjax.converters.save_hf import save_hf
+
+__all__ = [
+    "CheckpointError",
+    "InvalidConfigError",
+    "MissingTensorError",
+    "ShapeMismatchError",
+    "UnsupportedCheckpointError",
+    "build_from_source",
+    "load",
+    "load_tokenizer",
+    "peft_base",
+    "resolve",
+    "save_hf",
+]

@@ -1,0 +1,145 @@
+"""House of Cards Table 1 and Figure 4 for any model: find the massive weights, attack them, measure.
+
+    python -m experiments.attacks                                  # the embedded SmolLM2, protocol settings
+    python -m experiments.attacks --seqlen=512 --max_chunks=8      # quick, CPU-sized
+    python -m experiments.attacks --model=PATH --datasets=wikitext2,c4,pg19   # with hub access
+
+Settings: the original model, top-k zeroing, top-k retaining, and (Massive Activations, Table 4.3)
+the massive activations of the origin layer's hidden state set to zero / to their mean. For each:
+perplexity on every corpus (the massive-activations protocol: --seqlen 4096, all WikiText chunks,
+100 of C4 / PG-19) and a greedy generation per prompt, so a reader sees what the attack does.
+Then Figure 4's sweep over k for both attacks: every point runs the same compiled program (the
+attack is a traced row mask over the layer), measured as perplexity on the first corpus and, with
+--sweep_metrics=perplexity,zeroshot, as the paper plots it: mean zero-shot accuracy over --tasks
+(lm-eval; --data_dir for local task files, as experiments.zeroshot). Zero-shot accuracy of Table 1's
+settings comes from `experiments.zeroshot --attack=...`.
+
+Writes attacks.json, table1.md, k_sweep.png (and k_sweep_zeroshot.png; --format=pdf|svg for vector
+figures) under --output_dir.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags
+
+from mwjax import attacks, massive, plots
+from mwjax.eval import generate_text, perplexity
+from mwjax.eval.corpora import check_name as check_corpus
+from mwjax.eval.perplexity import chunk_tokens
+from mwjax.experiments import common, zeroshot_flags
+
+FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
+flags.adopt_module_key_flags(zeroshot_flags)
+flags.DEFINE_integer("k", 5, "top-k massive weights to attack")
+flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
+common.check_flag("datasets", check_corpus)
+flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk (the protocol's 4096)")
+flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus (beyond the protocol's own cap)")
+flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
+flags.DEFINE_list("sweep", ["0", "1", "2", "3", "5", "10"], "k values of the Figure 4 sweep (empty: skip)")
+flags.DEFINE_list("sweep_metrics", ["perplexity"], "what the sweep reports: perplexity (the first corpus) and/or "
+                  "zeroshot (mean zero-shot accuracy over --tasks, Figure 4's metric)")
+common.check_flag("sweep_metrics", zeroshot_flags.check_metric)
+flags.DEFINE_integer("sweep_chunks", None, "a further cap on the first corpus's chunks per sweep point (default: the "
+                     "run's own, so the k=0 zeroing point equals 'original')")
+flags.DEFINE_bool("activation_interventions", True, "also set the massive activations to zero / their mean")
+flags.DEFINE_string("calibration", attacks.CALIBRATION_CORPUS, "corpus whose LAST chunks give the massive-activation "
+                    "means (kept apart from the evaluated text, as the thesis' 100 RedPajama sequences)")
+common.check_flag("calibration", check_corpus)
+flags.DEFINE_integer("calibration_sequences", attacks.CALIBRATION_SEQUENCES, "calibration sequences (the thesis: 100)")
+flags.DEFINE_integer("calibration_seqlen", attacks.CALIBRATION_SEQLEN, "tokens per calibration sequence (with bos)")
+flags.DEFINE_list("prompts", ["What is the capital of France?", "Write a short poem about the sea."],
+                  "generation prompts (user turns of the chat template when the tokenizer has one)")
+flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt")
+
+
+def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict:
+    """name -> attacked model (each a copy sharing the original's arrays)."""
+    out = {"original": model,
+           f"top-{FLAGS.k} zeroing": attacks.zero_top_k(model, mw, FLAGS.k),
+           f"top-{FLAGS.k} retaining": attacks.retain_top_k(model, mw, FLAGS.k)}
+    if FLAGS.activation_interventions:
+        ma = massive.find_massive_activations(model, calibration, mw.layer)
+        print(f"massive activations after {mw.label}: dims {list(ma.dims)} at positions {list(ma.positions)[:8]} "
+              f"(|x| > {ma.threshold:.0f})")
+        if ma.dims:
+            for value in ("zero", "mean"):  # means per position class, on the calibration set
+                out[f"massive activations = {value}"] = attacks.set_massive_activations(
+                    model, mw.layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold)
+            out["median activations = zero (control)"] = attacks.zero_median_activations(
+                model, mw.layer, len(ma.dims), calibration)
+    return out
+
+
+def sweep(model, mw, ks: list[int], measure) -> dict[str, list[float]]:
+    """Figure 4: `measure(attacked model)` under zeroing and retaining for each k. The attack is a row mask over
+    the whole layer (`row_scale_masks`), so every point runs the same compiled program."""
+    d_ff, d_model = model.config.intermediate_size, model.config.hidden_size
+    series = {}
+    for retain, name in ((False, "top-k zeroing"), (True, "top-k retaining")):
+        series[name] = []
+        for k in ks:
+            scale = attacks.top_k_row_scale(mw, k, d_ff, retain=retain)
+            series[name].append(measure(attacks.attach(model, ffn_masks=attacks.row_scale_masks(mw, scale, d_model))))
+            print(f"   {name}, k={k}: {series[name][-1]:.2f}", flush=True)
+    return series
+
+
+def print_sweep(ks: list[int], series: dict[str, list[float]], metric: str) -> None:
+    print(f"\nFigure 4 sweep ({metric}):")
+    rows = [[k, *(s[i] for s in series.values())] for i, k in enumerate(ks)]
+    print(common.markdown_table(["k"] + list(series), rows))
+
+
+def main(argv):
+    del argv
+    out = common.output_dir("outputs/attacks")  # unwritable: fails before the model loads
+    zeroshot = zeroshot_flags.evaluator() if "zeroshot" in FLAGS.sweep_metrics and FLAGS.sweep else None
+    model, tokenizer = common.load_model()
+    ks = [int(k) for k in FLAGS.sweep]
+    mw = massive.find_massive_weights(model, tokenizer, k=max([FLAGS.k, *ks]), first_token=common.first_token_flag())
+    print(f"massive weights: {mw.label}, top-{FLAGS.k} rows {list(mw.indices[:FLAGS.k])} "
+          f"(intermediate values {[round(v, 1) for v in mw.values[:FLAGS.k]]}, median |x| {mw.median:.3g})\n")
+
+    corpora = common.load_corpora(FLAGS.datasets, tokenizer, FLAGS.max_chunks)
+    calibration = (common.calibration_set(corpora, tokenizer, FLAGS.calibration, FLAGS.calibration_sequences,
+                                          FLAGS.calibration_seqlen, FLAGS.seqlen)
+                   if FLAGS.activation_interventions else None)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    rows, results = [], {}
+    for name, attacked in settings(model, mw, calibration).items():
+        ppl = {c.name: perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
+                                  batch_size=FLAGS.batch_size).to_dict() for c in corpora}
+        samples = generate_text(attacked, tokenizer, FLAGS.prompts, FLAGS.max_new_tokens, chat=chat)
+        results[name] = {"perplexity": ppl, "generations": dict(zip(FLAGS.prompts, samples, strict=True))}
+        rows.append([name] + [ppl[c.name]["perplexity"] for c in corpora])
+        print(f"== {name}: " + ", ".join(f"{c} PPL {r['perplexity']:.2f}" for c, r in ppl.items()))
+        for prompt, text in zip(FLAGS.prompts, samples, strict=True):
+            print(f"   {prompt!r} -> {text!r}")
+
+    table = common.markdown_table(["setting"] + [f"{c.name} PPL" for c in corpora], rows)
+    print(f"\nTable 1 ({FLAGS.model}, {mw.label}, seqlen {FLAGS.seqlen}):\n{table}")
+    (out / "table1.md").write_text(table + "\n")
+    payload = {"model": FLAGS.model, "massive_weights": mw.to_dict(), "k": FLAGS.k, "seqlen": FLAGS.seqlen,
+               "settings": results}
+    if ks:
+        caps = [c for c in (corpora[0].max_chunks, FLAGS.sweep_chunks) if c is not None]
+        tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
+        metrics = zeroshot_flags.sweep_metrics(
+            FLAGS.sweep_metrics, tokenizer, zeroshot, f"{corpora[0].name} perplexity",
+            lambda m: perplexity(m, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size).perplexity,
+            {"corpus": corpora[0].name, "chunks": len(tokens)})
+        for metric in metrics.values():
+            series = sweep(model, mw, ks, metric.measure)
+            plots.k_sweep(ks, series, f"{common.model_name()}: {metric.label}, {mw.label} attacked",
+                          common.figure(out, "k_sweep" + metric.suffix), ylabel=metric.label, log_y=metric.log_y)
+            payload["k_sweep" + metric.suffix] = {"k": ks, **metric.settings, **series}
+            print_sweep(ks, series, metric.label)
+    print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and figures in {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

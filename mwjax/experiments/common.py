@@ -1,0 +1,164 @@
+"""Flags and helpers shared by the experiment CLIs (defined once, so experiments can import each other)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from mwjax import attacks, checkpoint, converters, peft
+from mwjax.converters import embedded
+from mwjax.eval import corpora
+from mwjax.eval.perplexity import chunk_tokens
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
+                    "HF dir, .gguf file, orbax dir, embedded:<name> or hub id")
+flags.DEFINE_string("tokenizer", None, "tokenizer to use instead of the checkpoint's own: a HF dir, .gguf file or "
+                    "embedded:<name>; 'none' loads the model alone (experiments that need only the bos id)")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute and parameter dtype")
+flags.DEFINE_string("first_token", None, "token id or token string to feed instead of bos")
+flags.DEFINE_string("output_dir", None, "where to write JSON results and figures")
+flags.DEFINE_enum("format", "png", ["png", "pdf", "svg"], "file format of the figures")
+flags.DEFINE_string("adapter", None, "LoRA/DoRA adapter to merge into the model on load: an HF PEFT directory or "
+                    "experiments.macdrop's adapter/ (orbax)")
+
+
+def quiet_logs() -> None:
+    """Keep JAX's backend probing (no TPU here, ...) out of the experiment's output."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.WARNING)
+
+
+def load_model(merge_adapter: bool = True):
+    """--model (with --adapter merged in, so attacks see the fine-tuned weights, unless `merge_adapter` is
+    False: the caller attaches it) and its tokenizer."""
+    quiet_logs()
+    model, tokenizer = converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), tokenizer=tokenizer_flag())
+    if FLAGS.adapter and merge_adapter:
+        model = peft.merge(peft.load_adapters(model, FLAGS.adapter))
+    return model, tokenizer
+
+
+def tokenizer_flag() -> bool | str:
+    """--tokenizer as `converters.load`'s tokenizer argument: True (the checkpoint's own), False or a path."""
+    if FLAGS.tokenizer is None:
+        return True
+    return False if FLAGS.tokenizer.lower() == "none" else FLAGS.tokenizer
+
+
+def define_attack_flag(before: str) -> None:
+    """--attack for an experiment that measures an attacked model (checked as the command line is parsed);
+    `apply_attack` applies it. `before`: what the attack precedes, for --help."""
+    flags.DEFINE_string("attack", None, f"attack applied before {before}, e.g. zero_top_k:5 or "
+                        "massive_activations:zero (mwjax.attacks.from_spec)")
+    check_flag("attack", attacks.parse_spec)
+
+
+def apply_attack(model, tokenizer):
+    """The model with --attack applied (massive / super weights found on `model`), or the model itself."""
+    if not FLAGS.attack:
+        return model
+    return attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=first_token_flag())
+
+
+def first_token_flag():
+    """--first_token as an int when it is one, else the token string (or None)."""
+    first = FLAGS.first_token
+    return int(first) if first is not None and first.lstrip("-").isdigit() else first
+
+
+def check_flag(name: str, check: Callable[[Any], object]) -> None:
+    """Check --name as the command line is parsed, before any model loads: `check(value)` raises ValueError
+    (or FileNotFoundError) with the message absl prints. A list flag is checked item by item."""
+
+    def validator(value) -> bool:
+        try:
+            for item in value if isinstance(value, list) else [] if value is None else [value]:
+                check(item)
+        except (ValueError, FileNotFoundError) as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    flags.register_validator(name, validator)
+
+
+def output_dir(default: str) -> Path:
+    """--output_dir (or `default`), created and shown writable: call it before loading the model."""
+    path = Path(FLAGS.output_dir or default)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise SystemExit(f"cannot write to the output directory {path}: {e}") from None
+    return path
+
+
+def figure(out: Path, name: str) -> Path:
+    """Where figure `name` goes: out/name.<--format>."""
+    return out / f"{name}.{FLAGS.format}"
+
+
+def model_name() -> str:
+    """--model as figure titles show it: a path's last part ("Meta-Llama-3-8B"), embedded:<name> as is."""
+    return FLAGS.model if FLAGS.model.startswith(embedded.PREFIX) else Path(FLAGS.model.rstrip("/")).name
+
+
+def write_json(path: Path, payload) -> Path:
+    checkpoint.write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray | np.generic):
+        return x.tolist()
+    if hasattr(x, "to_dict"):
+        return x.to_dict()
+    raise TypeError(f"cannot write {type(x).__name__} as JSON")
+
+
+def load_corpora(names: list[str], tokenizer, max_chunks: int | None) -> list[corpora.Corpus]:
+    """Corpora by name or path; --max_chunks caps each one further (the protocol's own cap applies too)."""
+    out = []
+    for name in names:
+        corpus = corpora.load(name, tokenizer)
+        caps = [c for c in (corpus.max_chunks, max_chunks) if c is not None]
+        out.append(corpora.Corpus(corpus.name, corpus.token_ids, min(caps) if caps else None))
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; a "|" inside a cell (|h|, a token such as <|im_start|>) is escaped."""
+    fmt = lambda v: (f"{v:.2f}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+    lines = ["| " + " | ".join(fmt(v) for v in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def calibration_set(evaluated: list[corpora.Corpus], tokenizer, name: str, sequences: int, seqlen: int,
+                    eval_seqlen: int, bos: bool = True) -> np.ndarray:
+    """[sequences, seqlen]: the last chunks of corpus `name` (each after the bos token when `bos`), kept apart from
+    the evaluated text: refused when they overlap what an evaluated corpus of the same name reads."""
+    same = next((c for c in evaluated if c.name == Path(name).name), None)
+    source = same or load_corpora([name], tokenizer, None)[0]
+    bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None
+    tokens = corpora.calibration_chunks(source, sequences, seqlen, bos_id)
+    print(f"calibration: the last {len(tokens)} x {seqlen} tokens of {source.name}"
+          + (f", each after the bos token (id {bos_id})" if bos_id is not None else ""))
+    if same is not None:
+        read = len(chunk_tokens(source.token_ids, eval_seqlen, source.max_chunks)) * eval_seqlen
+        if read > len(source.token_ids) - tokens.size:
+            raise SystemExit(f"the calibration sequences (the last {tokens.size} tokens of {source.name}) overlap the "
+                             f"{read} tokens evaluated: use another calibration corpus, fewer calibration sequences "
+                             "or --max_chunks")
+    return tokens

@@ -1,0 +1,14 @@
+"""Table 4: curriculum x p0 on the massive weights.
+
+`--config=ablation_curriculum:step,0.8` (curriculum in step, epoch_before, epoch_after, exp, constant;
+exp takes alpha as a third part, e.g. `exp,0.8,0.05`); the model and the rest as llama3_8b (LoRA)."""
+
+from mwjax.experiments.configs.base import paper_run
+
+
+def get_config(arg: str = "step,0.8"):
+    curriculum, p0, alpha = (arg.split(",") + ["0.8", "0.05"])[:3]
+    c = paper_run("lora_macdrop", name="ablation_curriculum", model="meta-llama/Meta-Llama-3-8B", template="llama3")
+    c.name = f"ablation_curriculum_{curriculum}_p{p0}" + (f"_a{alpha}" if curriculum == "exp" else "")
+    c.macdrop.update({"curriculum": curriculum, "p0": float(p0), "alpha": float(alpha)})
+    return c

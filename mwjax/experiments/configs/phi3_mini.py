@@ -1,0 +1,13 @@
+"""Phi-3-mini-4k-instruct with LLaMA-Factory's `phi` template (the paper's trainer; `mwjax.data`) and one
+adapter per HF fused module (`qkv_proj`, `gate_up_proj`: `LoraConfig(fuse=True)`), as LLaMA-Factory's
+LoRA on HF Phi-3 has; the PEFT export loads on HF Phi-3.
+`--config=phi3_mini` (LoRA + MacDrop) or `--config=phi3_mini:<variant>`, variant one of
+lora, lora_macdrop, dora, dora_macdrop."""
+
+from mwjax.experiments.configs.base import paper_run
+
+
+def get_config(variant: str = "lora_macdrop"):
+    c = paper_run(variant, name="phi3_mini", model="microsoft/Phi-3-mini-4k-instruct", template="phi")
+    c.lora.fuse = True
+    return c

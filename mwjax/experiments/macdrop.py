@@ -1,0 +1,295 @@
+"""MacDrop fine-tuning (House of Cards §3, Algorithm 1): find the massive weights, train LoRA/DoRA
+while the pretrained massive rows are dropped on a curriculum, save the adapter.
+
+    python -m experiments.macdrop --config=smollm2_135m                 # CPU minutes, embedded data
+    python -m experiments.macdrop --config=llama3_8b:dora_macdrop --config.train.epochs=1
+
+Bare config names are files under mwjax/experiments/configs/ (`name:arg` passes `arg` to its
+get_config); `--config.<field>=value` overrides any field. Every setting, the data file and the
+output directory are checked before the model is touched. Written under `output_dir` (default
+runs/<config name>): config.json, massive_weights.json, metrics.jsonl, checkpoints/ (orbax),
+adapter/ (orbax, `mwjax.peft.load_adapters`), adapter_peft/ (HF PEFT `PeftModel.from_pretrained`)
+and, last, results.json.
+
+Re-running into the same output_dir with the same config resumes from the latest checkpoint (or,
+when results.json is there, reports the finished run). A different config is refused with the
+fields that differ, unless `--config.resume=True` (continue with the new config, e.g. a lower
+learning rate after a divergence; the old config is kept as config.step<N>.json) or
+`--config.overwrite_output_dir=True` (delete what the earlier run wrote and start afresh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from etils import epath
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict, config_flags
+
+from mwjax import checkpoint, converters, data, distributed, macdrop, massive, peft, sharding, train
+from mwjax.experiments.configs import base as base_config
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py[:arg], or a bare <name>")
+
+log = logging.getLogger("mwjax.macdrop")
+
+
+def config_fields(config: ConfigDict, prefix: str = "") -> list[str]:
+    """'train.learning_rate = 0.0001' for every field of `config`, dotted, in order."""
+    lines = []
+    for key, value in config.items():
+        if isinstance(value, ConfigDict):
+            lines += config_fields(value, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key} = {value!r}")
+    return lines
+
+
+# --help shows every field a run takes, with the defaults of mwjax/experiments/configs/base.py
+__doc__ += ("\nConfig fields (--config.<field>=value) and their defaults in mwjax/experiments/configs/base.py:\n  "
+            + "\n  ".join(config_fields(base_config.get_config())))
+
+
+def resolve_config_argv(argv: list[str]) -> list[str]:
+    """`--config=llama3_8b[:arg]` -> `--config=<this package>/configs/llama3_8b.py[:arg]`."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--config=") and "/" not in arg and ".py" not in arg:
+            name, sep, rest = arg.removeprefix("--config=").partition(":")
+            path = CONFIG_DIR / f"{name}.py"
+            if not path.is_file():
+                known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.stem.startswith("_"))
+                raise SystemExit(f"no config named {name!r}; known configs: {', '.join(known)}")
+            arg = f"--config={path}{sep}{rest}"
+        out.append(arg)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A run's settings, every one checked (`plan` raises on the first bad one)."""
+
+    config: ConfigDict
+    train: train.TrainConfig
+    lora: peft.LoraConfig
+    data: data.DataConfig
+    output_dir: Path
+
+
+def plan(config: ConfigDict) -> Plan:
+    """Check the whole config before anything is loaded or computed; ValueError names the bad field."""
+    fields = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.to_dict().items()}
+    tc = train.TrainConfig(**fields(config.train))
+    lc = peft.LoraConfig(**fields(config.lora))
+    dc = data.DataConfig(**fields(config.data))
+    md = config.macdrop
+    if md.enabled:
+        if md.scope not in macdrop.SCOPES:
+            raise ValueError(f"unknown MacDrop scope {md.scope!r}; choose from {macdrop.SCOPES}")
+        macdrop.curriculum(md.curriculum, md.p0, total_steps=1, steps_per_epoch=1, epochs=1, alpha=md.alpha)
+    k = config.massive.k
+    if k < 1:
+        raise ValueError(f"massive.k must be >= 1, got {k}")
+    if config.massive.indices is not None:
+        if config.massive.layer is None:
+            raise ValueError("massive.indices given without massive.layer (0-based, HF numbering)")
+        if len(config.massive.indices) < k:
+            raise ValueError(f"massive.indices holds {len(config.massive.indices)} rows but k={k}")
+    for dtype in (config.dtype, config.param_dtype):
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+    return Plan(config, tc, lc, dc, Path(config.output_dir or Path("runs") / config.name))
+
+
+RUN_FILES = ("config.json", "massive_weights.json", "metrics.jsonl", "results.json", "adapter", "adapter_peft",
+             "checkpoints")
+NOT_COMPARED = ("output_dir", "resume", "overwrite_output_dir")  # fields that may change between relaunches
+
+
+def library_defaults() -> dict[str, dict]:
+    """The config sections that are library dataclasses, with their defaults: a field a newer mwjax added to
+    them reads, in a run's older config.json, as absent, and the run used its default."""
+    return {"train": dataclasses.asdict(train.TrainConfig()), "lora": dataclasses.asdict(peft.LoraConfig()),
+            "data": dataclasses.asdict(data.DataConfig())}
+
+
+def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """'field: old -> new' for every field (dotted path) whose value differs, NOT_COMPARED left out, and a field
+    absent from `old` but at its library default in `new` (added by a newer mwjax) not counted as a change."""
+    changes = []
+    defaults = library_defaults()
+    for key in sorted(set(old) | set(new)):
+        name, a, b = prefix + key, old.get(key, "<absent>"), new.get(key, "<absent>")
+        if name in NOT_COMPARED:
+            continue
+        section, _, field = name.partition(".")
+        if a == "<absent>" and field in defaults.get(section, {}) and _jsonable(b) == _jsonable(
+                defaults[section][field]):
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value))  # tuples as lists, as config.json holds them
+
+
+def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | None:
+    """Decide what to do with what `out` holds (module doc) before the model is loaded; write config.json.
+    Returns results.json's content when the same run already finished, else None (start or resume)."""
+    if config.resume and config.overwrite_output_dir:
+        raise ValueError("config.resume and config.overwrite_output_dir exclude each other")
+    lead = distributed.is_lead()
+    checkpoints = epath.Path(checkpoint_dir)
+    new = json.loads(config.to_json_best_effort())
+    if config.overwrite_output_dir:
+        if lead:
+            for target in [out / name for name in RUN_FILES] + [checkpoints]:
+                if target.is_dir():
+                    epath.Path(target).rmtree()
+                elif target.exists():
+                    target.unlink()
+    latest = train.Checkpoints.latest_in(checkpoints)
+    results = out / "results.json"
+    if not config.overwrite_output_dir and (latest is not None or results.exists()):
+        previous = out / "config.json"
+        changes = (config_changes(json.loads(previous.read_text()), new) if previous.exists()
+                   else ["config.json is missing"])
+        if changes and not config.resume:
+            raise ValueError(
+                f"{out} holds a run (checkpoint step {latest}{', finished' if results.exists() else ''}) with another "
+                f"config: {'; '.join(changes)}. Pass --config.resume=True to continue it with this config, "
+                "--config.overwrite_output_dir=True to delete it and start afresh, or another --config.output_dir")
+        if not changes and results.exists():
+            return json.loads(results.read_text())
+        if changes and lead:
+            log.warning("resuming from step %s with a changed config: %s", latest, "; ".join(changes))
+            if previous.exists():
+                kept = f"config.step{latest}.json" if latest is not None else "config.previous.json"
+                os.replace(previous, out / kept)
+    if lead:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text_atomically(out / "config.json", json.dumps(new, indent=2))
+        except OSError as e:
+            raise ValueError(f"cannot write to output_dir {out}: {e}") from e
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("output_dir prepared")
+    return None
+
+
+def massive_weights(model, tokenizer, config: ConfigDict) -> massive.MassiveWeights:
+    """From the config when it names them, else found with the bos token (Algorithm 1, lines 1-3)."""
+    m, d_ff = config.massive, model.config.intermediate_size
+    if m.k > d_ff:
+        raise ValueError(f"massive.k={m.k} exceeds the model's d_ff={d_ff}")
+    if m.indices is not None:
+        if not 0 <= m.layer < model.config.num_hidden_layers or max(m.indices) >= d_ff:
+            raise ValueError(f"massive.layer={m.layer} / indices {tuple(m.indices)} lie outside the model "
+                             f"({model.config.num_hidden_layers} layers, d_ff={d_ff})")
+        # given, not measured: no values, no bos token
+        return massive.MassiveWeights(layer=m.layer, indices=tuple(m.indices), values=(), median=0.0, token_id=-1,
+                                      selected_by="given")
+    return massive.find_massive_weights(model, tokenizer, k=m.k, layer=m.layer, first_token=config.first_token)
+
+
+def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
+    """The whole run (module doc); returns what results.json holds."""
+    p = plan(config)
+    distributed.initialize()
+    lead = distributed.is_lead()
+    log.setLevel(logging.INFO if lead else logging.WARNING)  # one voice in a multi-host run
+    out = p.output_dir
+    checkpoint_dir = config.checkpoint_dir or out / "checkpoints"
+    finished = prepare_output_dir(config, out, checkpoint_dir)
+    if finished is not None:
+        log.info("%s holds this run, finished: its results.json is the result", out)
+        return finished
+    model_path = converters.resolve(config.model)  # a missing model, then a bad data file: seconds, not minutes
+    rows = data.load_examples(p.data)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    model, tokenizer = converters.load(model_path, dtype=jnp.dtype(config.dtype),
+                                       param_dtype=jnp.dtype(config.param_dtype),
+                                       shardings=sharding.param_sharding_fn(mesh))
+    peft.select_targets(model, p.lora)  # a pattern that matches nothing fails here, before any compute
+    mw = massive_weights(model, tokenizer, config)
+    log.info("massive weights: %s (%s), rows %s", mw.label, mw.selected_by, mw.indices[: config.massive.k])
+
+    train_examples, val_examples = data.build(p.data, tokenizer, rows)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loader = lambda examples, seed: data.BatchLoader(examples, p.train.micro_batch_size, p.data.cutoff_len,
+                                                     seed=seed, pad_id=pad_id, packing=p.data.packing)
+    train_loader = loader(train_examples, p.train.seed)
+    val_loader = loader(val_examples, 0) if val_examples else None
+    steps = train.total_steps(p.train, len(train_loader))
+
+    lora_model = peft.add_adapters(model, p.lora, seed=p.train.seed)
+    md = None
+    if config.macdrop.enabled:
+        per_epoch = math.ceil(len(train_loader) / p.train.grad_accum)  # optimizer steps per epoch
+        schedule = macdrop.curriculum(config.macdrop.curriculum, config.macdrop.p0, total_steps=steps,
+                                      steps_per_epoch=per_epoch, epochs=math.ceil(steps / per_epoch),
+                                      alpha=config.macdrop.alpha)
+        md = macdrop.MacDrop.from_massive_weights(mw, config.massive.k, model.config.hidden_size,
+                                                  model.config.intermediate_size, schedule, scope=config.macdrop.scope)
+    trainer = train.Trainer(lora_model, p.train, steps=steps, mesh=mesh, macdrop=md)
+
+    if lead:
+        checkpoint.write_text_atomically(out / "massive_weights.json", json.dumps(mw.to_dict(), indent=2))
+    meta = {"config": config.name, "massive_weights": mw.to_dict()}
+    result = train.fit(trainer, train_loader, val_loader, output_dir=out, meta=meta, stop_after=stop_after,
+                       checkpoint_dir=checkpoint_dir, eval_before=config.eval_before)
+    if int(result.state.step) < steps:  # interrupted on purpose (stop_after): the checkpoint is the output
+        return {"step": int(result.state.step), "steps": steps}
+
+    tuned = trainer.model(result.state)
+    peft.save_adapters(tuned, out / "adapter")
+    before = [loss for step, loss in result.eval_losses if step == 0]
+    summary = {
+        "config": config.name, "model": config.model, "steps": steps, "massive_weights": mw.to_dict(),
+        "macdrop": config.macdrop.to_dict() if md else None, "lora": dataclasses.asdict(p.lora),
+        "eval_loss_before": before[0] if before else None, "eval_losses": [e for e in result.eval_losses if e[0]],
+        "final_train_loss": result.history[-1]["loss"] if result.history else None,
+        "adapter": str(out / "adapter"), "adapter_peft": None,
+    }
+    if lead:
+        try:
+            base, gguf_file = converters.peft_base(config.model)
+            summary["adapter_peft"] = str(peft.export_peft(tuned, out / "adapter_peft", base_model_name_or_path=base,
+                                                           gguf_file=gguf_file))
+        except ValueError as e:  # adapters PEFT cannot hold (Phi-3 without lora.fuse, Mixtral experts)
+            log.warning("no PEFT export: %s", e)
+        # last: its presence means done
+        checkpoint.write_text_atomically(out / "results.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("jax", "absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    summary = run(_CONFIG.value)
+    if distributed.is_lead() and "eval_losses" in summary:
+        final = summary["eval_losses"][-1][1] if summary["eval_losses"] else None
+        print(f"massive weights: {massive.MassiveWeights.from_dict(summary['massive_weights']).label}")
+        print(f"validation loss: before {summary['eval_loss_before']} -> after {final}")
+        print(f"adapter: {summary['adapter']} (orbax), {summary['adapter_peft']} (HF PEFT)")
+
+
+if __name__ == "__main__":
+    sys.argv = resolve_config_argv(sys.argv)
+    app.run(main)

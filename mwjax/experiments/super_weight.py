@@ -1,0 +1,113 @@
+"""The Super Weight, Table 1 and Figure 8 for any model: detect, prune, prune + restore, scale.
+
+    python -m experiments.super_weight --seqlen=512 --max_chunks=8      # the embedded SmolLM2, CPU-sized
+    python -m experiments.super_weight --model=PATH --datasets=wikitext2,c4
+
+Detection runs the reference prompt and flags every layer whose down_proj input and output both
+spike above --threshold (default 50), with every row of it whose contribution reaches --ratio of the
+largest output (`mwjax.massive.find_super_weights`). All of them are attacked jointly, as the paper
+does for models with several (Llama-3-8B), unless --layer/--row/--col name one. Then perplexity
+for: the original model, the super weights pruned, pruned with their super activations restored,
+and the weights scaled by each of --factors, measured as perplexity on the first corpus and, with
+--scaling_metrics=perplexity,zeroshot, as the paper's Figure 8 plots it: mean zero-shot accuracy over
+--tasks (lm-eval; --data_dir for local task files, as experiments.zeroshot).
+Writes super_weight.json, scaling.png (and scaling_zeroshot.png; --format=pdf|svg) under --output_dir.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from mwjax import attacks, massive, plots
+from mwjax.eval import generate_text, perplexity
+from mwjax.eval.corpora import check_name as check_corpus
+from mwjax.experiments import common, zeroshot_flags
+
+FLAGS = flags.FLAGS
+# --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
+flags.adopt_module_key_flags(common)
+flags.adopt_module_key_flags(zeroshot_flags)
+flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection runs")
+flags.DEFINE_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|")
+flags.DEFINE_float("ratio", massive.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
+                   "contribution reaches this fraction of the largest |output| (mwjax.massive module doc)")
+flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection")
+flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)")
+flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)")
+flags.DEFINE_list("scaling_metrics", ["perplexity"], "what the scaling sweep reports: perplexity (the first "
+                  "corpus) and/or zeroshot (mean zero-shot accuracy over --tasks, Figure 8's metric)")
+common.check_flag("scaling_metrics", zeroshot_flags.check_metric)
+flags.DEFINE_list("factors", ["0", "0.2", "0.5", "0.8", "1", "1.5", "2", "3"], "scaling factors")
+flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
+common.check_flag("datasets", check_corpus)
+flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk")
+flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus")
+flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
+flags.DEFINE_string("generation_prompt", "What is the capital of France?", "prompt for a sample per setting")
+
+
+def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.SuperWeight]]:
+    """(the super weights to attack jointly, every one found): all found, or the one named by --layer/--row/--col."""
+    candidates = massive.find_super_weights(model, tokenizer, FLAGS.prompt, threshold=FLAGS.threshold,
+                                            ratio=FLAGS.ratio)
+    if FLAGS.layer is not None:
+        if FLAGS.row is None or FLAGS.col is None:
+            raise app.UsageError("--layer needs --row and --col")
+        kernel = massive.down_proj_kernel(model, FLAGS.layer)
+        return [massive.SuperWeight(FLAGS.layer, FLAGS.row, FLAGS.col, float(kernel[FLAGS.col, FLAGS.row]),
+                                    float("nan"), float("nan"), -1)], candidates
+    if not candidates:
+        raise SystemExit(f"no layer's down_proj spikes above {FLAGS.threshold} on this prompt; lower --threshold "
+                         "or name the weight with --layer/--row/--col")
+    return candidates, candidates
+
+
+def main(argv):
+    del argv
+    out = common.output_dir("outputs/super_weight")  # unwritable: fails before the model loads
+    zeroshot = zeroshot_flags.evaluator() if "zeroshot" in FLAGS.scaling_metrics else None
+    model, tokenizer = common.load_model()
+    sws, candidates = choose(model, tokenizer)
+    print(f"super weights found (spike > {FLAGS.threshold:g}, further rows from {FLAGS.ratio:g} of the largest):")
+    print(common.markdown_table(["layer", "coordinates", "weight", "input spike", "output spike"],
+                                [[c.layer, c.label, c.weight, c.input_value, c.output_value] for c in candidates]))
+    print("\nattacking jointly: " + ", ".join(f"{sw.label} = {sw.weight:.4g}" for sw in sws) + "\n")
+
+    corpora = common.load_corpora(FLAGS.datasets, tokenizer, FLAGS.max_chunks)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+
+    def evaluate(name, attacked):
+        ppl = {c.name: perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
+                                  batch_size=FLAGS.batch_size).perplexity for c in corpora}
+        sample = generate_text(attacked, tokenizer, [FLAGS.generation_prompt], 30, chat=chat)[0]
+        print(f"== {name}: " + ", ".join(f"{c} PPL {v:.2f}" for c, v in ppl.items()) + f"\n   -> {sample!r}")
+        return {"perplexity": ppl, "generation": sample}
+
+    results = {"original": evaluate("original", model),
+               "prune SW": evaluate("prune SW", attacks.scale_super_weight(model, sws, 0.0)),
+               "prune SW, +SA": evaluate("prune SW, +SA", attacks.restore_super_activation(model, sws))}
+    factors = [float(f) for f in FLAGS.factors]
+    title = f"{common.model_name()}: {sws[0].label}" + (f" and {len(sws) - 1} more" if len(sws) > 1 else "")
+    payload = {"model": FLAGS.model, "super_weights": [sw.to_dict() for sw in sws],
+               "candidates": [c.to_dict() for c in candidates], "settings": results, "scaling": {"factors": factors}}
+    first = corpora[0]
+    metrics = zeroshot_flags.sweep_metrics(
+        FLAGS.scaling_metrics, tokenizer, zeroshot, f"{first.name} PPL",
+        lambda m: perplexity(m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks,
+                             batch_size=FLAGS.batch_size).perplexity, {"corpus": first.name})
+    for metric, sweep in metrics.items():
+        values = []
+        for f in factors:
+            values.append(sweep.measure(attacks.scale_super_weight(model, sws, f)))
+            print(f"   factor {f:g}: {sweep.label} {values[-1]:.2f}", flush=True)
+        print(f"\nscaling the super weight ({sweep.label}):")
+        print(common.markdown_table(["factor", sweep.label], [[f, v] for f, v in zip(factors, values, strict=True)]))
+        plots.scaling_curve(factors, values, title, common.figure(out, "scaling" + sweep.suffix), ylabel=sweep.label,
+                            log_y=sweep.log_y)
+        payload["scaling"][metric] = values
+        payload["scaling"][f"{metric}_settings"] = sweep.settings
+    print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and figures in {out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
