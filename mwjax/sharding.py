@@ -28,6 +28,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",  # d_ff
     "vocab": "tensor",
     "experts": None,
+    "layers": None,  # the stacked decoder layers' leading axis (`mwjax.models.stack`): each device holds all
 }
 
 

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mwjax import checkpoint, sharding
 from mwjax.loss import IGNORE, chunked_token_loss, token_loss
 from mwjax.macdrop import MacDrop, MacDropState
+from mwjax.models.stack import stack_layers, unstack_layers
 from mwjax.peft import LoRAParam
 from mwjax.run_log import RunLog
 
@@ -71,6 +72,9 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per micro-batch, all devices and hosts together
     grad_accum: int = 4  # gradient_accumulation_steps
     remat: str | None = None  # None | "full" | "dots" | "nothing" (models.base.REMAT_POLICIES)
+    # the decoder layers stacked and run by one lax.scan (mwjax.models.stack): one layer body to compile and
+    # rematerialise, whatever the depth; False runs the unrolled layers (e.g. layers of different structure)
+    scan_layers: bool = True
     # positions per chunk of the vocabulary loss (mwjax.loss.chunked_token_loss): the [b, t, V] float32 logits
     # are never held whole (Llama 3's 128k vocabulary at 8 x 1024 tokens: 4 GiB, and as much for their gradient);
     # None computes them whole
@@ -159,7 +163,8 @@ class Trainer:
         self.config, self.steps, self.mesh, self.macdrop = config, steps, mesh, macdrop
         self.schedule = lr_schedule(config, steps)
         self.tx = optimizer(config, self.schedule)
-        model = nnx.clone(model)  # over the same arrays: the caller's model keeps its remat and train/eval mode
+        # a copy: the caller's model keeps its remat, train/eval mode and layout (stacking copies the layers' arrays)
+        model = stack_layers(model) if config.scan_layers else nnx.clone(model)
         model.remat = config.remat
         model.train()
         self.graphdef, params, rngs, frozen = nnx.split(model, LoRAParam, nnx.RngState, ...)
@@ -249,8 +254,8 @@ class Trainer:
         return out
 
     def model(self, state: TrainState) -> nnx.Module:
-        """The model with the state's adapters, in evaluation mode."""
-        return nnx.merge(self.eval_graphdef, state.params, state.rngs, self.frozen, copy=True)
+        """The model with the state's adapters, in evaluation mode, its layers unrolled (`model.model.layers[i]`)."""
+        return unstack_layers(nnx.merge(self.eval_graphdef, state.params, state.rngs, self.frozen, copy=True))
 
     def evaluate(self, state: TrainState, batches) -> float:
         """Mean token loss over validation batches (no MacDrop mask, no dropout)."""

@@ -217,5 +217,42 @@ def test_eight_devices_give_the_losses_of_one():
     assert result["devices"] == 8
     np.testing.assert_allclose(result["sharded"], result["single"], rtol=2e-5)
     # the frozen base is split FSDP x tensor, the adapters replicated
-    assert result["placement"] == {"base_up_proj": "P('fsdp', 'tensor')", "lora_a": "P()"}
+    assert result["placement"] == {"base_up_proj": "P(None, 'fsdp', 'tensor')", "lora_a": "P()"}
     print(f"single-device losses {result['single']}\n8-device (2x2x2 mesh) losses {result['sharded']}")
+
+
+def run_steps(trainer, steps: int):
+    state, losses = trainer.initial_state, []
+    stream = train.micro_batches(ArrayLoader(32, 4, 24), 0, 1e9)
+    for _ in range(steps):
+        arrays, _ = train.stack_step(stream, trainer.config.grad_accum, None)
+        state, metrics = trainer.step_fn(state, trainer.frozen, trainer.place_batch(arrays, 1))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_scanned_layers_train_as_the_unrolled_ones():
+    """Three MacDrop steps with remat: the same losses, and the trained model comes back with its layers unrolled."""
+    trainers = {scan: make_trainer(3, max_steps=3, remat="full", scan_layers=scan) for scan in (False, True)}
+    runs = {scan: run_steps(trainer, 3) for scan, trainer in trainers.items()}
+    np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-5)
+    unrolled, scanned = (trainers[s].model(runs[s][0]) for s in (False, True))
+    assert len(scanned.model.layers) == 2
+    for a, b in zip(jax.tree.leaves(nnx.state(scanned, peft.LoRAParam)),
+                    jax.tree.leaves(nnx.state(unrolled, peft.LoRAParam)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def rng_counts(rngs) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(rngs) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)]
+
+
+def test_lora_dropout_draws_new_masks_every_step_under_remat():
+    """Each layer's dropout stream advances through the scanned, rematerialised step (the state carries it)."""
+    model, tc, _, _ = tiny_setup(max_steps=2, remat="full")
+    with_dropout = peft.add_adapters(peft.merge(model), peft.LoraConfig(rank=4, alpha=8.0, dropout=0.3), seed=2)
+    trainer = train.Trainer(with_dropout, tc, steps=2, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    initial = rng_counts(trainer.initial_state.rngs)  # (the step donates the state it is given)
+    state, _ = run_steps(trainer, 1)
+    counts = rng_counts(state.rngs)
+    assert counts and all(np.all(c > i) for c, i in zip(counts, initial, strict=True))

@@ -64,7 +64,7 @@ def run(mesh_shape, steps=4):
         arrays, _ = train.stack_step(stream, tc.grad_accum, None)
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer.place_batch(arrays, 1))
         losses.append(float(metrics["loss"]))
-    layer = trainer.frozen["model"]["layers"][0]["mlp"]["up_proj"]
+    layer = trainer.frozen["model"]["layers"]["layer"]["mlp"]["up_proj"]  # stacked [L, in, out]
     placement = {"base_up_proj": str(layer["kernel"].get_value().sharding.spec),
                  "lora_a": str(jax.tree.leaves(state.params)[0].sharding.spec)}
     return losses, placement

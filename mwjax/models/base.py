@@ -19,6 +19,7 @@ from mwjax import interventions, masks, probes
 from mwjax.config import SLIDING_ATTENTION, ModelConfig
 from mwjax.models import attention
 from mwjax.models.cache import KVCache, LayerCache
+from mwjax.models.stack import LayerStack
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,11 @@ class Taps:
     def record(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> None:
         """Only the probe."""
         probes.sow(module, point, layer, x, self.probes)
+
+    @property
+    def active(self) -> bool:
+        """Whether any probe or edit is asked for (they address one layer: no scan over a stack of layers)."""
+        return self.probes is not None or bool(self.edits)
 
     def touches(self, point: str, layer: int) -> bool:
         """Whether an edit or a probe acts at (point, layer)."""
@@ -136,8 +142,18 @@ class CausalLM(nnx.Module):
         attn_masks = self.attention_masks(t, kv_len, offset, attention_mask, segment_ids)
         taps = Taps(probes, edits, positions if edits else None)
         x = self.embed(tokens)
+        layers = self.model.layers
+        if isinstance(layers, LayerStack):
+            if probes is not None:
+                raise ValueError("probes record into the modules of one layer, which a stacked model "
+                                 "(mwjax.models.stack) does not have: probe mwjax.models.stack.unstack_layers(model)")
+            if cache is None and not taps.active and layers.scannable(ffn_masks):
+                x = layers.scan(x, ropes, attn_masks, cfg.layer_types, ffn_masks, taps, self.remat_policy(),
+                                remat=self.remat is not None)
+                return self.model.norm(x), None
+            layers = layers.layers()
         new_keys, new_values = [], []
-        for i, layer in enumerate(self.model.layers):
+        for i, layer in enumerate(layers):
             kind = cfg.layer_types[i]
             layer_cache = None if cache is None else LayerCache(cache.keys[i], cache.values[i], offset)
             with jax.named_scope(f"layer_{i}"):
@@ -155,8 +171,7 @@ class CausalLM(nnx.Module):
         """One decoder layer, rematerialised under autodiff when `self.remat` says so."""
         if self.remat is None:
             return layer(x, rope, mask, row_mask, taps, cache)
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)} or None")
+        policy = self.remat_policy()
         if taps.probes is not None:
             raise ValueError("probes and remat do not combine; set model.remat = None to probe")
         graphdef, state = nnx.split(layer)
@@ -164,7 +179,13 @@ class CausalLM(nnx.Module):
         def pure(state, x, rope, mask, row_mask, cache):  # jax.checkpoint wants a function of arrays
             return nnx.merge(graphdef, state)(x, rope, mask, row_mask, taps, cache)
 
-        return jax.checkpoint(pure, policy=REMAT_POLICIES[self.remat])(state, x, rope, mask, row_mask, cache)
+        return jax.checkpoint(pure, policy=policy)(state, x, rope, mask, row_mask, cache)
+
+    def remat_policy(self):
+        """The `jax.checkpoint` policy of `self.remat` (None: recompute everything, or no remat at all)."""
+        if self.remat is not None and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)} or None")
+        return REMAT_POLICIES.get(self.remat)
 
     def with_attached(self, ffn_masks, edits) -> tuple[masks.FFNMasks, interventions.Edits | None]:
         """Call-time masks and edits joined with the attached ones (a clash is an error, not an override)."""

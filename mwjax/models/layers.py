@@ -40,16 +40,22 @@ def declared_axes(state: nnx.State) -> dict[str, Axes]:
     return out
 
 
+def _gelu_erf(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+# one function object per name: a layer's graph (nnx.graphdef) holds it, and stacked layers must share it
+_ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": _gelu_erf, "gelu_pytorch_tanh": _gelu_tanh,
+                "gelu_new": _gelu_tanh, "relu": jax.nn.relu}
+
+
 def activation(name: str):
     """HF `ACT2FN[name]` in JAX."""
-    return {
-        "silu": jax.nn.silu,
-        "swish": jax.nn.silu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "relu": jax.nn.relu,
-    }[name]
+    return _ACTIVATIONS[name]
 
 
 class Linear(nnx.Module):

@@ -1,0 +1,108 @@
+"""Scanned decoder layers (`mwjax.models.stack`): the stacked layout computes what the unrolled one does —
+logits, FFN row masks, probes, gradients with and without remat, LoRA/DoRA — for every family, and converts
+back to the very same arrays."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_reference import TINY_CONFIGS, assert_close_to_scale, random_tokens
+
+from mwjax import interventions, masks, models, peft, probes
+from mwjax.config import ModelConfig
+from mwjax.eval.generate import generate
+from mwjax.models.layers import declared_axes
+from mwjax.models.stack import LayerStack, stack_layers, unstack_layers
+
+FAMILIES = ("llama_gqa", "qwen2_sliding", "gemma2", "gemma3", "mixtral", "phi3_partial_rotary")
+TOKENS = jnp.asarray(random_tokens(48, batch=2))
+
+
+def tiny(name: str) -> nnx.Module:
+    return models.build(ModelConfig.from_hf_config(TINY_CONFIGS[name][1] | {"model_type": _model_type(name)}))
+
+
+def _model_type(name: str) -> str:
+    return {"LlamaConfig": "llama", "MistralConfig": "mistral", "Qwen2Config": "qwen2", "GemmaConfig": "gemma",
+            "Gemma2Config": "gemma2", "Gemma3TextConfig": "gemma3_text", "MixtralConfig": "mixtral",
+            "Phi3Config": "phi3"}[TINY_CONFIGS[name][0]]
+
+
+def row_masks(model) -> dict[int, masks.RowMask]:
+    """Two layers masked with different k (the stack pads), on expert 1 for Mixtral."""
+    cfg = model.config
+    expert = 1 if cfg.num_local_experts else None
+    return {0: masks.zero_rows([3, 7, 11], cfg.hidden_size, expert=expert),
+            2: masks.row_mask([5], 0.5, cfg.hidden_size, expert=expert)}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_stacked_forward_equals_unrolled(name):
+    model = tiny(name)
+    stacked = stack_layers(model)
+    assert isinstance(stacked.model.layers, LayerStack) and not isinstance(model.model.layers, LayerStack)
+    ffn = row_masks(model)
+    for kwargs in ({}, {"ffn_masks": ffn}):
+        ref = models.forward(model, TOKENS, **kwargs)
+        got = models.forward(stacked, TOKENS, **kwargs)
+        assert_close_to_scale(got, ref, 5e-6, what=f"{name} {sorted(kwargs)}")
+    # a mask changes the logits, so the comparison above saw it
+    assert not np.allclose(models.forward(model, TOKENS, ffn_masks=ffn), models.forward(model, TOKENS))
+
+
+def test_edits_and_cache_run_layer_by_layer_probes_ask_for_the_unstacked_model():
+    model = tiny("gemma3")
+    stacked = stack_layers(model)
+    edits = {("intermediate", 1): interventions.ActivationEdit(dims=jnp.asarray([4, 9]), values=jnp.zeros(2))}
+    assert_close_to_scale(models.forward(stacked, TOKENS, edits=edits), models.forward(model, TOKENS, edits=edits),
+                          5e-6)
+    prompts = [TOKENS[0, :8].tolist()]
+    np.testing.assert_array_equal(generate(stacked, prompts, 6), generate(model, prompts, 6))
+    with pytest.raises(ValueError, match="unstack_layers"):
+        probes.capture(stacked, TOKENS, probes.ProbeConfig(points=("hidden",), layers=(1,)))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])
+def test_unstack_gives_back_the_same_arrays(name):
+    model = tiny(name)
+    back = unstack_layers(stack_layers(model))
+    ref, got = nnx.state(model), nnx.state(back)
+    assert jax.tree.structure(ref) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert declared_axes(got) == declared_axes(ref)
+    assert [layer.layer_idx for layer in back.model.layers] == [layer.layer_idx for layer in model.model.layers]
+
+
+def test_stacked_parameters_declare_the_layer_axis():
+    stack = stack_layers(tiny("llama_gqa")).model.layers
+    kernel = stack.layer.mlp.up_proj.kernel
+    assert kernel.shape[0] == 3 and stack.layer.mlp.up_proj.axes == ("layers", "embed", "mlp")
+
+
+@pytest.mark.parametrize("adapter, remat", [("lora", None), ("lora", "full"), ("dora", "dots")])
+def test_adapter_gradients_equal_unrolled(adapter, remat):
+    """The gradient of the loss w.r.t. LoRA / DoRA parameters, with a MacDrop-like row mask on one layer."""
+    model = peft.add_adapters(tiny("llama_gqa"), peft.LoraConfig(rank=4, alpha=8.0, dora=adapter == "dora"),
+                              seed=1)
+    model.remat = remat
+    ffn = {1: masks.row_mask([2, 9], 0.5, model.config.hidden_size)}  # (a zeroed row leaves DoRA a zero norm)
+
+    def grads(m):
+        graphdef, params, rest = nnx.split(m, peft.LoRAParam, ...)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params, rest)(TOKENS, ffn_masks=ffn)
+            return jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float32))[..., 0])
+
+        return jax.jit(jax.grad(loss))(params)
+
+    ref, got = grads(model), grads(stack_layers(model))
+    ref_layers = ref["model"]["layers"]
+    for path, g in nnx.to_flat_state(got["model"]["layers"]["layer"]):
+        for i in range(3):
+            r = ref_layers[i]
+            for key in path:
+                r = r[key]
+            assert_close_to_scale(g.get_value()[i], r.get_value(), 1e-5, what=f"layer {i} {path}")
