@@ -54,7 +54,7 @@ def compile_step(hf_config: dict, args, layers: int, remat: str | None, loss_chu
     fsdp, tensor = args.mesh
     trainer = train.Trainer(model, tc, steps=1000, mesh=sharding.make_mesh(fsdp=fsdp, tensor=tensor))
     shape = (1, args.batch, args.seq)  # [grad_accum, batch, seq]
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(trainer.mesh, 3))
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(trainer.mesh, 3, axis=1))
              for k in train.BATCH_KEYS}
     start = time.perf_counter()
     compiled = trainer.step_fn.lower(trainer.initial_state, trainer.frozen, batch).compile()

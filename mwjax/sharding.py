@@ -80,10 +80,13 @@ def state_shardings(state: nnx.State, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches [batch, ...]: rows split over ("data", "fsdp")."""
+def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
+    """Batches [batch, ...] (the batch at `axis`, e.g. 1 for [grad_accum, batch, seq]): rows split over
+    ("data", "fsdp")."""
     names = tuple(n for n in LOGICAL_RULES["batch"] if mesh.shape[n] > 1)
-    return NamedSharding(mesh, PartitionSpec(names or None, *([None] * (ndim - 1))))
+    parts = [None] * ndim
+    parts[axis] = names or None
+    return NamedSharding(mesh, PartitionSpec(*parts))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

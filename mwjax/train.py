@@ -41,7 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from mwjax import checkpoint, sharding
 from mwjax.loss import IGNORE, chunked_token_loss, token_loss
@@ -244,14 +244,9 @@ class Trainer:
 
     def place_batch(self, arrays: dict[str, np.ndarray], batch_axis: int) -> dict[str, jax.Array]:
         """This process's numpy rows -> global arrays split over ("data", "fsdp") along `batch_axis`."""
-        names = tuple(n for n in sharding.LOGICAL_RULES["batch"] if self.mesh.shape[n] > 1)
-        out = {}
-        for key, value in arrays.items():
-            parts = [None] * value.ndim
-            parts[batch_axis] = names or None
-            target = NamedSharding(self.mesh, PartitionSpec(*parts))
-            out[key] = jax.make_array_from_process_local_data(target, np.asarray(value, np.int32))
-        return out
+        return {key: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, value.ndim, batch_axis),
+                                                            np.asarray(value, np.int32))
+                for key, value in arrays.items()}
 
     def model(self, state: TrainState) -> nnx.Module:
         """The model with the state's adapters, in evaluation mode, its layers unrolled (`model.model.layers[i]`)."""

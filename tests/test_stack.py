@@ -15,7 +15,7 @@ from mwjax.eval.generate import generate
 from mwjax.models.layers import declared_axes
 from mwjax.models.stack import LayerStack, stack_layers, unstack_layers
 
-FAMILIES = ("llama_gqa", "qwen2_sliding", "gemma2", "gemma3", "mixtral", "phi3_partial_rotary")
+FAMILIES = ("llama_gqa", "gemma3", "mixtral", "phi3_partial_rotary")  # plain, two layer types, experts, partial RoPE
 TOKENS = jnp.asarray(random_tokens(48, batch=2))
 
 
