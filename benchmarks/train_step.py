@@ -1,17 +1,26 @@
-"""Throughput of one LoRA (+MacDrop) training step: mwjax vs HF transformers + PEFT, same shape, same run.
+"""Throughput and peak memory of one LoRA / DoRA (+MacDrop) training step: mwjax vs HF transformers + PEFT,
+same shape, same run.
 
-    python benchmarks/train_step.py                                  # small Llama shape, float32 (CPU)
-    python benchmarks/train_step.py --shape=llama3_8b --dtype=bfloat16 --batch=8 --seq=1024 --remat=full   # GPU
+    python -m benchmarks.train_step                                  # small Llama shape, float32 (CPU)
+    python -m benchmarks.train_step --shape=llama3_8b --dtype=bfloat16 --batch=8 --seq=1024 --remat=full   # GPU
 
-Both sides get a randomly initialised Llama of the chosen shape, LoRA rank 16 / alpha 16 on every linear layer
-except lm_head, one micro-batch of `batch x seq` tokens per optimizer step, AdamW, activation checkpointing
-when --remat is set (HF: gradient_checkpointing_enable). Prints tokens/s of each, the ratio
-mwjax / HF (higher is better) and MacDrop's overhead (mwjax step time with vs without the mask).
+Both sides get a randomly initialised Llama of the chosen shape, LoRA (or DoRA) rank 16 / alpha 16 on every
+linear layer except lm_head, one micro-batch of `batch x seq` tokens per optimizer step, AdamW, activation
+checkpointing when --remat is set (HF: gradient_checkpointing_enable). Each measurement runs in its own process
+(so that one side's memory pool never holds the other's) and reports its median step time and peak memory: on
+GPU the device's peak (jax `memory_stats()`, torch `max_memory_allocated()`), on CPU the process's peak RSS.
+Prints tokens/s, the ratios mwjax / HF+PEFT (higher is better) and MacDrop's overhead (mwjax with vs without
+the mask).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
 import time
 
 SHAPES = {  # HF LlamaConfig fields
@@ -34,7 +43,7 @@ def timed(step, warmup: int, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def mwjax_step_time(hf_config: dict, args, macdrop_on: bool) -> float:
+def mwjax_step_time(hf_config: dict, args, macdrop_on: bool, dora: bool) -> float:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -45,7 +54,7 @@ def mwjax_step_time(hf_config: dict, args, macdrop_on: bool) -> float:
 
     config = ModelConfig.from_hf_config(hf_config | {"model_type": "llama", "max_position_embeddings": args.seq})
     model = models.build(config, dtype=jnp.dtype(args.dtype), seed=0)
-    model = peft.add_adapters(model, peft.LoraConfig(rank=16, alpha=16.0))
+    model = peft.add_adapters(model, peft.LoraConfig(rank=16, alpha=16.0, dora=dora))
     tc = train.TrainConfig(micro_batch_size=args.batch, grad_accum=1, remat=args.remat, max_steps=1000,
                            warmup_ratio=0.0)
     md = None
@@ -68,7 +77,7 @@ def mwjax_step_time(hf_config: dict, args, macdrop_on: bool) -> float:
     return timed(step, args.warmup, args.repeats)
 
 
-def hf_step_time(hf_config: dict, args) -> float:
+def hf_step_time(hf_config: dict, args, dora: bool) -> float:
     import peft as peft_lib
     import torch
     import transformers
@@ -78,8 +87,8 @@ def hf_step_time(hf_config: dict, args) -> float:
     config = transformers.LlamaConfig(**hf_config, max_position_embeddings=args.seq)
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
     model = peft_lib.get_peft_model(model, peft_lib.LoraConfig(
-        r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"]))
+        r=16, lora_alpha=16, use_dora=dora, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"]))
     for p in model.parameters():  # fp32 adapters over a bf16 base, as mwjax trains them
         if p.requires_grad:
             p.data = p.data.float()
@@ -103,6 +112,44 @@ def hf_step_time(hf_config: dict, args) -> float:
     return timed(step, args.warmup, args.repeats)
 
 
+def peak_bytes(side: str) -> int:
+    """The peak memory of this process's accelerator (GPU), else the process's peak RSS."""
+    if side == "mwjax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats()
+        if stats and "peak_bytes_in_use" in stats:
+            return int(stats["peak_bytes_in_use"])
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def child(args) -> None:
+    """One measurement (--child=side:adapter:macdrop), printed as the last line of JSON."""
+    side, adapter, macdrop_on = args.child.split(":")
+    dora = adapter == "dora"
+    if side == "mwjax":
+        seconds = mwjax_step_time(SHAPES[args.shape], args, macdrop_on == "macdrop", dora)
+    else:
+        seconds = hf_step_time(SHAPES[args.shape], args, dora)
+    print(json.dumps({"seconds": seconds, "peak": peak_bytes(side)}))
+
+
+def measure(args, side: str, adapter: str, macdrop_on: bool) -> dict:
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if v is not None and k not in ("child", "skip_hf", "adapters")]
+    cmd = [sys.executable, "-m", "benchmarks.train_step", *flags,
+           f"--child={side}:{adapter}:{'macdrop' if macdrop_on else 'plain'}"]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # peak = what the step needs, not a pool
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
@@ -112,24 +159,33 @@ def main():
     parser.add_argument("--remat", choices=["full", "dots", "nothing"], default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--adapters", default="lora,dora", help="comma-separated: lora, dora")
     parser.add_argument("--skip_hf", action="store_true", help="time mwjax only")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
 
-    import jax
-
-    hf_config = SHAPES[args.shape]
     tokens = args.batch * args.seq
-    plain = mwjax_step_time(hf_config, args, macdrop_on=False)
-    with_mask = mwjax_step_time(hf_config, args, macdrop_on=True)
-    print(f"shape {args.shape}, {args.dtype}, batch {args.batch} x {args.seq}, remat {args.remat}, "
-          f"jax on {jax.devices()[0].platform}")
-    print(f"mwjax LoRA          {plain * 1e3:9.1f} ms/step  {tokens / plain:10.0f} tokens/s")
-    print(f"mwjax LoRA+MacDrop  {with_mask * 1e3:9.1f} ms/step  {tokens / with_mask:10.0f} tokens/s  "
-          f"(MacDrop overhead {100 * (with_mask / plain - 1):+.1f}%)")
-    if not args.skip_hf:
-        hf = hf_step_time(hf_config, args)
-        print(f"HF+PEFT LoRA        {hf * 1e3:9.1f} ms/step  {tokens / hf:10.0f} tokens/s")
-        print(f"ratio mwjax / HF+PEFT tokens/s: {hf / plain:.2f}")
+    print(f"shape {args.shape}, {args.dtype}, batch {args.batch} x {args.seq}, remat {args.remat}; "
+          f"median of {args.repeats} steps, each measurement in its own process", flush=True)
+    print(f"{'':22} {'ms/step':>9} {'tokens/s':>9} {'peak GiB':>9}")
+
+    def row(label, r, extra=""):
+        print(f"{label:22} {r['seconds'] * 1e3:9.1f} {tokens / r['seconds']:9.0f} {r['peak'] / 2**30:9.2f}  {extra}",
+              flush=True)
+
+    for adapter in args.adapters.split(","):
+        name = {"lora": "LoRA", "dora": "DoRA"}[adapter]
+        plain = measure(args, "mwjax", adapter, False)
+        row(f"mwjax {name}", plain)
+        masked = measure(args, "mwjax", adapter, True)
+        overhead = 100 * (masked["seconds"] / plain["seconds"] - 1)
+        row(f"mwjax {name}+MacDrop", masked, f"(MacDrop overhead {overhead:+.1f}%)")
+        if not args.skip_hf:
+            hf = measure(args, "hf", adapter, False)
+            row(f"HF+PEFT {name}", hf, f"(mwjax / HF+PEFT: {hf['seconds'] / plain['seconds']:.2f}x tokens/s, "
+                                     f"{plain['peak'] / hf['peak']:.2f}x peak memory)")
 
 
 if __name__ == "__main__":
