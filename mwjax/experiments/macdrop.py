@@ -246,6 +246,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
         md = macdrop.MacDrop.from_massive_weights(mw, config.massive.k, model.config.hidden_size,
                                                   model.config.intermediate_size, schedule, scope=config.macdrop.scope)
     trainer = train.Trainer(lora_model, p.train, steps=steps, mesh=mesh, macdrop=md)
+    del model, lora_model  # the trainer holds its own (stacked) copy of the layers: one copy on the devices, not two
 
     if lead:
         checkpoint.write_text_atomically(out / "massive_weights.json", json.dumps(mw.to_dict(), indent=2))
