@@ -1,7 +1,7 @@
 """House of Cards in miniature, end to end on one small model: one Markdown report a reader can check on a laptop.
 
-    python -m experiments.report                          # the embedded SmolLM2-135M, ~20-25 CPU minutes
-    python -m experiments.report --quick                  # CI-sized: every step on tiny slices, ~1 minute
+    python -m experiments.report                          # the embedded SmolLM2-135M: 41 min on a shared 2-core CPU
+    python -m experiments.report --quick                  # CI-sized: every step on tiny slices, ~3 minutes
     python -m experiments.report --output_dir=docs/report --seeds=0,1,2
 
 Four sections, each with the paper's claim, the numbers and a verdict computed from them (agrees / does not
@@ -67,7 +67,7 @@ RULE = 2.0  # a difference counts when it exceeds this many standard errors
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """How much of each step a run does (FULL: ~20-25 minutes on a 2-core CPU; QUICK: a CI test)."""
+    """How much of each step a run does (FULL: 41 min on a shared 2-core CPU, docs/report; QUICK: a CI test)."""
 
     seqlen: int  # tokens per perplexity chunk
     max_chunks: int  # perplexity chunks per setting
