@@ -307,6 +307,47 @@ def intervene_massive_activations(model: nnx.Module, layer: int, value: str, cal
     return set_massive_activations(model, layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold), ma
 
 
+# ---------------------------------------------------------------------------------- Table 1, Figure 4
+
+
+def table1_settings(model: nnx.Module, mw: MassiveWeights, k: int, calibration=None
+                    ) -> tuple[dict[str, nnx.Module], MassiveActivations | None]:
+    """House of Cards Table 1's settings (and the thesis' Table 4.3 ones): name -> attacked model, each a copy
+    sharing the original's arrays: the original, top-k zeroing, top-k retaining and, with `calibration`
+    [sequences, seq] (bos-led text kept apart from the evaluated text), the massive activations after
+    `mw.layer` set to zero / to their mean (one mean per position class) and the control that zeroes as many
+    median-magnitude activations. Also returns the massive activations found on `calibration` (or None)."""
+    out = {"original": model, f"top-{k} zeroing": zero_top_k(model, mw, k),
+           f"top-{k} retaining": retain_top_k(model, mw, k)}
+    if calibration is None:
+        return out, None
+    ma = find_massive_activations(model, calibration, mw.layer)
+    if ma.dims:
+        for value in ("zero", "mean"):
+            out[f"massive activations = {value}"] = set_massive_activations(
+                model, mw.layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold)
+        out["median activations = zero (control)"] = zero_median_activations(model, mw.layer, len(ma.dims),
+                                                                             calibration)
+    return out, ma
+
+
+def k_sweep(model: nnx.Module, mw: MassiveWeights, ks: Sequence[int], measure, on_point=None
+            ) -> dict[str, list[float]]:
+    """House of Cards Figure 4: `measure(attacked model)` under top-k zeroing and top-k retaining for each k
+    ("top-k zeroing" / "top-k retaining" -> one value per k); `on_point(series, k, value)` after each. The
+    attack is a row mask over the whole layer (`row_scale_masks`), so every point runs one compiled program."""
+    d_ff, d_model = model.config.intermediate_size, model.config.hidden_size
+    series = {}
+    for retain, name in ((False, "top-k zeroing"), (True, "top-k retaining")):
+        series[name] = []
+        for k in ks:
+            scale = top_k_row_scale(mw, k, d_ff, retain=retain)
+            series[name].append(measure(attach(model, ffn_masks=row_scale_masks(mw, scale, d_model))))
+            if on_point is not None:
+                on_point(name, k, series[name][-1])
+    return series
+
+
 # ----------------------------------------------------------------------------------------- by name
 
 SPECS = ("zero_top_k:K", "retain_top_k:K", "scale_super_weight:FACTOR", "prune_super_weight",

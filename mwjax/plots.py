@@ -243,6 +243,23 @@ def category_bars(scores: Mapping[str, float], categories: Mapping[str, Sequence
     return _finish(fig, ax, title, "", ylabel, path, log_y=False)
 
 
+def grouped_bars_with_errors(groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                             title: str, path: str | Path, ylabel: str = "accuracy (%)",
+                             reference: float | None = None) -> Path:
+    """Bars per group (e.g. fine-tuning method) and series (e.g. clean / attacked), each `(means, errors)` with
+    the errors as error bars (e.g. the spread over seeds); `reference` as a dashed line (e.g. chance)."""
+    x = np.arange(len(groups))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2.0), 3.6))
+    width = 0.8 / max(len(series), 1)
+    for i, (name, (means, errors)) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=name)
+    if reference is not None:
+        ax.axhline(reference, color="gray", ls="--", lw=0.8, label=f"chance {reference:g}")
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, fontsize=8)
+    return _finish(fig, ax, title, "", ylabel, path, log_y=False, legend="outside")
+
+
 def pruning_summary(labels: Sequence[str], perplexities: Mapping[str, Sequence[float]], dense: float,
                     removed: Sequence[float], retained: Sequence[float], title: str, path: str | Path) -> Path:
     """Pruning (Wanda / magnitude) against the massive weights, two panels over the same settings `labels`

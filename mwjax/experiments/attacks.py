@@ -57,35 +57,18 @@ flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt")
 
 
 def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict:
-    """name -> attacked model (each a copy sharing the original's arrays)."""
-    out = {"original": model,
-           f"top-{FLAGS.k} zeroing": attacks.zero_top_k(model, mw, FLAGS.k),
-           f"top-{FLAGS.k} retaining": attacks.retain_top_k(model, mw, FLAGS.k)}
-    if FLAGS.activation_interventions:
-        ma = massive.find_massive_activations(model, calibration, mw.layer)
+    """name -> attacked model (each a copy sharing the original's arrays; `attacks.table1_settings`)."""
+    out, ma = attacks.table1_settings(model, mw, FLAGS.k, calibration if FLAGS.activation_interventions else None)
+    if ma is not None:
         print(f"massive activations after {mw.label}: dims {list(ma.dims)} at positions {list(ma.positions)[:8]} "
               f"(|x| > {ma.threshold:.0f})")
-        if ma.dims:
-            for value in ("zero", "mean"):  # means per position class, on the calibration set
-                out[f"massive activations = {value}"] = attacks.set_massive_activations(
-                    model, mw.layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold)
-            out["median activations = zero (control)"] = attacks.zero_median_activations(
-                model, mw.layer, len(ma.dims), calibration)
     return out
 
 
 def sweep(model, mw, ks: list[int], measure) -> dict[str, list[float]]:
-    """Figure 4: `measure(attacked model)` under zeroing and retaining for each k. The attack is a row mask over
-    the whole layer (`row_scale_masks`), so every point runs the same compiled program."""
-    d_ff, d_model = model.config.intermediate_size, model.config.hidden_size
-    series = {}
-    for retain, name in ((False, "top-k zeroing"), (True, "top-k retaining")):
-        series[name] = []
-        for k in ks:
-            scale = attacks.top_k_row_scale(mw, k, d_ff, retain=retain)
-            series[name].append(measure(attacks.attach(model, ffn_masks=attacks.row_scale_masks(mw, scale, d_model))))
-            print(f"   {name}, k={k}: {series[name][-1]:.2f}", flush=True)
-    return series
+    """Figure 4 (`attacks.k_sweep`), each point printed."""
+    return attacks.k_sweep(model, mw, ks, measure,
+                           on_point=lambda name, k, value: print(f"   {name}, k={k}: {value:.2f}", flush=True))
 
 
 def print_sweep(ks: list[int], series: dict[str, list[float]], metric: str) -> None:
