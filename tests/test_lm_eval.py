@@ -95,7 +95,7 @@ def test_generate_until_matches_the_hf_backend(tiny, smollm2_tokenizer):
 
 
 def test_few_programs_for_many_lengths(tiny, smollm2_tokenizer):
-    from mwjax.eval import lm_eval as backend
+    from mwjax.eval import continuations as backend
 
     _, model, _ = tiny
     lm = MwjaxLM(model, smollm2_tokenizer, batch_size=4, buckets=(32, 64))

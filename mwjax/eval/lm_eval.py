@@ -10,7 +10,8 @@ with the backend registered); that path loads checkpoints, adapters and attacks,
 The scoring follows lm-eval's own HF backend request by request: `TemplateLM` splits context and
 continuation the same way, a request is `(context + continuation)[-(max_length + 1):]`, the
 continuation's log-probabilities are summed and `is_greedy` says whether every continuation token is
-the argmax. Requests run sorted by length, in batches of a fixed size padded on the right to one of
+the argmax. A context runs once for all its continuations (the choices of a multiple-choice question,
+`mwjax.eval.continuations`), longest first, in batches of a fixed size padded on the right to one of
 a few bucketed lengths, so XLA compiles a handful of programs rather than one per request.
 
 Generation requests longer than the model's window lose their left end, as the HF backend does; with
@@ -26,33 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
-from mwjax.compiled import jit_model
+from mwjax.eval import continuations
 from mwjax.eval.generate import DEFAULT_BUCKETS, bucket, generate
 from mwjax.progress import progress
-
-
-@jit_model
-def _score(model, inputs, last_pos, last_tokens):
-    """One forward for a batch of distinct inputs [b, t].
-
-    Returns log p(inputs[:, 1:]) [b, t-1] (the targets shared by every request with that input), the
-    argmax token at each position [b, t], and log p of each request's own final token, read at
-    position last_pos [b] for the candidates last_tokens [b, r] (requests that share an input differ
-    only there, e.g. " yes" / " no").
-    """
-    logits = model(inputs)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    shared = jnp.take_along_axis(logp[:, :-1], inputs[:, 1:, None], axis=-1)[..., 0]
-    last = logp[jnp.arange(inputs.shape[0]), last_pos]  # [b, vocab]
-    return shared, jnp.argmax(logits, axis=-1), jnp.take_along_axis(last, last_tokens, axis=-1)
-
 
 TRUNCATIONS = ("left", "middle")
 
@@ -95,7 +76,7 @@ class MwjaxLM(TemplateLM):
         # hashes of the chat-templated prompts whose user turn apply_chat_template already cut (LongBench cuts
         # the prompt before the template), so that generate_until does not cut them again
         self._cut_before_template: set[int] = set()
-        self._split = nnx.split(model)  # once: every batch runs _score.on_state on it
+        self._split = nnx.split(model)  # once: every batch of requests runs on it
 
     # ------------------------------------------------------------------ tokenizer plumbing (as HFLM)
 
@@ -168,46 +149,24 @@ class MwjaxLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) | None, context_enc, continuation_enc) -> (sum log p, is_greedy).
 
-        Requests whose input (context + continuation minus its last token) is the same share one forward
-        pass, as lm-eval's HF backend does for one-token continuations.
+        A request is `(context_enc + continuation_enc)[-(max_length + 1):]`, its continuation at most all but
+        its first token, as in the HF backend. Requests with the same context share it: it runs once for all
+        its continuations (`mwjax.eval.continuations`).
         """
-        groups: dict[tuple[int, ...], list[int]] = {}
-        last_token, cont_len = [], []
-        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+        pairs = []
+        for _, context_enc, continuation_enc in requests:
             whole = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
-            groups.setdefault(tuple(whole[:-1]), []).append(i)
-            last_token.append(whole[-1])
-            cont_len.append(min(len(continuation_enc), len(whole) - 1))
-        inputs_by_length = sorted(groups, key=lambda inp: -len(inp))
-        # one width for the candidate axis in the whole call: fewer compiled programs
-        alternatives = 1 << (max(len(g) for g in groups.values()) - 1).bit_length() if groups else 1
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        bar = progress(len(requests), "mwjax loglikelihood", enabled=not disable_tqdm)
-        for start in range(0, len(inputs_by_length), self.batch_size):
-            batch = inputs_by_length[start:start + self.batch_size]
-            width = bucket(len(batch[0]), self.buckets, self.max_length)
-            inputs = np.zeros((self.batch_size, width), np.int32)
-            last_pos = np.zeros((self.batch_size,), np.int32)
-            last = np.zeros((self.batch_size, alternatives), np.int32)
-            for r, inp in enumerate(batch):
-                inputs[r, :len(inp)] = inp
-                last_pos[r] = len(inp) - 1
-                last[r, :len(groups[inp])] = [last_token[i] for i in groups[inp]]
-            shared, argmax, last_logp = (np.asarray(x) for x in _score.on_state(
-                *self._split, jnp.asarray(inputs), jnp.asarray(last_pos), jnp.asarray(last)))
-            for r, inp in enumerate(batch):
-                n = len(inp)
-                for j, i in enumerate(groups[inp]):
-                    first = n - cont_len[i]  # continuation = targets first .. n-1; the last one is request-specific
-                    logp = float(shared[r, first:n - 1].astype(np.float64).sum() + last_logp[r, j])
-                    greedy = bool((argmax[r, first:n - 1] == inputs[r, first + 1:n]).all()
-                                  and argmax[r, n - 1] == last_token[i])
-                    results[i] = (logp, greedy)
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
-                bar.update(len(groups[inp]))
-        bar.close()
-        return results
+            cut = len(whole) - min(len(continuation_enc), len(whole) - 1)
+            pairs.append((whole[:cut], whole[cut:]))
+
+        def cache(i: int, result: tuple[float, bool]) -> None:
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+
+        rows = continuations.pack(pairs, continuations.row_limit(self.model.config, self.max_length))
+        return continuations.score_rows(*self._split, rows, len(pairs), batch_size=self.batch_size,
+                                        buckets=self.buckets, max_length=self.max_length, on_result=cache,
+                                        desc="mwjax loglikelihood", show_progress=not disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each text: lm-eval's disjoint rolling windows of max_length tokens."""

@@ -60,7 +60,9 @@ def causal_mask(
 
     Causality is by index, as HF builds it from `cache_position` (not from position ids): query i
     (at absolute index q_offset + i) sees keys j <= q_offset + i, and with a sliding window only
-    j > q_offset + i - sliding_window. `padding_mask` [batch, kv_len] marks real tokens with 1.
+    j > q_offset + i - sliding_window. `padding_mask` [batch, kv_len] marks real tokens with 1; a
+    [batch, q_len, kv_len] one says which keys each query may see (HF's custom 4-D masks: several
+    continuations packed after one shared prefix), on top of causality.
     `segment_ids` [batch, q_len] (q_len == kv_len): packed sequences attend within their segment only.
     """
     q_idx = q_offset + jnp.arange(q_len)[:, None]
@@ -70,7 +72,8 @@ def causal_mask(
         mask &= kv_idx > q_idx - sliding_window
     mask = mask[None, None]
     if padding_mask is not None:
-        mask = mask & padding_mask.astype(bool)[:, None, None, :]
+        visible = padding_mask.astype(bool)
+        mask = mask & (visible[:, None] if visible.ndim == 3 else visible[:, None, None, :])
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask

@@ -116,7 +116,8 @@ class CausalLM(nnx.Module):
         self,
         tokens: jax.Array,  # int32 [b, t]
         positions: jax.Array | None = None,  # int32 [b, t]; default offset + 0..t-1
-        attention_mask: jax.Array | None = None,  # [b, t] (with a cache: [b, cache.max_len]); 1 = real token
+        attention_mask: jax.Array | None = None,  # [b, t] (with a cache: [b, cache.max_len]); 1 = real token;
+        # or [b, t, t] (with a cache: [b, t, cache.max_len]): 1 = key visible to that query (besides causality)
         ffn_masks: masks.FFNMasks | None = None,  # {layer: RowMask} on W_gate / W_up rows
         probes: probes.ProbeConfig | None = None,
         edits: interventions.Edits | None = None,  # {(point, layer): ActivationEdit}
@@ -133,9 +134,11 @@ class CausalLM(nnx.Module):
         interventions.validate(edits, cfg.num_hidden_layers)
         offset = 0 if cache is None else cache.length
         kv_len = t if cache is None else cache.max_len
-        if attention_mask is not None and attention_mask.shape != (b, kv_len):
-            raise ValueError(f"attention_mask must have shape [batch, {'cache.max_len' if cache else 'seq'}] = "
-                             f"{[b, kv_len]}, got {list(attention_mask.shape)}")
+        if attention_mask is not None and attention_mask.shape not in ((b, kv_len), (b, t, kv_len)):
+            keys = "cache.max_len" if cache else "seq"
+            raise ValueError(f"attention_mask must have shape [batch, {keys}] = {[b, kv_len]} (padding) or "
+                             f"[batch, seq, {keys}] = {[b, t, kv_len]} (keys per query), got "
+                             f"{list(attention_mask.shape)}")
         if positions is None:
             positions = jnp.broadcast_to(offset + jnp.arange(t, dtype=jnp.int32), (b, t))
         ropes = self.rope_tables(positions)

@@ -1,0 +1,89 @@
+"""Continuations packed after their shared context score as each (context + continuation) alone."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+from hf_reference import TINY_CONFIGS, assert_close_to_scale
+
+from mwjax import models
+from mwjax.config import ModelConfig
+from mwjax.eval import continuations
+
+
+def tiny_model(name: str):
+    """A random model of one of the tiny configs, its weights scaled up so that attention is far from uniform
+    (a continuation seeing a token it should not changes its scores)."""
+    cls_name, kwargs = TINY_CONFIGS[name]
+    model = models.build(ModelConfig.from_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict()), seed=0)
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0, state))
+
+
+def alone(model, pairs):
+    """(sum log p, is_greedy) of each pair from one forward of `context + continuation`, right-padded."""
+    width = max(len(c) + len(x) for c, x in pairs)
+    tokens = np.zeros((len(pairs), width), np.int32)
+    for i, (c, x) in enumerate(pairs):
+        tokens[i, :len(c) + len(x)] = [*c, *x]
+    logp = np.asarray(jax.nn.log_softmax(models.forward(model, jnp.asarray(tokens)), axis=-1), np.float64)
+    out = []
+    for i, (c, x) in enumerate(pairs):
+        at = np.arange(len(c) - 1, len(c) + len(x) - 1)  # the positions that predict the continuation
+        out.append((logp[i, at, x].sum(), bool((logp[i, at].argmax(-1) == x).all())))
+    return out
+
+
+def requests(rng, vocab, contexts, choices):
+    pairs = []
+    for n in contexts:
+        context = rng.integers(0, vocab, n).tolist()
+        for _ in range(choices):
+            pairs.append((context, rng.integers(0, vocab, rng.integers(1, 7)).tolist()))
+    return pairs
+
+
+def assert_same(got, ref):
+    assert_close_to_scale([g[0] for g in got], [r[0] for r in ref], 1e-5, what="summed log p")
+    assert [g[1] for g in got] == [r[1] for r in ref]
+
+
+def test_shared_contexts_score_as_each_request_alone():
+    model = tiny_model("llama_gqa")
+    rng = np.random.default_rng(0)
+    pairs = requests(rng, 160, contexts=(1, 2, 5, 13, 30), choices=4)
+    pairs += [pairs[9], (pairs[9][0][:-1], pairs[9][1])]  # a repeated request; a context that is a prefix of one
+    greedy = int(np.argmax(models.forward(model, jnp.asarray([[5, 9, 2]]))[0, -1]))
+    pairs.append(([5, 9, 2], [greedy]))  # the model's own argmax: is_greedy
+    got = continuations.score_continuations(model, pairs, batch_size=4, buckets=(16, 64), show_progress=False)
+    ref = alone(model, pairs)
+    assert_same(got, ref)
+    assert got[-1][1]
+    rows = continuations.pack(pairs, 1024)
+    assert len(rows) < len(pairs)  # contexts were shared
+    # a context of n tokens carries at most n continuations in a row: the one-token context's 4 get a row each
+    assert sum(len(row.requests) == 1 and row.context_length == 1 for row in rows) == 4
+
+
+def test_sliding_window_rows_stay_within_the_window():
+    """Gemma 3 (sliding window 40 on two of three layers): row indices beyond the window would hide context
+    that the request alone sees, so a row holds no more than 40 tokens; a request longer than that runs alone."""
+    model = tiny_model("gemma3")
+    assert continuations.row_limit(model.config, 1024) == 40
+    rng = np.random.default_rng(1)
+    pairs = requests(rng, 160, contexts=(30, 38, 45), choices=3)
+    got = continuations.score_continuations(model, pairs, batch_size=2, buckets=(16, 32, 64), show_progress=False)
+    assert_same(got, alone(model, pairs))
+    # packed beyond the window, the same requests come out different: the limit is needed
+    rows = continuations.pack(pairs, 1024)
+    unlimited = continuations.score_rows(*nnx.split(model), rows, len(pairs), batch_size=2,
+                                         buckets=(16, 32, 64, 128), max_length=1024, show_progress=False)
+    with pytest.raises(AssertionError):
+        assert_same(unlimited, alone(model, pairs))
+
+
+def test_empty_context_or_continuation_is_refused():
+    with pytest.raises(ValueError, match="request 1: context and continuation need a token each"):
+        continuations.pack([([1], [2]), ([1], [])], 16)
