@@ -217,15 +217,17 @@ LIGHTHOUSE = (
 ) * 3
 
 
-def gguf_with_transformers(source: str, path):
+def gguf_with_transformers(source: str, path, tokenizer=None):
     """(mwjax model, tokenizer, transformers' own GGUF load of the same file), float32: the reference of
-    the real-model tests. `source`: what `converters.load` reads (a path or `embedded:NAME`)."""
+    the real-model tests. `source`: what `converters.load` reads (a path or `embedded:NAME`); `tokenizer`:
+    the one `converters.load` would build, when a session fixture has it already (Gemma-3's takes ~25 s)."""
     import jax.numpy as jnp
 
     from mwjax import converters
 
     needs_torch()
-    ours, tokenizer = converters.load(source, dtype=jnp.float32)
+    ours, built = converters.load(source, dtype=jnp.float32, tokenizer=tokenizer is None)
+    tokenizer = built if tokenizer is None else tokenizer
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float32).eval()
     return ours, tokenizer, hf

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def both():
-    return gguf_with_transformers(embedded.PREFIX + "gemma3-270m", embedded.path("gemma3-270m"))
+def both(embedded_tokenizer):
+    return gguf_with_transformers(embedded.PREFIX + "gemma3-270m", embedded.path("gemma3-270m"),
+                                  embedded_tokenizer("gemma3-270m"))
 
 
 def test_config_and_tokenizer(both):

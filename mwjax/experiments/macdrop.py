@@ -206,8 +206,12 @@ def massive_weights(model, tokenizer, config: ConfigDict) -> massive.MassiveWeig
     return massive.find_massive_weights(model, tokenizer, k=m.k, layer=m.layer, first_token=config.first_token)
 
 
-def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
-    """The whole run (module doc); returns what results.json holds."""
+def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | None = None) -> dict:
+    """The whole run (module doc); returns what results.json holds.
+
+    loaded: (model, tokenizer) of `config.model` already in memory in `config.dtype` (e.g. several runs on one
+    model, as `experiments.report` makes), used instead of loading it again; it is not modified.
+    """
     p = plan(config)
     distributed.initialize()
     lead = distributed.is_lead()
@@ -221,9 +225,15 @@ def run(config: ConfigDict, *, stop_after: int | None = None) -> dict:
     model_path = converters.resolve(config.model)  # a missing model, then a bad data file: seconds, not minutes
     rows = data.load_examples(p.data)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    model, tokenizer = converters.load(model_path, dtype=jnp.dtype(config.dtype),
-                                       param_dtype=jnp.dtype(config.param_dtype),
-                                       shardings=sharding.param_sharding_fn(mesh))
+    if loaded is None:
+        model, tokenizer = converters.load(model_path, dtype=jnp.dtype(config.dtype),
+                                           param_dtype=jnp.dtype(config.param_dtype),
+                                           shardings=sharding.param_sharding_fn(mesh))
+    else:
+        model, tokenizer = loaded
+        if jnp.dtype(model.dtype) != jnp.dtype(config.dtype):
+            raise ValueError(f"the loaded model computes in {jnp.dtype(model.dtype)}, the config asks for "
+                             f"dtype={config.dtype}")
     peft.select_targets(model, p.lora)  # a pattern that matches nothing fails here, before any compute
     mw = massive_weights(model, tokenizer, config)
     log.info("massive weights: %s (%s), rows %s", mw.label, mw.selected_by, mw.indices[: config.massive.k])

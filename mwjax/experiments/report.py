@@ -342,7 +342,7 @@ def section_fine_tuning(model, tokenizer, mw, held_out, sizes: Sizes, out: Path,
             log(f"fine-tuning {METHODS[variant]}, seed {seed}: {sizes.train_steps} steps x {sizes.micro_batch} "
                 f"examples of {len(records)}")
             t0 = time.time()
-            summary = macdrop.run(run_config(variant, seed, path, cutoff, sizes, work))
+            summary = macdrop.run(run_config(variant, seed, path, cutoff, sizes, work), loaded=(model, tokenizer))
             adapter = summary["adapter"]
             scores = {"clean": synthetic_tasks.accuracy(peft.merge(peft.load_adapters(model, adapter)), tokenizer,
                                                         held_out)["mean"]}
