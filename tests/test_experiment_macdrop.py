@@ -81,6 +81,7 @@ def test_missing_checkpoint_fails_fast(tmp_path):
 def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     import peft as peft_lib
     import torch
+    from hf_reference import gguf_parsed_once
 
     from mwjax import converters, models, peft
 
@@ -104,8 +105,9 @@ def test_smollm2_run_learns_and_exports_a_peft_adapter(tmp_path, smollm2_path):
     # the adapter names its base (the embedded model's GGUF directory): AutoPeft loads both, given the file
     written = json.loads((out / "adapter_peft" / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] == str(smollm2_path.parent.absolute())
-    hf = peft_lib.AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter_peft"), gguf_file=smollm2_path.name,
-                                                           dtype=torch.float32).eval()
+    with gguf_parsed_once():
+        hf = peft_lib.AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter_peft"),
+                                                               gguf_file=smollm2_path.name, dtype=torch.float32).eval()
     tokens = np.random.default_rng(0).integers(0, 49152, (1, 64))
     with torch.no_grad():
         theirs = hf(torch.as_tensor(tokens)).logits.numpy()

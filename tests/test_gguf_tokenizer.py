@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-from hf_reference import needs_torch
+from hf_reference import gguf_parsed_once, needs_torch
 
 from mwjax import converters
 from mwjax.converters import embedded
@@ -33,7 +33,8 @@ def _reference(path: Path):
     needs_torch()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with gguf_parsed_once():
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def assert_same_tokenizer(ours, ref, text: str = VARIED_TEXT):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from hf_reference import torch
+from hf_reference import gguf_parsed_once, torch
 from zeroshot_docs import write_task_data
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -175,7 +175,8 @@ def test_missing_local_data_says_how_to_get_it(tmp_path):
 def test_smollm2_matches_the_hf_backend(smollm2_path, smollm2_tokenizer, local_tasks):
     _, include, names = local_tasks
     model, _ = converters.load(smollm2_path, dtype=jnp.float32, tokenizer=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                           dtype=torch.float32).eval()
+    with gguf_parsed_once():
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent),
+                                                               gguf_file=smollm2_path.name, dtype=torch.float32).eval()
     worst = evaluate_both(hf, model, smollm2_tokenizer, names, TaskManager(include_path=str(include)), True)
     print(f"SmolLM2: max |loglikelihood difference| {worst:.2e}")

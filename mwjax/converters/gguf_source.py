@@ -28,7 +28,7 @@ import gguf
 import numpy as np
 
 from mwjax import family as registry
-from mwjax.converters import gguf_tokenizer
+from mwjax.converters import gguf_file, gguf_tokenizer
 from mwjax.converters.errors import CheckpointError, MissingTensorError, UnsupportedCheckpointError
 from mwjax.converters.sources import TensorSource
 from mwjax.models.llama import MISTRAL
@@ -63,21 +63,9 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _ARCH_ENUMS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
-def _field_value(field) -> Any:
-    value = field.contents()
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def open_reader(path: Path) -> gguf.GGUFReader:
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad input
-        raise CheckpointError(f"{path} is not a valid GGUF file (corrupt or truncated): {e}") from e
-
-
-def read_tokenizer(reader: gguf.GGUFReader, path: Path):
+def read_tokenizer(file: gguf_file.GGUFFile):
     """The tokenizer of a GGUF file's metadata alone (its tensors are not looked at)."""
-    return gguf_tokenizer.build_tokenizer(gguf_tokenizer.read_vocab(reader, path))
+    return gguf_tokenizer.build_tokenizer(gguf_tokenizer.read_vocab(file.fields, file.path))
 
 
 class GGUFSource(TensorSource):
@@ -86,17 +74,16 @@ class GGUFSource(TensorSource):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.name = str(self.path)
-        self.reader = open_reader(self.path)
-        arch_field = self.reader.fields.get("general.architecture")
-        if arch_field is None:
-            raise CheckpointError(f"{self.path}: GGUF metadata has no general.architecture")
+        self.file = gguf_file.read(self.path)
         self.arch = self.meta("general.architecture")
+        if self.arch is None:
+            raise CheckpointError(f"{self.path}: GGUF metadata has no general.architecture")
         if self.arch not in GGUF_MODEL_TYPES:
             raise UnsupportedCheckpointError(
                 f"{self.path}: GGUF architecture {self.arch!r} is not supported; mwjax reads {sorted(GGUF_MODEL_TYPES)}"
             )
-        self._tensors = {t.name: t for t in self.reader.tensors}
-        if len(self._tensors) != len(self.reader.tensors):
+        self._tensors = {t.name: t for t in self.file.tensors}
+        if len(self._tensors) != len(self.file.tensors):
             raise CheckpointError(f"{self.path}: GGUF tensor names repeat; the file is corrupt")
         self._check_extents()
         n_blocks = self._positive_int(f"{self.arch}.block_count")
@@ -113,9 +100,9 @@ class GGUFSource(TensorSource):
         """The tensors tile the data section as GGUF writers lay them out: back to back, each padded
         only to the file's alignment, none outside the file, none sharing bytes. A shifted offset or a
         changed tensor type would otherwise read a neighbour's bytes, or a part of its own, as weights."""
-        end_of_file, align = len(self.reader.data), self.reader.alignment
-        spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in self.reader.tensors)
-        previous_end, previous = self.reader.data_offset, "the start of the data section"
+        end_of_file, align = self.file.size, self.file.alignment
+        spans = sorted((t.offset, t.offset + t.n_bytes, t.name) for t in self.file.tensors)
+        previous_end, previous = self.file.data_offset, "the start of the data section"
         for start, end, name in [*spans, (end_of_file, end_of_file, "the end of the file")]:
             if end > end_of_file:
                 raise CheckpointError(f"{self.path}: GGUF tensor {name!r} spans bytes [{start}, {end}) past the end of "
@@ -129,13 +116,7 @@ class GGUFSource(TensorSource):
     # ------------------------------------------------------------------ metadata
 
     def meta(self, key: str, default: Any = None) -> Any:
-        field = self.reader.fields.get(key)
-        if field is None:
-            return default
-        try:
-            return _field_value(field)
-        except Exception as e:  # the reader's decoding of a damaged value
-            raise CheckpointError(f"{self.path}: GGUF metadata {key!r} cannot be read ({type(e).__name__}: {e})") from e
+        return self.file.fields.get(key, default)
 
     def _positive_int(self, key: str, default: Any = None) -> int:
         """A metadata count (layers, heads, sizes): present unless defaulted, an integer > 0."""
@@ -239,7 +220,7 @@ class GGUFSource(TensorSource):
 
     def tokenizer(self):
         """The HF fast tokenizer the GGUF metadata describes (built without torch; see `gguf_tokenizer`)."""
-        return read_tokenizer(self.reader, self.path)
+        return read_tokenizer(self.file)
 
     # ------------------------------------------------------------------ tensors
 
@@ -266,14 +247,15 @@ class GGUFSource(TensorSource):
         return self._tensors[name]
 
     def shape(self, key):
-        return tuple(int(s) for s in reversed(self._tensor(key).shape))  # GGUF lists dims fastest-first
+        return tuple(reversed(self._tensor(key).dims))  # GGUF lists dims fastest-first
 
     def _raw(self, name: str) -> np.ndarray:
         """A tensor by its GGUF name, dequantized to float32, in HF (slowest-first) layout."""
         t = self._tensors[name]
-        shape = tuple(int(s) for s in reversed(t.shape))
+        shape = tuple(reversed(t.dims))
         try:
-            return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32, copy=False)
+            flat = gguf.quants.dequantize(self.file.tensor_bytes(t), t.tensor_type)
+            return flat.reshape(shape).astype(np.float32, copy=False)
         except Exception as e:  # unsupported type, or bytes that do not make the shape
             raise CheckpointError(f"{self.path}: GGUF tensor {name!r} ({t.tensor_type.name}, {list(shape)}) cannot "
                                   f"be dequantized ({type(e).__name__}: {e})") from e

@@ -1,8 +1,8 @@
 """The HF fast tokenizer of a GGUF file, built from its metadata without torch.
 
 transformers' own GGUF path (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) reads the file
-with a reader that imports torch; this module reads the same `tokenizer.*` metadata with the
-`gguf` package and builds the same tokenizer with `tokenizers` and transformers' tokenizer
+with a reader that imports torch; this module reads the same `tokenizer.*` metadata (parsed by
+`gguf_file`) and builds the same tokenizer with `tokenizers` and transformers' tokenizer
 classes. The tests compare the two token for token on both real embedded models.
 
 Vocabulary kinds (`tokenizer.ggml.model`):
@@ -25,7 +25,6 @@ import os
 from typing import Any
 
 import gguf
-import numpy as np
 
 from mwjax.converters.errors import CheckpointError, UnsupportedCheckpointError
 
@@ -62,21 +61,16 @@ class GGUFVocab:
     chat_template: str | None
 
 
-def read_vocab(reader: gguf.GGUFReader, path: str | os.PathLike) -> GGUFVocab:
-    """The tokenizer metadata of `reader`'s file; a CheckpointError naming the file and field if it is unusable."""
+def read_vocab(fields: dict[str, Any], path: str | os.PathLike) -> GGUFVocab:
+    """The tokenizer metadata among a GGUF file's `fields` (`gguf_file.GGUFFile.fields`); a CheckpointError
+    naming the file and field if it is unusable."""
     path = str(path)
 
     def value(key: str, kind: type, default: Any = None) -> Any:
         """The field's value, checked to be of `kind` (list: any list; int never accepts a bool)."""
-        field = reader.fields.get(key)
-        if field is None:
+        v = fields.get(key)
+        if v is None:
             return default
-        try:
-            v = field.contents()
-        except Exception as e:  # the reader's own decoding of a damaged field: UnicodeDecodeError, IndexError...
-            raise CheckpointError(f"{path}: GGUF metadata field {key!r} cannot be read "
-                                  f"({type(e).__name__}: {e})") from e
-        v = v.item() if isinstance(v, np.generic) else v
         if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
             raise CheckpointError(f"{path}: GGUF metadata field {key!r} should be a {kind.__name__}, "
                                   f"not {type(v).__name__}")

@@ -22,7 +22,7 @@ from flax import nnx
 from mwjax import checkpoint, models
 from mwjax.checkpoint import ShardingFn, dotted
 from mwjax.config import ConfigError, ModelConfig
-from mwjax.converters import embedded, gguf_source, keymaps
+from mwjax.converters import embedded, gguf_file, gguf_source, keymaps
 from mwjax.converters.errors import CheckpointError, InvalidConfigError, ShapeMismatchError, UnsupportedCheckpointError
 from mwjax.converters.gguf_source import GGUFSource
 from mwjax.converters.sources import FLOAT_DTYPES, SafetensorsSource, TensorSource, TorchBinSource
@@ -63,7 +63,7 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFSource(path)
         config = _model_config(source.hf_config, path)
-        tok = _gguf_tokenizer(source.reader, path) if tokenizer else None
+        tok = _gguf_tokenizer(source.file) if tokenizer else None
         return build(config, source), tok
     if not path.is_dir():
         raise UnsupportedCheckpointError(
@@ -191,13 +191,14 @@ def load_tokenizer(path: str | os.PathLike):
     """The tokenizer of a HF directory, a `.gguf` file or `embedded:<name>` (no weights read)."""
     path = resolve(path, None)
     if path.is_file() and path.suffix == ".gguf":
-        return _gguf_tokenizer(gguf_source.open_reader(path), path)
+        return _gguf_tokenizer(gguf_file.read(path))
     return _hf_tokenizer(path, checkpoint=path)
 
 
-def _gguf_tokenizer(reader, path: Path):
+def _gguf_tokenizer(file: gguf_file.GGUFFile):
+    path = file.path
     try:
-        return gguf_source.read_tokenizer(reader, path)
+        return gguf_source.read_tokenizer(file)
     except CheckpointError:
         raise
     except Exception as e:  # tokenizers / transformers raise many kinds on metadata they cannot use
