@@ -97,13 +97,12 @@ class CausalLM(nnx.Module):
                 for kind in set(cfg.layer_types)}
 
     def attention_masks(self, t: int, kv_len: int, offset=0, padding_mask: jax.Array | None = None,
-                        segment_ids: jax.Array | None = None) -> dict[str, jax.Array]:
+                        segment_ids: jax.Array | None = None) -> dict[str, attention.AttentionMask]:
         """The causal mask per layer type (sliding-window layers get theirs) for t queries over kv_len keys."""
         cfg = self.config
-        return {kind: attention.causal_mask(t, kv_len, q_offset=offset, padding_mask=padding_mask,
-                                            sliding_window=cfg.sliding_window if kind == SLIDING_ATTENTION else None,
-                                            segment_ids=segment_ids)
-                for kind in set(cfg.layer_types)}
+        windows = {kind: cfg.sliding_window if kind == SLIDING_ATTENTION else None for kind in set(cfg.layer_types)}
+        return attention.layer_type_masks(t, kv_len, windows, q_offset=offset, padding_mask=padding_mask,
+                                          segment_ids=segment_ids)
 
     def __call__(self, tokens: jax.Array, *args, **kwargs) -> jax.Array | tuple[jax.Array, KVCache]:
         """Logits [b, t, vocab]; with a cache, (logits, the cache advanced by t positions). Arguments as

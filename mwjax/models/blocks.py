@@ -23,7 +23,8 @@ class Attention(nnx.Module):
 
     q/k/v/o projections, optional QK-norm over each head (`q_norm` / `k_norm`, Gemma 3), RoPE,
     grouped-query attention with `config.attention_scale` and optional soft-capping of the scores: a fused
-    kernel (`jax.nn.dot_product_attention`) or HF's eager computation (`attention.choose_implementation`).
+    kernel (`jax.nn.dot_product_attention`, or the Pallas splash attention kernel on TPU) or HF's eager
+    computation (`attention.choose_implementation`). mask: an `attention.AttentionMask`.
     Phi-3's fused `qkv_proj` is split into q/k/v_proj by the converters.
     """
 
@@ -34,8 +35,8 @@ class Attention(nnx.Module):
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
-        # attention.IMPLEMENTATIONS: "auto" (cuDNN on GPU where it can, else eager: `choose_implementation`),
-        # "eager", "xla" or "cudnn" (`model.set_attributes(attention="xla")`)
+        # attention.IMPLEMENTATIONS: "auto" (splash on TPU, cuDNN on GPU where they can, else eager:
+        # `choose_implementation`), "eager", "xla", "cudnn" or "splash" (`model.set_attributes(attention="xla")`)
         self.attention = "auto"
         d, hd = config.hidden_size, config.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -63,12 +64,16 @@ class Attention(nnx.Module):
             cache = cache.update(k, v)
             k, v = cache.keys, cache.values
         how = attention.choose_implementation(self.attention, needs_probs=taps.touches("attn_probs", self.layer_idx),
-                                              softcap=self.softcap, dtype=q.dtype, cached=cache is not None)
+                                              softcap=self.softcap, dtype=q.dtype, cached=cache is not None,
+                                              splash_mask=mask.splash)
         if how == "eager":
-            out, probs = attention.grouped_query_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
+            out, probs = attention.grouped_query_attention(q, k, v, mask.dense, scale=self.scale, softcap=self.softcap)
             taps(self, "attn_probs", self.layer_idx, probs)
+        elif how == "splash":
+            out = attention.splash_attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)
         else:
-            out = attention.fused_attention(q, k, v, mask, scale=self.scale, implementation=how, causal=cache is None)
+            out = attention.fused_attention(q, k, v, mask.dense, scale=self.scale, implementation=how,
+                                            causal=cache is None)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
 
 

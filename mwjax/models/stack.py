@@ -87,13 +87,14 @@ class LayerStack(nnx.Module):
         kinds = sorted(set(layer_types))
         kind_of_layer = jnp.asarray([kinds.index(kind) for kind in layer_types], jnp.int32)  # [L]
         ropes = jax.tree.map(lambda *a: jnp.stack(a), *(rope[kind] for kind in kinds))  # ([K, b, t, hd],) * 2
-        attn_masks = jnp.stack([mask[kind] for kind in kinds])  # [K, ...]
+        attn_masks = jax.tree.map(lambda *a: jnp.stack(a), *(mask[kind] for kind in kinds))  # AttentionMask of [K, ...]
         graphdef, state = nnx.split(self.layer)
 
         def body(x, per_layer):
             layer_state, kind, row_mask = per_layer
             layer = nnx.merge(graphdef, layer_state)
-            x, _ = layer(x, jax.tree.map(lambda a: a[kind], ropes), attn_masks[kind], row_mask, taps, None)
+            of_kind = lambda tree: jax.tree.map(lambda a: a[kind], tree)
+            x, _ = layer(x, of_kind(ropes), of_kind(attn_masks), row_mask, taps, None)
             return x, nnx.state(layer, nnx.RngState)  # the dropout streams, advanced
 
         if remat:  # prevent_cse is for unrolled code; a scan body needs no barrier
