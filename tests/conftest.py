@@ -3,10 +3,21 @@ PyTorch / HF reference helpers are in `hf_reference` (tests import them from the
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One persistent XLA compilation cache for the session, inherited by every subprocess the tests launch: the
+# experiment runs relaunched after a kill, the two-process launches and the CLI checks compile the same
+# programs again and again (the kill-and-resume test: 81 -> 40 s). Keyed by the program, jax version and
+# flags, so a hit is the program XLA would compile; fresh per session, so the suite's time stays honest.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mwjax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # not the many tiny programs
 
 import jax
 import pytest
