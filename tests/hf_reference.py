@@ -222,9 +222,12 @@ LIGHTHOUSE = (
 ) * 3
 
 
+_GGUF_READER = gguf.GGUFReader  # the class itself, whatever `gguf_parsed_once` puts in its place
+
+
 @functools.lru_cache(maxsize=4)
 def _gguf_reader(path: str, mtime_ns: int, size: int) -> gguf.GGUFReader:
-    return gguf.GGUFReader(path, "r")
+    return _GGUF_READER(path, "r")
 
 
 @contextlib.contextmanager
@@ -233,11 +236,9 @@ def gguf_parsed_once():
     PEFT) take `gguf.GGUFReader`s parsed once per session and unchanged file: transformers parses a file
     twice per model load (config, then weights), 3 s for SmolLM2 and 15 s for Gemma 3 each time. The reference
     still reads the file with `gguf`'s own reader; only repeated parsing of the same bytes is skipped."""
-    original = gguf.GGUFReader
-
     def reader(path, mode="r"):
         if mode != "r":
-            return original(path, mode)
+            return _GGUF_READER(path, mode)
         stat = os.stat(path)
         return _gguf_reader(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
