@@ -48,3 +48,17 @@ def jit_model(fn: Callable[..., Any] | None = None, *, static_argnums: int | tup
     call.on_state = on_state
     call._cache_size = on_state._cache_size
     return call
+
+
+def keep_compiled_programs(directory: str | None) -> str | None:
+    """Turn on jax's persistent compilation cache in `directory` (a local path or gs://...), unless a cache
+    directory is set already (`JAX_COMPILATION_CACHE_DIR`, or by the caller): a relaunched run (after a
+    preemption, or the next seed of one config) then loads its compiled training step instead of compiling
+    it again, minutes at 8B-70B. Only programs that took over a second to compile are kept (jax's default).
+    None or "": leave jax as it is. Call it before the first compilation: jax reads the directory once.
+    Returns the directory in use (None: no cache)."""
+    if jax.config.jax_compilation_cache_dir or not directory:
+        return jax.config.jax_compilation_cache_dir or None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return str(directory)
+

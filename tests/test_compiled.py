@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
 from flax import nnx
 
-from mwjax import models
+from mwjax import compiled, models
 from mwjax.compiled import jit_model
 from mwjax.config import ModelConfig
 
@@ -42,3 +43,16 @@ def test_plain_decorator_traces_everything_but_the_graphdef():
     model = models.build(CONFIG, seed=0)
     np.testing.assert_allclose(logits(model, jnp.ones((1, 3), jnp.int32), {}), model(jnp.ones((1, 3), jnp.int32)),
                                atol=1e-5)
+
+
+def test_keep_compiled_programs_sets_a_cache_once(tmp_path):
+    before = jax.config.jax_compilation_cache_dir  # the suite's own (conftest)
+    assert compiled.keep_compiled_programs(tmp_path / "a") == before  # a cache already set stays
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert compiled.keep_compiled_programs("") is None and jax.config.jax_compilation_cache_dir is None
+        assert compiled.keep_compiled_programs(tmp_path / "a") == str(tmp_path / "a")
+        assert compiled.keep_compiled_programs(tmp_path / "b") == str(tmp_path / "a")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "a")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

@@ -35,7 +35,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
-from mwjax import checkpoint, converters, data, distributed, macdrop, massive, peft, sharding, train
+from mwjax import checkpoint, compiled, converters, data, distributed, macdrop, massive, peft, sharding, train
+from mwjax.converters import embedded
 from mwjax.experiments.configs import base as base_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -113,7 +114,7 @@ def plan(config: ConfigDict) -> Plan:
 
 RUN_FILES = ("config.json", "massive_weights.json", "metrics.jsonl", "results.json", "adapter", "adapter_peft",
              "checkpoints")
-NOT_COMPARED = ("output_dir", "resume", "overwrite_output_dir")  # fields that may change between relaunches
+NOT_COMPARED = ("output_dir", "resume", "overwrite_output_dir", "compilation_cache_dir")  # may change on relaunch
 
 
 def library_defaults() -> dict[str, dict]:
@@ -216,6 +217,9 @@ def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | No
     distributed.initialize()
     lead = distributed.is_lead()
     log.setLevel(logging.INFO if lead else logging.WARNING)  # one voice in a multi-host run
+    cache = config.compilation_cache_dir
+    if cache := compiled.keep_compiled_programs(embedded.cache_dir() / "xla" if cache is None else cache):
+        log.info("compiled programs are kept in %s (a relaunch loads them)", cache)
     out = p.output_dir
     checkpoint_dir = config.checkpoint_dir or out / "checkpoints"
     finished = prepare_output_dir(config, out, checkpoint_dir)

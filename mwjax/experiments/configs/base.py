@@ -40,6 +40,9 @@ def get_config() -> ConfigDict:
     c.eval_before = True  # validation loss of the untouched model, to compare with the end
     c.resume = False  # continue the run in output_dir even though its config differs (else refused)
     c.overwrite_output_dir = False  # delete what an earlier run wrote to output_dir and start afresh
+    # jax's persistent compilation cache (`compiled.keep_compiled_programs`): a relaunch loads its compiled step;
+    # default $MWJAX_CACHE/xla (~/.cache/mwjax/xla); "" turns it off; JAX_COMPILATION_CACHE_DIR takes precedence
+    c.compilation_cache_dir = config_dict.placeholder(str)
 
     # massive weights (Algorithm 1, lines 1-3): found with the bos token unless layer+indices are given
     c.massive = ConfigDict({"k": 5, "layer": config_dict.placeholder(int), "indices": config_dict.placeholder(tuple)})
