@@ -10,10 +10,9 @@ straight into a sharding (no host holds the whole model) and cast to another dty
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -39,24 +38,6 @@ def dotted(path) -> str:
     for p in path:
         parts.append(str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))))
     return ".".join(parts)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields `path` + ".partial" to write; renamed onto `path` (atomic) when the block ends without error, so a
-    kill leaves the old file or the new one whole, never half of one."""
-    path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
-    with atomic_file(path) as partial:
-        partial.write_text(text)
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:

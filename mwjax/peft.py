@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax import family, masks
+from mwjax import atomic, family, masks
 from mwjax.models.layers import Linear, param
 
 DEFAULT_EXCLUDE = ("lm_head",)
@@ -402,12 +402,11 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
         peft_config["peft_version"] = version
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    from mwjax import checkpoint
 
-    with checkpoint.atomic_file(directory / "adapter_model.safetensors") as partial:
+    with atomic.atomic_file(directory / "adapter_model.safetensors") as partial:
         save_file(tensors, str(partial), metadata={"format": "pt"})
-    checkpoint.write_text_atomically(directory / "adapter_config.json", json.dumps(peft_config, indent=2))
-    checkpoint.write_text_atomically(directory / "README.md", _model_card(config, base_model_name_or_path, gguf_file))
+    atomic.write_text_atomically(directory / "adapter_config.json", json.dumps(peft_config, indent=2))
+    atomic.write_text_atomically(directory / "README.md", _model_card(config, base_model_name_or_path, gguf_file))
     return directory
 
 

@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import patches, ticker  # noqa: E402
 
+from mwjax import atomic  # noqa: E402
+
 if TYPE_CHECKING:
     from mwjax import massive
 
@@ -122,8 +124,11 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path | No
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)  # the format follows the suffix: .png, .pdf, .svg
-    plt.close(fig)
+    try:
+        with atomic.atomic_file(path) as partial:  # a killed run leaves no half-written figure
+            fig.savefig(partial, dpi=DPI, format=path.suffix.lstrip(".") or None)  # .png, .pdf, .svg
+    finally:
+        plt.close(fig)
     return path
 
 

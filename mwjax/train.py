@@ -43,7 +43,7 @@ from etils import epath
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from mwjax import checkpoint, sharding
+from mwjax import atomic, sharding
 from mwjax.loss import IGNORE, chunked_token_loss, token_loss
 from mwjax.macdrop import MacDrop, MacDropState
 from mwjax.models.stack import stack_layers, unstack_layers
@@ -431,7 +431,7 @@ def resume_log(path: Path, step: int) -> list[dict]:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and 0 < step and record["step"] <= step:
             records.append(record)
-    checkpoint.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from mwjax import attention_sinks, plots
-from mwjax.checkpoint import write_text_atomically
+from mwjax.atomic import write_text_atomically
 from mwjax.experiments import common
 from mwjax.layer_index import layer_label
 from mwjax.tokens import first_token_id

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from mwjax import attacks, checkpoint, converters, peft
+from mwjax import atomic, attacks, converters, peft
 from mwjax.converters import embedded
 from mwjax.eval import corpora
 from mwjax.eval.perplexity import chunk_tokens
@@ -115,7 +115,7 @@ def model_name() -> str:
 
 
 def write_json(path: Path, payload) -> Path:
-    checkpoint.write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
+    atomic.write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
     return path
 
 

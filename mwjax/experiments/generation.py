@@ -25,7 +25,7 @@ import time
 import jax.numpy as jnp
 from absl import app, flags
 
-from mwjax import checkpoint, converters, plots
+from mwjax import atomic, converters, plots
 from mwjax.eval import generation_tasks, judge, spec_bench
 from mwjax.experiments import attack_flags, common
 
@@ -90,10 +90,10 @@ def main(argv):
                "questions": FLAGS.questions, "subtasks": FLAGS.subtasks, "per_subtask": FLAGS.per_subtask,
                "max_new_tokens": FLAGS.max_new_tokens, "temperature": FLAGS.temperature, "seed": FLAGS.seed,
                "dtype": FLAGS.dtype, "wall_s": round(time.monotonic() - start, 1), **summary}
-    checkpoint.write_text_atomically(out / "generation.jsonl",
+    atomic.write_text_atomically(out / "generation.jsonl",
                                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    checkpoint.write_text_atomically(out / "generation.json", json.dumps(payload, indent=2))
-    checkpoint.write_text_atomically(out / "generation.md", table + "\n")
+    atomic.write_text_atomically(out / "generation.json", json.dumps(payload, indent=2))
+    atomic.write_text_atomically(out / "generation.md", table + "\n")
     scores = summary["scores"]
     if scores["avg"] is None:
         print(f"wrote generation.jsonl, generation.json and generation.md in {out} (no figure: no judgement parsed)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from mwjax import checkpoint, plots
+from mwjax import atomic, plots
 from mwjax.eval import longbench
 from mwjax.experiments import attack_flags, common, tables
 
@@ -73,7 +73,7 @@ def main(argv):
     if departure := tables.longbench_departure(run):
         table += f"\n\n* not the paper's protocol: {departure}"
     print(f"{FLAGS.model} (LongBench score, %):\n{table}")
-    checkpoint.write_text_atomically(out / "longbench.md", table + "\n")
+    atomic.write_text_atomically(out / "longbench.md", table + "\n")
     plots.category_bars({longbench.TITLES[d]: scores[d] for d in FLAGS.datasets},
                         {c: [longbench.TITLES[d] for d in ds] for c, ds in longbench.CATEGORIES.items()},
                         f"{common.model_name()} ({run['label']}): LongBench", common.figure(out, "longbench"))

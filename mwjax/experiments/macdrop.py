@@ -35,7 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
-from mwjax import checkpoint, compiled, converters, data, distributed, macdrop, massive, peft, sharding, train
+from mwjax import atomic, compiled, converters, data, distributed, macdrop, massive, peft, sharding, train
 from mwjax.converters import embedded
 from mwjax.experiments.configs import base as base_config
 
@@ -184,7 +184,7 @@ def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | 
     if lead:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_text_atomically(out / "config.json", json.dumps(new, indent=2))
+            atomic.write_text_atomically(out / "config.json", json.dumps(new, indent=2))
         except OSError as e:
             raise ValueError(f"cannot write to output_dir {out}: {e}") from e
     if jax.process_count() > 1:
@@ -263,7 +263,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | No
     del model, lora_model  # the trainer holds its own (stacked) copy of the layers: one copy on the devices, not two
 
     if lead:
-        checkpoint.write_text_atomically(out / "massive_weights.json", json.dumps(mw.to_dict(), indent=2))
+        atomic.write_text_atomically(out / "massive_weights.json", json.dumps(mw.to_dict(), indent=2))
     meta = {"config": config.name, "massive_weights": mw.to_dict()}
     result = train.fit(trainer, train_loader, val_loader, output_dir=out, meta=meta, stop_after=stop_after,
                        checkpoint_dir=checkpoint_dir, eval_before=config.eval_before)
@@ -288,7 +288,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | No
         except ValueError as e:  # adapters PEFT cannot hold (Phi-3 without lora.fuse, Mixtral experts)
             log.warning("no PEFT export: %s", e)
         # last: its presence means done
-        checkpoint.write_text_atomically(out / "results.json", json.dumps(summary, indent=2))
+        atomic.write_text_atomically(out / "results.json", json.dumps(summary, indent=2))
     return summary
 
 

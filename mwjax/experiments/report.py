@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from mwjax import attacks, checkpoint, converters, massive, peft, plots, prune
+from mwjax import atomic, attacks, converters, massive, peft, plots, prune
 from mwjax.eval import perplexity, synthetic_tasks
 from mwjax.eval.perplexity import chunk_tokens
 from mwjax.experiments import common, macdrop
@@ -326,7 +326,7 @@ def section_fine_tuning(model, tokenizer, mw, held_out, sizes: Sizes, out: Path,
     train_qs = synthetic_tasks.questions("train", sizes.train_per_task, seed=0)
     records = synthetic_tasks.instruction_records(train_qs)
     path = work / "train.jsonl"
-    checkpoint.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
+    atomic.write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
     cfg = data.DataConfig(template="plain")
     cutoff = max(len(data.encode(r, tokenizer, cfg).input_ids) for r in records)
     n = len(held_out)
@@ -547,7 +547,7 @@ def report(sizes: Sizes, out: Path, work: Path, start: float, commit: str) -> No
         "numbers by the rule stated beside it. Figures and numbers are small-model analogues of House of Cards' "
         "Tables 1, 2, 6, 8 and Figures 3, 4, run without any download.",
     ]
-    checkpoint.write_text_atomically(out / "report.md", "\n\n".join(["\n".join(header), *sections]) + "\n")
+    atomic.write_text_atomically(out / "report.md", "\n\n".join(["\n".join(header), *sections]) + "\n")
     common.write_json(out / "report.json", payload)
     log(f"wrote {out / 'report.md'}, report.json and figures; wall time {duration(wall)} ({wall:.0f} s)")
 

@@ -16,7 +16,7 @@ import numpy as np
 from absl import app, flags
 
 from mwjax import massive, plots
-from mwjax.checkpoint import write_text_atomically
+from mwjax.atomic import write_text_atomically
 from mwjax.experiments import common
 from mwjax.layer_index import layer_label
 from mwjax.tokens import first_token_id
