@@ -61,4 +61,3 @@ def keep_compiled_programs(directory: str | None) -> str | None:
         return jax.config.jax_compilation_cache_dir or None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     return str(directory)
-

@@ -91,7 +91,7 @@ def main(argv):
                "max_new_tokens": FLAGS.max_new_tokens, "temperature": FLAGS.temperature, "seed": FLAGS.seed,
                "dtype": FLAGS.dtype, "wall_s": round(time.monotonic() - start, 1), **summary}
     atomic.write_text_atomically(out / "generation.jsonl",
-                                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     atomic.write_text_atomically(out / "generation.json", json.dumps(payload, indent=2))
     atomic.write_text_atomically(out / "generation.md", table + "\n")
     scores = summary["scores"]

@@ -38,12 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from mwjax import atomic, attacks, converters, massive, peft, plots, prune
+from mwjax import atomic, attacks, compiled, converters, massive, peft, plots, prune
 from mwjax.eval import perplexity, synthetic_tasks
 from mwjax.eval.perplexity import chunk_tokens
 from mwjax.experiments import common, macdrop
@@ -509,9 +508,8 @@ def main(argv):
         work = Path(FLAGS.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
         # the fine-tunings of one method differ only in their seed: their training steps compile to the same
-        # program, which this cache keeps (a minute per run on a CPU)
-        jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # program, which this cache keeps (a minute per run on a CPU), unless a cache directory is set already
+        compiled.keep_compiled_programs(work / "jax_cache")
         report(sizes, out, work, start, commit)
 
 
