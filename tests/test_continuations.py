@@ -61,10 +61,25 @@ def test_shared_contexts_score_as_each_request_alone():
     ref = alone(model, pairs)
     assert_same(got, ref)
     assert got[-1][1]
-    rows = continuations.pack(pairs, 1024)
-    assert len(rows) < len(pairs)  # contexts were shared
-    # a context of n tokens carries at most n continuations in a row: the one-token context's 4 get a row each
-    assert sum(len(row.requests) == 1 and row.context_length == 1 for row in rows) == 4
+    groups = continuations.pack(pairs, 1024)
+    assert len(groups) < len(pairs)  # contexts were shared
+    # a context of n tokens carries at most n continuations in a group: the one-token context's 4 get one each
+    assert sum(len(group.requests) == 1 and group.context_length == 1 for group in groups) == 4
+    assert max(len(row) for row in continuations.fill_rows(groups, 64)) > 1  # groups shared rows in the run above
+
+
+def test_groups_fill_rows_densely():
+    rng = np.random.default_rng(2)
+    pairs = requests(rng, 160, contexts=rng.integers(1, 40, 80), choices=3)
+    groups = continuations.pack(pairs, 1024)
+    rows = continuations.fill_rows(groups, 64)
+    assert sorted(map(id, (group for row in rows for group in row))) == sorted(map(id, groups))  # each once
+    used = [sum(len(group.tokens) for group in row) for row in rows]
+    assert max(used) <= 64
+    fewest = -(-sum(used) // 64)
+    assert len(rows) <= 11 / 9 * fewest + 6 / 9  # best fit decreasing's bound (as first fit decreasing's)
+    with pytest.raises(ValueError, match="a group of 73 tokens does not fit rows of 64"):
+        continuations.fill_rows([continuations.Group.of_context(range(73))], 64)
 
 
 def test_sliding_window_rows_stay_within_the_window():
@@ -77,8 +92,8 @@ def test_sliding_window_rows_stay_within_the_window():
     got = continuations.score_continuations(model, pairs, batch_size=2, buckets=(16, 32, 64), show_progress=False)
     assert_same(got, alone(model, pairs))
     # packed beyond the window, the same requests come out different: the limit is needed
-    rows = continuations.pack(pairs, 1024)
-    unlimited = continuations.score_rows(*nnx.split(model), rows, len(pairs), batch_size=2,
+    groups = continuations.pack(pairs, 1024)
+    unlimited = continuations.score_rows(*nnx.split(model), groups, len(pairs), batch_size=2,
                                          buckets=(16, 32, 64, 128), max_length=1024, show_progress=False)
     with pytest.raises(AssertionError):
         assert_same(unlimited, alone(model, pairs))

@@ -11,8 +11,8 @@ The scoring follows lm-eval's own HF backend request by request: `TemplateLM` sp
 continuation the same way, a request is `(context + continuation)[-(max_length + 1):]`, the
 continuation's log-probabilities are summed and `is_greedy` says whether every continuation token is
 the argmax. A context runs once for all its continuations (the choices of a multiple-choice question,
-`mwjax.eval.continuations`), longest first, in batches of a fixed size padded on the right to one of
-a few bucketed lengths, so XLA compiles a handful of programs rather than one per request.
+`mwjax.eval.continuations`), and the contexts with their continuations are packed densely into batch rows of
+one bucketed width, so a call compiles one program and its batches are nearly free of padding.
 
 Generation requests longer than the model's window lose their left end, as the HF backend does; with
 `truncation="middle"` a prompt over `max_prompt_length` tokens loses its middle instead, as LongBench
@@ -163,8 +163,8 @@ class MwjaxLM(TemplateLM):
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
 
-        rows = continuations.pack(pairs, continuations.row_limit(self.model.config, self.max_length))
-        return continuations.score_rows(*self._split, rows, len(pairs), batch_size=self.batch_size,
+        groups = continuations.pack(pairs, continuations.row_limit(self.model.config, self.max_length))
+        return continuations.score_rows(*self._split, groups, len(pairs), batch_size=self.batch_size,
                                         buckets=self.buckets, max_length=self.max_length, on_result=cache,
                                         desc="mwjax loglikelihood", show_progress=not disable_tqdm)
 
