@@ -36,6 +36,7 @@ from mwjax.config import SLIDING_ATTENTION
 from mwjax.eval.generate import DEFAULT_BUCKETS, bucket
 from mwjax.progress import progress
 
+PICKS_MULTIPLE = 128  # scored positions per batch are padded to a multiple of this
 CONTEXT = 0  # segment id of a group's context; continuation k (from 1) is segment k. Padding is group 0
 
 
@@ -168,7 +169,7 @@ def score_rows(graphdef, state, groups: Sequence[Group], n_requests: int, *, bat
     as each comes (lm-eval's cache hook).
 
     The groups fill rows as wide as the longest group's bucket; batches of at most `batch_size` rows (as many
-    in each) share one bucketed number of scored positions, so the whole call is one compiled program.
+    in each) share one number of scored positions, so the whole call is one compiled program.
     """
     results: list[tuple[float, bool] | None] = [None] * n_requests
     if not groups:
@@ -178,7 +179,7 @@ def score_rows(graphdef, state, groups: Sequence[Group], n_requests: int, *, bat
     per_batch = -(-len(rows) // -(-len(rows) // batch_size))  # as few batches as batch_size allows, evened out
     batches = [rows[start:start + per_batch] for start in range(0, len(rows), per_batch)]
     most = max(sum(len(group.picks) for row in batch for group in row) for batch in batches)
-    n_picks = bucket(most, buckets, per_batch * width)
+    n_picks = -(-most // PICKS_MULTIPLE) * PICKS_MULTIPLE  # the call's one program fixes it: no bucket needed
     with progress(n_requests, desc, enabled=show_progress) as bar:
         for batch in batches:
             arrays, requests = _batch_arrays(batch, per_batch, width, n_picks)
