@@ -67,7 +67,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3_8b")
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8], help="decoder layers (default 4 8)")
-    parser.add_argument("--remat", nargs="+", choices=["none", "full", "dots", "nothing"], default=["none", "full"])
+    parser.add_argument("--remat", nargs="+", choices=["none", "full", "dots", "nothing", "offload"],
+                        default=["none", "full"])
     parser.add_argument("--loss_chunk", type=int, default=256, help="positions per chunk of the chunked loss")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--batch", type=int, default=8)

@@ -156,7 +156,7 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--remat", choices=["full", "dots", "nothing"], default=None)
+    parser.add_argument("--remat", choices=["full", "dots", "nothing", "offload"], default=None)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--adapters", default="lora,dora", help="comma-separated: lora, dora")

@@ -71,7 +71,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8  # sequences per micro-batch, all devices and hosts together
     grad_accum: int = 4  # gradient_accumulation_steps
-    remat: str | None = None  # None | "full" | "dots" | "nothing" (models.base.REMAT_POLICIES)
+    remat: str | None = None  # None | "full" | "dots" | "nothing" | "offload" (models.base.REMAT_POLICIES)
     # the decoder layers stacked and run by one lax.scan (mwjax.models.stack): one layer body to compile and
     # rematerialise, whatever the depth; False runs the unrolled layers (e.g. layers of different structure)
     scan_layers: bool = True

@@ -81,7 +81,7 @@ def test_stacked_parameters_declare_the_layer_axis():
     assert kernel.shape[0] == 3 and stack.layer.mlp.up_proj.axes == ("layers", "embed", "mlp")
 
 
-@pytest.mark.parametrize("adapter, remat", [("lora", None), ("lora", "full"), ("dora", "dots")])
+@pytest.mark.parametrize("adapter, remat", [("lora", None), ("lora", "full"), ("dora", "dots"), ("lora", "offload")])
 def test_adapter_gradients_equal_unrolled(adapter, remat):
     """The gradient of the loss w.r.t. LoRA / DoRA parameters, with a MacDrop-like row mask on one layer."""
     model = peft.add_adapters(tiny("llama_gqa"), peft.LoraConfig(rank=4, alpha=8.0, dora=adapter == "dora"),
@@ -128,6 +128,14 @@ def test_the_scanned_step_compiles_one_layer_body_whatever_the_depth():
 
     assert matmuls(6, scan=True) == matmuls(2, scan=True)
     assert matmuls(6, scan=False) > 2 * matmuls(2, scan=False)
+
+
+def test_offload_moves_the_saved_matmul_outputs_to_host_memory():
+    """remat="offload" marks every saved matmul output for the host's pinned memory (XLA's CPU compiler, whose
+    device memory is the host's, then drops the marks; a GPU / TPU copies them out and back)."""
+    placements = {remat: lowered_step(2, remat).as_text().count("annotate_device_placement")
+                  for remat in ("dots", "offload")}
+    assert placements["dots"] == 0 and placements["offload"] > 0, placements
 
 
 def test_scanned_remat_keeps_one_layer_of_activations():

@@ -71,7 +71,10 @@ REMAT_POLICIES = {
     "full": None,  # recompute everything inside a layer
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
     "nothing": jax.checkpoint_policies.nothing_saveable,
+    # keep matmul outputs in the host's pinned memory, not the accelerator's: copied back for the backward pass
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
+OFFLOAD_MEMORY = "pinned_host"
 
 
 class CausalLM(nnx.Module):
@@ -187,6 +190,12 @@ class CausalLM(nnx.Module):
         """The `jax.checkpoint` policy of `self.remat` (None: recompute everything, or no remat at all)."""
         if self.remat is not None and self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {self.remat!r}; choose from {sorted(REMAT_POLICIES)} or None")
+        if self.remat == "offload":
+            device = jax.devices()[0]
+            kinds = {memory.kind for memory in device.addressable_memories()}
+            if OFFLOAD_MEMORY not in kinds:
+                raise ValueError(f"remat='offload' keeps matmul outputs in {OFFLOAD_MEMORY!r} memory, which "
+                                 f"{device.platform} devices lack (they have {sorted(kinds)}): choose 'dots' or 'full'")
         return REMAT_POLICIES.get(self.remat)
 
     def with_attached(self, ffn_masks, edits) -> tuple[masks.FFNMasks, interventions.Edits | None]:
