@@ -61,17 +61,29 @@ def test_shared_contexts_score_as_each_request_alone():
     ref = alone(model, pairs)
     assert_same(got, ref)
     assert got[-1][1]
-    groups = continuations.pack(pairs, 1024)
-    assert len(groups) < len(pairs)  # contexts were shared
-    # a context of n tokens carries at most n continuations in a group: the one-token context's 4 get one each
-    assert sum(len(group.requests) == 1 and group.context_length == 1 for group in groups) == 4
+    groups = continuations.pack(pairs, 64, 1024)
+    assert len(groups) == 6  # one per context (the 4-token prefix of one joins it) and [5, 9, 2]
     assert max(len(row) for row in continuations.fill_rows(groups, 64)) > 1  # groups shared rows in the run above
+
+
+def test_a_prefix_tree_shares_every_common_prefix():
+    """Contexts that share a beginning (WinoGrande's two sentences up to the blank, few-shot examples) compute
+    it once; what follows branches off. Depth-first layout: each token's subtree ends where an input leaves it."""
+    model = tiny_model("llama_gqa")
+    pairs = [([1, 2, 3, 4], [5, 6]), ([1, 2, 3, 7], [5, 6]), ([1, 2], [9]), ([1, 2, 3, 4], [8])]
+    (group,) = continuations.pack(pairs, 64, 1024)
+    # sorted inputs: [1, 2] | [1, 2, 3, 4] | [1, 2, 3, 4, 5] | [1, 2, 3, 7, 5]
+    assert group.tokens == [1, 2, 3, 4, 5, 7, 5]
+    assert group.positions == [0, 1, 2, 3, 4, 3, 4]
+    assert group.ends == [7, 7, 7, 5, 5, 7, 7]
+    assert_same(continuations.score_continuations(model, pairs, batch_size=2, show_progress=False),
+                alone(model, pairs))
 
 
 def test_groups_fill_rows_densely():
     rng = np.random.default_rng(2)
     pairs = requests(rng, 160, contexts=rng.integers(1, 40, 80), choices=3)
-    groups = continuations.pack(pairs, 1024)
+    groups = continuations.pack(pairs, 64, 1024)
     rows = continuations.fill_rows(groups, 64)
     assert sorted(map(id, (group for row in rows for group in row))) == sorted(map(id, groups))  # each once
     used = [sum(len(group.tokens) for group in row) for row in rows]
@@ -79,7 +91,7 @@ def test_groups_fill_rows_densely():
     fewest = -(-sum(used) // 64)
     assert len(rows) <= 11 / 9 * fewest + 6 / 9  # best fit decreasing's bound (as first fit decreasing's)
     with pytest.raises(ValueError, match="a group of 73 tokens does not fit rows of 64"):
-        continuations.fill_rows([continuations.Group.of_context(range(73))], 64)
+        continuations.fill_rows(continuations.pack([(list(range(1, 73)), [5, 6])], 100, 100), 64)
 
 
 def test_sliding_window_rows_stay_within_the_window():
@@ -92,13 +104,13 @@ def test_sliding_window_rows_stay_within_the_window():
     got = continuations.score_continuations(model, pairs, batch_size=2, buckets=(16, 32, 64), show_progress=False)
     assert_same(got, alone(model, pairs))
     # packed beyond the window, the same requests come out different: the limit is needed
-    groups = continuations.pack(pairs, 1024)
-    unlimited = continuations.score_rows(*nnx.split(model), groups, len(pairs), batch_size=2,
-                                         buckets=(16, 32, 64, 128), max_length=1024, show_progress=False)
+    groups = continuations.pack(pairs, 128, 1024)
+    unlimited = continuations.score_rows(*nnx.split(model), groups, len(pairs), width=128, batch_size=2,
+                                         show_progress=False)
     with pytest.raises(AssertionError):
         assert_same(unlimited, alone(model, pairs))
 
 
 def test_empty_context_or_continuation_is_refused():
     with pytest.raises(ValueError, match="request 1: context and continuation need a token each"):
-        continuations.pack([([1], [2]), ([1], [])], 16)
+        continuations.pack([([1], [2]), ([1], [])], 16, 16)

@@ -3,20 +3,20 @@
     scores = score_continuations(model, [(context_tokens, continuation_tokens), ...], batch_size=16)
     # -> [(sum log p(continuation | context), whether every continuation token is the argmax), ...]
 
-Multiple-choice tasks score several continuations of one context (ARC: 4 answers, PIQA: 2 solutions). Each
-context is packed once into a group, followed by the continuations of it (each but its last token, which is
-only a target), and a per-query attention mask lets every continuation see the context and itself only
-(HF's custom 4-D attention masks; `CausalLM.hidden_states` takes [b, t, t]). Positions restart after
-the context for every continuation, so each continuation is computed exactly as in its own sequence
-`context + continuation`: the same keys and positions, in float32 up to summation order. The logits are
-formed only where a continuation token is predicted, not at every position of every row (the
-unembedding is a large share of a small model's time: SmolLM2's 49,152-token vocabulary).
+Multiple-choice tasks score several continuations of one context (ARC: 4 answers, PIQA: 2 solutions), and
+WinoGrande's two contexts, or few-shot prompts, share their beginning. Requests that share so much are one
+group: a prefix tree of their inputs (context + continuation but its last token) laid out depth first, each
+shared prefix once, and an attention mask lets every token see only the tokens it continues (HF's custom
+4-D attention masks; `CausalLM.hidden_states` takes [b, t, t]). Positions are depths in the tree, so each
+request is computed exactly as its own sequence `context + continuation`: the same keys and positions, in
+float32 up to summation order. The logits are formed only where a continuation token is predicted, not at
+every position of every row (the unembedding is a large share of a small model's time: SmolLM2's 49,152-token
+vocabulary).
 
-Groups are packed densely into batch rows (several groups to a row, none seeing another), all rows of a call
-as wide as the bucket of its longest group: batches are nearly free of padding, and the call compiles one
-program. Groups are formed longest first (as lm-eval sorts). A group holds at most as many continuations as
-its context has tokens (its scored positions then fit in it) and, on a model with sliding-window layers, is
-no longer than the window: the window counts row indices, which agree with positions only in a group the
+Groups are packed densely into batch rows (several to a row, none seeing another), every row of a call as wide
+as one bucketed width (`row_width`): batches are nearly free of padding, and the call compiles one program.
+Groups run longest first (as lm-eval sorts). On a model with sliding-window layers a group of several requests
+is no longer than the window: the window counts row indices, which agree with positions only in a group the
 window cannot cut.
 """
 
@@ -37,19 +37,19 @@ from mwjax.eval.generate import DEFAULT_BUCKETS, bucket
 from mwjax.progress import progress
 
 PICKS_MULTIPLE = 128  # scored positions per batch are padded to a multiple of this
-CONTEXT = 0  # segment id of a group's context; continuation k (from 1) is segment k. Padding is group 0
 
 
 @jit_model
-def _score(model, tokens, positions, groups, segments, picks, targets):
-    """One forward of packed rows. tokens, positions, groups, segments [b, w]; picks [p]: flat indices into the
-    b * w row positions whose next-token distribution is scored; targets [p]: the token scored there.
+def _score(model, tokens, positions, ends, picks, targets):
+    """One forward of packed rows. tokens, positions, ends [b, w]: a row holds prefix trees laid out depth
+    first, and token j is seen by the tokens from j up to ends[j] (its subtree: the tokens that continue it);
+    picks [p]: flat indices into the b * w row positions whose next-token distribution is scored; targets [p]:
+    the token scored there.
 
     Returns log p(target) [p] (float32) and whether each target is the argmax there [p].
     """
-    same_group = groups[:, None, :] == groups[:, :, None]  # [b, w (queries), w (keys)]
-    keys, queries = segments[:, None, :], segments[:, :, None]
-    visible = same_group & ((keys == CONTEXT) | (keys == queries))  # on top of causality
+    queries = jnp.arange(tokens.shape[1])[None, :, None]
+    visible = queries < ends[:, None, :]  # [b, w (queries), w (keys)], on top of causality
     hidden, _ = model.hidden_states(tokens, positions=positions, attention_mask=visible)
     logits = model.unembed(hidden.reshape(-1, hidden.shape[-1])[picks])  # [p, vocab]
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -58,54 +58,80 @@ def _score(model, tokens, positions, groups, segments, picks, targets):
 
 @dataclasses.dataclass
 class Group:
-    """One context and some of its continuations, packed (indices from the group's first token): a share of
-    a batch row that `_score` reads."""
+    """Requests whose inputs (context + continuation without its last token) share prefixes, as one prefix tree
+    laid out depth first: each shared prefix once, then what follows it. Indices from the group's first token."""
 
-    context_length: int
-    tokens: list[int]
-    positions: list[int]
-    segments: list[int]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    positions: list[int] = dataclasses.field(default_factory=list)  # depth in the tree: the position alone
+    ends: list[int] = dataclasses.field(default_factory=list)  # the index after each token's subtree
     picks: list[int] = dataclasses.field(default_factory=list)
     targets: list[int] = dataclasses.field(default_factory=list)
     requests: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (request, first pick, count)
+    path: list[int] = dataclasses.field(default_factory=list)  # indices of the last input's tokens, by depth
 
-    @classmethod
-    def of_context(cls, context: Sequence[int]) -> Group:
-        return cls(len(context), list(context), list(range(len(context))), [CONTEXT] * len(context))
+    def new_tokens(self, inputs: Sequence[int]) -> int:
+        """How many tokens `inputs` adds after the last input (inputs come in sorted order)."""
+        shared = 0
+        for depth, index in enumerate(self.path[:len(inputs)]):
+            if self.tokens[index] != inputs[depth]:
+                break
+            shared = depth + 1
+        return len(inputs) - shared
 
-    def fits(self, continuation: Sequence[int], limit: int) -> bool:
-        """Whether the continuation joins this group: a group takes its first continuation always (the request
-        alone), further ones while the group stays within `limit` tokens and its context's length."""
-        if not self.requests:
-            return True
-        return (len(self.tokens) + len(continuation) - 1 <= limit
-                and len(self.requests) < self.context_length)
-
-    def add(self, request: int, continuation: Sequence[int]) -> None:
-        """Continuation token j is predicted at the context's last token (j = 0) or at token j - 1 of its own
-        segment, whose position is the context length + j - 1, as in `context + continuation` alone."""
-        c, start = self.context_length, len(self.tokens)
+    def add(self, request: int, inputs: Sequence[int], continuation: Sequence[int]) -> None:
+        """A request: its input tokens (context + continuation but its last token; after the group's last input
+        in sorted order) and its continuation, whose token k is predicted at input token
+        len(inputs) - len(continuation) + k."""
+        shared = len(inputs) - self.new_tokens(inputs)
+        for index in self.path[shared:]:  # the last input's subtrees end here
+            self.ends[index] = len(self.tokens)
+        del self.path[shared:]
+        for depth in range(shared, len(inputs)):
+            self.path.append(len(self.tokens))
+            self.tokens.append(inputs[depth])
+            self.positions.append(depth)
+            self.ends.append(-1)  # open until an input leaves its subtree
         self.requests.append((request, len(self.picks), len(continuation)))
-        self.picks += [c - 1, *range(start, start + len(continuation) - 1)]
+        self.picks += self.path[len(inputs) - len(continuation):]
         self.targets += continuation
-        self.tokens += continuation[:-1]
-        self.positions += range(c, c + len(continuation) - 1)
-        self.segments += [len(self.requests)] * (len(continuation) - 1)
+
+    def close(self) -> Group:
+        self.ends = [len(self.tokens) if end < 0 else end for end in self.ends]
+        self.path = []
+        return self
 
 
-def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], limit: int) -> list[Group]:
-    """Groups of (context, continuation) token pairs, each context once per group, longest group first. Every
-    context and continuation needs a token; a group with more than one continuation stays within `limit` tokens."""
-    by_context: dict[tuple[int, ...], list[Group]] = {}
+def row_width(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], buckets: Sequence[int], max_length: int) -> int:
+    """The width of every batch row of a call: the bucket of its longest request (context + continuation, less
+    the last token) or of its largest set of continuations of one context, up to twice the longest request."""
+    longest = max(len(context) + len(continuation) - 1 for context, continuation in pairs)
+    blocks: dict[tuple[int, ...], int] = {}
+    for context, continuation in pairs:
+        key = tuple(context)
+        blocks[key] = blocks.get(key, len(context)) + len(continuation) - 1
+    return bucket(max(longest, min(max(blocks.values()), 2 * longest)), buckets, max_length)
+
+
+def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit: int) -> list[Group]:
+    """Prefix-tree groups of the (context, continuation) token pairs, longest first. The inputs come in sorted
+    order; one joins the current group when it shares its whole context or half of itself with the input before
+    it (the choices of a question; WinoGrande's sentences up to the blank; few-shot examples) and the group
+    stays within `width` and `limit` tokens. A request longer than that is a group alone. Every context and
+    continuation needs a token."""
     for i, (context, continuation) in enumerate(pairs):
         if not context or not continuation:
             raise ValueError(f"request {i}: context and continuation need a token each, got {len(context)} "
                              f"and {len(continuation)} (lm-eval puts the prefix token before an empty context)")
-        groups = by_context.setdefault(tuple(context), [])
-        if not groups or not groups[-1].fits(continuation, limit):
-            groups.append(Group.of_context(context))
-        groups[-1].add(i, list(continuation))
-    return sorted((group for groups in by_context.values() for group in groups), key=lambda g: -len(g.tokens))
+    inputs = [[*context, *continuation[:-1]] for context, continuation in pairs]
+    cap = min(width, limit)
+    groups = [Group()]
+    for i in sorted(range(len(pairs)), key=inputs.__getitem__):
+        group, new = groups[-1], groups[-1].new_tokens(inputs[i])
+        shared = len(inputs[i]) - new
+        if group.requests and (shared < min(len(pairs[i][0]), len(inputs[i]) / 2) or len(group.tokens) + new > cap):
+            groups.append(group := Group())
+        group.add(i, inputs[i], list(pairs[i][1]))
+    return sorted((group.close() for group in groups), key=lambda group: -len(group.tokens))
 
 
 def row_limit(config, max_length: int) -> int:
@@ -140,19 +166,19 @@ def fill_rows(groups: Sequence[Group], width: int) -> list[list[Group]]:
 
 def _batch_arrays(rows: Sequence[Sequence[Group]], batch_size: int, width: int, n_picks: int
                   ) -> tuple[dict[str, np.ndarray], list[tuple[int, int, int]]]:
-    """`_score`'s inputs for one batch of rows (padding: group 0, and scored picks of position 0), and
-    (request, first flat pick, count) of every request in it."""
-    arrays = {name: np.zeros((batch_size, width), np.int32) for name in ("tokens", "positions", "groups", "segments")}
+    """`_score`'s inputs for one batch of rows (a padding token is seen by itself only; padded picks score
+    position 0), and (request, first flat pick, count) of every request in it."""
+    arrays = {name: np.zeros((batch_size, width), np.int32) for name in ("tokens", "positions")}
+    arrays["ends"] = np.broadcast_to(np.arange(1, width + 1, dtype=np.int32), (batch_size, width)).copy()
     picks, targets, requests = np.zeros(n_picks, np.int32), np.zeros(n_picks, np.int32), []
     p = 0
     for r, row in enumerate(rows):
         start = 0
-        for g, group in enumerate(row, 1):
+        for group in row:
             span = slice(start, start + len(group.tokens))
             arrays["tokens"][r, span] = group.tokens
             arrays["positions"][r, span] = group.positions
-            arrays["segments"][r, span] = group.segments
-            arrays["groups"][r, span] = g
+            arrays["ends"][r, span] = start + np.asarray(group.ends)
             count = len(group.picks)
             picks[p:p + count] = r * width + start + np.asarray(group.picks)
             targets[p:p + count] = group.targets
@@ -161,20 +187,18 @@ def _batch_arrays(rows: Sequence[Sequence[Group]], batch_size: int, width: int, 
     return arrays | {"picks": picks, "targets": targets}, requests
 
 
-def score_rows(graphdef, state, groups: Sequence[Group], n_requests: int, *, batch_size: int,
-               buckets: Sequence[int] = DEFAULT_BUCKETS, max_length: int,
+def score_rows(graphdef, state, groups: Sequence[Group], n_requests: int, *, width: int, batch_size: int,
                on_result: Callable[[int, tuple[float, bool]], None] | None = None,
                desc: str = "loglikelihood", show_progress: bool = True) -> list[tuple[float, bool]]:
     """(sum log p, is_greedy) of every request in `groups` (from `pack`), in request order; `on_result(i, result)`
     as each comes (lm-eval's cache hook).
 
-    The groups fill rows as wide as the longest group's bucket; batches of at most `batch_size` rows (as many
-    in each) share one number of scored positions, so the whole call is one compiled program.
+    The groups fill rows of `width` tokens (`row_width`); batches of at most `batch_size` rows (as many in each)
+    share one number of scored positions, so the whole call is one compiled program.
     """
     results: list[tuple[float, bool] | None] = [None] * n_requests
     if not groups:
         return results
-    width = bucket(max(len(group.tokens) for group in groups), buckets, max_length)
     rows = fill_rows(groups, width)
     per_batch = -(-len(rows) // -(-len(rows) // batch_size))  # as few batches as batch_size allows, evened out
     batches = [rows[start:start + per_batch] for start in range(0, len(rows), per_batch)]
@@ -184,8 +208,7 @@ def score_rows(graphdef, state, groups: Sequence[Group], n_requests: int, *, bat
         for batch in batches:
             arrays, requests = _batch_arrays(batch, per_batch, width, n_picks)
             logp, greedy = (np.asarray(x) for x in _score.on_state(graphdef, state, *map(jnp.asarray, (
-                arrays["tokens"], arrays["positions"], arrays["groups"], arrays["segments"], arrays["picks"],
-                arrays["targets"]))))
+                arrays["tokens"], arrays["positions"], arrays["ends"], arrays["picks"], arrays["targets"]))))
             for i, first, count in requests:
                 picked = slice(first, first + count)
                 results[i] = (float(logp[picked].astype(np.float64).sum()), bool(greedy[picked].all()))
@@ -206,6 +229,7 @@ def score_continuations(model: nnx.Module, pairs: Sequence[tuple[Sequence[int], 
         if len(context) + len(continuation) > max_length + 1:
             raise ValueError(f"pair {i}: context + continuation is {len(context) + len(continuation)} tokens, "
                              f"over max_length + 1 = {max_length + 1}: truncate the context on the left first")
-    groups = pack(pairs, row_limit(model.config, max_length))
-    return score_rows(*nnx.split(model), groups, len(pairs), batch_size=batch_size, buckets=buckets,
-                      max_length=max_length, show_progress=show_progress)
+    width = row_width(pairs, buckets, max_length)
+    groups = pack(pairs, width, row_limit(model.config, max_length))
+    return score_rows(*nnx.split(model), groups, len(pairs), width=width, batch_size=batch_size,
+                      show_progress=show_progress)

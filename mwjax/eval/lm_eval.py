@@ -10,9 +10,10 @@ with the backend registered); that path loads checkpoints, adapters and attacks,
 The scoring follows lm-eval's own HF backend request by request: `TemplateLM` splits context and
 continuation the same way, a request is `(context + continuation)[-(max_length + 1):]`, the
 continuation's log-probabilities are summed and `is_greedy` says whether every continuation token is
-the argmax. A context runs once for all its continuations (the choices of a multiple-choice question,
-`mwjax.eval.continuations`), and the contexts with their continuations are packed densely into batch rows of
-one bucketed width, so a call compiles one program and its batches are nearly free of padding.
+the argmax. Requests that share a context (the choices of a multiple-choice question) or most of one
+(WinoGrande, few-shot prompts) compute what they share once (`mwjax.eval.continuations`), and they are packed
+densely into batch rows of one bucketed width, so a call compiles one program and its batches are nearly free
+of padding.
 
 Generation requests longer than the model's window lose their left end, as the HF backend does; with
 `truncation="middle"` a prompt over `max_prompt_length` tokens loses its middle instead, as LongBench
@@ -150,8 +151,8 @@ class MwjaxLM(TemplateLM):
         """requests: ((context, continuation) | None, context_enc, continuation_enc) -> (sum log p, is_greedy).
 
         A request is `(context_enc + continuation_enc)[-(max_length + 1):]`, its continuation at most all but
-        its first token, as in the HF backend. Requests with the same context share it: it runs once for all
-        its continuations (`mwjax.eval.continuations`).
+        its first token, as in the HF backend. Requests that share a context, or most of one, compute it once
+        (`mwjax.eval.continuations`).
         """
         pairs = []
         for _, context_enc, continuation_enc in requests:
@@ -163,10 +164,12 @@ class MwjaxLM(TemplateLM):
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
 
-        groups = continuations.pack(pairs, continuations.row_limit(self.model.config, self.max_length))
-        return continuations.score_rows(*self._split, groups, len(pairs), batch_size=self.batch_size,
-                                        buckets=self.buckets, max_length=self.max_length, on_result=cache,
-                                        desc="mwjax loglikelihood", show_progress=not disable_tqdm)
+        if not pairs:
+            return []
+        width = continuations.row_width(pairs, self.buckets, self.max_length)
+        groups = continuations.pack(pairs, width, continuations.row_limit(self.model.config, self.max_length))
+        return continuations.score_rows(*self._split, groups, len(pairs), width=width, batch_size=self.batch_size,
+                                        on_result=cache, desc="mwjax loglikelihood", show_progress=not disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each text: lm-eval's disjoint rolling windows of max_length tokens."""
