@@ -190,15 +190,18 @@ ProbeResult = dict[str, dict[int, dict[str, jax.Array]]]
 def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> tuple[jax.Array, ProbeResult]:
     """Run `model(tokens, probes=config, **model_kwargs)` jitted; return (logits, {point: {layer: {stat: x}}}).
 
-    model_kwargs: positions, attention_mask, ffn_masks (arrays / pytrees, traced).
+    model_kwargs: positions, attention_mask, ffn_masks, edits (arrays / pytrees, traced).
+    The compiled program returns what the modules sowed, regrouped by `collect` after it: a stacked model's
+    records leave it stacked over the layers, so slicing them per layer adds nothing per layer to compile.
     """
-    return _capture(model, config, tokens, model_kwargs)
+    logits, states = _capture(model, config, tokens, model_kwargs)
+    return logits, collect(states)
 
 
 @jit_model(static_argnums=0)
 def _capture(model, config, tokens, model_kwargs):
     logits, *states = nnx.capture(model, *config.types)(tokens, probes=config, **model_kwargs)
-    return logits, collect(states)
+    return logits, states
 
 
 def collect(states: Sequence[nnx.State]) -> ProbeResult:

@@ -13,9 +13,9 @@ FFN row masks, activation edits and probes keep addressing one layer inside the 
 index alongside the stacked state (`mwjax.models.base.Taps.layer`): row masks are stacked per layer
 (`stacked_row_masks`), an edit applies where the index is its layer (`mwjax.interventions.apply`), and probes
 come out of the scan stacked over the layers they want (`LayerStack.scan`), regrouped per layer by
-`mwjax.probes.collect` as for the unrolled model. Probing every layer's full tensors holds them twice at the end
-(the stacked buffer, and the per-layer results sliced from it); a `layers` subset or top-k / median statistics
-keep that small. KV caches and FFN row masks on different Mixtral experts address one layer at a time: a
+`mwjax.probes.collect` as for the unrolled model. Probing every layer's full tensors holds them twice for a
+moment (the stacked buffers `probes.capture` gets back, and the per-layer slices `collect` makes of them); a
+`layers` subset or top-k / median statistics keep that small. KV caches and FFN row masks on different Mixtral experts address one layer at a time: a
 stacked model runs those forwards layer by layer over slices of the stack (its dropout streams stay where they
 were; probes are refused there: probe the unstacked model).
 """
