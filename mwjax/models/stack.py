@@ -15,9 +15,11 @@ index alongside the stacked state (`mwjax.models.base.Taps.layer`): row masks ar
 come out of the scan stacked over the layers they want (`LayerStack.scan`), regrouped per layer by
 `mwjax.probes.collect` as for the unrolled model. Probing every layer's full tensors holds them twice for a
 moment (the stacked buffers `probes.capture` gets back, and the per-layer slices `collect` makes of them); a
-`layers` subset or top-k / median statistics keep that small. KV caches and FFN row masks on different Mixtral experts address one layer at a time: a
-stacked model runs those forwards layer by layer over slices of the stack (its dropout streams stay where they
-were; probes are refused there: probe the unstacked model).
+`layers` subset or top-k / median statistics keep that small.
+
+KV caches and FFN row masks on different Mixtral experts address one layer at a time: a stacked model runs
+those forwards layer by layer over slices of the stack (its dropout streams stay where they were; probes are
+refused there: probe the unstacked model).
 """
 
 from __future__ import annotations
@@ -108,9 +110,7 @@ class LayerStack(nnx.Module):
             if hasattr(module, "__captures__"):
                 delattr(module, "__captures__")
         graphdef, state = nnx.split(self.layer)
-        config = taps.probes
-        recorded = () if config is None else config.layers_of(self.num_layers)
-        types = () if config is None else config.types
+        recorded = () if taps.probes is None else taps.probes.layers_of(self.num_layers)
         if not recorded:
             taps = dataclasses.replace(taps, probes=None)
         scratch = len(recorded)  # the slot of layers not recorded (used only when some are not)
@@ -126,7 +126,7 @@ class LayerStack(nnx.Module):
             if taps.probes is None:
                 x, _ = layer(*args)
             else:
-                (x, _), *states = nnx.capture(layer, *types)(*args)
+                (x, _), *states = nnx.capture(layer, *taps.probes.types)(*args)
                 for path, sown in (entry for state in states for entry in nnx.to_flat_state(state)):
                     if path[-1] in records:  # each point is sown by one module of a layer, once
                         raise ValueError(f"probe point {path[-1]!r} is sown twice in one decoder layer")
@@ -154,7 +154,7 @@ class LayerStack(nnx.Module):
             buffers = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), shapes)
         (x, buffers), rng_state = jax.lax.scan(body, (x, buffers), (state, kind_of_layer, rows, index))
         nnx.update(self.layer, rng_state)
-        for point, stats in buffers.items():
+        for point, stats in buffers.items():  # without the scratch slot
             probes.sow_layers(self, point, recorded, {stat: value[:scratch] for stat, value in stats.items()})
         return x
 
