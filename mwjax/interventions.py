@@ -43,12 +43,30 @@ class ActivationEdit:
 Edits = Mapping[tuple[str, int], ActivationEdit]
 
 
-def apply(edits: Edits | None, point: str, layer: int, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+def apply(edits: Edits | None, point: str, layer: int | jax.Array, x: jax.Array,
+          positions: jax.Array | None = None) -> jax.Array:
     """x [b, t, d] with the edit registered for (point, layer) applied; x itself when there is none.
-    positions [b, t] (default 0..t-1) locate the first token for `first_values`."""
-    if not edits or (point, layer) not in edits:
+    positions [b, t] (default 0..t-1) locate the first token for `first_values`.
+
+    layer: a static int, or a traced int32 [] (the layer index of `mwjax.models.stack`'s scan): then
+    `jax.lax.switch` runs the edit of that layer among the layers edited at `point` (none at the others), so
+    the scan body holds one branch per edit at `point` (whatever their shapes), not one per layer.
+    """
+    if not edits:
         return x
-    edit = edits[(point, layer)]
+    if not isinstance(layer, jax.Array):
+        return x if (point, layer) not in edits else apply_edit(edits[(point, layer)], x, positions)
+    edited = sorted(edited_layer for edited_point, edited_layer in edits if edited_point == point)
+    if not edited:
+        return x
+    # branch 0: no edit at this layer; branch j: the edit of layer edited[j - 1]
+    branch = jnp.sum(jnp.where(layer == jnp.asarray(edited), jnp.arange(1, len(edited) + 1), 0))
+    edit_of = lambda edit: lambda x: apply_edit(edit, x, positions)
+    return jax.lax.switch(branch, [lambda x: x, *(edit_of(edits[(point, lay)]) for lay in edited)], x)
+
+
+def apply_edit(edit: ActivationEdit, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """x [b, t, d] with `edit` applied (`apply` finds the edit of a point and layer)."""
     current = x[..., edit.dims]  # [b, t, k]
     new = current if edit.values is None else jnp.broadcast_to(jnp.asarray(edit.values, x.dtype), current.shape)
     if edit.first_values is not None:

@@ -12,6 +12,9 @@ per layer to the host: with `full=False, top_k=3, median=True` each point return
 and `median` [...] (median |x|). With `scope="sequence"` the reductions run over all tokens and
 features of each sequence instead ([batch, k] / [batch]), and `top_positions` says which token
 each top value sits at.
+
+A stacked model (`mwjax.models.stack`) records inside its scan over the layers and sows each point
+once for all of them (`LayerStacked`); `capture` returns the same result as for the unrolled model.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from mwjax.compiled import jit_model
 
@@ -125,8 +128,16 @@ class ProbeConfig:
     def types(self) -> tuple[type[Probe], ...]:
         return tuple(POINTS[p] for p in self.points)
 
-    def wants(self, point: str, layer: int) -> bool:
-        return point in self.points and (self.layers is None or layer in self.layers)
+    def wants(self, point: str, layer: int | None) -> bool:
+        """Whether `point` is recorded at `layer`; layer None: at some layer (`mwjax.models.stack`'s scan, whose
+        template layer has no index of its own, records every layer and keeps the wanted ones)."""
+        if point not in self.points:
+            return False
+        return self.layers is None or (bool(self.layers) if layer is None else layer in self.layers)
+
+    def layers_of(self, num_layers: int) -> tuple[int, ...]:
+        """The layers recorded in a model of `num_layers` layers, ascending."""
+        return tuple(layer for layer in range(num_layers) if self.layers is None or layer in self.layers)
 
 
 def reduce(x: jax.Array, config: ProbeConfig) -> dict[str, jax.Array]:
@@ -149,10 +160,28 @@ def reduce(x: jax.Array, config: ProbeConfig) -> dict[str, jax.Array]:
     return out
 
 
-def sow(module: nnx.Module, point: str, layer: int, value: jax.Array, config: ProbeConfig | None) -> None:
-    """Record `value` at `point` of `layer` if the config asks for it (a no-op otherwise)."""
+def sow(module: nnx.Module, point: str, layer: int | None, value: jax.Array, config: ProbeConfig | None) -> None:
+    """Record `value` at `point` of `layer` (None: of the layer a stacked layers' scan runs) if the config asks
+    for it (a no-op otherwise)."""
     if config is not None and config.wants(point, layer):
         module.sow(POINTS[point], point, reduce(value, config))
+
+
+def sow_layers(module: nnx.Module, point: str, layers: tuple[int, ...], stats: dict[str, jax.Array]) -> None:
+    """Record the stats {stat: [len(layers), ...]} of `point` at `layers` at once (a stacked layers' scan)."""
+    module.sow(POINTS[point], point, LayerStacked(stats, layers))
+
+
+@struct.dataclass
+class LayerStacked:
+    """What one point recorded in a scan over stacked layers (`mwjax.models.stack`): `stats` {stat: [n, ...]},
+    whose slot s holds layer `layers[s]` (n = len(layers)). `collect` gives each layer its slice."""
+
+    stats: dict[str, jax.Array]
+    layers: tuple[int, ...] = struct.field(pytree_node=False)
+
+    def per_layer(self) -> dict[int, dict[str, jax.Array]]:
+        return {layer: {stat: x[slot] for stat, x in self.stats.items()} for slot, layer in enumerate(self.layers)}
 
 
 ProbeResult = dict[str, dict[int, dict[str, jax.Array]]]
@@ -161,26 +190,35 @@ ProbeResult = dict[str, dict[int, dict[str, jax.Array]]]
 def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> tuple[jax.Array, ProbeResult]:
     """Run `model(tokens, probes=config, **model_kwargs)` jitted; return (logits, {point: {layer: {stat: x}}}).
 
-    model_kwargs: positions, attention_mask, ffn_masks (arrays / pytrees, traced).
+    model_kwargs: positions, attention_mask, ffn_masks, edits (arrays / pytrees, traced).
+    The compiled program returns what the modules sowed, regrouped by `collect` after it: a stacked model's
+    records leave it stacked over the layers, so slicing them per layer adds nothing per layer to compile.
     """
-    return _capture(model, config, tokens, model_kwargs)
+    logits, states = _capture(model, config, tokens, model_kwargs)
+    return logits, collect(states)
 
 
 @jit_model(static_argnums=0)
 def _capture(model, config, tokens, model_kwargs):
     logits, *states = nnx.capture(model, *config.types)(tokens, probes=config, **model_kwargs)
-    return logits, collect(states)
+    return logits, states
 
 
 def collect(states: Sequence[nnx.State]) -> ProbeResult:
-    """Regroup captured States (nested by module path) into {point: {layer: {stat: array}}}."""
+    """Regroup captured States (nested by module path) into {point: {layer: {stat: array}}}.
+
+    A layer's modules sow under `model.layers[i]` (the layer is the integer after "layers" in the path); a
+    stacked layers' scan sows `LayerStacked` values (every recorded layer) under `model.layers` itself."""
     result: ProbeResult = {}
     for state in states:
         for path, value in nnx.to_flat_state(state):
             point = path[-1]
-            layer = int(path[path.index("layers") + 1])
             sown = value.get_value() if hasattr(value, "get_value") else value.value
-            result.setdefault(point, {})[layer] = sown[0] if len(sown) == 1 else _stack_calls(sown)
+            calls = [call.per_layer() if isinstance(call, LayerStacked) else {int(path[path.index("layers") + 1]): call}
+                     for call in sown]  # one {layer: stats} per call
+            for layer in calls[0]:
+                stats = [call[layer] for call in calls]
+                result.setdefault(point, {})[layer] = stats[0] if len(stats) == 1 else _stack_calls(stats)
     return {p: dict(sorted(layers.items())) for p, layers in result.items()}
 
 

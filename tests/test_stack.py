@@ -1,6 +1,6 @@
 """Scanned decoder layers (`mwjax.models.stack`): the stacked layout computes what the unrolled one does —
-logits, FFN row masks, probes, gradients with and without remat, LoRA/DoRA — for every family, and converts
-back to the very same arrays."""
+logits, FFN row masks, KV-cache decoding, gradients with and without remat, LoRA/DoRA — for every family, and
+converts back to the very same arrays (probes and activation edits: tests/test_stack_probes.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from hf_reference import TINY_CONFIGS, assert_close_to_scale, random_tokens
 
-from mwjax import interventions, masks, models, peft, probes
+from mwjax import masks, models, peft
 from mwjax.config import ModelConfig
 from mwjax.eval.generate import generate
 from mwjax.models.layers import declared_axes
@@ -51,16 +51,12 @@ def test_stacked_forward_equals_unrolled(name):
     assert not np.allclose(models.forward(model, TOKENS, ffn_masks=ffn), models.forward(model, TOKENS))
 
 
-def test_edits_and_cache_run_layer_by_layer_probes_ask_for_the_unstacked_model():
+def test_cache_runs_layer_by_layer():
+    """A KV cache runs the layers one by one over slices of the stack (probes and edits in the scan:
+    tests/test_stack_probes.py)."""
     model = tiny("gemma3")
-    stacked = stack_layers(model)
-    edits = {("intermediate", 1): interventions.ActivationEdit(dims=jnp.asarray([4, 9]), values=jnp.zeros(2))}
-    assert_close_to_scale(models.forward(stacked, TOKENS, edits=edits), models.forward(model, TOKENS, edits=edits),
-                          5e-6)
     prompts = [TOKENS[0, :8].tolist()]
-    np.testing.assert_array_equal(generate(stacked, prompts, 6), generate(model, prompts, 6))
-    with pytest.raises(ValueError, match="unstack_layers"):
-        probes.capture(stacked, TOKENS, probes.ProbeConfig(points=("hidden",), layers=(1,)))
+    np.testing.assert_array_equal(generate(stack_layers(model), prompts, 6), generate(model, prompts, 6))
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "mixtral"])

@@ -27,34 +27,36 @@ class Taps:
     """Per-forward instrumentation: probes to record and activation edits to apply.
 
     `taps(module, point, layer, x)` applies the edit registered for (point, layer), records the
-    (edited) value if the probe config asks for it, and returns it.
+    (edited) value if the probe config asks for it, and returns it. Blocks pass their static `layer_idx`;
+    inside the stacked layers' scan (`mwjax.models.stack`), whose template layer is layer 0, `layer` holds the
+    traced index of the layer running and replaces it: edits switch on it, probes record at every layer (the
+    scan keeps the wanted ones), and `touches` answers for all layers at once (a static choice of code path).
     """
 
     probes: probes.ProbeConfig | None = None
     edits: interventions.Edits | None = None
     positions: jax.Array | None = None  # int32 [b, t], for edits that treat the first token apart
+    layer: jax.Array | None = None  # int32 []: the scanned layer's index (None outside a scan)
 
     def edit(self, point: str, layer: int, x: jax.Array) -> jax.Array:
         """Only the edit (for blocks that record a value assembled from several edited parts)."""
-        return interventions.apply(self.edits, point, layer, x, self.positions)
+        return interventions.apply(self.edits, point, layer if self.layer is None else self.layer, x, self.positions)
 
     def record(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> None:
         """Only the probe."""
-        probes.sow(module, point, layer, x, self.probes)
-
-    @property
-    def active(self) -> bool:
-        """Whether any probe or edit is asked for (they address one layer: no scan over a stack of layers)."""
-        return self.probes is not None or bool(self.edits)
+        probes.sow(module, point, None if self.layer is not None else layer, x, self.probes)
 
     def touches(self, point: str, layer: int) -> bool:
-        """Whether an edit or a probe acts at (point, layer)."""
+        """Whether an edit or a probe acts at (point, layer) (in a scan: at `point` of any layer)."""
+        if self.layer is not None:
+            edited = any(edited_point == point for edited_point, _ in self.edits or {})
+            return edited or (self.probes is not None and self.probes.wants(point, None))
         edited = bool(self.edits) and (point, layer) in self.edits
         return edited or (self.probes is not None and self.probes.wants(point, layer))
 
     def __call__(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> jax.Array:
-        x = interventions.apply(self.edits, point, layer, x, self.positions)
-        probes.sow(module, point, layer, x, self.probes)
+        x = self.edit(point, layer, x)
+        self.record(module, point, layer, x)
         return x
 
 
@@ -128,7 +130,10 @@ class CausalLM(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """(the final norm's output [b, t, d_model], the cache advanced by t positions or None): everything of
         `__call__` but the unembedding (HF `*Model.forward`'s last hidden state), for losses that unembed in
-        chunks (`mwjax.loss.chunked_token_loss`)."""
+        chunks (`mwjax.loss.chunked_token_loss`).
+
+        Stacked layers (`mwjax.models.stack`) run in one `jax.lax.scan`, probes and edits included; with a KV
+        cache or FFN row masks on different Mixtral experts, one by one over slices of the stack (no probes)."""
         cfg = self.config
         b, t = tokens.shape
         ffn_masks, edits = self.with_attached(ffn_masks, edits)
@@ -146,17 +151,21 @@ class CausalLM(nnx.Module):
         ropes = self.rope_tables(positions)
         attn_masks = self.attention_masks(t, kv_len, offset, attention_mask, segment_ids)
         taps = Taps(probes, edits, positions if edits else None)
+        if probes is not None and self.remat is not None:
+            raise ValueError("probes and remat do not combine (probes record inside the layers that remat "
+                             "recomputes); set model.remat = None to probe")
         x = self.embed(tokens)
         layers = self.model.layers
         if isinstance(layers, LayerStack):
-            if probes is not None:
-                raise ValueError("probes record into the modules of one layer, which a stacked model "
-                                 "(mwjax.models.stack) does not have: probe mwjax.models.stack.unstack_layers(model)")
-            if cache is None and not taps.active and layers.scannable(ffn_masks):
+            if cache is None and layers.scannable(ffn_masks):
                 x = layers.scan(x, ropes, attn_masks, cfg.layer_types, ffn_masks, taps, self.remat_policy(),
                                 remat=self.remat is not None)
                 return self.model.norm(x), None
-            layers = layers.layers()
+            if probes is not None:
+                raise ValueError("a stacked model (mwjax.models.stack) records probes in its scan, which takes "
+                                 "no KV cache and FFN row masks on one Mixtral expert only: probe "
+                                 "mwjax.models.stack.unstack_layers(model) for these")
+            layers = layers.layers()  # one layer at a time over slices of the stack (KV cache, experts' masks)
         new_keys, new_values = [], []
         for i, layer in enumerate(layers):
             kind = cfg.layer_types[i]
@@ -177,8 +186,6 @@ class CausalLM(nnx.Module):
         if self.remat is None:
             return layer(x, rope, mask, row_mask, taps, cache)
         policy = self.remat_policy()
-        if taps.probes is not None:
-            raise ValueError("probes and remat do not combine; set model.remat = None to probe")
         graphdef, state = nnx.split(layer)
 
         def pure(state, x, rope, mask, row_mask, cache):  # jax.checkpoint wants a function of arrays

@@ -9,20 +9,29 @@ stacked copy (`TrainConfig.scan_layers`) and gives the unrolled layout back.
     stacked = stack_layers(model)      # model.model.layers: a LayerStack; same logits
     model = unstack_layers(stacked)    # model.model.layers[i] again, the same arrays sliced
 
-Activation edits, KV caches and FFN row masks on different Mixtral experts address one layer at a time: a
-stacked model runs those forwards layer by layer over slices of the stack (its dropout streams stay where they
-were). Probes record into a layer's own modules: probe the unstacked model.
+FFN row masks, activation edits and probes keep addressing one layer inside the scan, which runs the layer
+index alongside the stacked state (`mwjax.models.base.Taps.layer`): row masks are stacked per layer
+(`stacked_row_masks`), an edit applies where the index is its layer (`mwjax.interventions.apply`), and probes
+come out of the scan stacked over the layers they want (`LayerStack.scan`), regrouped per layer by
+`mwjax.probes.collect` as for the unrolled model. Probing every layer's full tensors holds them twice for a
+moment (the stacked buffers `probes.capture` gets back, and the per-layer slices `collect` makes of them); a
+`layers` subset or top-k / median statistics keep that small.
+
+KV caches and FFN row masks on different Mixtral experts address one layer at a time: a stacked model runs
+those forwards layer by layer over slices of the stack (its dropout streams stay where they were; probes are
+refused there: probe the unstacked model).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mwjax import masks
+from mwjax import masks, probes
 from mwjax.models.layers import AXES
 
 LAYERS_AXIS = "layers"  # the logical axis of the stacked dimension (`mwjax.sharding.LOGICAL_RULES`: never split)
@@ -83,25 +92,70 @@ class LayerStack(nnx.Module):
     def scan(self, x: jax.Array, rope: Mapping, mask: Mapping, layer_types: Sequence[str],
              ffn_masks: masks.FFNMasks, taps, remat_policy=None, remat: bool = False) -> jax.Array:
         """x [b, t, d_model] through every layer by `jax.lax.scan`; rope / mask: the layer type's (cos, sin) /
-        attention mask per type; `remat` rematerialises each layer (with `remat_policy`) in the backward pass."""
+        attention mask per type; taps: `mwjax.models.base.Taps` (edits, probes), given the scanned layer's
+        index; `remat` rematerialises each layer (with `remat_policy`) in the backward pass.
+
+        Probes: each layer's records are written into slot `slot_of_layer[i]` of buffers carried by the scan,
+        one slot per wanted layer plus a scratch slot that the other layers overwrite (a `layers` subset keeps
+        no full tensor of the layers not asked for), then sown as `probes.LayerStacked` into this module.
+        """
         kinds = sorted(set(layer_types))
         kind_of_layer = jnp.asarray([kinds.index(kind) for kind in layer_types], jnp.int32)  # [L]
         ropes = jax.tree.map(lambda *a: jnp.stack(a), *(rope[kind] for kind in kinds))  # ([K, b, t, hd],) * 2
         attn_masks = jax.tree.map(lambda *a: jnp.stack(a), *(mask[kind] for kind in kinds))  # AttentionMask of [K, ...]
+        # an enclosing nnx.capture (probes.capture) put empty capture slots in every module: the template layer's
+        # are dropped (it never sows, its records leave the scan; and beside an nnx.List's integer keys they
+        # could not be sorted into a State)
+        for _, module in nnx.iter_modules(self.layer):
+            if hasattr(module, "__captures__"):
+                delattr(module, "__captures__")
         graphdef, state = nnx.split(self.layer)
+        recorded = () if taps.probes is None else taps.probes.layers_of(self.num_layers)
+        if not recorded:
+            taps = dataclasses.replace(taps, probes=None)
+        scratch = len(recorded)  # the slot of layers not recorded (used only when some are not)
+        slot_of_layer = jnp.asarray([recorded.index(i) if i in recorded else scratch
+                                     for i in range(self.num_layers)], jnp.int32)  # [L]
 
-        def body(x, per_layer):
-            layer_state, kind, row_mask = per_layer
+        def layer_step(layer_state, x, kind, row_mask, index):
+            """One layer: (x, its dropout streams advanced, {point: {stat: value}} recorded by its probes)."""
             layer = nnx.merge(graphdef, layer_state)
             of_kind = lambda tree: jax.tree.map(lambda a: a[kind], tree)
-            x, _ = layer(x, of_kind(ropes), of_kind(attn_masks), row_mask, taps, None)
-            return x, nnx.state(layer, nnx.RngState)  # the dropout streams, advanced
+            args = (x, of_kind(ropes), of_kind(attn_masks), row_mask, dataclasses.replace(taps, layer=index), None)
+            records = {}
+            if taps.probes is None:
+                x, _ = layer(*args)
+            else:
+                (x, _), *states = nnx.capture(layer, *taps.probes.types)(*args)
+                for path, sown in (entry for state in states for entry in nnx.to_flat_state(state)):
+                    if path[-1] in records:  # each point is sown by one module of a layer, once
+                        raise ValueError(f"probe point {path[-1]!r} is sown twice in one decoder layer")
+                    records[path[-1]] = sown.get_value()[0]
+            return x, nnx.state(layer, nnx.RngState), records
+
+        def body(carry, per_layer):
+            x, buffers = carry
+            layer_state, kind, row_mask, index = per_layer
+            x, rng_state, records = layer_step(layer_state, x, kind, row_mask, index)
+            slot = slot_of_layer[index]
+            buffers = jax.tree.map(lambda buffer, value: jax.lax.dynamic_update_index_in_dim(buffer, value, slot, 0),
+                                   buffers, records)
+            return (x, buffers), rng_state  # the dropout streams, advanced
 
         if remat:  # prevent_cse is for unrolled code; a scan body needs no barrier
             body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
         rows = stacked_row_masks(ffn_masks, self.num_layers)
-        x, rng_state = jax.lax.scan(body, x, (state, kind_of_layer, rows))
+        index = jnp.arange(self.num_layers, dtype=jnp.int32)
+        buffers = {}
+        if recorded:  # the records' shapes, from tracing one layer (nothing runs)
+            first = lambda tree: jax.tree.map(lambda a: a[0], tree)
+            shapes = jax.eval_shape(layer_step, first(state), x, kind_of_layer[0], first(rows), index[0])[2]
+            slots = scratch + (scratch < self.num_layers)
+            buffers = jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), shapes)
+        (x, buffers), rng_state = jax.lax.scan(body, (x, buffers), (state, kind_of_layer, rows, index))
         nnx.update(self.layer, rng_state)
+        for point, stats in buffers.items():  # without the scratch slot
+            probes.sow_layers(self, point, recorded, {stat: value[:scratch] for stat, value in stats.items()})
         return x
 
 
