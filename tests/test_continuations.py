@@ -111,6 +111,10 @@ def test_sliding_window_rows_stay_within_the_window():
         assert_same(unlimited, alone(model, pairs))
 
 
+def test_no_requests_score_nothing():
+    assert continuations.score_continuations(tiny_model("llama_gqa"), [], show_progress=False) == []
+
+
 def test_empty_context_or_continuation_is_refused():
     with pytest.raises(ValueError, match="request 1: context and continuation need a token each"):
         continuations.pack([([1], [2]), ([1], [])], 16, 16)

@@ -78,6 +78,12 @@ class Group:
             shared = depth + 1
         return len(inputs) - shared
 
+    def joins(self, inputs: Sequence[int], context_length: int, cap: int) -> bool:
+        """Whether a request joins: its inputs share its whole context or half of themselves with the last
+        input, and the group stays within `cap` tokens."""
+        new = self.new_tokens(inputs)
+        return len(inputs) - new >= min(context_length, len(inputs) / 2) and len(self.tokens) + new <= cap
+
     def add(self, request: int, inputs: Sequence[int], continuation: Sequence[int]) -> None:
         """A request: its input tokens (context + continuation but its last token; after the group's last input
         in sorted order) and its continuation, whose token k is predicted at input token
@@ -104,12 +110,12 @@ class Group:
 def row_width(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], buckets: Sequence[int], max_length: int) -> int:
     """The width of every batch row of a call: the bucket of its longest request (context + continuation, less
     the last token) or of its largest set of continuations of one context, up to twice the longest request."""
-    longest = max(len(context) + len(continuation) - 1 for context, continuation in pairs)
+    longest = max((len(context) + len(continuation) - 1 for context, continuation in pairs), default=1)
     blocks: dict[tuple[int, ...], int] = {}
     for context, continuation in pairs:
         key = tuple(context)
         blocks[key] = blocks.get(key, len(context)) + len(continuation) - 1
-    return bucket(max(longest, min(max(blocks.values()), 2 * longest)), buckets, max_length)
+    return bucket(max(longest, min(max(blocks.values(), default=1), 2 * longest)), buckets, max_length)
 
 
 def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit: int) -> list[Group]:
@@ -124,13 +130,11 @@ def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit
                              f"and {len(continuation)} (lm-eval puts the prefix token before an empty context)")
     inputs = [[*context, *continuation[:-1]] for context, continuation in pairs]
     cap = min(width, limit)
-    groups = [Group()]
+    groups: list[Group] = []
     for i in sorted(range(len(pairs)), key=inputs.__getitem__):
-        group, new = groups[-1], groups[-1].new_tokens(inputs[i])
-        shared = len(inputs[i]) - new
-        if group.requests and (shared < min(len(pairs[i][0]), len(inputs[i]) / 2) or len(group.tokens) + new > cap):
-            groups.append(group := Group())
-        group.add(i, inputs[i], list(pairs[i][1]))
+        if not groups or not groups[-1].joins(inputs[i], len(pairs[i][0]), cap):
+            groups.append(Group())
+        groups[-1].add(i, inputs[i], list(pairs[i][1]))
     return sorted((group.close() for group in groups), key=lambda group: -len(group.tokens))
 
 

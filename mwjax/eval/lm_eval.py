@@ -164,8 +164,6 @@ class MwjaxLM(TemplateLM):
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
 
-        if not pairs:
-            return []
         width = continuations.row_width(pairs, self.buckets, self.max_length)
         groups = continuations.pack(pairs, width, continuations.row_limit(self.model.config, self.max_length))
         return continuations.score_rows(*self._split, groups, len(pairs), width=width, batch_size=self.batch_size,
