@@ -233,7 +233,7 @@ class LoRALinear(Linear):
 
 def linear_paths(model: nnx.Module) -> list[str]:
     """Dotted paths of every `Linear` in the model (HF module names)."""
-    return [".".join(map(str, path)) for path, m in model.iter_modules() if isinstance(m, Linear)]
+    return [".".join(map(str, path)) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
 
 
 def fused_groups(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
@@ -308,7 +308,7 @@ def _split_path(path: str) -> list:
 
 def add_adapters(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Module:
     """A copy of `model` whose target linear layers carry adapters (the input model is untouched)."""
-    if any(isinstance(m, LoRALinear) for _, m in model.iter_modules()):
+    if any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model)):
         raise ValueError("this model already carries adapters; merge() them first or start from the base model")
     targets = select_targets(model, config)
     out = nnx.clone(model)
@@ -328,7 +328,7 @@ def add_adapters(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Mo
 
 
 def adapters(model: nnx.Module) -> dict[str, LoRALinear]:
-    return {".".join(map(str, p)): m for p, m in model.iter_modules() if isinstance(m, LoRALinear)}
+    return {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)}
 
 
 def check_no_adapters(model: nnx.Module, action: str) -> None:
