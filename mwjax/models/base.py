@@ -68,15 +68,15 @@ class Attached(nnx.Variable):
     """
 
 
+OFFLOAD_MEMORY = "pinned_host"  # where remat="offload" keeps the saved matmul outputs
 # rematerialisation of each decoder layer in the backward pass (training); None = keep activations
 REMAT_POLICIES = {
     "full": None,  # recompute everything inside a layer
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
     "nothing": jax.checkpoint_policies.nothing_saveable,
     # keep matmul outputs in the host's pinned memory, not the accelerator's: copied back for the backward pass
-    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", OFFLOAD_MEMORY),
 }
-OFFLOAD_MEMORY = "pinned_host"
 
 
 class CausalLM(nnx.Module):
