@@ -104,9 +104,8 @@ def test_sliding_window_rows_stay_within_the_window():
     got = continuations.score_continuations(model, pairs, batch_size=2, buckets=(16, 32, 64), show_progress=False)
     assert_same(got, alone(model, pairs))
     # packed beyond the window, the same requests come out different: the limit is needed
-    groups = continuations.pack(pairs, 128, 1024)
-    unlimited = continuations.score_rows(*nnx.split(model), groups, len(pairs), width=128, batch_size=2,
-                                         show_progress=False)
+    unlimited = continuations.score_pairs(*nnx.split(model), pairs, limit=1024, batch_size=2, buckets=(128,),
+                                          max_length=1024, show_progress=False)
     with pytest.raises(AssertionError):
         assert_same(unlimited, alone(model, pairs))
 

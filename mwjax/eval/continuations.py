@@ -110,12 +110,12 @@ class Group:
 def row_width(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], buckets: Sequence[int], max_length: int) -> int:
     """The width of every batch row of a call: the bucket of its longest request (context + continuation, less
     the last token) or of its largest set of continuations of one context, up to twice the longest request."""
-    longest = max((len(context) + len(continuation) - 1 for context, continuation in pairs), default=1)
+    longest = max(len(context) + len(continuation) - 1 for context, continuation in pairs)
     blocks: dict[tuple[int, ...], int] = {}
     for context, continuation in pairs:
         key = tuple(context)
         blocks[key] = blocks.get(key, len(context)) + len(continuation) - 1
-    return bucket(max(longest, min(max(blocks.values(), default=1), 2 * longest)), buckets, max_length)
+    return bucket(max(longest, min(max(blocks.values()), 2 * longest)), buckets, max_length)
 
 
 def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit: int) -> list[Group]:
@@ -191,24 +191,26 @@ def _batch_arrays(rows: Sequence[Sequence[Group]], batch_size: int, width: int, 
     return arrays | {"picks": picks, "targets": targets}, requests
 
 
-def score_rows(graphdef, state, groups: Sequence[Group], n_requests: int, *, width: int, batch_size: int,
-               on_result: Callable[[int, tuple[float, bool]], None] | None = None,
-               desc: str = "loglikelihood", show_progress: bool = True) -> list[tuple[float, bool]]:
-    """(sum log p, is_greedy) of every request in `groups` (from `pack`), in request order; `on_result(i, result)`
-    as each comes (lm-eval's cache hook).
+def score_pairs(graphdef, state, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, limit: int,
+                batch_size: int, buckets: Sequence[int], max_length: int,
+                on_result: Callable[[int, tuple[float, bool]], None] | None = None,
+                desc: str = "loglikelihood", show_progress: bool = True) -> list[tuple[float, bool]]:
+    """(sum log p, is_greedy) of every (context, continuation) token pair, in order; `on_result(i, result)` as
+    each comes (lm-eval's cache hook). limit: the longest group of several requests (`row_limit`).
 
-    The groups fill rows of `width` tokens (`row_width`); batches of at most `batch_size` rows (as many in each)
-    share one number of scored positions, so the whole call is one compiled program.
+    The pairs' prefix-tree groups (`pack`) fill rows of one width (`row_width`); batches of at most `batch_size`
+    rows (as many in each) share one number of scored positions, so the whole call is one compiled program.
     """
-    results: list[tuple[float, bool] | None] = [None] * n_requests
-    if not groups:
+    results: list[tuple[float, bool] | None] = [None] * len(pairs)
+    if not pairs:
         return results
-    rows = fill_rows(groups, width)
+    width = row_width(pairs, buckets, max_length)
+    rows = fill_rows(pack(pairs, width, limit), width)
     per_batch = -(-len(rows) // -(-len(rows) // batch_size))  # as few batches as batch_size allows, evened out
     batches = [rows[start:start + per_batch] for start in range(0, len(rows), per_batch)]
     most = max(sum(len(group.picks) for row in batch for group in row) for batch in batches)
     n_picks = -(-most // PICKS_MULTIPLE) * PICKS_MULTIPLE  # the call's one program fixes it: no bucket needed
-    with progress(n_requests, desc, enabled=show_progress) as bar:
+    with progress(len(pairs), desc, enabled=show_progress) as bar:
         for batch in batches:
             arrays, requests = _batch_arrays(batch, per_batch, width, n_picks)
             logp, greedy = (np.asarray(x) for x in _score.on_state(graphdef, state, *map(jnp.asarray, (
@@ -233,7 +235,5 @@ def score_continuations(model: nnx.Module, pairs: Sequence[tuple[Sequence[int], 
         if len(context) + len(continuation) > max_length + 1:
             raise ValueError(f"pair {i}: context + continuation is {len(context) + len(continuation)} tokens, "
                              f"over max_length + 1 = {max_length + 1}: truncate the context on the left first")
-    width = row_width(pairs, buckets, max_length)
-    groups = pack(pairs, width, row_limit(model.config, max_length))
-    return score_rows(*nnx.split(model), groups, len(pairs), width=width, batch_size=batch_size,
-                      show_progress=show_progress)
+    return score_pairs(*nnx.split(model), pairs, limit=row_limit(model.config, max_length), batch_size=batch_size,
+                       buckets=buckets, max_length=max_length, show_progress=show_progress)

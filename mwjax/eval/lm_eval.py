@@ -164,10 +164,10 @@ class MwjaxLM(TemplateLM):
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
 
-        width = continuations.row_width(pairs, self.buckets, self.max_length)
-        groups = continuations.pack(pairs, width, continuations.row_limit(self.model.config, self.max_length))
-        return continuations.score_rows(*self._split, groups, len(pairs), width=width, batch_size=self.batch_size,
-                                        on_result=cache, desc="mwjax loglikelihood", show_progress=not disable_tqdm)
+        return continuations.score_pairs(*self._split, pairs,
+                                         limit=continuations.row_limit(self.model.config, self.max_length),
+                                         batch_size=self.batch_size, buckets=self.buckets, max_length=self.max_length,
+                                         on_result=cache, desc="mwjax loglikelihood", show_progress=not disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each text: lm-eval's disjoint rolling windows of max_length tokens."""
