@@ -85,7 +85,8 @@ def hf_step_time(hf_config: dict, args, dora: bool) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     config = transformers.LlamaConfig(**hf_config, max_position_embeddings=args.seq)
-    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # built where it runs, in its dtype: no float32 8B copy on the host first
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = peft_lib.get_peft_model(model, peft_lib.LoraConfig(
         r=16, lora_alpha=16, use_dora=dora, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"]))

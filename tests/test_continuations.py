@@ -1,5 +1,7 @@
 """Continuations packed after their shared context score as each (context + continuation) alone."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,13 +59,27 @@ def test_shared_contexts_score_as_each_request_alone():
     pairs += [pairs[9], (pairs[9][0][:-1], pairs[9][1])]  # a repeated request; a context that is a prefix of one
     greedy = int(np.argmax(models.forward(model, jnp.asarray([[5, 9, 2]]))[0, -1]))
     pairs.append(([5, 9, 2], [greedy]))  # the model's own argmax: is_greedy
-    got = continuations.score_continuations(model, pairs, batch_size=4, buckets=(16, 64), show_progress=False)
+    got = continuations.score_continuations(model, pairs, batch_size=4, show_progress=False)
     ref = alone(model, pairs)
     assert_same(got, ref)
     assert got[-1][1]
-    groups = continuations.pack(pairs, 64, 1024)
-    assert len(groups) == 6  # one per context (the 4-token prefix of one joins it) and [5, 9, 2]
-    assert max(len(row) for row in continuations.fill_rows(groups, 64)) > 1  # groups shared rows in the run above
+    assert len(continuations.pack(pairs, 64, 1024)) == 6  # one per context (a 4-token prefix joins one) and [5, 9, 2]
+    rows, _, _ = continuations.layout(pairs, limit=1024, batch_size=4, max_length=1024,
+                                      key_cost=continuations.key_cost(model.config))
+    assert max(len(row) for row in rows) > 1  # groups shared rows in the run above
+
+
+def test_layout_weighs_padding_against_wider_rows():
+    """Six 40-token requests, at most 4 rows a batch: rows of 48 (the longest rounded up) take one request each,
+    2 batches of 3 rows (288 slots, 48 of them padding); rows of 80 take two, one batch of 3 rows (240 slots, no
+    padding). The attention's cost per key decides between fewer slots and narrower rows."""
+    pairs = [([i] * 39, [i, i]) for i in range(1, 7)]
+    cheapest = lambda cost: continuations.layout(pairs, limit=1024, batch_size=4, max_length=1024, key_cost=cost)
+    rows, width, per_batch = cheapest(0.0)
+    assert (width, per_batch, [len(row) for row in rows]) == (80, 3, [2, 2, 2])
+    rows, width, per_batch = cheapest(0.1)  # 288 x (1 + 4.8) < 240 x (1 + 8)
+    assert (width, per_batch, len(rows)) == (48, 3, 6)
+    assert continuations.layout(pairs, limit=1024, batch_size=4, max_length=50, key_cost=0.0)[1] == 48  # no wider
 
 
 def test_a_prefix_tree_shares_every_common_prefix():
@@ -101,11 +117,11 @@ def test_sliding_window_rows_stay_within_the_window():
     assert continuations.row_limit(model.config, 1024) == 40
     rng = np.random.default_rng(1)
     pairs = requests(rng, 160, contexts=(30, 38, 45), choices=3)
-    got = continuations.score_continuations(model, pairs, batch_size=2, buckets=(16, 32, 64), show_progress=False)
+    got = continuations.score_continuations(model, pairs, batch_size=2, show_progress=False)
     assert_same(got, alone(model, pairs))
     # packed beyond the window, the same requests come out different: the limit is needed
-    unlimited = continuations.score_pairs(*nnx.split(model), pairs, limit=1024, batch_size=2, buckets=(128,),
-                                          max_length=1024, show_progress=False)
+    unlimited = continuations.score_pairs(*nnx.split(model), pairs, config=dataclasses.replace(
+        model.config, sliding_window=None), batch_size=2, max_length=1024, show_progress=False)
     with pytest.raises(AssertionError):
         assert_same(unlimited, alone(model, pairs))
 

@@ -98,7 +98,7 @@ def test_few_programs_for_many_lengths(tiny, smollm2_tokenizer):
     from mwjax.eval import continuations as backend
 
     _, model, _ = tiny
-    lm = MwjaxLM(model, smollm2_tokenizer, batch_size=4, buckets=(32, 64))
+    lm = MwjaxLM(model, smollm2_tokenizer, batch_size=4)
     before = backend._score._cache_size()
     requests = [(None, list(range(3, 3 + n)), [7, 8]) for n in range(1, 60, 3)]
     lm._loglikelihood_tokens(requests, disable_tqdm=True)

@@ -14,7 +14,7 @@ every position of every row (the unembedding is a large share of a small model's
 vocabulary).
 
 Groups are packed densely into batch rows (several to a row, none seeing another), every row of a call as wide
-as one bucketed width (`row_width`): batches are nearly free of padding, and the call compiles one program.
+as one width, the call's cheapest (`layout`): batches are nearly free of padding, and the call compiles one program.
 Groups run longest first (as lm-eval sorts). On a model with sliding-window layers a group of several requests
 is no longer than the window: the window counts row indices, which agree with positions only in a group the
 window cannot cut.
@@ -33,10 +33,10 @@ from flax import nnx
 
 from mwjax.compiled import jit_model
 from mwjax.config import SLIDING_ATTENTION
-from mwjax.eval.generate import DEFAULT_BUCKETS, bucket
 from mwjax.progress import progress
 
 PICKS_MULTIPLE = 128  # scored positions per batch are padded to a multiple of this
+WIDTH_STEPS = 8  # row widths a call weighs (`layout`)
 
 
 @jit_model
@@ -107,17 +107,6 @@ class Group:
         return self
 
 
-def row_width(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], buckets: Sequence[int], max_length: int) -> int:
-    """The width of every batch row of a call: the bucket of its longest request (context + continuation, less
-    the last token) or of its largest set of continuations of one context, up to twice the longest request."""
-    longest = max(len(context) + len(continuation) - 1 for context, continuation in pairs)
-    blocks: dict[tuple[int, ...], int] = {}
-    for context, continuation in pairs:
-        key = tuple(context)
-        blocks[key] = blocks.get(key, len(context)) + len(continuation) - 1
-    return bucket(max(longest, min(max(blocks.values()), 2 * longest)), buckets, max_length)
-
-
 def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit: int) -> list[Group]:
     """Prefix-tree groups of the (context, continuation) token pairs, longest first. The inputs come in sorted
     order; one joins the current group when it shares its whole context or half of itself with the input before
@@ -168,6 +157,33 @@ def fill_rows(groups: Sequence[Group], width: int) -> list[list[Group]]:
     return rows
 
 
+def key_cost(config) -> float:
+    """What one key costs a query in attention (scores and weighted values: 4 h d_head FLOPs), over what the
+    query's token costs in the layer's matmuls (2 x their weights): how much each token of a wider row pays."""
+    q, kv = (n * config.head_dim for n in (config.num_attention_heads, config.num_key_value_heads))
+    ffn = 3 * config.intermediate_size * (config.num_experts_per_tok or 1)
+    return 2 * q / (config.hidden_size * (2 * q + 2 * kv + ffn))
+
+
+def layout(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, limit: int, batch_size: int, max_length: int,
+           key_cost: float) -> tuple[list[list[Group]], int, int]:
+    """The call's rows, their width and the rows in each batch. Of the widths from the longest input's (rounded
+    up to a multiple of 16) to twice that, in about WIDTH_STEPS steps, the one whose batches cost the least:
+    slots x (1 + key_cost x width), padding included (batches hold as many rows each, at most batch_size)."""
+    longest = max(len(context) + len(continuation) - 1 for context, continuation in pairs)
+    first = min(-(-longest // 16) * 16, max_length)
+    step = 16 * -(-first // (16 * WIDTH_STEPS))
+    best = None
+    for width in range(first, min(2 * first, max_length) + 1, step):
+        rows = fill_rows(pack(pairs, width, limit), width)
+        batches = -(-len(rows) // batch_size)
+        per_batch = -(-len(rows) // batches)
+        cost = batches * per_batch * width * (1 + key_cost * width)
+        if best is None or cost < best[0]:
+            best = cost, rows, width, per_batch
+    return best[1:]
+
+
 def _batch_arrays(rows: Sequence[Sequence[Group]], batch_size: int, width: int, n_picks: int
                   ) -> tuple[dict[str, np.ndarray], list[tuple[int, int, int]]]:
     """`_score`'s inputs for one batch of rows (a padding token is seen by itself only; padded picks score
@@ -191,22 +207,20 @@ def _batch_arrays(rows: Sequence[Sequence[Group]], batch_size: int, width: int, 
     return arrays | {"picks": picks, "targets": targets}, requests
 
 
-def score_pairs(graphdef, state, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, limit: int,
-                batch_size: int, buckets: Sequence[int], max_length: int,
-                on_result: Callable[[int, tuple[float, bool]], None] | None = None,
+def score_pairs(graphdef, state, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, config,
+                batch_size: int, max_length: int, on_result: Callable[[int, tuple[float, bool]], None] | None = None,
                 desc: str = "loglikelihood", show_progress: bool = True) -> list[tuple[float, bool]]:
     """(sum log p, is_greedy) of every (context, continuation) token pair, in order; `on_result(i, result)` as
-    each comes (lm-eval's cache hook). limit: the longest group of several requests (`row_limit`).
+    each comes (lm-eval's cache hook). config: the model's `ModelConfig` (its window and attention cost).
 
-    The pairs' prefix-tree groups (`pack`) fill rows of one width (`row_width`); batches of at most `batch_size`
-    rows (as many in each) share one number of scored positions, so the whole call is one compiled program.
+    The pairs' prefix-tree groups (`pack`) fill rows of one width (`layout`); batches of as many rows each, at
+    most `batch_size`, share one number of scored positions, so the whole call is one compiled program.
     """
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     if not pairs:
         return results
-    width = row_width(pairs, buckets, max_length)
-    rows = fill_rows(pack(pairs, width, limit), width)
-    per_batch = -(-len(rows) // -(-len(rows) // batch_size))  # as few batches as batch_size allows, evened out
+    rows, width, per_batch = layout(pairs, limit=row_limit(config, max_length), batch_size=batch_size,
+                                    max_length=max_length, key_cost=key_cost(config))
     batches = [rows[start:start + per_batch] for start in range(0, len(rows), per_batch)]
     most = max(sum(len(group.picks) for row in batch for group in row) for batch in batches)
     n_picks = -(-most // PICKS_MULTIPLE) * PICKS_MULTIPLE  # the call's one program fixes it: no bucket needed
@@ -225,8 +239,8 @@ def score_pairs(graphdef, state, pairs: Sequence[tuple[Sequence[int], Sequence[i
 
 
 def score_continuations(model: nnx.Module, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                        batch_size: int = 16, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                        max_length: int | None = None, show_progress: bool = True) -> list[tuple[float, bool]]:
+                        batch_size: int = 16, max_length: int | None = None,
+                        show_progress: bool = True) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), is_greedy) of each (context, continuation) token pair (HF: the
     continuation's summed log-softmax, as lm-eval's `loglikelihood`). Pairs must fit `max_length` + 1 tokens
     (default: the model's `max_position_embeddings`)."""
@@ -235,5 +249,5 @@ def score_continuations(model: nnx.Module, pairs: Sequence[tuple[Sequence[int], 
         if len(context) + len(continuation) > max_length + 1:
             raise ValueError(f"pair {i}: context + continuation is {len(context) + len(continuation)} tokens, "
                              f"over max_length + 1 = {max_length + 1}: truncate the context on the left first")
-    return score_pairs(*nnx.split(model), pairs, limit=row_limit(model.config, max_length), batch_size=batch_size,
-                       buckets=buckets, max_length=max_length, show_progress=show_progress)
+    return score_pairs(*nnx.split(model), pairs, config=model.config, batch_size=batch_size, max_length=max_length,
+                       show_progress=show_progress)

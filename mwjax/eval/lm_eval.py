@@ -12,8 +12,8 @@ continuation the same way, a request is `(context + continuation)[-(max_length +
 continuation's log-probabilities are summed and `is_greedy` says whether every continuation token is
 the argmax. Requests that share a context (the choices of a multiple-choice question) or most of one
 (WinoGrande, few-shot prompts) compute what they share once (`mwjax.eval.continuations`), and they are packed
-densely into batch rows of one bucketed width, so a call compiles one program and its batches are nearly free
-of padding.
+densely into batch rows of one width, the call's cheapest, so a call compiles one program and its batches are
+nearly free of padding.
 
 Generation requests longer than the model's window lose their left end, as the HF backend does; with
 `truncation="middle"` a prompt over `max_prompt_length` tokens loses its middle instead, as LongBench
@@ -67,7 +67,7 @@ class MwjaxLM(TemplateLM):
         self._max_length = int(max_length or model.config.max_position_embeddings)
         self.add_bos_token = add_bos_token
         self._max_gen_toks = int(max_gen_toks)
-        self.buckets = tuple(sorted(buckets))
+        self.buckets = tuple(sorted(buckets))  # generate_until's prompt widths (loglikelihood picks its own)
         if truncation not in TRUNCATIONS:
             raise ValueError(f"truncation={truncation!r}: write one of {TRUNCATIONS}")
         if truncation == "middle" and not max_prompt_length:
@@ -164,10 +164,9 @@ class MwjaxLM(TemplateLM):
             if requests[i][0] is not None:
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
 
-        return continuations.score_pairs(*self._split, pairs,
-                                         limit=continuations.row_limit(self.model.config, self.max_length),
-                                         batch_size=self.batch_size, buckets=self.buckets, max_length=self.max_length,
-                                         on_result=cache, desc="mwjax loglikelihood", show_progress=not disable_tqdm)
+        return continuations.score_pairs(*self._split, pairs, config=self.model.config, batch_size=self.batch_size,
+                                         max_length=self.max_length, on_result=cache, desc="mwjax loglikelihood",
+                                         show_progress=not disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Total log-likelihood of each text: lm-eval's disjoint rolling windows of max_length tokens."""

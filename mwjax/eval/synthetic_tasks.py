@@ -64,7 +64,6 @@ TASKS = ("addition", "capitals", "smallest", "alphabetical")
 SPLITS = ("train", "held_out")
 HELD_OUT_FRACTION = 0.3  # of the keys (facts) of every task
 NUM_CHOICES = 4
-BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128)  # padded request lengths: the questions are ~12-24 tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +162,7 @@ def accuracy(model, tokenizer, items: Sequence[Question], *, template: str = "pl
             enc = data.encode({"instruction": q.prompt, "input": "", "output": choice}, tokenizer, cfg)
             n_prompt = sum(label == data.IGNORE for label in enc.labels)
             requests.append((None, enc.input_ids[:n_prompt], enc.input_ids[n_prompt:]))
-    lm = lm or MwjaxLM(model, tokenizer, batch_size=batch_size, buckets=BUCKETS)
+    lm = lm or MwjaxLM(model, tokenizer, batch_size=batch_size)
     logp = np.array([ll for ll, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)])
     picked = logp.reshape(len(items), NUM_CHOICES).argmax(-1)
     right = np.array([p == q.answer for p, q in zip(picked, items, strict=True)])
