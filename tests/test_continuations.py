@@ -110,6 +110,16 @@ def test_groups_fill_rows_densely():
         continuations.fill_rows(continuations.pack([(list(range(1, 73)), [5, 6])], 100, 100), 64)
 
 
+def test_batches_share_the_scored_positions_evenly():
+    """Every batch of a call is padded to its fullest batch's number of scored positions: rows in order (long
+    contexts with one pick first, many-choice trees last) would pad the first batch to the last one's count."""
+    rows = [[continuations.Group(picks=[0] * n)] for n in (1, 1, 1, 1, 5, 5, 5, 4, 4)]
+    batches = continuations.balanced_batches(rows, 4)
+    assert len(batches) == 3 and max(len(batch) for batch in batches) <= 4
+    assert sorted(map(id, (row for batch in batches for row in batch))) == sorted(map(id, rows))  # each once
+    assert max(sum(len(row[0].picks) for row in batch) for batch in batches) == 10  # in order: 19; 27 / 3 = 9
+
+
 def test_sliding_window_rows_stay_within_the_window():
     """Gemma 3 (sliding window 40 on two of three layers): row indices beyond the window would hide context
     that the request alone sees, so a row holds no more than 40 tokens; a request longer than that runs alone."""

@@ -184,6 +184,20 @@ def layout(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, limit: int, 
     return best[1:]
 
 
+def balanced_batches(rows: Sequence[Sequence[Group]], per_batch: int) -> list[list[Sequence[Group]]]:
+    """The rows in batches of at most `per_batch`, their scored positions spread evenly (every batch of a call
+    pads them to its fullest batch's): the rows with the most picks first, each into the batch with the
+    fewest picks that has room. Sorted longest first, the rows would leave the long contexts with one pick
+    per answer (BoolQ) in the first batches and the short multiple-choice trees in the last."""
+    batches: list[list[Sequence[Group]]] = [[] for _ in range(-(-len(rows) // per_batch))]
+    picks = [0] * len(batches)
+    for row, count in sorted(((row, sum(len(group.picks) for group in row)) for row in rows), key=lambda x: -x[1]):
+        at = min((b for b in range(len(batches)) if len(batches[b]) < per_batch), key=picks.__getitem__)
+        batches[at].append(row)
+        picks[at] += count
+    return batches
+
+
 def _batch_arrays(rows: Sequence[Sequence[Group]], batch_size: int, width: int, n_picks: int
                   ) -> tuple[dict[str, np.ndarray], list[tuple[int, int, int]]]:
     """`_score`'s inputs for one batch of rows (a padding token is seen by itself only; padded picks score
@@ -221,7 +235,7 @@ def score_pairs(graphdef, state, pairs: Sequence[tuple[Sequence[int], Sequence[i
         return results
     rows, width, per_batch = layout(pairs, limit=row_limit(config, max_length), batch_size=batch_size,
                                     max_length=max_length, key_cost=key_cost(config))
-    batches = [rows[start:start + per_batch] for start in range(0, len(rows), per_batch)]
+    batches = balanced_batches(rows, per_batch)
     most = max(sum(len(group.picks) for row in batch for group in row) for batch in batches)
     n_picks = -(-most // PICKS_MULTIPLE) * PICKS_MULTIPLE  # the call's one program fixes it: no bucket needed
     with progress(len(pairs), desc, enabled=show_progress) as bar:
