@@ -69,34 +69,18 @@ class Group:
     requests: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (request, first pick, count)
     path: list[int] = dataclasses.field(default_factory=list)  # indices of the last input's tokens, by depth
 
-    def new_tokens(self, inputs: Sequence[int]) -> int:
-        """How many tokens `inputs` adds after the last input (inputs come in sorted order)."""
-        shared = 0
-        for depth, index in enumerate(self.path[:len(inputs)]):
-            if self.tokens[index] != inputs[depth]:
-                break
-            shared = depth + 1
-        return len(inputs) - shared
-
-    def joins(self, inputs: Sequence[int], context_length: int, cap: int) -> bool:
-        """Whether a request joins: its inputs share its whole context or half of themselves with the last
-        input, and the group stays within `cap` tokens."""
-        new = self.new_tokens(inputs)
-        return len(inputs) - new >= min(context_length, len(inputs) / 2) and len(self.tokens) + new <= cap
-
-    def add(self, request: int, inputs: Sequence[int], continuation: Sequence[int]) -> None:
+    def add(self, request: int, inputs: Sequence[int], shared: int, continuation: Sequence[int]) -> None:
         """A request: its input tokens (context + continuation but its last token; after the group's last input
-        in sorted order) and its continuation, whose token k is predicted at input token
-        len(inputs) - len(continuation) + k."""
-        shared = len(inputs) - self.new_tokens(inputs)
+        in sorted order, whose first `shared` tokens they repeat) and its continuation, whose token k is
+        predicted at input token len(inputs) - len(continuation) + k."""
+        start, new = len(self.tokens), len(inputs) - shared
         for index in self.path[shared:]:  # the last input's subtrees end here
-            self.ends[index] = len(self.tokens)
+            self.ends[index] = start
         del self.path[shared:]
-        for depth in range(shared, len(inputs)):
-            self.path.append(len(self.tokens))
-            self.tokens.append(inputs[depth])
-            self.positions.append(depth)
-            self.ends.append(-1)  # open until an input leaves its subtree
+        self.path += range(start, start + new)
+        self.tokens += inputs[shared:]
+        self.positions += range(shared, len(inputs))
+        self.ends += [-1] * new  # open until an input leaves their subtree
         self.requests.append((request, len(self.picks), len(continuation)))
         self.picks += self.path[len(inputs) - len(continuation):]
         self.targets += continuation
@@ -107,23 +91,70 @@ class Group:
         return self
 
 
-def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit: int) -> list[Group]:
-    """Prefix-tree groups of the (context, continuation) token pairs, longest first. The inputs come in sorted
-    order; one joins the current group when it shares its whole context or half of itself with the input before
-    it (the choices of a question; WinoGrande's sentences up to the blank; few-shot examples) and the group
-    stays within `width` and `limit` tokens. A request longer than that is a group alone. Every context and
-    continuation needs a token."""
-    for i, (context, continuation) in enumerate(pairs):
-        if not context or not continuation:
-            raise ValueError(f"request {i}: context and continuation need a token each, got {len(context)} "
-                             f"and {len(continuation)} (lm-eval puts the prefix token before an empty context)")
-    inputs = [[*context, *continuation[:-1]] for context, continuation in pairs]
-    cap = min(width, limit)
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The requests' inputs (context + continuation but its last token) in sorted order, each with the number
+    of tokens it shares with the one before it: what every `pack` of a call's candidate widths starts from."""
+
+    tokens: list[list[int]]  # by request
+    order: list[int]  # requests, their inputs sorted
+    shared: list[int]  # along `order`
+
+    @classmethod
+    def of(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Inputs:
+        """Every context and continuation needs a token."""
+        for i, (context, continuation) in enumerate(pairs):
+            if not context or not continuation:
+                raise ValueError(f"request {i}: context and continuation need a token each, got {len(context)} "
+                                 f"and {len(continuation)} (lm-eval puts the prefix token before an empty context)")
+        tokens = [[*context, *continuation[:-1]] for context, continuation in pairs]
+        order = sorted(range(len(pairs)), key=tokens.__getitem__)
+        shared = [0] + [common_prefix(tokens[a], tokens[b]) for a, b in zip(order, order[1:], strict=False)]
+        return cls(tokens, order, shared)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens a and b share (bisected over slices, which compare in C)."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def group_sizes(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], inputs: Inputs, cap: int
+                ) -> tuple[list[int], list[int]]:
+    """Where the groups start along `inputs.order`, and their token counts. A request joins the group of the
+    input before it when it shares its whole context or half of its input with it (the choices of a question;
+    WinoGrande's sentences up to the blank; few-shot examples) and the group stays within `cap` tokens."""
+    starts: list[int] = []
+    sizes: list[int] = []
+    for k, (i, shared) in enumerate(zip(inputs.order, inputs.shared, strict=True)):
+        length = len(inputs.tokens[i])
+        if sizes and shared >= min(len(pairs[i][0]), length / 2) and sizes[-1] + length - shared <= cap:
+            sizes[-1] += length - shared
+        else:
+            starts.append(k)
+            sizes.append(length)
+    return starts, sizes
+
+
+def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit: int,
+         inputs: Inputs | None = None) -> list[Group]:
+    """Prefix-tree groups of the (context, continuation) token pairs (`group_sizes`), longest first; a group
+    stays within `width` and `limit` tokens, and a request longer than that is a group alone. inputs: the
+    pairs' `Inputs`, when the caller packs them at several widths."""
+    inputs = inputs or Inputs.of(pairs)
+    starts = set(group_sizes(pairs, inputs, min(width, limit))[0])
     groups: list[Group] = []
-    for i in sorted(range(len(pairs)), key=inputs.__getitem__):
-        if not groups or not groups[-1].joins(inputs[i], len(pairs[i][0]), cap):
+    for k, (i, shared) in enumerate(zip(inputs.order, inputs.shared, strict=True)):
+        if k in starts:
             groups.append(Group())
-        groups[-1].add(i, inputs[i], list(pairs[i][1]))
+            shared = 0
+        groups[-1].add(i, inputs.tokens[i], shared, list(pairs[i][1]))
     return sorted((group.close() for group in groups), key=lambda group: -len(group.tokens))
 
 
@@ -135,13 +166,13 @@ def row_limit(config, max_length: int) -> int:
     return max_length
 
 
-def fill_rows(groups: Sequence[Group], width: int) -> list[list[Group]]:
-    """Groups (longest first) into rows of at most `width` tokens, each into the fullest row it fits (best fit
-    decreasing): the rows come out nearly full, so little of a batch is padding."""
-    rows: list[list[Group]] = []
+def fill_rows(sizes: Sequence[int], width: int) -> list[list[int]]:
+    """Groups of these token counts (longest first) into rows of at most `width` tokens, each into the fullest
+    row it fits (best fit decreasing): each row's groups by index. The rows come out nearly full, so little of
+    a batch is padding."""
+    rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (tokens left, row), sorted
-    for group in groups:
-        n = len(group.tokens)
+    for group, n in enumerate(sizes):
         if n > width:
             raise ValueError(f"a group of {n} tokens does not fit rows of {width}")
         at = bisect.bisect_left(room, (n, -1))
@@ -170,18 +201,21 @@ def layout(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, limit: int, 
     """The call's rows, their width and the rows in each batch. Of the widths from the longest input's (rounded
     up to a multiple of 16) to twice that, in about WIDTH_STEPS steps, the one whose batches cost the least:
     slots x (1 + key_cost x width), padding included (batches hold as many rows each, at most batch_size)."""
-    longest = max(len(context) + len(continuation) - 1 for context, continuation in pairs)
+    inputs = Inputs.of(pairs)
+    longest = max(map(len, inputs.tokens))
     first = min(-(-longest // 16) * 16, max_length)
     step = 16 * -(-first // (16 * WIDTH_STEPS))
     best = None
-    for width in range(first, min(2 * first, max_length) + 1, step):
-        rows = fill_rows(pack(pairs, width, limit), width)
+    for width in range(first, min(2 * first, max_length) + 1, step):  # group sizes alone: the groups once, below
+        rows = fill_rows(sorted(group_sizes(pairs, inputs, min(width, limit))[1], reverse=True), width)
         batches = -(-len(rows) // batch_size)
         per_batch = -(-len(rows) // batches)
         cost = batches * per_batch * width * (1 + key_cost * width)
         if best is None or cost < best[0]:
             best = cost, rows, width, per_batch
-    return best[1:]
+    _, rows, width, per_batch = best
+    groups = pack(pairs, width, limit, inputs)  # sorted as the sizes were (both sorts are stable)
+    return [[groups[g] for g in row] for row in rows], width, per_batch
 
 
 def balanced_batches(rows: Sequence[Sequence[Group]], per_batch: int) -> list[list[Sequence[Group]]]:
