@@ -56,7 +56,9 @@ def keep_compiled_programs(directory: str | None) -> str | None:
     preemption, or the next seed of one config) then loads its compiled training step instead of compiling
     it again, minutes at 8B-70B. Only programs that took over a second to compile are kept (jax's default).
     None or "": leave jax as it is. Call it before the first compilation: jax reads the directory once.
-    Returns the directory in use (None: no cache)."""
+    Returns the directory in use (None: no cache, e.g. turned off by `mwjax.distributed.initialize`)."""
+    if not jax.config.jax_enable_compilation_cache:
+        return None
     if jax.config.jax_compilation_cache_dir or not directory:
         return jax.config.jax_compilation_cache_dir or None
     jax.config.update("jax_compilation_cache_dir", str(directory))

@@ -77,6 +77,7 @@ def assert_same_run(ours: Path, reference: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_killed_and_relaunched_train_as_one_with_all_devices(tiny_dir, one_process, tmp_path):
     """Two processes x 4 devices, killed after the first checkpoint and relaunched, end with the losses of every
     step and the adapters of one uninterrupted process with 8 devices (one run proves both: the steps before

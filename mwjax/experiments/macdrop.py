@@ -297,7 +297,8 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("jax", "absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    summary = run(_CONFIG.value)
+    with distributed.explain_collective_timeouts():
+        summary = run(_CONFIG.value)
     if distributed.is_lead() and "eval_losses" in summary:
         final = summary["eval_losses"][-1][1] if summary["eval_losses"] else None
         print(f"massive weights: {massive.MassiveWeights.from_dict(summary['massive_weights']).label}")
