@@ -30,6 +30,7 @@ from mwjax.layer_index import check_layer
 from mwjax.massive import MassiveActivations, MassiveWeights, SuperWeight, find_massive_activations
 from mwjax.models.base import Attached
 from mwjax.models.layers import Linear
+from mwjax.progress import track
 
 
 def copy(model: nnx.Module) -> nnx.Module:
@@ -234,8 +235,9 @@ def massive_activation_means(model: nnx.Module, tokens, layer: int, dims: Sequen
     dims = np.asarray(dims)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     total, count = np.zeros((2, len(dims))), np.zeros((2, len(dims)))  # [first / other, k]
-    for start in range(0, len(tokens), batch_size):
-        _, result = probes.capture(model, jnp.asarray(tokens[start:start + batch_size]), config)
+    starts = range(0, len(tokens), batch_size)
+    for start in track(starts, len(starts), f"means of the massive activations after layer {layer}: batches"):
+        result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
         x = np.asarray(result["hidden"][layer]["full"][..., dims], np.float64)  # [b, t, k]
         large = np.abs(x) > min_abs
         for cls, part in enumerate((slice(0, 1), slice(1, None))):
@@ -287,7 +289,7 @@ def zero_median_activations(model: nnx.Module, layer: int, count: int, tokens) -
     check_layer(model.config, layer)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     first_tokens = jnp.asarray(np.asarray(tokens)[:, :1], jnp.int32)  # position 0 sees only itself
-    hidden = probes.capture(model, first_tokens, config)[1]["hidden"][layer]["full"][:, 0]  # [n, d_model]
+    hidden = probes.record(model, first_tokens, config)["hidden"][layer]["full"][:, 0]  # [n, d_model]
     first = np.mean(np.abs(np.asarray(hidden, np.float64)), axis=0)
     dims = np.argsort(np.abs(first - np.median(first)))[:count]
     edit = ActivationEdit(dims=jnp.asarray(dims, jnp.int32), values=None, first_values=jnp.zeros(count))

@@ -38,6 +38,7 @@ from flax import nnx
 
 from mwjax import masks, probes
 from mwjax.layer_index import check_layer, layer_label
+from mwjax.progress import track
 from mwjax.tokens import first_token_id
 
 MASSIVE_MIN = 100.0  # |x| above this ...
@@ -161,7 +162,7 @@ def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> FirstTo
     points = ("hidden", "intermediate") + (("router_probs",) if moe else ())
     config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
     tokens = jnp.array([[token_id]], jnp.int32)
-    _, result = probes.capture(model, tokens, config)
+    result = probes.record(model, tokens, config)
     pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L, ...] (MoE: [L, E, ...])
 
     def state(point: str, expert: np.ndarray | None = None) -> StateTop:
@@ -185,7 +186,7 @@ def first_token_router_probs(model: nnx.Module, token_id: int) -> np.ndarray:
         raise ValueError(f"this {model.config.model_type} model has a dense FFN and no router: router probabilities "
                          "exist only for a mixture of experts (a config with num_local_experts, e.g. Mixtral)")
     config = probes.ProbeConfig(points=("router_probs",))
-    _, result = probes.capture(model, jnp.array([[token_id]], jnp.int32), config)
+    result = probes.record(model, jnp.array([[token_id]], jnp.int32), config)
     return np.asarray(probes.stack(result, "router_probs")[:, 0, 0], np.float64)
 
 
@@ -297,7 +298,7 @@ class DownProjSpikes:
 def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> DownProjSpikes:
     """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only)."""
     config = probes.ProbeConfig(points=("intermediate", "down_proj_output"), full=False, top_k=1, scope="sequence")
-    _, result = probes.capture(model, tokens, config)
+    result = probes.record(model, tokens, config)
     pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L]
     spike = lambda point: Spike(pick(point, "top_values").astype(np.float64), pick(point, "top_indices"),
                                 pick(point, "top_positions"))
@@ -353,8 +354,6 @@ def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: i
     Figure 3 and the Massive Activations thesis' Figure 4.4 plot: {point: Magnitudes}. For a mixture
     of experts the intermediate statistics run over every expert's state, routed or not.
     """
-    from mwjax.progress import track
-
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [num_sequences, seq], got shape {tokens.shape}")
@@ -362,7 +361,7 @@ def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: i
     sums = {p: {"top": 0.0, "median": 0.0} for p in points}
     starts = range(0, len(tokens), batch_size)
     for start in track(starts, len(starts), "activation stats", enabled=progress):
-        _, result = probes.capture(model, jnp.asarray(tokens[start:start + batch_size]), config)
+        result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
         for p in points:
             sums[p]["top"] = sums[p]["top"] + np.abs(np.asarray(probes.stack(result, p, "top_values"))).sum(1)
             sums[p]["median"] = sums[p]["median"] + np.asarray(probes.stack(result, p, "median")).sum(1)
@@ -399,8 +398,9 @@ def find_massive_activations(model: nnx.Module, tokens, layer: int, *, min_abs: 
     tokens = np.asarray(tokens, np.int32)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     values = []
-    for start in range(0, len(tokens), batch_size):
-        _, result = probes.capture(model, jnp.asarray(tokens[start:start + batch_size]), config)
+    starts = range(0, len(tokens), batch_size)
+    for start in track(starts, len(starts), f"massive activations after layer {layer}: batches"):
+        result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
         values.append(np.abs(np.asarray(result["hidden"][layer]["full"], np.float32)))
     mags = np.concatenate(values)  # [n, seq, d]
     median = float(np.mean(np.median(mags.reshape(len(mags), -1), axis=1)))

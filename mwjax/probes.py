@@ -194,14 +194,21 @@ def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_k
     The compiled program returns what the modules sowed, regrouped by `collect` after it: a stacked model's
     records leave it stacked over the layers, so slicing them per layer adds nothing per layer to compile.
     """
-    logits, states = _capture(model, config, tokens, model_kwargs)
+    logits, states = _capture(model, config, tokens, model_kwargs, True)
     return logits, collect(states)
 
 
-@jit_model(static_argnums=0)
-def _capture(model, config, tokens, model_kwargs):
-    logits, *states = nnx.capture(model, *config.types)(tokens, probes=config, **model_kwargs)
-    return logits, states
+def record(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> ProbeResult:
+    """`capture` without the logits: {point: {layer: {stat: x}}}. The compiled program returns the records
+    alone, so XLA drops what none of them depends on (the unembedding, and in an unrolled model every layer
+    after the last probed one): probing layer 12 of 30 costs 12 layers, not the whole model."""
+    return collect(_capture(model, config, tokens, model_kwargs, False)[1])
+
+
+@jit_model(static_argnums=(0, 3))
+def _capture(model, config, tokens, model_kwargs, logits: bool):
+    out, *states = nnx.capture(model, *config.types)(tokens, probes=config, **model_kwargs)
+    return (out if logits else None), states
 
 
 def collect(states: Sequence[nnx.State]) -> ProbeResult:

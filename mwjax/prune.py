@@ -471,6 +471,6 @@ def massive_values(model: nnx.Module, mw: MassiveWeights, k: int) -> list[float]
     """The intermediate state at the top-k massive indices of `mw.layer` for `mw.token_id` alone (House of Cards'
     bos probe), e.g. of a pruned model: how much of the massive activation the pruning left."""
     config = probes.ProbeConfig(points=("intermediate",), layers=(mw.layer,))
-    _, result = probes.capture(model, jnp.asarray([[mw.token_id]], jnp.int32), config)
+    result = probes.record(model, jnp.asarray([[mw.token_id]], jnp.int32), config)
     values = np.asarray(result["intermediate"][mw.layer]["full"][0, 0], np.float64)
     return [float(values[i]) for i in mw.top(k)]
