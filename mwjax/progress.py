@@ -1,6 +1,7 @@
 """Progress of long loops (loading, perplexity, lm-eval requests, statistics) that shows wherever the output
 goes: a tqdm bar that stays on screen on a terminal; elsewhere (SLURM logs, nohup, `| tee`), where a bar's
-carriage returns garble the file, a plain line every `interval` seconds and one at the end."""
+carriage returns garble the file, a plain line every `interval` seconds (or a tenth of the time so far, when
+that is longer: a minute-long loop reports every 10 s, an hour-long one every 6 minutes) and one at the end."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self._last >= self.interval:
+        if now - self._last >= max(self.interval, 0.1 * (now - self.start)):
             self._last = now
             self._print(now)
 
@@ -60,7 +61,7 @@ class LineProgress:
         self.close()
 
 
-def progress(total: int, desc: str, *, enabled: bool = True, stream=None, interval: float = 30.0,
+def progress(total: int, desc: str, *, enabled: bool = True, stream=None, interval: float = 10.0,
              interactive: bool | None = None, initial: int = 0):
     """A progress display for `total` steps (`.update()`, `.close()`, a context manager); `interactive`
     (default: whether `stream` is a terminal) chooses the bar over the lines; `initial`: steps already done."""

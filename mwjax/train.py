@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -481,7 +482,16 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
     history = [r for r in earlier if "loss" in r]
     eval_losses = [(r["step"], r["eval_loss"]) for r in earlier if "eval_loss" in r]
 
+    announced = set()
+
+    def announce(what: str) -> None:  # the first call of a compiled step is silent for a while: say why
+        if lead and what not in announced:
+            announced.add(what)
+            print(f"compiling the {what} (once per run; minutes at 8B+ scale, seconds from a warm compilation cache)",
+                  file=sys.stderr, flush=True)
+
     def evaluate(step: int, metrics: dict) -> None:
+        announce("evaluation step")
         metrics["eval_loss"] = trainer.evaluate(state, val_loader.epoch(0))
         eval_losses.append((step, metrics["eval_loss"]))
         if on_eval:
@@ -493,6 +503,8 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
             evaluate(0, before := {"step": 0})
             run_log.record(before)
         last_time = time.perf_counter()
+        if start < trainer.steps:
+            announce("training step")
         for step in range(start, trainer.steps):
             arrays, template = stack_step(stream, config.grad_accum, template)
             batch = trainer.place_batch(arrays, 1)
