@@ -102,12 +102,7 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path | No
     """Axis labels, title, log y axis (plain numbers), legend (True: inside; "outside": to the right); saves the
     figure to `path` (None: a panel, the caller saves)."""
     if log_y:
-        ax.set_yscale("log")
-        # plain numbers ("20", not "2x10^1"); minor ticks labelled only when the axis spans under a decade
-        plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        low, high = ax.get_ylim()
-        ax.yaxis.set_minor_formatter(plain if high / max(low, 1e-300) < 10 else ticker.NullFormatter())
+        _log_axis(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(wrapped(title), fontsize=10)
@@ -119,6 +114,38 @@ def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path | No
         return None
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _log_axis(ax) -> None:
+    """A log y axis in plain numbers ("20", not "2x10^1") with a labelled tick at or below the lowest point and
+    at or above the highest, so no point sits beyond the last label: under a decade, a few round values
+    (10, 20, ..., 50); over it, the decades around the data."""
+    ax.set_yscale("log")
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ys = np.concatenate([np.asarray(line.get_ydata(), np.float64) for line in ax.get_lines()] or [np.zeros(0)])
+    ys = ys[np.isfinite(ys) & (ys > 0)]
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+    if not len(ys):
+        return
+    low, high = ys.min(), ys.max()
+    if high / low < 10:
+        ticks = [t for t in ticker.MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high) if t > 0]
+        below, above = [t for t in ticks if t <= low], [t for t in ticks if t >= high]
+        first = below[-1] if below else _round_down(low)  # near 0 the round ticks reach 0: one digit below
+        ticks = [first, *(t for t in ticks if first < t < above[0]), above[0]]
+        ax.yaxis.set_major_locator(ticker.FixedLocator(ticks))
+        ax.yaxis.set_minor_locator(ticker.NullLocator())
+        ax.set_ylim(ticks[0] / 1.04, ticks[-1] * 1.04)
+    else:
+        view_low, view_high = ax.get_ylim()
+        ax.set_ylim(min(view_low, 10 ** np.floor(np.log10(low))), max(view_high, 10 ** np.ceil(np.log10(high))))
+
+
+def _round_down(x: float) -> float:
+    """x > 0 rounded down to one significant digit: 14.7 -> 10, 0.57 -> 0.5."""
+    scale = 10 ** np.floor(np.log10(x))
+    return float(np.floor(x / scale) * scale)
 
 
 def _save(fig, path: str | Path) -> Path:
