@@ -69,7 +69,47 @@ def pytest_runtest_setup(item):
         needs_torch()
 
 
+def _checkout_files() -> set[str] | None:
+    """Every file in the checkout that git does not track, ignored ones included (None outside a git checkout)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    run = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=root,
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        return None
+    caches = ("__pycache__/", ".pytest_cache/", ".ruff_cache/", ".egg-info/")
+    return {line[3:] for line in run.stdout.splitlines() if not any(c in line for c in caches)}
+
+
+CHECKOUT_FILES = pytest.StashKey[set]()
+CHECKOUT_LEFT = pytest.StashKey[list]()
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # the controlling process, once per run
+        session.config.stash[CHECKOUT_FILES] = _checkout_files()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write under tmp_path only: a file left in the checkout fails the run, named."""
+    before = session.config.stash.get(CHECKOUT_FILES, None) if not hasattr(session.config, "workerinput") else None
+    after = _checkout_files() if before is not None else None
+    if after is not None and (left := sorted(after - before)):
+        session.config.stash[CHECKOUT_LEFT] = left
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter):
+    if left := terminalreporter.config.stash.get(CHECKOUT_LEFT, None):
+        terminalreporter.write_sep("!", "the tests left files in the checkout (write under tmp_path)", red=True)
+        for path in left:
+            terminalreporter.write_line(path)
+    _parity_margins(terminalreporter)
+
+
+def _parity_margins(terminalreporter):
     """The parity margins of this run: the closest any comparison came to its tolerance."""
     if WORST_RATIO:
         worst = sorted(WORST_RATIO.items(), key=lambda kv: -kv[1])[:12]

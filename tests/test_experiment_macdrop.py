@@ -72,6 +72,7 @@ def test_bad_configs_for_the_model_fail_before_compute(field, value, message, mo
 def test_missing_checkpoint_fails_fast(tmp_path):
     config = llama3_8b.get_config()
     config.model = str(tmp_path / "Meta-Llama-3-8B")
+    config.output_dir = str(tmp_path / "run")  # the config's own (runs/...) is relative to the checkout
     with pytest.raises(FileNotFoundError, match="Meta-Llama-3-8B: no such file"):
         experiment.run(config)
 
