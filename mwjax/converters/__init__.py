@@ -6,6 +6,8 @@
     save_hf(model, "out_dir", tokenizer=tokenizer)
 """
 
+import logging
+
 from mwjax.converters.errors import (
     CheckpointError,
     InvalidConfigError,
@@ -15,6 +17,16 @@ from mwjax.converters.errors import (
 )
 from mwjax.converters.loader import build_from_source, load, load_tokenizer, peft_base, resolve
 from mwjax.converters.save_hf import save_hf
+
+
+
+def _not_the_torch_notice(record: logging.LogRecord) -> bool:
+    """transformers announces at import that without PyTorch its models are unavailable: mwjax reads checkpoints
+    and tokenizers without torch by design, so the notice would only alarm (its other messages pass)."""
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+logging.getLogger("transformers").addFilter(_not_the_torch_notice)
 
 __all__ = [
     "CheckpointError",
