@@ -19,7 +19,6 @@ from mwjax.converters.loader import build_from_source, load, load_tokenizer, pef
 from mwjax.converters.save_hf import save_hf
 
 
-
 def _not_the_torch_notice(record: logging.LogRecord) -> bool:
     """transformers announces at import that without PyTorch its models are unavailable: mwjax reads checkpoints
     and tokenizers without torch by design, so the notice would only alarm (its other messages pass)."""
