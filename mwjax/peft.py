@@ -59,6 +59,7 @@ class LoRAParam(nnx.Param):
     """An adapter parameter: the only kind the trainer differentiates and the optimizer updates."""
 
 
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # an HF PEFT adapter
 ADAPTER_AXES = (None, None)  # A [in, r] and B [r, out] are small: replicated on every device
 
 
@@ -365,7 +366,8 @@ def merge(model: nnx.Module) -> nnx.Module:
 def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
                 gguf_file: str | None = None) -> Path:
     """Write an HF PEFT adapter directory as `PeftModel.save_pretrained` does: adapter_config.json,
-    adapter_model.safetensors and a README.md model card.
+    adapter_model.safetensors and a README.md model card, directory-atomic (`mwjax.atomic`: a kill leaves the
+    previous adapter or this one; an existing directory is replaced only when it holds a PEFT adapter).
 
     base_model_name_or_path: what `AutoPeftModelForCausalLM.from_pretrained(directory)` loads the base from (a
     hub id or an HF directory); with `gguf_file` (a GGUF base, which PEFT cannot name) the card says to pass
@@ -401,12 +403,10 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
     if version := _installed("peft"):
         peft_config["peft_version"] = version
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
-    with atomic.atomic_file(directory / "adapter_model.safetensors") as partial:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-    atomic.write_text_atomically(directory / "adapter_config.json", json.dumps(peft_config, indent=2))
-    atomic.write_text_atomically(directory / "README.md", _model_card(config, base_model_name_or_path, gguf_file))
+    with atomic.atomic_directory(directory, replaces=PEFT_FILES, what="an HF PEFT adapter") as staging:
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+        (staging / "README.md").write_text(_model_card(config, base_model_name_or_path, gguf_file))
     return directory
 
 
