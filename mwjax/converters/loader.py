@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax import checkpoint, models
+from mwjax import atomic, checkpoint, models
 from mwjax.checkpoint import ShardingFn, dotted
 from mwjax.config import ConfigError, ModelConfig
 from mwjax.converters import embedded, gguf_file, gguf_source, keymaps
@@ -226,6 +226,7 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
     if text.startswith(embedded.PREFIX):
         return embedded.path(text[len(embedded.PREFIX):])
     local = Path(text).expanduser()
+    atomic.recover(local)  # an export killed between the two renames of its swap (mwjax.atomic) is repaired
     if local.exists():
         return local
     if _HUB_ID.match(text):
