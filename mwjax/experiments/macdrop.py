@@ -30,13 +30,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from absl import app
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from mwjax import atomic, compiled, converters, data, distributed, macdrop, massive, peft, sharding, train
 from mwjax.converters import embedded
+from mwjax.experiments import cli
 from mwjax.experiments.configs import base as base_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -88,28 +88,51 @@ class Plan:
 
 
 def plan(config: ConfigDict) -> Plan:
-    """Check the whole config before anything is loaded or computed; ValueError names the bad field."""
-    fields = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.to_dict().items()}
-    tc = train.TrainConfig(**fields(config.train))
-    lc = peft.LoraConfig(**fields(config.lora))
-    dc = data.DataConfig(**fields(config.data))
+    """Check the whole config before anything is loaded or computed; ValueError naming the bad field
+    (config.<section>.<field>) on the first bad one."""
+    tc = _section(config, "train", train.TrainConfig)
+    lc = _section(config, "lora", peft.LoraConfig)
+    dc = _section(config, "data", data.DataConfig)
     md = config.macdrop
     if md.enabled:
         if md.scope not in macdrop.SCOPES:
-            raise ValueError(f"unknown MacDrop scope {md.scope!r}; choose from {macdrop.SCOPES}")
-        macdrop.curriculum(md.curriculum, md.p0, total_steps=1, steps_per_epoch=1, epochs=1, alpha=md.alpha)
-    k = config.massive.k
-    if k < 1:
-        raise ValueError(f"massive.k must be >= 1, got {k}")
-    if config.massive.indices is not None:
-        if config.massive.layer is None:
-            raise ValueError("massive.indices given without massive.layer (0-based, HF numbering)")
-        if len(config.massive.indices) < k:
-            raise ValueError(f"massive.indices holds {len(config.massive.indices)} rows but k={k}")
-    for dtype in (config.dtype, config.param_dtype):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+            raise ValueError(f"config.macdrop.scope: unknown MacDrop scope {md.scope!r}; choose from {macdrop.SCOPES}")
+    if not 0 <= md.alpha < math.inf:
+        raise ValueError(f"config.macdrop.alpha must be a finite number >= 0, got {md.alpha}")
+    if md.enabled:
+        try:
+            macdrop.curriculum(md.curriculum, md.p0, total_steps=1, steps_per_epoch=1, epochs=1, alpha=md.alpha)
+        except ValueError as e:
+            raise ValueError(f"config.macdrop (p0, curriculum, alpha): {e}") from e
+    m = config.massive
+    if m.k < 1:
+        raise ValueError(f"config.massive.k must be >= 1, got {m.k}")
+    if m.layer is not None and m.layer < 0:
+        raise ValueError(f"config.massive.layer must be >= 0 (0-based, HF numbering), got {m.layer}")
+    if m.indices is not None:
+        if m.layer is None:
+            raise ValueError("config.massive.indices given without massive.layer (0-based, HF numbering)")
+        if len(m.indices) < m.k:
+            raise ValueError(f"config.massive.indices holds {len(m.indices)} rows but k={m.k}")
+        if min(m.indices) < 0:
+            raise ValueError(f"config.massive.indices must be rows >= 0, got {tuple(m.indices)}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        if size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{axis} must be >= 1 devices (or -1: the devices left), got {size}")
+    for name in ("dtype", "param_dtype"):
+        if config[name] not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"config.{name}: unknown dtype {config[name]!r}; use float32 or bfloat16")
     return Plan(config, tc, lc, dc, Path(config.output_dir or Path("runs") / config.name))
+
+
+def _section(config: ConfigDict, name: str, cls):
+    """config.<name> as the library dataclass `cls`, its own checks' errors naming the section."""
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config[name].to_dict().items()}
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.{name}: {e}") from e
 
 
 RUN_FILES = ("config.json", "massive_weights.json", "metrics.jsonl", "results.json", "adapter", "adapter_peft",
@@ -297,6 +320,10 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("jax", "absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        plan(_CONFIG.value)  # a bad field is a usage error (exit status 2) naming it, before anything starts
+    except ValueError as e:
+        cli.usage_error("experiments.macdrop", str(e))
     summary = run(_CONFIG.value)
     if distributed.is_lead() and "eval_losses" in summary:
         final = summary["eval_losses"][-1][1] if summary["eval_losses"] else None
@@ -307,4 +334,4 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.argv = resolve_config_argv(sys.argv)
-    app.run(main)
+    cli.run(main)

@@ -12,17 +12,17 @@ bos_intermediate.png: the top-3 and median |value| per layer).
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import massive, plots
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 from mwjax.layer_index import layer_label, layer_numbers
 from mwjax.tokens import first_token_id
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
-flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state")
+flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state", lower_bound=1)
 
 
 def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
@@ -105,4 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import atomic, attacks, compiled, converters, massive, peft, plots, prune
 from mwjax.eval import perplexity, synthetic_tasks
 from mwjax.eval.perplexity import chunk_tokens
-from mwjax.experiments import common, macdrop
+from mwjax.experiments import cli, common, macdrop
 from mwjax.experiments.configs import smollm2_135m
 from mwjax.progress import duration
 
@@ -54,7 +54,7 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_bool("quick", False, "CI-sized run: tiny slices of every step, one seed, LoRA and LoRA + MacDrop only")
 flags.DEFINE_string("contrast_model", "embedded:gemma3-270m", "model of the finding's contrast (Gemma-2 in the "
                     "paper); empty to skip")
-flags.DEFINE_list("seeds", None, "fine-tuning seeds (default: 0,1 in the full run, 0 with --quick)")
+cli.define_numbers("seeds", None, "fine-tuning seeds (default: 0,1 in the full run, 0 with --quick)", lower_bound=0)
 flags.DEFINE_string("work_dir", None, "where the fine-tuning runs go (default: a temporary directory)")
 
 CORPUS = "python_docs"  # the held-out local text: Python's own documentation, shipped with Python
@@ -551,4 +551,4 @@ def report(sizes: Sizes, out: Path, work: Path, start: float, commit: str) -> No
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,11 +13,11 @@ picks and their probabilities) and router.png (layers x experts, the massive wei
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import massive, plots
 from mwjax.atomic import write_text_atomically
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 from mwjax.layer_index import layer_label
 from mwjax.tokens import first_token_id
 
@@ -66,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from mwjax.eval import longbench, spec_bench
 from mwjax.eval.zeroshot_tasks import PAPER_TASKS
 from mwjax.eval.zeroshot_tasks import TITLES as TASK_TITLES
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -189,4 +189,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from mwjax.eval import zeroshot_tasks
-from mwjax.experiments import attack_flags, common, zeroshot_flags
+from mwjax.experiments import attack_flags, cli, common, zeroshot_flags
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -64,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
