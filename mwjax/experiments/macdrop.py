@@ -16,10 +16,15 @@ when results.json is there, reports the finished run). A different config is ref
 fields that differ, unless `--config.resume=True` (continue with the new config, e.g. a lower
 learning rate after a divergence; the old config is kept as config.step<N>.json) or
 `--config.overwrite_output_dir=True` (delete what the earlier run wrote and start afresh).
+
+One run per output_dir: process 0 holds the directory's lock (`mwjax.run_lock`, `.<name>.lock` beside it) for
+the run's life; a second run on it is refused with the first one's pid, host and start time, and the lock of
+a run that died is taken over with a warning. adapter/ and adapter_peft/ are written directory-atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,11 +35,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
-from mwjax import atomic, compiled, converters, data, distributed, macdrop, massive, peft, sharding, train
+from mwjax import atomic, compiled, converters, data, distributed, macdrop, massive, peft, run_lock, sharding, train
 from mwjax.converters import embedded
 from mwjax.experiments import cli
 from mwjax.experiments.configs import base as base_config
@@ -243,6 +249,36 @@ def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | No
     cache = config.compilation_cache_dir
     if cache := compiled.keep_compiled_programs(embedded.cache_dir() / "xla" if cache is None else cache):
         log.info("compiled programs are kept in %s (a relaunch loads them)", cache)
+    with output_dir_lock(p.output_dir):  # one run per output directory, before anything in it is touched
+        return _run(config, p, stop_after=stop_after, loaded=loaded)
+
+
+def output_dir_lock(out: Path) -> contextlib.ExitStack:
+    """The run's hold on `out` (`mwjax.run_lock`): process 0 takes the lock for the whole run (it alone writes
+    the run's files); in a multi-host run every process learns whether it got it, so all stop together when
+    another run holds the directory."""
+    stack = contextlib.ExitStack()
+    error = None
+    if distributed.is_lead():
+        try:
+            stack.enter_context(run_lock.hold(out, what="experiments.macdrop run"))
+        except run_lock.DirectoryLockedError as e:
+            error = e
+        except OSError as e:
+            error = ValueError(f"cannot write to output_dir {out}: {e}")
+    if jax.process_count() > 1:
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if refused and error is None:
+            error = run_lock.DirectoryLockedError(f"{out} is in use by another run (process 0's message names it)")
+    if error is not None:
+        stack.close()
+        raise error
+    return stack
+
+
+def _run(config: ConfigDict, p: Plan, *, stop_after: int | None, loaded: tuple | None) -> dict:
+    """`run` once the output directory is this run's."""
+    lead = distributed.is_lead()
     out = p.output_dir
     checkpoint_dir = config.checkpoint_dir or out / "checkpoints"
     finished = prepare_output_dir(config, out, checkpoint_dir)
@@ -324,7 +360,10 @@ def main(argv):
         plan(_CONFIG.value)  # a bad field is a usage error (exit status 2) naming it, before anything starts
     except ValueError as e:
         cli.usage_error("experiments.macdrop", str(e))
-    summary = run(_CONFIG.value)
+    try:
+        summary = run(_CONFIG.value)
+    except run_lock.DirectoryLockedError as e:  # another run holds output_dir: its pid and start time, no traceback
+        raise SystemExit(f"experiments.macdrop: {e}") from None
     if distributed.is_lead() and "eval_losses" in summary:
         final = summary["eval_losses"][-1][1] if summary["eval_losses"] else None
         print(f"massive weights: {massive.MassiveWeights.from_dict(summary['massive_weights']).label}")
