@@ -28,7 +28,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -160,6 +160,61 @@ def swap_in(new: Path, directory: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def begin(directory: str | os.PathLike, *, replaces: Sequence[str] | None = (), what: str = "an output",
+          create: bool = True) -> Path:
+    """Start a directory-atomic write of `directory` (module doc): repair and clear what killed writes left,
+    refuse a directory that holds something else (`check_replaceable`; `replaces=None`: no such check, for a
+    writer that carries the directory's other files over, see `commit`) and return this process's staging
+    directory (made when `create`). Finish with `commit`, or `abort`."""
+    directory = recover(directory)
+    if replaces is not None:
+        check_replaceable(directory, replaces, what)
+    remove_stale(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(directory)
+    shutil.rmtree(staging, ignore_errors=True)  # an aborted write of this very process
+    if create:
+        staging.mkdir()
+    return staging
+
+
+def commit(staging: Path, directory: str | os.PathLike, *, carry: Callable[[str], bool] | None = None) -> Path:
+    """Swap the complete `staging` in as `directory`. `carry(name)`: which entries of the current directory to
+    keep, hard-linked into the new version first (another writer's files in a shared output directory).
+    Returns the absolute directory."""
+    directory = Path(directory).absolute()
+    if carry is not None and directory.is_dir():
+        for entry in directory.iterdir():
+            if carry(entry.name) and not (staging / entry.name).exists():
+                _link(entry, staging / entry.name)
+    new, _ = siblings(directory)
+    os.replace(staging, new)  # complete: from here on `recover` rolls the write forward
+    swap_in(new, directory)
+    return directory
+
+
+def abort(staging: Path) -> None:
+    """Drop a staging directory that will not be committed (the target is untouched)."""
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _link(src: Path, dst: Path) -> None:
+    """A hard link of `src` at `dst` (directories: a tree of links; symlinks as symlinks), a copy where the
+    filesystem has no hard links."""
+    def link(a, b):
+        try:
+            os.link(a, b, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(a, b, follow_symlinks=False)
+
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    else:
+        link(src, dst)
+
+
 @contextlib.contextmanager
 def atomic_directory(directory: str | os.PathLike, *, replaces: Sequence[str] = (), what: str = "an output",
                      create: bool = True) -> Iterator[Path]:
@@ -176,19 +231,10 @@ def atomic_directory(directory: str | os.PathLike, *, replaces: Sequence[str] = 
     Yields:
       The staging directory to fill. On an error or an interrupt it is removed and the target is untouched.
     """
-    directory = recover(directory)
-    check_replaceable(directory, replaces, what)
-    remove_stale(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_path(directory)
-    new, _ = siblings(directory)
-    shutil.rmtree(staging, ignore_errors=True)  # an aborted write of this very process
-    if create:
-        staging.mkdir()
+    staging = begin(directory, replaces=replaces, what=what, create=create)
     try:
         yield staging
-        os.replace(staging, new)  # complete: from here on `recover` rolls the write forward
+        commit(staging, directory)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        abort(staging)
         raise
-    swap_in(new, directory)

@@ -123,7 +123,8 @@ def main(argv):
                           common.figure(out, "k_sweep" + metric.suffix), ylabel=metric.label, log_y=metric.log_y)
             payload["k_sweep" + metric.suffix] = {"k": ks, **metric.settings, **series}
             print_sweep(ks, series, metric.label)
-    print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and figures in {out}")
+    common.write_json(out / "attacks.json", payload)
+    print(f"\nwrote attacks.json, table1.md and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ def main(argv):
          "mean over heads"), common.figure(out, "attention_sinks"))
     payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "prompt": FLAGS.prompt,
                "tokens": labels, **result.to_dict()}
-    print(f"wrote {common.write_json(out / 'attention_sinks.json', payload)}, attention_sinks.md and the figure in "
-          f"{out}")
+    common.write_json(out / "attention_sinks.json", payload)
+    print(f"wrote attention_sinks.json, attention_sinks.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":

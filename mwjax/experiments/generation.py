@@ -101,12 +101,13 @@ def main(argv):
     atomic.write_text_atomically(out / "generation.md", table + "\n")
     scores = summary["scores"]
     if scores["avg"] is None:
-        print(f"wrote generation.jsonl, generation.json and generation.md in {out} (no figure: no judgement parsed)")
+        print(f"wrote generation.jsonl, generation.json and generation.md in {common.publish(out)} (no figure: no "
+              "judgement parsed)")
         return
     bars = {spec_bench.COLUMNS[c]: scores[c] for c in spec_bench.COLUMNS if c in scores} | {"Avg.": scores["avg"]}
     figure = plots.likert_bars(bars, f"{common.model_name()} ({label}), judge "
                                f"{FLAGS.judge.rstrip('/').split('/')[-1]}", common.figure(out, "generation"))
-    print(f"wrote generation.jsonl, generation.json, generation.md and {figure.name} in {out}")
+    print(f"wrote generation.jsonl, generation.json, generation.md and {figure.name} in {common.publish(out)}")
 
 
 if __name__ == "__main__":

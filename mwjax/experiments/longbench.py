@@ -78,7 +78,8 @@ def main(argv):
     plots.category_bars({longbench.TITLES[d]: scores[d] for d in FLAGS.datasets},
                         {c: [longbench.TITLES[d] for d in ds] for c, ds in longbench.CATEGORIES.items()},
                         f"{common.model_name()} ({run['label']}): LongBench", common.figure(out, "longbench"))
-    print(f"wrote {common.write_json(out / 'longbench.json', run)}")
+    common.write_json(out / "longbench.json", run)
+    print(f"wrote longbench.json, longbench.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def main(argv):
         "corpus_stats": {"corpus": corpus.name, "sequences": len(seqs), "seqlen": FLAGS.stats_seqlen,
                          **{p: averaged[p] for p in ("hidden", "intermediate")}},
     }
-    print(f"\nwrote {common.write_json(out / 'massive_weights.json', payload)} and figures in {out}")
+    common.write_json(out / "massive_weights.json", payload)
+    print(f"\nwrote massive_weights.json and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def growth(profile: massive.FirstTokenProfile) -> str:
 
 def main(argv):
     del argv
-    out = common.output_dir(FLAGS.output_dir) if FLAGS.output_dir else None  # checked before the model loads
+    out = common.output_dir(FLAGS.output_dir, "probe") if FLAGS.output_dir else None  # checked before the model loads
     model, tokenizer = common.load_model()
     token_id = first_token_id(tokenizer, model.config, common.first_token_flag())
     label = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else str(token_id)
@@ -101,7 +101,8 @@ def main(argv):
     if out:
         payload = {"model": FLAGS.model, "dtype": FLAGS.dtype, "token_id": token_id, "layers": rows}
         plots.bos_profile(profile, common.model_name(), lambda figure: common.figure(out, figure))
-        print(f"wrote {common.write_json(out / 'probe.json', payload)} and figures in {out}")
+        common.write_json(out / "probe.json", payload)
+        print(f"wrote probe.json and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":

@@ -140,7 +140,8 @@ def main(argv):
                    "corpus": FLAGS.calibration, "sequences": len(calibration), "seqlen": FLAGS.calibration_seqlen,
                    "bos": FLAGS.calibration_bos, "sequential": FLAGS.sequential},
                "settings": settings}
-    print(f"\nwrote {common.write_json(out / 'prune.json', payload)}, prune.md and figure in {out}")
+    common.write_json(out / "prune.json", payload)
+    print(f"\nwrote prune.json, prune.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ agree / inconclusive against the noise the run can measure):
   4. Pruning (thesis chapter 3): Wanda vs magnitude at 50%, with and without the massive weights (and super
      weights) protected.
 
-Writes report.md, report.json and the figures into --output_dir (default outputs/report), atomically; the
+Writes report.md, report.json and the figures into --output_dir (default outputs/report), as one atomic output; the
 fine-tuning runs go to --work_dir (default: a temporary directory, removed at the end; adapters are ~10 MB).
 The report's header names the command, the mwjax commit and the wall time.
 """
@@ -503,7 +503,8 @@ def main(argv):
     sizes = QUICK if FLAGS.quick else FULL
     out = common.output_dir("outputs/report")
     commit = git_commit()
-    log(f"{'quick' if FLAGS.quick else 'full'} report of {FLAGS.model} at mwjax {commit} into {out}")
+    log(f"{'quick' if FLAGS.quick else 'full'} report of {FLAGS.model} at mwjax {commit} into "
+        f"{common.final_path(out)}")
     with tempfile.TemporaryDirectory(prefix="mwjax_report_") as tmp:
         work = Path(FLAGS.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -547,7 +548,8 @@ def report(sizes: Sizes, out: Path, work: Path, start: float, commit: str) -> No
     ]
     atomic.write_text_atomically(out / "report.md", "\n\n".join(["\n".join(header), *sections]) + "\n")
     common.write_json(out / "report.json", payload)
-    log(f"wrote {out / 'report.md'}, report.json and figures; wall time {duration(wall)} ({wall:.0f} s)")
+    final = common.publish(out)  # report.md, report.json and the figures appear together
+    log(f"wrote {final / 'report.md'}, report.json and figures; wall time {duration(wall)} ({wall:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def main(argv):
     payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "token_id": token_id,
                "num_experts_per_tok": config.num_experts_per_tok, "massive_weights": mw.to_dict(),
                "router_probs": probs}
-    print(f"wrote {common.write_json(out / 'router.json', payload)}, router.md and the figure in {out}")
+    common.write_json(out / "router.json", payload)
+    print(f"wrote router.json, router.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":

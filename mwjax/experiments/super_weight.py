@@ -109,7 +109,8 @@ def main(argv):
                             log_y=sweep.log_y)
         payload["scaling"][metric] = values
         payload["scaling"][f"{metric}_settings"] = sweep.settings
-    print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and figures in {out}")
+    common.write_json(out / "super_weight.json", payload)
+    print(f"\nwrote super_weight.json and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":

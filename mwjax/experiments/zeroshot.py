@@ -60,7 +60,8 @@ def main(argv):
     print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
     (out / "zeroshot.md").write_text(table + "\n")
     payload = {**run, **zeroshot_flags.recorded(), "scores": scores}
-    print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
+    common.write_json(out / "zeroshot.json", payload)
+    print(f"wrote zeroshot.json and zeroshot.md in {common.publish(out)}")
 
 
 if __name__ == "__main__":
