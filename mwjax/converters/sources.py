@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -114,41 +113,35 @@ class SafetensorsSource(TensorSource):
 
 
 SINGLE_FILE = "model.safetensors"
-_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")  # HF's shard names: model-00001-of-00003.safetensors
 _REEXPORT = ("or export the model again with mwjax's save_hf, which replaces the whole directory (transformers' "
              "save_pretrained leaves old files behind)")
 
 
 def check_layout(directory: Path, index: Path, weight_map: dict[str, str] | None) -> None:
-    """The model weight files (`model*.safetensors`) of `directory` form one layout: `model.safetensors` alone,
-    or the shards its index lists and nothing else; CheckpointError naming the files otherwise (a stale file of
-    an earlier export would be read, or silently left out).
+    """With an index, the model weight files (`model*.safetensors`) of `directory` are exactly the shards it
+    lists: no `model.safetensors` beside it and no unlisted shard (stale files of an earlier export, which
+    would be silently left out); CheckpointError naming the files otherwise. Without an index every
+    `*.safetensors` file is read, and a tensor in two of them is refused (`SafetensorsSource`).
 
     Args:
       directory: an HF checkpoint directory.
       index: its `model.safetensors.index.json` path; weight_map: the index's weight_map (None: no index).
     """
-    weights = sorted(p.name for p in directory.glob("model*.safetensors"))
     if weight_map is None:
-        shards = [name for name in weights if _SHARD.match(name)]
-        if shards:
-            raise CheckpointError(
-                f"{directory} holds sharded weights ({', '.join(shards[:4])}) but no {index.name} to list them"
-                f"{' beside ' + SINGLE_FILE if SINGLE_FILE in weights else ''}: the index was lost, or the shards "
-                f"are stale files of an earlier export. Restore the index, delete the stale files, {_REEXPORT}")
         return
+    weights = sorted(p.name for p in directory.glob("model*.safetensors"))
     listed = set(weight_map.values())
+    shown = f"{', '.join(sorted(listed)[:3])}{', ...' if len(listed) > 3 else ''}"
     if SINGLE_FILE in weights and SINGLE_FILE not in listed:
         raise CheckpointError(
             f"{directory} holds both {SINGLE_FILE} (a single-file checkpoint) and {index.name} (a sharded one, "
-            f"listing {', '.join(sorted(listed)[:3])}{', ...' if len(listed) > 3 else ''}): files of two exports, one "
-            f"of them stale. Delete the layout you do not want, {_REEXPORT}")
+            f"listing {shown}): files of two exports, one of them stale. Delete the layout you do not want, "
+            f"{_REEXPORT}")
     unlisted = [name for name in weights if name not in listed]
     if unlisted:
         raise CheckpointError(
             f"{directory}: {', '.join(unlisted[:4])} {'is' if len(unlisted) == 1 else 'are'} not listed in "
-            f"{index.name} (which lists {', '.join(sorted(listed)[:3])}{', ...' if len(listed) > 3 else ''}): stale "
-            f"files of an earlier export? Delete them, {_REEXPORT}")
+            f"{index.name} (which lists {shown}): stale files of an earlier export? Delete them, {_REEXPORT}")
 
 
 def _open_safetensors(path: Path, index: Path | None = None):
