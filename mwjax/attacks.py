@@ -16,6 +16,7 @@ attached to a model copy with `attach`.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -379,9 +380,12 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
         return name, int(arg)
     if name == "scale_super_weight":
         try:
-            return name, float(arg)
+            factor = float(arg)
         except ValueError:
             raise ValueError(f"attack {spec!r}: write scale_super_weight:FACTOR, e.g. scale_super_weight:1.5") from None
+        if not math.isfinite(factor):
+            raise ValueError(f"attack {spec!r}: the factor must be a finite number, e.g. scale_super_weight:1.5")
+        return name, factor
     if name in ("prune_super_weight", "restore_super_activation"):
         if arg:
             raise ValueError(f"attack {spec!r}: {name} takes no argument")

@@ -1,17 +1,16 @@
 """Native checkpoints: a model's parameters in orbax, its config beside them as JSON.
 
-Both items are written in one orbax save, which is atomic (a temporary directory renamed at the
-end), so a crash never leaves a half-written checkpoint. Overwriting is atomic too: the new
-checkpoint is written beside the old one and swapped in only when complete, so a kill at any
-moment leaves the old or the new checkpoint whole (a kill between the two renames of the swap is
-repaired by the next `save` / `restore` / `is_checkpoint`). `restore` can place every array
-straight into a sharding (no host holds the whole model) and cast to another dtype.
+Both items are written in one orbax save, directory-atomic like every multi-file output (`mwjax.atomic`):
+orbax writes the checkpoint under a temporary name and renames it to `.<name>.new` once complete, which is
+then swapped in; so a kill at any moment leaves the old or the new checkpoint whole, also when overwriting (a
+kill between the two renames of the swap is repaired by the next `save` / `restore` / `is_checkpoint`).
+`restore` can place every array straight into a sharding (no host holds the whole model) and cast to
+another dtype.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from mwjax import models, peft
+from mwjax import atomic, models, peft
 from mwjax.config import ModelConfig
 from mwjax.models.layers import declared_axes
 
@@ -45,25 +45,9 @@ def is_checkpoint(directory: str | os.PathLike) -> bool:
     return (directory / METADATA_ITEM).is_dir() and (directory / STATE_ITEM).is_dir()
 
 
-def _siblings(directory: Path) -> tuple[Path, Path]:
-    """Where an overwrite writes the new checkpoint, and where it moves the old one during the swap."""
-    return directory.with_name(f".{directory.name}.new"), directory.with_name(f".{directory.name}.old")
-
-
 def recover(directory: str | os.PathLike) -> Path:
-    """Finish or undo an overwrite that was killed mid-swap, drop what a killed overwrite left beside
-    it, and return the absolute path."""
-    directory = Path(directory).absolute()
-    new, old = _siblings(directory)
-    if not directory.exists():
-        if new.exists():  # orbax renames a save into place only once complete: `new` is whole
-            os.replace(new, directory)
-        elif old.exists():
-            os.replace(old, directory)
-    for stale in (new, old):
-        if stale.exists():
-            shutil.rmtree(stale)
-    return directory
+    """Finish or undo an overwrite that was killed mid-swap and return the absolute path (`atomic.recover`)."""
+    return atomic.recover(directory)
 
 
 def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -86,19 +70,36 @@ def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = F
 
 
 def save_items(directory: str | os.PathLike, items: dict, *, overwrite: bool) -> Path:
-    """One orbax save of several named items (`ocp.args`), atomic, and atomic when it overwrites:
-    the new checkpoint is written beside the old one and swapped in when complete."""
-    directory = recover(directory)
+    """One orbax save of several named items (`ocp.args`), directory-atomic (module doc).
+
+    Every process of a multi-host run calls it (orbax writes each process's shards); process 0 alone repairs,
+    clears and swaps, between barriers. An existing directory is replaced only with `overwrite` and only when
+    it holds one of the items already (an earlier checkpoint of this kind).
+    """
+    directory = Path(directory).absolute()
+    lead = jax.process_index() == 0
+    if lead:
+        atomic.recover(directory)
+    _sync("checkpoint: recovered")
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-    target, old = _siblings(directory) if directory.exists() else (directory, None)
+    atomic.check_replaceable(directory, tuple(items), "an mwjax orbax checkpoint")
+    if lead:
+        atomic.remove_stale(directory)
+    _sync("checkpoint: cleared")
+    new, _ = atomic.siblings(directory)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(target, args=ocp.args.Composite(**items))
-    if old is not None:  # the swap: two renames, each atomic; `recover` repairs a kill between them
-        os.replace(directory, old)
-        os.replace(target, directory)
-        shutil.rmtree(old)
+        ckptr.save(new, args=ocp.args.Composite(**items))  # renamed to `new` by orbax once complete
+    if lead:
+        atomic.swap_in(new, directory)
+    _sync("checkpoint: swapped in")
     return directory
+
+
+def _sync(name: str) -> None:
+    """A barrier over the processes of a multi-host run (nothing in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:

@@ -54,8 +54,12 @@ class DataConfig:
             raise ValueError(f"unknown chat template {self.template!r}; choose from {TEMPLATES}")
         if self.cutoff_len < 2:
             raise ValueError(f"cutoff_len must be >= 2 tokens, got {self.cutoff_len}")
-        if self.val_size < 0 or (self.val_size >= 1 and self.val_size != int(self.val_size)):
+        if not 0 <= self.val_size < math.inf or (self.val_size >= 1 and self.val_size != int(self.val_size)):
             raise ValueError(f"val_size is a fraction in [0, 1) or a whole number of examples, got {self.val_size}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.num_synthetic < 1:
+            raise ValueError(f"num_synthetic must be >= 1, got {self.num_synthetic}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be >= 1, got {self.max_examples}")
 

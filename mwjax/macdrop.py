@@ -30,6 +30,7 @@ state is a small pytree that checkpoints with the optimizer.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +54,8 @@ def curriculum(name: str, p0: float, *, total_steps: int | None = None, steps_pe
     if name == "constant":
         return optax.constant_schedule(p0)
     if name == "exp":
-        if alpha < 0:
-            raise ValueError(f"the exp curriculum needs alpha >= 0, got {alpha}")
+        if not 0 <= alpha < math.inf:
+            raise ValueError(f"the exp curriculum needs a finite alpha >= 0, got {alpha}")
         return lambda s: p0 * jnp.exp(-alpha * (jnp.asarray(s, jnp.float32) + 1.0))  # t = s + 1
     if name == "step":
         if not total_steps or total_steps < 1:

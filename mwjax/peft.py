@@ -59,6 +59,7 @@ class LoRAParam(nnx.Param):
     """An adapter parameter: the only kind the trainer differentiates and the optimizer updates."""
 
 
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # an HF PEFT adapter
 ADAPTER_AXES = (None, None)  # A [in, r] and B [r, out] are small: replicated on every device
 
 
@@ -88,10 +89,12 @@ class LoraConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int | np.integer) or self.rank < 1:
+            raise ValueError(f"LoRA rank must be an integer >= 1, got {self.rank!r}")
+        if not _real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+        if not _real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must lie in [0, 1), got {self.dropout!r}")
         if self.fuse and self.dropout > 0:
             raise ValueError(f"LoRA dropout {self.dropout} with fuse=True: PEFT applies one dropout mask to a fused "
                              "module's input, which mwjax's separate q/k/v (gate/up) adapters cannot share; set "
@@ -100,6 +103,11 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def _real(x) -> bool:
+    """A real number (an int or a float; a bool or a string is not)."""
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
 
 
 class LoRALinear(Linear):
@@ -365,7 +373,8 @@ def merge(model: nnx.Module) -> nnx.Module:
 def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
                 gguf_file: str | None = None) -> Path:
     """Write an HF PEFT adapter directory as `PeftModel.save_pretrained` does: adapter_config.json,
-    adapter_model.safetensors and a README.md model card.
+    adapter_model.safetensors and a README.md model card, directory-atomic (`mwjax.atomic`: a kill leaves the
+    previous adapter or this one; an existing directory is replaced only when it holds a PEFT adapter).
 
     base_model_name_or_path: what `AutoPeftModelForCausalLM.from_pretrained(directory)` loads the base from (a
     hub id or an HF directory); with `gguf_file` (a GGUF base, which PEFT cannot name) the card says to pass
@@ -401,12 +410,10 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
     if version := _installed("peft"):
         peft_config["peft_version"] = version
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
-    with atomic.atomic_file(directory / "adapter_model.safetensors") as partial:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-    atomic.write_text_atomically(directory / "adapter_config.json", json.dumps(peft_config, indent=2))
-    atomic.write_text_atomically(directory / "README.md", _model_card(config, base_model_name_or_path, gguf_file))
+    with atomic.atomic_directory(directory, replaces=PEFT_FILES, what="an HF PEFT adapter") as staging:
+        save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+        (staging / "README.md").write_text(_model_card(config, base_model_name_or_path, gguf_file))
     return directory
 
 
@@ -474,31 +481,120 @@ def _peft_modules(model: nnx.Module) -> dict[str, list[LoRALinear]]:
     return modules
 
 
+class AdapterError(ValueError):
+    """An adapter that cannot be loaded onto this base model as it is: the message names the adapter's file (or
+    directory) and the module."""
+
+
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0}  # HF PEFT LoraConfig's defaults
+_PEFT_UNSUPPORTED = {  # adapter_config.json field -> (the value mwjax implements, what it would change)
+    "rank_pattern": ({}, "a rank per module"), "alpha_pattern": ({}, "an alpha per module"),
+    "fan_in_fan_out": (False, "GPT-2 Conv1D weights"), "bias": ("none", "trained biases"),
+    "modules_to_save": (None, "fully trained modules"), "lora_bias": (False, "a trained bias on lora_B"),
+}
+
+
 def _peft_config(adapter_dir: Path) -> LoraConfig:
-    raw = json.loads((adapter_dir / "adapter_config.json").read_text())
+    """adapter_config.json as a LoraConfig, every value checked; an AdapterError names the file and the field."""
+    path = adapter_dir / "adapter_config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise AdapterError(f"{path} is not valid JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path} must hold a JSON object, not {type(raw).__name__}")
     if raw.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{adapter_dir}: peft_type {raw['peft_type']!r} is not LoRA/DoRA; mwjax loads only those")
-    return LoraConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0)),
-                      dora=bool(raw.get("use_dora")), rslora=bool(raw.get("use_rslora")))
+        raise AdapterError(f"{path}: peft_type {raw['peft_type']!r} is not LoRA/DoRA; mwjax loads only those")
+    for field, (implemented, meaning) in _PEFT_UNSUPPORTED.items():
+        value = raw.get(field)
+        if not (value is None or value == implemented or (isinstance(value, list | dict) and not value)):
+            raise AdapterError(f"{path}: {field}={value!r} ({meaning}) is not implemented by mwjax's LoRA/DoRA; only "
+                               "adapters without it load")
+    values = PEFT_DEFAULTS | {k: raw[k] for k in PEFT_DEFAULTS if raw.get(k) is not None}
+    for flag in ("use_dora", "use_rslora"):
+        if not isinstance(raw.get(flag, False), bool | None):
+            raise AdapterError(f"{path}: {flag} must be true or false, not {raw[flag]!r}")
+    try:
+        return LoraConfig(rank=values["r"], alpha=values["lora_alpha"], dropout=values["lora_dropout"],
+                          dora=bool(raw.get("use_dora")), rslora=bool(raw.get("use_rslora")))
+    except ValueError as e:  # rank, alpha or dropout out of range
+        names = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+        field = next((peft for ours, peft in names.items() if f"LoRA {ours}" in str(e)), "a value")
+        raise AdapterError(f"{path}: {field}: {e}") from e
+
+
+_PEFT_PARTS = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_magnitude_vector.weight", "m"),
+               (".lora_magnitude_vector", "m"))
+_PART_NAMES = {"A": "lora_A.weight", "B": "lora_B.weight", "m": "lora_magnitude_vector"}
+
+
+def _peft_tensors(weights: Path) -> dict[str, dict[str, np.ndarray]]:
+    """HF module path -> {"A": lora_A [r, in], "B": lora_B [out, r], "m": magnitude [out] (DoRA)} from a PEFT
+    adapter_model.safetensors, each tensor checked: a LoRA tensor, floating point, finite, of the right rank,
+    and A and B both present (AdapterError naming the file, the module and the tensor)."""
+    from safetensors.numpy import load_file
+
+    try:
+        raw = load_file(str(weights))
+    except Exception as e:  # SafetensorError, OSError, numpy refusing the bytes
+        raise AdapterError(f"{weights} is not a valid safetensors file ({type(e).__name__}: {e})") from e
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in raw.items():
+        name = key.removeprefix("base_model.model.")
+        part = next(((name[: -len(suffix)], p) for suffix, p in _PEFT_PARTS if name.endswith(suffix)), None)
+        if part is None:
+            raise AdapterError(f"{weights}: tensor {key!r} is not a LoRA/DoRA tensor (lora_A / lora_B / "
+                               "lora_magnitude_vector); mwjax loads only those (no PEFT bias or modules_to_save)")
+        module, p = part
+        _check_adapter_tensor(value, f"{weights}: module {module}'s {_PART_NAMES[p]}", 1 if p == "m" else 2)
+        modules.setdefault(module, {})[p] = value
+    if not modules:
+        raise AdapterError(f"{weights} holds no LoRA tensors")
+    for module, parts in sorted(modules.items()):
+        missing = [_PART_NAMES[p] for p in ("A", "B") if p not in parts]
+        if missing:
+            raise AdapterError(f"{weights}: module {module}'s adapter has no {' / '.join(missing)}: an adapter is "
+                               "an A and a B; the file is incomplete")
+    return modules
+
+
+def _check_adapter_tensor(value, what: str, ndim: int) -> None:
+    """Floating point, `ndim` dimensions, every value finite; AdapterError starting with `what` otherwise."""
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+        raise AdapterError(f"{what} is stored as {value.dtype}, not a floating-point type; the adapter is corrupt")
+    if value.ndim != ndim:
+        raise AdapterError(f"{what} has shape {tuple(value.shape)}, not {ndim}-D; the adapter is corrupt")
+    finite = np.isfinite(np.asarray(value, np.float32))
+    if not finite.all():
+        raise AdapterError(f"{what} holds {int(finite.size - finite.sum())} NaN / inf values; the adapter is corrupt "
+                           "(a diverged training run?)")
 
 
 def load_peft(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     """`model` (a base model) with the HF PEFT LoRA/DoRA adapter in `directory` attached
-    (`PeftModel.from_pretrained`); adapters written by `export_peft` or by HF PEFT itself."""
-    from safetensors.numpy import load_file
+    (`PeftModel.from_pretrained`); adapters written by `export_peft` or by HF PEFT itself.
 
+    Nothing is trusted: the config's r / lora_alpha / lora_dropout must lie in their range, every tensor must
+    be a floating-point, finite lora_A / lora_B (/ DoRA magnitude) of a module the base model has, with the
+    config's rank and the module's shape; an AdapterError names the file and the module otherwise.
+    """
     directory = Path(directory)
     weights = directory / "adapter_model.safetensors"
     if not weights.is_file() or not (directory / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{directory} is not a PEFT adapter directory (adapter_config.json + "
                                 "adapter_model.safetensors)")
-    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
-    suffix = ".lora_A.weight"
-    paths = sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    config = _peft_config(directory)
+    tensors = _peft_tensors(weights)
+    paths = sorted(tensors)
     # a fused HF module (Phi-3 qkv_proj / gate_up_proj) -> its projections; any other module -> itself
     fused = _fused_paths(model)
+    known = set(linear_paths(model)) | set(fused)
+    unknown = [path for path in paths if path not in known]
+    if unknown:
+        raise AdapterError(f"{weights}: module {unknown[0]} (of {len(unknown)} adapted modules the base model lacks) "
+                           f"is not a linear layer of the base {model.config.model_type} model (layers look like "
+                           f"{', '.join(linear_paths(model)[:2])}): an adapter of another base model?")
     members = {path: fused.get(path, (path,)) for path in paths}
-    config = _peft_config(directory)
     if fuse := any(path in fused for path in paths):
         if config.dropout > 0:  # only training sees dropout; the loaded adapter computes PEFT's eval output
             warnings.warn(f"{directory}: LoRA dropout {config.dropout} dropped: mwjax's fused adapters carry none "
@@ -509,18 +605,19 @@ def load_peft(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     layers = adapters(out)
     for path in paths:
         group = [layers[m] for m in members[path]]
-        a, b = tensors[f"{path}.lora_A.weight"].T, tensors[f"{path}.lora_B.weight"].T  # [in, r], [r, out]
+        a, b = tensors[path]["A"].T, tensors[path]["B"].T  # [in, r], [r, out]
         rows = np.cumsum([0] + [layer.out_features for layer in group])
         if a.shape != group[0].lora_a[...].shape or b.shape != (config.rank, rows[-1]):
-            raise ValueError(f"adapter {path}: lora_A/lora_B shapes {a.shape[::-1]}/{b.shape[::-1]} do not fit the "
-                             f"layer [{group[0].in_features} -> {rows[-1]}] (another base model?)")
-        key = f"{path}.lora_magnitude_vector"
-        magnitude = tensors.get(key, tensors.get(f"{key}.weight"))
-        if config.dora and magnitude is None:
-            raise ValueError(f"DoRA adapter {path} has no lora_magnitude_vector in {weights}")
+            raise AdapterError(f"{weights}: module {path}: lora_A / lora_B of shapes {a.shape[::-1]} / "
+                               f"{b.shape[::-1]} do not fit the layer [{group[0].in_features} -> {rows[-1]}] at "
+                               f"r={config.rank} (adapter_config.json): another base model, or another r?")
+        magnitude = tensors[path].get("m")
+        if config.dora != (magnitude is not None):
+            raise AdapterError(f"{weights}: module {path} {'has no' if config.dora else 'has a'} "
+                               f"lora_magnitude_vector but adapter_config.json says use_dora={config.dora}")
         if config.dora and magnitude.shape != (rows[-1],):
-            raise ValueError(f"DoRA adapter {path}: lora_magnitude_vector of shape {magnitude.shape} does not fit "
-                             f"the layer's {rows[-1]} outputs (another base model?)")
+            raise AdapterError(f"{weights}: module {path}: lora_magnitude_vector of shape {magnitude.shape} does "
+                               f"not fit the layer's {rows[-1]} outputs (another base model?)")
         for layer, start, stop in zip(group, rows[:-1], rows[1:], strict=True):
             layer.lora_a[...] = jnp.asarray(a, layer.lora_a[...].dtype)  # the same Variable within a fused group
             layer.lora_b[...] = jnp.asarray(b[:, start:stop], layer.lora_b[...].dtype)
@@ -553,7 +650,9 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> Path:
 
 def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     """`model` with the adapters of `directory`: an HF PEFT directory (`load_peft`) or one written by
-    `save_adapters`."""
+    `save_adapters` (orbax), checked as `load_peft` checks: a LoraConfig in range, adapted modules the base
+    model has, every stored array of the shape this base needs (before orbax reads it), floating point and
+    finite; an AdapterError names the directory and the module otherwise."""
     import orbax.checkpoint as ocp
 
     from mwjax import checkpoint
@@ -564,12 +663,57 @@ def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module
     if not (directory / ADAPTER_ITEM).is_dir():
         raise FileNotFoundError(f"{directory} holds neither a PEFT adapter (adapter_config.json) nor mwjax "
                                 "adapters (written by mwjax.peft.save_adapters)")
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    handler = ocp.CompositeCheckpointHandler(**{ADAPTER_ITEM: ocp.StandardCheckpointHandler(),
+                                                LORA_CONFIG_ITEM: ocp.JsonCheckpointHandler()})
+    with ocp.Checkpointer(handler) as ckptr:
         raw = ckptr.restore(directory, args=ocp.args.Composite(**{LORA_CONFIG_ITEM: ocp.args.JsonRestore()}))
-        out = add_adapters(model, LoraConfig(**raw[LORA_CONFIG_ITEM]))
+        config = _orbax_config(raw[LORA_CONFIG_ITEM], directory)
+        try:
+            out = add_adapters(model, config)
+        except ValueError as e:  # a target the base model lacks, a fused group it splits otherwise
+            raise AdapterError(f"{directory}: its adapters do not fit the base {model.config.model_type} model ({e}):"
+                               " adapters of another base model?") from e
         state = nnx.state(out, LoRAParam)
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(state))
+        _check_stored(ckptr.metadata(directory).item_metadata[ADAPTER_ITEM], target, directory)
         restored = ckptr.restore(directory, args=ocp.args.Composite(**{ADAPTER_ITEM: ocp.args.StandardRestore(target)}))
+    for path, value in jax.tree_util.tree_leaves_with_path(restored[ADAPTER_ITEM]):
+        module, _, name = checkpoint.dotted(path).rpartition(".")
+        _check_adapter_tensor(np.asarray(value), f"{directory}: module {module}'s {name}", value.ndim)
     nnx.replace_by_pure_dict(state, restored[ADAPTER_ITEM])
     nnx.update(out, state)
     return out
+
+
+def _orbax_config(raw, directory: Path) -> LoraConfig:
+    """The LoraConfig stored by `save_adapters`, checked (AdapterError naming the directory)."""
+    fields = {f.name for f in dataclasses.fields(LoraConfig)}
+    if not isinstance(raw, dict) or set(raw) - fields:
+        extra = sorted(set(raw) - fields) if isinstance(raw, dict) else type(raw).__name__
+        raise AdapterError(f"{directory}/{LORA_CONFIG_ITEM}: not a LoraConfig written by mwjax.peft.save_adapters "
+                           f"(unknown {extra})")
+    try:
+        return LoraConfig(**raw)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"{directory}/{LORA_CONFIG_ITEM}: {e}") from e
+
+
+def _check_stored(stored, target, directory: Path) -> None:
+    """Every adapter array the base model needs (`target`: ShapeDtypeStructs) is stored, with its shape and a
+    floating-point dtype, and nothing else is (`stored`: orbax's metadata tree); AdapterError naming the module."""
+    from mwjax import checkpoint
+
+    have = {checkpoint.dotted(path): meta for path, meta in jax.tree_util.tree_leaves_with_path(stored)}
+    need = {checkpoint.dotted(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(target)}
+    for name in sorted(set(need) | set(have)):
+        module, _, part = name.rpartition(".")
+        if name not in have or name not in need:
+            why = "is missing" if name not in have else "is stored, but the base model has no such adapter"
+            raise AdapterError(f"{directory}: module {module}'s {part} {why}: adapters of another base model?")
+        shape, want = tuple(have[name].shape), tuple(need[name].shape)
+        if shape != want:
+            raise AdapterError(f"{directory}: module {module}'s {part} is stored with shape {shape}, but this base "
+                               f"model's layer needs {want}: adapters of another base model (another width)?")
+        if not jnp.issubdtype(have[name].dtype, jnp.floating):
+            raise AdapterError(f"{directory}: module {module}'s {part} is stored as {have[name].dtype}, not a "
+                               "floating-point type; the adapter is corrupt")

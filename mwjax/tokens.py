@@ -31,3 +31,40 @@ def first_token_id(tokenizer, config: ModelConfig, first_token: int | str | None
             "first_token=<token id or token string> (e.g. the model's document-start or eos token)"
         )
     return int(bos)
+
+
+class VocabularyError(ValueError):
+    """A tokenizer can emit ids that the model's embedding table does not have."""
+
+
+def emitted_ids(tokenizer) -> int:
+    """How many ids `tokenizer` can emit: its largest id + 1, added tokens included (an HF tokenizer's
+    `get_vocab()`, else `len(tokenizer)`)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
+    return max(vocab.values()) + 1 if vocab else len(tokenizer)
+
+
+def check_vocabulary(tokenizer, vocab_size: int, *, model: str, tokenizer_name: str) -> None:
+    """Refuse a tokenizer that can emit an id >= `vocab_size` (the model's `config.vocab_size`): such an id
+    reads past the embedding table (NaN or garbage logits, silently). A tokenizer smaller than the table is
+    fine (models pad their vocabulary).
+
+    Args:
+      tokenizer: an HF tokenizer.
+      vocab_size: rows of the model's embedding table.
+      model, tokenizer_name: what the message calls them (paths).
+
+    Raises:
+      VocabularyError naming both, the sizes and the first id past the table.
+    """
+    n = emitted_ids(tokenizer)
+    if n <= vocab_size:
+        return
+    try:
+        example = f" (id {vocab_size} is {tokenizer.convert_ids_to_tokens(vocab_size)!r})"
+    except Exception:  # a tokenizer with a hole at that id
+        example = ""
+    raise VocabularyError(
+        f"the tokenizer {tokenizer_name} emits ids up to {n - 1} ({n} ids), but the model {model} has "
+        f"config.vocab_size={vocab_size}: every id >= {vocab_size}{example} would read past its embedding table "
+        "(NaN or garbage results). Use the model's own tokenizer or one of its vocabulary")

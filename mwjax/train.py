@@ -96,16 +96,27 @@ class TrainConfig:
         if not (isinstance(lr, int | float) and 0 < lr <= np.finfo(np.float32).max):  # NaN fails too
             raise ValueError(f"learning_rate must be a finite number > 0 (in float32), got {lr}")
         for name in ("max_grad_norm", "eps"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not (self.epochs > 0 or self.max_steps):
-            raise ValueError(f"epochs must be > 0 (or max_steps given), got {self.epochs}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        for name in ("seed", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1 (or None: all), got {self.eval_batches}")
+        if not (0 < self.epochs < math.inf or self.max_steps):
+            raise ValueError(f"epochs must be a finite number > 0 (or max_steps given), got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.keep_checkpoints < 1 or self.save_every < 0 or self.log_every < 1:
             raise ValueError("keep_checkpoints and log_every must be >= 1 and save_every >= 0")
-        if self.divergence_factor != 0 and not self.divergence_factor > 1:
-            raise ValueError(f"divergence_factor must be > 1 (or 0 to disable), got {self.divergence_factor}")
+        if self.divergence_factor != 0 and not 1 < self.divergence_factor < math.inf:
+            raise ValueError(f"divergence_factor must be a finite number > 1 (or 0 to disable), got "
+                             f"{self.divergence_factor}")
         if self.zero_grad_steps < 0:
             raise ValueError(f"zero_grad_steps must be >= 0, got {self.zero_grad_steps}")
         if self.decay not in ("cosine", "linear", "constant"):

@@ -1,6 +1,7 @@
 """experiments.macdrop: config resolution, checks before compute, and the SmolLM2 run end to end."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -50,6 +51,41 @@ def test_bad_configs_fail_before_loading(field, value, message, monkeypatch):
     monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model for a bad config"))
     with pytest.raises(ValueError, match=message):
         experiment.run(smollm2_with(field, value))
+
+
+def numeric_fields(config, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted field, int or float) of every numeric field of a config, placeholders included."""
+    out = []
+    for key in config.keys():
+        value = config[key]
+        if hasattr(value, "keys"):
+            out += numeric_fields(value, f"{prefix}{key}.")
+        elif config.get_type(key) in (int, float):
+            out.append((prefix + key, config.get_type(key)))
+    return out
+
+
+def test_every_numeric_config_field_is_range_checked():
+    """NaN, inf and negative values of every numeric field are refused by plan (before anything loads) with an
+    error naming the field; 0 is refused the same way or accepted (the mesh's -1 means the devices left)."""
+    base = smollm2_135m.get_config()
+    fields = numeric_fields(base)
+    assert len(fields) >= 30
+    problems = []
+    for field, kind in fields:
+        for value in ([-1, 0] if kind is int else [-1.0, 0.0, math.nan, math.inf]):
+            config = smollm2_135m.get_config()
+            section, _, name = field.rpartition(".")
+            (config[section] if section else config)[name] = value
+            try:
+                experiment.plan(config)
+            except ValueError as e:
+                if name not in str(e):
+                    problems.append(f"{field}={value}: the error does not name the field: {e}")
+                continue
+            if not (value == 0 or (field.startswith("mesh.") and value == -1)):
+                problems.append(f"{field}={value} accepted")
+    assert not problems, "\n".join(problems)
 
 
 def smollm2_with(field: str, value):

@@ -223,6 +223,11 @@ def sharded_variants(clean: Path, rng: np.random.Generator):
            ("index: entry nobody holds", False,
             rewrite(lambda x: x["weight_map"].update({"model.extra.weight": shards[0]}))),
            ("shard removed", False, lambda d: (d / shards[-1]).unlink()),
+           ("index removed", False, lambda d: index(d).unlink()),
+           ("a stale model.safetensors beside the index", False,
+            lambda d: shutil.copy(d / shards[0], d / "model.safetensors")),
+           ("a stale shard the index does not list", False,
+            lambda d: shutil.copy(d / shards[0], d / "model-00009-of-00009.safetensors")),
            ("shard truncated", False, lambda d: (d / shards[0]).write_bytes((d / shards[0]).read_bytes()[:100]))]
     for _ in range(6):
         pos, mask = int(rng.integers(8, 200)), int(rng.integers(1, 256))

@@ -94,6 +94,36 @@ def test_generate_until_matches_the_hf_backend(tiny, smollm2_tokenizer):
     assert ours == ref
 
 
+@pytest.mark.parametrize("kind, args, message", [
+    ("loglikelihood", ("", ""), r"request 0 \['', ''\]: the context and the continuation are both empty"),
+    ("loglikelihood", ("Once upon", ""), r"request 0 \['Once upon', ''\]: its continuation has no tokens"),
+    ("generate_until", ("Once", {"until": 5}), r"request 0 .*: generation option until=5 must be a string or a list"),
+    ("generate_until", ("Once", {"until": ["."], "max_gen_toks": 0}), r"max_gen_toks=0 must be an integer >= 1"),
+    ("generate_until", ("Once", {"until": ["."], "max_gen_toks": "x"}), r"max_gen_toks='x' is not a number"),
+    ("generate_until", ("Once", {"until": ["."], "do_sample": True, "temperature": float("nan")}),
+     r"temperature=nan must be finite and >= 0"),
+    ("generate_until", ("Once", {"until": ["."], "max_gen_toks": 10_000}),
+     r"max_gen_toks=10000 leaves no room for context in max_length=512"),
+    ("generate_until", ("", {"until": ["."]}), r"the context has no tokens \(an empty context and add_bos_token=False"),
+])
+def test_a_request_that_cannot_be_scored_is_a_clear_error_naming_it(tiny, smollm2_tokenizer, kind, args, message):
+    _, model, _ = tiny
+    lm = MwjaxLM(model, smollm2_tokenizer, add_bos_token=False)
+    with pytest.raises(ValueError, match=message):
+        getattr(lm, kind)([Instance(kind, {}, args, 0)])
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(embedded_tokenizer):
+    from mwjax import models
+    from mwjax.config import ModelConfig
+    from mwjax.tokens import VocabularyError
+
+    small = models.build(ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    with pytest.raises(VocabularyError, match=r"emits ids up to 262143 .* config.vocab_size=49152"):
+        MwjaxLM(small, embedded_tokenizer("gemma3-270m"))
+
+
 def test_few_programs_for_many_lengths(tiny, smollm2_tokenizer):
     from mwjax.eval import continuations as backend
 

@@ -216,8 +216,12 @@ def test_dropout_only_in_training(base):
 
 
 def test_bad_configs():
-    with pytest.raises(ValueError, match="rank must be >= 1"):
-        peft.LoraConfig(rank=0)
+    for rank in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="rank must be an integer >= 1"):
+            peft.LoraConfig(rank=rank)
+    for alpha in (0.0, -4.0, float("nan"), float("inf"), "8"):
+        with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+            peft.LoraConfig(alpha=alpha)
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
         peft.LoraConfig(dropout=1.0)
 

@@ -193,7 +193,7 @@ def test_bad_train_configs():
         train.TrainConfig(mask_every="epoch")
     with pytest.raises(ValueError, match=r"warmup_ratio must lie in \[0, 1\)"):
         train.TrainConfig(warmup_ratio=1.5)
-    with pytest.raises(ValueError, match="divergence_factor must be > 1"):
+    with pytest.raises(ValueError, match="divergence_factor must be a finite number > 1"):
         train.TrainConfig(divergence_factor=0.5)
 
 

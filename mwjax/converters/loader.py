@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax import checkpoint, models
+from mwjax import atomic, checkpoint, models, tokens
 from mwjax.checkpoint import ShardingFn, dotted
 from mwjax.config import ConfigError, ModelConfig
 from mwjax.converters import embedded, gguf_file, gguf_source, keymaps
@@ -54,31 +54,33 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
     build = functools.partial(build_from_source, dtype=dtype, param_dtype=param_dtype, shardings=shardings,
                               allow_unused=allow_unused)
     # The tokenizer is built before any weight is read: a broken one fails in seconds, not after the model.
-    if tokenizer is not True and tokenizer is not False:
-        tok = load_tokenizer(tokenizer)
-        model, _ = load(path, dtype, param_dtype=param_dtype, shardings=shardings, tokenizer=False, revision=revision,
-                        allow_unused=allow_unused)
-        return model, tok
+    other = tokenizer is not True and tokenizer is not False
+    tok = load_tokenizer(tokenizer) if other else None
+    own = bool(tokenizer) and not other  # the checkpoint's own tokenizer
+    named = os.fspath(tokenizer) if other else None
     path = resolve(path, revision)
+    if path.is_dir() and not (path / "config.json").exists() and not checkpoint.is_checkpoint(path):
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise UnsupportedCheckpointError(f"{path} has no config.json: it is not a HF checkpoint directory")
+        path = ggufs[0]
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFSource(path)
         config = _model_config(source.hf_config, path)
-        tok = _gguf_tokenizer(source.file) if tokenizer else None
+        tok = _gguf_tokenizer(source.file) if own else tok
+        check_vocabulary(tok, config, model=path, tokenizer_name=named)
         return build(config, source), tok
     if not path.is_dir():
         raise UnsupportedCheckpointError(
             f"{path} is neither a .gguf file nor a checkpoint directory (HF: config.json + weights; mwjax orbax)"
         )
     if checkpoint.is_checkpoint(path):
-        tok = _hf_tokenizer(path / TOKENIZER_DIR, checkpoint=path) if tokenizer else None
+        tok = _hf_tokenizer(path / TOKENIZER_DIR, checkpoint=path) if own else tok
+        if tok is not None:
+            config = _model_config(lambda: checkpoint.read_metadata(path)["config"], path, hf=False)
+            check_vocabulary(tok, config, model=path, tokenizer_name=named)
         return checkpoint.restore(path, dtype=dtype, param_dtype=param_dtype, shardings=shardings), tok
     config_file = path / "config.json"
-    if not config_file.exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return load(ggufs[0], dtype, param_dtype=param_dtype, shardings=shardings, tokenizer=tokenizer,
-                        allow_unused=allow_unused)
-        raise UnsupportedCheckpointError(f"{path} has no config.json: it is not a HF checkpoint directory")
     try:
         hf_config = json.loads(config_file.read_text(encoding="utf-8"))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
@@ -90,17 +92,32 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
         source = TorchBinSource(path)
     else:
         raise CheckpointError(f"{path} has config.json but no weights (*.safetensors or pytorch_model*.bin)")
-    tok = _hf_tokenizer(path, checkpoint=path) if tokenizer else None
+    tok = _hf_tokenizer(path, checkpoint=path) if own else tok
+    check_vocabulary(tok, config, model=path, tokenizer_name=named)
     return build(config, source), tok
 
 
-def _model_config(read_hf_config, where: Path) -> ModelConfig:
-    """The ModelConfig of a checkpoint, every error naming the file it came from."""
+def check_vocabulary(tokenizer, config: ModelConfig, *, model: str | os.PathLike,
+                     tokenizer_name: str | None = None) -> None:
+    """Every id `tokenizer` can emit must index the model's embedding (`tokens.check_vocabulary`), as a
+    CheckpointError naming the checkpoint and the tokenizer (None: the checkpoint's own)."""
+    if tokenizer is None:
+        return
     try:
-        hf_config = read_hf_config()
-        if not isinstance(hf_config, dict):
-            raise ConfigError(f"the configuration must be a JSON object, not {type(hf_config).__name__}")
-        return ModelConfig.from_hf_config(hf_config)
+        tokens.check_vocabulary(tokenizer, config.vocab_size, model=str(model),
+                                tokenizer_name=tokenizer_name or f"{model}'s own tokenizer")
+    except tokens.VocabularyError as e:
+        raise CheckpointError(str(e)) from e
+
+
+def _model_config(read_config, where: Path, hf: bool = True) -> ModelConfig:
+    """The ModelConfig of a checkpoint (`read_config()`: an HF config dict, or mwjax's own when not `hf`), every
+    error naming the file it came from."""
+    try:
+        config = read_config()
+        if not isinstance(config, dict):
+            raise ConfigError(f"the configuration must be a JSON object, not {type(config).__name__}")
+        return ModelConfig.from_hf_config(config) if hf else ModelConfig.from_dict(config)
     except CheckpointError:
         raise
     except ConfigError as e:
@@ -214,8 +231,14 @@ def _hf_tokenizer(directory: Path, checkpoint: Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        # never the checkpoint's own Python code (tokenizer_config.json's auto_map): refused, not asked on a terminal
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds on damaged tokenizer files
+        if "trust_remote_code" in str(e):
+            raise CheckpointError(
+                f"{directory}: its tokenizer is the checkpoint's own Python code (auto_map in tokenizer_config.json), "
+                "which mwjax never runs (trust_remote_code=False); pass tokenizer=PATH (--tokenizer) to use a "
+                "tokenizer without code, or tokenizer=False to load the model alone") from e
         raise CheckpointError(f"{directory}: cannot load its tokenizer ({type(e).__name__}: {e}); load the model "
                               "alone with tokenizer=False, or pass tokenizer=PATH") from e
 
@@ -226,6 +249,7 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
     if text.startswith(embedded.PREFIX):
         return embedded.path(text[len(embedded.PREFIX):])
     local = Path(text).expanduser()
+    atomic.recover(local)  # an export killed between the two renames of its swap (mwjax.atomic) is repaired
     if local.exists():
         return local
     if _HUB_ID.match(text):

@@ -12,44 +12,63 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from mwjax import peft
+from mwjax import atomic, peft
 from mwjax.checkpoint import dotted
 from mwjax.converters import keymaps
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
+HF_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*")  # an HF export
+
+
 def save_hf(model: nnx.Module, directory: str | os.PathLike, *, tokenizer=None,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write `model` in HF layout: `config.json`, `model.safetensors` (or shards + index), tokenizer.
 
-    Parameters keep their dtype. Each file is written under a temporary name and renamed, so an
-    interrupted save never leaves a truncated file behind.
+    Parameters keep their dtype. The directory is written atomically as a whole (`mwjax.atomic`): built beside
+    `directory` and swapped in, so a kill leaves the previous export or this one, and no file of an earlier
+    export survives (the old shards of a sharded model overwritten by a single-file one). An existing
+    non-empty directory is replaced only when it holds an HF checkpoint (`config.json`, safetensors or torch
+    weights); anything else is refused before a byte is written.
+
+    Args:
+      model: a plain mwjax model (adapters refused: merge them first).
+      directory: the export directory.
+      tokenizer: written beside the weights (`save_pretrained`) when given.
+      max_shard_bytes: shard the weights above this size (HF's `model-0000i-of-0000n.safetensors` + index).
+
+    Returns:
+      The directory.
     """
     peft.check_no_adapters(model, "save_hf")  # before anything is written
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
+    atomic.check_replaceable(directory, HF_FILES, "an HF checkpoint")  # before the tensors are gathered
     tensors = hf_tensors(model)
-
-    shards = _shard(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        _atomic(directory / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic(directory / name, lambda p, shard=shard: save_file(shard, p, metadata={"format": "pt"}))
-            weight_map |= dict.fromkeys(shard, name)
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        _atomic(directory / "model.safetensors.index.json", lambda p: Path(p).write_text(json.dumps(index, indent=2)))
-    hf_config = config.to_hf_config() | {"torch_dtype": str(next(iter(tensors.values())).dtype)}
-    _atomic(directory / "config.json", lambda p: Path(p).write_text(json.dumps(hf_config, indent=2)))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-    else:  # the model does not carry its tokenizer: say so, since AutoTokenizer will fail on this directory
+    hf_config = model.config.to_hf_config() | {"torch_dtype": str(next(iter(tensors.values())).dtype)}
+    with atomic.atomic_directory(directory, replaces=HF_FILES, what="an HF checkpoint") as staging:
+        _write_weights(staging, tensors, max_shard_bytes)
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+    if tokenizer is None:  # the model does not carry its tokenizer: say so, since AutoTokenizer will fail here
         warnings.warn(f"save_hf: no tokenizer written to {directory} (pass tokenizer=...)", stacklevel=2)
     return directory
+
+
+def _write_weights(directory: Path, tensors: dict[str, np.ndarray], max_shard_bytes: int) -> None:
+    """`model.safetensors`, or shards and their index when the tensors exceed `max_shard_bytes`."""
+    shards = _shard(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -79,9 +98,3 @@ def _shard(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.
         shards[-1][key] = t
         size += t.nbytes
     return shards
-
-
-def _atomic(target: Path, write) -> None:
-    partial = target.with_name(target.name + ".partial")
-    write(str(partial))
-    os.replace(partial, target)

@@ -60,15 +60,17 @@ class SafetensorsSource(TensorSource):
     Read through the `safetensors` library (`safe_open(framework="numpy")`), which validates the
     header, dtypes and offsets (negative, overlapping or out-of-file extents are refused) and maps
     the file, so one tensor at a time is in host memory. The index must agree with the shards:
-    every key it lists is in the shard it names, and every shard tensor is listed.
+    every key it lists is in the shard it names, and every shard tensor is listed; and with the
+    directory: no `model*.safetensors` file beside it that it does not list (`check_layout`).
     """
 
     def __init__(self, directory: str | os.PathLike):
         directory = Path(directory)
         self.name = str(directory)
         index = directory / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = _read_index(index)
+        weight_map = _read_index(index) if index.exists() else None
+        check_layout(directory, index, weight_map)
+        if weight_map is not None:
             files = {name: _open_safetensors(directory / name, index) for name in sorted(set(weight_map.values()))}
             for key, name in weight_map.items():
                 if key not in files[name].keys():
@@ -110,6 +112,38 @@ class SafetensorsSource(TensorSource):
             raise CheckpointError(f"{path}: tensor {key!r} cannot be read ({type(e).__name__}: {e})") from e
 
 
+SINGLE_FILE = "model.safetensors"
+_REEXPORT = ("or export the model again with mwjax's save_hf, which replaces the whole directory (transformers' "
+             "save_pretrained leaves old files behind)")
+
+
+def check_layout(directory: Path, index: Path, weight_map: dict[str, str] | None) -> None:
+    """With an index, the model weight files (`model*.safetensors`) of `directory` are exactly the shards it
+    lists: no `model.safetensors` beside it and no unlisted shard (stale files of an earlier export, which
+    would be silently left out); CheckpointError naming the files otherwise. Without an index every
+    `*.safetensors` file is read, and a tensor in two of them is refused (`SafetensorsSource`).
+
+    Args:
+      directory: an HF checkpoint directory.
+      index: its `model.safetensors.index.json` path; weight_map: the index's weight_map (None: no index).
+    """
+    if weight_map is None:
+        return
+    weights = sorted(p.name for p in directory.glob("model*.safetensors"))
+    listed = set(weight_map.values())
+    shown = f"{', '.join(sorted(listed)[:3])}{', ...' if len(listed) > 3 else ''}"
+    if SINGLE_FILE in weights and SINGLE_FILE not in listed:
+        raise CheckpointError(
+            f"{directory} holds both {SINGLE_FILE} (a single-file checkpoint) and {index.name} (a sharded one, "
+            f"listing {shown}): files of two exports, one of them stale. Delete the layout you do not want, "
+            f"{_REEXPORT}")
+    unlisted = [name for name in weights if name not in listed]
+    if unlisted:
+        raise CheckpointError(
+            f"{directory}: {', '.join(unlisted[:4])} {'is' if len(unlisted) == 1 else 'are'} not listed in "
+            f"{index.name} (which lists {shown}): stale files of an earlier export? Delete them, {_REEXPORT}")
+
+
 def _open_safetensors(path: Path, index: Path | None = None):
     if not path.is_file():
         raise CheckpointError(f"{index}: names shard {path.name}, which does not exist in {path.parent}")
@@ -127,10 +161,20 @@ def _read_index(index: Path) -> dict[str, str]:
     except (ValueError, AttributeError) as e:  # JSONDecodeError / UnicodeDecodeError; a top level that is no object
         raise CheckpointError(f"{index} is not a JSON object with a weight_map ({type(e).__name__}: {e})") from e
     if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) and v and "/" not in v for k, v in weight_map.items()):
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index}: 'weight_map' must map every tensor name to a shard file name in the same "
                               "directory")
+    outside = sorted({v for v in weight_map.values() if not _plain_name(v)})
+    if outside:
+        raise CheckpointError(f"{index}: 'weight_map' names {outside[:3]}, not file names in the checkpoint "
+                              f"directory {index.parent} (a path, an absolute path or '..' is never followed); the "
+                              "index is corrupt or crafted")
     return weight_map
+
+
+def _plain_name(name: str) -> bool:
+    """A file name of the directory itself: no separator, not '', '.' or '..'."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 class TorchBinSource(TensorSource):
@@ -150,7 +194,10 @@ class TorchBinSource(TensorSource):
         self.name = str(directory)
         index = directory / "pytorch_model.bin.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index)
+            for name in sorted(set(weight_map.values())):
+                if not (directory / name).is_file():
+                    raise CheckpointError(f"{index}: names shard {name}, which does not exist in {directory}")
         else:
             paths = sorted(directory.glob("pytorch_model*.bin"))
             if not paths:

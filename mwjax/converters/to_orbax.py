@@ -9,12 +9,13 @@ large model converted once is then restored straight into a mesh on every host.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import jax.numpy as jnp
 from absl import app, flags
 
-from mwjax import checkpoint
+from mwjax import atomic, checkpoint
 from mwjax.converters.loader import TOKENIZER_DIR, load
 
 FLAGS = flags.FLAGS
@@ -24,12 +25,35 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype
 flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
 
 
-def convert(src: str, dst: str, dtype=jnp.float32, overwrite: bool = False):
+ORBAX_FILES = (checkpoint.METADATA_ITEM, checkpoint.STATE_ITEM)  # an mwjax orbax checkpoint
+
+
+def convert(src: str, dst: str | os.PathLike, dtype=jnp.float32, overwrite: bool = False) -> Path:
+    """Load `src` and write it to `dst` as an mwjax orbax checkpoint with its tokenizer in `dst/tokenizer`.
+
+    The checkpoint and the tokenizer are written as one directory-atomic output (`mwjax.atomic`): a kill leaves
+    the previous `dst` or the new one, never a new model beside an old tokenizer or none.
+
+    Args:
+      src: anything `converters.load` reads.
+      dst: the output directory; it must not exist unless `overwrite` (then it must hold an orbax checkpoint).
+      dtype: the stored parameters' dtype.
+      overwrite: replace an existing checkpoint at `dst`.
+
+    Returns:
+      The absolute path of `dst`.
+    """
+    dst = atomic.recover(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists: pass overwrite=True (--overwrite) to replace it, or another dst")
+    atomic.check_replaceable(dst, ORBAX_FILES, "an mwjax orbax checkpoint")  # before minutes of loading
     model, tokenizer = load(src, dtype=dtype)
-    path = checkpoint.save(model, dst, overwrite=overwrite)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(path / TOKENIZER_DIR))
-    return path
+    with atomic.atomic_directory(dst, replaces=ORBAX_FILES, what="an mwjax orbax checkpoint",
+                                 create=False) as staging:
+        checkpoint.save(model, staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+    return dst
 
 
 def main(argv):
@@ -38,7 +62,10 @@ def main(argv):
         raise SystemExit(f"{FLAGS.dst} exists: pass --overwrite to replace it, or another --dst")
     for name in ("absl", "orbax", "jax"):  # orbax logs ~40 INFO lines per save
         logging.getLogger(name).setLevel(logging.WARNING)
-    path = convert(FLAGS.src, FLAGS.dst, jnp.dtype(FLAGS.dtype), FLAGS.overwrite)
+    try:
+        path = convert(FLAGS.src, FLAGS.dst, jnp.dtype(FLAGS.dtype), FLAGS.overwrite)
+    except FileExistsError as e:  # --dst holds something else than a checkpoint: refused before loading
+        raise SystemExit(str(e)) from None
     print(f"wrote {path}")
 
 

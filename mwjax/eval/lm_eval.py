@@ -26,12 +26,15 @@ the tokenizer's default, as current lm-eval).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 
 from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
+from mwjax import tokens
 from mwjax.eval import continuations
 from mwjax.eval.generate import DEFAULT_BUCKETS, bucket, generate
 from mwjax.progress import progress
@@ -52,6 +55,59 @@ def middle_truncate(tokenizer, text: str, max_length: int) -> str:
             + tokenizer.decode(ids[-half:], skip_special_tokens=True))
 
 
+def describe(request, index: int) -> str:
+    """How an error names an lm-eval request: its position, task, document and (shortened) arguments."""
+    where = f"request {index}"
+    if getattr(request, "task_name", None) is not None:
+        where += f" (task {request.task_name}, doc {request.doc_id})"
+    text = ", ".join(repr(a if not isinstance(a, str) or len(a) <= 60 else "..." + a[-57:]) for a in request.args)
+    return f"{where} [{text}]"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """A generate_until request's generation kwargs, checked (`generation_options`)."""
+
+    until: tuple[str, ...]
+    max_gen_toks: int
+    temperature: float  # 0: greedy (do_sample false)
+    top_k: int | None
+    top_p: float | None
+
+
+def generation_options(gen_kwargs: dict, default_max: int, where: str) -> GenerationOptions:
+    """lm-eval's generation kwargs as GenerationOptions: `until` a string or a list of strings, max_gen_toks an
+    integer >= 1, temperature finite and >= 0, top_k >= 1, top_p in (0, 1]; a ValueError naming the request
+    (`where`) and the option otherwise. Options the backend does not know are left to lm-eval (ignored)."""
+    kwargs = dict(gen_kwargs)
+    until = kwargs.get("until") or []
+    until = [until] if isinstance(until, str) else until
+    if not isinstance(until, list | tuple) or not all(isinstance(u, str) for u in until):
+        raise ValueError(f"{where}: generation option until={kwargs.get('until')!r} must be a string or a list of "
+                         "strings")
+
+    def number(name: str, kind, default, ok, rule: str):
+        value = kwargs.get(name, default)
+        if value is None:
+            return None
+        try:
+            value = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: generation option {name}={kwargs[name]!r} is not a number") from None
+        if not ok(value):
+            raise ValueError(f"{where}: generation option {name}={value!r} must be {rule}")
+        return value
+
+    max_gen = number("max_gen_toks", int, default_max, lambda v: v >= 1, "an integer >= 1")
+    temperature = number("temperature", float, 0.0, lambda v: math.isfinite(v) and v >= 0, "finite and >= 0")
+    top_k = number("top_k", int, None, lambda v: v >= 1, "an integer >= 1")
+    top_p = number("top_p", float, None, lambda v: 0 < v <= 1, "in (0, 1]")
+    sample = kwargs.get("do_sample", False)
+    if not isinstance(sample, bool):
+        raise ValueError(f"{where}: generation option do_sample={sample!r} must be true or false")
+    return GenerationOptions(tuple(until), max_gen, temperature if sample else 0.0, top_k, top_p)
+
+
 class MwjaxLM(TemplateLM):
     """lm-eval `LM` over an mwjax model already in memory (attacks / adapters applied by the caller)."""
 
@@ -62,6 +118,8 @@ class MwjaxLM(TemplateLM):
         super().__init__()
         if tokenizer is None:
             raise ValueError("MwjaxLM needs the model's tokenizer")
+        tokens.check_vocabulary(tokenizer, model.config.vocab_size, model="being evaluated",
+                                tokenizer_name=getattr(tokenizer, "name_or_path", None) or "given")
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = int(batch_size)
         self._max_length = int(max_length or model.config.max_position_embeddings)
@@ -147,6 +205,16 @@ class MwjaxLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's, after a check it lacks: an empty context with a continuation of no tokens (an IndexError
+        inside lm-eval) is a ValueError naming the request."""
+        for i, request in enumerate(requests):
+            context, continuation = request.args
+            if context == "" and not self.tok_encode(continuation, add_special_tokens=False):
+                raise ValueError(f"{describe(request, i)}: the context and the continuation are both empty, so there "
+                                 "is nothing to score; drop the request or give it a continuation")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) | None, context_enc, continuation_enc) -> (sum log p, is_greedy).
 
@@ -155,7 +223,12 @@ class MwjaxLM(TemplateLM):
         (`mwjax.eval.continuations`).
         """
         pairs = []
-        for _, context_enc, continuation_enc in requests:
+        for i, (strings, context_enc, continuation_enc) in enumerate(requests):
+            if not continuation_enc or not context_enc:
+                what = "continuation" if not continuation_enc else "context"
+                raise ValueError(f"loglikelihood request {i} {list(strings) if strings else ''}: its {what} has no "
+                                 f"tokens ({len(context_enc)} context and {len(continuation_enc)} continuation "
+                                 "tokens), so there is no log-likelihood to score; drop the request or give it one")
             whole = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
             cut = len(whole) - min(len(continuation_enc), len(whole) - 1)
             pairs.append((whole[:cut], whole[cut:]))
@@ -199,20 +272,23 @@ class MwjaxLM(TemplateLM):
         out: list[str | None] = [None] * len(args)
         bar = progress(len(args), "mwjax generate_until", enabled=not disable_tqdm)
         for members in groups.values():
-            kwargs = dict(args[members[0]][1])
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
+            where = describe(requests[members[0]], members[0])
+            options = generation_options(args[members[0]][1], self.max_gen_toks, where)
+            until = list(options.until)
             eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
             if eos_text and eos_text not in until:
                 until.append(eos_text)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-            sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
-            top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
+            max_new, temperature, top_k, top_p = options.max_gen_toks, options.temperature, options.top_k, options.top_p
             max_ctx = self.max_length - max_new
             if max_ctx <= 0:
-                raise ValueError(f"max_gen_toks={max_new} leaves no room for context in max_length={self.max_length}")
+                raise ValueError(f"{where}: max_gen_toks={max_new} leaves no room for context in "
+                                 f"max_length={self.max_length}")
             encoded = {i: self.tok_encode(self._prompt(args[i][0]), left_truncate_len=max_ctx) for i in members}
+            empty = [i for i in members if not encoded[i]]
+            if empty:
+                raise ValueError(f"{describe(requests[empty[0]], empty[0])}: the context has no tokens (an empty "
+                                 f"context and add_bos_token={self.add_bos_token}), so there is nothing to generate "
+                                 "from; give it a context or add_bos_token=True")
             members = sorted(members, key=lambda i: -len(encoded[i]))
             for start in range(0, len(members), self.batch_size):
                 batch = members[start:start + self.batch_size]
@@ -221,8 +297,8 @@ class MwjaxLM(TemplateLM):
                 width = bucket(len(prompts[0]), self.buckets, max_ctx)
                 new = generate(self.model, prompts, max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                                eos_ids=(self.eot_token_id,), pad_id=self.tokenizer.pad_token_id or 0, width=width)
-                for i, tokens in zip(batch, new, strict=False):
-                    text = self.tok_decode(tokens)
+                for i, generated in zip(batch, new, strict=False):
+                    text = self.tok_decode(generated)
                     for stop in until:
                         text = text.split(stop)[0]
                     out[i] = text

@@ -21,39 +21,41 @@ figures) under --output_dir.
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
 from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
-from mwjax.experiments import common, zeroshot_flags
+from mwjax.experiments import cli, common, zeroshot_flags
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
 flags.adopt_module_key_flags(zeroshot_flags)
-flags.DEFINE_integer("k", 5, "top-k massive weights to attack")
+flags.DEFINE_integer("k", 5, "top-k massive weights to attack", lower_bound=1)
 flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
 common.check_flag("datasets", check_corpus)
-flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk (the protocol's 4096)")
-flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus (beyond the protocol's own cap)")
-flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
-flags.DEFINE_list("sweep", ["0", "1", "2", "3", "5", "10"], "k values of the Figure 4 sweep (empty: skip)")
+flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk (the protocol's 4096)", lower_bound=2)
+flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus (beyond the protocol's own cap)", lower_bound=1)
+flags.DEFINE_integer("batch_size", 1, "chunks per forward pass", lower_bound=1)
+cli.define_numbers("sweep", [0, 1, 2, 3, 5, 10], "k values of the Figure 4 sweep (empty: skip)", lower_bound=0)
 flags.DEFINE_list("sweep_metrics", ["perplexity"], "what the sweep reports: perplexity (the first corpus) and/or "
                   "zeroshot (mean zero-shot accuracy over --tasks, Figure 4's metric)")
 common.check_flag("sweep_metrics", zeroshot_flags.check_metric)
 flags.DEFINE_integer("sweep_chunks", None, "a further cap on the first corpus's chunks per sweep point (default: the "
-                     "run's own, so the k=0 zeroing point equals 'original')")
+                     "run's own, so the k=0 zeroing point equals 'original')", lower_bound=1)
 flags.DEFINE_bool("activation_interventions", True, "also set the massive activations to zero / their mean")
 flags.DEFINE_string("calibration", attacks.CALIBRATION_CORPUS, "corpus whose LAST chunks give the massive-activation "
                     "means (kept apart from the evaluated text, as the thesis' 100 RedPajama sequences)")
 common.check_flag("calibration", check_corpus)
-flags.DEFINE_integer("calibration_sequences", attacks.CALIBRATION_SEQUENCES, "calibration sequences (the thesis: 100)")
-flags.DEFINE_integer("calibration_seqlen", attacks.CALIBRATION_SEQLEN, "tokens per calibration sequence (with bos)")
+flags.DEFINE_integer("calibration_sequences", attacks.CALIBRATION_SEQUENCES, "calibration sequences (the thesis: 100)",
+                     lower_bound=1)
+flags.DEFINE_integer("calibration_seqlen", attacks.CALIBRATION_SEQLEN, "tokens per calibration sequence (with bos)",
+                     lower_bound=1)
 flags.DEFINE_list("prompts", ["What is the capital of France?", "Write a short poem about the sea."],
                   "generation prompts (user turns of the chat template when the tokenizer has one)")
-flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt")
+flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt", lower_bound=1)
 
 
 def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict:
@@ -121,8 +123,9 @@ def main(argv):
                           common.figure(out, "k_sweep" + metric.suffix), ylabel=metric.label, log_y=metric.log_y)
             payload["k_sweep" + metric.suffix] = {"k": ks, **metric.settings, **series}
             print_sweep(ks, series, metric.label)
-    print(f"\nwrote {common.write_json(out / 'attacks.json', payload)}, table1.md and figures in {out}")
+    common.write_json(out / "attacks.json", payload)
+    print(f"\nwrote attacks.json, table1.md and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,11 +16,11 @@ chosen on the unattacked model.
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import attention_sinks, plots
 from mwjax.atomic import write_text_atomically
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 from mwjax.layer_index import layer_label
 from mwjax.tokens import first_token_id
 
@@ -30,8 +30,10 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_string("prompt", "Summer is warm. Winter is cold.", "the prompt, tokenized without special tokens "
                     "(the Massive Activations example the paper's appendix figures use)")
 flags.DEFINE_integer("layer", None, "0-based layer whose output hidden state is shown; the attention is the next "
-                     "layer's (default: the middle layer, or the massive activations' origin layer if deeper)")
-flags.DEFINE_integer("middle", None, "token index of the middle bos (default: after the first delimiter)")
+                     "layer's (default: the middle layer, or the massive activations' origin layer if deeper)",
+                     lower_bound=0)
+flags.DEFINE_integer("middle", None, "token index of the middle bos (default: after the first delimiter)",
+                     lower_bound=1)
 common.define_attack_flag("probing")
 
 PLACEMENT_TITLES = {"absent": "bos absent", "start": "bos at the start", "middle": "bos in the middle",
@@ -82,9 +84,9 @@ def main(argv):
          "mean over heads"), common.figure(out, "attention_sinks"))
     payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "prompt": FLAGS.prompt,
                "tokens": labels, **result.to_dict()}
-    print(f"wrote {common.write_json(out / 'attention_sinks.json', payload)}, attention_sinks.md and the figure in "
-          f"{out}")
+    common.write_json(out / "attention_sinks.json", payload)
+    print(f"wrote attention_sinks.json, attention_sinks.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import tempfile
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from mwjax import atomic, attacks, converters, peft
+from mwjax import atomic, attacks, converters, peft, run_lock
 from mwjax.converters import embedded
 from mwjax.eval import corpora
 from mwjax.eval.perplexity import chunk_tokens
@@ -92,16 +94,68 @@ def check_flag(name: str, check: Callable[[Any], object]) -> None:
     flags.register_validator(name, validator)
 
 
-def output_dir(default: str) -> Path:
-    """--output_dir (or `default`), created and shown writable: call it before loading the model."""
-    path = Path(FLAGS.output_dir or default)
+MANIFEST = ".mwjax-outputs.json"  # in an output directory: experiment -> the files its last run published
+_STAGED: dict[Path, tuple[Path, str, contextlib.ExitStack]] = {}  # staging -> (output directory, experiment, lock)
+
+
+def output_dir(default: str, name: str | None = None) -> Path:
+    """--output_dir (or `default`) as `stage` prepares it, before the model loads: the staging directory the
+    run writes its files into; `publish` swaps them in at the end.
+
+    Args:
+      default: the output directory when --output_dir is not given.
+      name: the experiment, under which `publish` records its files (default: the last part of `default`).
+    """
+    return stage(Path(FLAGS.output_dir or default), name or Path(default).name)
+
+
+def stage(directory: Path, name: str) -> Path:
+    """Hold `directory` for this run (`mwjax.run_lock`: one run per output directory; a second run is refused
+    naming the first) and return a staging directory beside it, checked writable, for the run's files.
+    `publish` swaps it in whole (`mwjax.atomic`), so a killed or failed run leaves the previous results, never a
+    mix of two runs' files. SystemExit with the reason when the directory is held or cannot be written."""
+    final = directory.absolute()
+    if final == Path.cwd() or final in Path.cwd().parents:
+        raise SystemExit(f"output directory {directory} holds the current directory; results replace their "
+                         "directory as a whole: choose a directory of their own (e.g. outputs/<experiment>)")
+    lock = contextlib.ExitStack()
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        lock.enter_context(run_lock.hold(final, what=f"experiments.{name} run"))
+        staging = atomic.begin(final, replaces=None)
+        lock.callback(atomic.abort, staging)  # not published (an error): no staging directory left
+        with tempfile.TemporaryFile(dir=staging):
             pass
+    except run_lock.DirectoryLockedError as e:
+        lock.close()
+        raise SystemExit(str(e)) from None
     except OSError as e:
-        raise SystemExit(f"cannot write to the output directory {path}: {e}") from None
-    return path
+        lock.close()
+        raise SystemExit(f"cannot write to the output directory {directory}: {e}") from None
+    atexit.register(lock.close)  # released when the process ends, if the run never publishes
+    _STAGED[staging] = (final, name, lock)
+    return staging
+
+
+def publish(out: Path) -> Path:
+    """Swap the staging directory `out` (from `stage`) in as its output directory, atomically: the files this
+    experiment's previous run published there go, other experiments' files stay; then release the directory.
+    Returns the output directory."""
+    final, name, lock = _STAGED.pop(out)
+    with lock:
+        try:
+            manifest = json.loads((final / MANIFEST).read_text())
+            manifest = manifest if isinstance(manifest, dict) else {}
+        except (OSError, ValueError):
+            manifest = {}
+        previous = set(manifest.get(name, []))
+        manifest[name] = sorted(p.name for p in out.iterdir())
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        return atomic.commit(out, final, carry=lambda entry: entry not in previous and entry != MANIFEST)
+
+
+def final_path(out: Path) -> Path:
+    """Where a staging directory from `stage` is published (any other path: itself)."""
+    return _STAGED[out][0] if out in _STAGED else out
 
 
 def figure(out: Path, name: str) -> Path:

@@ -23,34 +23,39 @@ import json
 import time
 
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
 from mwjax import atomic, converters, plots
 from mwjax.eval import generation_tasks, judge, spec_bench
-from mwjax.experiments import attack_flags, common
+from mwjax.experiments import attack_flags, cli, common
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)  # --help lists the shared flags (--model, --output_dir, ...) too
 flags.adopt_module_key_flags(attack_flags)  # --attack, --attack_on, --label
 flags.DEFINE_string("questions", "hub", "Spec-Bench's question.jsonl: a local path, or 'hub' (its GitHub repository)")
 flags.DEFINE_list("subtasks", list(spec_bench.SUBTASKS), "Spec-Bench subtasks to run")
-flags.DEFINE_integer("per_subtask", None, "only the first N questions of each subtask (Spec-Bench has 80)")
-flags.DEFINE_integer("max_new_tokens", 1024, "assistant tokens per turn (FastChat / Spec-Bench's default)")
-flags.DEFINE_float("temperature", 0.0, "assistant sampling temperature (0: greedy, Spec-Bench's baseline)")
-flags.DEFINE_integer("batch_size", 8, "prompts per generation batch (assistant and judge)")
-flags.DEFINE_integer("seed", 0, "sampling seed (the judge samples as prometheus-eval does)")
+flags.DEFINE_integer("per_subtask", None, "only the first N questions of each subtask (Spec-Bench has 80)",
+                     lower_bound=1)
+flags.DEFINE_integer("max_new_tokens", 1024, "assistant tokens per turn (FastChat / Spec-Bench's default)",
+                     lower_bound=1)
+cli.define_float("temperature", 0.0, "assistant sampling temperature (0: greedy, Spec-Bench's baseline)",
+                    lower_bound=0)
+flags.DEFINE_integer("batch_size", 8, "prompts per generation batch (assistant and judge)", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "sampling seed (the judge samples as prometheus-eval does)", lower_bound=0)
 flags.DEFINE_string("judge", spec_bench.PAPER_JUDGE, "the judge: anything mwjax loads (HF dir, .gguf, embedded:<name>, "
                     "hub id); Prometheus-2-7B by default, as the paper")
 flags.DEFINE_enum("judge_prompt", "prometheus", list(judge.PROMPT_FORMATS), "the judge's prompt format: prometheus "
                   "(prometheus-eval's vLLM path, for Prometheus-2) or chat_template (the judge tokenizer's)")
 flags.DEFINE_enum("rubric", "helpfulness", list(judge.RUBRICS), "prometheus-eval's score rubric")
-flags.DEFINE_integer("judge_max_new_tokens", judge.PROMETHEUS_PARAMS["max_tokens"], "judge tokens per judgement")
-flags.DEFINE_float("judge_temperature", judge.PROMETHEUS_PARAMS["temperature"], "judge temperature (prometheus-eval's;"
-                   " 0 is greedy, whose retries repeat the same unparseable output)")
-flags.DEFINE_float("judge_top_p", judge.PROMETHEUS_PARAMS["top_p"], "judge nucleus")
-flags.DEFINE_float("judge_repetition_penalty", judge.PROMETHEUS_PARAMS["repetition_penalty"],
-                   "judge repetition penalty")
-flags.DEFINE_integer("judge_max_retries", judge.MAX_RETRIES, "re-generations of unparseable judgements")
+flags.DEFINE_integer("judge_max_new_tokens", judge.PROMETHEUS_PARAMS["max_tokens"], "judge tokens per judgement",
+                     lower_bound=1)
+cli.define_float("judge_temperature", judge.PROMETHEUS_PARAMS["temperature"], "judge temperature (prometheus-eval's"
+                    "; 0 is greedy, whose retries repeat the same unparseable output)", lower_bound=0)
+cli.define_float("judge_top_p", judge.PROMETHEUS_PARAMS["top_p"], "judge nucleus", above=0, upper_bound=1)
+cli.define_float("judge_repetition_penalty", judge.PROMETHEUS_PARAMS["repetition_penalty"],
+                    "judge repetition penalty", above=0)
+flags.DEFINE_integer("judge_max_retries", judge.MAX_RETRIES, "re-generations of unparseable judgements",
+                     lower_bound=0)
 
 
 def judge_params() -> dict:
@@ -96,13 +101,14 @@ def main(argv):
     atomic.write_text_atomically(out / "generation.md", table + "\n")
     scores = summary["scores"]
     if scores["avg"] is None:
-        print(f"wrote generation.jsonl, generation.json and generation.md in {out} (no figure: no judgement parsed)")
+        print(f"wrote generation.jsonl, generation.json and generation.md in {common.publish(out)} (no figure: no "
+              "judgement parsed)")
         return
     bars = {spec_bench.COLUMNS[c]: scores[c] for c in spec_bench.COLUMNS if c in scores} | {"Avg.": scores["avg"]}
     figure = plots.likert_bars(bars, f"{common.model_name()} ({label}), judge "
                                f"{FLAGS.judge.rstrip('/').split('/')[-1]}", common.figure(out, "generation"))
-    print(f"wrote generation.jsonl, generation.json, generation.md and {figure.name} in {out}")
+    print(f"wrote generation.jsonl, generation.json, generation.md and {figure.name} in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

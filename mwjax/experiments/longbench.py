@@ -19,11 +19,11 @@ Table 9 from such runs. Needs `pip install jieba fuzzywuzzy rouge` (lm-eval's Lo
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from mwjax import atomic, plots
 from mwjax.eval import longbench
-from mwjax.experiments import attack_flags, common, tables
+from mwjax.experiments import attack_flags, cli, common, tables
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -34,12 +34,13 @@ common.check_flag("datasets", lambda name: longbench.check_datasets([name]))
 flags.DEFINE_string("data_dir", None, "run the datasets from <dataset>.jsonl files here (LongBench's record format) "
                     "instead of the hub")
 flags.DEFINE_string("export_data", None, "download the datasets' test splits into this directory and exit")
-flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each dataset")
+flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each dataset", lower_bound=1)
 flags.DEFINE_integer("max_length", longbench.MAX_LENGTH, "prompts over this many tokens lose their middle "
-                     "(House of Cards Appendix H: 7,500)")
+                     "(House of Cards Appendix H: 7,500)", lower_bound=2)
 flags.DEFINE_integer("max_gen_toks", None, "generate at most this many tokens on every dataset instead of each "
-                     "one's own length (LongBench's, up to 512): quick checks, not the paper's protocol")
-flags.DEFINE_integer("batch_size", 8, "generation requests per batch")
+                     "one's own length (LongBench's, up to 512): quick checks, not the paper's protocol",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 8, "generation requests per batch", lower_bound=1)
 flags.DEFINE_bool("chat_template", True, "wrap the prompts of the datasets LongBench wraps in the tokenizer's chat "
                   "template (when it has one)")
 BOS_CHOICES = {"false": False, "true": True, "tokenizer": None}
@@ -77,8 +78,9 @@ def main(argv):
     plots.category_bars({longbench.TITLES[d]: scores[d] for d in FLAGS.datasets},
                         {c: [longbench.TITLES[d] for d in ds] for c, ds in longbench.CATEGORIES.items()},
                         f"{common.model_name()} ({run['label']}): LongBench", common.figure(out, "longbench"))
-    print(f"wrote {common.write_json(out / 'longbench.json', run)}")
+    common.write_json(out / "longbench.json", run)
+    print(f"wrote longbench.json, longbench.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

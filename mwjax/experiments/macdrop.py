@@ -16,10 +16,15 @@ when results.json is there, reports the finished run). A different config is ref
 fields that differ, unless `--config.resume=True` (continue with the new config, e.g. a lower
 learning rate after a divergence; the old config is kept as config.step<N>.json) or
 `--config.overwrite_output_dir=True` (delete what the earlier run wrote and start afresh).
+
+One run per output_dir: process 0 holds the directory's lock (`mwjax.run_lock`, `.<name>.lock` beside it) for
+the run's life; a second run on it is refused with the first one's pid, host and start time, and the lock of
+a run that died is taken over with a warning. adapter/ and adapter_peft/ are written directory-atomically.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,13 +35,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from absl import app
+import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
-from mwjax import atomic, compiled, converters, data, distributed, macdrop, massive, peft, sharding, train
+from mwjax import atomic, compiled, converters, data, distributed, macdrop, massive, peft, run_lock, sharding, train
 from mwjax.converters import embedded
+from mwjax.experiments import cli
 from mwjax.experiments.configs import base as base_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -88,28 +94,51 @@ class Plan:
 
 
 def plan(config: ConfigDict) -> Plan:
-    """Check the whole config before anything is loaded or computed; ValueError names the bad field."""
-    fields = lambda d: {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.to_dict().items()}
-    tc = train.TrainConfig(**fields(config.train))
-    lc = peft.LoraConfig(**fields(config.lora))
-    dc = data.DataConfig(**fields(config.data))
+    """Check the whole config before anything is loaded or computed; ValueError naming the bad field
+    (config.<section>.<field>) on the first bad one."""
+    tc = _section(config, "train", train.TrainConfig)
+    lc = _section(config, "lora", peft.LoraConfig)
+    dc = _section(config, "data", data.DataConfig)
     md = config.macdrop
     if md.enabled:
         if md.scope not in macdrop.SCOPES:
-            raise ValueError(f"unknown MacDrop scope {md.scope!r}; choose from {macdrop.SCOPES}")
-        macdrop.curriculum(md.curriculum, md.p0, total_steps=1, steps_per_epoch=1, epochs=1, alpha=md.alpha)
-    k = config.massive.k
-    if k < 1:
-        raise ValueError(f"massive.k must be >= 1, got {k}")
-    if config.massive.indices is not None:
-        if config.massive.layer is None:
-            raise ValueError("massive.indices given without massive.layer (0-based, HF numbering)")
-        if len(config.massive.indices) < k:
-            raise ValueError(f"massive.indices holds {len(config.massive.indices)} rows but k={k}")
-    for dtype in (config.dtype, config.param_dtype):
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+            raise ValueError(f"config.macdrop.scope: unknown MacDrop scope {md.scope!r}; choose from {macdrop.SCOPES}")
+    if not 0 <= md.alpha < math.inf:
+        raise ValueError(f"config.macdrop.alpha must be a finite number >= 0, got {md.alpha}")
+    if md.enabled:
+        try:
+            macdrop.curriculum(md.curriculum, md.p0, total_steps=1, steps_per_epoch=1, epochs=1, alpha=md.alpha)
+        except ValueError as e:
+            raise ValueError(f"config.macdrop (p0, curriculum, alpha): {e}") from e
+    m = config.massive
+    if m.k < 1:
+        raise ValueError(f"config.massive.k must be >= 1, got {m.k}")
+    if m.layer is not None and m.layer < 0:
+        raise ValueError(f"config.massive.layer must be >= 0 (0-based, HF numbering), got {m.layer}")
+    if m.indices is not None:
+        if m.layer is None:
+            raise ValueError("config.massive.indices given without massive.layer (0-based, HF numbering)")
+        if len(m.indices) < m.k:
+            raise ValueError(f"config.massive.indices holds {len(m.indices)} rows but k={m.k}")
+        if min(m.indices) < 0:
+            raise ValueError(f"config.massive.indices must be rows >= 0, got {tuple(m.indices)}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        if size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{axis} must be >= 1 devices (or -1: the devices left), got {size}")
+    for name in ("dtype", "param_dtype"):
+        if config[name] not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"config.{name}: unknown dtype {config[name]!r}; use float32 or bfloat16")
     return Plan(config, tc, lc, dc, Path(config.output_dir or Path("runs") / config.name))
+
+
+def _section(config: ConfigDict, name: str, cls):
+    """config.<name> as the library dataclass `cls`, its own checks' errors naming the section."""
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config[name].to_dict().items()}
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.{name}: {e}") from e
 
 
 RUN_FILES = ("config.json", "massive_weights.json", "metrics.jsonl", "results.json", "adapter", "adapter_peft",
@@ -220,6 +249,36 @@ def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | No
     cache = config.compilation_cache_dir
     if cache := compiled.keep_compiled_programs(embedded.cache_dir() / "xla" if cache is None else cache):
         log.info("compiled programs are kept in %s (a relaunch loads them)", cache)
+    with output_dir_lock(p.output_dir):  # one run per output directory, before anything in it is touched
+        return _run(config, p, stop_after=stop_after, loaded=loaded)
+
+
+def output_dir_lock(out: Path) -> contextlib.ExitStack:
+    """The run's hold on `out` (`mwjax.run_lock`): process 0 takes the lock for the whole run (it alone writes
+    the run's files); in a multi-host run every process learns whether it got it, so all stop together when
+    another run holds the directory."""
+    stack = contextlib.ExitStack()
+    error = None
+    if distributed.is_lead():
+        try:
+            stack.enter_context(run_lock.hold(out, what="experiments.macdrop run"))
+        except run_lock.DirectoryLockedError as e:
+            error = e
+        except OSError as e:
+            error = ValueError(f"cannot write to output_dir {out}: {e}")
+    if jax.process_count() > 1:
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if refused and error is None:
+            error = run_lock.DirectoryLockedError(f"{out} is in use by another run (process 0's message names it)")
+    if error is not None:
+        stack.close()
+        raise error
+    return stack
+
+
+def _run(config: ConfigDict, p: Plan, *, stop_after: int | None, loaded: tuple | None) -> dict:
+    """`run` once the output directory is this run's."""
+    lead = distributed.is_lead()
     out = p.output_dir
     checkpoint_dir = config.checkpoint_dir or out / "checkpoints"
     finished = prepare_output_dir(config, out, checkpoint_dir)
@@ -297,8 +356,15 @@ def main(argv):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("jax", "absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    with distributed.explain_collective_timeouts():
-        summary = run(_CONFIG.value)
+    try:
+        plan(_CONFIG.value)  # a bad field is a usage error (exit status 2) naming it, before anything starts
+    except ValueError as e:
+        cli.usage_error("experiments.macdrop", str(e))
+    try:
+        with distributed.explain_collective_timeouts():
+            summary = run(_CONFIG.value)
+    except run_lock.DirectoryLockedError as e:  # another run holds output_dir: its pid and start time, no traceback
+        raise SystemExit(f"experiments.macdrop: {e}") from None
     if distributed.is_lead() and "eval_losses" in summary:
         final = summary["eval_losses"][-1][1] if summary["eval_losses"] else None
         print(f"massive weights: {massive.MassiveWeights.from_dict(summary['massive_weights']).label}")
@@ -308,4 +374,4 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.argv = resolve_config_argv(sys.argv)
-    app.run(main)
+    cli.run(main)

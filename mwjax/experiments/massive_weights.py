@@ -16,26 +16,27 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import massive, plots, probes
 from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
-flags.DEFINE_integer("k", 5, "how many massive weights to report")
-flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: chosen by --layer_rule)")
+flags.DEFINE_integer("k", 5, "how many massive weights to report", lower_bound=1)
+flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: chosen by --layer_rule)",
+                     lower_bound=0)
 flags.DEFINE_enum("layer_rule", "intermediate", list(massive.LAYER_RULES), "intermediate: the earliest layer whose "
                   "intermediate state is massive (House of Cards, Algorithm 1); hidden_jump: the largest rise of the "
                   "hidden state's max |x|")
 flags.DEFINE_string("prompt", "Summer is warm. Winter is cold.", "prompt of the 3D magnitude plot")
 flags.DEFINE_string("stats_corpus", "python_docs", "corpus (name or text file) for the averaged statistics")
 common.check_flag("stats_corpus", check_corpus)
-flags.DEFINE_integer("stats_sequences", 8, "how many sequences to average the statistics over")
-flags.DEFINE_integer("stats_seqlen", 256, "tokens per sequence for the averaged statistics")
+flags.DEFINE_integer("stats_sequences", 8, "how many sequences to average the statistics over", lower_bound=1)
+flags.DEFINE_integer("stats_seqlen", 256, "tokens per sequence for the averaged statistics", lower_bound=1)
 
 # House of Cards Figure 3(a) (Eq. (1)): the states of layer l in the order the forward pass makes them, with the
 # paper's symbols; the intermediate state is shown with its two factors (before / after the gate multiplies).
@@ -115,8 +116,9 @@ def main(argv):
         "corpus_stats": {"corpus": corpus.name, "sequences": len(seqs), "seqlen": FLAGS.stats_seqlen,
                          **{p: averaged[p] for p in ("hidden", "intermediate")}},
     }
-    print(f"\nwrote {common.write_json(out / 'massive_weights.json', payload)} and figures in {out}")
+    common.write_json(out / "massive_weights.json", payload)
+    print(f"\nwrote massive_weights.json and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

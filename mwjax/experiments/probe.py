@@ -12,17 +12,17 @@ bos_intermediate.png: the top-3 and median |value| per layer).
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import massive, plots
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 from mwjax.layer_index import layer_label, layer_numbers
 from mwjax.tokens import first_token_id
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
-flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state")
+flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per state", lower_bound=1)
 
 
 def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
@@ -88,7 +88,7 @@ def growth(profile: massive.FirstTokenProfile) -> str:
 
 def main(argv):
     del argv
-    out = common.output_dir(FLAGS.output_dir) if FLAGS.output_dir else None  # checked before the model loads
+    out = common.output_dir(FLAGS.output_dir, "probe") if FLAGS.output_dir else None  # checked before the model loads
     model, tokenizer = common.load_model()
     token_id = first_token_id(tokenizer, model.config, common.first_token_flag())
     label = tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else str(token_id)
@@ -101,8 +101,9 @@ def main(argv):
     if out:
         payload = {"model": FLAGS.model, "dtype": FLAGS.dtype, "token_id": token_id, "layers": rows}
         plots.bos_profile(profile, common.model_name(), lambda figure: common.figure(out, figure))
-        print(f"wrote {common.write_json(out / 'probe.json', payload)} and figures in {out}")
+        common.write_json(out / "probe.json", payload)
+        print(f"wrote probe.json and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,12 +18,12 @@ Writes prune.json, prune.md (the table) and prune.png (--format=pdf|svg) under -
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from mwjax import massive, plots, prune
 from mwjax.eval import perplexity
 from mwjax.eval.corpora import check_name as check_corpus
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)
@@ -43,23 +43,25 @@ def check_protect(name: str) -> None:
 
 
 common.check_flag("protect", check_protect)
-flags.DEFINE_integer("k", 5, "top-k massive weights (rows of W_gate and W_up) to count and protect")
+flags.DEFINE_integer("k", 5, "top-k massive weights (rows of W_gate and W_up) to count and protect", lower_bound=1)
 flags.DEFINE_string("calibration", "c4", "corpus whose LAST chunks calibrate Wanda (thesis: C4 training text); a "
                     "corpus name or a local text file")
 common.check_flag("calibration", check_corpus)
-flags.DEFINE_integer("calibration_sequences", 128, "calibration sequences (thesis: 128)")
-flags.DEFINE_integer("calibration_seqlen", 2048, "tokens per calibration sequence (thesis: 2048, LLaMA's context)")
+flags.DEFINE_integer("calibration_sequences", 128, "calibration sequences (thesis: 128)", lower_bound=1)
+flags.DEFINE_integer("calibration_seqlen", 2048, "tokens per calibration sequence (thesis: 2048, LLaMA's context)",
+                     lower_bound=1)
 flags.DEFINE_bool("calibration_bos", False, "start each calibration sequence with the bos token (the Wanda "
                   "repository's C4 windows start mid-document, without one)")
-flags.DEFINE_integer("calibration_batch_size", 8, "calibration sequences per forward pass")
+flags.DEFINE_integer("calibration_batch_size", 8, "calibration sequences per forward pass", lower_bound=1)
 flags.DEFINE_bool("sequential", True, "Wanda: each layer calibrated on the outputs of the layers before it as pruned "
                   "(the reference), not of the dense model")
 flags.DEFINE_list("datasets", ["wikitext2"], "corpora: wikitext2 (thesis), c4, pg19 (hub), python_docs (embedded) or "
                   "paths")
 common.check_flag("datasets", check_corpus)
-flags.DEFINE_integer("seqlen", 2048, "tokens per perplexity chunk (the Wanda repository evaluates at 2048)")
-flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus")
-flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
+flags.DEFINE_integer("seqlen", 2048, "tokens per perplexity chunk (the Wanda repository evaluates at 2048)",
+                     lower_bound=2)
+flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus", lower_bound=1)
+flags.DEFINE_integer("batch_size", 1, "chunks per forward pass", lower_bound=1)
 
 
 def evaluate(model, corpora) -> dict[str, float]:
@@ -138,8 +140,9 @@ def main(argv):
                    "corpus": FLAGS.calibration, "sequences": len(calibration), "seqlen": FLAGS.calibration_seqlen,
                    "bos": FLAGS.calibration_bos, "sequential": FLAGS.sequential},
                "settings": settings}
-    print(f"\nwrote {common.write_json(out / 'prune.json', payload)}, prune.md and figure in {out}")
+    common.write_json(out / "prune.json", payload)
+    print(f"\nwrote prune.json, prune.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

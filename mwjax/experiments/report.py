@@ -21,7 +21,7 @@ agree / inconclusive against the noise the run can measure):
   4. Pruning (thesis chapter 3): Wanda vs magnitude at 50%, with and without the massive weights (and super
      weights) protected.
 
-Writes report.md, report.json and the figures into --output_dir (default outputs/report), atomically; the
+Writes report.md, report.json and the figures into --output_dir (default outputs/report), as one atomic output; the
 fine-tuning runs go to --work_dir (default: a temporary directory, removed at the end; adapters are ~10 MB).
 The report's header names the command, the mwjax commit and the wall time.
 """
@@ -40,12 +40,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import atomic, attacks, compiled, converters, massive, peft, plots, prune
 from mwjax.eval import perplexity, synthetic_tasks
 from mwjax.eval.perplexity import chunk_tokens
-from mwjax.experiments import common, macdrop
+from mwjax.experiments import cli, common, macdrop
 from mwjax.experiments.configs import smollm2_135m
 from mwjax.progress import duration
 
@@ -54,7 +54,7 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_bool("quick", False, "CI-sized run: tiny slices of every step, one seed, LoRA and LoRA + MacDrop only")
 flags.DEFINE_string("contrast_model", "embedded:gemma3-270m", "model of the finding's contrast (Gemma-2 in the "
                     "paper); empty to skip")
-flags.DEFINE_list("seeds", None, "fine-tuning seeds (default: 0,1 in the full run, 0 with --quick)")
+cli.define_numbers("seeds", None, "fine-tuning seeds (default: 0,1 in the full run, 0 with --quick)", lower_bound=0)
 flags.DEFINE_string("work_dir", None, "where the fine-tuning runs go (default: a temporary directory)")
 
 CORPUS = "python_docs"  # the held-out local text: Python's own documentation, shipped with Python
@@ -503,7 +503,8 @@ def main(argv):
     sizes = QUICK if FLAGS.quick else FULL
     out = common.output_dir("outputs/report")
     commit = git_commit()
-    log(f"{'quick' if FLAGS.quick else 'full'} report of {FLAGS.model} at mwjax {commit} into {out}")
+    log(f"{'quick' if FLAGS.quick else 'full'} report of {FLAGS.model} at mwjax {commit} into "
+        f"{common.final_path(out)}")
     with tempfile.TemporaryDirectory(prefix="mwjax_report_") as tmp:
         work = Path(FLAGS.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -547,8 +548,9 @@ def report(sizes: Sizes, out: Path, work: Path, start: float, commit: str) -> No
     ]
     atomic.write_text_atomically(out / "report.md", "\n\n".join(["\n".join(header), *sections]) + "\n")
     common.write_json(out / "report.json", payload)
-    log(f"wrote {out / 'report.md'}, report.json and figures; wall time {duration(wall)} ({wall:.0f} s)")
+    final = common.publish(out)  # report.md, report.json and the figures appear together
+    log(f"wrote {final / 'report.md'}, report.json and figures; wall time {duration(wall)} ({wall:.0f} s)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,11 +13,11 @@ picks and their probabilities) and router.png (layers x experts, the massive wei
 from __future__ import annotations
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from mwjax import massive, plots
 from mwjax.atomic import write_text_atomically
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 from mwjax.layer_index import layer_label
 from mwjax.tokens import first_token_id
 
@@ -62,8 +62,9 @@ def main(argv):
     payload = {"model": FLAGS.model, "adapter": FLAGS.adapter, "attack": FLAGS.attack, "token_id": token_id,
                "num_experts_per_tok": config.num_experts_per_tok, "massive_weights": mw.to_dict(),
                "router_probs": probs}
-    print(f"wrote {common.write_json(out / 'router.json', payload)}, router.md and the figure in {out}")
+    common.write_json(out / "router.json", payload)
+    print(f"wrote router.json, router.md and the figure in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -21,28 +21,31 @@ from absl import app, flags
 from mwjax import attacks, massive, plots
 from mwjax.eval import generate_text, perplexity
 from mwjax.eval.corpora import check_name as check_corpus
-from mwjax.experiments import common, zeroshot_flags
+from mwjax.experiments import cli, common, zeroshot_flags
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
 flags.adopt_module_key_flags(zeroshot_flags)
 flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection runs")
-flags.DEFINE_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|")
-flags.DEFINE_float("ratio", massive.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
-                   "contribution reaches this fraction of the largest |output| (mwjax.massive module doc)")
-flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection")
-flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)")
-flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)")
+cli.define_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|",
+                    above=0)
+cli.define_float("ratio", massive.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
+                   "contribution reaches this fraction of the largest |output| (mwjax.massive module doc)", above=0,
+                    upper_bound=1)
+flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection",
+                     lower_bound=0)
+flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)", lower_bound=0)
+flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)", lower_bound=0)
 flags.DEFINE_list("scaling_metrics", ["perplexity"], "what the scaling sweep reports: perplexity (the first "
                   "corpus) and/or zeroshot (mean zero-shot accuracy over --tasks, Figure 8's metric)")
 common.check_flag("scaling_metrics", zeroshot_flags.check_metric)
-flags.DEFINE_list("factors", ["0", "0.2", "0.5", "0.8", "1", "1.5", "2", "3"], "scaling factors")
+cli.define_numbers("factors", [0.0, 0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0], "scaling factors", float)
 flags.DEFINE_list("datasets", ["python_docs"], "corpora: wikitext2, c4, pg19 (hub), python_docs (embedded) or paths")
 common.check_flag("datasets", check_corpus)
-flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk")
-flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus")
-flags.DEFINE_integer("batch_size", 1, "chunks per forward pass")
+flags.DEFINE_integer("seqlen", 4096, "tokens per perplexity chunk", lower_bound=2)
+flags.DEFINE_integer("max_chunks", None, "cap on chunks per corpus", lower_bound=1)
+flags.DEFINE_integer("batch_size", 1, "chunks per forward pass", lower_bound=1)
 flags.DEFINE_string("generation_prompt", "What is the capital of France?", "prompt for a sample per setting")
 
 
@@ -106,8 +109,9 @@ def main(argv):
                             log_y=sweep.log_y)
         payload["scaling"][metric] = values
         payload["scaling"][f"{metric}_settings"] = sweep.settings
-    print(f"\nwrote {common.write_json(out / 'super_weight.json', payload)} and figures in {out}")
+    common.write_json(out / "super_weight.json", payload)
+    print(f"\nwrote super_weight.json and figures in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

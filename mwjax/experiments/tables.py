@@ -28,12 +28,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from mwjax.eval import longbench, spec_bench
 from mwjax.eval.zeroshot_tasks import PAPER_TASKS
 from mwjax.eval.zeroshot_tasks import TITLES as TASK_TITLES
-from mwjax.experiments import common
+from mwjax.experiments import cli, common
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -43,8 +43,11 @@ flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for att
 
 
 def load_runs(root: Path, name: str) -> list[dict]:
-    """Every <name>.json under root, each with the path it came from."""
-    return [json.loads(p.read_text()) | {"path": str(p)} for p in sorted(root.rglob(f"{name}.json"))]
+    """Every <name>.json under root, each with the path it came from; hidden directories (the staging and swap
+    directories of runs being written, `mwjax.atomic`) are not searched."""
+    paths = [p for p in sorted(root.rglob(f"{name}.json"))
+             if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return [json.loads(p.read_text()) | {"path": str(p)} for p in paths]
 
 
 def departure(run: dict) -> str | None:
@@ -185,8 +188,8 @@ def main(argv):
     print(text)
     out = common.output_dir("outputs/tables")
     (out / "tables.md").write_text(text)
-    print(f"wrote {out / 'tables.md'}")
+    print(f"wrote {common.publish(out) / 'tables.md'}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from mwjax.eval import zeroshot_tasks
-from mwjax.experiments import attack_flags, common, zeroshot_flags
+from mwjax.experiments import attack_flags, cli, common, zeroshot_flags
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -60,8 +60,9 @@ def main(argv):
     print(f"{FLAGS.model} (acc_norm where the task has it, else acc):\n{table}")
     (out / "zeroshot.md").write_text(table + "\n")
     payload = {**run, **zeroshot_flags.recorded(), "scores": scores}
-    print(f"wrote {common.write_json(out / 'zeroshot.json', payload)}")
+    common.write_json(out / "zeroshot.json", payload)
+    print(f"wrote zeroshot.json and zeroshot.md in {common.publish(out)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

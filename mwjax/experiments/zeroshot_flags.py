@@ -14,8 +14,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", list(zeroshot_tasks.PAPER_TASKS), "lm-eval task names")
 flags.DEFINE_string("data_dir", None, "run the tasks from <task>.jsonl files here instead of the hub "
                     "(experiments.zeroshot --export_data writes them)")
-flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each task")
-flags.DEFINE_integer("zeroshot_batch_size", 8, "lm-eval requests per forward pass")
+flags.DEFINE_integer("limit", None, "evaluate only the first N documents of each task", lower_bound=1)
+flags.DEFINE_integer("zeroshot_batch_size", 8, "lm-eval requests per forward pass", lower_bound=1)
 BOS_CHOICES = {"false": False, "true": True, "tokenizer": None}
 flags.DEFINE_enum("add_bos_token", "false", list(BOS_CHOICES),
                   "prepend bos to every request: false (default: the papers' tables, made with lm-eval <= 0.4.9.1, "
