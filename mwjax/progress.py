@@ -33,7 +33,7 @@ class LineProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self._last >= max(self.interval, 0.1 * (now - self.start)):
+        if now - self._last >= (self.interval and max(self.interval, 0.1 * (now - self.start))):  # 0: every update
             self._last = now
             self._print(now)
 
