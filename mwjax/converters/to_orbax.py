@@ -19,10 +19,15 @@ from mwjax import atomic, checkpoint
 from mwjax.converters.loader import TOKENIZER_DIR, load
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "HF dir, .gguf file, embedded:<name> or hub id", required=True)
-flags.DEFINE_string("dst", None, "output directory (must not exist unless --overwrite)", required=True)
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of the stored parameters")
-flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined when it runs (a library import defines no global flags: `--dtype` is
+    the experiments' too, and both may be imported in one process)."""
+    flags.DEFINE_string("src", None, "HF dir, .gguf file, embedded:<name> or hub id", required=True)
+    flags.DEFINE_string("dst", None, "output directory (must not exist unless --overwrite)", required=True)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "dtype of the stored parameters")
+    flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
 
 
 ORBAX_FILES = (checkpoint.METADATA_ITEM, checkpoint.STATE_ITEM)  # an mwjax orbax checkpoint
@@ -70,4 +75,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
