@@ -5,7 +5,7 @@
     python -m benchmarks.compile_memory --shape llama3_70b --layers 8 80 --remat full --devices 64 --mesh 8x8
     python -m benchmarks.compile_memory --layout unrolled           # the layers as a Python loop, for comparison
 
-The trainer's step (`mwjax.train.Trainer.step_fn`: forward, loss, backward, AdamW) is lowered and compiled on
+The trainer's step (`mwjax.finetune.train.Trainer.step_fn`: forward, loss, backward, AdamW) is lowered and compiled on
 `jax.ShapeDtypeStruct` inputs (an `nnx.eval_shape` model: no weight is allocated) for a Llama of the chosen
 shape, bfloat16 base, float32 LoRA rank 16 on every linear layer but lm_head, one micro-batch of
 batch x seq tokens, the decoder layers stacked and scanned (`TrainConfig.scan_layers`) or unrolled. With
@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
+from mwjax.families.hf_config import read_hf_config
 
 SHAPES = {  # HF LlamaConfig fields
     "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -41,11 +43,12 @@ def compile_step(hf_config: dict, args, layers: int, remat: str | None, loss_chu
     import jax.numpy as jnp
     from flax import nnx
 
-    from mwjax import models, peft, sharding, train
-    from mwjax.config import ModelConfig
+    from mwjax import models, peft
+    from mwjax.core import sharding
+    from mwjax.finetune import train
 
     dtype = jnp.dtype(args.dtype)
-    config = ModelConfig.from_hf_config(hf_config | {"model_type": "llama", "num_hidden_layers": layers,
+    config = read_hf_config(hf_config | {"model_type": "llama", "num_hidden_layers": layers,
                                                      "max_position_embeddings": args.seq})
     model = nnx.eval_shape(lambda: peft.add_adapters(models.build(config, dtype=dtype),
                                                      peft.LoraConfig(rank=16, alpha=16.0)))

@@ -3,7 +3,7 @@
     python -m benchmarks.forward                                    # embedded SmolLM2, float32, a few shapes
     python -m benchmarks.forward --shapes=1x512,16x32 --attention=xla --repeats=7
 
-mwjax runs `mwjax.models.forward` (compiled once per shape, before the timing); transformers runs the model
+mwjax runs `mwjax.families.forward` (compiled once per shape, before the timing); transformers runs the model
 as loaded (`attn_implementation` sdpa by default), under `torch.inference_mode`. The two alternate call by
 call, so a busy machine slows both alike; each side's median is reported, with the ratio mwjax /
 transformers (lower is better; the goal is <= 0.8) and the largest |logit difference| as a check.

@@ -1,4 +1,4 @@
-"""Compile time and memory of probing a Llama (`mwjax.probes.capture`), its decoder layers stacked and scanned or
+"""Compile time and memory of probing a Llama (`probes.capture`), its decoder layers stacked and scanned or
 unrolled, measured without weights.
 
     python -m benchmarks.probe_compile                                  # small shape, 4 and 32 layers, both layouts
@@ -17,6 +17,7 @@ import argparse
 import time
 
 from benchmarks.compile_memory import GIB, SHAPES
+from mwjax.families.hf_config import read_hf_config
 
 
 def compile_probes(hf_config: dict, args, layers: int, stacked: bool) -> dict:
@@ -26,11 +27,10 @@ def compile_probes(hf_config: dict, args, layers: int, stacked: bool) -> dict:
     from flax import nnx
 
     from mwjax import models, probes
-    from mwjax.config import ModelConfig
-    from mwjax.interventions import ActivationEdit
-    from mwjax.models.stack import stack_layers
+    from mwjax.instrument.interventions import ActivationEdit
+    from mwjax.nn.stack import stack_layers
 
-    config = ModelConfig.from_hf_config(hf_config | {"model_type": "llama", "num_hidden_layers": layers,
+    config = read_hf_config(hf_config | {"model_type": "llama", "num_hidden_layers": layers,
                                                      "max_position_embeddings": args.seq})
     build = lambda: models.build(config, dtype=jnp.dtype(args.dtype))
     model = nnx.eval_shape(lambda: stack_layers(build()) if stacked else build())

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from mwjax.families.hf_config import read_hf_config
+
 SHAPES = {  # HF LlamaConfig fields
     "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
@@ -48,11 +50,12 @@ def mwjax_step_time(hf_config: dict, args, macdrop_on: bool, dora: bool) -> floa
     import jax.numpy as jnp
     import numpy as np
 
-    from mwjax import macdrop, models, peft, sharding, train
-    from mwjax.config import ModelConfig
-    from mwjax.massive import MassiveWeights
+    from mwjax import macdrop, models, peft
+    from mwjax.core import sharding
+    from mwjax.finetune import train
+    from mwjax.research.massive import MassiveWeights
 
-    config = ModelConfig.from_hf_config(hf_config | {"model_type": "llama", "max_position_embeddings": args.seq})
+    config = read_hf_config(hf_config | {"model_type": "llama", "max_position_embeddings": args.seq})
     model = models.build(config, dtype=jnp.dtype(args.dtype), seed=0)
     model = peft.add_adapters(model, peft.LoraConfig(rank=16, alpha=16.0, dora=dora))
     tc = train.TrainConfig(micro_batch_size=args.batch, grad_accum=1, remat=args.remat, max_steps=1000,

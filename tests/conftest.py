@@ -27,6 +27,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from hf_reference import TINY_CONFIGS, WORST_RATIO, make_hf_model, needs_torch, torch  # noqa: E402
 
+from mwjax.families.hf_config import read_hf_config  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
@@ -49,7 +51,6 @@ def tiny_checkpoint(tmp_path_factory):
     """name -> a HF directory (config.json + safetensors) of a random mwjax model of one of TINY_CONFIGS,
     written by `save_hf` without torch: for tests that need a checkpoint but not the PyTorch reference."""
     from mwjax import models
-    from mwjax.config import ModelConfig
     from mwjax.converters import save_hf
 
     cache = {}
@@ -57,7 +58,7 @@ def tiny_checkpoint(tmp_path_factory):
     def get(name: str):
         if name not in cache:
             cls_name, kwargs = TINY_CONFIGS[name]
-            config = ModelConfig.from_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict())
+            config = read_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict())
             cache[name] = save_hf(models.build(config, seed=0), tmp_path_factory.mktemp(f"tiny_{name}"))
         return cache[name]
 
@@ -165,8 +166,8 @@ def tiny_smol_dir(smollm2_tokenizer, tmp_path_factory):
     """A HF directory of a tiny random llama (mwjax's init, written by `save_hf`, no torch) with SmolLM2's
     vocabulary and real tokenizer: experiments run end to end on it in seconds."""
     from mwjax import models
-    from mwjax.config import ModelConfig
     from mwjax.converters import save_hf
+    from mwjax.nn.config import ModelConfig
 
     config = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

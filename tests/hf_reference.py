@@ -130,7 +130,7 @@ def assert_logits_close(ours, ref, rel: float = 1e-4):
 
 
 def our_logits(model, tokens: np.ndarray) -> np.ndarray:
-    """An mwjax model's float32 logits of `tokens` [b, t] (jitted, as `mwjax.models.forward`)."""
+    """An mwjax model's float32 logits of `tokens` [b, t] (jitted, as `mwjax.families.forward`)."""
     import jax.numpy as jnp
 
     from mwjax import models

@@ -40,7 +40,7 @@ def arm(point: str) -> None:
 
         handler.finalize = finalize_then_die
     elif kind == "step":
-        from mwjax import train
+        from mwjax.finetune import train
 
         stack_step, calls = train.stack_step, []
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mwjax import compiled, distributed
+from mwjax.core import compiled, distributed
 
 distributed.initialize(collective_timeout_s=int(sys.argv[1]))
 print(f"cache {compiled.keep_compiled_programs('/nonexistent-cache')}", flush=True)  # off in a multi-process CPU run

@@ -20,12 +20,13 @@ import transformers
 from hf_reference import tiny_tokenizer
 from kill_at import Killed, filesystem_steps
 
-from mwjax import atomic, converters, models, peft
-from mwjax.config import ModelConfig
+from mwjax import converters, models, peft
 from mwjax.converters.save_hf import hf_tensors
 from mwjax.converters.to_orbax import convert
+from mwjax.core import atomic
+from mwjax.families.hf_config import read_hf_config, write_hf_config
 
-CONFIG = ModelConfig.from_hf_config(transformers.LlamaConfig(
+CONFIG = read_hf_config(transformers.LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2).to_dict())
 SHARD = 20_000  # bytes: the tiny model in 5 shards
@@ -194,9 +195,9 @@ CHILD = textwrap.dedent("""
     import json, sys, warnings
     warnings.simplefilter("ignore")
     from mwjax import models
-    from mwjax.config import ModelConfig
     from mwjax.converters import save_hf
-    config = ModelConfig.from_hf_config(json.loads({config!r}))
+    from mwjax.families.hf_config import read_hf_config
+    config = read_hf_config(json.loads({config!r}))
     m = [models.build(config, seed=1), models.build(config, seed=2)]
     print("ready", flush=True)
     sys.stdin.readline()  # go
@@ -212,7 +213,7 @@ def test_save_hf_overwrite_survives_sigkill(tmp_path):
     directories = [tmp_path / f"m{i}" for i in range(len(delays))]
     for directory in directories:
         converters.save_hf(tiny(0), directory, max_shard_bytes=SHARD)
-    config = json.dumps(CONFIG.to_hf_config())
+    config = json.dumps(write_hf_config(CONFIG))
     children = [subprocess.Popen([sys.executable, "-c", CHILD.format(config=config, directory=str(d), shard=SHARD)],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for d in directories]
     assert all(child.stdout.readline().strip() == "ready" for child in children)

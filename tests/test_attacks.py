@@ -1,4 +1,4 @@
-"""mwjax.attacks against HF with the same weights edited; purity, jit/vmap, and what each one touches."""
+"""mwjax.research.attacks against HF with the same weights edited; purity, jit/vmap, and what each one touches."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 from hf_reference import assert_logits_close, capture_hf, hf_logits, random_tokens, torch
 
 from mwjax import attacks, converters, massive, models, probes
-from mwjax.massive import MassiveWeights, SuperWeight
+from mwjax.research.massive import MassiveWeights, SuperWeight
 
 TOKENS = random_tokens(128, seed=7)
 

@@ -7,7 +7,7 @@ import pytest
 from hf_reference import assert_close_to_scale, assert_logits_close, hf_logits, random_tokens
 
 from mwjax import converters, models, probes
-from mwjax.models import attention
+from mwjax.nn import attention
 
 
 def qkv(b=2, t=12, s=12, h=4, h_kv=2, d=8, seed=0):

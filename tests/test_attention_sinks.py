@@ -1,4 +1,4 @@
-"""mwjax.attention_sinks (House of Cards Figure 2): bos placements, and the probed states against HF."""
+"""mwjax.research.attention_sinks (House of Cards Figure 2): bos placements, and the probed states against HF."""
 
 import types
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hf_reference import needs_torch, random_tokens, torch
 
-from mwjax import attention_sinks, converters, massive
+from mwjax import converters, massive
+from mwjax.research import attention_sinks
 
 BOS = 1
 

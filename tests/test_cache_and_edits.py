@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from hf_reference import assert_logits_close, hf_logits, random_tokens, torch
 
-from mwjax import converters, interventions, models, probes
-from mwjax.interventions import ActivationEdit
-from mwjax.models.cache import KVCache
+from mwjax import converters, models, probes
+from mwjax.instrument import interventions
+from mwjax.instrument.interventions import ActivationEdit
+from mwjax.nn.cache import KVCache
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "mistral_sliding"])

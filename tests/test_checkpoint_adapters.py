@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import transformers
 
-from mwjax import checkpoint, models, peft
-from mwjax.config import ModelConfig
+from mwjax import models, peft
+from mwjax.converters import checkpoint
+from mwjax.families.hf_config import read_hf_config
 
-CONFIG = ModelConfig.from_hf_config(transformers.LlamaConfig(
+CONFIG = read_hf_config(transformers.LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2).to_dict())
 

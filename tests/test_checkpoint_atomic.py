@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 import transformers
 
-from mwjax import atomic, checkpoint, models
-from mwjax.config import ModelConfig
+from mwjax import models
+from mwjax.converters import checkpoint
+from mwjax.core import atomic
+from mwjax.families.hf_config import read_hf_config
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2)
 
 
 def tiny(seed: int):
-    return models.build(ModelConfig.from_hf_config(transformers.LlamaConfig(**CONFIG).to_dict()), seed=seed)
+    return models.build(read_hf_config(transformers.LlamaConfig(**CONFIG).to_dict()), seed=seed)
 
 
 def embedding(model) -> np.ndarray:
@@ -72,7 +74,7 @@ CHILD = textwrap.dedent("""
     import sys, transformers
     sys.path.insert(0, {tests!r})
     from test_checkpoint_atomic import tiny
-    from mwjax import checkpoint
+    from mwjax.converters import checkpoint
     m = [tiny(1), tiny(2)]
     print("ready", flush=True)
     for i in range(1000):

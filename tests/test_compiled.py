@@ -8,11 +8,12 @@ import numpy as np
 import transformers
 from flax import nnx
 
-from mwjax import compiled, models
-from mwjax.compiled import jit_model
-from mwjax.config import ModelConfig
+from mwjax import models
+from mwjax.core import compiled
+from mwjax.core.compiled import jit_model
+from mwjax.families.hf_config import read_hf_config
 
-CONFIG = ModelConfig.from_hf_config(transformers.LlamaConfig(
+CONFIG = read_hf_config(transformers.LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2).to_dict())
 

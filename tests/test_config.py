@@ -7,29 +7,30 @@ import pytest
 import transformers
 from hf_reference import TINY_CONFIGS, torch
 
-from mwjax.config import FULL_ATTENTION, SLIDING_ATTENTION, ConfigError, ModelConfig, RopeConfig
+from mwjax.families.hf_config import read_hf_config, write_hf_config
+from mwjax.nn.config import FULL_ATTENTION, SLIDING_ATTENTION, ConfigError, ModelConfig, RopeConfig
 
 
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_round_trip_through_hf_dict(name):
     cls_name, kwargs = TINY_CONFIGS[name]
     hf = getattr(transformers, cls_name)(**kwargs).to_dict()
-    config = ModelConfig.from_hf_config(hf)
-    assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+    config = read_hf_config(hf)
+    assert read_hf_config(write_hf_config(config)) == config
     assert ModelConfig.from_dict(config.to_dict()) == config
     # transformers reads what we write back as the same architecture
-    again = transformers.AutoConfig.for_model(**config.to_hf_config())
-    assert ModelConfig.from_hf_config(again.to_dict()) == config
+    again = transformers.AutoConfig.for_model(**write_hf_config(config))
+    assert read_hf_config(again.to_dict()) == config
 
 
 def test_family_specifics():
-    qwen = ModelConfig.from_hf_config(transformers.Qwen2Config(**TINY_CONFIGS["qwen2_bias"][1]).to_dict())
+    qwen = read_hf_config(transformers.Qwen2Config(**TINY_CONFIGS["qwen2_bias"][1]).to_dict())
     assert (qwen.qkv_bias, qwen.o_bias, qwen.sliding_window) == (True, False, None)
-    qwen_sw = ModelConfig.from_hf_config(transformers.Qwen2Config(**TINY_CONFIGS["qwen2_sliding"][1]).to_dict())
+    qwen_sw = read_hf_config(transformers.Qwen2Config(**TINY_CONFIGS["qwen2_sliding"][1]).to_dict())
     assert qwen_sw.layer_types == (FULL_ATTENTION, SLIDING_ATTENTION, SLIDING_ATTENTION)
-    mistral = ModelConfig.from_hf_config(transformers.MistralConfig(**TINY_CONFIGS["mistral_sliding"][1]).to_dict())
+    mistral = read_hf_config(transformers.MistralConfig(**TINY_CONFIGS["mistral_sliding"][1]).to_dict())
     assert mistral.sliding_window == 48 and set(mistral.layer_types) == {SLIDING_ATTENTION}
-    llama = ModelConfig.from_hf_config(transformers.LlamaConfig(**TINY_CONFIGS["llama_bias_headdim"][1]).to_dict())
+    llama = read_hf_config(transformers.LlamaConfig(**TINY_CONFIGS["llama_bias_headdim"][1]).to_dict())
     assert (llama.qkv_bias, llama.o_bias, llama.mlp_bias, llama.head_dim) == (True, True, True, 24)
     assert llama.layer_label(11) == "layer 12 (HF layers[11])"
 
@@ -39,7 +40,7 @@ def test_legacy_transformers4_layout():
               num_attention_heads=2, rope_theta=500000.0,
               rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                 original_max_position_embeddings=8192))
-    config = ModelConfig.from_hf_config(hf)
+    config = read_hf_config(hf)
     assert config.rope == RopeConfig(theta=500000.0, type="llama3", factor=8.0, low_freq_factor=1.0,
                                      high_freq_factor=4.0, original_max_position_embeddings=8192)
     assert config.num_key_value_heads == 2 and config.head_dim == 4
@@ -56,12 +57,12 @@ def test_inverse_frequencies_match_transformers(rope):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=rope)
-    config = ModelConfig.from_hf_config(hf.to_dict())
+    config = read_hf_config(hf.to_dict())
     if rope["rope_type"] == "default":
         inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, 128, 2, dtype=torch.int64).float() / 128))
     else:
         inv_freq, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu")
-    np.testing.assert_allclose(config.rope.inv_frequencies(config.head_dim), inv_freq.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(rope.inv_frequencies(config.rope, config.head_dim), inv_freq.numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -75,10 +76,10 @@ def test_inverse_frequencies_match_transformers(rope):
 def test_unsupported_options_are_named(change, message):
     hf = transformers.LlamaConfig(**TINY_CONFIGS["llama_gqa"][1]).to_dict() | change
     with pytest.raises(ConfigError, match=message):
-        ModelConfig.from_hf_config(hf)
+        read_hf_config(hf)
 
 
 def test_layer_types_must_match_layers():
-    config = ModelConfig.from_hf_config(transformers.LlamaConfig(**TINY_CONFIGS["llama_gqa"][1]).to_dict())
+    config = read_hf_config(transformers.LlamaConfig(**TINY_CONFIGS["llama_gqa"][1]).to_dict())
     with pytest.raises(ConfigError, match="layer_types has 1 entries"):
         dataclasses.replace(config, layer_types=(FULL_ATTENTION,))

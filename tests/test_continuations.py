@@ -11,15 +11,15 @@ from flax import nnx
 from hf_reference import TINY_CONFIGS, assert_close_to_scale
 
 from mwjax import models
-from mwjax.config import ModelConfig
 from mwjax.eval import continuations
+from mwjax.families.hf_config import read_hf_config
 
 
 def tiny_model(name: str):
     """A random model of one of the tiny configs, its weights scaled up so that attention is far from uniform
     (a continuation seeing a token it should not changes its scores)."""
     cls_name, kwargs = TINY_CONFIGS[name]
-    model = models.build(ModelConfig.from_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict()), seed=0)
+    model = models.build(read_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict()), seed=0)
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x * 4.0, state))
 

@@ -12,10 +12,10 @@ import transformers
 from hf_reference import assert_logits_close, hf_logits, make_hf_model, our_logits, random_tokens, tiny_tokenizer, torch
 from safetensors.numpy import load_file, save_file
 
-from mwjax import checkpoint, converters
-from mwjax.config import ConfigError
-from mwjax.converters import embedded
+from mwjax import converters
+from mwjax.converters import checkpoint, embedded
 from mwjax.converters.sources import SafetensorsSource
+from mwjax.nn.config import ConfigError
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "qwen2_sliding", "llama_bias_headdim", "gemma",

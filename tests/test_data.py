@@ -1,4 +1,4 @@
-"""mwjax.data: LLaMA-Factory's templates, label masking and truncation; synthetic tasks; deterministic batches."""
+"""finetune.data: LLaMA-Factory's templates, label masking and truncation; synthetic tasks; deterministic batches."""
 
 import json
 import string
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import transformers
 
-from mwjax import data, models, train
-from mwjax.config import ModelConfig
+from mwjax import models
+from mwjax.finetune import data, train
+from mwjax.nn.config import ModelConfig
 
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>",
             "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]

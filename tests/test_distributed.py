@@ -1,4 +1,4 @@
-"""mwjax.distributed: the guards that make a multi-process run fail instead of hanging."""
+"""mwjax.core.distributed: the guards that make a multi-process run fail instead of hanging."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mwjax import distributed
+from mwjax.core import distributed
 
 ROOT = Path(__file__).parent.parent
 

@@ -6,7 +6,8 @@ import pytest
 from hf_reference import capture_hf, random_tokens, tiny_tokenizer, torch
 
 from mwjax import attacks, converters, massive
-from mwjax.eval import chunk_tokens, corpora, generate, generate_text, perplexity
+from mwjax.data import corpora
+from mwjax.eval import chunk_tokens, generate, generate_text, perplexity
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mwjax import peft, train
+from mwjax import peft
 from mwjax.experiments import macdrop as experiment
 from mwjax.experiments.configs import gemma2_2b, llama3_8b, phi3_mini, smollm2_135m
+from mwjax.finetune import train
 
 
 def test_bare_config_names_resolve():
@@ -100,7 +101,7 @@ def smollm2_with(field: str, value):
     ("lora.targets", ("*.attn.qkv",), r"LoRA target patterns \['\*.attn.qkv'\] match no linear layer"),
 ])
 def test_bad_configs_for_the_model_fail_before_compute(field, value, message, monkeypatch):
-    monkeypatch.setattr("mwjax.massive.find_massive_weights", lambda *a, **k: pytest.fail("computed"))
+    monkeypatch.setattr("mwjax.research.massive.find_massive_weights", lambda *a, **k: pytest.fail("computed"))
     with pytest.raises(ValueError, match=message):
         experiment.run(smollm2_with(field, value))
 

@@ -26,11 +26,12 @@ from hf_reference import (
 )
 from hf_reference import assert_close_to_scale as assert_close
 
-from mwjax import checkpoint, converters, masks, massive, models, probes
-from mwjax.config import ConfigError, RopeConfig
+from mwjax import converters, masks, massive, models, probes
+from mwjax.converters import checkpoint
 from mwjax.converters.sources import SafetensorsSource
 from mwjax.experiments.probe import format_table, probe_first_token, summary
-from mwjax.models.cache import KVCache
+from mwjax.nn.cache import KVCache
+from mwjax.nn.config import ConfigError, RopeConfig
 
 
 def load(path):
@@ -273,7 +274,7 @@ def test_mixtral_routed_experts_equal_all_experts(tiny_checkpoint):
     adapters, input) of running every expert on every token, with an expert's FFN row mask and DoRA adapters (the
     LoRA path and its rescaling) on the experts. (Without adapters: test_mixtral_routed_experts_match_hf.)"""
     from mwjax import peft
-    from mwjax.models.base import Taps
+    from mwjax.nn.base import Taps
 
     model = peft.add_adapters(load(tiny_checkpoint("mixtral")), peft.LoraConfig(rank=4, alpha=8.0, dora=True))
     for layer in peft.adapters(model).values():  # B != 0, so the adapters change the outputs

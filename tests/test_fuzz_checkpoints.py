@@ -29,8 +29,8 @@ import transformers
 from gguf_files import write_gguf_tensors
 
 from mwjax import converters, models
-from mwjax.config import ModelConfig
 from mwjax.converters.save_hf import hf_tensors
+from mwjax.families.hf_config import read_hf_config
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)
@@ -303,7 +303,7 @@ def gguf_variants(clean: Path, rng: np.random.Generator):
 def clean(tmp_path_factory):
     """The tiny llama as a safetensors dir, a sharded one and a GGUF, and its reference logits."""
     hf_config = transformers.LlamaConfig(**TINY)
-    model = models.build(ModelConfig.from_hf_config(hf_config.to_dict()), seed=0)
+    model = models.build(read_hf_config(hf_config.to_dict()), seed=0)
     root = tmp_path_factory.mktemp("clean")
     single = converters.save_hf(model, root / "single")
     sharded = converters.save_hf(model, root / "sharded", max_shard_bytes=20_000)

@@ -6,9 +6,9 @@ import pytest
 from hf_reference import LIGHTHOUSE, assert_bos_intermediate_agrees, assert_logits_close, gguf_with_transformers, torch
 
 from mwjax import massive, models
-from mwjax.config import FULL_ATTENTION, SLIDING_ATTENTION
 from mwjax.converters import embedded
 from mwjax.experiments.probe import growth
+from mwjax.nn.config import FULL_ATTENTION, SLIDING_ATTENTION
 
 pytestmark = pytest.mark.slow
 

@@ -18,11 +18,9 @@ from prometheus_eval.mock import MockLLM  # noqa: E402
 from prometheus_eval.prompts import ABSOLUTE_PROMPT  # noqa: E402
 from prometheus_eval.utils import batch_completions_with_retries  # noqa: E402
 
-from mwjax import (
-    converters,  # noqa: E402
-    plots,  # noqa: E402
-)
+from mwjax import converters
 from mwjax.eval import generation_tasks, judge, spec_bench  # noqa: E402
+from mwjax.experiments import plots
 
 QUESTIONS = [
     {"question_id": 81, "category": "writing", "turns": ["Write a line about rain.", "Rewrite it to rhyme."]},

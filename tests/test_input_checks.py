@@ -18,14 +18,14 @@ from hf_reference import tiny_tokenizer
 from safetensors.numpy import load_file, save_file
 
 from mwjax import models, peft
-from mwjax.config import ModelConfig
 from mwjax.converters import CheckpointError, load, save_hf
 from mwjax.converters.save_hf import hf_tensors
+from mwjax.families.hf_config import read_hf_config, write_hf_config
 
 HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
           num_key_value_heads=2)
-CONFIG = ModelConfig.from_hf_config(transformers.LlamaConfig(**HF).to_dict())
-WIDE = ModelConfig.from_hf_config(transformers.LlamaConfig(**(HF | {"hidden_size": 64})).to_dict())
+CONFIG = read_hf_config(transformers.LlamaConfig(**HF).to_dict())
+WIDE = read_hf_config(transformers.LlamaConfig(**(HF | {"hidden_size": 64})).to_dict())
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +199,7 @@ def torch_dir(base, tmp_path_factory):
         torch.save({k: tensors[k] for k in part}, directory / name)
     index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    (directory / "config.json").write_text(json.dumps(base.config.to_hf_config()))
+    (directory / "config.json").write_text(json.dumps(write_hf_config(base.config)))
     return directory
 
 

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from mwjax.layer_index import check_layer, layer_label, layer_numbers
+from mwjax.core.layer_index import check_layer, layer_label, layer_numbers
 
 
 def test_label_names_both_numberings():

@@ -102,8 +102,8 @@ def test_parity_tests_are_sensitive(name, change, hf_checkpoint):
     """The features these configs exercise change the logits well beyond the tolerance."""
     import dataclasses
 
-    from mwjax.config import RopeConfig
     from mwjax.converters.sources import SafetensorsSource
+    from mwjax.nn.config import RopeConfig
 
     hf, path = hf_checkpoint(name)
     model, _ = converters.load(path, tokenizer=False)

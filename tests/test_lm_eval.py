@@ -115,8 +115,8 @@ def test_a_request_that_cannot_be_scored_is_a_clear_error_naming_it(tiny, smollm
 
 def test_a_tokenizer_larger_than_the_model_is_refused(embedded_tokenizer):
     from mwjax import models
-    from mwjax.config import ModelConfig
-    from mwjax.tokens import VocabularyError
+    from mwjax.converters.tokens import VocabularyError
+    from mwjax.nn.config import ModelConfig
 
     small = models.build(ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=48,
                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8))

@@ -9,14 +9,15 @@ from flax import nnx
 from hf_reference import TINY_CONFIGS, assert_close_to_scale, random_tokens
 
 from mwjax import models
-from mwjax.config import ModelConfig
-from mwjax.loss import IGNORE, chunked_token_loss, token_loss
+from mwjax.families.hf_config import read_hf_config
+from mwjax.finetune.loss import IGNORE, chunked_token_loss, token_loss
+from mwjax.nn.config import ModelConfig
 
 
 def tiny_model(name: str):
     cls_name, kwargs = TINY_CONFIGS[name]
     kwargs = kwargs | dict(num_hidden_layers=1)  # the loss sits after the layers: one is enough (and compiles fast)
-    return models.build(ModelConfig.from_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict()), seed=0)
+    return models.build(read_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict()), seed=0)
 
 
 # llama_gqa: its own lm_head; gemma2: tied embedding and final logit soft-capping (both inside `unembed`)
@@ -53,7 +54,9 @@ def test_a_bad_chunk_is_refused():
 def test_the_trainer_with_the_chunked_loss_compiles_to_less_memory():
     """The abstract trainer (an nnx.eval_shape model: no weights) compiles its step; chunking the loss over a
     vocabulary much wider than the model shrinks the step's temp memory (benchmarks/compile_memory.py at scale)."""
-    from mwjax import peft, sharding, train
+    from mwjax import peft
+    from mwjax.core import sharding
+    from mwjax.finetune import train
 
     config = ModelConfig(model_type="llama", vocab_size=8192, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16)

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mwjax import data, macdrop, train
-from mwjax.massive import MassiveWeights
+from mwjax import macdrop
+from mwjax.finetune import data, train
+from mwjax.research.massive import MassiveWeights
 
 MW = MassiveWeights(layer=2, indices=(7, 3, 90, 12, 40, 5), values=(1.0,) * 6, median=0.1, token_id=1)
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from mwjax import run_log
 from mwjax.experiments import macdrop as experiment
 from mwjax.experiments.configs import smollm2_135m
+from mwjax.finetune import run_log
 
 ROOT = Path(__file__).parent
 TIMINGS = run_log.TIMINGS  # differ from run to run

@@ -20,12 +20,7 @@ from hf_reference import (
 
 peft_lib = pytest.importorskip("peft")
 
-from mwjax import (  # noqa: E402
-    converters,  # noqa: E402
-    masks,
-    models,
-    peft,
-)
+from mwjax import converters, masks, models, peft  # noqa: E402
 
 TOKENS = random_tokens(48, seed=40)
 

@@ -19,13 +19,8 @@ from hf_reference import (
 
 peft_lib = pytest.importorskip("peft")
 
-from mwjax import (  # noqa: E402
-    converters,  # noqa: E402
-    masks,
-    models,
-    peft,
-)
-from mwjax.massive import MassiveWeights  # noqa: E402
+from mwjax import converters, masks, models, peft  # noqa: E402
+from mwjax.research.massive import MassiveWeights  # noqa: E402
 
 TOKENS = random_tokens(48, seed=41)
 HF_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]  # every linear layer of HF Phi-3
@@ -255,7 +250,9 @@ def test_trainer_keeps_the_shared_a_and_its_export_loads_in_peft(base, tmp_path)
     trained model still shares it, and its PEFT export computes the trained model's logits in HF PEFT."""
     from train_helpers import ArrayLoader
 
-    from mwjax import macdrop, sharding, train
+    from mwjax import macdrop
+    from mwjax.core import sharding
+    from mwjax.finetune import train
 
     hf, model = base
     _, ours = fused_pair(hf, model, dora=True, seed=11)

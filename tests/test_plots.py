@@ -3,7 +3,7 @@
 import matplotlib.pyplot as plt
 import pytest
 
-from mwjax import plots
+from mwjax.experiments import plots
 
 
 @pytest.mark.parametrize("suffix, magic", [("png", b"\x89PNG"), ("pdf", b"%PDF"), ("svg", b"<?xml")])

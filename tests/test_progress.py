@@ -4,7 +4,7 @@ import io
 
 from tqdm.auto import tqdm
 
-from mwjax.progress import progress, track
+from mwjax.core.progress import progress, track
 
 
 def test_off_a_terminal_progress_is_whole_lines():

@@ -1,4 +1,4 @@
-"""mwjax.prune: Wanda and magnitude pruning as functional masks, against the thesis' formula computed in torch the
+"""research.prune: Wanda and magnitude pruning as functional masks, against the thesis' formula computed in torch the
 way the Wanda repository applies it (layer by layer, forward hooks on every Linear), and what they remove of the
 massive weights."""
 
@@ -13,7 +13,7 @@ import pytest
 from hf_reference import assert_logits_close, hf_logits, random_tokens, torch
 
 from mwjax import converters, massive, probes, prune
-from mwjax.massive import SuperWeight
+from mwjax.research.massive import SuperWeight
 
 CALIBRATION = random_tokens(24, batch=6, seed=3)  # [6, 24]
 TOKENS = random_tokens(64, seed=4)

@@ -1,4 +1,4 @@
-"""The family registry (`mwjax.family`): every record complete, one list of families, unknown HF keys refused."""
+"""The family registry (`families.family`): every record complete, one list of families, unknown HF keys refused."""
 
 import dataclasses
 import inspect
@@ -11,12 +11,13 @@ import transformers
 from flax import nnx
 from hf_reference import TINY_CONFIGS
 
-import mwjax.family
-from mwjax import family as registry
+import mwjax.families.family
 from mwjax import models
-from mwjax.config import ConfigError, ModelConfig
 from mwjax.converters.gguf_source import GGUF_MODEL_TYPES
-from mwjax.converters.keymaps import KEYMAPS, KeyMap
+from mwjax.families import family as registry
+from mwjax.families.hf_config import read_hf_config, write_hf_config
+from mwjax.families.keymaps import KEYMAPS, KeyMap
+from mwjax.nn.config import ConfigError
 
 FAMILIES = registry.families()
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +54,9 @@ def test_every_family_is_complete(record):
     names = _tiny_configs_of(record.model_type)
     assert names, f"tests/hf_reference.py TINY_CONFIGS has no config of {record.model_type}"
     for name in names:
-        config = ModelConfig.from_hf_config(_hf(name))
-        assert config.family is record and config.architecture == record.architecture
-        assert ModelConfig.from_hf_config(config.to_hf_config()) == config
+        config = read_hf_config(_hf(name))
+        assert registry.family(config.model_type) is record
+        assert read_hf_config(write_hf_config(config)) == config
 
 
 def test_one_list_of_families():
@@ -84,7 +85,7 @@ def test_records_are_frozen_and_registered_once():
 def test_unknown_math_keys_are_refused_by_name(key, value):
     hf = _hf("llama_gqa") | {key: value}
     with pytest.raises(ConfigError, match=rf"mwjax does not implement '{key}' for llama.*refused, not ignored"):
-        ModelConfig.from_hf_config(hf)
+        read_hf_config(hf)
 
 
 def test_the_loader_names_the_file_of_a_refused_key(tiny_checkpoint, tmp_path):
@@ -102,14 +103,14 @@ def test_the_loader_names_the_file_of_a_refused_key(tiny_checkpoint, tmp_path):
                                         ("use_cache", False), ("initializer_range", 0.02), ("pretraining_tp", 1),
                                         ("_name_or_path", "x"), ("some_new_attention_trick", None)])
 def test_informational_keys_pass(key, value):
-    assert ModelConfig.from_hf_config(_hf("llama_gqa") | {key: value}) == ModelConfig.from_hf_config(_hf("llama_gqa"))
+    assert read_hf_config(_hf("llama_gqa") | {key: value}) == read_hf_config(_hf("llama_gqa"))
 
 
 def test_family_keys_pass_only_in_their_family():
     mixtral = _hf("mixtral") | {"router_aux_loss_coef": 0.02, "output_router_logits": True}
-    assert ModelConfig.from_hf_config(mixtral).num_local_experts == 4
+    assert read_hf_config(mixtral).num_local_experts == 4
     with pytest.raises(ConfigError, match="'router_aux_loss_coef' for qwen2"):
-        ModelConfig.from_hf_config(_hf("qwen2_bias") | {"router_aux_loss_coef": 0.02})
+        read_hf_config(_hf("qwen2_bias") | {"router_aux_loss_coef": 0.02})
 
 
 @pytest.mark.parametrize("cls_name", ["LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig", "Gemma2Config",
@@ -118,12 +119,12 @@ def test_transformers_default_configs_load(cls_name):
     """Every key transformers writes for a family is understood or known to be informational."""
     hf = getattr(transformers, cls_name)(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2).to_dict()
-    assert ModelConfig.from_hf_config(hf).model_type == hf["model_type"]
+    assert read_hf_config(hf).model_type == hf["model_type"]
 
 
 def test_the_files_a_new_family_needs():
     """The registry's docstring lists them; each built-in family has its record in its model class's module."""
-    doc = inspect.getdoc(mwjax.family)
+    doc = inspect.getdoc(mwjax.families.family)
     for path in ("mwjax/models/<family>.py", "mwjax/models/__init__.py", "mwjax/converters/keymaps.py",
                  "mwjax/converters/gguf_source.py", "tests/hf_reference.py"):
         assert path in doc
@@ -131,5 +132,5 @@ def test_the_files_a_new_family_needs():
             assert (ROOT / path).is_file()
     for record in FAMILIES:
         module = sys.modules[record.model_class.__module__]
-        assert module.__name__.startswith("mwjax.models.")
+        assert module.__name__.startswith("mwjax.families.")
         assert f'model_type="{record.model_type}"' in Path(module.__file__).read_text()

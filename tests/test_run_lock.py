@@ -1,4 +1,4 @@
-"""One run per output directory (mwjax.run_lock), and an experiment's results published as one atomic output."""
+"""One run per output directory (mwjax.core.run_lock), and an experiment's results published as one atomic output."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import textwrap
 
 import pytest
 
-from mwjax import run_lock
+from mwjax.core import run_lock
 from mwjax.experiments import common
 from mwjax.experiments import macdrop as experiment
 from mwjax.experiments.configs import smollm2_135m
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from mwjax import run_lock
+    from mwjax.core import run_lock
     with run_lock.hold(sys.argv[1], what="test run"):
         print("held", flush=True)
         time.sleep(600)
@@ -49,7 +49,7 @@ def test_the_lock_of_a_dead_run_is_taken_over_with_a_message(held, caplog):
     child, directory = held
     child.send_signal(signal.SIGKILL)  # a preemption: the kernel drops its lock, its record stays
     child.wait()
-    with caplog.at_level(logging.WARNING, logger="mwjax.run_lock"), run_lock.hold(directory, what="test run"):
+    with caplog.at_level(logging.WARNING, logger="mwjax.core.run_lock"), run_lock.hold(directory, what="test run"):
         record = json.loads(run_lock.lock_path(directory).read_text())
         assert record["pid"] == os.getpid()
     assert f"taking over the lock of a run that is no longer running (test run, pid {child.pid}" in caplog.text

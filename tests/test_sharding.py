@@ -8,9 +8,11 @@ import transformers
 from flax import nnx
 from hf_reference import TINY_CONFIGS
 
-from mwjax import models, peft, sharding
-from mwjax.config import ModelConfig
-from mwjax.models.layers import declared_axes
+from mwjax import models, peft
+from mwjax.core import sharding
+from mwjax.core.sharding import declared_axes
+from mwjax.families.hf_config import read_hf_config
+from mwjax.nn.config import ModelConfig
 
 # the 8B shape of benchmarks/train_step.py (Llama-3-8B)
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
@@ -18,7 +20,7 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
 
 
 def model_config(cls_name: str, kwargs: dict) -> ModelConfig:
-    return ModelConfig.from_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict())
+    return read_hf_config(getattr(transformers, cls_name)(**kwargs).to_dict())
 
 
 def params_of(model) -> dict[str, tuple[int, ...]]:

@@ -10,9 +10,9 @@ import transformers
 from hf_reference import TINY_CONFIGS, assert_close_to_scale, random_tokens
 
 from mwjax import models
-from mwjax.config import ModelConfig
-from mwjax.models import attention
-from mwjax.models.stack import stack_layers
+from mwjax.families.hf_config import read_hf_config
+from mwjax.nn import attention
+from mwjax.nn.stack import stack_layers
 
 T = 12
 LEFT_PADDING = jnp.asarray(np.r_[[0] * 3 + [1] * 9, [1] * 12].reshape(2, T))
@@ -27,7 +27,7 @@ CASES = {  # name -> (sliding window, soft-cap, kv heads, layer_type_masks kwarg
 
 def random_model(name: str, **overrides):
     cls_name, kwargs = TINY_CONFIGS[name]
-    return models.build(ModelConfig.from_hf_config(getattr(transformers, cls_name)(**kwargs | overrides).to_dict()),
+    return models.build(read_hf_config(getattr(transformers, cls_name)(**kwargs | overrides).to_dict()),
                         seed=0)
 
 

@@ -1,4 +1,4 @@
-"""Scanned decoder layers (`mwjax.models.stack`): the stacked layout computes what the unrolled one does —
+"""Scanned decoder layers (`mwjax.nn.stack`): the stacked layout computes what the unrolled one does —
 logits, FFN row masks, KV-cache decoding, gradients with and without remat, LoRA/DoRA — for every family, and
 converts back to the very same arrays (probes and activation edits: tests/test_stack_probes.py)."""
 
@@ -10,17 +10,18 @@ from flax import nnx
 from hf_reference import TINY_CONFIGS, assert_close_to_scale, random_tokens
 
 from mwjax import masks, models, peft
-from mwjax.config import ModelConfig
+from mwjax.core.sharding import declared_axes
 from mwjax.eval.generate import generate
-from mwjax.models.layers import declared_axes
-from mwjax.models.stack import LayerStack, stack_layers, unstack_layers
+from mwjax.families.hf_config import read_hf_config
+from mwjax.nn.config import ModelConfig
+from mwjax.nn.stack import LayerStack, stack_layers, unstack_layers
 
 FAMILIES = ("llama_gqa", "gemma3", "mixtral", "phi3_partial_rotary")  # plain, two layer types, experts, partial RoPE
 TOKENS = jnp.asarray(random_tokens(48, batch=2))
 
 
 def tiny(name: str) -> nnx.Module:
-    return models.build(ModelConfig.from_hf_config(TINY_CONFIGS[name][1] | {"model_type": _model_type(name)}))
+    return models.build(read_hf_config(TINY_CONFIGS[name][1] | {"model_type": _model_type(name)}))
 
 
 def _model_type(name: str) -> str:
@@ -106,7 +107,8 @@ def test_adapter_gradients_equal_unrolled(adapter, remat):
 
 def lowered_step(layers: int, remat: str | None = "full", scan: bool = True):
     """The trainer's step for an abstract LoRA model of `layers` layers, lowered (no weights allocated)."""
-    from mwjax import sharding, train
+    from mwjax.core import sharding
+    from mwjax.finetune import train
 
     config = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=512,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16)

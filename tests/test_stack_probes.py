@@ -1,4 +1,4 @@
-"""Probes and activation edits inside the stacked layers' scan (`mwjax.models.stack`): `probes.capture` and
+"""Probes and activation edits inside the stacked layers' scan (`mwjax.nn.stack`): `probes.capture` and
 edited forwards (and their gradients under remat) of a stacked model equal the unrolled model's, from one
 `jax.lax.scan` whose body is one decoder layer whatever the depth."""
 
@@ -11,9 +11,9 @@ from flax import nnx
 from hf_reference import TINY_CONFIGS, assert_close_to_scale, random_tokens
 
 from mwjax import attacks, masks, models, probes
-from mwjax.config import ModelConfig
-from mwjax.interventions import ActivationEdit
-from mwjax.models.stack import stack_layers
+from mwjax.families.hf_config import read_hf_config
+from mwjax.instrument.interventions import ActivationEdit
+from mwjax.nn.stack import stack_layers
 
 TOKENS = jnp.asarray(random_tokens(24, batch=2, seed=7))
 PADDING = jnp.asarray(np.arange(24)[None] >= np.array([[0], [5]]), jnp.int32)  # row 1 left-padded by 5
@@ -24,7 +24,7 @@ DENSE_POINTS = tuple(point for point in probes.POINTS if point != "router_probs"
 def tiny(name: str, **overrides) -> nnx.Module:
     """A random mwjax model of one of the tiny HF configs (3 layers unless overridden)."""
     cls_name, kwargs = TINY_CONFIGS[name]
-    return models.build(ModelConfig.from_hf_config(getattr(transformers, cls_name)(**kwargs | overrides).to_dict()))
+    return models.build(read_hf_config(getattr(transformers, cls_name)(**kwargs | overrides).to_dict()))
 
 
 def assert_same_probes(got: probes.ProbeResult, ref: probes.ProbeResult, what: str) -> None:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mwjax.config import ModelConfig
-from mwjax.tokens import first_token_id
+from mwjax.converters.tokens import first_token_id
+from mwjax.nn.config import ModelConfig
 
 CONFIG = ModelConfig(model_type="llama", vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                      num_attention_heads=2, num_key_value_heads=2, head_dim=4, bos_token_id=7)

@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 from train_helpers import ArrayLoader, tiny_setup
 
-from mwjax import macdrop, peft, sharding, train
+from mwjax import macdrop, peft
+from mwjax.core import sharding
+from mwjax.finetune import train
 
 
 def make_trainer(steps, **kwargs):

@@ -8,7 +8,7 @@ import numpy as np
 
 
 class ArrayLoader:
-    """`mwjax.data.BatchLoader`'s interface over random token rows: a fresh permutation per epoch."""
+    """`mwjax.finetune.data.BatchLoader`'s interface over random token rows: a fresh permutation per epoch."""
 
     def __init__(self, rows: int, batch_size: int, seq_len: int, seed: int = 0, vocab: int = 100):
         rng = np.random.default_rng(seed)
@@ -30,9 +30,10 @@ class ArrayLoader:
 
 
 def tiny_setup(*, dora=False, macdrop_scope="massive", mask_every="step", **train_kwargs):
-    from mwjax import models, peft, train
-    from mwjax.config import ModelConfig
-    from mwjax.massive import MassiveWeights
+    from mwjax import models, peft
+    from mwjax.finetune import train
+    from mwjax.nn.config import ModelConfig
+    from mwjax.research.massive import MassiveWeights
 
     config = ModelConfig(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -50,7 +51,9 @@ def run(mesh_shape, steps=4):
     """Train `steps` steps on a mesh; return the per-step losses and how the base and adapters are placed."""
     import jax
 
-    from mwjax import macdrop, sharding, train
+    from mwjax import macdrop
+    from mwjax.core import sharding
+    from mwjax.finetune import train
 
     model, tc, mw, scope = tiny_setup(max_steps=steps)
     md = macdrop.MacDrop.from_massive_weights(mw, 5, 64, 128, macdrop.curriculum("step", 0.8, total_steps=steps),

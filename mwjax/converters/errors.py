@@ -1,6 +1,6 @@
 """Errors of the converters, each naming the file, tensor or option at fault."""
 
-from mwjax.config import ConfigError
+from mwjax.nn.config import ConfigError
 
 
 class CheckpointError(ValueError):

@@ -27,12 +27,12 @@ from typing import Any
 import gguf
 import numpy as np
 
-from mwjax import family as registry
 from mwjax.converters import gguf_file, gguf_tokenizer
 from mwjax.converters.errors import CheckpointError, MissingTensorError, UnsupportedCheckpointError
 from mwjax.converters.sources import TensorSource
-from mwjax.models.llama import MISTRAL
-from mwjax.models.mixtral import MIXTRAL
+from mwjax.families import family as registry
+from mwjax.families.llama.model import MISTRAL
+from mwjax.families.mixtral.model import MIXTRAL
 
 
 def gguf_model_types() -> dict[str, str]:

@@ -19,15 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax import atomic, checkpoint, models, tokens
-from mwjax.checkpoint import ShardingFn, dotted
-from mwjax.config import ConfigError, ModelConfig
-from mwjax.converters import embedded, gguf_file, gguf_source, keymaps
+from mwjax import families
+from mwjax.converters import checkpoint, embedded, gguf_file, gguf_source, tokens
 from mwjax.converters.errors import CheckpointError, InvalidConfigError, ShapeMismatchError, UnsupportedCheckpointError
 from mwjax.converters.gguf_source import GGUFSource
 from mwjax.converters.sources import FLOAT_DTYPES, SafetensorsSource, TensorSource, TorchBinSource
-from mwjax.models.layers import declared_axes
-from mwjax.progress import progress as progress_display
+from mwjax.core import atomic
+from mwjax.core.paths import dotted
+from mwjax.core.progress import progress as progress_display
+from mwjax.core.sharding import ShardingFn, declared_axes
+from mwjax.families import keymaps
+from mwjax.families.hf_config import read_hf_config
+from mwjax.nn.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def _model_config(read_config, where: Path, hf: bool = True) -> ModelConfig:
         config = read_config()
         if not isinstance(config, dict):
             raise ConfigError(f"the configuration must be a JSON object, not {type(config).__name__}")
-        return ModelConfig.from_hf_config(config) if hf else ModelConfig.from_dict(config)
+        return read_hf_config(config) if hf else ModelConfig.from_dict(config)
     except CheckpointError:
         raise
     except ConfigError as e:
@@ -136,7 +139,7 @@ def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.fl
     extras pass with a warning); then each tensor must be floating point and finite.
     """
     keymap = keymaps.keymap(config.model_type)
-    graphdef, state = nnx.split(models.abstract(config, dtype=dtype, param_dtype=param_dtype))
+    graphdef, state = nnx.split(families.abstract(config, dtype=dtype, param_dtype=param_dtype))
     abstract, axes = nnx.to_pure_dict(state), declared_axes(state)
     shapes = {dotted(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}
     locations = {name: _locate(source, name, candidates) for name, candidates in keymap.plan(shapes).items()}
@@ -249,7 +252,7 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
     if text.startswith(embedded.PREFIX):
         return embedded.path(text[len(embedded.PREFIX):])
     local = Path(text).expanduser()
-    atomic.recover(local)  # an export killed between the two renames of its swap (mwjax.atomic) is repaired
+    atomic.recover(local)  # an export killed between the two renames of its swap (mwjax.core.atomic) is repaired
     if local.exists():
         return local
     if _HUB_ID.match(text):

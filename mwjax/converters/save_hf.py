@@ -12,9 +12,11 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from mwjax import atomic, peft
-from mwjax.checkpoint import dotted
-from mwjax.converters import keymaps
+from mwjax.converters import checkpoint
+from mwjax.core import atomic
+from mwjax.core.paths import dotted
+from mwjax.families import keymaps
+from mwjax.families.hf_config import write_hf_config
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
@@ -26,7 +28,7 @@ def save_hf(model: nnx.Module, directory: str | os.PathLike, *, tokenizer=None,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write `model` in HF layout: `config.json`, `model.safetensors` (or shards + index), tokenizer.
 
-    Parameters keep their dtype. The directory is written atomically as a whole (`mwjax.atomic`): built beside
+    Parameters keep their dtype. The directory is written atomically as a whole (`mwjax.core.atomic`): built beside
     `directory` and swapped in, so a kill leaves the previous export or this one, and no file of an earlier
     export survives (the old shards of a sharded model overwritten by a single-file one). An existing
     non-empty directory is replaced only when it holds an HF checkpoint (`config.json`, safetensors or torch
@@ -41,11 +43,11 @@ def save_hf(model: nnx.Module, directory: str | os.PathLike, *, tokenizer=None,
     Returns:
       The directory.
     """
-    peft.check_no_adapters(model, "save_hf")  # before anything is written
+    checkpoint.check_no_adapters(model, "save_hf")  # before anything is written
     directory = Path(directory)
     atomic.check_replaceable(directory, HF_FILES, "an HF checkpoint")  # before the tensors are gathered
     tensors = hf_tensors(model)
-    hf_config = model.config.to_hf_config() | {"torch_dtype": str(next(iter(tensors.values())).dtype)}
+    hf_config = write_hf_config(model.config) | {"torch_dtype": str(next(iter(tensors.values())).dtype)}
     with atomic.atomic_directory(directory, replaces=HF_FILES, what="an HF checkpoint") as staging:
         _write_weights(staging, tensors, max_shard_bytes)
         (staging / "config.json").write_text(json.dumps(hf_config, indent=2))

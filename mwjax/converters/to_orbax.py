@@ -2,7 +2,7 @@
 
     python -m converters.to_orbax --src=PATH --dst=DIR [--dtype=bfloat16]
 
-Load the result with `converters.load(DIR)` or `mwjax.checkpoint.restore(DIR, shardings=...)`: a
+Load the result with `converters.load(DIR)` or `mwjax.converters.checkpoint.restore(DIR, shardings=...)`: a
 large model converted once is then restored straight into a mesh on every host.
 """
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 from absl import app, flags
 
-from mwjax import atomic, checkpoint
+from mwjax.converters import checkpoint
 from mwjax.converters.loader import TOKENIZER_DIR, load
+from mwjax.core import atomic
 
 FLAGS = flags.FLAGS
 
@@ -36,7 +37,7 @@ ORBAX_FILES = (checkpoint.METADATA_ITEM, checkpoint.STATE_ITEM)  # an mwjax orba
 def convert(src: str, dst: str | os.PathLike, dtype=jnp.float32, overwrite: bool = False) -> Path:
     """Load `src` and write it to `dst` as an mwjax orbax checkpoint with its tokenizer in `dst/tokenizer`.
 
-    The checkpoint and the tokenizer are written as one directory-atomic output (`mwjax.atomic`): a kill leaves
+    The checkpoint and the tokenizer are written as one directory-atomic output (`mwjax.core.atomic`): a kill leaves
     the previous `dst` or the new one, never a new model beside an old tokenizer or none.
 
     Args:

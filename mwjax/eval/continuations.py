@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax.compiled import jit_model
-from mwjax.config import SLIDING_ATTENTION
-from mwjax.progress import progress
+from mwjax.core.compiled import jit_model
+from mwjax.core.progress import progress
+from mwjax.nn.config import SLIDING_ATTENTION
 
 PICKS_MULTIPLE = 128  # scored positions per batch are padded to a multiple of this
 WIDTH_STEPS = 8  # row widths a call weighs (`layout`)

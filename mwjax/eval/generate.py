@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax.compiled import jit_model
-from mwjax.models.cache import KVCache
-from mwjax.progress import progress
+from mwjax.core.compiled import jit_model
+from mwjax.core.progress import progress
+from mwjax.nn.cache import KVCache
 
 # prompt widths (padded lengths) of `generate_many`: ~1.5x steps, little padding, a handful of programs per run
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)

@@ -34,10 +34,10 @@ from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 
-from mwjax import tokens
+from mwjax.converters import tokens
+from mwjax.core.progress import progress
 from mwjax.eval import continuations
 from mwjax.eval.generate import DEFAULT_BUCKETS, bucket, generate
-from mwjax.progress import progress
 
 TRUNCATIONS = ("left", "middle")
 

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mwjax.compiled import jit_model
-from mwjax.progress import track
+from mwjax.core.compiled import jit_model
+from mwjax.core.progress import track
 
 
 @dataclasses.dataclass(frozen=True)

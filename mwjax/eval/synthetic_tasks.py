@@ -20,7 +20,7 @@ a fine-tuned model is scored on countries, sums and sets it never saw (it can on
 format and the skill). Everything is deterministic in `seed`.
 
 Scoring (`accuracy`) is lm-eval's `acc`: each choice is the response of the instruction in the same
-format fine-tuning trains on (`mwjax.data.encode`, the "plain" template by default: bos, question,
+format fine-tuning trains on (`mwjax.finetune.data.encode`, the "plain" template by default: bos, question,
 newline, answer, eos; short, so a CPU scores hundreds of questions in seconds), its log-likelihood
 summed (`MwjaxLM._loglikelihood_tokens`), and the most likely choice is the model's answer.
 """
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from mwjax import data
+from mwjax.finetune import data
 
 # (country, capital): countries whose capital is not their own name, most with single-word capitals
 CAPITALS = (
@@ -145,7 +145,7 @@ def questions(split: str, per_task: int, seed: int = 0, tasks: Sequence[str] = T
 
 
 def instruction_records(items: Sequence[Question]) -> list[dict]:
-    """Alpaca records (`mwjax.data`) that teach the questions: instruction = the question, output = the answer."""
+    """Alpaca records (`finetune.data`) that teach the questions: instruction = the question, output = the answer."""
     return [{"instruction": q.prompt, "input": "", "output": q.choices[q.answer]} for q in items]
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from mwjax import attacks
 from mwjax.experiments import common
+from mwjax.research import attacks
 
 FLAGS = flags.FLAGS
 common.define_attack_flag("evaluation")

@@ -23,11 +23,11 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
-from mwjax import attacks, massive, plots
+from mwjax.data.corpora import check_name as check_corpus
 from mwjax.eval import generate_text, perplexity
-from mwjax.eval.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
-from mwjax.experiments import cli, common, zeroshot_flags
+from mwjax.experiments import cli, common, plots, zeroshot_flags
+from mwjax.research import attacks, massive
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull

@@ -5,7 +5,7 @@
 
 The prompt (without bos) is fed four times: bos absent, at the start, in the middle (after the first
 sentence), at the end. For each, the |hidden state| after the probed layer (default: the middle layer,
-or the massive activations' origin layer if deeper; `mwjax.attention_sinks`) and the head-averaged
+or the massive activations' origin layer if deeper; `mwjax.research.attention_sinks`) and the head-averaged
 attention probabilities of the next layer. Writes attention_sinks.json, attention_sinks.md (per
 placement: the tokens with massive activations, the largest |h|, the token the later tokens attend to
 most) and attention_sinks.png (the paper's two rows, one column per placement; --format=pdf|svg).
@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
-from mwjax import attention_sinks, plots
-from mwjax.atomic import write_text_atomically
-from mwjax.experiments import cli, common
-from mwjax.layer_index import layer_label
-from mwjax.tokens import first_token_id
+from mwjax.converters.tokens import first_token_id
+from mwjax.core.atomic import write_text_atomically
+from mwjax.core.layer_index import layer_label
+from mwjax.experiments import cli, common, plots
+from mwjax.research import attention_sinks
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull

@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from mwjax import atomic, attacks, converters, peft, run_lock
+from mwjax import converters
+from mwjax.adapters import peft
 from mwjax.converters import embedded
-from mwjax.eval import corpora
+from mwjax.core import atomic, run_lock
+from mwjax.data import corpora
 from mwjax.eval.perplexity import chunk_tokens
+from mwjax.research import attacks
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
@@ -62,7 +65,7 @@ def define_attack_flag(before: str) -> None:
     """--attack for an experiment that measures an attacked model (checked as the command line is parsed);
     `apply_attack` applies it. `before`: what the attack precedes, for --help."""
     flags.DEFINE_string("attack", None, f"attack applied before {before}, e.g. zero_top_k:5 or "
-                        "massive_activations:zero (mwjax.attacks.from_spec)")
+                        "massive_activations:zero (mwjax.research.attacks.from_spec)")
     check_flag("attack", attacks.parse_spec)
 
 
@@ -110,9 +113,9 @@ def output_dir(default: str, name: str | None = None) -> Path:
 
 
 def stage(directory: Path, name: str) -> Path:
-    """Hold `directory` for this run (`mwjax.run_lock`: one run per output directory; a second run is refused
+    """Hold `directory` for this run (`mwjax.core.run_lock`: one run per output directory; a second run is refused
     naming the first) and return a staging directory beside it, checked writable, for the run's files.
-    `publish` swaps it in whole (`mwjax.atomic`), so a killed or failed run leaves the previous results, never a
+    `publish` swaps it in whole (`mwjax.core.atomic`), so a killed or failed run leaves the previous results, never a
     mix of two runs' files. SystemExit with the reason when the directory is held or cannot be written."""
     final = directory.absolute()
     if final == Path.cwd() or final in Path.cwd().parents:

@@ -25,9 +25,10 @@ import time
 import jax.numpy as jnp
 from absl import flags
 
-from mwjax import atomic, converters, plots
+from mwjax import converters
+from mwjax.core import atomic
 from mwjax.eval import generation_tasks, judge, spec_bench
-from mwjax.experiments import attack_flags, cli, common
+from mwjax.experiments import attack_flags, cli, common, plots
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)  # --help lists the shared flags (--model, --output_dir, ...) too

@@ -4,10 +4,10 @@
         --tasks arc_easy,arc_challenge,boolq,piqa,winogrande --batch_size 8
 
 model_args: pretrained (anything `converters.load` reads), adapter (an HF PEFT directory or the orbax
-adapter/ of experiments.macdrop, merged into the weights), attack (see `mwjax.attacks.from_spec`),
+adapter/ of experiments.macdrop, merged into the weights), attack (see `mwjax.research.attacks.from_spec`),
 attack_on (with adapter and attack, House of Cards Table 8's reading: merged, the default, re-finds the
 massive weights on the merged model and attacks its rows; base attacks the pretrained rows under the live
-adapter; `mwjax.attacks.after_fine_tuning`), dtype (float32 | bfloat16), first_token (for finding massive
+adapter; `mwjax.research.attacks.after_fine_tuning`), dtype (float32 | bfloat16), first_token (for finding massive
 weights when the tokenizer has no bos), add_bos_token (True / False / unset = the tokenizer's default),
 max_length, max_gen_toks, truncation (left, as lm-eval's HF backend, or middle: LongBench's cut of a prompt
 over max_prompt_length tokens; `mwjax.eval.lm_eval.middle_truncate`), max_prompt_length.
@@ -21,8 +21,10 @@ import jax.numpy as jnp
 from lm_eval.api.registry import register_model
 from lm_eval.utils import simple_parse_args_string
 
-from mwjax import attacks, converters, peft
+from mwjax import converters
+from mwjax.adapters import peft
 from mwjax.eval.lm_eval import MwjaxLM
+from mwjax.research import attacks
 
 LM_EVAL_ONLY = ("device", "max_batch_size")  # lm-eval passes these to every backend; they mean nothing here
 

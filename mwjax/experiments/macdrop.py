@@ -8,7 +8,7 @@ Bare config names are files under mwjax/experiments/configs/ (`name:arg` passes 
 get_config); `--config.<field>=value` overrides any field. Every setting, the data file and the
 output directory are checked before the model is touched. Written under `output_dir` (default
 runs/<config name>): config.json, massive_weights.json, metrics.jsonl, checkpoints/ (orbax),
-adapter/ (orbax, `mwjax.peft.load_adapters`), adapter_peft/ (HF PEFT `PeftModel.from_pretrained`)
+adapter/ (orbax, `mwjax.adapters.peft.load_adapters`), adapter_peft/ (HF PEFT `PeftModel.from_pretrained`)
 and, last, results.json.
 
 Re-running into the same output_dir with the same config resumes from the latest checkpoint (or,
@@ -17,7 +17,7 @@ fields that differ, unless `--config.resume=True` (continue with the new config,
 learning rate after a divergence; the old config is kept as config.step<N>.json) or
 `--config.overwrite_output_dir=True` (delete what the earlier run wrote and start afresh).
 
-One run per output_dir: process 0 holds the directory's lock (`mwjax.run_lock`, `.<name>.lock` beside it) for
+One run per output_dir: process 0 holds the directory's lock (`mwjax.core.run_lock`, `.<name>.lock` beside it) for
 the run's life; a second run on it is refused with the first one's pid, host and start time, and the lock of
 a run that died is taken over with a warning. adapter/ and adapter_peft/ are written directory-atomically.
 """
@@ -40,15 +40,19 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
-from mwjax import atomic, compiled, converters, data, distributed, macdrop, massive, peft, run_lock, sharding, train
+from mwjax import converters
+from mwjax.adapters import peft
 from mwjax.converters import embedded
+from mwjax.core import atomic, compiled, distributed, run_lock, sharding
 from mwjax.experiments import cli
 from mwjax.experiments.configs import base as base_config
+from mwjax.finetune import data, train
+from mwjax.research import macdrop, massive
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py[:arg], or a bare <name>")
 
-log = logging.getLogger("mwjax.macdrop")
+log = logging.getLogger("mwjax.research.macdrop")
 
 
 def config_fields(config: ConfigDict, prefix: str = "") -> list[str]:
@@ -254,7 +258,7 @@ def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | No
 
 
 def output_dir_lock(out: Path) -> contextlib.ExitStack:
-    """The run's hold on `out` (`mwjax.run_lock`): process 0 takes the lock for the whole run (it alone writes
+    """The run's hold on `out` (`mwjax.core.run_lock`): process 0 takes the lock for the whole run (it alone writes
     the run's files); in a multi-host run every process learns whether it got it, so all stop together when
     another run holds the directory."""
     stack = contextlib.ExitStack()

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from mwjax import massive, plots, probes
-from mwjax.eval.corpora import check_name as check_corpus
+from mwjax.data.corpora import check_name as check_corpus
 from mwjax.eval.perplexity import chunk_tokens
-from mwjax.experiments import cli, common
+from mwjax.experiments import cli, common, plots
+from mwjax.instrument import probes
+from mwjax.research import massive
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull

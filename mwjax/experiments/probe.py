@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
-from mwjax import massive, plots
-from mwjax.experiments import cli, common
-from mwjax.layer_index import layer_label, layer_numbers
-from mwjax.tokens import first_token_id
+from mwjax.converters.tokens import first_token_id
+from mwjax.core.layer_index import layer_label, layer_numbers
+from mwjax.experiments import cli, common, plots
+from mwjax.research import massive
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -27,7 +27,7 @@ flags.DEFINE_integer("top_k", 3, "how many of the largest |values| to report per
 
 def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
     """Per layer: hidden / intermediate top-k values, indices and median |x| for one token at position 0
-    (`mwjax.massive.first_token_profile` as JSON-ready rows).
+    (`mwjax.research.massive.first_token_profile` as JSON-ready rows).
 
     In a mixture-of-experts model (Mixtral) the intermediate state is the one of the expert the
     router ranks first for the token at that layer, recorded in the row as "expert".

@@ -11,7 +11,7 @@ matrix, the repository's baseline; magnitude_global: one threshold over the mode
 the top --k massive rows of W_gate / W_up and the super weights kept; rows; super_weights), the pruned model's
 perplexity, its actual sparsity, how many entries of the top-k massive rows and how many super weights it
 pruned, and the first token's massive intermediate values that are left. Masks are functional
-(`mwjax.prune`): the loaded weights are never modified.
+(`mwjax.research.prune`): the loaded weights are never modified.
 
 Writes prune.json, prune.md (the table) and prune.png (--format=pdf|svg) under --output_dir.
 """
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from absl import flags
 
-from mwjax import massive, plots, prune
+from mwjax.data.corpora import check_name as check_corpus
 from mwjax.eval import perplexity
-from mwjax.eval.corpora import check_name as check_corpus
-from mwjax.experiments import cli, common
+from mwjax.experiments import cli, common, plots
+from mwjax.research import massive, prune
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)

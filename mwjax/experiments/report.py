@@ -17,7 +17,7 @@ agree / inconclusive against the noise the run can measure):
   3. Fine-tuning (Tables 2 and 8): LoRA, LoRA + MacDrop, DoRA, DoRA + MacDrop (`experiments.macdrop.run`, the
      CPU recipe of configs/smollm2_135m) on the train split of the same tasks, same data and steps for each,
      over --seeds; each adapter's held-out accuracy clean and under top-3 zeroing in both of Table 8's readings
-     (`mwjax.attacks.after_fine_tuning`: merged, base), mean and spread over seeds.
+     (`mwjax.research.attacks.after_fine_tuning`: merged, base), mean and spread over seeds.
   4. Pruning (thesis chapter 3): Wanda vs magnitude at 50%, with and without the massive weights (and super
      weights) protected.
 
@@ -42,12 +42,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from mwjax import atomic, attacks, compiled, converters, massive, peft, plots, prune
+from mwjax import converters
+from mwjax.adapters import peft
+from mwjax.core import atomic, compiled
+from mwjax.core.progress import duration
 from mwjax.eval import perplexity, synthetic_tasks
 from mwjax.eval.perplexity import chunk_tokens
-from mwjax.experiments import cli, common, macdrop
+from mwjax.experiments import cli, common, macdrop, plots
 from mwjax.experiments.configs import smollm2_135m
-from mwjax.progress import duration
+from mwjax.research import attacks, massive, prune
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)
@@ -319,7 +322,7 @@ def fmt(s: dict) -> str:
 
 
 def section_fine_tuning(model, tokenizer, mw, held_out, sizes: Sizes, out: Path, work: Path) -> tuple[dict, str]:
-    from mwjax import data
+    from mwjax.finetune import data
 
     seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else list(sizes.seeds)
     train_qs = synthetic_tasks.questions("train", sizes.train_per_task, seed=0)

@@ -15,11 +15,11 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
-from mwjax import massive, plots
-from mwjax.atomic import write_text_atomically
-from mwjax.experiments import cli, common
-from mwjax.layer_index import layer_label
-from mwjax.tokens import first_token_id
+from mwjax.converters.tokens import first_token_id
+from mwjax.core.atomic import write_text_atomically
+from mwjax.core.layer_index import layer_label
+from mwjax.experiments import cli, common, plots
+from mwjax.research import massive
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull

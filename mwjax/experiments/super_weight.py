@@ -5,7 +5,7 @@
 
 Detection runs the reference prompt and flags every layer whose down_proj input and output both
 spike above --threshold (default 50), with every row of it whose contribution reaches --ratio of the
-largest output (`mwjax.massive.find_super_weights`). All of them are attacked jointly, as the paper
+largest output (`mwjax.research.massive.find_super_weights`). All of them are attacked jointly, as the paper
 does for models with several (Llama-3-8B), unless --layer/--row/--col name one. Then perplexity
 for: the original model, the super weights pruned, pruned with their super activations restored,
 and the weights scaled by each of --factors, measured as perplexity on the first corpus and, with
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from mwjax import attacks, massive, plots
+from mwjax.data.corpora import check_name as check_corpus
 from mwjax.eval import generate_text, perplexity
-from mwjax.eval.corpora import check_name as check_corpus
-from mwjax.experiments import cli, common, zeroshot_flags
+from mwjax.experiments import cli, common, plots, zeroshot_flags
+from mwjax.research import attacks, massive
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -31,7 +31,7 @@ flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection run
 cli.define_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|",
                     above=0)
 cli.define_float("ratio", massive.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
-                   "contribution reaches this fraction of the largest |output| (mwjax.massive module doc)", above=0,
+                   "contribution reaches this fraction of the largest |output| (research.massive module doc)", above=0,
                     upper_bound=1)
 flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection",
                      lower_bound=0)

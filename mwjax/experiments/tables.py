@@ -44,7 +44,7 @@ flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for att
 
 def load_runs(root: Path, name: str) -> list[dict]:
     """Every <name>.json under root, each with the path it came from; hidden directories (the staging and swap
-    directories of runs being written, `mwjax.atomic`) are not searched."""
+    directories of runs being written, `mwjax.core.atomic`) are not searched."""
     paths = [p for p in sorted(root.rglob(f"{name}.json"))
              if not any(part.startswith(".") for part in p.relative_to(root).parts)]
     return [json.loads(p.read_text()) | {"path": str(p)} for p in paths]

@@ -9,7 +9,8 @@ import typing
 
 from ml_collections import ConfigDict, config_dict
 
-from mwjax import data, peft, train
+from mwjax.adapters import peft
+from mwjax.finetune import data, train
 
 VARIANTS = ("lora", "lora_macdrop", "dora", "dora_macdrop")
 

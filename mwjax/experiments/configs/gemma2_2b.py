@@ -1,4 +1,4 @@
-"""Gemma-2-2B with LLaMA-Factory's `gemma` template (the paper's trainer; `mwjax.data`):
+"""Gemma-2-2B with LLaMA-Factory's `gemma` template (the paper's trainer; `mwjax.finetune.data`):
 `--config=gemma2_2b` (LoRA + MacDrop) or `--config=gemma2_2b:<variant>`, variant one of
 lora, lora_macdrop, dora, dora_macdrop."""
 

@@ -1,4 +1,4 @@
-"""Phi-3-mini-4k-instruct with LLaMA-Factory's `phi` template (the paper's trainer; `mwjax.data`) and one
+"""Phi-3-mini-4k-instruct with LLaMA-Factory's `phi` template (the paper's trainer; `mwjax.finetune.data`) and one
 adapter per HF fused module (`qkv_proj`, `gate_up_proj`: `LoraConfig(fuse=True)`), as LLaMA-Factory's
 LoRA on HF Phi-3 has; the PEFT export loads on HF Phi-3.
 `--config=phi3_mini` (LoRA + MacDrop) or `--config=phi3_mini:<variant>`, variant one of

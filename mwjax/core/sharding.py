@@ -1,0 +1,149 @@
+"""Meshes and shardings: one table of logical axes, mapped onto a ("data", "fsdp", "tensor") mesh.
+
+Parameters declare the logical axes of their dimensions where the module creates them
+(`mwjax.nn.layers.param`); logical axes map to mesh axes through LOGICAL_RULES (as maxtext's
+`logical_axis_rules`). The frozen base is sharded FSDP x tensor-parallel; LoRA adapters, norms and the
+rest are replicated; batches are split over ("data", "fsdp"). A dimension that a mesh axis does not
+divide is left unsharded rather than failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mwjax.core.paths import dotted
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (dotted parameter path, shape, the parameter's declared logical axes or None) -> where its array lives
+ShardingFn = Callable[[str, tuple[int, ...], tuple[str | None, ...] | None], jax.sharding.Sharding]
+
+
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tensor",  # attention projections' head-major feature axis
+    "mlp": "tensor",  # d_ff
+    "vocab": "tensor",
+    "experts": None,
+    "layers": None,  # the stacked decoder layers' leading axis (`mwjax.nn.stack`): each device holds all
+}
+
+
+
+Axes = tuple[str | None, ...]  # logical axis names, one per dimension (keys of `LOGICAL_RULES`)
+AXES = "logical_axes"  # the Variable metadata that holds them
+
+
+def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+    """A parameter with its logical axes declared (one name, or None, per dimension of `value`)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
+    return kind(value, **{AXES: tuple(axes)})
+
+
+def declared_axes(state: nnx.State) -> dict[str, Axes]:
+    """{dotted parameter path: its declared logical axes} for every Variable of `state` that declares them."""
+    out = {}
+    for path, variable in nnx.to_flat_state(state):
+        axes = variable.get_metadata().get(AXES)
+        if axes is not None:
+            out[".".join(map(str, path))] = axes
+    return out
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over `devices` (default all); one size may be -1 (the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    asked = dict(zip(MESH_AXES, sizes, strict=True))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split into mesh axes {asked}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {int(np.prod(sizes))} devices, "
+                         f"{len(devices)} are available")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of a value with these logical axes, dropping mesh axes that do not divide a dim."""
+    parts = []
+    for axis, dim in zip(logical, shape, strict=True):
+        mapped = LOGICAL_RULES.get(axis) if axis else None
+        names = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
+        names = tuple(n for n in names if mesh.shape[n] > 1)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        parts.append(None if not names or dim % size else (names[0] if len(names) == 1 else names))
+    return PartitionSpec(*parts)
+
+
+def param_sharding_fn(mesh: Mesh) -> ShardingFn:
+    """(dotted parameter path, shape, declared logical axes or None) -> NamedSharding; for converters.load /
+    checkpoint.restore. Undeclared: replicated."""
+    return lambda path, shape, axes: NamedSharding(mesh, spec(axes or (None,) * len(shape), shape, mesh))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh):
+    """A pytree of NamedShardings matching `state` (parameters by their declared axes, anything else replicated)."""
+    fn, axes = param_sharding_fn(mesh), declared_axes(state)
+
+    def one(path, leaf):
+        name = dotted(path).removesuffix(".value")  # Variables flatten to their `.value`
+        return fn(name, tuple(getattr(leaf, "shape", ())), axes.get(name))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
+    """Batches [batch, ...] (the batch at `axis`, e.g. 1 for [grad_accum, batch, seq]): rows split over
+    ("data", "fsdp")."""
+    names = tuple(n for n in LOGICAL_RULES["batch"] if mesh.shape[n] > 1)
+    parts = [None] * ndim
+    parts[axis] = names or None
+    return NamedSharding(mesh, PartitionSpec(*parts))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def put(tree, shardings):
+    """`jax.device_put(tree, shardings)` that also works when a sharding spans several processes.
+
+    `shardings`: one Sharding for every leaf, or a matching pytree. Values local to this process (freshly
+    initialised adapters, optimizer state, keys: the same on every process, as they come from the same
+    seeds) are cut into this process's shards; arrays already spread over processes are resharded in a
+    compiled identity (no host gathers them).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, target):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x), target), impl=jax.random.key_impl(x))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x if x.sharding == target else jax.jit(lambda a: a, out_shardings=target)(x)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
+
+
+def shaped(tree, shardings):
+    """`put` for an abstract tree (`jax.ShapeDtypeStruct` leaves, e.g. from `nnx.eval_shape`): the same leaves
+    carrying `shardings` (one Sharding, or a matching pytree), for lowering and compiling without weights."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

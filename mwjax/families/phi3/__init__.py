@@ -1,0 +1,1 @@
+"""mwjax/families/phi3"""

@@ -1,0 +1,239 @@
+"""Activation probes: typed `nnx.Intermediate` collections, switched on by a `ProbeConfig`.
+
+Every model takes `probes=ProbeConfig(...)`; the probed blocks `sow` into one `nnx.Intermediate`
+subclass per probe point, read back with `nnx.capture`:
+
+    logits, hidden = nnx.capture(model, probes.HiddenState)(tokens, probes=ProbeConfig(points=("hidden",)))
+
+`capture` below does that under `jax.jit` and returns `{point: {layer: {stat: array}}}`.
+Reductions run inside the graph, so an 8B model at 4096 tokens need not ship [seq, d_ff] tensors
+per layer to the host: with `full=False, top_k=3, median=True` each point returns
+`top_values` / `top_indices` [..., 3] (largest |x| over the feature axis, values keep their sign)
+and `median` [...] (median |x|). With `scope="sequence"` the reductions run over all tokens and
+features of each sequence instead ([batch, k] / [batch]), and `top_positions` says which token
+each top value sits at.
+
+A stacked model (`mwjax.nn.stack`) records inside its scan over the layers and sows each point
+once for all of them (`LayerStacked`); `capture` returns the same result as for the unrolled model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from mwjax.core.compiled import jit_model
+
+
+class Probe(nnx.Intermediate):
+    """Base class of mwjax's probe collections."""
+
+
+class HiddenState(Probe):
+    """Residual stream after decoder layer l: HF `output_hidden_states[l + 1]`."""
+
+
+class AttentionInput(Probe):
+    """Output of `input_layernorm` (the attention block's input)."""
+
+
+class MLPInput(Probe):
+    """Output of the norm before the FFN (`post_attention_layernorm` in Llama): the FFN's input x."""
+
+
+class AttentionOutput(Probe):
+    """Output of `o_proj`, before the residual add."""
+
+
+class AttentionResidual(Probe):
+    """Residual stream after the attention block's residual add, before the FFN: House of Cards' ĥ_l in
+    Eq. (1), `h_{l-1} + ATTN(LN(h_{l-1}))` (Gemma 2 / 3: with the post-attention norm). No HF output holds it."""
+
+
+class AttentionProbs(Probe):
+    """Attention probabilities [batch, heads, q, k] (HF `output_attentions`)."""
+
+
+class IntermediateState(Probe):
+    """The paper's intermediate state `act(x W_gate) * (x W_up)`: the input of `down_proj` [b, t, d_ff].
+
+    Mixtral: every expert's, routed or not, [b, t, num_experts, d_ff].
+    """
+
+
+class GateActivation(Probe):
+    """act(x W_gate) [b, t, d_ff]: the gate factor of the intermediate state (Mixtral: per expert,
+    [b, t, E, d_ff])."""
+
+
+class UpProjOutput(Probe):
+    """x W_up [b, t, d_ff]: the intermediate state before the gate multiplies it (Mixtral: per expert)."""
+
+
+class DownProjOutput(Probe):
+    """Output of `down_proj` [b, t, d_model] (the FFN output of a dense model; in Gemma 2 / 3 before
+    `post_feedforward_layernorm`). Mixtral: every expert's, before the routing weights, [b, t, E, d_model]."""
+
+
+class RouterProbs(Probe):
+    """Mixture-of-experts router probabilities [b, t, num_experts], float32: the softmax of the router
+    logits over all experts (HF's `router_logits`, softmaxed), before top-k selection."""
+
+
+POINTS: dict[str, type[Probe]] = {
+    "hidden": HiddenState,
+    "attn_input": AttentionInput,
+    "mlp_input": MLPInput,
+    "attn_output": AttentionOutput,
+    "attn_residual": AttentionResidual,
+    "attn_probs": AttentionProbs,
+    "gate_activation": GateActivation,
+    "up_proj_output": UpProjOutput,
+    "intermediate": IntermediateState,
+    "down_proj_output": DownProjOutput,
+    "router_probs": RouterProbs,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Which points to record, at which layers (None = all, 0-based), and in what form."""
+
+    points: tuple[str, ...] = ("hidden", "intermediate")
+    layers: tuple[int, ...] | None = None
+    full: bool = True  # the whole tensor
+    top_k: int = 0  # > 0: the top-k |x| over the last axis, with indices
+    median: bool = False  # median |x| over the last axis
+    scope: str = "token"  # "token": reduce over features; "sequence": over tokens and features
+
+    def __post_init__(self):
+        object.__setattr__(self, "points", tuple(self.points))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(layer) for layer in self.layers))
+        unknown = [p for p in self.points if p not in POINTS]
+        if unknown:
+            raise ValueError(f"unknown probe points {unknown}; choose from {sorted(POINTS)}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not (self.full or self.top_k or self.median):
+            raise ValueError("ProbeConfig records nothing: set full=True, top_k > 0 or median=True")
+        if self.scope not in ("token", "sequence"):
+            raise ValueError(f"scope must be 'token' or 'sequence', got {self.scope!r}")
+
+    @property
+    def types(self) -> tuple[type[Probe], ...]:
+        return tuple(POINTS[p] for p in self.points)
+
+    def wants(self, point: str, layer: int | None) -> bool:
+        """Whether `point` is recorded at `layer`; layer None: at some layer (`mwjax.nn.stack`'s scan, whose
+        template layer has no index of its own, records every layer and keeps the wanted ones)."""
+        if point not in self.points:
+            return False
+        return self.layers is None or (bool(self.layers) if layer is None else layer in self.layers)
+
+    def layers_of(self, num_layers: int) -> tuple[int, ...]:
+        """The layers recorded in a model of `num_layers` layers, ascending."""
+        return tuple(layer for layer in range(num_layers) if self.layers is None or layer in self.layers)
+
+
+def reduce(x: jax.Array, config: ProbeConfig) -> dict[str, jax.Array]:
+    """The statistics of `config` over the last axis of x (or, scope="sequence", over all but the first)."""
+    out = {}
+    if config.full:
+        out["full"] = x
+    if config.top_k or config.median:
+        flat = x if config.scope == "token" else x.reshape(x.shape[0], -1)
+        mag = jnp.abs(flat.astype(jnp.float32))
+        if config.top_k:
+            _, idx = jax.lax.top_k(mag, min(config.top_k, flat.shape[-1]))
+            out["top_values"] = jnp.take_along_axis(flat, idx, axis=-1)
+            if config.scope == "token":
+                out["top_indices"] = idx
+            else:  # flat index over [seq, features] -> (position, feature)
+                out["top_positions"], out["top_indices"] = jnp.divmod(idx, x.shape[-1])
+        if config.median:
+            out["median"] = jnp.median(mag, axis=-1)
+    return out
+
+
+def sow(module: nnx.Module, point: str, layer: int | None, value: jax.Array, config: ProbeConfig | None) -> None:
+    """Record `value` at `point` of `layer` (None: of the layer a stacked layers' scan runs) if the config asks
+    for it (a no-op otherwise)."""
+    if config is not None and config.wants(point, layer):
+        module.sow(POINTS[point], point, reduce(value, config))
+
+
+def sow_layers(module: nnx.Module, point: str, layers: tuple[int, ...], stats: dict[str, jax.Array]) -> None:
+    """Record the stats {stat: [len(layers), ...]} of `point` at `layers` at once (a stacked layers' scan)."""
+    module.sow(POINTS[point], point, LayerStacked(stats, layers))
+
+
+@struct.dataclass
+class LayerStacked:
+    """What one point recorded in a scan over stacked layers (`mwjax.nn.stack`): `stats` {stat: [n, ...]},
+    whose slot s holds layer `layers[s]` (n = len(layers)). `collect` gives each layer its slice."""
+
+    stats: dict[str, jax.Array]
+    layers: tuple[int, ...] = struct.field(pytree_node=False)
+
+    def per_layer(self) -> dict[int, dict[str, jax.Array]]:
+        return {layer: {stat: x[slot] for stat, x in self.stats.items()} for slot, layer in enumerate(self.layers)}
+
+
+ProbeResult = dict[str, dict[int, dict[str, jax.Array]]]
+
+
+def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> tuple[jax.Array, ProbeResult]:
+    """Run `model(tokens, probes=config, **model_kwargs)` jitted; return (logits, {point: {layer: {stat: x}}}).
+
+    model_kwargs: positions, attention_mask, ffn_masks, edits (arrays / pytrees, traced).
+    The compiled program returns what the modules sowed, regrouped by `collect` after it: a stacked model's
+    records leave it stacked over the layers, so slicing them per layer adds nothing per layer to compile.
+    """
+    logits, states = _capture(model, config, tokens, model_kwargs, True)
+    return logits, collect(states)
+
+
+def record(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> ProbeResult:
+    """`capture` without the logits: {point: {layer: {stat: x}}}. The compiled program returns the records
+    alone, so XLA drops what none of them depends on (the unembedding, and in an unrolled model every layer
+    after the last probed one): probing layer 12 of 30 costs 12 layers, not the whole model."""
+    return collect(_capture(model, config, tokens, model_kwargs, False)[1])
+
+
+@jit_model(static_argnums=(0, 3))
+def _capture(model, config, tokens, model_kwargs, logits: bool):
+    out, *states = nnx.capture(model, *config.types)(tokens, probes=config, **model_kwargs)
+    return (out if logits else None), states
+
+
+def collect(states: Sequence[nnx.State]) -> ProbeResult:
+    """Regroup captured States (nested by module path) into {point: {layer: {stat: array}}}.
+
+    A layer's modules sow under `model.layers[i]` (the layer is the integer after "layers" in the path); a
+    stacked layers' scan sows `LayerStacked` values (every recorded layer) under `model.layers` itself."""
+    result: ProbeResult = {}
+    for state in states:
+        for path, value in nnx.to_flat_state(state):
+            point = path[-1]
+            sown = value.get_value() if hasattr(value, "get_value") else value.value
+            calls = [call.per_layer() if isinstance(call, LayerStacked) else {int(path[path.index("layers") + 1]): call}
+                     for call in sown]  # one {layer: stats} per call
+            for layer in calls[0]:
+                stats = [call[layer] for call in calls]
+                result.setdefault(point, {})[layer] = stats[0] if len(stats) == 1 else _stack_calls(stats)
+    return {p: dict(sorted(layers.items())) for p, layers in result.items()}
+
+
+def _stack_calls(calls):
+    """A module called several times (e.g. per decoding step) sowed one dict per call."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *calls)
+
+
+def stack(result: ProbeResult, point: str, stat: str = "full") -> jax.Array:
+    """One statistic of one point for all probed layers, stacked: [num_layers, ...]."""
+    return jnp.stack([stats[stat] for stats in result[point].values()])

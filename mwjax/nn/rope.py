@@ -1,0 +1,75 @@
+"""Rotary position embeddings as HF computes them: inverse frequencies per rope type, cos / sin tables, rotation."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mwjax.nn.config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, head_dim: int, *, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [rotary_dim // 2], float32, as HF's `ROPE_INIT_FUNCTIONS[rope.type]` computes them.
+
+    long: longrope only, the set used once a sequence is longer than `original_max_position_embeddings`.
+    """
+    dim = rope.rotary_dim(head_dim)
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    if rope.type == "longrope":
+        ext = np.asarray(rope.long_factor if long else rope.short_factor, np.float32)
+        return (np.float32(1.0) / (ext * np.float32(rope.theta) ** exponent)).astype(np.float32)
+    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponent)).astype(np.float32)
+    if rope.type == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.type == "llama3":
+        # Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+        old_ctx = rope.original_max_position_embeddings
+        low_wavelen = old_ctx / rope.low_freq_factor
+        high_wavelen = old_ctx / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+
+def rope_cos_sin(inv_freq: np.ndarray | jax.Array, positions: jax.Array,
+                 scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [batch, seq, head_dim] in float32 (HF `LlamaRotaryEmbedding.forward`)."""
+    freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [b, t, d/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def rope_table(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [batch, seq, rotary_dim] for one RopeConfig (HF `*RotaryEmbedding.forward`).
+
+    longrope picks its long or short frequencies for the whole call from the largest position, as
+    HF's `dynamic_rope_update` does (`max(position_ids) + 1 > original_max_position_embeddings`).
+    """
+    inv_freq = inv_frequencies(rope, head_dim)
+    if rope.type == "longrope":
+        long = jnp.max(positions) + 1 > rope.original_max_position_embeddings
+        inv_freq = jnp.where(long, inv_frequencies(rope, head_dim, long=True), inv_freq)
+    return rope_cos_sin(inv_freq, positions, rope.attention_scaling)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [batch, seq, heads, head_dim]; HF `apply_rotary_pos_emb` (half-split, not interleaved).
+
+    When cos / sin cover fewer features than a head (partial rotary), the rest pass unchanged.
+    """
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    rotary_dim = cos.shape[-1]
+    x, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x * cos + rotated * sin
+    return out if passed.shape[-1] == 0 else jnp.concatenate([out, passed], axis=-1)

@@ -1,0 +1,414 @@
+"""Finding massive weights (House of Cards), super weights (The Super Weight) and the
+per-layer activation statistics behind both (Massive Activations).
+
+Massive weights (House of Cards, Algorithm 1 step 1):
+
+Feed one token (the bos token) alone at position 0 and look at every layer's FFN intermediate
+state `act(x W_gate) * (x W_up)` (the input of `down_proj`). In most LLMs one early layer's
+intermediate state holds a few values that are orders of magnitude larger than the rest; the
+rows of W_gate / W_up behind the top-k of them are the top-k massive weights.
+
+Which layer (`origin_layer`): Algorithm 1 takes "the layer where the massive intermediate state
+appears" (Table 6: "selected based on the magnitudes of intermediate state"), so by default the
+earliest layer whose intermediate state meets the massive-activation criterion of Sun et al. (the
+largest |value| exceeds 100 and 1000x the median |value|). When no layer meets it, the layer with
+the largest intermediate |value| is taken and the result says so (`meets_criterion=False`,
+`selected_by`). The rule "hidden_jump" (the layer after which the hidden state's largest |value|
+rises the most) is kept as an option: it agrees on Llama / Mistral / SmolLM2 but not where post-FFN
+norms damp the hidden state (Gemma 2/3). `layer=` overrides both.
+
+Super weights (Yu et al.): run a prompt, and per layer take the largest |input| of `down_proj`
+(its channel is the super weight's column, an intermediate dimension) and the largest |output|
+(its channel is the row, a hidden dimension). A layer where both exceed a spike threshold
+(default 50) holds super weights `down_proj.weight[row, col]` (HF layout): the argmax row, and every
+other row whose own contribution weight[row, col] x input spike is at least SUPER_RATIO (0.5) of the
+largest output (Llama-3-8B has three, rows 788, 1384, 4062 at column 2427). Requiring the weight's
+own contribution, not just a large output, keeps a massive-activation token whose whole down_proj
+output is large (SmolLM2's bos: ~280 channels above 50 at layer 12) from yielding hundreds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mwjax.converters.tokens import first_token_id
+from mwjax.core.layer_index import check_layer, layer_label
+from mwjax.core.progress import track
+from mwjax.instrument import masks, probes
+
+MASSIVE_MIN = 100.0  # |x| above this ...
+MASSIVE_RATIO = 1000.0  # ... and this many times the median |x|
+LAYER_RULES = ("intermediate", "hidden_jump")
+
+
+def is_massive(largest, median):
+    """Sun et al.'s massive-activation criterion: |x| > MASSIVE_MIN and >= MASSIVE_RATIO x the median |x|."""
+    largest, median = np.abs(largest), np.asarray(median)
+    return (largest > MASSIVE_MIN) & (largest >= MASSIVE_RATIO * median)
+
+
+@dataclasses.dataclass(frozen=True)
+class MassiveWeights:
+    """The top-k massive weights: rows `indices` of W_gate and W_up at `layer` (0-based, HF numbering).
+
+    indices: intermediate dimensions (= PyTorch rows of W_gate / W_up), largest |value| first
+    values:  the intermediate state's values there (signed)
+    median:  median |value| of that intermediate state
+    expert:  Mixtral: the expert the router chose for the token at `layer` (None for dense models)
+    """
+
+    layer: int
+    indices: tuple[int, ...]
+    values: tuple[float, ...]
+    median: float
+    token_id: int
+    expert: int | None = None
+    meets_criterion: bool = True
+    selected_by: str = ""  # how `layer` was chosen (origin_layer's reason, or "given")
+
+    @property
+    def paper_layer(self) -> int:
+        """The layer as the papers number it (from 1)."""
+        return self.layer + 1
+
+    @property
+    def label(self) -> str:
+        return layer_label(self.layer)
+
+    def top(self, k: int) -> tuple[int, ...]:
+        if not 1 <= k <= len(self.indices):
+            raise ValueError(f"k={k}: this result holds the top {len(self.indices)} massive weights")
+        return self.indices[:k]
+
+    def row_mask(self, d_model: int, k: int | None = None, value: float = 0.0) -> masks.FFNMasks:
+        """`ffn_masks` that multiply the top-k rows by `value` (0 = top-k zeroing)."""
+        rows = self.top(k or len(self.indices))
+        return {self.layer: masks.row_mask(rows, value, d_model, expert=self.expert)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"paper_layer": self.paper_layer}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MassiveWeights:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        return cls(**(d | {"indices": tuple(d["indices"]), "values": tuple(d["values"])}))
+
+
+@dataclasses.dataclass(frozen=True)
+class Magnitudes:
+    """Per layer, the top-k and the median |value| of one state (House of Cards Figure 3(b, c), the thesis'
+    Figure 4.4), numpy float64."""
+
+    top: np.ndarray  # [L, k], largest first
+    median: np.ndarray  # [L]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"top": self.top.tolist(), "median": self.median.tolist()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateTop:
+    """Per layer, one state's top-k values (signed, float64), their feature dims and its median |value|."""
+
+    values: np.ndarray  # [L, k], largest |value| first
+    indices: np.ndarray  # int [L, k]
+    median: np.ndarray  # [L]
+
+    @property
+    def magnitudes(self) -> Magnitudes:
+        return Magnitudes(np.abs(self.values), self.median)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"values": self.values.tolist(), "indices": self.indices.tolist(), "median": self.median.tolist()}
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstTokenProfile:
+    """One token alone at position 0, per layer (`first_token_profile`): the hidden state after each layer
+    (HF `hidden_states[l + 1]`, the paper's h_l) and the FFN intermediate state act(x W_gate) * (x W_up).
+
+    Mixture of experts: `expert` [L] is the router's first choice for the token and `router_prob` [L] its
+    probability; `intermediate` is that expert's state.
+    """
+
+    hidden: StateTop
+    intermediate: StateTop
+    embed_max: float  # max |embedding| of the token (h_0)
+    expert: np.ndarray | None = None  # int [L]
+    router_prob: np.ndarray | None = None  # [L]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.hidden.median)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"hidden": self.hidden.to_dict(), "intermediate": self.intermediate.to_dict(),
+               "embed_max": self.embed_max}
+        if self.expert is not None:
+            out |= {"expert": self.expert.tolist(), "router_prob": self.router_prob.tolist()}
+        return out
+
+
+def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> FirstTokenProfile:
+    """One token alone at position 0: per layer the top-k values and median |x| of the hidden and intermediate
+    states (`FirstTokenProfile`)."""
+    moe = model.config.num_local_experts is not None
+    points = ("hidden", "intermediate") + (("router_probs",) if moe else ())
+    config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
+    tokens = jnp.array([[token_id]], jnp.int32)
+    result = probes.record(model, tokens, config)
+    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L, ...] (MoE: [L, E, ...])
+
+    def state(point: str, expert: np.ndarray | None = None) -> StateTop:
+        values, indices, median = (pick(point, s) for s in ("top_values", "top_indices", "median"))
+        if expert is not None:  # the routed expert's state
+            layers = np.arange(len(expert))
+            values, indices, median = values[layers, expert], indices[layers, expert], median[layers, expert]
+        return StateTop(values.astype(np.float64), indices, median.astype(np.float64))
+
+    expert = pick("router_probs", "top_indices")[:, 0] if moe else None
+    return FirstTokenProfile(
+        hidden=state("hidden"), intermediate=state("intermediate", expert),
+        embed_max=float(jnp.max(jnp.abs(model.embed(tokens).astype(jnp.float32)))), expert=expert,
+        router_prob=pick("router_probs", "top_values")[:, 0].astype(np.float64) if moe else None)
+
+
+def first_token_router_probs(model: nnx.Module, token_id: int) -> np.ndarray:
+    """House of Cards Figure 5: the router's probability of every expert for one token (bos) alone at position
+    0, per layer: [L, E] float64 (softmax of HF's `router_logits`, before the top-k choice)."""
+    if model.config.num_local_experts is None:
+        raise ValueError(f"this {model.config.model_type} model has a dense FFN and no router: router probabilities "
+                         "exist only for a mixture of experts (a config with num_local_experts, e.g. Mixtral)")
+    config = probes.ProbeConfig(points=("router_probs",))
+    result = probes.record(model, jnp.array([[token_id]], jnp.int32), config)
+    return np.asarray(probes.stack(result, "router_probs")[:, 0, 0], np.float64)
+
+
+def hidden_jumps(profile: FirstTokenProfile) -> np.ndarray:
+    """[L] how much each layer raised the hidden state's largest |value| (layer 0: over the embedding)."""
+    top = np.abs(profile.hidden.values[:, 0])
+    return top - np.concatenate([[profile.embed_max], top[:-1]])
+
+
+def origin_layer(profile: FirstTokenProfile, rule: str = "intermediate") -> tuple[int, str]:
+    """(layer, why) of the massive weights from a `first_token_profile` (module doc; rule in LAYER_RULES)."""
+    if rule not in LAYER_RULES:
+        raise ValueError(f"unknown layer rule {rule!r}; choose from {LAYER_RULES}")
+    if rule == "hidden_jump":
+        return int(np.argmax(hidden_jumps(profile))), "largest rise of the hidden state's max |x|"
+    top = np.abs(profile.intermediate.values[:, 0])
+    massive = is_massive(top, profile.intermediate.median)
+    if massive.any():
+        return int(np.argmax(massive)), ("earliest layer whose intermediate state is massive (|x| > 100, >= 1000x "
+                                         "median)")
+    return int(np.argmax(top)), "no layer's intermediate state is massive: the largest intermediate |x| instead"
+
+
+def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: int | None = None,
+                         first_token: int | str | None = None, layer_rule: str = "intermediate") -> MassiveWeights:
+    """The top-k massive weights of `model` (House of Cards §2.3, Algorithm 1 line 1).
+
+    tokenizer: supplies the bos token (or pass `first_token=` an id / token string).
+    layer: 0-based layer to take them from; default: chosen by `layer_rule` (module doc, `origin_layer`).
+    Mixture of experts: the rows belong to the expert the router ranks first for the token at that
+    layer (Mixtral's bos goes to one expert; House of Cards attacks only that one), in `.expert`.
+    """
+    config = model.config
+    if not 1 <= k <= config.intermediate_size:
+        raise ValueError(f"k={k} must lie in [1, d_ff={config.intermediate_size}]")
+    if layer is not None:
+        check_layer(config, layer, what=f"layer={layer}")
+    token_id = first_token_id(tokenizer, config, first_token)
+    profile = first_token_profile(model, token_id, top_k=k)
+    layer, selected_by = origin_layer(profile, layer_rule) if layer is None else (layer, "given")
+    top = profile.intermediate.values[layer]
+    median = float(profile.intermediate.median[layer])
+    return MassiveWeights(
+        layer=layer,
+        indices=tuple(int(i) for i in profile.intermediate.indices[layer]),
+        values=tuple(float(v) for v in top),
+        median=median,
+        token_id=token_id,
+        expert=None if profile.expert is None else int(profile.expert[layer]),
+        meets_criterion=bool(is_massive(top[0], median)),
+        selected_by=selected_by,
+    )
+
+
+# ------------------------------------------------------------------------------------------- super weights
+
+SPIKE_THRESHOLD = 50.0  # |down_proj input| and |output| of a super weight's layer (the reference code's 50)
+SUPER_RATIO = 0.5  # a further row's own contribution, as a fraction of the largest |output|
+
+
+@dataclasses.dataclass(frozen=True)
+class SuperWeight:
+    """A super-weight candidate: HF `model.layers[layer].mlp.down_proj.weight[row, col]`.
+
+    row: output channel (hidden dimension, where the super activation lives)
+    col: input channel (intermediate dimension)
+    weight: the weight's value; input_value / output_value: the spikes that located it (signed),
+    at token `position` of the prompt.
+    """
+
+    layer: int
+    row: int
+    col: int
+    weight: float
+    input_value: float
+    output_value: float
+    position: int
+
+    @property
+    def label(self) -> str:
+        return f"layers[{self.layer}].mlp.down_proj.weight[{self.row}, {self.col}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the detection prompt of the Super Weight reference code
+
+
+@dataclasses.dataclass(frozen=True)
+class Spike:
+    """Per layer, the largest |value| of one state over a sequence: the value (signed, float64), its channel
+    and its token position."""
+
+    value: np.ndarray  # [L]
+    channel: np.ndarray  # int [L]
+    position: np.ndarray  # int [L]
+
+
+@dataclasses.dataclass(frozen=True)
+class DownProjSpikes:
+    """The Super Weight's detection signal: per layer, the spike of down_proj's input (the intermediate state;
+    its channel is a super weight's column) and of its output (the channel is the row)."""
+
+    input: Spike
+    output: Spike
+
+
+def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> DownProjSpikes:
+    """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only)."""
+    config = probes.ProbeConfig(points=("intermediate", "down_proj_output"), full=False, top_k=1, scope="sequence")
+    result = probes.record(model, tokens, config)
+    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L]
+    spike = lambda point: Spike(pick(point, "top_values").astype(np.float64), pick(point, "top_indices"),
+                                pick(point, "top_positions"))
+    return DownProjSpikes(input=spike("intermediate"), output=spike("down_proj_output"))
+
+
+def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_PROMPT, *,
+                       tokens: jnp.ndarray | None = None, threshold: float = SPIKE_THRESHOLD,
+                       ratio: float = SUPER_RATIO) -> list[SuperWeight]:
+    """The super weights of every layer whose down_proj input and output both spike above `threshold`
+    (module doc; `ratio` admits the further rows), the argmax row of each layer first.
+
+    The prompt is tokenized with the tokenizer's defaults (bos included where it adds one); or pass
+    `tokens` [1, seq] directly.
+    """
+    if model.config.num_local_experts is not None:
+        raise ValueError("super-weight detection follows the paper's dense FFN (one down_proj per layer); this "
+                         "model routes between experts, whose down_proj inputs are probed per expert instead")
+    if tokens is None:
+        if tokenizer is None:
+            raise ValueError("find_super_weights needs a tokenizer to encode the prompt, or tokens=[1, seq]")
+        tokens = jnp.asarray([tokenizer(prompt).input_ids], jnp.int32)
+    spikes = down_proj_spikes(model, tokens)
+    found = []
+    for layer in range(model.config.num_hidden_layers):
+        x, y = spikes.input.value[layer], spikes.output.value[layer]
+        if abs(x) > threshold and abs(y) > threshold:
+            top, col = int(spikes.output.channel[layer]), int(spikes.input.channel[layer])
+            weights = np.asarray(down_proj_kernel(model, layer)[col], np.float64)  # [d_model]: weight[:, col]
+            contribution = np.abs(weights * x)
+            rows = [top] + [int(r) for r in np.argsort(-contribution)
+                            if r != top and contribution[r] >= ratio * abs(y)]
+            found += [SuperWeight(layer=layer, row=row, col=col, weight=float(weights[row]), input_value=float(x),
+                                  output_value=float(y), position=int(spikes.output.position[layer]))
+                      for row in rows]
+    return found
+
+
+def down_proj_kernel(model: nnx.Module, layer: int) -> jnp.ndarray:
+    """down_proj kernel [d_ff, d_model] of a dense FFN (HF weight.T)."""
+    return model.model.layers[layer].mlp.down_proj.kernel[...]
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: int = 8,
+                     points: tuple[str, ...] = ("hidden", "intermediate"),
+                     progress: bool = True) -> dict[str, Magnitudes]:
+    """Per layer, the top-k and median |value| of each point over each whole sequence, averaged over sequences.
+
+    tokens: int [num_sequences, seq] (e.g. 100 chunks of a corpus). This is what House of Cards'
+    Figure 3 and the Massive Activations thesis' Figure 4.4 plot: {point: Magnitudes}. For a mixture
+    of experts the intermediate statistics run over every expert's state, routed or not.
+    """
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [num_sequences, seq], got shape {tokens.shape}")
+    config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True, scope="sequence")
+    sums = {p: {"top": 0.0, "median": 0.0} for p in points}
+    starts = range(0, len(tokens), batch_size)
+    for start in track(starts, len(starts), "activation stats", enabled=progress):
+        result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
+        for p in points:
+            sums[p]["top"] = sums[p]["top"] + np.abs(np.asarray(probes.stack(result, p, "top_values"))).sum(1)
+            sums[p]["median"] = sums[p]["median"] + np.asarray(probes.stack(result, p, "median")).sum(1)
+    n = len(tokens)
+    return {p: Magnitudes(np.asarray(s["top"], np.float64) / n, np.asarray(s["median"], np.float64) / n)
+            for p, s in sums.items()}
+
+
+# ------------------------------------------------------------------------------------------- massive activations
+
+
+@dataclasses.dataclass(frozen=True)
+class MassiveActivations:
+    """Massive activations of the hidden state after `layer` on a sample of sequences (Sun et al.).
+
+    An entry is massive when |x| > threshold = max(100, 1000 x the median |x| of its sequence's hidden
+    state) (the thesis' criterion, with the median averaged over the sample). dims: the feature dims
+    holding them, largest first; positions: the token positions where they occurred.
+    """
+
+    layer: int
+    dims: tuple[int, ...]
+    positions: tuple[int, ...]
+    threshold: float
+    median: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def find_massive_activations(model: nnx.Module, tokens, layer: int, *, min_abs: float = MASSIVE_MIN,
+                             ratio: float = MASSIVE_RATIO, batch_size: int = 8) -> MassiveActivations:
+    """Locate the massive activations after `layer` on tokens [num_sequences, seq]."""
+    tokens = np.asarray(tokens, np.int32)
+    config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
+    values = []
+    starts = range(0, len(tokens), batch_size)
+    for start in track(starts, len(starts), f"massive activations after layer {layer}: batches"):
+        result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
+        values.append(np.abs(np.asarray(result["hidden"][layer]["full"], np.float32)))
+    mags = np.concatenate(values)  # [n, seq, d]
+    median = float(np.mean(np.median(mags.reshape(len(mags), -1), axis=1)))
+    threshold = max(min_abs, ratio * median)
+    where = np.argwhere(mags > threshold)
+    peak = {}
+    for _, pos, dim in where:
+        peak[int(dim)] = max(peak.get(int(dim), 0.0), float(mags[_, pos, dim]))
+    return MassiveActivations(layer=layer, dims=tuple(sorted(peak, key=peak.get, reverse=True)),
+                              positions=tuple(sorted({int(p) for p in where[:, 1]})), threshold=threshold,
+                              median=median)
