@@ -9,8 +9,9 @@ import gguf
 import pytest
 from hf_reference import gguf_parsed_once, needs_torch
 
-from mwjax import converters
-from mwjax.converters import embedded
+from mwjax import converters, models
+from mwjax.converters import embedded, save_hf
+from mwjax.families.hf_config import read_hf_config
 
 # A few thousand characters of what tokenizers get wrong: code, accents, digits, whitespace runs,
 # emoji, CJK, special-token strings inside text.
@@ -155,5 +156,10 @@ def test_a_checkpoint_without_a_tokenizer_is_an_error_unless_asked(tiny_checkpoi
         converters.load(path)
     model, tokenizer = converters.load(path, tokenizer=False)
     assert tokenizer is None
-    _, tokenizer = converters.load(path, tokenizer=write_vocab_gguf(tmp_path / "vocab.gguf"))
+    vocab = write_vocab_gguf(tmp_path / "vocab.gguf")  # 656 ids: more than the model's 160 embeddings
+    with pytest.raises(converters.CheckpointError, match=r"emits ids up to 655.*config\.vocab_size=160"):
+        converters.load(path, tokenizer=vocab)
+    config = json.loads((path / "config.json").read_text()) | {"vocab_size": 656}
+    wide = save_hf(models.build(read_hf_config(config), seed=0), tmp_path / "wide")
+    _, tokenizer = converters.load(wide, tokenizer=vocab)
     assert tokenizer("a b").input_ids[0] == 1

@@ -118,6 +118,10 @@ class MwjaxLM(TemplateLM):
         super().__init__()
         if tokenizer is None:
             raise ValueError("MwjaxLM needs the model's tokenizer")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation={truncation!r}: write one of {TRUNCATIONS}")
+        if truncation == "middle" and not max_prompt_length:
+            raise ValueError("truncation='middle' needs max_prompt_length (LongBench in House of Cards: 7500)")
         tokens.check_vocabulary(tokenizer, model.config.vocab_size, model="being evaluated",
                                 tokenizer_name=getattr(tokenizer, "name_or_path", None) or "given")
         self.model, self.tokenizer = model, tokenizer
@@ -126,10 +130,6 @@ class MwjaxLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self._max_gen_toks = int(max_gen_toks)
         self.buckets = tuple(sorted(buckets))  # generate_until's prompt widths (loglikelihood picks its own)
-        if truncation not in TRUNCATIONS:
-            raise ValueError(f"truncation={truncation!r}: write one of {TRUNCATIONS}")
-        if truncation == "middle" and not max_prompt_length:
-            raise ValueError("truncation='middle' needs max_prompt_length (LongBench in House of Cards: 7500)")
         self.truncation = truncation
         self.max_prompt_length = int(max_prompt_length) if max_prompt_length else None
         # hashes of the chat-templated prompts whose user turn apply_chat_template already cut (LongBench cuts
