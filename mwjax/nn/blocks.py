@@ -16,6 +16,7 @@ from mwjax.nn.base import Taps
 from mwjax.nn.cache import LayerCache
 from mwjax.nn.config import ModelConfig
 from mwjax.nn.layers import Linear, RMSNorm, activation
+from mwjax.nn.rope import apply_rope
 
 
 class Attention(nnx.Module):
@@ -59,7 +60,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             cache = cache.update(k, v)
             k, v = cache.keys, cache.values
