@@ -1,8 +1,9 @@
-"""The family registry (`families.family`): every record complete, one list of families, unknown HF keys refused."""
+"""The family registry (`mwjax.families`): every record complete, one list of families, one folder per family,
+unknown HF keys refused."""
 
 import dataclasses
+import importlib
 import inspect
-import sys
 from pathlib import Path
 
 import gguf
@@ -10,17 +11,20 @@ import pytest
 import transformers
 from flax import nnx
 from hf_reference import TINY_CONFIGS
+from test_layering import imports, modules
 
-import mwjax.families.family
+import mwjax.families
+from mwjax import families as registry
 from mwjax import models
-from mwjax.converters.gguf_source import GGUF_MODEL_TYPES
-from mwjax.families import family as registry
 from mwjax.families.hf_config import read_hf_config, write_hf_config
-from mwjax.families.keymaps import KEYMAPS, KeyMap
+from mwjax.families.keymap import KeyMap
+from mwjax.families.record import Family, GGUFHooks
 from mwjax.nn.config import ConfigError
 
 FAMILIES = registry.families()
 ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = sorted(p.parent for p in (ROOT / "mwjax" / "families").glob("*/__init__.py"))
+FOLDER_FILES = ("__init__.py", "model.py", "hf.py", "keys.py", "gguf.py")
 
 
 def _hf(name: str) -> dict:
@@ -35,8 +39,13 @@ def _tiny_configs_of(model_type: str) -> list[str]:
 def test_the_built_in_families_are_registered():
     assert [f.model_type for f in FAMILIES] == [
         "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "mixtral", "phi3"]
-    assert models.FAMILIES == {f.model_type: f.model_class for f in FAMILIES}
-    assert models.FUSED_MODULES == {"phi3": dict(registry.family("phi3").fused_modules)}
+    assert FAMILIES == models.RECORDS
+    assert [f.model_class for f in FAMILIES] == [models.LlamaForCausalLM] * 3 + [models.GemmaForCausalLM] * 3 + [
+        models.MixtralForCausalLM, models.Phi3ForCausalLM]
+    assert {f.model_type: dict(f.fused_modules) for f in FAMILIES if f.fused_modules} == {
+        "phi3": dict(registry.family("phi3").fused_modules)}
+    for derived in ("FAMILIES", "FUSED_MODULES", "register"):  # the registry is the list, nothing derived from it
+        assert not hasattr(models, derived)
 
 
 @pytest.mark.parametrize("record", FAMILIES, ids=lambda f: f.model_type)
@@ -45,11 +54,15 @@ def test_every_family_is_complete(record):
     assert issubclass(record.model_class, nnx.Module)
     assert record.architecture.endswith("ForCausalLM")
     assert callable(record.read_hf) and callable(record.write_hf)
-    # the converters' key table, and a GGUF mapping or an explicit "no GGUF" (None)
-    assert isinstance(KEYMAPS[record.model_type], KeyMap)
-    if record.gguf_architecture is not None:
-        assert record.gguf_architecture in gguf.MODEL_ARCH_NAMES.values()
-        assert record.gguf_architecture in GGUF_MODEL_TYPES
+    # the converters' key table, and GGUF hooks or an explicit "no GGUF" (None)
+    assert isinstance(record.keymap, KeyMap)
+    if record.gguf is not None:
+        hooks = record.gguf
+        assert isinstance(hooks, GGUFHooks)
+        assert hooks.architecture in gguf.MODEL_ARCH_NAMES.values()
+        assert registry.gguf_hooks(hooks.architecture) is hooks  # one set of hooks per architecture
+        assert registry.family(hooks.model_type).gguf is hooks
+        assert callable(hooks.config) and (hooks.tensor is None or callable(hooks.tensor))
     # its tiny HF config(s) read and write back to the same ModelConfig
     names = _tiny_configs_of(record.model_type)
     assert names, f"tests/hf_reference.py TINY_CONFIGS has no config of {record.model_type}"
@@ -59,11 +72,44 @@ def test_every_family_is_complete(record):
         assert read_hf_config(write_hf_config(config)) == config
 
 
+def test_a_record_must_say_whether_it_reads_gguf():
+    fields = {f.name: f for f in dataclasses.fields(Family)}
+    for name in ("model_class", "read_hf", "write_hf", "keymap", "gguf"):  # no default: every record says it
+        assert fields[name].default is dataclasses.MISSING and fields[name].default_factory is dataclasses.MISSING
+
+
 def test_one_list_of_families():
-    assert set(KEYMAPS) == {f.model_type for f in FAMILIES}
-    assert set(GGUF_MODEL_TYPES.values()) <= set(KEYMAPS)
-    assert GGUF_MODEL_TYPES == {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
-                                "gemma3": "gemma3_text", "phi3": "phi3"}
+    assert len({f.model_type for f in FAMILIES}) == len(FAMILIES)
+    gguf_types = {arch: registry.gguf_hooks(arch).model_type for arch in registry.gguf_architectures()}
+    assert set(gguf_types.values()) <= {f.model_type for f in FAMILIES}
+    assert gguf_types == {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
+                          "gemma3": "gemma3_text", "phi3": "phi3"}
+    assert registry.gguf_hooks("bert") is None
+
+
+def test_one_folder_per_family_and_every_folder_registered():
+    """Each folder under mwjax/families holds a model, its HF config reading, key table, GGUF hooks and records;
+    the registry lists exactly the folders' records, each declared in the folder of its model class."""
+    assert [p.name for p in FOLDERS] == ["gemma", "llama", "mixtral", "phi3"]
+    in_folders = []
+    for folder in FOLDERS:
+        assert sorted(p.name for p in folder.glob("*.py")) == sorted(FOLDER_FILES), folder
+        package = importlib.import_module(f"mwjax.families.{folder.name}")
+        assert package.RECORDS, f"{folder} declares no records"
+        for record in package.RECORDS:
+            assert record.package == package.__name__
+            assert f'model_type="{record.model_type}"' in (folder / "__init__.py").read_text()
+        in_folders += package.RECORDS
+    assert sorted(in_folders, key=FAMILIES.index) == list(FAMILIES)
+
+
+def test_family_folders_import_neither_the_registry_nor_the_config_reader():
+    """Inside a folder: the record, key-table machinery, shared readers, mwjax.nn and the families it builds on."""
+    known = modules(ROOT)
+    for module, path in known.items():
+        if module.startswith("mwjax.families.") and module.count(".") >= 2 and path.parent in FOLDERS:
+            upward = imports(path, module, set(known)) & {"mwjax.families", "mwjax.families.hf_config"}
+            assert not upward, f"{module} imports {upward}"
 
 
 def test_records_are_frozen_and_registered_once():
@@ -72,9 +118,9 @@ def test_records_are_frozen_and_registered_once():
         record.architecture = "X"
     with pytest.raises(TypeError):
         record.fused_modules["x"] = ("y",)
-    assert registry.register(record) is record  # the same record again is harmless
-    with pytest.raises(ValueError, match="'llama' is already registered"):
-        registry.register(dataclasses.replace(record, architecture="OtherForCausalLM"))
+    assert registry._by_model_type((record,))["llama"] is record
+    with pytest.raises(ValueError, match="'llama' has two records"):
+        registry._by_model_type((record, dataclasses.replace(record, architecture="OtherForCausalLM")))
     with pytest.raises(KeyError, match="no mwjax family serves model_type 'bert'"):
         registry.family("bert")
     assert registry.get("bert") is None
@@ -95,7 +141,7 @@ def test_the_loader_names_the_file_of_a_refused_key(tiny_checkpoint, tmp_path):
 
     cfg = json.loads((tiny_checkpoint("mixtral") / "config.json").read_text()) | {"moe_shared_expert": True}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"config\.json.*'moe_shared_expert' for mixtral.*mwjax\.models\.mixtral"):
+    with pytest.raises(ConfigError, match=r"config\.json.*'moe_shared_expert' for mixtral.*mwjax\.families\.mixtral"):
         converters.load(tmp_path)
 
 
@@ -123,14 +169,11 @@ def test_transformers_default_configs_load(cls_name):
 
 
 def test_the_files_a_new_family_needs():
-    """The registry's docstring lists them; each built-in family has its record in its model class's module."""
-    doc = inspect.getdoc(mwjax.families.family)
-    for path in ("mwjax/models/<family>.py", "mwjax/models/__init__.py", "mwjax/converters/keymaps.py",
-                 "mwjax/converters/gguf_source.py", "tests/hf_reference.py"):
+    """The registry's docstring lists them: a new folder, its records in the list, a tiny test config."""
+    doc = inspect.getdoc(mwjax.families)
+    for path in ("mwjax/families/<family>/", "mwjax/families/__init__.py", "tests/hf_reference.py"):
         assert path in doc
         if "<" not in path:
             assert (ROOT / path).is_file()
-    for record in FAMILIES:
-        module = sys.modules[record.model_class.__module__]
-        assert module.__name__.startswith("mwjax.families.")
-        assert f'model_type="{record.model_type}"' in Path(module.__file__).read_text()
+    for name in FOLDER_FILES:
+        assert name in doc

@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mwjax import families
 from mwjax.core import atomic
 from mwjax.core.paths import dotted
 from mwjax.core.sharding import param
-from mwjax.families import family
 from mwjax.instrument import masks
 from mwjax.nn.layers import Linear
 
@@ -255,7 +255,7 @@ def fused_groups(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str
     (the family record's `fused_modules`); {} for a family without fused HF modules."""
     groups = {}
     for path in paths:
-        for hf_module, parts in family.family(model.config.model_type).fused_modules.items():
+        for hf_module, parts in families.family(model.config.model_type).fused_modules.items():
             for part in parts:
                 if path.endswith("." + part):
                     prefix = path[: -len(part)]
@@ -266,8 +266,8 @@ def fused_groups(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str
 def _check_fused(model: nnx.Module, chosen: list[str]) -> None:
     """Under fuse, every fused HF module is adapted whole or not at all."""
     model_type = model.config.model_type
-    if not family.family(model.config.model_type).fused_modules:
-        fusing = sorted(f.model_type for f in family.families() if f.fused_modules)
+    if not families.family(model.config.model_type).fused_modules:
+        fusing = sorted(f.model_type for f in families.families() if f.fused_modules)
         raise ValueError(f"LoraConfig(fuse=True) ties the adapters of projections that HF fuses into one module; HF "
                          f"{model_type} fuses none (only {fusing} do): set fuse=False")
     for hf_path, members in fused_groups(model, chosen).items():
@@ -456,7 +456,7 @@ def _peft_modules(model: nnx.Module) -> dict[str, list[LoRALinear]]:
     groups = fused_groups(model, layers) if model.lora_config.fuse else {}
     grouped = {m for members in groups.values() for m in members}
     alone = [p for p in layers if p not in grouped and fused_groups(model, [p])]
-    architecture = family.family(model.config.model_type).architecture
+    architecture = families.family(model.config.model_type).architecture
     if alone:
         hf = ", ".join(fused_groups(model, alone[:1]))
         raise ValueError(f"HF {architecture} fuses {alone[0]} with other projections ({hf}): PEFT has "

@@ -2,19 +2,13 @@
 
 Tensor names are translated with the `gguf` package's own HF <-> GGUF name map, tensors are
 dequantized to float32 with `gguf.quants`, and what llama.cpp's converter changed is undone, so
-the tensors come out exactly in the HF layout the key tables expect:
-- arch `llama` (also Mistral and Mixtral): the Q/K projection rows are permuted (the two RoPE
-  halves of every head interleaved);
-- `gemma`, `gemma2`, `gemma3`: every RMSNorm weight is stored as `1 + w` (transformers' GGUF
-  loader subtracts 1 too);
-- `phi3`: `attn_qkv` / `ffn_up` are HF's fused `qkv_proj` / `gate_up_proj` as they are;
-  longrope factors are tensors (`rope_factors_short` / `_long`);
-- Mixtral (arch `llama` with `expert_count`): each expert projection of a layer is one stacked
-  tensor (`ffn_gate_exps` [E, d_ff, d] = HF `block_sparse_moe.experts.w1`, ...).
+the tensors come out exactly in the HF layout the key tables expect.
 
-What GGUF metadata does not store is filled in as llama.cpp does: Gemma 2 / 3 scale queries by
-head_dim ** -0.5 (27B: (hidden_size / heads) ** -0.5), Gemma 3's sliding layers use RoPE base
-10 000 and every sixth layer is global.
+The metadata every architecture shares (sizes, heads, norm epsilon, RoPE base, token ids) is read here;
+what an architecture means beyond it, and what llama.cpp's converter changed in its tensors, the family
+that reads the architecture says through its GGUF hooks (`Family.gguf`, `mwjax/families/<family>/gguf.py`):
+e.g. llama's Q/K rows un-permuted and the Mistral / Mixtral choice, Gemma's `1 + w` norms and query scale,
+Phi-3's longrope factors and partial rotary.
 """
 
 from __future__ import annotations
@@ -27,39 +21,11 @@ from typing import Any
 import gguf
 import numpy as np
 
+from mwjax import families
 from mwjax.converters import gguf_file, gguf_tokenizer
 from mwjax.converters.errors import CheckpointError, MissingTensorError, UnsupportedCheckpointError
 from mwjax.converters.sources import TensorSource
-from mwjax.families import family as registry
-from mwjax.families.llama.model import MISTRAL
-from mwjax.families.mixtral.model import MIXTRAL
 
-
-def gguf_model_types() -> dict[str, str]:
-    """GGUF general.architecture -> the HF model_type its files are read as, from the family records'
-    `gguf_architecture`. Where several model types share an architecture, the one named like it is the
-    default and the others are told apart by metadata in `GGUFSource.hf_config` (llama with experts:
-    mixtral; with a sliding window: mistral)."""
-    by_arch: dict[str, list[str]] = {}
-    for record in registry.families():
-        if record.gguf_architecture is not None:
-            by_arch.setdefault(record.gguf_architecture, []).append(record.model_type)
-    out = {}
-    for arch, types in by_arch.items():
-        if arch not in types and len(types) > 1:
-            raise ValueError(f"GGUF architecture {arch!r} serves {types} and none is named like it: "
-                             "say which is the default in gguf_model_types")
-        out[arch] = arch if arch in types else types[0]
-    return out
-
-
-GGUF_MODEL_TYPES = gguf_model_types()
-# Architectures whose llama.cpp converter permutes the rows of Q and K.
-_PERMUTED_QK = {"llama"}
-# Architectures whose llama.cpp converter stores RMSNorm weights as 1 + w.
-_NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
-# Layer count of the 27B Gemma 2 / 3, whose query scale llama.cpp takes from hidden_size / heads.
-_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _ARCH_ENUMS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
@@ -69,7 +35,8 @@ def read_tokenizer(file: gguf_file.GGUFFile):
 
 
 class GGUFSource(TensorSource):
-    """A `.gguf` file presented as HF-named, HF-layout float32 tensors."""
+    """A `.gguf` file presented as HF-named, HF-layout float32 tensors (and, to its family's GGUF hooks, as a
+    `mwjax.families.record.GGUFFile`)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -78,10 +45,10 @@ class GGUFSource(TensorSource):
         self.arch = self.meta("general.architecture")
         if self.arch is None:
             raise CheckpointError(f"{self.path}: GGUF metadata has no general.architecture")
-        if self.arch not in GGUF_MODEL_TYPES:
-            raise UnsupportedCheckpointError(
-                f"{self.path}: GGUF architecture {self.arch!r} is not supported; mwjax reads {sorted(GGUF_MODEL_TYPES)}"
-            )
+        self.hooks = families.gguf_hooks(self.arch)
+        if self.hooks is None:
+            raise UnsupportedCheckpointError(f"{self.path}: GGUF architecture {self.arch!r} is not supported; mwjax "
+                                             f"reads {list(families.gguf_architectures())}")
         self._tensors = {t.name: t for t in self.file.tensors}
         if len(self._tensors) != len(self.file.tensors):
             raise CheckpointError(f"{self.path}: GGUF tensor names repeat; the file is corrupt")
@@ -116,7 +83,16 @@ class GGUFSource(TensorSource):
     # ------------------------------------------------------------------ metadata
 
     def meta(self, key: str, default: Any = None) -> Any:
+        """The metadata value of `key` (e.g. "general.architecture"), or `default`."""
         return self.file.fields.get(key, default)
+
+    def field(self, key: str, default: Any = None) -> Any:
+        """The architecture's own metadata `{arch}.{key}`, e.g. `field("attention.head_count")`, or `default`."""
+        return self.meta(f"{self.arch}.{key}", default)
+
+    def has_tensor(self, name: str) -> bool:
+        """Whether the file holds the tensor of GGUF name `name` (e.g. "blk.0.attn_q.bias")."""
+        return name in self._tensors
 
     def _positive_int(self, key: str, default: Any = None) -> int:
         """A metadata count (layers, heads, sizes): present unless defaulted, an integer > 0."""
@@ -129,9 +105,8 @@ class GGUFSource(TensorSource):
 
     def hf_config(self) -> dict[str, Any]:
         """A HF `config.json`-style dict built from the GGUF metadata."""
-        a = self.arch
-        m = lambda key, default=None: self.meta(f"{a}.{key}", default)
-        count = lambda key, default=None: self._positive_int(f"{a}.{key}", default)
+        m = self.field
+        count = lambda key, default=None: self._positive_int(f"{self.arch}.{key}", default)
         heads = count("attention.head_count")
         hidden = count("embedding_length")
         if "rope_freqs.weight" in self._tensors:
@@ -140,7 +115,7 @@ class GGUFSource(TensorSource):
                 "rope scaling) are not supported; load the HF checkpoint instead"
             )
         config: dict[str, Any] = {
-            "model_type": GGUF_MODEL_TYPES[a],
+            "model_type": self.hooks.model_type,
             "vocab_size": self.shape("model.embed_tokens.weight")[0],
             "hidden_size": hidden,
             "intermediate_size": count("feed_forward_length"),
@@ -158,65 +133,11 @@ class GGUFSource(TensorSource):
             "hidden_act": "silu",
         }
         scaling = m("rope.scaling.type")
-        if scaling not in (None, "none") and a != "phi3":  # Phi-3's longrope: see _phi3_config
+        if scaling not in (None, "none") and self.hooks.rope_scaling:  # else the family's hook reads it (longrope)
             if scaling != "linear":
                 raise UnsupportedCheckpointError(f"{self.path}: GGUF rope scaling {scaling!r} is not supported")
             config["rope_scaling"] = {"rope_type": "linear", "factor": float(m("rope.scaling.factor"))}
-        if a == "llama":
-            config["attention_bias"] = "blk.0.attn_q.bias" in self._tensors
-            window = m("attention.sliding_window")
-            if window:
-                config |= {"model_type": MISTRAL.model_type, "sliding_window": int(window)}
-            if m("expert_count"):
-                config |= {"model_type": MIXTRAL.model_type, "num_local_experts": int(m("expert_count")),
-                           "num_experts_per_tok": int(m("expert_used_count"))}
-        elif a in _NORM_PLUS_ONE:
-            config |= self._gemma_config(m, config)
-        elif a == "phi3":
-            config |= self._phi3_config(m, config)
-        return config
-
-    def _gemma_config(self, m, config: dict[str, Any]) -> dict[str, Any]:
-        """Gemma 1 / 2 / 3: activation, sliding layers, query scale, soft-caps, Gemma 3's local RoPE."""
-        extra: dict[str, Any] = {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
-        if self.arch == "gemma":
-            return extra
-        layers = config["num_hidden_layers"]
-        scale = m("attention.scale")
-        if scale:  # HF keeps query_pre_attn_scalar an int where it is one
-            scalar = float(scale) ** -2
-            extra["query_pre_attn_scalar"] = round(scalar) if abs(scalar - round(scalar)) < 1e-3 else scalar
-        elif layers == _GEMMA_27B_LAYERS[self.arch]:
-            extra["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"]
-        else:
-            extra["query_pre_attn_scalar"] = config["head_dim"]
-        extra["sliding_window"] = m("attention.sliding_window")
-        extra["final_logit_softcapping"] = m("final_logit_softcapping", 30.0 if self.arch == "gemma2" else None)
-        if self.arch == "gemma2":
-            extra["attn_logit_softcapping"] = m("attn_logit_softcapping", 50.0)
-        else:
-            extra["rope_local_base_freq"] = float(m("rope.freq_base_swa", 10000.0))
-            pattern = m("attention.sliding_window_pattern")
-            if isinstance(pattern, list):  # one flag per layer: True = sliding
-                extra["layer_types"] = ["sliding_attention" if p else "full_attention" for p in pattern]
-            elif pattern:
-                extra["sliding_window_pattern"] = int(pattern)
-        return extra
-
-    def _phi3_config(self, m, config: dict[str, Any]) -> dict[str, Any]:
-        """Phi-3: partial rotary from rope.dimension_count, sliding window, longrope factors from tensors."""
-        extra: dict[str, Any] = {"sliding_window": m("attention.sliding_window")}
-        rotary = m("rope.dimension_count")
-        if rotary and int(rotary) != config["head_dim"]:
-            extra["partial_rotary_factor"] = int(rotary) / config["head_dim"]
-        if "rope_factors_long.weight" in self._tensors:
-            factors = {kind: self._raw("rope_factors_" + kind + ".weight").tolist() for kind in ("short", "long")}
-            extra["rope_scaling"] = {
-                "rope_type": "longrope", "short_factor": factors["short"], "long_factor": factors["long"],
-                "original_max_position_embeddings": int(m("rope.scaling.original_context_length")),
-                "attention_factor": float(m("rope.scaling.attn_factor", 1.0)),
-            }
-        return extra
+        return config | self.hooks.config(self, config)
 
     def tokenizer(self):
         """The HF fast tokenizer the GGUF metadata describes (built without torch; see `gguf_tokenizer`)."""
@@ -233,7 +154,7 @@ class GGUFSource(TensorSource):
         return self._tensors.keys()  # GGUF names; HF names are resolved on demand
 
     def unused(self, used_keys):
-        used = {self._gguf_name(k) for k in used_keys} | {"rope_factors_short.weight", "rope_factors_long.weight"}
+        used = {self._gguf_name(k) for k in used_keys} | set(self.hooks.metadata_tensors)
         return sorted(set(self._tensors) - used)
 
     def __contains__(self, key):
@@ -249,7 +170,7 @@ class GGUFSource(TensorSource):
     def shape(self, key):
         return tuple(reversed(self._tensor(key).dims))  # GGUF lists dims fastest-first
 
-    def _raw(self, name: str) -> np.ndarray:
+    def raw(self, name: str) -> np.ndarray:
         """A tensor by its GGUF name, dequantized to float32, in HF (slowest-first) layout."""
         t = self._tensors[name]
         shape = tuple(reversed(t.dims))
@@ -261,19 +182,6 @@ class GGUFSource(TensorSource):
                                   f"be dequantized ({type(e).__name__}: {e})") from e
 
     def get(self, key):
-        w = self._raw(self._tensor(key).name)
-        if self.arch in _NORM_PLUS_ONE and key.endswith("norm.weight"):
-            w = w - np.float32(1.0)
-        if self.arch in _PERMUTED_QK:
-            if key.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
-                w = _unpermute(w, int(self.meta(f"{self.arch}.attention.head_count")))
-            elif key.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
-                heads = self.meta(f"{self.arch}.attention.head_count")
-                w = _unpermute(w, int(self.meta(f"{self.arch}.attention.head_count_kv", heads)))
-        return w
+        w = self.raw(self._tensor(key).name)
+        return w if self.hooks.tensor is None else self.hooks.tensor(self, key, w)
 
-
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's `permute`: per head, rows (2, d/2) interleaved back to (d/2, 2) halves."""
-    rows = w.shape[0]
-    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -28,7 +28,6 @@ from mwjax.core import atomic
 from mwjax.core.paths import dotted
 from mwjax.core.progress import progress as progress_display
 from mwjax.core.sharding import ShardingFn, declared_axes
-from mwjax.families import keymaps
 from mwjax.families.hf_config import read_hf_config
 from mwjax.nn.config import ConfigError, ModelConfig
 
@@ -138,7 +137,7 @@ def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.fl
     shape the config implies and every checkpoint tensor must be used (`allow_unused=True` lets
     extras pass with a warning); then each tensor must be floating point and finite.
     """
-    keymap = keymaps.keymap(config.model_type)
+    keymap = families.family(config.model_type).keymap
     graphdef, state = nnx.split(families.abstract(config, dtype=dtype, param_dtype=param_dtype))
     abstract, axes = nnx.to_pure_dict(state), declared_axes(state)
     shapes = {dotted(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(abstract)}

@@ -12,10 +12,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from mwjax import families
 from mwjax.converters import checkpoint
 from mwjax.core import atomic
 from mwjax.core.paths import dotted
-from mwjax.families import keymaps
 from mwjax.families.hf_config import write_hf_config
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -78,7 +78,7 @@ def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
     (fused and stacked tensors assembled from their parts)."""
     params = {dotted(path): np.asarray(jax.device_get(value))
               for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
-    plan = keymaps.keymap(model.config.model_type).plan({name: value.shape for name, value in params.items()})
+    plan = families.family(model.config.model_type).keymap.plan({name: value.shape for name, value in params.items()})
     tensors: dict[str, np.ndarray] = {}
     for name, value in params.items():
         location = plan[name][0]

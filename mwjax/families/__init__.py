@@ -1,4 +1,26 @@
-"""Flax NNX causal language models with HF module names, one file per family."""
+"""The model families: one folder per family, and the registry, one explicit list of their `Family` records.
+
+    record.py      the `Family` record and its `GGUFHooks`
+    keymap.py      the key-table machinery (rules, HF key <-> parameter path) and the rules every family shares
+    hf_readers.py  helpers the families' HF config readers share (RoPE)
+    hf_config.py   HF `config.json` <-> `ModelConfig`: the shared keys, a family's own through its record
+    <family>/      llama, gemma, mixtral, phi3; each holds
+                     model.py     the Flax NNX model (HF module names)
+                     hf.py        its HF config reading / writing (`read_*_hf`, `write_*_hf`, `read_*_rope`)
+                     keys.py      its key table (`KEYMAP`)
+                     gguf.py      its GGUF hooks (llama.cpp metadata -> HF config, tensors restored)
+                     __init__.py  its `Family` record(s), `RECORDS`
+
+Imports inside a family folder point at `record`, `keymap`, `hf_readers`, `mwjax.nn` and the folders it builds
+on (gemma and mixtral on llama), never at this registry or `hf_config` (which look the records up).
+
+Adding a family touches (tests/test_registry.py checks every record and every folder):
+1. `mwjax/families/<family>/`: a new folder with `model.py`, `hf.py`, `keys.py`, `gguf.py` (or `gguf=None` in
+   the record: no GGUF) and `__init__.py` declaring its record(s) in `RECORDS`;
+2. `mwjax/families/__init__.py`: its `RECORDS` added to the list below;
+3. `tests/hf_reference.py`: a tiny HF config in `FAMILY_CONFIGS` (test_config, test_families and
+   test_registry run over it).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +29,75 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mwjax.core.compiled import jit_model
-from mwjax.families import family as registry
+from mwjax.families import gemma, llama, mixtral, phi3
 from mwjax.families.gemma.model import GemmaForCausalLM
 from mwjax.families.llama.model import LlamaForCausalLM
 from mwjax.families.mixtral.model import MixtralForCausalLM
 from mwjax.families.phi3.model import Phi3ForCausalLM
+from mwjax.families.record import Family, GGUFHooks
 from mwjax.nn.config import ModelConfig
 
-# (importing a family's module above registered its records)
-__all__ = ["FAMILIES", "FUSED_MODULES", "GemmaForCausalLM", "LlamaForCausalLM", "MixtralForCausalLM",
-           "Phi3ForCausalLM", "abstract", "build", "forward"]
+__all__ = ["RECORDS", "Family", "GGUFHooks", "GemmaForCausalLM", "LlamaForCausalLM", "MixtralForCausalLM",
+           "Phi3ForCausalLM", "abstract", "build", "families", "family", "forward", "get", "gguf_architectures",
+           "gguf_hooks"]
 
-# model_type -> model class (the registry's view; `mwjax.families.family.family(model_type).model_class`)
-FAMILIES: dict[str, type[nnx.Module]] = {f.model_type: f.model_class for f in registry.families()}
+# The registry: every family mwjax serves, one record per HF model_type.
+RECORDS: tuple[Family, ...] = (*llama.RECORDS, *gemma.RECORDS, *mixtral.RECORDS, *phi3.RECORDS)
 
-# model_type -> {HF fused module: mwjax modules in its row order}, for families whose HF checkpoints and
-# modules fuse projections that mwjax keeps apart (module paths relative to a decoder layer)
-FUSED_MODULES: dict[str, dict[str, tuple[str, ...]]] = {
-    f.model_type: dict(f.fused_modules) for f in registry.families() if f.fused_modules
-}
+
+def _by_model_type(records: tuple[Family, ...]) -> dict[str, Family]:
+    out: dict[str, Family] = {}
+    for record in records:
+        if record.model_type in out:
+            raise ValueError(f"model_type {record.model_type!r} has two records in mwjax.families.RECORDS")
+        out[record.model_type] = record
+    return out
+
+
+_BY_MODEL_TYPE = _by_model_type(RECORDS)
+
+
+def get(model_type: str | None) -> Family | None:
+    """The record of HF `model_type`, or None where no family serves it."""
+    return _BY_MODEL_TYPE.get(model_type)
+
+
+def family(model_type: str) -> Family:
+    """The record of HF `model_type`.
+
+    Args:
+      model_type: HF config `model_type`, e.g. "gemma3_text".
+    Returns:
+      Its `Family` record; `KeyError` naming the supported model types where none serves it.
+    """
+    record = get(model_type)
+    if record is None:
+        raise KeyError(f"no mwjax family serves model_type {model_type!r}; registered: {sorted(_BY_MODEL_TYPE)}")
+    return record
+
+
+def families() -> tuple[Family, ...]:
+    """Every record, in the registry's order."""
+    return RECORDS
+
+
+def gguf_hooks(architecture: str) -> GGUFHooks | None:
+    """The GGUF hooks of llama.cpp's `general.architecture` (shared by the records whose files it writes, e.g.
+    "llama": Llama, Mistral, Mixtral), or None where no family reads it. `ValueError` where two differ."""
+    hooks = {id(r.gguf): r.gguf for r in RECORDS if r.gguf is not None and r.gguf.architecture == architecture}
+    if len(hooks) > 1:
+        raise ValueError(f"GGUF architecture {architecture!r} has {len(hooks)} different hooks in the registry")
+    return next(iter(hooks.values()), None)
+
+
+def gguf_architectures() -> tuple[str, ...]:
+    """llama.cpp architectures some family reads, sorted."""
+    return tuple(sorted({r.gguf.architecture for r in RECORDS if r.gguf is not None}))
 
 
 def build(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, seed: int = 0) -> nnx.Module:
     """A randomly initialised model (normal(0.02) weights, as HF initialises them)."""
-    model_class = registry.family(config.model_type).model_class
+    model_class = family(config.model_type).model_class
     return model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 

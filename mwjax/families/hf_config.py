@@ -1,28 +1,26 @@
 """HF `config.json` <-> `ModelConfig`: the keys every family shares are read here, a family's own keys, defaults
-and RoPE peculiarities by its `Family` record, and a key neither understands is refused unless it is known to be
-informational (`INFORMATIONAL_HF_KEYS`).
+and RoPE peculiarities by its `Family` record (looked up in the registry, `mwjax.families`), and a key neither
+understands is refused unless it is known to be informational (`INFORMATIONAL_HF_KEYS`).
 
 Both transformers layouts are read: 4.x (`rope_theta` / `rope_scaling`) and 5.x (`rope_parameters`); anything
 mwjax does not compute exactly as HF does is refused by name (`ConfigError`). The readers' helpers (`read_rope`,
-`rope_from_params`) live here so that every family parses RoPE the same way.
+`rope_from_params`) live in `mwjax.families.hf_readers`, so that every family parses RoPE the same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
-from mwjax.families import family as registry
+from mwjax import families as registry
+from mwjax.families.hf_readers import read_rope
+from mwjax.families.record import Family
 from mwjax.nn.config import (
     FULL_ATTENTION,
     SLIDING_ATTENTION,
     SUPPORTED_ACTIVATIONS,
-    SUPPORTED_ROPE_TYPES,
     ConfigError,
     ModelConfig,
-    RopeConfig,
     int_or_tuple,
 )
 
@@ -77,8 +75,6 @@ def _check_numbers(hf: Mapping[str, Any]) -> None:
             raise ConfigError(f"{key}={hf[key]!r} must be positive")
 
 
-
-
 def read_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
     """Build from a HF `config.json` dict: the shared keys here, the family's own through its
     `Family.read_hf`. Raises `ConfigError` naming what is unsupported or out of range."""
@@ -89,6 +85,7 @@ def read_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError) as e:  # a malformed nested value
         raise ConfigError(f"malformed {hf.get('model_type')} config ({type(e).__name__}: {e})") from e
+
 
 def _read(hf: Mapping[str, Any]) -> ModelConfig:
     model_type = hf.get("model_type")
@@ -142,6 +139,7 @@ def _read(hf: Mapping[str, Any]) -> ModelConfig:
         model_type, fields["sliding_window"], fields["layer_types"], layers)
     return ModelConfig(**fields)
 
+
 def write_hf_config(config: ModelConfig) -> dict[str, Any]:
     """The HF `config.json` dict (legacy `rope_theta` / `rope_scaling` keys, read by transformers 4 and 5):
     the shared keys here, the family's own through its `Family.write_hf`."""
@@ -183,7 +181,7 @@ def _refuse_multimodal(hf: Mapping[str, Any]) -> None:
         )
 
 
-def refuse_unknown_keys(fam: registry.Family, hf: Mapping[str, Any]) -> None:
+def refuse_unknown_keys(fam: Family, hf: Mapping[str, Any]) -> None:
     """Refuse HF config keys that neither the shared reader nor the family understands and that are not
     known to be informational: an unread key may change the computation, so it is an error, not a warning.
     A key set to null asks for nothing and passes."""
@@ -194,82 +192,9 @@ def refuse_unknown_keys(fam: registry.Family, hf: Mapping[str, Any]) -> None:
             f"mwjax does not implement {', '.join(map(repr, unknown))} for {fam.model_type}: a HF config key that "
             "mwjax does not read may change the computation, so it is refused, not ignored. If it does not "
             f"change the math, add it to `ignored_hf_keys` of the {fam.model_type} record "
-            f"({fam.model_class.__module__}) or to `INFORMATIONAL_HF_KEYS` (mwjax/families/hf_config.py); otherwise "
+            f"({fam.package}) or to `INFORMATIONAL_HF_KEYS` (mwjax/families/hf_config.py); otherwise "
             "implement it"
         )
-
-
-def float_or_none(x) -> float | None:
-    return None if x is None else float(x)
-
-
-def read_rope(model_type: str, hf: Mapping[str, Any], default_theta: float, *, partial_rotary: bool = False,
-              aliases: Mapping[str, str] | None = None) -> RopeConfig:
-    """The RoPE of a family with one RoPE for every layer: transformers 5 `rope_parameters` (flat) or
-    transformers 4 `rope_theta` / `rope_scaling`. partial_rotary: the family implements
-    `partial_rotary_factor` < 1; aliases: rope type names the family's HF config renames."""
-    params = dict(hf.get("rope_parameters") or {})
-    if params.keys() & {FULL_ATTENTION, SLIDING_ATTENTION}:
-        raise ConfigError(f"{model_type}: per-layer-type rope_parameters are not implemented for this family")
-    if not params:  # transformers 4.x layout
-        params = dict(hf.get("rope_scaling") or {})
-        params.setdefault("rope_theta", hf.get("rope_theta", default_theta))
-    return rope_from_params(model_type, params, hf, default_theta, partial_rotary=partial_rotary, aliases=aliases)
-
-
-def rope_from_params(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any], default_theta: float, *,
-                     partial_rotary: bool = False, aliases: Mapping[str, str] | None = None) -> RopeConfig:
-    """One `RopeConfig` from a HF rope parameter dict (`rope_type` + its keys)."""
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    rope_type = (aliases or {}).get(rope_type, rope_type)
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(
-            f"{model_type}: rope type {rope_type!r} is not implemented; mwjax supports {SUPPORTED_ROPE_TYPES}"
-        )
-    partial = float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0))
-    if partial != 1.0 and not partial_rotary:
-        raise ConfigError(f"{model_type}: partial_rotary_factor={partial} is not implemented")
-    rope = RopeConfig(theta=float(params.get("rope_theta", default_theta)), type=rope_type,
-                      partial_rotary_factor=partial)
-    if rope_type == "linear":
-        rope = dataclasses.replace(rope, factor=float(params["factor"]))
-    elif rope_type == "llama3":
-        rope = dataclasses.replace(
-            rope,
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
-        )
-    elif rope_type == "longrope":
-        rope = _longrope(model_type, params, hf, rope)
-    return rope
-
-
-def _longrope(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any], rope: RopeConfig) -> RopeConfig:
-    """HF `_compute_longrope_parameters`: Phi-3's top-level `original_max_position_embeddings` wins;
-    without `factor` the scale is max_position_embeddings / original; the cos / sin factor defaults to
-    sqrt(1 + ln(factor) / ln(original))."""
-    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-    original = int(original or hf.get("max_position_embeddings", 2048))
-    missing = [k for k in ("short_factor", "long_factor") if not params.get(k)]
-    if missing:
-        raise ConfigError(f"{model_type}: longrope scaling lacks {missing}")
-    half = rope.rotary_dim(int(hf.get("head_dim") or int(hf["hidden_size"]) // int(hf["num_attention_heads"]))) // 2
-    for key in ("short_factor", "long_factor"):
-        if len(params[key]) != half:
-            raise ConfigError(f"{model_type}: longrope {key} has {len(params[key])} entries, expected {half}")
-    attention_factor = params.get("attention_factor")
-    if attention_factor is None:
-        factor = params.get("factor") or int(hf.get("max_position_embeddings", original)) / original
-        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return dataclasses.replace(
-        rope,
-        original_max_position_embeddings=original,
-        short_factor=tuple(float(x) for x in params["short_factor"]),
-        long_factor=tuple(float(x) for x in params["long_factor"]),
-        attention_factor=float(attention_factor),
-    )
 
 
 def _layer_layout(model_type: str, window, types, layers: int) -> tuple[int | None, tuple[str, ...]]:

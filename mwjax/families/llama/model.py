@@ -8,20 +8,16 @@ their own norm, FFN or decoder layer.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import jax.numpy as jnp
 from flax import nnx
 
-from mwjax.families.family import Family, register
 from mwjax.nn.base import CausalLM, Taps
 from mwjax.nn.blocks import MLP, Attention
 from mwjax.nn.cache import LayerCache
-from mwjax.nn.config import FULL_ATTENTION, SLIDING_ATTENTION, ModelConfig
+from mwjax.nn.config import ModelConfig
 from mwjax.nn.layers import Embed, Linear, RMSNorm
 
-__all__ = ["LLAMA", "MISTRAL", "MLP", "QWEN2", "Attention", "DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
+__all__ = ["MLP", "Attention", "DecoderLayer", "LlamaForCausalLM", "LlamaModel"]
 
 
 class DecoderLayer(nnx.Module):
@@ -84,58 +80,3 @@ class LlamaForCausalLM(CausalLM):
             else Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype,
                         param_dtype=param_dtype, rngs=rngs)
         )
-
-
-# ------------------------------------------------------------------ family records (`mwjax.families.family`)
-
-
-def read_llama_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
-    """HF `LlamaConfig` / `MistralConfig`: `attention_bias` on q, k, v and o; `mlp_bias` on the FFN."""
-    attention_bias = bool(hf.get("attention_bias", False))
-    out = dict(qkv_bias=attention_bias, o_bias=attention_bias, mlp_bias=bool(hf.get("mlp_bias", False)))
-    if hf.get("model_type") == "llama":
-        out["sliding_window"] = None  # LlamaConfig has no sliding window (HF's attention ignores the key)
-    return out
-
-
-def write_llama_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    return hf | {"attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias,
-                 "sliding_window": config.sliding_window}
-
-
-def read_qwen2_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
-    """HF `Qwen2Config`: biases on q, k, v only (hard-coded); a sliding window only with `use_sliding_window`,
-    on layers from `max_window_layers` on."""
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
-    types = fields["layer_types"]
-    if types is None and window is not None:
-        first = int(hf.get("max_window_layers", fields["num_hidden_layers"]))
-        types = [SLIDING_ATTENTION if i >= first else FULL_ATTENTION for i in range(fields["num_hidden_layers"])]
-    return dict(qkv_bias=True, o_bias=False, mlp_bias=False, sliding_window=window, layer_types=types)
-
-
-def write_qwen2_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    sliding = [i for i, t in enumerate(config.layer_types) if t == SLIDING_ATTENTION]
-    return hf | {
-        "use_sliding_window": bool(sliding),
-        "sliding_window": config.sliding_window,
-        "max_window_layers": sliding[0] if sliding else config.num_hidden_layers,
-        "layer_types": list(config.layer_types),
-    }
-
-
-_LLAMA_KEYS = frozenset({"attention_bias", "mlp_bias", "sliding_window"})
-LLAMA = register(Family(
-    model_type="llama", architecture="LlamaForCausalLM", model_class=LlamaForCausalLM,
-    read_hf=read_llama_hf, write_hf=write_llama_hf, hf_keys=_LLAMA_KEYS, gguf_architecture="llama",
-))
-MISTRAL = register(Family(
-    model_type="mistral", architecture="MistralForCausalLM", model_class=LlamaForCausalLM,
-    read_hf=read_llama_hf, write_hf=write_llama_hf, hf_keys=_LLAMA_KEYS,
-    gguf_architecture="llama",  # llama.cpp writes Mistral as arch llama with a sliding window
-))
-QWEN2 = register(Family(
-    model_type="qwen2", architecture="Qwen2ForCausalLM", model_class=LlamaForCausalLM,
-    read_hf=read_qwen2_hf, write_hf=write_qwen2_hf,
-    hf_keys=frozenset({"use_sliding_window", "sliding_window", "max_window_layers"}), gguf_architecture="qwen2",
-))

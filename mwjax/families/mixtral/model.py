@@ -41,14 +41,11 @@ An activation edit at "intermediate" / "down_proj_output" applies to every exper
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mwjax.families.family import Family, register
 from mwjax.families.llama.model import DecoderLayer, LlamaForCausalLM
 from mwjax.instrument import masks
 from mwjax.nn.base import Taps
@@ -154,30 +151,3 @@ class MixtralForCausalLM(LlamaForCausalLM):
         cfg = self.config
         masks.validate(ffn_masks, num_layers=cfg.num_hidden_layers, d_ff=cfg.intermediate_size,
                        d_model=cfg.hidden_size, num_experts=cfg.num_local_experts)
-
-
-# ------------------------------------------------------------------ family record (`mwjax.families.family`)
-
-
-def read_mixtral_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, Any]:
-    """HF `MixtralConfig`: no biases (hard-coded); `num_local_experts` (older configs: `num_experts`)."""
-    return dict(qkv_bias=False, o_bias=False, mlp_bias=False,
-                num_local_experts=int(hf.get("num_local_experts", hf.get("num_experts", 8))),
-                num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)))
-
-
-def write_mixtral_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    return hf | {"sliding_window": config.sliding_window, "num_local_experts": config.num_local_experts,
-                 "num_experts_per_tok": config.num_experts_per_tok}
-
-
-MIXTRAL = register(Family(
-    model_type="mixtral", architecture="MixtralForCausalLM", model_class=MixtralForCausalLM,
-    read_hf=read_mixtral_hf, write_hf=write_mixtral_hf,
-    hf_keys=frozenset({"sliding_window", "num_local_experts", "num_experts", "num_experts_per_tok"}),
-    # router loss / jitter act in training only; MixtralAttention has no bias (GGUF configs of arch llama say so)
-    ignored_hf_keys=frozenset({"output_router_logits", "router_aux_loss_coef", "router_jitter_noise",
-                               "attention_bias"}),
-    rope_theta=1_000_000.0,
-    gguf_architecture="llama",  # llama.cpp writes Mixtral as arch llama with experts
-))

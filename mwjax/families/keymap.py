@@ -1,4 +1,5 @@
-"""Declarative key tables: HF checkpoint key <-> mwjax (NNX) parameter path, per family.
+"""Declarative key tables: HF checkpoint key <-> mwjax (NNX) parameter path (the machinery; the tables are
+the families').
 
 A rule pairs two templates; `{name}` placeholders match one dotted component and carry over,
 e.g. `model.layers.{i}.mlp.{p}_proj.kernel` <-> `model.layers.{i}.mlp.{p}_proj.weight`.
@@ -15,8 +16,8 @@ the tensor a parameter needs, `save_hf` assembles the tensor from its pieces.
 Several rules may serve one parameter (a family read from more than one checkpoint layout): the
 loader takes the first whose tensor the checkpoint has, `save_hf` always writes the first.
 
-`KEYMAPS` indexes the tables by the model types of the family records (`mwjax.families.family`), so the
-registry stays the one list of families; tests/test_registry.py checks that every record has a table.
+Each family's table lives in its folder (`mwjax/families/<family>/keys.py`), built from the rules every
+family shares (`EMBED_AND_NORMS`, `ATTENTION`, `IGNORED`) and its own; its `Family` record holds it.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
-from mwjax.families.gemma import model as gemma
-from mwjax.families.llama import model as llama
-from mwjax.families.mixtral import model as mixtral
-from mwjax.families.phi3 import model as phi3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,59 +141,24 @@ class KeyMap:
         return Location(hf_key=hf_key, rule=rule, index=tuple(index), hf_shape=tuple(full))
 
 
-_EMBED_AND_NORMS = [
+# ------------------------------------------------------------------ rules every family shares
+
+EMBED_AND_NORMS = (  # embeddings, every RMSNorm (QK-norm included), the untied lm_head
     Rule("model.embed_tokens.embedding", "model.embed_tokens.weight"),
     Rule("model.layers.{i}.self_attn.{norm}.scale", "model.layers.{i}.self_attn.{norm}.weight"),  # QK-norm
     Rule("model.layers.{i}.{norm}.scale", "model.layers.{i}.{norm}.weight"),
     Rule("model.norm.scale", "model.norm.weight"),
     Rule("lm_head.kernel", "lm_head.weight", transpose=True),
-]
-_ATTENTION = [
+)
+ATTENTION = (  # q, k, v, o projections and their biases
     Rule("model.layers.{i}.self_attn.{p}.kernel", "model.layers.{i}.self_attn.{p}.weight", transpose=True),
     Rule("model.layers.{i}.self_attn.{p}.bias", "model.layers.{i}.self_attn.{p}.bias"),
-]
-_IGNORED = ["model.layers.{i}.self_attn.rotary_emb.inv_freq", "lm_head.weight"]
-
-LLAMA = KeyMap(
-    "llama",
-    [
-        *_EMBED_AND_NORMS,
-        *_ATTENTION,
-        Rule("model.layers.{i}.mlp.{p}.kernel", "model.layers.{i}.mlp.{p}.weight", transpose=True),
-        Rule("model.layers.{i}.mlp.{p}.bias", "model.layers.{i}.mlp.{p}.bias"),
-    ],
-    ignored_hf=_IGNORED,
 )
-
-_EXPERT = "model.layers.{i}.mlp.experts.{e}"
-MIXTRAL = KeyMap(
-    "mixtral",
-    [
-        *_EMBED_AND_NORMS,
-        *_ATTENTION,
-        # Hub layout (what transformers 4 and 5 save): per-expert w1 = W_gate, w3 = W_up, w2 = W_down
-        Rule("model.layers.{i}.mlp.gate.kernel", "model.layers.{i}.block_sparse_moe.gate.weight", transpose=True),
-        Rule(f"{_EXPERT}.gate_proj.kernel", "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight", transpose=True),
-        Rule(f"{_EXPERT}.up_proj.kernel", "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight", transpose=True),
-        Rule(f"{_EXPERT}.down_proj.kernel", "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight", transpose=True),
-        # transformers-5 module layout: experts fused, gate rows before up rows
-        Rule("model.layers.{i}.mlp.gate.kernel", "model.layers.{i}.mlp.gate.weight", transpose=True),
-        Rule(f"{_EXPERT}.{{p}}.kernel", "model.layers.{i}.mlp.experts.gate_up_proj", transpose=True, stack="e",
-             concat=Concat("p", ("gate_proj", "up_proj"))),
-        Rule(f"{_EXPERT}.down_proj.kernel", "model.layers.{i}.mlp.experts.down_proj", transpose=True, stack="e"),
-        # GGUF (llama.cpp stacks each projection over the experts: ffn_{gate,up,down}_exps)
-        Rule(f"{_EXPERT}.gate_proj.kernel", "model.layers.{i}.block_sparse_moe.experts.w1.weight", transpose=True,
-             stack="e"),
-        Rule(f"{_EXPERT}.up_proj.kernel", "model.layers.{i}.block_sparse_moe.experts.w3.weight", transpose=True,
-             stack="e"),
-        Rule(f"{_EXPERT}.down_proj.kernel", "model.layers.{i}.block_sparse_moe.experts.w2.weight", transpose=True,
-             stack="e"),
-    ],
-    ignored_hf=_IGNORED,
-)
+# HF keys checkpoints may carry that no parameter needs: cached RoPE tables, a tied lm_head saved anyway
+IGNORED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq", "lm_head.weight")
 
 
-def _fused_rules(fused: Mapping[str, Sequence[str]]) -> list[Rule]:
+def fused_rules(fused: Mapping[str, Sequence[str]]) -> list[Rule]:
     """One concat rule per HF fused module of a decoder layer, e.g. `self_attn.qkv_proj.weight` =
     [q_proj | k_proj | v_proj] rows (`fused`: HF module -> mwjax modules in row order, one parent module)."""
     rules = []
@@ -209,31 +170,3 @@ def _fused_rules(fused: Mapping[str, Sequence[str]]) -> list[Rule]:
         rules.append(Rule(f"model.layers.{{i}}.{parent}.{{p}}.kernel", f"model.layers.{{i}}.{hf_module}.weight",
                           transpose=True, concat=Concat("p", tuple(part.rpartition(".")[2] for part in parts))))
     return rules
-
-
-PHI3 = KeyMap(
-    "phi3",
-    [
-        *_EMBED_AND_NORMS,
-        *_fused_rules(phi3.PHI3.fused_modules),  # qkv_proj, gate_up_proj
-        Rule("model.layers.{i}.self_attn.o_proj.kernel", "model.layers.{i}.self_attn.o_proj.weight", transpose=True),
-        Rule("model.layers.{i}.mlp.down_proj.kernel", "model.layers.{i}.mlp.down_proj.weight", transpose=True),
-    ],
-    ignored_hf=_IGNORED,
-)
-
-_BY_FAMILY = (
-    ((llama.LLAMA, llama.MISTRAL, llama.QWEN2), LLAMA),
-    ((gemma.GEMMA, gemma.GEMMA2, gemma.GEMMA3_TEXT), LLAMA),  # same module names (norm names carry over)
-    ((mixtral.MIXTRAL,), MIXTRAL),
-    ((phi3.PHI3,), PHI3),
-)
-# model_type -> key table
-KEYMAPS: dict[str, KeyMap] = {record.model_type: keymap for records, keymap in _BY_FAMILY for record in records}
-
-
-def keymap(model_type: str) -> KeyMap:
-    """The key table of a registered model type."""
-    if model_type not in KEYMAPS:
-        raise KeyError(f"no key table for model_type {model_type!r}: add one to KEYMAPS in mwjax/converters/keymaps.py")
-    return KEYMAPS[model_type]
