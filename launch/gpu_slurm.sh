@@ -5,7 +5,7 @@
 #
 # Writes launch_logs/<job_name>.sbatch and submits it with sbatch. Inside the job every task gets
 # JAX_COORDINATOR_ADDRESS (the first node of the allocation), JAX_NUM_PROCESSES=$SLURM_NTASKS and
-# JAX_PROCESS_ID=$SLURM_PROCID, which mwjax.distributed.initialize reads. The job is requeued when
+# JAX_PROCESS_ID=$SLURM_PROCID, which mwjax.core.distributed.initialize reads. The job is requeued when
 # preempted and the experiment resumes from the last checkpoint in its output_dir, which must be on a
 # filesystem every node shares (pass --config.output_dir=/shared/path/run).
 #

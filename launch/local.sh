@@ -4,7 +4,7 @@
 #   launch/local.sh --num_processes=2 --cpu_devices=4 -- python -m experiments.macdrop --config=smollm2_135m
 #
 # Each process i gets JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT, JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i
-# (read by mwjax.distributed.initialize). --cpu_devices=D gives each process D fake CPU devices
+# (read by mwjax.core.distributed.initialize). --cpu_devices=D gives each process D fake CPU devices
 # (JAX_PLATFORMS=cpu, --xla_force_host_platform_device_count=D). Process 0's output streams to the
 # terminal; process i's goes to LOG_DIR/process_i.log. The script exits with the first non-zero status
 # and stops the other processes when one fails or on Ctrl-C.

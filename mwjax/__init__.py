@@ -7,16 +7,17 @@ imported on first use:
     core/        leaf utilities: atomic writes, compiled programs, layer indices, progress, sharding, run locks
     instrument/  what a forward pass can be asked to do: FFN row masks, activation edits, probes
     nn/          building blocks: config, Linear, norms, RoPE, attention, KV cache, stacked layers, the causal LM
-    families/    one folder per model family (model, Family record, key table, GGUF hooks) and the registry
+    families/    one folder per model family (model, HF config, key table, GGUF hooks, records) and the registry
     converters/  checkpoints in and out: HF safetensors / torch .bin / GGUF / orbax, tokenizers, save_hf
     data/        text corpora
-    adapters/    LoRA / DoRA, their targets, HF PEFT files, adapter checkpoints
-    research/    the methods: massive weights, attacks, pruning, quantization, attention sinks, MacDrop
-    finetune/    training: data, loss, the step, its loop, checkpoints and guards, the run
+    adapters/    LoRA / DoRA and HF PEFT files
+    research/    the methods: massive weights, attacks, pruning, attention sinks, MacDrop
+    finetune/    training: data, loss, the trainer, its run log
     eval/        perplexity, generation, lm-eval, LongBench, judged generation
     experiments/ command lines (`python -m experiments.<name>`), configs, figures, the report
 
-Imports point down this list only (tests/test_layering.py).
+A module imports from its own package and those above it in this list, never from one below
+(tests/test_layering.py).
 """
 
 import importlib
@@ -25,7 +26,6 @@ API = {
     "massive": "mwjax.research.massive",
     "attacks": "mwjax.research.attacks",
     "prune": "mwjax.research.prune",
-    "quantize": "mwjax.research.quantize",
     "macdrop": "mwjax.research.macdrop",
     "attention_sinks": "mwjax.research.attention_sinks",
     "probes": "mwjax.instrument.probes",

@@ -101,3 +101,17 @@ def test_the_command_line_exits_with_status_2_before_loading(args, message, tmp_
     out = subprocess.run([sys.executable, "-m", *args, "--model=/nonexistent" if "macdrop" not in args[0] else
                           "--config.model=/nonexistent"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_help_exits_with_status_0():
+    """--help, --helpshort and --helpfull print the help on stdout and succeed (absl's own exit with status 1)."""
+    result = subprocess.run([sys.executable, "-m", "experiments.probe", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "--top_k" in result.stdout and "--model" in result.stdout
+    full = subprocess.run([sys.executable, "-m", "experiments.probe", "--helpfull"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert full.returncode == 0 and len(full.stdout) > len(result.stdout)
+    refused = subprocess.run([sys.executable, "-m", "experiments.probe", "--top_k=0"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 2 and "--top_k" in refused.stderr

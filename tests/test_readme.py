@@ -28,3 +28,26 @@ def test_the_tour_runs_and_prints_what_it_computes(tmp_path):
 
     # the saved directory is complete: transformers loads the tokenizer as well as the model
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out" / "hf").bos_token_id == 1
+
+
+def test_every_name_the_readme_documents_resolves():
+    """Each dotted `mwjax.*` name in the README (modules, functions, classes) imports or is an attribute of what
+    does, so a move of a module cannot leave the README pointing at nothing."""
+    import importlib
+
+    names = set(re.findall(r"\bmwjax(?:\.[A-Za-z_]\w*)+", README.read_text()))
+    names -= {"mwjax.sbatch"}  # launch/gpu_slurm.sh's job file, not a module
+    assert len(names) > 10
+    for name in sorted(names):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+                break
+            except ModuleNotFoundError:
+                continue
+        for attr in parts[i:]:
+            assert hasattr(obj, attr), f"README names {name}: {'.'.join(parts[:i])} has no {attr!r}"
+            obj = getattr(obj, attr)
+    from mwjax import attacks, macdrop, masks, massive, models, peft, probes, prune  # noqa: F401  the flat API
+    from mwjax.converters import load, save_hf  # noqa: F401

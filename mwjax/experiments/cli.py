@@ -74,9 +74,18 @@ def _caller() -> str:
     return sys.argv[0] if name == "__main__" else name  # as absl names the main module's own flags
 
 
+SHORT_HELP, FULL_HELP = ("--help", "-?", "--helpshort"), ("--helpfull",)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with a bad value as a usage error: its message (naming the flag) on stderr, exit
-    status 2, before anything is loaded."""
+    status 2, before anything is loaded. --help / --helpshort / --helpfull print the help on stdout and exit
+    with status 0 (absl's own help flags exit with 1, which scripts and shells read as a failure)."""
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if arg in SHORT_HELP + FULL_HELP:
+            app.usage(shorthelp=arg in SHORT_HELP, writeto_stdout=True, exitcode=0)
     try:
         return FLAGS(argv)
     except flags.Error as e:
