@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 import transformers
+from flax import nnx
 from hf_reference import tiny_tokenizer
 from kill_at import Killed, filesystem_steps
 
@@ -126,7 +127,7 @@ def adapted(seed: int, dora: bool):
 
 
 def adapter_weights(model) -> dict[str, np.ndarray]:
-    state = peft.nnx.to_pure_dict(peft.nnx.state(model, peft.LoRAParam))
+    state = nnx.to_pure_dict(nnx.state(model, peft.LoRAParam))
     return {"/".join(map(str, path)): np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(state)}
 
 

@@ -256,3 +256,31 @@ def test_safetensors_files_that_disagree_with_the_index_are_refused(base, tmp_pa
     with pytest.raises(CheckpointError, match=message) as error:
         load(directory, tokenizer=False)
     assert "save_hf" in str(error.value) or "does not exist" in str(error.value)
+
+
+def test_token_ids_past_the_vocabulary_are_refused_by_perplexity_and_generate(base):
+    from mwjax.eval import generate, perplexity
+
+    text = np.arange(200) % 64
+    with pytest.raises(ValueError, match=r"token id 429 is outside the model's vocabulary \[0, 64\)"):
+        perplexity(base, np.concatenate([[429], text]), seqlen=16, progress=False)
+    with pytest.raises(ValueError, match=r"seqlen=0: a chunk needs an integer length >= 1"):
+        perplexity(base, text, seqlen=0, progress=False)
+    with pytest.raises(ValueError, match=r"max_chunks=0: write an integer >= 1"):
+        perplexity(base, text, seqlen=16, max_chunks=0, progress=False)
+    with pytest.raises(ValueError, match=r"prompt 1: token id 64 is outside"):
+        generate(base, [[1, 2], [3, 64]], 2)
+
+
+def test_a_super_weight_outside_the_model_is_refused(base):
+    from mwjax import attacks, massive
+
+    for layer, row, col, message in ((2, 0, 0, "layer"), (0, 32, 0, r"row must lie in \[0, 32\)"),
+                                     (0, 0, 48, r"col in \[0, 48\)"), (0, -1, 0, "row must")):
+        with pytest.raises(ValueError, match=message):
+            massive.super_weight_at(base, layer, row, col)
+        sw = massive.SuperWeight(layer, row, col, 0.0, 0.0, 0.0, 0)
+        with pytest.raises(ValueError, match=message):
+            attacks.scale_super_weight(base, sw, 0.0)
+    sw = massive.super_weight_at(base, 1, 31, 47)
+    assert sw.weight == float(base.model.layers[1].mlp.down_proj.kernel[47, 31])

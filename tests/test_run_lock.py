@@ -76,6 +76,25 @@ def test_macdrop_refuses_a_held_output_dir_before_touching_it(held, monkeypatch)
     assert not directory.exists()  # no config.json written, nothing adopted
 
 
+def test_a_link_to_a_held_directory_is_the_held_directory(held, tmp_path):
+    _, directory = held
+    (tmp_path / "link").symlink_to(directory, target_is_directory=True)
+    with pytest.raises(run_lock.DirectoryLockedError, match="test run"):
+        with run_lock.hold(tmp_path / "link"):
+            pass
+
+
+def test_macdrop_refuses_a_checkpoint_dir_another_run_holds(held, tmp_path, monkeypatch):
+    """Two runs with different output_dirs and one checkpoint_dir would adopt each other's steps."""
+    child, directory = held
+    monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model"))
+    config = smollm2_135m.get_config()
+    config.output_dir, config.checkpoint_dir = str(tmp_path / "other"), str(directory)
+    with pytest.raises(run_lock.DirectoryLockedError, match=rf"pid {child.pid}"):
+        experiment.run(config)
+    assert not (tmp_path / "other").exists()
+
+
 def test_results_are_published_whole_keeping_other_experiments_files(tmp_path):
     out = tmp_path / "outputs"
     first = common.stage(out, "attacks")

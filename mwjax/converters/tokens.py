@@ -1,6 +1,9 @@
-"""Which token starts a sequence: the bos token, unless the caller says otherwise."""
+"""Tokens meeting a model: which token starts a sequence (the bos token, unless the caller says otherwise), and
+whether a tokenizer's ids (or given ids) fit its embedding table."""
 
 from __future__ import annotations
+
+import numpy as np
 
 from mwjax.nn.config import ModelConfig
 
@@ -35,6 +38,16 @@ def first_token_id(tokenizer, config: ModelConfig, first_token: int | str | None
 
 class VocabularyError(ValueError):
     """A tokenizer can emit ids that the model's embedding table does not have."""
+
+
+def check_ids(ids, vocab_size: int, what: str = "the text") -> None:
+    """Every token id in `ids` (any shape) indexes the model's embedding table [0, vocab_size): an id past it would
+    read garbage (or NaN) logits, silently; ValueError naming the id otherwise."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
+        raise ValueError(f"{what}: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
+                         "(config.vocab_size): ids from another tokenizer?")
 
 
 def emitted_ids(tokenizer) -> int:

@@ -34,8 +34,8 @@ class DirectoryLockedError(RuntimeError):
 
 
 def lock_path(directory: str | os.PathLike) -> Path:
-    """`.<name>.lock` beside `directory`."""
-    directory = Path(directory).absolute()
+    """`.<name>.lock` beside `directory`, its symbolic links resolved (a link to a directory is that directory)."""
+    directory = Path(directory).resolve()
     return directory.with_name(f".{directory.name}.lock")
 
 

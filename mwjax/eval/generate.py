@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mwjax.converters.tokens import check_ids
 from mwjax.core.compiled import jit_model
 from mwjax.core.progress import progress
 from mwjax.nn.cache import KVCache
@@ -109,6 +110,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
         raise ValueError("every prompt needs at least one token (e.g. the bos token)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        check_ids(p, model.config.vocab_size, f"prompt {i}")
     if eos_ids is None:
         eos = model.config.eos_token_id
         eos_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)

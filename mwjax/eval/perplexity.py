@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mwjax.converters.tokens import check_ids
 from mwjax.core.compiled import jit_model
 from mwjax.core.progress import track
 
@@ -38,7 +39,12 @@ class PerplexityResult:
 
 
 def chunk_tokens(token_ids, seqlen: int, max_chunks: int | None = None) -> np.ndarray:
-    """[num_chunks, seqlen] consecutive chunks of a 1-D token stream."""
+    """[num_chunks, seqlen] consecutive chunks of a 1-D token stream (at most `max_chunks` of them)."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int | np.integer) or seqlen < 1:
+        raise ValueError(f"seqlen={seqlen!r}: a chunk needs an integer length >= 1")
+    if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, int | np.integer)
+                                   or max_chunks < 1):
+        raise ValueError(f"max_chunks={max_chunks!r}: write an integer >= 1, or None for every chunk")
     ids = np.asarray(token_ids, np.int32).reshape(-1)
     n = len(ids) // seqlen
     if max_chunks is not None:
@@ -75,6 +81,7 @@ def perplexity(model: nnx.Module, token_ids, seqlen: int = 4096, *, max_chunks: 
     model_kwargs (ffn_masks=, edits=) are passed to every forward call, traced.
     """
     chunks = chunk_tokens(token_ids, seqlen, max_chunks)
+    check_ids(chunks, model.config.vocab_size)
     bos = None
     if add_bos:
         bos = bos_id if bos_id is not None else model.config.bos_token_id

@@ -253,19 +253,27 @@ def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | No
     cache = config.compilation_cache_dir
     if cache := compiled.keep_compiled_programs(embedded.cache_dir() / "xla" if cache is None else cache):
         log.info("compiled programs are kept in %s (a relaunch loads them)", cache)
-    with output_dir_lock(p.output_dir):  # one run per output directory, before anything in it is touched
+    # one run per output directory (and per checkpoint directory), before anything in them is touched
+    with output_dir_lock(p.output_dir, config.checkpoint_dir):
         return _run(config, p, stop_after=stop_after, loaded=loaded)
 
 
-def output_dir_lock(out: Path) -> contextlib.ExitStack:
-    """The run's hold on `out` (`mwjax.core.run_lock`): process 0 takes the lock for the whole run (it alone writes
-    the run's files); in a multi-host run every process learns whether it got it, so all stop together when
-    another run holds the directory."""
+def output_dir_lock(out: Path, checkpoint_dir=None) -> contextlib.ExitStack:
+    """The run's hold on `out` (`mwjax.core.run_lock`), and on `checkpoint_dir` where it lies elsewhere on a local
+    filesystem (two runs writing one checkpoint directory would adopt each other's steps): process 0 takes the
+    locks for the whole run (it alone writes the run's files); in a multi-host run every process learns whether it
+    got them, so all stop together when another run holds either directory."""
+    held = [Path(out)]
+    if checkpoint_dir and "://" not in str(checkpoint_dir):  # gs:// and the like have no flock
+        checkpoints = Path(checkpoint_dir).resolve()
+        if not checkpoints.is_relative_to(Path(out).resolve()):
+            held.append(checkpoints)
     stack = contextlib.ExitStack()
     error = None
     if distributed.is_lead():
         try:
-            stack.enter_context(run_lock.hold(out, what="experiments.macdrop run"))
+            for directory in held:
+                stack.enter_context(run_lock.hold(directory, what="experiments.macdrop run"))
         except run_lock.DirectoryLockedError as e:
             error = e
         except OSError as e:

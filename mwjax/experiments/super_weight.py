@@ -56,9 +56,7 @@ def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.Su
     if FLAGS.layer is not None:
         if FLAGS.row is None or FLAGS.col is None:
             raise app.UsageError("--layer needs --row and --col")
-        kernel = massive.down_proj_kernel(model, FLAGS.layer)
-        return [massive.SuperWeight(FLAGS.layer, FLAGS.row, FLAGS.col, float(kernel[FLAGS.col, FLAGS.row]),
-                                    float("nan"), float("nan"), -1)], candidates
+        return [massive.super_weight_at(model, FLAGS.layer, FLAGS.row, FLAGS.col)], candidates
     if not candidates:
         raise SystemExit(f"no layer's down_proj spikes above {FLAGS.threshold} on this prompt; lower --threshold "
                          "or name the weight with --layer/--row/--col")

@@ -44,7 +44,7 @@ from etils import epath
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from mwjax.adapters.peft import LoRAParam
+from mwjax.adapters.lora import LoRAParam
 from mwjax.core import atomic, sharding
 from mwjax.finetune.loss import IGNORE, chunked_token_loss, token_loss
 from mwjax.finetune.run_log import RunLog

@@ -150,10 +150,13 @@ def _down_proj(model: nnx.Module, layer: int) -> Linear:
     return mlp.down_proj
 
 
-def _as_list(sws: SuperWeight | Sequence[SuperWeight]) -> list[SuperWeight]:
+def _as_list(sws: SuperWeight | Sequence[SuperWeight], config) -> list[SuperWeight]:
+    """The super weights given, each addressing a weight of the model (`massive.check_super_weight`)."""
     sws = [sws] if isinstance(sws, SuperWeight) else list(sws)
     if not sws:
         raise ValueError("no super weight given")
+    for sw in sws:
+        massive.check_super_weight(config, sw)
     return sws
 
 
@@ -161,7 +164,7 @@ def scale_super_weight(model: nnx.Module, sws: SuperWeight | Sequence[SuperWeigh
     """down_proj.weight[row, col] (HF layout) of one super weight or of a set (jointly, as the Super Weight
     experiments do) multiplied by `factor` (0 prunes; factor may be traced)."""
     out = copy(model)
-    for sw in _as_list(sws):
+    for sw in _as_list(sws, model.config):
         proj = _down_proj(out, sw.layer)
         kernel = proj.kernel[...]  # [d_ff, d_model]: weight[row, col] = kernel[col, row]
         proj.kernel[...] = kernel.at[sw.col, sw.row].multiply(jnp.asarray(factor, kernel.dtype))
@@ -208,7 +211,7 @@ def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[Supe
     sequence; a magnitude: restore every position whose unpruned value exceeds it.
     """
     out = copy(model)
-    sws = _as_list(sws)
+    sws = _as_list(sws, model.config)
     for layer in sorted({sw.layer for sw in sws}):
         if hasattr(_down_proj(out, layer), "lora_a"):  # its kernel would be restored without the adapter
             raise ValueError(f"layer {layer}'s down_proj carries a LoRA adapter: merge it (peft.merge) before "

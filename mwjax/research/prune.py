@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mwjax.core import paths
 from mwjax.core.compiled import jit_model
 from mwjax.core.progress import track
 from mwjax.instrument import probes
@@ -192,13 +193,6 @@ def prunable(model: nnx.Module) -> dict[Key, Linear]:
     return {(i, name): lin for i, layer in enumerate(model.model.layers) for name, lin in linears(layer).items()}
 
 
-def _replace(root: nnx.Module, path: str, module: nnx.Module) -> None:
-    *parents, last = path.split(".")
-    for p in parents:
-        root = root[int(p)] if p.isdigit() else getattr(root, p)
-    setattr(root, last, module)
-
-
 class PruneMask(nnx.Variable):
     """bool [in, out] keep-mask of a PrunedLinear. Not a parameter: optimisers and parameter exports skip it."""
 
@@ -226,7 +220,7 @@ def _layer_copy(layer: nnx.Module, replace) -> nnx.Module:
     layer of one structure shares one compiled program instead of compiling its own."""
     out = nnx.clone(layer)
     for name, lin in linears(out).items():
-        _replace(out, name, replace(name, lin))
+        paths.replace(out, name, replace(name, lin))
     for _, node in nnx.iter_graph(out):
         if isinstance(node, nnx.Module) and hasattr(node, "layer_idx"):
             node.layer_idx = 0
@@ -241,7 +235,7 @@ def apply(model: nnx.Module, masks: Masks) -> nnx.Module:
     out = attacks.copy(model)
     for (i, name), keep in masks.items():
         layer = out.model.layers[i]
-        _replace(layer, name, PrunedLinear(linears(layer)[name], keep))
+        paths.replace(layer, name, PrunedLinear(linears(layer)[name], keep))
     return out
 
 
