@@ -100,10 +100,12 @@ def smollm2_with(field: str, value):
     ("massive.k", 10**6, "exceeds the model's d_ff=1536"),
     ("lora.targets", ("*.attn.qkv",), r"LoRA target patterns \['\*.attn.qkv'\] match no linear layer"),
 ])
-def test_bad_configs_for_the_model_fail_before_compute(field, value, message, monkeypatch):
+def test_bad_configs_for_the_model_fail_before_compute(field, value, message, monkeypatch, tmp_path):
     monkeypatch.setattr("mwjax.research.massive.find_massive_weights", lambda *a, **k: pytest.fail("computed"))
+    config = smollm2_with(field, value)
+    config.output_dir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=message):
-        experiment.run(smollm2_with(field, value))
+        experiment.run(config)
 
 
 def test_missing_checkpoint_fails_fast(tmp_path):

@@ -37,9 +37,9 @@ def tiny(tiny_checkpoint, tmp_path_factory):
     ("experiments.super_weight", ["--output_dir=/proc/mwjax"], "cannot write to the output directory /proc/mwjax"),
     ("experiments.generation", ["--questions=/nonexistent/q.jsonl"], "no Spec-Bench question file"),
 ])
-def test_bad_inputs_fail_before_the_model_loads(module, args, message):
+def test_bad_inputs_fail_before_the_model_loads(module, args, message, tmp_path):
     out = subprocess.run([sys.executable, "-m", module, "--model=/nonexistent/model", *args], capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, cwd=tmp_path)  # the default output directory (and its lock) there
     assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]  # not the missing model
 
 
