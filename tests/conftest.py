@@ -65,6 +65,17 @@ def tiny_checkpoint(tmp_path_factory):
     return get
 
 
+def pytest_collection_modifyitems(items):
+    """Files holding slow or multi-process tests (minutes each) run first, each file's tests kept together and in
+    their order: `-n 2 --dist loadfile` hands out files in this order, so no long file starts when the other
+    worker has nothing left to do."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow") or item.get_closest_marker("multiprocess")}
+    first = {}
+    for index, item in enumerate(items):
+        first.setdefault(item.path, index)
+    items.sort(key=lambda item: (item.path not in heavy, first[item.path]))
+
+
 def pytest_runtest_setup(item):
     if item.get_closest_marker("torch") is not None:
         needs_torch()

@@ -1,9 +1,11 @@
 """The experiment CLIs end to end: on a tiny checkpoint quickly, and on the embedded SmolLM2 (slow)."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hf_reference import tiny_tokenizer
@@ -140,11 +142,20 @@ def test_router_experiment_on_a_tiny_mixture_of_experts(tiny_checkpoint, tmp_pat
 
 @pytest.mark.slow
 def test_the_main_job_on_smollm2(tmp_path):
-    """The README's main command, with CPU-sized settings: zeroing hurts far more than retaining."""
-    stdout = run("experiments.attacks", "--seqlen=256", "--max_chunks=3", "--sweep=0,5", "--sweep_chunks=1",
-                 "--max_new_tokens=12", "--prompts=What is the capital of France?", "--calibration_sequences=20",
-                 f"--output_dir={tmp_path}")
-    result = json.loads((tmp_path / "attacks.json").read_text())
+    """The README's main command, with CPU-sized settings: zeroing hurts far more than retaining.
+
+    Where the environment names the output of the README's main command itself (`MWJAX_MAIN_JOB_OUTPUT`: .ci/run
+    runs it verbatim just before the tests), its results are the ones checked instead of a second, smaller run."""
+    done = os.environ.get("MWJAX_MAIN_JOB_OUTPUT")
+    if done:
+        out = Path(done)
+    else:
+        out = tmp_path
+        run("experiments.attacks", "--seqlen=256", "--max_chunks=3", "--sweep=0,5", "--sweep_chunks=1",
+            "--max_new_tokens=12", "--prompts=What is the capital of France?", "--calibration_sequences=20",
+            f"--output_dir={out}")
+    result = json.loads((out / "attacks.json").read_text())
+    assert result["model"] == "embedded:smollm2"
     ppl = {name: s["perplexity"]["python_docs"]["perplexity"] for name, s in result["settings"].items()}
     assert result["massive_weights"]["layer"] == 11
     assert ppl["top-5 zeroing"] > 1.5 * ppl["top-5 retaining"] > 1.5 * 0.5 * ppl["original"]
@@ -155,7 +166,7 @@ def test_the_main_job_on_smollm2(tmp_path):
     # means per position class from bos-led calibration text: the chat prompt's first token keeps its own value
     # (one pooled mean gave it another, and the answer turned into French text)
     assert gens["massive activations = mean"] == gens["original"]
-    assert "massive weights: layer 12 (HF layers[11])" in stdout
+    assert result["massive_weights"]["indices"][:2] == [1229, 1487]
 
 
 def test_tables_from_run_outputs(tmp_path):
