@@ -84,13 +84,17 @@ def test_a_link_to_a_held_directory_is_the_held_directory(held, tmp_path):
             pass
 
 
-def test_macdrop_refuses_a_checkpoint_dir_another_run_holds(held, tmp_path, monkeypatch):
-    """Two runs with different output_dirs and one checkpoint_dir would adopt each other's steps."""
+@pytest.mark.parametrize("inside", [False, True])
+def test_macdrop_refuses_a_checkpoint_dir_another_run_holds(held, tmp_path, monkeypatch, inside):
+    """Two runs with different output_dirs and one checkpoint_dir would adopt each other's steps: the other run's
+    checkpoint_dir, or its output_dir's default checkpoints/ inside it."""
     child, directory = held
     monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model"))
     config = smollm2_135m.get_config()
-    config.output_dir, config.checkpoint_dir = str(tmp_path / "other"), str(directory)
-    with pytest.raises(run_lock.DirectoryLockedError, match=rf"pid {child.pid}"):
+    config.output_dir = str(tmp_path / "other")
+    config.checkpoint_dir = str(directory / "checkpoints" if inside else directory)
+    with pytest.raises(run_lock.DirectoryLockedError, match=rf"{'lies inside .* ' if inside else ''}in use by another "
+                                                            rf"run \(test run, pid {child.pid}"):
         experiment.run(config)
     assert not (tmp_path / "other").exists()
 

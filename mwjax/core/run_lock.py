@@ -71,6 +71,30 @@ def _write(fd: int, record: dict) -> None:
     os.fsync(fd)
 
 
+def _refuse_inside_a_held_directory(directory: str | os.PathLike, what: str) -> None:
+    """A directory inside one that another run holds (a checkpoint_dir in its output_dir) is that run's too:
+    DirectoryLockedError naming it. Each enclosing directory's lock is tried and let go at once."""
+    for parent in Path(directory).resolve().parents[:-1]:  # not the root, which has no name to lock beside
+        path = lock_path(parent)
+        if not path.is_file():
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise DirectoryLockedError(
+                f"{Path(directory).absolute()} lies inside {parent}, which is in use by another run "
+                f"({_describe(_read(fd))}), so this {what} cannot use it: choose a directory outside it") from None
+        except OSError:  # no file locks on that filesystem: nothing to learn
+            pass
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def hold(directory: str | os.PathLike, *, what: str = "run") -> Iterator[Path]:
     """Hold `directory`'s lock for the block (module doc).
@@ -85,6 +109,7 @@ def hold(directory: str | os.PathLike, *, what: str = "run") -> Iterator[Path]:
     Raises:
       DirectoryLockedError: another live run holds it; the message names that run and what to do.
     """
+    _refuse_inside_a_held_directory(directory, what)
     path = lock_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
