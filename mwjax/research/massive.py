@@ -339,14 +339,14 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
 
 def down_proj_kernel(model: nnx.Module, layer: int) -> jnp.ndarray:
     """down_proj kernel [d_ff, d_model] of a dense FFN (HF weight.T); an out-of-range `layer` is a ValueError."""
-    check_layer(model.config, layer, what=f"layer={layer}")
+    check_layer(model.config, layer)
     return model.model.layers[layer].mlp.down_proj.kernel[...]
 
 
 def check_super_weight(config, sw: SuperWeight) -> None:
     """`sw`'s layer, row and col address a weight of the model (an index past the weight would be clamped by jax:
     another weight read or edited, silently); ValueError naming the weight and the ranges otherwise."""
-    check_layer(config, sw.layer, what=f"layer={sw.layer}")
+    check_layer(config, sw.layer)
     d_model, d_ff = config.hidden_size, config.intermediate_size
     if not (0 <= sw.row < d_model and 0 <= sw.col < d_ff):
         raise ValueError(f"super weight {sw.label}: down_proj.weight is [{d_model}, {d_ff}] (HF [out, in]): row must "
