@@ -40,9 +40,9 @@ def arm(point: str) -> None:
 
         handler.finalize = finalize_then_die
     elif kind == "step":
-        from mwjax.finetune import train
+        from mwjax.finetune import loop  # where fit looks the step's batching up
 
-        stack_step, calls = train.stack_step, []
+        stack_step, calls = loop.stack_step, []
 
         def stack_step_or_die(*args, **kwargs):
             calls.append(1)
@@ -50,7 +50,7 @@ def arm(point: str) -> None:
                 die()
             return stack_step(*args, **kwargs)
 
-        train.stack_step = stack_step_or_die
+        loop.stack_step = stack_step_or_die
     elif kind == "export":
         from mwjax import peft
 
