@@ -1,26 +1,8 @@
 """Fine-tuning with LoRA / DoRA and MacDrop: a jitted train step over a device mesh, and the loop.
 
-The model is split into three parts: adapter parameters (`peft.LoRAParam`, float32, replicated,
-the only thing differentiated and given optimizer state), dropout RNG streams, and the frozen base
-(any dtype, sharded FSDP x tensor-parallel by `mwjax.core.sharding`). One optimizer step consumes
-`grad_accum` micro-batches in a `lax.scan`; the loss is the mean next-token cross-entropy over all
-label tokens of the step (token-weighted, so accumulation and data parallelism give the loss of
-the whole batch; the vocabulary is unembedded in sequence chunks, `TrainConfig.loss_chunk`, so the
-[b, t, V] float32 logits never exist whole). MacDrop's mask is drawn once per optimizer step (or per
-micro-batch) and enters the forward as an FFN row mask. AdamW (optax; betas and decoupled weight decay
-as torch's AdamW) after global-norm clipping, learning rate warmed up linearly then decayed (cosine or
-linear) as HF's schedulers do.
-
-The loop runs the step over a stream of micro-batches that spans epochs, evaluates, logs (console
-progress bar; JSONL on process 0), checkpoints with orbax (atomic; every `save_every` steps and at
-the end), and resumes exactly: step, data position, MacDrop key, dropout streams and the divergence
-guard are all in the checkpoint, and metrics.jsonl is cut back to the checkpointed step.
-
-No poisoned state is saved: every step checks its loss, gradient norm and updated adapters in the
-compiled step, and a state is trusted only once a forward on it gave a finite loss, so on a
-non-finite step the checkpoint of the state that produced it is deleted and the error names the
-latest one that really is good. A `DivergenceGuard` also stops runs whose smoothed loss climbs
-far above its best or whose gradient vanishes (learning rate far too high, saturated softmax).
+AdamW after global-norm clipping with HF's warm-up / decay schedules, a compiled step over a device mesh
+(adapters trained, the base frozen and sharded), and a loop that evaluates, logs, checkpoints and resumes exactly;
+no poisoned state is ever saved. Each piece's own docstring says how.
 
 The pieces, one job each:
 
