@@ -49,7 +49,7 @@ def main():
     import mwjax
     from mwjax import converters
     from mwjax.converters import embedded
-    from mwjax.eval.perplexity import chunk_tokens, perplexity
+    from mwjax.eval.likelihood import chunk_tokens, perplexity
 
     path = Path(args.model) if args.model else embedded.path("smollm2")
     model, tokenizer = converters.load(path)

@@ -76,12 +76,11 @@ def filesystem_steps(root, kill_at: int | None = None):
     before it runs, and every later change raises it again without running: the disk stays as a SIGKILL at that
     moment leaves it.
     """
-    import importlib
 
     import orbax.checkpoint as ocp
     import safetensors.numpy
 
-    save_hf_module = importlib.import_module("mwjax.converters.save_hf")  # the package exports the function
+    from mwjax.converters import hf_export as save_hf_module
 
     root = str(Path(root).absolute())
     steps: list[str] = []

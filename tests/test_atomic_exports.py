@@ -22,7 +22,7 @@ from hf_reference import tiny_tokenizer
 from kill_at import Killed, filesystem_steps
 
 from mwjax import converters, models, peft
-from mwjax.converters.save_hf import hf_tensors
+from mwjax.converters.hf_export import hf_tensors
 from mwjax.converters.to_orbax import convert
 from mwjax.core import atomic
 from mwjax.families.hf_config import read_hf_config, write_hf_config

@@ -29,7 +29,7 @@ import transformers
 from gguf_files import write_gguf_tensors
 
 from mwjax import converters, models
-from mwjax.converters.save_hf import hf_tensors
+from mwjax.converters.hf_export import hf_tensors
 from mwjax.families.hf_config import read_hf_config
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from mwjax import models, peft
 from mwjax.converters import CheckpointError, load, save_hf
-from mwjax.converters.save_hf import hf_tensors
+from mwjax.converters.hf_export import hf_tensors
 from mwjax.families.hf_config import read_hf_config, write_hf_config
 
 HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

@@ -11,7 +11,7 @@ from hf_reference import TINY_CONFIGS, assert_close_to_scale, random_tokens
 
 from mwjax import masks, models, peft
 from mwjax.core.sharding import declared_axes
-from mwjax.eval.generate import generate
+from mwjax.eval.decoding import generate
 from mwjax.families.hf_config import read_hf_config
 from mwjax.nn.config import ModelConfig
 from mwjax.nn.stack import LayerStack, stack_layers, unstack_layers

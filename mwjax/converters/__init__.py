@@ -15,8 +15,12 @@ from mwjax.converters.errors import (
     ShapeMismatchError,
     UnsupportedCheckpointError,
 )
-from mwjax.converters.loader import build_from_source, load, load_tokenizer, peft_base, resolve
-from mwjax.converters.save_hf import save_hf
+from mwjax.core import lazy
+
+# the loader and the exporter (and with them jax, transformers) load on first use: flags and --help need neither
+__getattr__, __dir__ = lazy.exports(__name__, {
+    "build_from_source": "loader", "load": "loader", "load_tokenizer": "loader", "peft_base": "loader",
+    "resolve": "loader", "save_hf": "hf_export"})
 
 
 def _not_the_torch_notice(record: logging.LogRecord) -> bool:

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jinja2
-from flax import nnx
 
-from mwjax.eval.generate import generate_many
+from mwjax.core import lazy
+
+if TYPE_CHECKING:
+    from flax import nnx
+
+decoding = lazy.module("mwjax.eval.decoding")  # jax on first use: the settings here serve flags without it
 
 try:
     from fastchat.conversation import get_conv_template  # prometheus-eval's dependency: its vLLM prompt format
@@ -118,7 +123,7 @@ class MwjaxJudgeLM:
             raise ValueError(f"the mwjax judge samples one output per prompt with max_tokens, temperature, top_p and "
                              f"repetition_penalty; got best_of={best_of} and {sorted(unknown)}")
         eos = self.tokenizer.eos_token_id
-        new = generate_many(self.model, [r.ids for r in requests], max_tokens, batch_size=self.batch_size,
+        new = decoding.generate_many(self.model, [r.ids for r in requests], max_tokens, batch_size=self.batch_size,
                             temperature=temperature, top_p=top_p if top_p < 1.0 else None,
                             repetition_penalty=repetition_penalty, seed=self.seed + 1_000_003 * self.passes,
                             eos_ids=None if eos is None else (eos,), pad_id=self.tokenizer.pad_token_id or 0,

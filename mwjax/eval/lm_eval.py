@@ -37,7 +37,7 @@ from lm_eval.api.model import TemplateLM
 from mwjax.converters import tokens
 from mwjax.core.progress import progress
 from mwjax.eval import continuations
-from mwjax.eval.generate import DEFAULT_BUCKETS, bucket, generate
+from mwjax.eval.decoding import DEFAULT_BUCKETS, bucket, generate
 
 TRUNCATIONS = ("left", "middle")
 

@@ -18,10 +18,14 @@ import json
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from flax import nnx
+from mwjax.core import lazy
 
-from mwjax.eval.generate import generate_many
+if TYPE_CHECKING:
+    from flax import nnx
+
+decoding = lazy.module("mwjax.eval.decoding")  # jax on first use: the settings here serve flags without it
 
 # Spec-Bench's questions as its repository publishes them (the default of --questions=hub)
 PAPER_JUDGE = "prometheus-eval/prometheus-7b-v2.0"  # Table 3's judge: Prometheus-2-7B, a Mistral-7B fine-tune
@@ -134,7 +138,7 @@ def answer(model: nnx.Module, tokenizer, questions: Sequence[Question], max_new_
             for user, assistant in zip(questions[i].turns[:turn], answers[i], strict=True):
                 history += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
             prompts.append(chat_ids(tokenizer, history + [{"role": "user", "content": questions[i].turns[turn]}]))
-        new = generate_many(model, prompts, max_new_tokens, batch_size=batch_size, temperature=temperature,
+        new = decoding.generate_many(model, prompts, max_new_tokens, batch_size=batch_size, temperature=temperature,
                             seed=seed + 1_000_003 * turn, eos_ids=eos, pad_id=tokenizer.pad_token_id or 0,
                             desc=f"answering turn {turn + 1}")
         for i, tokens in zip(active, new, strict=True):

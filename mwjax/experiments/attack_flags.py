@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from absl import flags
 
+from mwjax.core import lazy
 from mwjax.experiments import common
-from mwjax.research import attacks
+from mwjax.research import defaults
+
+# what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
+attacks = lazy.module("mwjax.research.attacks")
 
 FLAGS = flags.FLAGS
 common.define_attack_flag("evaluation")
-flags.DEFINE_enum("attack_on", "merged", list(attacks.ATTACK_ON), "with --adapter and --attack, Table 8's two "
+flags.DEFINE_enum("attack_on", "merged", list(defaults.ATTACK_ON), "with --adapter and --attack, Table 8's two "
                   "readings: merged (massive weights re-found on the merged model, its rows attacked) or base (found "
                   "before fine-tuning, the pretrained rows attacked under the live adapter; mwjax.attacks."
                   "after_fine_tuning)")

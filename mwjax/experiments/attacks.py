@@ -23,11 +23,16 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
+from mwjax.core import lazy
 from mwjax.data.corpora import check_name as check_corpus
-from mwjax.eval import generate_text, perplexity
-from mwjax.eval.perplexity import chunk_tokens
 from mwjax.experiments import cli, common, plots, zeroshot_flags
-from mwjax.research import attacks, massive
+from mwjax.research import defaults
+
+# what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
+attacks = lazy.module("mwjax.research.attacks")
+massive = lazy.module("mwjax.research.massive")
+decoding = lazy.module("mwjax.eval.decoding")
+likelihood = lazy.module("mwjax.eval.likelihood")
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -46,12 +51,12 @@ common.check_flag("sweep_metrics", zeroshot_flags.check_metric)
 flags.DEFINE_integer("sweep_chunks", None, "a further cap on the first corpus's chunks per sweep point (default: the "
                      "run's own, so the k=0 zeroing point equals 'original')", lower_bound=1)
 flags.DEFINE_bool("activation_interventions", True, "also set the massive activations to zero / their mean")
-flags.DEFINE_string("calibration", attacks.CALIBRATION_CORPUS, "corpus whose LAST chunks give the massive-activation "
+flags.DEFINE_string("calibration", defaults.CALIBRATION_CORPUS, "corpus whose LAST chunks give the massive-activation "
                     "means (kept apart from the evaluated text, as the thesis' 100 RedPajama sequences)")
 common.check_flag("calibration", check_corpus)
-flags.DEFINE_integer("calibration_sequences", attacks.CALIBRATION_SEQUENCES, "calibration sequences (the thesis: 100)",
+flags.DEFINE_integer("calibration_sequences", defaults.CALIBRATION_SEQUENCES, "calibration sequences (the thesis: 100)",
                      lower_bound=1)
-flags.DEFINE_integer("calibration_seqlen", attacks.CALIBRATION_SEQLEN, "tokens per calibration sequence (with bos)",
+flags.DEFINE_integer("calibration_seqlen", defaults.CALIBRATION_SEQLEN, "tokens per calibration sequence (with bos)",
                      lower_bound=1)
 flags.DEFINE_list("prompts", ["What is the capital of France?", "Write a short poem about the sea."],
                   "generation prompts (user turns of the chat template when the tokenizer has one)")
@@ -96,9 +101,9 @@ def main(argv):
     chat = getattr(tokenizer, "chat_template", None) is not None
     rows, results = [], {}
     for name, attacked in settings(model, mw, calibration).items():
-        ppl = {c.name: perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
+        ppl = {c.name: likelihood.perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
                                   batch_size=FLAGS.batch_size).to_dict() for c in corpora}
-        samples = generate_text(attacked, tokenizer, FLAGS.prompts, FLAGS.max_new_tokens, chat=chat)
+        samples = decoding.generate_text(attacked, tokenizer, FLAGS.prompts, FLAGS.max_new_tokens, chat=chat)
         results[name] = {"perplexity": ppl, "generations": dict(zip(FLAGS.prompts, samples, strict=True))}
         rows.append([name] + [ppl[c.name]["perplexity"] for c in corpora])
         print(f"== {name}: " + ", ".join(f"{c} PPL {r['perplexity']:.2f}" for c, r in ppl.items()))
@@ -112,10 +117,10 @@ def main(argv):
                "settings": results}
     if ks:
         caps = [c for c in (corpora[0].max_chunks, FLAGS.sweep_chunks) if c is not None]
-        tokens = chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
+        tokens = likelihood.chunk_tokens(corpora[0].token_ids, FLAGS.seqlen, min(caps) if caps else None)
         metrics = zeroshot_flags.sweep_metrics(
             FLAGS.sweep_metrics, tokenizer, zeroshot, f"{corpora[0].name} perplexity",
-            lambda m: perplexity(m, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size).perplexity,
+            lambda m: likelihood.perplexity(m, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size).perplexity,
             {"corpus": corpora[0].name, "chunks": len(tokens)})
         for metric in metrics.values():
             series = sweep(model, mw, ks, metric.measure)

@@ -11,17 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from mwjax import converters
-from mwjax.adapters import peft
 from mwjax.converters import embedded
-from mwjax.core import atomic, run_lock
+from mwjax.core import atomic, lazy, run_lock
 from mwjax.data import corpora
-from mwjax.eval.perplexity import chunk_tokens
-from mwjax.research import attacks
+
+# jax and what needs it load after the flags are parsed (--help and a refused flag answer without them)
+jnp = lazy.module("jax.numpy")
+peft = lazy.module("mwjax.adapters.peft")
+likelihood = lazy.module("mwjax.eval.likelihood")
+attacks = lazy.module("mwjax.research.attacks")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", embedded.PREFIX + embedded.DEFAULT,
@@ -66,7 +68,7 @@ def define_attack_flag(before: str) -> None:
     `apply_attack` applies it. `before`: what the attack precedes, for --help."""
     flags.DEFINE_string("attack", None, f"attack applied before {before}, e.g. zero_top_k:5 or "
                         "massive_activations:zero (mwjax.research.attacks.from_spec)")
-    check_flag("attack", attacks.parse_spec)
+    check_flag("attack", lambda spec: attacks.parse_spec(spec))
 
 
 def apply_attack(model, tokenizer):
@@ -213,7 +215,7 @@ def calibration_set(evaluated: list[corpora.Corpus], tokenizer, name: str, seque
     print(f"calibration: the last {len(tokens)} x {seqlen} tokens of {source.name}"
           + (f", each after the bos token (id {bos_id})" if bos_id is not None else ""))
     if same is not None:
-        read = len(chunk_tokens(source.token_ids, eval_seqlen, source.max_chunks)) * eval_seqlen
+        read = len(likelihood.chunk_tokens(source.token_ids, eval_seqlen, source.max_chunks)) * eval_seqlen
         if read > len(source.token_ids) - tokens.size:
             raise SystemExit(f"the calibration sequences (the last {tokens.size} tokens of {source.name}) overlap the "
                              f"{read} tokens evaluated: use another calibration corpus, fewer calibration sequences "

@@ -22,13 +22,16 @@ from __future__ import annotations
 import json
 import time
 
-import jax.numpy as jnp
 from absl import flags
 
 from mwjax import converters
-from mwjax.core import atomic
-from mwjax.eval import generation_tasks, judge, spec_bench
+from mwjax.core import atomic, lazy
+from mwjax.eval import judge, spec_bench
 from mwjax.experiments import attack_flags, cli, common, plots
+
+# what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
+jnp = lazy.module("jax.numpy")
+generation_tasks = lazy.module("mwjax.eval.generation_tasks")
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)  # --help lists the shared flags (--model, --output_dir, ...) too

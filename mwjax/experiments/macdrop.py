@@ -33,21 +33,28 @@ import os
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 from ml_collections import ConfigDict, config_flags
 
 from mwjax import converters
-from mwjax.adapters import peft
 from mwjax.converters import embedded
-from mwjax.core import atomic, compiled, distributed, run_lock, sharding
+from mwjax.core import atomic, lazy, run_lock
 from mwjax.experiments import cli
 from mwjax.experiments.configs import base as base_config
-from mwjax.finetune import data, train
-from mwjax.research import macdrop, massive
+from mwjax.finetune import data
+
+# what needs jax loads after the flags are parsed: --help answers without it
+jax = lazy.module("jax")
+jnp = lazy.module("jax.numpy")
+multihost_utils = lazy.module("jax.experimental.multihost_utils")
+peft = lazy.module("mwjax.adapters.peft")
+compiled = lazy.module("mwjax.core.compiled")
+distributed = lazy.module("mwjax.core.distributed")
+sharding = lazy.module("mwjax.core.sharding")
+train = lazy.module("mwjax.finetune.train")
+macdrop = lazy.module("mwjax.research.macdrop")
+massive = lazy.module("mwjax.research.massive")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<name>.py[:arg], or a bare <name>")

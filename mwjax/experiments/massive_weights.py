@@ -14,15 +14,19 @@ sequences) and magnitudes_3d.png (|hidden state| over the prompt's tokens at the
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
+from mwjax.core import lazy
 from mwjax.data.corpora import check_name as check_corpus
-from mwjax.eval.perplexity import chunk_tokens
 from mwjax.experiments import cli, common, plots
-from mwjax.instrument import probes
-from mwjax.research import massive
+from mwjax.research import defaults
+
+# what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
+jnp = lazy.module("jax.numpy")
+probes = lazy.module("mwjax.instrument.probes")
+massive = lazy.module("mwjax.research.massive")
+likelihood = lazy.module("mwjax.eval.likelihood")
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -30,7 +34,7 @@ flags.adopt_module_key_flags(common)
 flags.DEFINE_integer("k", 5, "how many massive weights to report", lower_bound=1)
 flags.DEFINE_integer("layer", None, "0-based layer to take them from (default: chosen by --layer_rule)",
                      lower_bound=0)
-flags.DEFINE_enum("layer_rule", "intermediate", list(massive.LAYER_RULES), "intermediate: the earliest layer whose "
+flags.DEFINE_enum("layer_rule", "intermediate", list(defaults.LAYER_RULES), "intermediate: the earliest layer whose "
                   "intermediate state is massive (House of Cards, Algorithm 1); hidden_jump: the largest rise of the "
                   "hidden state's max |x|")
 flags.DEFINE_string("prompt", "Summer is warm. Winter is cold.", "prompt of the 3D magnitude plot")
@@ -94,7 +98,7 @@ def main(argv):
                        "token alone", common.figure(out, "states"))
 
     corpus = common.load_corpora([FLAGS.stats_corpus], tokenizer, None)[0]
-    seqs = chunk_tokens(corpus.token_ids, FLAGS.stats_seqlen, FLAGS.stats_sequences)
+    seqs = likelihood.chunk_tokens(corpus.token_ids, FLAGS.stats_seqlen, FLAGS.stats_sequences)
     averaged = massive.activation_stats(model, seqs, top_k=3)
     for point in ("hidden", "intermediate"):
         plots.layer_magnitudes(averaged[point], f"{name}: {point} state, {len(seqs)} x {FLAGS.stats_seqlen} "

@@ -7,14 +7,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import patches, ticker  # noqa: E402
+from mwjax.core import atomic, lazy
 
-from mwjax.core import atomic  # noqa: E402
+
+def _agg_backend() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+# matplotlib loads with the first figure (Agg backend: files, no display), not with the flags of a command line
+plt, patches, ticker = (lazy.module(f"matplotlib.{name}", before=_agg_backend)
+                        for name in ("pyplot", "patches", "ticker"))
 
 if TYPE_CHECKING:
     from mwjax.research import massive
@@ -28,7 +34,11 @@ def wrapped(title: str) -> str:
 
 
 DPI = 200  # raster figures (png); pdf and svg are vector
-_PROB_CMAP = matplotlib.colormaps["YlGnBu"].with_extremes(bad="white")  # probabilities; masked cells blank
+
+
+def _prob_cmap():
+    """The colour map of probabilities; masked cells blank."""
+    return lazy.module("matplotlib").colormaps["YlGnBu"].with_extremes(bad="white")
 
 
 def layer_magnitudes(stats: massive.Magnitudes, title: str, path: str | Path) -> Path:
@@ -214,7 +224,7 @@ def attention_sinks(columns: Sequence[tuple[str, np.ndarray, np.ndarray, Sequenc
         ax.set_title(f"{name}\nmax |h| {np.max(magnitudes):,.1f}", fontsize=10)
         ax = fig.add_subplot(2, n, n + i + 1)
         causal = np.ma.masked_where(np.triu(np.ones_like(attention, bool), k=1), attention)
-        image = ax.imshow(causal, cmap=_PROB_CMAP, vmin=0.0, vmax=1.0)
+        image = ax.imshow(causal, cmap=_prob_cmap(), vmin=0.0, vmax=1.0)
         ticks = np.arange(len(labels))
         ax.set_xticks(ticks)
         ax.set_xticklabels(labels, fontsize=7, rotation=90)
@@ -240,7 +250,7 @@ def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: in
     probs = np.asarray(probs, np.float64)
     num_layers, num_experts = probs.shape
     fig, ax = plt.subplots(figsize=(max(6.0, 0.42 * num_layers + 2), max(2.5, 0.4 * num_experts + 1.2)))
-    image = ax.imshow(probs.T, cmap=_PROB_CMAP, vmin=0.0, vmax=1.0, aspect="auto")
+    image = ax.imshow(probs.T, cmap=_prob_cmap(), vmin=0.0, vmax=1.0, aspect="auto")
     if num_layers * num_experts <= 512:  # Mixtral-8x7B's 32 x 8 still reads
         for (layer, expert), p in np.ndenumerate(probs):
             ax.text(layer, expert, f"{p:.2f}".lstrip("0"), ha="center", va="center", fontsize=6,

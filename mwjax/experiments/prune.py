@@ -20,18 +20,23 @@ from __future__ import annotations
 
 from absl import flags
 
+from mwjax.core import lazy
 from mwjax.data.corpora import check_name as check_corpus
-from mwjax.eval import perplexity
 from mwjax.experiments import cli, common, plots
-from mwjax.research import massive, prune
+from mwjax.research import defaults
+
+# what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
+massive = lazy.module("mwjax.research.massive")
+prune = lazy.module("mwjax.research.prune")
+likelihood = lazy.module("mwjax.eval.likelihood")
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)
-flags.DEFINE_list("methods", ["wanda", "magnitude"], f"pruning methods: {', '.join(prune.METHODS)}")
-common.check_flag("methods", prune.check_method)
+flags.DEFINE_list("methods", ["wanda", "magnitude"], f"pruning methods: {', '.join(defaults.PRUNE_METHODS)}")
+common.check_flag("methods", lambda method: prune.check_method(method))
 flags.DEFINE_list("sparsities", ["0.5", "4:8", "2:4"], "sparsities: a fraction (unstructured) or N:M (thesis Table "
                   "3.3: 50%, 4:8, 2:4)")
-common.check_flag("sparsities", prune.parse_sparsity)
+common.check_flag("sparsities", lambda sparsity: prune.parse_sparsity(sparsity))
 PROTECT = {"none": (False, False), "massive": (True, True), "rows": (True, False), "super_weights": (False, True)}
 flags.DEFINE_list("protect", ["none", "massive"], "protection settings to compare: none; massive (the top --k massive "
                   "rows of W_gate / W_up and the super weights); rows; super_weights")
@@ -65,7 +70,7 @@ flags.DEFINE_integer("batch_size", 1, "chunks per forward pass", lower_bound=1)
 
 
 def evaluate(model, corpora) -> dict[str, float]:
-    return {c.name: perplexity(model, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
+    return {c.name: likelihood.perplexity(model, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
                                batch_size=FLAGS.batch_size).perplexity for c in corpora}
 
 

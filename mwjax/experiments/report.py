@@ -38,19 +38,24 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
 from mwjax import converters
-from mwjax.adapters import peft
-from mwjax.core import atomic, compiled
+from mwjax.core import atomic, lazy
 from mwjax.core.progress import duration
-from mwjax.eval import perplexity, synthetic_tasks
-from mwjax.eval.perplexity import chunk_tokens
+from mwjax.eval import synthetic_tasks
 from mwjax.experiments import cli, common, macdrop, plots
 from mwjax.experiments.configs import smollm2_135m
-from mwjax.research import attacks, massive, prune
+
+# what needs jax loads after the flags are parsed: --help answers without it
+jnp = lazy.module("jax.numpy")
+peft = lazy.module("mwjax.adapters.peft")
+compiled = lazy.module("mwjax.core.compiled")
+likelihood = lazy.module("mwjax.eval.likelihood")
+attacks = lazy.module("mwjax.research.attacks")
+massive = lazy.module("mwjax.research.massive")
+prune = lazy.module("mwjax.research.prune")
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(common)
@@ -215,15 +220,15 @@ def section_attacks(model, tokenizer, mw, corpus, held_out, sizes: Sizes, out: P
         settings["super weights pruned, super activations restored"] = attacks.restore_super_activation(model, sws)
     results = {}
     for name, attacked in settings.items():
-        ppl = perplexity(attacked, corpus.token_ids, sizes.seqlen, max_chunks=sizes.max_chunks,
+        ppl = likelihood.perplexity(attacked, corpus.token_ids, sizes.seqlen, max_chunks=sizes.max_chunks,
                          progress=False).perplexity
         acc = synthetic_tasks.accuracy(attacked, tokenizer, held_out)
         results[name] = {"perplexity": ppl, "accuracy": acc}
         log(f"attack {name}: {CORPUS} PPL {ppl:.2f}, accuracy {pct(acc['mean'])}%")
-    tokens = chunk_tokens(corpus.token_ids, sizes.seqlen, sizes.sweep_chunks)
+    tokens = likelihood.chunk_tokens(corpus.token_ids, sizes.seqlen, sizes.sweep_chunks)
     log(f"k-sweep over k={list(sizes.sweep)}")
     series = attacks.k_sweep(model, mw, sizes.sweep,
-                             lambda m: perplexity(m, tokens, sizes.seqlen, progress=False).perplexity,
+                             lambda m: likelihood.perplexity(m, tokens, sizes.seqlen, progress=False).perplexity,
                              on_point=lambda name, k, v: log(f"  {name}, k={k}: PPL {v:.2f}"))
     sweep_fig = plots.k_sweep(list(sizes.sweep), series, f"{common.model_name()}: {CORPUS} perplexity, {mw.label} "
                               "attacked", common.figure(out, "k_sweep"))
@@ -432,7 +437,7 @@ def section_pruning(model, tokenizer, mw, corpus, sizes: Sizes, out: Path) -> tu
     sws = massive.find_super_weights(model, tokenizer)
     calibration = common.calibration_set([corpus], tokenizer, CORPUS, sizes.calibration_sequences,
                                          sizes.calibration_seqlen, sizes.seqlen, bos=False)  # Wanda's: no bos
-    evaluate = lambda m: perplexity(m, corpus.token_ids, sizes.seqlen, max_chunks=sizes.max_chunks,
+    evaluate = lambda m: likelihood.perplexity(m, corpus.token_ids, sizes.seqlen, max_chunks=sizes.max_chunks,
                                     progress=False).perplexity
     dense = evaluate(model)
     protections = {"none": None, "massive": prune.protected(model, mw, TABLE1_K, sws)}

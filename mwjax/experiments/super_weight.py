@@ -18,19 +18,25 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from mwjax.core import lazy
 from mwjax.data.corpora import check_name as check_corpus
-from mwjax.eval import generate_text, perplexity
 from mwjax.experiments import cli, common, plots, zeroshot_flags
-from mwjax.research import attacks, massive
+from mwjax.research import defaults
+
+# what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
+attacks = lazy.module("mwjax.research.attacks")
+massive = lazy.module("mwjax.research.massive")
+decoding = lazy.module("mwjax.eval.decoding")
+likelihood = lazy.module("mwjax.eval.likelihood")
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
 flags.adopt_module_key_flags(zeroshot_flags)
-flags.DEFINE_string("prompt", massive.DEFAULT_PROMPT, "prompt that detection runs")
-cli.define_float("threshold", massive.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|",
+flags.DEFINE_string("prompt", defaults.DEFAULT_PROMPT, "prompt that detection runs")
+cli.define_float("threshold", defaults.SPIKE_THRESHOLD, "spike threshold on |down_proj input| and |output|",
                     above=0)
-cli.define_float("ratio", massive.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
+cli.define_float("ratio", defaults.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
                    "contribution reaches this fraction of the largest |output| (research.massive module doc)", above=0,
                     upper_bound=1)
 flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection",
@@ -78,9 +84,9 @@ def main(argv):
     chat = getattr(tokenizer, "chat_template", None) is not None
 
     def evaluate(name, attacked):
-        ppl = {c.name: perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
+        ppl = {c.name: likelihood.perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
                                   batch_size=FLAGS.batch_size).perplexity for c in corpora}
-        sample = generate_text(attacked, tokenizer, [FLAGS.generation_prompt], 30, chat=chat)[0]
+        sample = decoding.generate_text(attacked, tokenizer, [FLAGS.generation_prompt], 30, chat=chat)[0]
         print(f"== {name}: " + ", ".join(f"{c} PPL {v:.2f}" for c, v in ppl.items()) + f"\n   -> {sample!r}")
         return {"perplexity": ppl, "generation": sample}
 
@@ -94,7 +100,7 @@ def main(argv):
     first = corpora[0]
     metrics = zeroshot_flags.sweep_metrics(
         FLAGS.scaling_metrics, tokenizer, zeroshot, f"{first.name} PPL",
-        lambda m: perplexity(m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks,
+        lambda m: likelihood.perplexity(m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks,
                              batch_size=FLAGS.batch_size).perplexity, {"corpus": first.name})
     for metric, sweep in metrics.items():
         values = []

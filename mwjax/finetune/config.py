@@ -8,7 +8,10 @@ import dataclasses
 import math
 
 import numpy as np
-import optax
+
+from mwjax.core import lazy
+
+optax = lazy.module("optax")  # with the first schedule: configs and their --help need no jax
 
 
 @dataclasses.dataclass(frozen=True)

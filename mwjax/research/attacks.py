@@ -26,13 +26,13 @@ import numpy as np
 from flax import nnx
 
 from mwjax.core.layer_index import check_layer
-from mwjax.core.progress import track
 from mwjax.instrument import masks, probes
 from mwjax.instrument.interventions import ActivationEdit, Edits
 from mwjax.nn.base import Attached
 from mwjax.nn.layers import Linear
 from mwjax.research import massive
-from mwjax.research.massive import MassiveActivations, MassiveWeights, SuperWeight, find_massive_activations
+from mwjax.research.defaults import ATTACK_ON, CALIBRATION_CORPUS, CALIBRATION_SEQLEN, CALIBRATION_SEQUENCES
+from mwjax.research.massive import MassiveActivations, MassiveWeights, SuperWeight
 
 
 def copy(model: nnx.Module) -> nnx.Module:
@@ -229,25 +229,28 @@ def massive_activation_means(model: nnx.Module, tokens, layer: int, dims: Sequen
                              min_abs: float = massive.MASSIVE_MIN, batch_size: int = 8
                              ) -> tuple[np.ndarray, np.ndarray]:
     """(first, other) [k]: the mean of hidden[..., dims] after `layer` over the entries where |value| > min_abs,
-    per dim and position class: the first token (position 0) and every other position (the delimiters).
+    per dim and position class: the first token (position 0) and every other position (the delimiters);
+    `activation_means` of the `massive.hidden_states` on tokens [num_sequences, seq]."""
+    return activation_means(massive.hidden_states(model, tokens, layer, batch_size), layer, dims, min_abs)
+
+
+def activation_means(hidden: np.ndarray, layer: int, dims: Sequence[int], min_abs: float = massive.MASSIVE_MIN
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(first, other) [k]: the means of `hidden` [num_sequences, seq, d_model] (after `layer`) in `dims` over
+    the entries where |value| > min_abs, per position class: position 0 and every other position.
 
     The Massive Activations reference code sets each massive activation to its own constant per (position,
     dim), and the two classes differ (Llama-2-7B dim 2533: ~768 at token 0, ~2547 at the first delimiter).
     A class where a dim is never massive takes the other class's mean (an edit fires only where |x| > min_abs).
-    tokens: [num_sequences, seq], a calibration set apart from the evaluation text (thesis: 100 sequences).
+    hidden: from a calibration set apart from the evaluation text (thesis: 100 sequences).
     """
-    tokens = np.asarray(tokens, np.int32)
     dims = np.asarray(dims)
-    config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
+    x = hidden[..., dims].astype(np.float64)  # [n, seq, k]
+    large = np.abs(x) > min_abs
     total, count = np.zeros((2, len(dims))), np.zeros((2, len(dims)))  # [first / other, k]
-    starts = range(0, len(tokens), batch_size)
-    for start in track(starts, len(starts), f"means of the massive activations after layer {layer}: batches"):
-        result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
-        x = np.asarray(result["hidden"][layer]["full"][..., dims], np.float64)  # [b, t, k]
-        large = np.abs(x) > min_abs
-        for cls, part in enumerate((slice(0, 1), slice(1, None))):
-            total[cls] += np.where(large[:, part], x[:, part], 0).sum((0, 1))
-            count[cls] += large[:, part].sum((0, 1))
+    for cls, part in enumerate((slice(0, 1), slice(1, None))):
+        total[cls] = np.where(large[:, part], x[:, part], 0).sum((0, 1))
+        count[cls] = large[:, part].sum((0, 1))
     if np.any(count.sum(0) == 0):
         raise ValueError(f"dims {dims[count.sum(0) == 0].tolist()} never exceed |x| > {min_abs} after layer {layer} "
                          "on these sequences: they hold no massive activation there")
@@ -301,17 +304,44 @@ def zero_median_activations(model: nnx.Module, layer: int, count: int, tokens) -
     return attach(model, edits={("hidden", layer): edit})
 
 
+INTERVENTIONS = ("zero", "mean", "control")
+
+
+def massive_activation_interventions(model: nnx.Module, layer: int, calibration,
+                                     values: Sequence[str] = INTERVENTIONS
+                                     ) -> tuple[dict[str, nnx.Module], MassiveActivations]:
+    """({value: model}, the MassiveActivations found on `calibration` [num_sequences, seq]), from one pass over
+    it: the massive activations after `layer` set to each of `values`, "zero" or "mean" (their means per
+    position class, `activation_means`), or "control" (as many median-magnitude ones zeroed). No models when
+    no massive activation is found."""
+    hidden = massive.hidden_states(model, calibration, layer)
+    ma = massive.massive_activations_in(hidden, layer)
+    if not ma.dims:
+        return {}, ma
+    models = {}
+    for value in values:
+        if value == "mean":
+            first, other = activation_means(hidden, layer, ma.dims, ma.threshold)
+            models[value] = attach(model, edits=massive_activation_edits(layer, ma.dims, other, ma.threshold,
+                                                                         first_values=first))
+        elif value == "zero":
+            models[value] = set_massive_activations(model, layer, ma.dims, value, min_abs=ma.threshold)
+        elif value == "control":
+            models[value] = zero_median_activations(model, layer, len(ma.dims), calibration)
+        else:
+            raise ValueError(f"unknown massive-activation intervention {value!r}; choose from {INTERVENTIONS}")
+    return models, ma
+
+
 def intervene_massive_activations(model: nnx.Module, layer: int, value: str, calibration
                                   ) -> tuple[nnx.Module, MassiveActivations]:
     """(the model with the massive activations after `layer` set to `value` ("zero" / "mean"), or as many
     median-magnitude ones zeroed ("control"), and the MassiveActivations found on `calibration`
     [num_sequences, seq] that say which)."""
-    ma = find_massive_activations(model, calibration, layer)
-    if not ma.dims:
+    models, ma = massive_activation_interventions(model, layer, calibration, (value,))
+    if not models:
         raise ValueError(f"no massive activation after layer {layer} on the calibration set (|x| > {ma.threshold:.0f})")
-    if value == "control":
-        return zero_median_activations(model, layer, len(ma.dims), calibration), ma
-    return set_massive_activations(model, layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold), ma
+    return models[value], ma
 
 
 # ---------------------------------------------------------------------------------- Table 1, Figure 4
@@ -328,14 +358,10 @@ def table1_settings(model: nnx.Module, mw: MassiveWeights, k: int, calibration=N
            f"top-{k} retaining": retain_top_k(model, mw, k)}
     if calibration is None:
         return out, None
-    ma = find_massive_activations(model, calibration, mw.layer)
-    if ma.dims:
-        for value in ("zero", "mean"):
-            out[f"massive activations = {value}"] = set_massive_activations(
-                model, mw.layer, ma.dims, value, tokens=calibration, min_abs=ma.threshold)
-        out["median activations = zero (control)"] = zero_median_activations(model, mw.layer, len(ma.dims),
-                                                                             calibration)
-    return out, ma
+    models, ma = massive_activation_interventions(model, mw.layer, calibration)
+    names = {"zero": "massive activations = zero", "mean": "massive activations = mean",
+             "control": "median activations = zero (control)"}
+    return out | {names[value]: attacked for value, attacked in models.items()}, ma
 
 
 def k_sweep(model: nnx.Module, mw: MassiveWeights, ks: Sequence[int], measure, on_point=None
@@ -360,8 +386,6 @@ def k_sweep(model: nnx.Module, mw: MassiveWeights, ks: Sequence[int], measure, o
 SPECS = ("zero_top_k:K", "retain_top_k:K", "scale_super_weight:FACTOR", "prune_super_weight",
          "restore_super_activation", "massive_activations:zero", "massive_activations:mean",
          "massive_activations:control")
-# the calibration set of "massive_activations:mean" (thesis: 100 sequences, kept apart from the evaluation)
-CALIBRATION_CORPUS, CALIBRATION_SEQUENCES, CALIBRATION_SEQLEN = "python_docs", 100, 256
 
 
 def calibration_tokens(tokenizer, corpus=CALIBRATION_CORPUS, sequences: int = CALIBRATION_SEQUENCES,
@@ -425,9 +449,6 @@ def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | 
     if name == "restore_super_activation":
         return restore_super_activation(model, found)
     return scale_super_weight(model, found, 0.0 if name == "prune_super_weight" else arg)
-
-
-ATTACK_ON = ("merged", "base")
 
 
 def after_fine_tuning(model: nnx.Module, tokenizer, spec: str, adapter: str | os.PathLike, attack_on: str = "merged",

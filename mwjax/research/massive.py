@@ -40,10 +40,10 @@ from mwjax.converters.tokens import first_token_id
 from mwjax.core.layer_index import check_layer, layer_label
 from mwjax.core.progress import track
 from mwjax.instrument import masks, probes
+from mwjax.research.defaults import DEFAULT_PROMPT, LAYER_RULES, SPIKE_THRESHOLD, SUPER_RATIO
 
 MASSIVE_MIN = 100.0  # |x| above this ...
 MASSIVE_RATIO = 1000.0  # ... and this many times the median |x|
-LAYER_RULES = ("intermediate", "hidden_jump")
 
 
 def is_massive(largest, median):
@@ -243,9 +243,6 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
 
 # ------------------------------------------------------------------------------------------- super weights
 
-SPIKE_THRESHOLD = 50.0  # |down_proj input| and |output| of a super weight's layer (the reference code's 50)
-SUPER_RATIO = 0.5  # a further row's own contribution, as a fraction of the largest |output|
-
 
 @dataclasses.dataclass(frozen=True)
 class SuperWeight:
@@ -271,9 +268,6 @@ class SuperWeight:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the detection prompt of the Super Weight reference code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,17 +405,33 @@ class MassiveActivations:
         return dataclasses.asdict(self)
 
 
-def find_massive_activations(model: nnx.Module, tokens, layer: int, *, min_abs: float = MASSIVE_MIN,
-                             ratio: float = MASSIVE_RATIO, batch_size: int = 8) -> MassiveActivations:
-    """Locate the massive activations after `layer` on tokens [num_sequences, seq]."""
+def hidden_states(model: nnx.Module, tokens, layer: int, batch_size: int = 8) -> np.ndarray:
+    """The hidden state after `layer` (HF `hidden_states[layer + 1]`) on tokens [num_sequences, seq], batch by
+    batch with progress: float32 [num_sequences, seq, d_model] on the host, for the statistics that follow
+    (`massive_activations_in`, `attacks.activation_means`) to share one pass over the model."""
     tokens = np.asarray(tokens, np.int32)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     values = []
     starts = range(0, len(tokens), batch_size)
-    for start in track(starts, len(starts), f"massive activations after layer {layer}: batches"):
+    for start in track(starts, len(starts), f"hidden states after layer {layer}: batches"):
         result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
-        values.append(np.abs(np.asarray(result["hidden"][layer]["full"], np.float32)))
-    mags = np.concatenate(values)  # [n, seq, d]
+        values.append(np.asarray(result["hidden"][layer]["full"], np.float32))
+    return np.concatenate(values)
+
+
+def find_massive_activations(model: nnx.Module, tokens, layer: int, *, min_abs: float = MASSIVE_MIN,
+                             ratio: float = MASSIVE_RATIO, batch_size: int = 8) -> MassiveActivations:
+    """Locate the massive activations after `layer` on tokens [num_sequences, seq] (`massive_activations_in`
+    the `hidden_states`)."""
+    return massive_activations_in(hidden_states(model, tokens, layer, batch_size), layer, min_abs=min_abs,
+                                  ratio=ratio)
+
+
+def massive_activations_in(hidden: np.ndarray, layer: int, *, min_abs: float = MASSIVE_MIN,
+                           ratio: float = MASSIVE_RATIO) -> MassiveActivations:
+    """The massive activations of `hidden` [num_sequences, seq, d_model], the hidden state after `layer`:
+    the (position, dim) entries with |x| > max(min_abs, ratio x the mean over sequences of their median |x|)."""
+    mags = np.abs(hidden)  # [n, seq, d]
     median = float(np.mean(np.median(mags.reshape(len(mags), -1), axis=1)))
     threshold = max(min_abs, ratio * median)
     where = np.argwhere(mags > threshold)

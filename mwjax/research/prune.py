@@ -62,9 +62,10 @@ from mwjax.instrument import probes
 from mwjax.nn.base import Taps
 from mwjax.nn.layers import Linear
 from mwjax.research import attacks
+from mwjax.research.defaults import PRUNE_METHODS
 from mwjax.research.massive import MassiveWeights, SuperWeight
 
-METHODS = ("wanda", "magnitude", "magnitude_global")
+METHODS = PRUNE_METHODS
 Key = tuple[int, str]  # (decoder layer, module path inside it: "self_attn.q_proj", "mlp.down_proj")
 Masks = dict[Key, jax.Array]  # bool [in, out] (kernel layout), True = kept
 

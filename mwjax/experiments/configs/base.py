@@ -9,8 +9,9 @@ import typing
 
 from ml_collections import ConfigDict, config_dict
 
-from mwjax.adapters import peft
-from mwjax.finetune import data, train
+from mwjax.adapters.config import LoraConfig
+from mwjax.finetune import data
+from mwjax.finetune.config import TrainConfig
 
 VARIANTS = ("lora", "lora_macdrop", "dora", "dora_macdrop")
 
@@ -50,7 +51,7 @@ def get_config() -> ConfigDict:
 
     # LoRA / DoRA r 16, alpha 16 on every linear layer except embeddings and lm_head (lora_target: all): the
     # LoraConfig defaults (fuse: one adapter per HF fused module, Phi-3's qkv_proj / gate_up_proj)
-    c.lora = from_dataclass(peft.LoraConfig())
+    c.lora = from_dataclass(LoraConfig())
 
     # MacDrop: Step curriculum from p0 = 0.8 on the top-5 rows
     c.macdrop = ConfigDict({"enabled": True, "p0": 0.8, "curriculum": "step", "alpha": 0.05, "scope": "massive"})
@@ -60,7 +61,7 @@ def get_config() -> ConfigDict:
 
     # the TrainConfig defaults (Table 5: lr 1e-4, 3 epochs, cosine, warmup 0.05, gradient_accumulation 4), and
     # 8 devices x per_device_train_batch_size 8 = 64 sequences per micro-batch; remat and logging for 8B scale
-    c.train = from_dataclass(train.TrainConfig(micro_batch_size=64, remat="full", log_every=10, eval_every=100))
+    c.train = from_dataclass(TrainConfig(micro_batch_size=64, remat="full", log_every=10, eval_every=100))
 
     # ("data", "fsdp", "tensor"); -1 takes the remaining devices
     c.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
