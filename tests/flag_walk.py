@@ -18,7 +18,7 @@ import sys
 
 from absl import flags
 
-from mwjax.experiments import cli
+from mwjax.core import cli
 
 VALUES = ("0", "-1", "nan")
 # string flags holding numbers, tried with values that must be refused
@@ -59,8 +59,8 @@ def try_value(program: str, flag: str, value: str) -> dict:
 
 
 def walk(experiment: str) -> list[dict]:
-    package = sys.modules["mwjax.experiments"]
-    for name in [m for m in sys.modules if m.startswith("mwjax.experiments.") and m != "mwjax.experiments.cli"]:
+    package = importlib.import_module("mwjax.experiments")
+    for name in [m for m in sys.modules if m.startswith("mwjax.experiments.")]:
         del sys.modules[name]  # and the package's attribute, or `from mwjax.experiments import common` finds it
         if name.count(".") == 2 and hasattr(package, name.rpartition(".")[2]):
             delattr(package, name.rpartition(".")[2])

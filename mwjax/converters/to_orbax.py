@@ -12,12 +12,14 @@ import logging
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from mwjax.converters import checkpoint
-from mwjax.converters.loader import TOKENIZER_DIR, load
-from mwjax.core import atomic
+from mwjax.core import atomic, cli, lazy
+
+# jax, orbax and the loader load after the flags are parsed: --help answers without them
+jnp = lazy.module("jax.numpy")
+checkpoint = lazy.module("mwjax.converters.checkpoint")
+loader = lazy.module("mwjax.converters.loader")
 
 FLAGS = flags.FLAGS
 
@@ -31,10 +33,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("overwrite", False, "replace an existing --dst")
 
 
-ORBAX_FILES = (checkpoint.METADATA_ITEM, checkpoint.STATE_ITEM)  # an mwjax orbax checkpoint
-
-
-def convert(src: str, dst: str | os.PathLike, dtype=jnp.float32, overwrite: bool = False) -> Path:
+def convert(src: str, dst: str | os.PathLike, dtype="float32", overwrite: bool = False) -> Path:
     """Load `src` and write it to `dst` as an mwjax orbax checkpoint with its tokenizer in `dst/tokenizer`.
 
     The checkpoint and the tokenizer are written as one directory-atomic output (`mwjax.core.atomic`): a kill leaves
@@ -52,13 +51,14 @@ def convert(src: str, dst: str | os.PathLike, dtype=jnp.float32, overwrite: bool
     dst = atomic.recover(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists: pass overwrite=True (--overwrite) to replace it, or another dst")
-    atomic.check_replaceable(dst, ORBAX_FILES, "an mwjax orbax checkpoint")  # before minutes of loading
-    model, tokenizer = load(src, dtype=dtype)
-    with atomic.atomic_directory(dst, replaces=ORBAX_FILES, what="an mwjax orbax checkpoint",
+    orbax_files = (checkpoint.METADATA_ITEM, checkpoint.STATE_ITEM)  # an mwjax orbax checkpoint
+    atomic.check_replaceable(dst, orbax_files, "an mwjax orbax checkpoint")  # before minutes of loading
+    model, tokenizer = loader.load(src, dtype=jnp.dtype(dtype))
+    with atomic.atomic_directory(dst, replaces=orbax_files, what="an mwjax orbax checkpoint",
                                  create=False) as staging:
         checkpoint.save(model, staging)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+            tokenizer.save_pretrained(str(staging / loader.TOKENIZER_DIR))
     return dst
 
 
@@ -69,7 +69,7 @@ def main(argv):
     for name in ("absl", "orbax", "jax"):  # orbax logs ~40 INFO lines per save
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        path = convert(FLAGS.src, FLAGS.dst, jnp.dtype(FLAGS.dtype), FLAGS.overwrite)
+        path = convert(FLAGS.src, FLAGS.dst, FLAGS.dtype, FLAGS.overwrite)
     except FileExistsError as e:  # --dst holds something else than a checkpoint: refused before loading
         raise SystemExit(str(e)) from None
     print(f"wrote {path}")
@@ -77,4 +77,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -19,10 +19,10 @@ import numpy as np
 from absl import flags
 
 from mwjax.converters.tokens import first_token_id
-from mwjax.core import lazy
+from mwjax.core import cli, lazy
 from mwjax.core.atomic import write_text_atomically
 from mwjax.core.layer_index import layer_label
-from mwjax.experiments import cli, common, plots
+from mwjax.experiments import common, plots
 
 # what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
 attention_sinks = lazy.module("mwjax.research.attention_sinks")

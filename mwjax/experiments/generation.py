@@ -25,9 +25,9 @@ import time
 from absl import flags
 
 from mwjax import converters
-from mwjax.core import atomic, lazy
+from mwjax.core import atomic, cli, lazy
 from mwjax.eval import judge, spec_bench
-from mwjax.experiments import attack_flags, cli, common, plots
+from mwjax.experiments import attack_flags, common, plots
 
 # what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
 jnp = lazy.module("jax.numpy")

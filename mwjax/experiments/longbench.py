@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from absl import flags
 
-from mwjax.core import atomic
+from mwjax.core import atomic, cli
 from mwjax.eval import longbench
-from mwjax.experiments import attack_flags, cli, common, plots, tables
+from mwjax.experiments import attack_flags, common, plots, tables
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull

@@ -39,8 +39,7 @@ from ml_collections import ConfigDict, config_flags
 
 from mwjax import converters
 from mwjax.converters import embedded
-from mwjax.core import atomic, lazy, run_lock
-from mwjax.experiments import cli
+from mwjax.core import atomic, cli, lazy, run_lock
 from mwjax.experiments.configs import base as base_config
 from mwjax.finetune import data
 

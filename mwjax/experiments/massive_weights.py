@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 from absl import flags
 
-from mwjax.core import lazy
+from mwjax.core import cli, lazy
 from mwjax.data.corpora import check_name as check_corpus
-from mwjax.experiments import cli, common, plots
+from mwjax.experiments import common, plots
 from mwjax.research import defaults
 
 # what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it

@@ -42,10 +42,10 @@ import numpy as np
 from absl import flags
 
 from mwjax import converters
-from mwjax.core import atomic, lazy
+from mwjax.core import atomic, cli, lazy
 from mwjax.core.progress import duration
 from mwjax.eval import synthetic_tasks
-from mwjax.experiments import cli, common, macdrop, plots
+from mwjax.experiments import common, macdrop, plots
 from mwjax.experiments.configs import smollm2_135m
 
 # what needs jax loads after the flags are parsed: --help answers without it

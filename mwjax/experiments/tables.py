@@ -30,10 +30,11 @@ from pathlib import Path
 
 from absl import flags
 
+from mwjax.core import cli
 from mwjax.eval import longbench, spec_bench
 from mwjax.eval.zeroshot_tasks import PAPER_TASKS
 from mwjax.eval.zeroshot_tasks import TITLES as TASK_TITLES
-from mwjax.experiments import cli, common
+from mwjax.experiments import common
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull

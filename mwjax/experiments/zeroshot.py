@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from mwjax.core import cli
 from mwjax.eval import zeroshot_tasks
-from mwjax.experiments import attack_flags, cli, common, zeroshot_flags
+from mwjax.experiments import attack_flags, common, zeroshot_flags
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull

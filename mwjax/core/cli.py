@@ -1,9 +1,10 @@
-"""The experiments' command lines: numeric flags declared with their range, and flag errors as usage errors.
+"""mwjax's command lines (`python -m experiments.<name>`, `converters.to_orbax`): numeric flags declared with
+their range, and flag errors as usage errors.
 
 Every numeric flag declares its range where it is defined: integers with absl's lower_bound / upper_bound,
 floats with `define_float` (finite, optionally strictly above a bound), comma-separated numbers with
 `define_numbers`. A value outside it is refused as the command line is parsed, before any model loads, and
-`run` (what every experiment's __main__ calls) makes that a usage error: the message names the flag, the
+`run` (what every command line's __main__ calls) makes that a usage error: the message names the flag, the
 exit status is 2. No flags are defined here.
 """
 
