@@ -20,6 +20,6 @@ total = jax.jit(jnp.sum, out_shardings=jax.sharding.NamedSharding(mesh, jax.shar
 with distributed.explain_collective_timeouts():
     print(f"first sum {float(total(x))}", flush=True)  # both processes: the collectives are set up
     if jax.process_index() == 1:
-        time.sleep(20)  # alive but absent from the next collective; then it leaves, ending process 0's shutdown wait
+        time.sleep(45)  # alive but absent from the next collective; then it leaves, ending process 0's shutdown wait
         sys.exit(0)
     print(f"second sum {float(total(x + 1))}", flush=True)
