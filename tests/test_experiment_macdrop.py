@@ -12,7 +12,7 @@ import pytest
 from mwjax import peft
 from mwjax.experiments import macdrop as experiment
 from mwjax.experiments.configs import gemma2_2b, llama3_8b, phi3_mini, smollm2_135m
-from mwjax.finetune import train
+from mwjax.finetune import job, train
 
 
 def test_bare_config_names_resolve():
@@ -37,7 +37,7 @@ def test_paper_configs_follow_table_5():
     phi, gemma = phi3_mini.get_config("dora"), gemma2_2b.get_config()
     assert (phi.data.template, phi.lora.fuse, phi.lora.dora) == ("phi", True, True)
     assert (gemma.data.template, gemma.lora.fuse) == ("gemma", False) and not c.lora.fuse
-    assert experiment.plan(phi).lora == peft.LoraConfig(rank=16, alpha=16.0, dora=True, fuse=True)
+    assert job.plan(phi).lora == peft.LoraConfig(rank=16, alpha=16.0, dora=True, fuse=True)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -51,7 +51,7 @@ def test_paper_configs_follow_table_5():
 def test_bad_configs_fail_before_loading(field, value, message, monkeypatch):
     monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model for a bad config"))
     with pytest.raises(ValueError, match=message):
-        experiment.run(smollm2_with(field, value))
+        job.run(smollm2_with(field, value))
 
 
 def numeric_fields(config, prefix: str = "") -> list[tuple[str, type]]:
@@ -79,7 +79,7 @@ def test_every_numeric_config_field_is_range_checked():
             section, _, name = field.rpartition(".")
             (config[section] if section else config)[name] = value
             try:
-                experiment.plan(config)
+                job.plan(config)
             except ValueError as e:
                 if name not in str(e):
                     problems.append(f"{field}={value}: the error does not name the field: {e}")
@@ -105,7 +105,7 @@ def test_bad_configs_for_the_model_fail_before_compute(field, value, message, mo
     config = smollm2_with(field, value)
     config.output_dir = str(tmp_path / "run")
     with pytest.raises(ValueError, match=message):
-        experiment.run(config)
+        job.run(config)
 
 
 def test_missing_checkpoint_fails_fast(tmp_path):
@@ -113,7 +113,7 @@ def test_missing_checkpoint_fails_fast(tmp_path):
     config.model = str(tmp_path / "Meta-Llama-3-8B")
     config.output_dir = str(tmp_path / "run")  # the config's own (runs/...) is relative to the checkout
     with pytest.raises(FileNotFoundError, match="Meta-Llama-3-8B: no such file"):
-        experiment.run(config)
+        job.run(config)
 
 
 @pytest.mark.slow
@@ -162,9 +162,9 @@ def test_a_field_added_by_a_newer_mwjax_at_its_default_is_not_a_change():
     new = json.loads(smollm2_135m.get_config().to_json())
     old = json.loads(json.dumps(new))
     del old["lora"]["fuse"], old["train"]["eps"]
-    assert experiment.config_changes(old, new) == []
+    assert job.config_changes(old, new) == []
     new["lora"]["fuse"] = True
-    assert experiment.config_changes(old, new) == ["lora.fuse: '<absent>' -> True"]
+    assert job.config_changes(old, new) == ["lora.fuse: '<absent>' -> True"]
 
 
 def test_help_lists_every_config_field_with_its_default():

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from mwjax.experiments import macdrop as experiment
 from mwjax.experiments.configs import smollm2_135m
-from mwjax.finetune import run_log
+from mwjax.finetune import job, run_log
 
 ROOT = Path(__file__).parent
 TIMINGS = run_log.TIMINGS  # differ from run to run
@@ -58,10 +57,10 @@ def uninterrupted(tiny_smol_dir, tmp_path_factory):
 def test_killed_three_times_the_run_ends_as_an_uninterrupted_one(tiny_smol_dir, uninterrupted, tmp_path):
     out = tmp_path / "run"
     launch(command(tiny_smol_dir, out, kill_at="save:4"), killed=True)
-    assert experiment.train.Checkpoints.latest_in(out / "checkpoints") == 2  # step 4's save never committed
+    assert job.train.Checkpoints.latest_in(out / "checkpoints") == 2  # step 4's save never committed
     assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3, 4]
     launch(command(tiny_smol_dir, out, kill_at="step:4"), killed=True)  # resumed at 2: dies starting step 6
-    assert experiment.train.Checkpoints.latest_in(out / "checkpoints") == 4
+    assert job.train.Checkpoints.latest_in(out / "checkpoints") == 4
     assert [m["step"] for m in metrics(out)] == [0, 1, 2, 3, 4, 5]
     launch(command(tiny_smol_dir, out, kill_at="export"), killed=True)
     assert (out / "adapter").is_dir() and not (out / "results.json").exists()
@@ -106,25 +105,25 @@ def config(output_dir: Path, **fields) -> ConfigDict:
 
 def test_output_dir_rules(tmp_path):
     out = tmp_path / "run"
-    assert experiment.prepare_output_dir(config(out), out, out / "checkpoints") is None  # fresh: config.json written
+    assert job.prepare_output_dir(config(out), out, out / "checkpoints") is None  # fresh: config.json written
     assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 0.001
     # nothing checkpointed yet: a changed config simply starts over
-    assert experiment.prepare_output_dir(config(out, train__learning_rate=0.01), out, out / "checkpoints") is None
+    assert job.prepare_output_dir(config(out, train__learning_rate=0.01), out, out / "checkpoints") is None
     (out / "checkpoints" / "4").mkdir(parents=True)  # stands for a committed checkpoint
     with pytest.raises(ValueError, match=r"checkpoint step 4\) with another config: train.learning_rate: 0.01 -> "
                                          r"0.002; train.seed: 42 -> 1\. Pass --config.resume=True"):
-        experiment.prepare_output_dir(config(out, train__learning_rate=0.002, train__seed=1), out, out / "checkpoints")
+        job.prepare_output_dir(config(out, train__learning_rate=0.002, train__seed=1), out, out / "checkpoints")
     resumed = config(out, train__learning_rate=0.002, resume=True)
-    assert experiment.prepare_output_dir(resumed, out, out / "checkpoints") is None
+    assert job.prepare_output_dir(resumed, out, out / "checkpoints") is None
     assert json.loads((out / "config.step4.json").read_text())["train"]["learning_rate"] == 0.01  # kept
     (out / "results.json").write_text('{"done": true}')
-    assert experiment.prepare_output_dir(config(out, train__learning_rate=0.002), out, out / "checkpoints") == {
+    assert job.prepare_output_dir(config(out, train__learning_rate=0.002), out, out / "checkpoints") == {
         "done": True}
     (out / "metrics.jsonl").write_text("{}\n")
-    assert experiment.prepare_output_dir(config(out, overwrite_output_dir=True), out, out / "checkpoints") is None
+    assert job.prepare_output_dir(config(out, overwrite_output_dir=True), out, out / "checkpoints") is None
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "config.step4.json"]
     with pytest.raises(ValueError, match="exclude each other"):
-        experiment.prepare_output_dir(config(out, resume=True, overwrite_output_dir=True), out, out / "checkpoints")
+        job.prepare_output_dir(config(out, resume=True, overwrite_output_dir=True), out, out / "checkpoints")
 
 
 def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path, monkeypatch):
@@ -132,7 +131,7 @@ def test_unwritable_output_dir_fails_before_the_model_loads(tmp_path, monkeypatc
     blocker.write_text("")
     monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="cannot write to output_dir .*file/run"):
-        experiment.run(config(blocker / "run"))
+        job.run(config(blocker / "run"))
 
 
 def test_bad_data_file_fails_before_the_model_loads(tmp_path, monkeypatch):
@@ -140,4 +139,4 @@ def test_bad_data_file_fails_before_the_model_loads(tmp_path, monkeypatch):
     data.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a" "output": "b"}\n')
     monkeypatch.setattr("mwjax.converters.load", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="data.jsonl, line 2 column 21: not JSON \\(Expecting ','"):
-        experiment.run(config(tmp_path / "run", data__source=str(data)))
+        job.run(config(tmp_path / "run", data__source=str(data)))

@@ -14,8 +14,8 @@ import pytest
 
 from mwjax.core import run_lock
 from mwjax.experiments import common
-from mwjax.experiments import macdrop as experiment
 from mwjax.experiments.configs import smollm2_135m
+from mwjax.finetune import job
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -72,7 +72,7 @@ def test_macdrop_refuses_a_held_output_dir_before_touching_it(held, monkeypatch)
     config.output_dir = str(directory)
     with pytest.raises(run_lock.DirectoryLockedError, match=rf"in use by another run \(test run, pid {child.pid} .*so "
                                                             "this experiments.macdrop run cannot use it"):
-        experiment.run(config)
+        job.run(config)
     assert not directory.exists()  # no config.json written, nothing adopted
 
 
@@ -95,7 +95,7 @@ def test_macdrop_refuses_a_checkpoint_dir_another_run_holds(held, tmp_path, monk
     config.checkpoint_dir = str(directory / "checkpoints" if inside else directory)
     with pytest.raises(run_lock.DirectoryLockedError, match=rf"{'lies inside .* ' if inside else ''}in use by another "
                                                             rf"run \(test run, pid {child.pid}"):
-        experiment.run(config)
+        job.run(config)
     assert not (tmp_path / "other").exists()
 
 

@@ -14,7 +14,7 @@ agree / inconclusive against the noise the run can measure):
      `mwjax.eval.synthetic_tasks` for the original model, top-5 zeroing / retaining, massive activations set to
      zero / their mean (and the median control), the super weights pruned / pruned with their super activations
      restored; and the k-sweep (perplexity).
-  3. Fine-tuning (Tables 2 and 8): LoRA, LoRA + MacDrop, DoRA, DoRA + MacDrop (`experiments.macdrop.run`, the
+  3. Fine-tuning (Tables 2 and 8): LoRA, LoRA + MacDrop, DoRA, DoRA + MacDrop (`mwjax.finetune.job.run`, the
      CPU recipe of configs/smollm2_135m) on the train split of the same tasks, same data and steps for each,
      over --seeds; each adapter's held-out accuracy clean and under top-3 zeroing in both of Table 8's readings
      (`mwjax.research.attacks.after_fine_tuning`: merged, base), mean and spread over seeds.
@@ -45,13 +45,14 @@ from mwjax import converters
 from mwjax.core import atomic, cli, lazy
 from mwjax.core.progress import duration
 from mwjax.eval import synthetic_tasks
-from mwjax.experiments import common, macdrop, plots
+from mwjax.experiments import common, plots
 from mwjax.experiments.configs import smollm2_135m
 
 # what needs jax loads after the flags are parsed: --help answers without it
 jnp = lazy.module("jax.numpy")
 peft = lazy.module("mwjax.adapters.peft")
 compiled = lazy.module("mwjax.core.compiled")
+job = lazy.module("mwjax.finetune.job")
 likelihood = lazy.module("mwjax.eval.likelihood")
 attacks = lazy.module("mwjax.research.attacks")
 massive = lazy.module("mwjax.research.massive")
@@ -349,7 +350,7 @@ def section_fine_tuning(model, tokenizer, mw, held_out, sizes: Sizes, out: Path,
             log(f"fine-tuning {METHODS[variant]}, seed {seed}: {sizes.train_steps} steps x {sizes.micro_batch} "
                 f"examples of {len(records)}")
             t0 = time.time()
-            summary = macdrop.run(run_config(variant, seed, path, cutoff, sizes, work), loaded=(model, tokenizer))
+            summary = job.run(run_config(variant, seed, path, cutoff, sizes, work), loaded=(model, tokenizer))
             adapter = summary["adapter"]
             scores = {"clean": synthetic_tasks.accuracy(peft.merge(peft.load_adapters(model, adapter)), tokenizer,
                                                         held_out)["mean"]}

@@ -11,6 +11,7 @@ The pieces, one job each:
     finetune/loop.py         fit: micro-batches, evaluation, logging, checkpoints, resume
     finetune/checkpoints.py  Checkpoints: the training state in orbax
     finetune/guards.py       TrainingDivergedError, DivergenceGuard
+    finetune/job.py          plan, run: one whole MacDrop run from a config (output directory, model, adapters)
 """
 
 from mwjax.finetune.checkpoints import Checkpoints
