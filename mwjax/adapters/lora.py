@@ -37,7 +37,7 @@ from flax import nnx
 from mwjax.adapters.config import LoraConfig
 from mwjax.core.sharding import param
 from mwjax.instrument import masks
-from mwjax.nn.layers import Linear
+from mwjax.nn.layers import Linear, WrappedLinear
 
 # An adapter parameter: the only kind the trainer differentiates and the optimizer updates. Flax's own, so that
 # anything that knows Flax's LoRA (nnx.LoRA, nnx.state(model, nnx.LoRAParam)) sees mwjax's adapters too.
@@ -46,14 +46,12 @@ LoRAParam = nnx.LoRAParam
 ADAPTER_AXES = (None, None)  # A [in, r] and B [r, out] are small: replicated on every device
 
 
-class LoRALinear(Linear):
+class LoRALinear(WrappedLinear):
     """A `Linear` whose base weight is frozen and whose output gains a LoRA (or DoRA) update."""
 
     def __init__(self, base: Linear, config: LoraConfig, *, rngs: nnx.Rngs, lora_a: LoRAParam | None = None):
         """lora_a: an A [in, r] to share (the other projections of a fused HF module); default a new one."""
-        # the base's Variables are reused, not copied
-        self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
-        self.kernel, self.bias = base.kernel, base.bias
+        super().__init__(base)  # the base's Variables are reused, not copied
         self.rank, self.scaling, self.use_dora = config.rank, config.scaling, config.dora
         pdtype = jnp.dtype(config.param_dtype)
         if lora_a is None:

@@ -110,3 +110,13 @@ class MLP(nnx.Module):
         taps.record(self, "up_proj_output", i, up)
         h = taps(self, "intermediate", i, gate * up)
         return taps(self, "down_proj_output", i, self.down_proj(h))
+
+
+class RoutedFFN(nnx.Module):
+    """An FFN that routes each token among `experts` (a list of `MLP`s) by a `gate` Linear (HF
+    `MixtralSparseMoeBlock`): the mixture-of-experts blocks subclass it, and the methods that address one
+    expert's rows (the massive weights) or refuse a routed FFN (super-weight attacks) recognise it by type.
+
+    Subclasses set `gate` (Linear [d_model, num_experts]) and `experts` (nnx.List of MLP).
+    """
+

@@ -4,9 +4,9 @@ Parameters keep HF's numerics: a `Linear.kernel` is HF's `weight` transposed ([i
 paper's "row i of W_up" (PyTorch layout [d_ff, d_model]) is `up_proj.kernel[:, i]`
 (see `mwjax.instrument.masks.pytorch_rows`).
 
-Every parameter declares the logical axes of its dimensions where it is created (Variable metadata
-`logical_axes`, e.g. ("embed", "mlp") for W_up's kernel; None: never sharded); `mwjax.core.sharding` maps
-them onto a mesh through its one rules table.
+Every parameter declares the logical axes of its dimensions where it is created (Flax's sharding metadata,
+e.g. ("embed", "mlp") for W_up's kernel; None: never sharded); `mwjax.core.sharding` maps them onto a mesh
+through its one rules table.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Linear(nnx.Module):
     stored kernel; only those k output columns are recomputed, so an absent mask costs nothing.
     Subclasses that add adapters (LoRA, DoRA) override `columns` so the mask reaches the base weight
     only; `weight` is the kernel the forward multiplies by (`mwjax.research.prune.PrunedLinear` masks it).
+    A layer that changes another's computation subclasses `WrappedLinear`.
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool, dtype, param_dtype,
@@ -98,6 +99,21 @@ class Linear(nnx.Module):
         if layers[0].bias is not None:
             y = y + jnp.stack([layer.bias[...] for layer in layers]).astype(dtype)[groups]
         return y
+
+
+class WrappedLinear(Linear):
+    """A Linear built on another whose Variables it shares (the same kernel and bias Variables, not copies): the
+    one way mwjax changes what a projection computes without touching the model's arrays. LoRA / DoRA
+    (`adapters.lora.LoRALinear`), pruning (`research.prune.PrunedLinear`) and restored super activations
+    (`research.attacks.SuperActivationRestored`) subclass it and override `weight`, `columns` or `__call__`.
+
+    Args:
+      base: the Linear wrapped; its shapes and compute dtype are this one's.
+    """
+
+    def __init__(self, base: Linear):
+        self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
+        self.kernel, self.bias = base.kernel, base.bias
 
 
 class Embed(nnx.Module):

@@ -25,11 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mwjax.adapters.lora import LoRALinear
+from mwjax.core import paths
 from mwjax.core.layer_index import check_layer
 from mwjax.instrument import masks, probes
 from mwjax.instrument.interventions import ActivationEdit, Edits
 from mwjax.nn.base import Attached
-from mwjax.nn.layers import Linear
+from mwjax.nn.blocks import RoutedFFN
+from mwjax.nn.layers import Linear, WrappedLinear
 from mwjax.research import massive
 from mwjax.research.defaults import ATTACK_ON, CALIBRATION_CORPUS, CALIBRATION_SEQLEN, CALIBRATION_SEQUENCES
 from mwjax.research.massive import MassiveActivations, MassiveWeights, SuperWeight
@@ -45,7 +48,7 @@ def ffn_projections(model: nnx.Module, layer: int, expert: int | None = None) ->
     massive weights."""
     check_layer(model.config, layer)
     mlp = model.model.layers[layer].mlp
-    if hasattr(mlp, "experts"):
+    if isinstance(mlp, RoutedFFN):
         if expert is None:
             raise ValueError(f"layer {layer} is a mixture of {len(mlp.experts)} experts: say which expert "
                              "(find_massive_weights picks the one the router chooses for bos)")
@@ -145,7 +148,7 @@ def retain_top_k(model: nnx.Module, mw: MassiveWeights, k) -> nnx.Module:
 def _down_proj(model: nnx.Module, layer: int) -> Linear:
     check_layer(model.config, layer)
     mlp = model.model.layers[layer].mlp
-    if hasattr(mlp, "experts"):
+    if isinstance(mlp, RoutedFFN):
         raise ValueError("super-weight attacks address a dense FFN's down_proj; this model routes between experts")
     return mlp.down_proj
 
@@ -171,7 +174,7 @@ def scale_super_weight(model: nnx.Module, sws: SuperWeight | Sequence[SuperWeigh
     return out
 
 
-class SuperActivationRestored(Linear):
+class SuperActivationRestored(WrappedLinear):
     """A down_proj whose super weights (one layer's) are pruned but whose super activations are put back.
 
     Each super weight's output channel `row` gets the unpruned model's value (= pruned value +
@@ -182,12 +185,11 @@ class SuperActivationRestored(Linear):
     """
 
     def __init__(self, base: Linear, sws: list[SuperWeight], min_abs: float | None):
-        self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
+        super().__init__(base)
         kernel = base.kernel[...]
         rows, cols = jnp.asarray([sw.row for sw in sws]), jnp.asarray([sw.col for sw in sws])
         self.pruned_weights = tuple(float(w) for w in kernel[cols, rows])  # [n]
-        self.kernel = base.kernel.replace(kernel.at[cols, rows].set(0))  # keeps its declared axes
-        self.bias = base.bias
+        self.kernel = base.kernel.replace(kernel.at[cols, rows].set(0))  # its own kernel; keeps the declared axes
         self.rows, self.cols, self.min_abs = tuple(sw.row for sw in sws), tuple(sw.col for sw in sws), min_abs
 
     def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
@@ -213,12 +215,11 @@ def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[Supe
     out = copy(model)
     sws = _as_list(sws, model.config)
     for layer in sorted({sw.layer for sw in sws}):
-        if hasattr(_down_proj(out, layer), "lora_a"):  # its kernel would be restored without the adapter
+        if isinstance(_down_proj(out, layer), LoRALinear):  # its kernel would be restored without the adapter
             raise ValueError(f"layer {layer}'s down_proj carries a LoRA adapter: merge it (peft.merge) before "
                              "restoring super activations")
-        mlp = out.model.layers[layer].mlp
-        mlp.down_proj = SuperActivationRestored(_down_proj(out, layer), [sw for sw in sws if sw.layer == layer],
-                                                min_abs)
+        paths.replace(out, f"model.layers.{layer}.mlp.down_proj", SuperActivationRestored(
+            _down_proj(out, layer), [sw for sw in sws if sw.layer == layer], min_abs))
     return out
 
 
@@ -297,7 +298,7 @@ def zero_median_activations(model: nnx.Module, layer: int, count: int, tokens) -
     check_layer(model.config, layer)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     first_tokens = jnp.asarray(np.asarray(tokens)[:, :1], jnp.int32)  # position 0 sees only itself
-    hidden = probes.record(model, first_tokens, config)["hidden"][layer]["full"][:, 0]  # [n, d_model]
+    hidden = probes.record(model, first_tokens, config).hidden[layer].full[:, 0]  # [n, d_model]
     first = np.mean(np.abs(np.asarray(hidden, np.float64)), axis=0)
     dims = np.argsort(np.abs(first - np.median(first)))[:count]
     edit = ActivationEdit(dims=jnp.asarray(dims, jnp.int32), values=None, first_values=jnp.zeros(count))

@@ -55,12 +55,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mwjax.adapters.lora import LoRALinear
 from mwjax.core import paths
 from mwjax.core.compiled import jit_model
 from mwjax.core.progress import track
 from mwjax.instrument import probes
 from mwjax.nn.base import Taps
-from mwjax.nn.layers import Linear
+from mwjax.nn.layers import Linear, WrappedLinear
 from mwjax.research import attacks
 from mwjax.research.defaults import PRUNE_METHODS
 from mwjax.research.massive import MassiveWeights, SuperWeight
@@ -182,7 +183,7 @@ def linears(layer: nnx.Module) -> dict[str, Linear]:
     for path, node in nnx.iter_graph(layer):
         if isinstance(node, Linear):
             name = ".".join(str(p) for p in path)
-            if hasattr(node, "lora_a"):
+            if isinstance(node, LoRALinear):
                 raise ValueError(f"{name} carries a LoRA adapter: merge it first (peft.merge), then prune")
             out[name] = node
     return out
@@ -198,13 +199,12 @@ class PruneMask(nnx.Variable):
     """bool [in, out] keep-mask of a PrunedLinear. Not a parameter: optimisers and parameter exports skip it."""
 
 
-class PrunedLinear(Linear):
+class PrunedLinear(WrappedLinear):
     """A Linear whose weight is multiplied by a keep-mask in the forward pass; the kernel Variable is the
     unpruned model's own (shared, unchanged)."""
 
     def __init__(self, base: Linear, keep: jax.Array):
-        self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
-        self.kernel, self.bias = base.kernel, base.bias
+        super().__init__(base)
         if keep.shape != base.kernel[...].shape:
             raise ValueError(f"a keep-mask of shape {keep.shape} does not fit a kernel of shape "
                              f"{base.kernel[...].shape}")
@@ -332,13 +332,9 @@ class LinearInputSumSq(nnx.Intermediate):
     """Sum over tokens of x_j^2 for each input feature j of a Linear [in] (Wanda's ||X_j||_2^2)."""
 
 
-class _InputRecorder(Linear):
+class _InputRecorder(WrappedLinear):
     """A Linear that records the sum of squares of its inputs over all tokens (the forward hook of Wanda's
     `WrappedGPT.add_batch`), then computes as the Linear it wraps (same Variables)."""
-
-    def __init__(self, base: Linear):
-        self.in_features, self.out_features, self.dtype = base.in_features, base.out_features, base.dtype
-        self.kernel, self.bias = base.kernel, base.bias
 
     def __call__(self, x: jax.Array, column_mask=None) -> jax.Array:
         x32 = x.astype(self.dtype).astype(jnp.float32)
@@ -468,5 +464,5 @@ def massive_values(model: nnx.Module, mw: MassiveWeights, k: int) -> list[float]
     bos probe), e.g. of a pruned model: how much of the massive activation the pruning left."""
     config = probes.ProbeConfig(points=("intermediate",), layers=(mw.layer,))
     result = probes.record(model, jnp.asarray([[mw.token_id]], jnp.int32), config)
-    values = np.asarray(result["intermediate"][mw.layer]["full"][0, 0], np.float64)
+    values = np.asarray(result.intermediate[mw.layer].full[0, 0], np.float64)
     return [float(values[i]) for i in mw.top(k)]

@@ -49,14 +49,14 @@ from flax import nnx
 from mwjax.families.llama.model import DecoderLayer, LlamaForCausalLM
 from mwjax.instrument import masks
 from mwjax.nn.base import Taps
-from mwjax.nn.blocks import MLP
+from mwjax.nn.blocks import MLP, RoutedFFN
 from mwjax.nn.config import ModelConfig
 from mwjax.nn.layers import Linear
 
 DISPATCH = ("auto", "routed", "all_experts")
 
 
-class MixtralSparseMoeBlock(nnx.Module):
+class MixtralSparseMoeBlock(RoutedFFN):
     """HF `MixtralSparseMoeBlock`: a top-k router (`gate`) over `experts` (one gated MLP each)."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
