@@ -105,7 +105,7 @@ def test_restore_super_activation_touches_only_the_super_activation(setup):
     sw = SuperWeight(layer, row, col, float(kernel[col, row]), 0.0, 0.0, 0)
     config = probes.ProbeConfig(points=("down_proj_output",), layers=(layer,))
     tokens = jnp.asarray(TOKENS)
-    get = lambda m: np.asarray(probes.capture(m, tokens, config)[1]["down_proj_output"][layer]["full"])
+    get = lambda m: np.asarray(probes.capture(m, tokens, config)[1].down_proj_output[layer].full)
     original = get(model)
     pruned = get(attacks.scale_super_weight(model, sw, 0.0))
     threshold = float(np.quantile(np.abs(original[..., row]), 0.9))  # the top tenth of positions count as "super"
@@ -137,12 +137,12 @@ def test_a_set_of_super_weights_is_attacked_jointly(setup):
         assert np.all(kernel(pruned, layer)[zeroed] == 0)
         np.testing.assert_array_equal(kernel(pruned, layer)[~zeroed], kernel(model, layer)[~zeroed])
     config = probes.ProbeConfig(points=("down_proj_output",), layers=(1, 2))
-    get = lambda m: probes.capture(m, jnp.asarray(TOKENS), config)[1]["down_proj_output"]
+    get = lambda m: probes.capture(m, jnp.asarray(TOKENS), config)[1].down_proj_output
     layer1 = sws[:2]  # (a later layer's values change with the earlier layer's pruned positions)
     original, cut = get(model), get(attacks.scale_super_weight(model, layer1, 0.0))
     restored = get(attacks.restore_super_activation(model, layer1))
     for sw in layer1:  # each channel back at its own argmax position, pruned elsewhere
-        a, b, c = (np.asarray(r[sw.layer]["full"][0, :, sw.row]) for r in (original, cut, restored))
+        a, b, c = (np.asarray(r[sw.layer].full[0, :, sw.row]) for r in (original, cut, restored))
         peak = np.arange(len(a)) == np.argmax(np.abs(a))
         np.testing.assert_allclose(c[peak], a[peak], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(c[~peak], b[~peak], rtol=1e-5, atol=1e-6)
@@ -151,7 +151,7 @@ def test_a_set_of_super_weights_is_attacked_jointly(setup):
 def test_median_control_zeroes_as_many_median_entries_at_the_first_token(setup):
     _, model, _ = setup
     config = probes.ProbeConfig(points=("hidden",), layers=(1,))
-    get = lambda m: np.asarray(probes.capture(m, jnp.asarray(TOKENS), config)[1]["hidden"][1]["full"])
+    get = lambda m: np.asarray(probes.capture(m, jnp.asarray(TOKENS), config)[1].hidden[1].full)
     original, edited = get(model), get(attacks.zero_median_activations(model, 1, 3, TOKENS))
     changed = np.argwhere(edited != original)
     assert len(changed) == 3 and set(changed[:, 1]) == {0}  # three entries, all at the first token
@@ -167,11 +167,11 @@ def test_set_massive_activations_edits_only_large_entries(setup):
     _, model, _ = setup
     tokens = jnp.asarray(TOKENS)
     config = probes.ProbeConfig(points=("hidden",), layers=(1,))
-    original = np.asarray(probes.capture(model, tokens, config)[1]["hidden"][1]["full"])
+    original = np.asarray(probes.capture(model, tokens, config)[1].hidden[1].full)
     dims = [3, 9]
     threshold = float(np.quantile(np.abs(original[..., dims]), 0.8))
     edited_model = attacks.set_massive_activations(model, 1, dims, "zero", min_abs=threshold)
-    edited = np.asarray(probes.capture(edited_model, tokens, config)[1]["hidden"][1]["full"])
+    edited = np.asarray(probes.capture(edited_model, tokens, config)[1].hidden[1].full)
     large = np.abs(original[..., dims]) > threshold
     assert np.all(edited[..., dims][large] == 0)
     np.testing.assert_array_equal(edited[..., dims][~large], original[..., dims][~large])
@@ -185,7 +185,7 @@ def test_set_massive_activations_edits_only_large_entries(setup):
     np.testing.assert_allclose(other, expected_other, rtol=1e-5)
     np.testing.assert_allclose(first, expected_first, rtol=1e-5)
     meaned = attacks.set_massive_activations(model, 1, dims, "mean", tokens=TOKENS, min_abs=threshold)
-    after = np.asarray(probes.capture(meaned, tokens, config)[1]["hidden"][1]["full"])
+    after = np.asarray(probes.capture(meaned, tokens, config)[1].hidden[1].full)
     for j, d in enumerate(dims):
         np.testing.assert_allclose(after[:, 1:, d][large[:, 1:, j]], other[j], rtol=1e-5)
         np.testing.assert_allclose(after[:, :1, d][large[:, :1, j]], first[j], rtol=1e-5)

@@ -70,4 +70,4 @@ def test_both_paths_match_hf_with_sliding_window_and_padding(name, implementatio
     assert_logits_close(ours[valid], hf_logits(hf, tokens, mask)[valid])
     if implementation == "xla":  # probing the probabilities switches to the eager path by itself
         _, result = probes.capture(model, jnp.asarray(tokens[:1, :16]), probes.ProbeConfig(points=("attn_probs",)))
-        assert result["attn_probs"][0]["full"].shape == (1, hf.config.num_attention_heads, 16, 16)
+        assert result.attn_probs[0].full.shape == (1, hf.config.num_attention_heads, 16, 16)

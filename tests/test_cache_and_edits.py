@@ -84,7 +84,7 @@ def test_edit_equals_torch_hook(point, hf_checkpoint):
     config = probes.ProbeConfig(points=(point,), layers=(layer,))
     ours, seen = probes.capture(model, jnp.asarray(tokens), config, edits={(point, layer): edit})
     assert_logits_close(ours, ref)
-    np.testing.assert_allclose(seen[point][layer]["full"][0, 7, jnp.array([3, 17])], [0.5, -2.0])
+    np.testing.assert_allclose(seen.point(point)[layer].full[0, 7, jnp.array([3, 17])], [0.5, -2.0])
     with pytest.raises(AssertionError):  # the edit matters
         assert_logits_close(models.forward(model, jnp.asarray(tokens)), ref)
 

@@ -107,7 +107,7 @@ DENSE_POINTS = ("hidden", "intermediate", "down_proj_output", "attn_output", "at
 
 
 def assert_probe_close(stats, ref, what):
-    np.testing.assert_allclose(stats["full"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=what)
+    np.testing.assert_allclose(stats.full, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(), err_msg=what)
 
 
 @pytest.mark.parametrize("name, mlp_input_norm", [
@@ -123,7 +123,7 @@ def test_dense_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
     for i in range(hf.config.num_hidden_layers):
         for point in DENSE_POINTS:
             ref = hf_out.attentions[i] if point == "attn_probs" else captured[(point, i)]
-            assert_probe_close(result[point][i], ref.numpy(), f"{name} {point} layer {i}")
+            assert_probe_close(result.point(point)[i], ref.numpy(), f"{name} {point} layer {i}")
 
 
 @pytest.mark.parametrize("name, mlp_input_norm", [("llama_gqa", "post_attention_layernorm"),
@@ -138,9 +138,9 @@ def test_residual_and_ffn_factor_probes_match_hf_hooks(name, mlp_input_norm, hf_
                                probes.ProbeConfig(points=FFN_PARTS + ("intermediate",)))
     for i in range(hf.config.num_hidden_layers):
         for point in FFN_PARTS:
-            assert_probe_close(result[point][i], captured[(point, i)].numpy(), f"{name} {point} layer {i}")
-        product = result["gate_activation"][i]["full"] * result["up_proj_output"][i]["full"]
-        np.testing.assert_array_equal(product, result["intermediate"][i]["full"])
+            assert_probe_close(result.point(point)[i], captured[(point, i)].numpy(), f"{name} {point} layer {i}")
+        product = result.gate_activation[i].full * result.up_proj_output[i].full
+        np.testing.assert_array_equal(product, result.intermediate[i].full)
 
 
 def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
@@ -155,8 +155,8 @@ def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
     num_experts, f = hf.config.num_local_experts, hf.config.intermediate_size
     for i, layer in enumerate(hf.model.layers):
         router = torch.softmax(hf_out.router_logits[i].float(), dim=-1).reshape(1, 64, num_experts)
-        assert result["router_probs"][i]["full"].shape == (1, 64, num_experts)
-        assert_probe_close(result["router_probs"][i], router.numpy(), f"router layer {i}")
+        assert result.router_probs[i].full.shape == (1, 64, num_experts)
+        assert_probe_close(result.router_probs[i], router.numpy(), f"router layer {i}")
         x = captured[("mlp_input", i)]  # [1, t, d]
         experts = layer.mlp.experts
         with torch.no_grad():
@@ -165,14 +165,14 @@ def test_mixtral_router_and_expert_probes_match_hf(hf_checkpoint):
             ups = torch.stack([x @ up[e].T for e in range(num_experts)], dim=2)
             h = gates * ups  # [1, t, E, d_ff]
             out = torch.stack([h[:, :, e] @ experts.down_proj[e].T for e in range(num_experts)], dim=2)
-        assert result["intermediate"][i]["full"].shape == (1, 64, num_experts, f)
-        assert_probe_close(result["intermediate"][i], h.numpy(), f"intermediate layer {i}")
-        assert_probe_close(result["gate_activation"][i], gates.numpy(), f"gate_activation layer {i}")
-        assert_probe_close(result["up_proj_output"][i], ups.numpy(), f"up_proj_output layer {i}")
-        np.testing.assert_array_equal(result["intermediate"][i]["top_indices"], h.abs().topk(3).indices.numpy())
-        assert_probe_close(result["down_proj_output"][i], out.numpy(), f"down_proj_output layer {i}")
+        assert result.intermediate[i].full.shape == (1, 64, num_experts, f)
+        assert_probe_close(result.intermediate[i], h.numpy(), f"intermediate layer {i}")
+        assert_probe_close(result.gate_activation[i], gates.numpy(), f"gate_activation layer {i}")
+        assert_probe_close(result.up_proj_output[i], ups.numpy(), f"up_proj_output layer {i}")
+        np.testing.assert_array_equal(result.intermediate[i].top_indices, h.abs().topk(3).indices.numpy())
+        assert_probe_close(result.down_proj_output[i], out.numpy(), f"down_proj_output layer {i}")
         for point in ("hidden", "attn_output"):
-            assert_probe_close(result[point][i], captured[(point, i)].numpy(), f"{point} layer {i}")
+            assert_probe_close(result.point(point)[i], captured[(point, i)].numpy(), f"{point} layer {i}")
 
 
 def test_first_token_router_probs_match_hf(hf_checkpoint, tiny_checkpoint):
@@ -389,9 +389,9 @@ def test_probe_experiment_on_every_family(name, hf_checkpoint):
     config = probes.ProbeConfig(points=("intermediate", "router_probs"))
     _, full = probes.capture(model, jnp.asarray([[1]]), config)
     for r in rows:
-        h = full["intermediate"][r["layer"]]["full"][0, 0]  # [d_ff], or [E, d_ff] for Mixtral
+        h = full.intermediate[r["layer"]].full[0, 0]  # [d_ff], or [E, d_ff] for Mixtral
         if name == "mixtral":  # the expert the router ranks first for the token
-            assert r["expert"] == int(np.argmax(full["router_probs"][r["layer"]]["full"][0, 0]))
+            assert r["expert"] == int(np.argmax(full.router_probs[r["layer"]].full[0, 0]))
             h = h[r["expert"]]
         np.testing.assert_allclose(np.abs(r["intermediate"]["top_values"]), np.sort(np.abs(h))[::-1][:3], rtol=1e-6)
     text = summary(massive.first_token_profile(model, 1, top_k=3))

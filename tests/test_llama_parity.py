@@ -53,14 +53,14 @@ def test_probes_match_hf_hooks(name, hf_checkpoint):
     for i in range(hf.config.num_hidden_layers):
         for point in points:
             ref = (hf_out.attentions[i] if point == "attn_probs" else captured[(point, i)]).numpy()
-            stats = result[point][i]
-            np.testing.assert_allclose(stats["full"], ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(),
+            stats = result.point(point)[i]
+            np.testing.assert_allclose(stats.full, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max(),
                                        err_msg=f"{point} layer {i}")
             top = torch.from_numpy(ref).abs().topk(3, dim=-1)
             if point != "attn_probs":  # masked probabilities are exact zeros: ties order arbitrarily
-                np.testing.assert_array_equal(stats["top_indices"], top.indices.numpy(), err_msg=f"{point} top-k {i}")
-            np.testing.assert_allclose(np.abs(stats["top_values"]), top.values.numpy(), rtol=1e-4, atol=1e-6)
-            np.testing.assert_allclose(stats["median"], np.median(np.abs(ref), axis=-1), rtol=1e-4, atol=1e-6)
+                np.testing.assert_array_equal(stats.top_indices, top.indices.numpy(), err_msg=f"{point} top-k {i}")
+            np.testing.assert_allclose(np.abs(stats.top_values), top.values.numpy(), rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(stats.median, np.median(np.abs(ref), axis=-1), rtol=1e-4, atol=1e-6)
 
 
 def test_probe_layers_and_reductions_only(tiny_checkpoint):
@@ -68,10 +68,12 @@ def test_probe_layers_and_reductions_only(tiny_checkpoint):
     model, _ = converters.load(path, tokenizer=False)
     config = probes.ProbeConfig(points=("intermediate",), layers=(1,), full=False, top_k=2)
     logits, result = probes.capture(model, jnp.asarray(random_tokens(16)), config)
-    assert list(result) == ["intermediate"] and list(result["intermediate"]) == [1]
-    assert set(result["intermediate"][1]) == {"top_values", "top_indices"}
+    assert [p for p in probes.POINTS if result.point(p)] == ["intermediate"] and list(result.intermediate) == [1]
+    recorded = result.intermediate[1]
+    assert {f for f in ("full", "top_values", "top_indices", "top_positions", "median")
+            if getattr(recorded, f) is not None} == {"top_values", "top_indices"}
     np.testing.assert_allclose(logits, models.forward(model, jnp.asarray(random_tokens(16))), rtol=1e-6)
-    stacked = probes.stack(result, "intermediate", "top_indices")
+    stacked = result.stack("intermediate", "top_indices")
     assert stacked.shape == (1, 1, 16, 2)
 
 

@@ -106,7 +106,7 @@ def test_wanda_calibrates_layer_by_layer_on_the_pruned_layers(setup):
     for i in range(3):
         for name, point in (("self_attn.k_proj", "attn_input"), ("mlp.up_proj", "mlp_input"),
                             ("mlp.down_proj", "intermediate")):
-            np.testing.assert_allclose(one_pass[(i, name)], norm(result[point][i]["full"]), rtol=1e-5)
+            np.testing.assert_allclose(one_pass[(i, name)], norm(result.point(point)[i].full), rtol=1e-5)
     # layer 0 sees the embeddings either way; later layers see the pruned layers' outputs in the reference order
     np.testing.assert_allclose(sequential[(0, "mlp.down_proj")], one_pass[(0, "mlp.down_proj")], rtol=1e-6)
     assert not np.allclose(sequential[(2, "self_attn.q_proj")], one_pass[(2, "self_attn.q_proj")], rtol=1e-2)

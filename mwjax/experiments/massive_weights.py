@@ -75,7 +75,8 @@ def state_magnitudes(model, token_id: int, layers: int) -> dict[str, list[float]
     config = probes.ProbeConfig(points=points, layers=tuple(range(layers)), full=False, top_k=1)
     tokens = jnp.array([[token_id]], jnp.int32)
     result = probes.record(model, tokens, config)
-    largest = {p: [float(np.abs(np.asarray(result[p][i]["top_values"])).max()) for i in range(layers)] for p in points}
+    largest = {p: [float(np.abs(np.asarray(result.point(p)[i].top_values)).max()) for i in range(layers)]
+               for p in points}
     embedding = float(jnp.max(jnp.abs(model.embed(tokens).astype(jnp.float32))))
     return {p: [embedding] + largest["hidden"][:-1] if p == "previous_hidden" else largest[p] for p in STATES}
 
@@ -109,7 +110,7 @@ def main(argv):
         ids = [mw.token_id] + ids
     config = probes.ProbeConfig(points=("hidden",), layers=(mw.layer,))
     result = probes.record(model, jnp.asarray([ids], jnp.int32), config)
-    plots.magnitudes_3d(np.asarray(result["hidden"][mw.layer]["full"][0]),
+    plots.magnitudes_3d(np.asarray(result.hidden[mw.layer].full[0]),
                         [plots.token_label(tokenizer, i) for i in ids], f"{name}: |hidden state| after {mw.label}",
                         common.figure(out, "magnitudes_3d"))
 

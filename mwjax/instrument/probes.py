@@ -5,7 +5,8 @@ subclass per probe point, read back with `nnx.capture`:
 
     logits, hidden = nnx.capture(model, probes.HiddenState)(tokens, probes=ProbeConfig(points=("hidden",)))
 
-`capture` below does that under `jax.jit` and returns `{point: {layer: {stat: array}}}`.
+`capture` below does that under `jax.jit` and returns a `ProbeResult`: one field per point, each
+{layer: `Stats`}, e.g. `result.hidden[12].full`.
 Reductions run inside the graph, so an 8B model at 4096 tokens need not ship [seq, d_ff] tensors
 per layer to the host: with `full=False, top_k=3, median=True` each point returns
 `top_values` / `top_indices` [..., 3] (largest |x| over the feature axis, values keep their sign)
@@ -84,19 +85,70 @@ class RouterProbs(Probe):
     logits over all experts (HF's `router_logits`, softmaxed), before top-k selection."""
 
 
-POINTS: dict[str, type[Probe]] = {
-    "hidden": HiddenState,
-    "attn_input": AttentionInput,
-    "mlp_input": MLPInput,
-    "attn_output": AttentionOutput,
-    "attn_residual": AttentionResidual,
-    "attn_probs": AttentionProbs,
-    "gate_activation": GateActivation,
-    "up_proj_output": UpProjOutput,
-    "intermediate": IntermediateState,
-    "down_proj_output": DownProjOutput,
-    "router_probs": RouterProbs,
-}
+@struct.dataclass
+class Stats:
+    """What one probe point recorded at one layer, as its `ProbeConfig` asked (what it did not ask for is None).
+
+    full: the whole tensor (e.g. [b, t, d_model] for `hidden`).
+    top_values / top_indices: [..., k] the k largest |x| over the feature axis (values keep their sign) and
+      their features; scope="sequence": over tokens and features, [b, k], with `top_positions` [b, k].
+    median: [...] the median |x| over the feature axis ([b] with scope="sequence").
+    A module called several times (decoding steps) recorded each call: a leading axis over the calls.
+    """
+
+    full: jax.Array | None = None
+    top_values: jax.Array | None = None
+    top_indices: jax.Array | None = None
+    top_positions: jax.Array | None = None
+    median: jax.Array | None = None
+
+    def get(self, stat: str) -> jax.Array:
+        """The statistic named `stat` (a field above); an error naming the config option when it was not recorded."""
+        value = getattr(self, stat)
+        if value is None:
+            raise ValueError(f"probe statistic {stat!r} was not recorded: ask ProbeConfig for it (full=True, "
+                             "top_k > 0, median=True, scope='sequence' for top_positions)")
+        return value
+
+
+def _point(probe: type[Probe]):
+    return dataclasses.field(default_factory=dict, metadata={"probe": probe})
+
+
+@struct.dataclass
+class ProbeResult:
+    """Everything a probed forward pass recorded: one field per probe point, each {layer (0-based): Stats} in
+    ascending layer order ({} where the point was not probed): `result.hidden[12].full`,
+    `result.intermediate[1].top_values`. A pytree."""
+
+    hidden: dict[int, Stats] = _point(HiddenState)
+    attn_input: dict[int, Stats] = _point(AttentionInput)
+    mlp_input: dict[int, Stats] = _point(MLPInput)
+    attn_output: dict[int, Stats] = _point(AttentionOutput)
+    attn_residual: dict[int, Stats] = _point(AttentionResidual)
+    attn_probs: dict[int, Stats] = _point(AttentionProbs)
+    gate_activation: dict[int, Stats] = _point(GateActivation)
+    up_proj_output: dict[int, Stats] = _point(UpProjOutput)
+    intermediate: dict[int, Stats] = _point(IntermediateState)
+    down_proj_output: dict[int, Stats] = _point(DownProjOutput)
+    router_probs: dict[int, Stats] = _point(RouterProbs)
+
+    def point(self, name: str) -> dict[int, Stats]:
+        """{layer: Stats} of the point named `name` (a key of POINTS), for code that loops over points."""
+        if name not in POINTS:
+            raise ValueError(f"unknown probe point {name!r}; choose from {sorted(POINTS)}")
+        return getattr(self, name)
+
+    def stack(self, point: str, stat: str = "full") -> jax.Array:
+        """One statistic of one point for all probed layers, stacked: [num_layers, ...]."""
+        layers = self.point(point)
+        if not layers:
+            raise ValueError(f"probe point {point!r} was not recorded: add it to ProbeConfig.points")
+        return jnp.stack([stats.get(stat) for stats in layers.values()])
+
+
+# the probe points by name: ProbeResult's fields, each with the Intermediate collection its modules sow into
+POINTS: dict[str, type[Probe]] = {f.name: f.metadata["probe"] for f in dataclasses.fields(ProbeResult)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,11 +236,8 @@ class LayerStacked:
         return {layer: {stat: x[slot] for stat, x in self.stats.items()} for slot, layer in enumerate(self.layers)}
 
 
-ProbeResult = dict[str, dict[int, dict[str, jax.Array]]]
-
-
 def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> tuple[jax.Array, ProbeResult]:
-    """Run `model(tokens, probes=config, **model_kwargs)` jitted; return (logits, {point: {layer: {stat: x}}}).
+    """Run `model(tokens, probes=config, **model_kwargs)` jitted; return (logits [b, t, vocab], ProbeResult).
 
     model_kwargs: positions, attention_mask, ffn_masks, edits (arrays / pytrees, traced).
     The compiled program returns what the modules sowed, regrouped by `collect` after it: a stacked model's
@@ -199,7 +248,7 @@ def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_k
 
 
 def record(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> ProbeResult:
-    """`capture` without the logits: {point: {layer: {stat: x}}}. The compiled program returns the records
+    """`capture` without the logits: the ProbeResult alone. The compiled program returns the records
     alone, so XLA drops what none of them depends on (the unembedding, and in an unrolled model every layer
     after the last probed one): probing layer 12 of 30 costs 12 layers, not the whole model."""
     return collect(_capture(model, config, tokens, model_kwargs, False)[1])
@@ -212,28 +261,23 @@ def _capture(model, config, tokens, model_kwargs, logits: bool):
 
 
 def collect(states: Sequence[nnx.State]) -> ProbeResult:
-    """Regroup captured States (nested by module path) into {point: {layer: {stat: array}}}.
+    """Regroup captured States (nested by module path) into a ProbeResult.
 
     A layer's modules sow under `model.layers[i]` (the layer is the integer after "layers" in the path); a
     stacked layers' scan sows `LayerStacked` values (every recorded layer) under `model.layers` itself."""
-    result: ProbeResult = {}
+    result: dict[str, dict[int, Stats]] = {}
     for state in states:
         for path, value in nnx.to_flat_state(state):
             point = path[-1]
             sown = value.get_value() if hasattr(value, "get_value") else value.value
             calls = [call.per_layer() if isinstance(call, LayerStacked) else {int(path[path.index("layers") + 1]): call}
-                     for call in sown]  # one {layer: stats} per call
+                     for call in sown]  # one {layer: {stat: x}} per call
             for layer in calls[0]:
-                stats = [call[layer] for call in calls]
+                stats = [Stats(**call[layer]) for call in calls]
                 result.setdefault(point, {})[layer] = stats[0] if len(stats) == 1 else _stack_calls(stats)
-    return {p: dict(sorted(layers.items())) for p, layers in result.items()}
+    return ProbeResult(**{p: dict(sorted(layers.items())) for p, layers in result.items()})
 
 
-def _stack_calls(calls):
-    """A module called several times (e.g. per decoding step) sowed one dict per call."""
+def _stack_calls(calls: list[Stats]) -> Stats:
+    """A module called several times (e.g. per decoding step) sowed once per call: stacked over the calls."""
     return jax.tree.map(lambda *xs: jnp.stack(xs), *calls)
-
-
-def stack(result: ProbeResult, point: str, stat: str = "full") -> jax.Array:
-    """One statistic of one point for all probed layers, stacked: [num_layers, ...]."""
-    return jnp.stack([stats[stat] for stats in result[point].values()])

@@ -165,7 +165,7 @@ def bos_placements(model: nnx.Module, token_ids: Sequence[int], bos_id: int, lay
     for placement in placements:
         ids, position = place_bos(token_ids, bos_id, placement, middle)
         result = probes.record(model, jnp.asarray([ids], jnp.int32), config)
-        hidden = np.abs(np.asarray(result["hidden"][layer]["full"][0], np.float32))  # [seq, d]
-        attention = np.asarray(result["attn_probs"][layer + 1]["full"][0], np.float32).mean(0)  # [seq, seq]
+        hidden = np.abs(np.asarray(result.hidden[layer].full[0], np.float32))  # [seq, d]
+        attention = np.asarray(result.attn_probs[layer + 1].full[0], np.float32).mean(0)  # [seq, seq]
         out.append(BosPlacement(placement, tuple(ids), position, hidden, attention))
     return AttentionSinks(layer=layer, bos_id=bos_id, placements=tuple(out))

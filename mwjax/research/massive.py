@@ -163,7 +163,7 @@ def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> FirstTo
     config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
     tokens = jnp.array([[token_id]], jnp.int32)
     result = probes.record(model, tokens, config)
-    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L, ...] (MoE: [L, E, ...])
+    pick = lambda point, stat: np.asarray(result.stack(point, stat)[:, 0, 0])  # [L, ...] (MoE: [L, E, ...])
 
     def state(point: str, expert: np.ndarray | None = None) -> StateTop:
         values, indices, median = (pick(point, s) for s in ("top_values", "top_indices", "median"))
@@ -187,7 +187,7 @@ def first_token_router_probs(model: nnx.Module, token_id: int) -> np.ndarray:
                          "exist only for a mixture of experts (a config with num_local_experts, e.g. Mixtral)")
     config = probes.ProbeConfig(points=("router_probs",))
     result = probes.record(model, jnp.array([[token_id]], jnp.int32), config)
-    return np.asarray(probes.stack(result, "router_probs")[:, 0, 0], np.float64)
+    return np.asarray(result.stack("router_probs")[:, 0, 0], np.float64)
 
 
 def hidden_jumps(profile: FirstTokenProfile) -> np.ndarray:
@@ -293,7 +293,7 @@ def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> DownProjSpikes:
     """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only)."""
     config = probes.ProbeConfig(points=("intermediate", "down_proj_output"), full=False, top_k=1, scope="sequence")
     result = probes.record(model, tokens, config)
-    pick = lambda point, stat: np.asarray(probes.stack(result, point, stat)[:, 0, 0])  # [L]
+    pick = lambda point, stat: np.asarray(result.stack(point, stat)[:, 0, 0])  # [L]
     spike = lambda point: Spike(pick(point, "top_values").astype(np.float64), pick(point, "top_indices"),
                                 pick(point, "top_positions"))
     return DownProjSpikes(input=spike("intermediate"), output=spike("down_proj_output"))
@@ -376,8 +376,8 @@ def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: i
     for start in track(starts, len(starts), "activation stats", enabled=progress):
         result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
         for p in points:
-            sums[p]["top"] = sums[p]["top"] + np.abs(np.asarray(probes.stack(result, p, "top_values"))).sum(1)
-            sums[p]["median"] = sums[p]["median"] + np.asarray(probes.stack(result, p, "median")).sum(1)
+            sums[p]["top"] = sums[p]["top"] + np.abs(np.asarray(result.stack(p, "top_values"))).sum(1)
+            sums[p]["median"] = sums[p]["median"] + np.asarray(result.stack(p, "median")).sum(1)
     n = len(tokens)
     return {p: Magnitudes(np.asarray(s["top"], np.float64) / n, np.asarray(s["median"], np.float64) / n)
             for p, s in sums.items()}
@@ -415,7 +415,7 @@ def hidden_states(model: nnx.Module, tokens, layer: int, batch_size: int = 8) ->
     starts = range(0, len(tokens), batch_size)
     for start in track(starts, len(starts), f"hidden states after layer {layer}: batches"):
         result = probes.record(model, jnp.asarray(tokens[start:start + batch_size]), config)
-        values.append(np.asarray(result["hidden"][layer]["full"], np.float32))
+        values.append(np.asarray(result.hidden[layer].full, np.float32))
     return np.concatenate(values)
 
 
