@@ -54,3 +54,18 @@ def test_large_parameters_are_sharded_on_a_mesh():
             assert all(part is None for part in spec), (path, spec)
     assert sharding.spec(axes["model.layers.0.mlp.up_proj.kernel"], (4096, 14336), mesh) == jax.sharding.PartitionSpec(
         "fsdp", "tensor")
+
+
+def test_flax_reads_the_declared_shardings():
+    """The declarations are Flax's own sharding metadata: `nnx.get_partition_spec` (what `nnx.get_named_sharding`
+    builds on) gives every parameter of an 8B-shape layer, adapters included, the spec mwjax places it with."""
+    model = nnx.eval_shape(lambda: peft.add_adapters(models.build(model_config("LlamaConfig", LLAMA3_8B)),
+                                                     peft.LoraConfig(rank=16, dora=True)))
+    mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)  # divides every 8B dimension it shards
+    state = nnx.state(model, nnx.Param)
+    axes, shapes = declared_axes(state), params_of(model)
+    flax_specs = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.get_partition_spec(state))}
+    assert flax_specs.keys() == shapes.keys()
+    for path, shape in shapes.items():
+        assert flax_specs[path] == sharding.spec(axes[path], shape, mesh), path
+    assert flax_specs["model.layers.0.mlp.up_proj.kernel"] == jax.sharding.PartitionSpec("fsdp", "tensor")

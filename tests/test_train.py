@@ -219,7 +219,12 @@ def test_eight_devices_give_the_losses_of_one():
     assert result["devices"] == 8
     np.testing.assert_allclose(result["sharded"], result["single"], rtol=2e-5)
     # the frozen base is split FSDP x tensor, the adapters replicated
+    constraints = result["placement"].pop("constraints")
     assert result["placement"] == {"base_up_proj": "P(None, 'fsdp', 'tensor')", "lora_a": "P()"}
+    # the residual stream [b, t, d] after the embedding and after the scanned layer: rows over data x fsdp, the rest
+    # whole (`sharding.constrain`), in the lowered step and its gradient
+    assert len(constraints) >= 2 and all(c.startswith('mesh, [{"data", "fsdp"}, {}, {}]>') for c in constraints), \
+        constraints
     print(f"single-device losses {result['single']}\n8-device (2x2x2 mesh) losses {result['sharded']}")
 
 

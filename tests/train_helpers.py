@@ -61,15 +61,19 @@ def run(mesh_shape, steps=4):
     devices = jax.devices()[: int(np.prod(mesh_shape))]
     trainer = train.Trainer(model, tc, steps=steps, mesh=sharding.make_mesh(*mesh_shape, devices=devices), macdrop=md)
     state = trainer.initial_state
-    losses = []
+    losses, constraints = [], []
     stream = train.micro_batches(ArrayLoader(32, 4, 24), 0, 1e9)
     for _ in range(steps):
         arrays, _ = train.stack_step(stream, tc.grad_accum, None)
-        state, metrics = trainer.step_fn(state, trainer.frozen, trainer.place_batch(arrays, 1))
+        batch = trainer.place_batch(arrays, 1)
+        if not constraints:  # the activation constraints of the lowered step (Shardy's, as jax lowers today)
+            text = trainer.step_fn.lower(state, trainer.frozen, batch).as_text()
+            constraints = [line.split("<@", 1)[1] for line in text.splitlines() if "sdy.sharding_constraint" in line]
+        state, metrics = trainer.step_fn(state, trainer.frozen, batch)
         losses.append(float(metrics["loss"]))
     layer = trainer.frozen["model"]["layers"]["layer"]["mlp"]["up_proj"]  # stacked [L, in, out]
     placement = {"base_up_proj": str(layer["kernel"].get_value().sharding.spec),
-                 "lora_a": str(jax.tree.leaves(state.params)[0].sharding.spec)}
+                 "lora_a": str(jax.tree.leaves(state.params)[0].sharding.spec), "constraints": constraints}
     return losses, placement
 
 

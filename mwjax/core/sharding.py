@@ -1,10 +1,12 @@
 """Meshes and shardings: one table of logical axes, mapped onto a ("data", "fsdp", "tensor") mesh.
 
-Parameters declare the logical axes of their dimensions where the module creates them
-(`mwjax.nn.layers.param`); logical axes map to mesh axes through LOGICAL_RULES (as maxtext's
-`logical_axis_rules`). The frozen base is sharded FSDP x tensor-parallel; LoRA adapters, norms and the
-rest are replicated; batches are split over ("data", "fsdp"). A dimension that a mesh axis does not
-divide is left unsharded rather than failing.
+Parameters declare the logical axes of their dimensions where the module creates them (`param`), as Flax's own
+sharding metadata (`sharding_names`, kept as `out_sharding`, with the rules table as `sharding_rules`), so
+`nnx.get_partition_spec` / `nnx.get_named_sharding` read an mwjax model as any Flax model; logical axes map to
+mesh axes through LOGICAL_RULES (as maxtext's `logical_axis_rules`). The frozen base is sharded FSDP x
+tensor-parallel; LoRA adapters, norms and the rest are replicated; batches are split over ("data", "fsdp"), and
+the residual stream between decoder layers is constrained to that split wherever a step is traced on a mesh
+(`constrain`). A dimension that a mesh axis does not divide is left unsharded rather than failing.
 """
 
 from __future__ import annotations
@@ -37,14 +39,21 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 Axes = tuple[str | None, ...]  # logical axis names, one per dimension (keys of `LOGICAL_RULES`)
-AXES = "logical_axes"  # the Variable metadata that holds them
+AXES = "out_sharding"  # the Variable metadata that holds them: Flax's (`sharding_names=` at construction)
+RULES = tuple(LOGICAL_RULES.items())  # the table as Flax's `sharding_rules` metadata
 
 
 def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
-    """A parameter with its logical axes declared (one name, or None, per dimension of `value`)."""
+    """A parameter with its logical axes declared (one name, or None, per dimension of `value`).
+
+    Flax's `nnx.Param(value, sharding_names=axes)`, with the rules that map the names onto a mesh and without
+    Flax's eager sharding (which would need a mesh wherever a model is built): the loader and the trainer
+    place each array themselves (`param_sharding_fn`, which also leaves a dimension a mesh axis does not divide
+    unsharded).
+    """
     if len(axes) != value.ndim:
         raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
-    return kind(value, **{AXES: tuple(axes)})
+    return kind(value, sharding_names=tuple(axes), sharding_rules=RULES, eager_sharding=False)
 
 
 def declared_axes(state: nnx.State) -> dict[str, Axes]:
@@ -55,6 +64,25 @@ def declared_axes(state: nnx.State) -> dict[str, Axes]:
         if axes is not None:
             out[".".join(map(str, path))] = axes
     return out
+
+
+HIDDEN_AXES: Axes = ("batch", None, None)  # the residual stream [b, t, d_model] between blocks: rows over the
+# data-parallel axes (FSDP gathers the weights, never the activations), tokens and features whole on each device
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """x [...] constrained to its logical `axes` on the mesh it is traced under (`traced_on`, as the trainer's
+    steps are), so that a mesh run does not depend on how XLA propagates shardings; x itself without one (one
+    device, analysis). A dimension the mesh axes do not divide stays whole, as for parameters (`spec`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh))
+
+
+def traced_on(mesh: Mesh):
+    """Context for tracing a step on `mesh`: `constrain` applies its constraints there."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:

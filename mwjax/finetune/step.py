@@ -90,7 +90,12 @@ class Trainer:
         return loss_sum, (count, nnx.state(model, nnx.RngState))
 
     def _train_step(self, state: TrainState, frozen, batch):
-        """batch: int32 arrays [grad_accum, micro_batch_size, seq_len] -> (new state, metrics)."""
+        """batch: int32 arrays [grad_accum, micro_batch_size, seq_len] -> (new state, metrics); traced on the
+        mesh, so the model's activation constraints (`sharding.constrain`) apply."""
+        with sharding.traced_on(self.mesh):
+            return self._train_step_on_mesh(state, frozen, batch)
+
+    def _train_step_on_mesh(self, state: TrainState, frozen, batch):
         md = self.macdrop
         per_micro = self.config.mask_every == "microbatch"
 
@@ -121,7 +126,8 @@ class Trainer:
         return new, metrics
 
     def _eval_step(self, params, rngs, frozen, mb):
-        return self._loss(nnx.merge(self.eval_graphdef, params, rngs, frozen, copy=True), mb)
+        with sharding.traced_on(self.mesh):
+            return self._loss(nnx.merge(self.eval_graphdef, params, rngs, frozen, copy=True), mb)
 
     # ------------------------------------------------------------------ host side
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mwjax.core import sharding
 from mwjax.instrument import interventions, masks, probes
 from mwjax.nn import attention, rope
 from mwjax.nn.cache import KVCache, LayerCache
@@ -154,7 +155,7 @@ class CausalLM(nnx.Module):
         if probes is not None and self.remat is not None:
             raise ValueError("probes and remat do not combine (probes record inside the layers that remat "
                              "recomputes); set model.remat = None to probe")
-        x = self.embed(tokens)
+        x = sharding.constrain(self.embed(tokens), sharding.HIDDEN_AXES)
         layers = self.model.layers
         if isinstance(layers, LayerStack):
             if cache is None and layers.scannable(ffn_masks):
@@ -173,6 +174,7 @@ class CausalLM(nnx.Module):
             with jax.named_scope(f"layer_{i}"):
                 x, layer_cache = self.run_layer(layer, x, ropes[kind], attn_masks[kind], ffn_masks.get(i), taps,
                                                 layer_cache)
+                x = sharding.constrain(x, sharding.HIDDEN_AXES)
             if layer_cache is not None:
                 new_keys.append(layer_cache.keys)
                 new_values.append(layer_cache.values)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mwjax.core import sharding
 from mwjax.core.sharding import AXES
 from mwjax.instrument import masks, probes
 
@@ -137,6 +138,7 @@ class LayerStack(nnx.Module):
             x, buffers = carry
             layer_state, kind, row_mask, index = per_layer
             x, rng_state, records = layer_step(layer_state, x, kind, row_mask, index)
+            x = sharding.constrain(x, sharding.HIDDEN_AXES)  # as between unrolled layers (`CausalLM`)
             slot = slot_of_layer[index]
             buffers = jax.tree.map(lambda buffer, value: jax.lax.dynamic_update_index_in_dim(buffer, value, slot, 0),
                                    buffers, records)
