@@ -139,7 +139,7 @@ def test_grade_parses_counts_and_retries_as_prometheus_eval(monkeypatch, smollm2
             out.append(smollm2_tokenizer(script[key].pop(0), add_special_tokens=False).input_ids)
         return out
 
-    monkeypatch.setattr(judge, "generate_many", fake_generate_many)
+    monkeypatch.setattr("mwjax.eval.decoding.generate_many", fake_generate_many)  # what judge samples with
     items = [judge.Item(f"Say item{i}.", f"item{i}") for i in range(3)]
     got = judge.grade(None, smollm2_tokenizer, items, max_retries=3, seed=5)
     assert [j.score for j in got] == [4, 3, None]
