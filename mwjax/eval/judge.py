@@ -124,10 +124,10 @@ class MwjaxJudgeLM:
                              f"repetition_penalty; got best_of={best_of} and {sorted(unknown)}")
         eos = self.tokenizer.eos_token_id
         new = decoding.generate_many(self.model, [r.ids for r in requests], max_tokens, batch_size=self.batch_size,
-                            temperature=temperature, top_p=top_p if top_p < 1.0 else None,
-                            repetition_penalty=repetition_penalty, seed=self.seed + 1_000_003 * self.passes,
-                            eos_ids=None if eos is None else (eos,), pad_id=self.tokenizer.pad_token_id or 0,
-                            desc="judging" if not self.passes else f"judging, retry {self.passes}")
+                                     temperature=temperature, top_p=top_p if top_p < 1.0 else None,
+                                     repetition_penalty=repetition_penalty, seed=self.seed + 1_000_003 * self.passes,
+                                     eos_ids=None if eos is None else (eos,), pad_id=self.tokenizer.pad_token_id or 0,
+                                     desc="judging" if not self.passes else f"judging, retry {self.passes}")
         self.passes += 1
         texts = [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new]  # as vLLM's .text
         for request, text in zip(requests, texts, strict=True):

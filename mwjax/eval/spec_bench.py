@@ -139,8 +139,8 @@ def answer(model: nnx.Module, tokenizer, questions: Sequence[Question], max_new_
                 history += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
             prompts.append(chat_ids(tokenizer, history + [{"role": "user", "content": questions[i].turns[turn]}]))
         new = decoding.generate_many(model, prompts, max_new_tokens, batch_size=batch_size, temperature=temperature,
-                            seed=seed + 1_000_003 * turn, eos_ids=eos, pad_id=tokenizer.pad_token_id or 0,
-                            desc=f"answering turn {turn + 1}")
+                                     seed=seed + 1_000_003 * turn, eos_ids=eos, pad_id=tokenizer.pad_token_id or 0,
+                                     desc=f"answering turn {turn + 1}")
         for i, tokens in zip(active, new, strict=True):
             answers[i].append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
     return answers

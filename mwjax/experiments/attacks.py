@@ -102,7 +102,7 @@ def main(argv):
     rows, results = [], {}
     for name, attacked in settings(model, mw, calibration).items():
         ppl = {c.name: likelihood.perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
-                                  batch_size=FLAGS.batch_size).to_dict() for c in corpora}
+                                             batch_size=FLAGS.batch_size).to_dict() for c in corpora}
         samples = decoding.generate_text(attacked, tokenizer, FLAGS.prompts, FLAGS.max_new_tokens, chat=chat)
         results[name] = {"perplexity": ppl, "generations": dict(zip(FLAGS.prompts, samples, strict=True))}
         rows.append([name] + [ppl[c.name]["perplexity"] for c in corpora])

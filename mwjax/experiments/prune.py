@@ -71,7 +71,7 @@ flags.DEFINE_integer("batch_size", 1, "chunks per forward pass", lower_bound=1)
 
 def evaluate(model, corpora) -> dict[str, float]:
     return {c.name: likelihood.perplexity(model, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
-                               batch_size=FLAGS.batch_size).perplexity for c in corpora}
+                                          batch_size=FLAGS.batch_size).perplexity for c in corpora}
 
 
 def main(argv):

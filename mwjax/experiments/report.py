@@ -222,7 +222,7 @@ def section_attacks(model, tokenizer, mw, corpus, held_out, sizes: Sizes, out: P
     results = {}
     for name, attacked in settings.items():
         ppl = likelihood.perplexity(attacked, corpus.token_ids, sizes.seqlen, max_chunks=sizes.max_chunks,
-                         progress=False).perplexity
+                                    progress=False).perplexity
         acc = synthetic_tasks.accuracy(attacked, tokenizer, held_out)
         results[name] = {"perplexity": ppl, "accuracy": acc}
         log(f"attack {name}: {CORPUS} PPL {ppl:.2f}, accuracy {pct(acc['mean'])}%")
@@ -439,7 +439,7 @@ def section_pruning(model, tokenizer, mw, corpus, sizes: Sizes, out: Path) -> tu
     calibration = common.calibration_set([corpus], tokenizer, CORPUS, sizes.calibration_sequences,
                                          sizes.calibration_seqlen, sizes.seqlen, bos=False)  # Wanda's: no bos
     evaluate = lambda m: likelihood.perplexity(m, corpus.token_ids, sizes.seqlen, max_chunks=sizes.max_chunks,
-                                    progress=False).perplexity
+                                               progress=False).perplexity
     dense = evaluate(model)
     protections = {"none": None, "massive": prune.protected(model, mw, TABLE1_K, sws)}
     results = []

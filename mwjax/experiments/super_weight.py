@@ -85,7 +85,7 @@ def main(argv):
 
     def evaluate(name, attacked):
         ppl = {c.name: likelihood.perplexity(attacked, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
-                                  batch_size=FLAGS.batch_size).perplexity for c in corpora}
+                                             batch_size=FLAGS.batch_size).perplexity for c in corpora}
         sample = decoding.generate_text(attacked, tokenizer, [FLAGS.generation_prompt], 30, chat=chat)[0]
         print(f"== {name}: " + ", ".join(f"{c} PPL {v:.2f}" for c, v in ppl.items()) + f"\n   -> {sample!r}")
         return {"perplexity": ppl, "generation": sample}
@@ -101,7 +101,7 @@ def main(argv):
     metrics = zeroshot_flags.sweep_metrics(
         FLAGS.scaling_metrics, tokenizer, zeroshot, f"{first.name} PPL",
         lambda m: likelihood.perplexity(m, first.token_ids, FLAGS.seqlen, max_chunks=first.max_chunks,
-                             batch_size=FLAGS.batch_size).perplexity, {"corpus": first.name})
+                                        batch_size=FLAGS.batch_size).perplexity, {"corpus": first.name})
     for metric, sweep in metrics.items():
         values = []
         for f in factors:

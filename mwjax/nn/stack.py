@@ -32,7 +32,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mwjax.core import sharding
-from mwjax.core.sharding import AXES
 from mwjax.instrument import masks, probes
 
 LAYERS_AXIS = "layers"  # the logical axis of the stacked dimension (`mwjax.core.sharding.LOGICAL_RULES`: never split)
@@ -69,8 +68,8 @@ class LayerStack(nnx.Module):
         for entries in zip(*flats, strict=True):
             variable = entries[0][1]
             variable.set_value(_stack(*(v.get_value() for _, v in entries)))
-            if (axes := variable.get_metadata().get(AXES)) is not None:
-                variable.set_metadata(**{AXES: (LAYERS_AXIS, *axes)})
+            if (axes := variable.get_metadata().get(sharding.AXES)) is not None:
+                variable.set_metadata(**{sharding.AXES: (LAYERS_AXIS, *axes)})
         self.layer = template
         self.num_layers = len(layers)
 
@@ -81,8 +80,8 @@ class LayerStack(nnx.Module):
         for i in range(self.num_layers):
             layer = _indexed(nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)), i)
             for _, variable in nnx.to_flat_state(nnx.state(layer)):
-                if (axes := variable.get_metadata().get(AXES)) is not None:
-                    variable.set_metadata(**{AXES: axes[1:]})
+                if (axes := variable.get_metadata().get(sharding.AXES)) is not None:
+                    variable.set_metadata(**{sharding.AXES: axes[1:]})
             out.append(layer)
         return out
 

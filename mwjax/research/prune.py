@@ -66,7 +66,6 @@ from mwjax.research import attacks
 from mwjax.research.defaults import PRUNE_METHODS
 from mwjax.research.massive import MassiveWeights, SuperWeight
 
-METHODS = PRUNE_METHODS
 Key = tuple[int, str]  # (decoder layer, module path inside it: "self_attn.q_proj", "mlp.down_proj")
 Masks = dict[Key, jax.Array]  # bool [in, out] (kernel layout), True = kept
 
@@ -108,8 +107,8 @@ def parse_sparsity(spec: str | float) -> Sparsity:
 
 
 def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown pruning method {method!r}; choose from {METHODS}")
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; choose from {PRUNE_METHODS}")
 
 
 # ----------------------------------------------------------------------------------------------- masks from scores
@@ -412,7 +411,7 @@ def wanda_masks(model: nnx.Module, calibration, sparsity: Sparsity | str | float
 def masks_for(model: nnx.Module, method: str, sparsity: Sparsity | str | float, *, calibration=None,
               protect: Mapping[Key, np.ndarray] | None = None, sequential: bool = True, batch_size: int = 8,
               progress: bool = True) -> Masks:
-    """The keep-masks of `method` (METHODS) at `sparsity`; Wanda needs `calibration` tokens [num_sequences, seq]
+    """The keep-masks of `method` (PRUNE_METHODS) at `sparsity`; Wanda needs `calibration` tokens [num_sequences, seq]
     (and takes `sequential`, `batch_size`, `progress`, as `wanda_masks`)."""
     check_method(method)
     if method == "wanda":
