@@ -1,6 +1,6 @@
 """mwjax: massive weights, super weights and massive activations in LLMs, in JAX / Flax NNX.
 
-The research API is flat: `from mwjax import massive, attacks, probes, masks, prune, macdrop, peft, models`
+The research API is flat: `from mwjax import massive, attacks, probes, masks, prune, quantize, macdrop, peft, models`
 (and `from mwjax.converters import load, save_hf`). Each name is its module in the layered packages below,
 imported on first use:
 
@@ -11,7 +11,7 @@ imported on first use:
     converters/  checkpoints in and out: HF safetensors / torch .bin / GGUF / orbax, tokenizers, save_hf
     data/        text corpora
     adapters/    LoRA / DoRA and HF PEFT files
-    research/    the methods: massive weights, attacks, pruning, attention sinks, MacDrop
+    research/    the methods: massive weights, attacks, pruning, quantization, attention sinks, MacDrop
     finetune/    training: data, loss, the trainer, its run log
     eval/        perplexity, generation, lm-eval, LongBench, judged generation
     experiments/ command lines (`python -m experiments.<name>`), configs, figures, the report
@@ -26,6 +26,7 @@ API = {
     "massive": "mwjax.research.massive",
     "attacks": "mwjax.research.attacks",
     "prune": "mwjax.research.prune",
+    "quantize": "mwjax.research.quantize",
     "macdrop": "mwjax.research.macdrop",
     "attention_sinks": "mwjax.research.attention_sinks",
     "probes": "mwjax.instrument.probes",

@@ -107,6 +107,22 @@ def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str,
     return _finish(fig, ax, title, "super weight scaling factor", ylabel, path, log_y=log_y, legend=False)
 
 
+def block_sweep(blocks: Sequence[str], series: Mapping[str, Sequence[float]], title: str, path: str | Path,
+                ylabel: str = "perplexity", log_y: bool = True, reference: float | None = None) -> Path:
+    """The Super Weight Figure 7: a metric against the quantization block size for each way of handling the
+    outliers. blocks: the labels, smallest block first ("64", ..., "tensor"), evenly spaced (the sizes double or
+    more from one to the next); reference: the unquantized model's value, a dashed line."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = np.arange(len(blocks))
+    for name, ys in series.items():
+        ax.plot(x, list(ys), marker="o", ms=4, label=name)
+    if reference is not None:
+        ax.axhline(reference, color="gray", lw=0.8, ls="--", label="unquantized")
+    ax.set_xticks(x)
+    ax.set_xticklabels(list(blocks))
+    return _finish(fig, ax, title, "block size (consecutive weights sharing a scale)", ylabel, path, log_y=log_y)
+
+
 def _finish(fig, ax, title: str, xlabel: str, ylabel: str, path: str | Path | None, *, log_y: bool = True,
             legend: bool | str = True) -> Path | None:
     """Axis labels, title, log y axis (plain numbers), legend (True: inside; "outside": to the right); saves the

@@ -4,7 +4,7 @@
     python -m experiments.report --quick                  # CI-sized: every step on tiny slices, ~3 minutes
     python -m experiments.report --output_dir=docs/report --seeds=0,1,2
 
-Four sections, each with the paper's claim, the numbers and a verdict computed from them (agrees / does not
+Five sections, each with the paper's claim, the numbers and a verdict computed from them (agrees / does not
 agree / inconclusive against the noise the run can measure):
   1. Finding (Table 6, Figure 3): the massive weights' layer (both numberings), the top-5 rows, the bos profile
      figures; the same for --contrast_model (Gemma-3-270M), whose hidden state grows gradually (the paper's
@@ -20,6 +20,8 @@ agree / inconclusive against the noise the run can measure):
      (`mwjax.research.attacks.after_fine_tuning`: merged, base), mean and spread over seeds.
   4. Pruning (thesis chapter 3): Wanda vs magnitude at 50%, with and without the massive weights (and super
      weights) protected.
+  5. Quantization (The Super Weight, Table 3 and Figure 7; `report_quantize`): W8A8 naive / SmoothQuant / the
+     super activation held out, and INT4 by block size with and without the super weights handled.
 
 Writes report.md, report.json and the figures into --output_dir (default outputs/report), as one atomic output; the
 fine-tuning runs go to --work_dir (default: a temporary directory, removed at the end; adapters are ~10 MB).
@@ -45,7 +47,7 @@ from mwjax import converters
 from mwjax.core import atomic, cli, lazy
 from mwjax.core.progress import duration
 from mwjax.eval import synthetic_tasks
-from mwjax.experiments import common, plots
+from mwjax.experiments import common, plots, report_quantize
 from mwjax.experiments.configs import smollm2_135m
 
 # what needs jax loads after the flags are parsed: --help answers without it
@@ -524,24 +526,28 @@ def main(argv):
 
 
 def report(sizes: Sizes, out: Path, work: Path, start: float, commit: str) -> None:
-    """Runs the four sections on --model and writes report.md, report.json and the figures into `out`."""
+    """Runs the five sections on --model and writes report.md, report.json and the figures into `out`."""
     model, tokenizer = common.load_model()
     mw = massive.find_massive_weights(model, tokenizer, k=max(TABLE1_K, max(sizes.sweep)))
     corpus = common.load_corpora([CORPUS], tokenizer, sizes.max_chunks)[0]
     held_out = synthetic_tasks.questions("held_out", sizes.per_task, seed=0)
     payload = {"model": FLAGS.model, "commit": commit, "quick": FLAGS.quick, "sizes": dataclasses.asdict(sizes)}
     sections = []
-    log("1/4 finding")
+    log("1/5 finding")
     payload["finding"], text = section_finding(model, tokenizer, sizes, out)
     sections.append(text)
-    log("2/4 attacks")
+    log("2/5 attacks")
     payload["attacks"], text = section_attacks(model, tokenizer, mw, corpus, held_out, sizes, out)
     sections.append(text)
-    log("3/4 fine-tuning")
+    log("3/5 fine-tuning")
     payload["fine_tuning"], text = section_fine_tuning(model, tokenizer, mw, held_out, sizes, out, work)
     sections.append(text)
-    log("4/4 pruning")
+    log("4/5 pruning")
     payload["pruning"], text = section_pruning(model, tokenizer, mw, corpus, sizes, out)
+    sections.append(text)
+    log("5/5 quantization")
+    payload["quantization"], text = report_quantize.section(model, tokenizer, corpus, sizes, out, log, verdict,
+                                                            FLAGS.quick)
     sections.append(text)
 
     wall = time.time() - start
@@ -553,7 +559,8 @@ def report(sizes: Sizes, out: Path, work: Path, start: float, commit: str) -> No
         f"({'a --quick run: tiny slices, not evidence' if FLAGS.quick else 'the default full run'}; one CPU "
         "machine). Every number below comes from this run (report.json); every verdict is computed from the "
         "numbers by the rule stated beside it. Figures and numbers are small-model analogues of House of Cards' "
-        "Tables 1, 2, 6, 8 and Figures 3, 4, run without any download.",
+        "Tables 1, 2, 6, 8 and Figures 3, 4 and The Super Weight's Tables 1, 3 and Figure 7, run without any "
+        "download.",
     ]
     atomic.write_text_atomically(out / "report.md", "\n\n".join(["\n".join(header), *sections]) + "\n")
     common.write_json(out / "report.json", payload)

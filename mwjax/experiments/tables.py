@@ -3,7 +3,8 @@
     python -m experiments.tables --runs=outputs/ [--output_dir=outputs/tables]
 
 Reads every attacks.json (experiments.attacks), zeroshot.json (experiments.zeroshot), generation.json
-(experiments.generation) and longbench.json (experiments.longbench) under --runs and writes tables.md with
+(experiments.generation), longbench.json (experiments.longbench) and quantize.json (experiments.quantize) under
+--runs and writes tables.md with
   Table 1: perplexity per corpus and mean zero-shot accuracy of the original model, top-k zeroing
            and top-k retaining (zero-shot runs matched by their --attack: none, zero_top_k:K,
            retain_top_k:K);
@@ -16,7 +17,10 @@ Reads every attacks.json (experiments.attacks), zeroshot.json (experiments.zeros
            math reasoning, RAG) and their mean, one row per --label (an attacked run shows its attack);
            a run on fewer questions or subtasks or with another judge than Prometheus-2-7B carries a "*",
            and judgements that never parsed (left out of the means) are counted;
-  Table 9: LongBench's 16 English datasets and their mean, one row per long-context run.
+  Table 9: LongBench's 16 English datasets and their mean, one row per long-context run;
+  The Super Weight's Table 3 (W8A8: unquantized, naive, SmoothQuant, the super activation held out; perplexity
+           per corpus with the share of SmoothQuant's gain) and Figure 7 (INT4 perplexity / zero-shot accuracy per
+           block size and curve), one of each per quantize run.
 Accuracies are acc_norm where the task has it, else acc (mwjax.eval.zeroshot_tasks.task_scores).
 A zero-shot run made with --limit, on a subset of the five tasks or with --apply_chat_template is not
 the papers' protocol: its numbers carry a "*" and the tables say which runs and why; so does a LongBench
@@ -164,13 +168,44 @@ def table9(runs: list[dict]) -> str:
     return common.markdown_table(header, [table9_row(run) for run in runs])
 
 
+def super_weight_table3(run: dict) -> str:
+    """The Super Weight's Table 3 from experiments.quantize: perplexity per corpus, the quantized rows with the share
+    of SmoothQuant's gain over naive W8A8 in parentheses (as the paper prints it)."""
+    t3 = run["table3"]
+    corpora = list(t3["rows"]["FP"])
+    rows = []
+    for name, per_corpus in t3["rows"].items():
+        cells = []
+        for c in corpora:
+            share = None if name == "FP" else t3["share_of_smoothquant_gain"][c].get(name)
+            cells.append(f"{per_corpus[c]['perplexity']:.2f}" + ("" if name == "FP" else
+                                                                 f" ({share:.0f}%)" if share is not None else " (n/a)"))
+        rows.append([name, *cells])
+    return common.markdown_table(["PPL", *corpora], rows)
+
+
+def super_weight_figure7(run: dict) -> list[str]:
+    """The Super Weight's Figure 7 from experiments.quantize: one table per metric, block sizes down, curves across."""
+    fig = run["figure7"]
+    parts = []
+    for metric in ("perplexity", "zeroshot"):
+        if metric not in fig:
+            continue
+        curves = {k: v for k, v in fig[metric].items() if isinstance(v, list)}
+        rows = [[b, *(curve[i] for curve in curves.values())] for i, b in enumerate(fig["blocks"])]
+        parts.append(f"{metric} (unquantized {fig[metric]['unquantized']:.2f}):\n\n"
+                     + common.markdown_table(["block", *curves], rows))
+    return parts
+
+
 def main(argv):
     del argv
     root = Path(FLAGS.runs)
-    attacks, zeroshot, generation, long_context = (load_runs(root, name) for name in ("attacks", "zeroshot",
-                                                                                       "generation", "longbench"))
-    if not (attacks or zeroshot or generation or long_context):
-        raise SystemExit(f"no attacks.json, zeroshot.json, generation.json or longbench.json under {FLAGS.runs}")
+    attacks, zeroshot, generation, long_context, quantized = (
+        load_runs(root, name) for name in ("attacks", "zeroshot", "generation", "longbench", "quantize"))
+    if not (attacks or zeroshot or generation or long_context or quantized):
+        raise SystemExit(f"no attacks.json, zeroshot.json, generation.json, longbench.json or quantize.json under "
+                         f"{FLAGS.runs}")
     parts = [f"## Table 1 ({run['model']}, seqlen {run['seqlen']})\n\n{table1(run, zeroshot)}" for run in attacks]
     if zeroshot:
         parts.append(bos_note(zeroshot))
@@ -185,6 +220,16 @@ def main(argv):
         marked = [f"{run['path']} ({longbench_departure(run)})" for run in long_context if longbench_departure(run)]
         note = ("\n\n* not the paper's protocol: " + "; ".join(marked)) if marked else ""
         parts.append(f"## Table 9: long context (LongBench)\n\n{table9(long_context)}{note}")
+    for run in quantized:
+        if "table3" in run:
+            t3 = run["table3"]["settings"]
+            parts.append(f"## The Super Weight, Table 3 ({run['model']}, W{t3['w_bits']}A{t3['a_bits']}, seqlen "
+                         f"{run['seqlen']}; % of SmoothQuant's gain)\n\n{super_weight_table3(run)}")
+        if "figure7" in run:
+            fig = run["figure7"]
+            title = (f"## The Super Weight, Figure 7 ({run['model']}, INT{fig['bits']} by block size; clipping "
+                     f"{fig['clip_method']} {fig['clip_threshold']:g})")
+            parts.append("\n\n".join([title, *super_weight_figure7(run)]))
     text = "\n\n".join(parts) + "\n"
     print(text)
     out = common.output_dir("outputs/tables")

@@ -19,3 +19,35 @@ ATTACK_ON = ("merged", "base")
 
 # prune (thesis ch. 3): the pruning metrics
 PRUNE_METHODS = ("wanda", "magnitude", "magnitude_global")
+
+# quantize (The Super Weight, Table 3 and Figure 7)
+CLIP_METHODS = ("none", "zscore", "block_percentage", "tensor_percentage", "iqr")  # the reference's clipping methods
+GRANULARITIES = ("tensor", "token")  # an activation scale per tensor (one per sequence) or per token
+SMOOTHQUANT_ALPHA = 0.5  # SmoothQuant's migration strength for Llama-like models in The Super Weight's comparison
+# Figure 7's curves
+ROUND_TO_NEAREST = "round-to-nearest"
+HELD_OUT = "super weights held out"
+HANDLED = "clipped, super weights restored"
+CLIPPED = "clipped, not restored"
+CURVES = (ROUND_TO_NEAREST, HELD_OUT, HANDLED, CLIPPED)
+
+
+def check_clip(method: str, threshold: float) -> None:
+    """Refuse a clipping method with a threshold it cannot use (`quantize.rtn`'s clipping; inf: no clipping).
+
+    Args:
+      method: one of CLIP_METHODS.
+      threshold: z for zscore, the IQR multiplier for iqr, the clipped fraction in (0, 1) for the percentage
+        methods; inf turns clipping off.
+
+    Raises:
+      ValueError naming the method or the threshold.
+    """
+    if method not in CLIP_METHODS:
+        raise ValueError(f"unknown clipping method {method!r}; choose from {CLIP_METHODS}")
+    if method == "none" or threshold == float("inf"):
+        return
+    if not threshold > 0:
+        raise ValueError(f"clipping threshold must be > 0 (or inf: no clipping), got {threshold}")
+    if method.endswith("percentage") and threshold >= 1:
+        raise ValueError(f"{method} clips a fraction of the weights: its threshold must lie in (0, 1), got {threshold}")
