@@ -23,7 +23,16 @@ ADAPTER_ITEM, LORA_CONFIG_ITEM = "adapters", "lora_config"
 
 def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> Path:
     """Write only the adapters (and their LoraConfig, with the adapted paths) as an orbax checkpoint,
-    atomically; `load_adapters` puts them back on the same base model."""
+    atomically; `load_adapters` puts them back on the same base model.
+
+    Args:
+      model: an mwjax model carrying adapters (`add_adapters`; its `lora_config` is saved with them).
+      directory: the checkpoint directory; one holding an earlier adapter checkpoint is replaced, any other
+        non-empty one refused.
+
+    Returns:
+      The directory's absolute path.
+    """
     import orbax.checkpoint as ocp
 
     from mwjax.converters import checkpoint
@@ -37,9 +46,19 @@ def save_adapters(model: nnx.Module, directory: str | os.PathLike) -> Path:
 
 def load_adapters(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     """`model` with the adapters of `directory`: an HF PEFT directory (`load_peft`) or one written by
-    `save_adapters` (orbax), checked as `load_peft` checks: a LoraConfig in range, adapted modules the base
-    model has, every stored array of the shape this base needs (before orbax reads it), floating point and
-    finite; an AdapterError names the directory and the module otherwise."""
+    `save_adapters` (orbax).
+
+    Checked as `load_peft` checks: a LoraConfig in range, adapted modules the base model has, every stored array
+    of the shape this base needs (before orbax reads it), floating point and finite; an AdapterError names the
+    directory and the module otherwise.
+
+    Args:
+      model: the base model (no adapters); it is not modified.
+      directory: an HF PEFT adapter directory (adapter_config.json) or an orbax one from `save_adapters`.
+
+    Returns:
+      A copy of `model` carrying the stored adapters (`LoRALinear` layers, `lora_config` set).
+    """
     import orbax.checkpoint as ocp
 
     from mwjax.converters import checkpoint

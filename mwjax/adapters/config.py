@@ -48,6 +48,8 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
+        """s, the factor of the adapter's update s (x A) B: alpha / r, or alpha / sqrt(r) under rsLoRA (PEFT's
+        `scaling`)."""
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 

@@ -12,7 +12,16 @@ class AdapterError(ValueError):
 
 
 def check_tensor(value, what: str, ndim: int) -> None:
-    """Floating point, `ndim` dimensions, every value finite; AdapterError starting with `what` otherwise."""
+    """Check one stored adapter tensor: floating point, `ndim` dimensions, every value finite.
+
+    Args:
+      value: the tensor as read (numpy or jax array).
+      what: where it comes from, the start of the error message ("<file>: module <path>'s lora_A.weight").
+      ndim: the rank it must have (2 for lora_A / lora_B, 1 for DoRA's magnitude).
+
+    Raises:
+      AdapterError: starting with `what`, when any check fails.
+    """
     if not jnp.issubdtype(value.dtype, jnp.floating):
         raise AdapterError(f"{what} is stored as {value.dtype}, not a floating-point type; the adapter is corrupt")
     if value.ndim != ndim:

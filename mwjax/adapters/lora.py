@@ -47,7 +47,14 @@ ADAPTER_AXES = (None, None)  # A [in, r] and B [r, out] are small: replicated on
 
 
 class LoRALinear(WrappedLinear):
-    """A `Linear` whose base weight is frozen and whose output gains a LoRA (or DoRA) update."""
+    """A `Linear` whose base weight is frozen and whose output gains a LoRA (or DoRA) update (PEFT `lora.Linear`).
+
+    Args:
+      base: the Linear adapted; its kernel and bias Variables are shared, not copied.
+      config: rank r, alpha, dropout, DoRA / rsLoRA and the adapters' param_dtype.
+      rngs: `params` draws A, `dropout` the LoRA dropout masks.
+      lora_a: an A [in, r] to share (the other projections of a fused HF module); None makes a new one.
+    """
 
     def __init__(self, base: Linear, config: LoraConfig, *, rngs: nnx.Rngs, lora_a: LoRAParam | None = None):
         """lora_a: an A [in, r] to share (the other projections of a fused HF module); default a new one."""
@@ -81,8 +88,14 @@ class LoRALinear(WrappedLinear):
     def weight_norm(self, kernel: jax.Array | None = None, columns: jax.Array | None = None) -> jax.Array:
         """|| W + s A B || per output feature [out] (or per `columns`), detached, float32.
 
-        kernel: the base kernel's columns to use ([in, out] or [in, k]); default the stored one. Expanded as
-        ||w||^2 + 2 s <w, A b> + s^2 ||A b||^2 so that W + s A B is never materialised.
+        Expanded as ||w||^2 + 2 s <w, A b> + s^2 ||A b||^2 so that W + s A B is never materialised.
+
+        Args:
+          kernel: the base kernel's columns to use ([in, out] or [in, k]); None for the stored one.
+          columns: int [k] output features (PyTorch rows) to take the norm of; None for all.
+
+        Returns:
+          float32 [out] (or [k]) norms n, with no gradient (`stop_gradient`), as PEFT's DoRA detaches them.
         """
         w = (self.kernel[...] if kernel is None else kernel).astype(jnp.float32)
         a = self.lora_a[...].astype(jnp.float32)
@@ -128,7 +141,15 @@ class LoRALinear(WrappedLinear):
 
     def columns(self, x: jax.Array, mask: masks.RowMask) -> jax.Array:
         """The k masked outputs: the mask multiplies the base weight's rows only, never the adapters; DoRA's
-        norm of those rows comes from the masked weight."""
+        norm of those rows comes from the masked weight.
+
+        Args:
+          x: inputs [..., in].
+          mask: the FFN row mask (MacDrop's): k PyTorch rows of W and their multipliers.
+
+        Returns:
+          Outputs [..., k] of the masked rows, in the compute dtype.
+        """
         kernel = masks.masked_columns(self.kernel[...], mask)  # [in, k]
         base = x @ kernel.astype(self.dtype)
         y = self._with_bias(base, mask.rows)
@@ -138,7 +159,18 @@ class LoRALinear(WrappedLinear):
     def grouped(cls, layers, x: jax.Array, group_sizes: jax.Array, groups: jax.Array, column_masks) -> jax.Array:
         """`Linear.grouped` with each layer's adapter (Mixtral's routed experts): the base, A and B products as
         ragged matmuls over the stacked weights; per row what `layers[groups[r]]` computes with its mask
-        (dropout from that layer's own stream, DoRA's norm from its masked weight)."""
+        (dropout from that layer's own stream, DoRA's norm from its masked weight).
+
+        Args:
+          layers: the g LoRALinear layers (one per expert), all of one config.
+          x: inputs [n, in], the rows sorted by group.
+          group_sizes: int [g], the rows of each group (`jax.lax.ragged_dot`).
+          groups: int [n], the group (layer) of each row.
+          column_masks: one `masks.RowMask` or None per layer.
+
+        Returns:
+          Outputs [n, out] in the compute dtype.
+        """
         first, n = layers[0], len(layers)
         x = x.astype(first.dtype)
         kernels = [layer.masked_kernel(m) for layer, m in zip(layers, column_masks, strict=True)]  # [in, out] each

@@ -28,16 +28,23 @@ def export_peft(model: nnx.Module, directory: str | os.PathLike, *, base_model_n
     adapter_model.safetensors and a README.md model card, directory-atomic (`mwjax.core.atomic`: a kill leaves the
     previous adapter or this one; an existing directory is replaced only when it holds a PEFT adapter).
 
-    base_model_name_or_path: what `AutoPeftModelForCausalLM.from_pretrained(directory)` loads the base from (a
-    hub id or an HF directory); with `gguf_file` (a GGUF base, which PEFT cannot name) the card says to pass
-    `gguf_file=` to it. target_modules are PEFT's short names ("q_proj", ...) when they select exactly the
-    adapted modules, else the full module paths.
-
-    Module paths are HF's. Adapters made with `LoraConfig(fuse=True)` are written as PEFT's adapter of
-    each fused HF module (Phi-3: `self_attn.qkv_proj.lora_A.weight` [r, in], `lora_B.weight` [q+k+v, r]
-    = the projections' B stacked in row order, DoRA's `lora_magnitude_vector` likewise). Separate
-    adapters on projections HF fuses have no PEFT target and are refused, as are transformers 5's
+    target_modules are PEFT's short names ("q_proj", ...) when they select exactly the adapted modules, else the
+    full module paths. Module paths are HF's. Adapters made with `LoraConfig(fuse=True)` are written as PEFT's
+    adapter of each fused HF module (Phi-3: `self_attn.qkv_proj.lora_A.weight` [r, in], `lora_B.weight`
+    [q+k+v, r] = the projections' B stacked in row order, DoRA's `lora_magnitude_vector` likewise). Separate
+    adapters on projections HF fuses have no PEFT target and are refused (ValueError), as are transformers 5's
     stacked Mixtral experts.
+
+    Args:
+      model: an mwjax model carrying adapters (`add_adapters`, with its `lora_config`).
+      directory: the adapter directory to write.
+      base_model_name_or_path: what `AutoPeftModelForCausalLM.from_pretrained(directory)` loads the base from (a
+        hub id or an HF directory); None records no base (the card says to load it yourself).
+      gguf_file: the GGUF file of a GGUF base, which PEFT's config cannot name: the card says to pass
+        `gguf_file=` to `from_pretrained`.
+
+    Returns:
+      The directory.
     """
     from safetensors.numpy import save_file
 
@@ -212,7 +219,16 @@ def load_peft(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
 
     Nothing is trusted: the config's r / lora_alpha / lora_dropout must lie in their range, every tensor must
     be a floating-point, finite lora_A / lora_B (/ DoRA magnitude) of a module the base model has, with the
-    config's rank and the module's shape; an AdapterError names the file and the module otherwise.
+    config's rank and the module's shape; an AdapterError names the file and the module otherwise. An adapter
+    of a fused HF module (Phi-3 `qkv_proj`, `gate_up_proj`) is split over mwjax's projections sharing one A
+    (`LoraConfig(fuse=True)`, its LoRA dropout dropped with a warning).
+
+    Args:
+      model: the base model (no adapters); it is not modified.
+      directory: an HF PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+
+    Returns:
+      A copy of `model` carrying the adapter (`LoRALinear` layers, `lora_config` set).
     """
     directory = Path(directory)
     weights = directory / "adapter_model.safetensors"

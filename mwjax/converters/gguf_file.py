@@ -38,6 +38,8 @@ _SCALARS = {_T.UINT8: "B", _T.INT8: "b", _T.UINT16: "H", _T.INT16: "h", _T.UINT3
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
+    """One entry of a GGUF tensor directory: name, GGUF dims, GGML type and where its bytes lie."""
+
     name: str
     dims: tuple[int, ...]  # GGUF order, fastest-varying first (reversed: the HF / numpy shape)
     tensor_type: gguf.GGMLQuantizationType
@@ -59,7 +61,14 @@ class GGUFFile:
     _map: mmap.mmap | None
 
     def tensor_bytes(self, info: TensorInfo) -> np.ndarray:
-        """uint8 [n_bytes], the tensor's bytes as stored (what `gguf.quants.dequantize` takes)."""
+        """The tensor's bytes as stored (what `gguf.quants.dequantize` takes), a view of the memory map.
+
+        Args:
+          info: one of `tensors`; CheckpointError when its bytes lie outside the file.
+
+        Returns:
+          uint8 [n_bytes].
+        """
         if self._map is None or info.offset + info.n_bytes > self.size:
             raise CheckpointError(f"{self.path}: GGUF tensor {info.name!r} lies outside the file")
         return np.frombuffer(self._map, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
@@ -118,7 +127,14 @@ class _Cursor:
 
 
 def read(path: str | Path) -> GGUFFile:
-    """Parse `path`'s header, metadata and tensor directory; the tensors stay on disk (memory-mapped)."""
+    """Parse `path`'s header, metadata and tensor directory; the tensors stay on disk (memory-mapped).
+
+    Args:
+      path: the .gguf file (versions 2 and 3, little-endian).
+
+    Returns:
+      The `GGUFFile`; CheckpointError (UnsupportedCheckpointError for v1 / big-endian) when it cannot be read.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:

@@ -30,7 +30,14 @@ _ARCH_ENUMS = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
 
 def read_tokenizer(file: gguf_file.GGUFFile):
-    """The tokenizer of a GGUF file's metadata alone (its tensors are not looked at)."""
+    """The tokenizer of a GGUF file's metadata alone (its tensors are not looked at).
+
+    Args:
+      file: the parsed GGUF file.
+
+    Returns:
+      The HF `PreTrainedTokenizerFast` (`gguf_tokenizer.build_tokenizer`).
+    """
     return gguf_tokenizer.build_tokenizer(gguf_tokenizer.read_vocab(file.fields, file.path))
 
 
@@ -83,15 +90,38 @@ class GGUFSource(TensorSource):
     # ------------------------------------------------------------------ metadata
 
     def meta(self, key: str, default: Any = None) -> Any:
-        """The metadata value of `key` (e.g. "general.architecture"), or `default`."""
+        """The metadata value of `key`, or `default`.
+
+        Args:
+          key: the full metadata key, e.g. "general.architecture".
+          default: returned when the file lacks `key`.
+
+        Returns:
+          The decoded value (str, int, float, bool or a list of them).
+        """
         return self.file.fields.get(key, default)
 
     def field(self, key: str, default: Any = None) -> Any:
-        """The architecture's own metadata `{arch}.{key}`, e.g. `field("attention.head_count")`, or `default`."""
+        """The architecture's own metadata `{arch}.{key}`, or `default`.
+
+        Args:
+          key: the key without the architecture prefix, e.g. "attention.head_count".
+          default: returned when the file lacks it.
+
+        Returns:
+          The decoded value.
+        """
         return self.meta(f"{self.arch}.{key}", default)
 
     def has_tensor(self, name: str) -> bool:
-        """Whether the file holds the tensor of GGUF name `name` (e.g. "blk.0.attn_q.bias")."""
+        """Whether the file holds the tensor of GGUF name `name`.
+
+        Args:
+          name: a GGUF tensor name, e.g. "blk.0.attn_q.bias".
+
+        Returns:
+          True when the file holds it.
+        """
         return name in self._tensors
 
     def _positive_int(self, key: str, default: Any = None) -> int:
@@ -151,9 +181,18 @@ class GGUFSource(TensorSource):
         return self._hf_to_gguf[key]
 
     def keys(self):
+        """The file's GGUF tensor names (HF names are resolved on demand by `get` / `shape` / `in`)."""
         return self._tensors.keys()  # GGUF names; HF names are resolved on demand
 
     def unused(self, used_keys):
+        """The file's tensors (GGUF names) that no parameter was read from, the family's metadata tensors aside.
+
+        Args:
+          used_keys: the HF keys the parameters were read from.
+
+        Returns:
+          The unused GGUF tensor names, sorted.
+        """
         used = {self._gguf_name(k) for k in used_keys} | set(self.hooks.metadata_tensors)
         return sorted(set(self._tensors) - used)
 
@@ -168,10 +207,27 @@ class GGUFSource(TensorSource):
         return self._tensors[name]
 
     def shape(self, key):
+        """The HF-layout shape of the tensor of HF key `key` (MissingTensorError when the file lacks it).
+
+        Args:
+          key: an HF checkpoint key, e.g. "model.embed_tokens.weight".
+
+        Returns:
+          The shape, slowest-varying first.
+        """
         return tuple(reversed(self._tensor(key).dims))  # GGUF lists dims fastest-first
 
     def raw(self, name: str) -> np.ndarray:
-        """A tensor by its GGUF name, dequantized to float32, in HF (slowest-first) layout."""
+        """A tensor by its GGUF name, dequantized to float32, in HF (slowest-first) layout.
+
+        No family hook is applied (see `get`).
+
+        Args:
+          name: a GGUF tensor name, e.g. "blk.0.ffn_down.weight".
+
+        Returns:
+          float32 array of the tensor's HF shape; CheckpointError when it cannot be dequantized.
+        """
         t = self._tensors[name]
         shape = tuple(reversed(t.dims))
         try:
@@ -182,6 +238,16 @@ class GGUFSource(TensorSource):
                                   f"be dequantized ({type(e).__name__}: {e})") from e
 
     def get(self, key):
+        """The tensor of HF key `key`, dequantized to float32 and passed through the family's tensor hook.
+
+        The hook undoes what llama.cpp's converter changed (e.g. llama's Q/K rows un-permuted, Gemma's `1 + w`).
+
+        Args:
+          key: an HF checkpoint key, e.g. "model.layers.0.self_attn.q_proj.weight".
+
+        Returns:
+          float32 array in HF layout.
+        """
         w = self.raw(self._tensor(key).name)
         return w if self.hooks.tensor is None else self.hooks.tensor(self, key, w)
 

@@ -62,8 +62,16 @@ class GGUFVocab:
 
 
 def read_vocab(fields: dict[str, Any], path: str | os.PathLike) -> GGUFVocab:
-    """The tokenizer metadata among a GGUF file's `fields` (`gguf_file.GGUFFile.fields`); a CheckpointError
-    naming the file and field if it is unusable."""
+    """The tokenizer metadata among a GGUF file's `fields`, checked for consistency.
+
+    Args:
+      fields: the file's metadata (`gguf_file.GGUFFile.fields`), key -> decoded value.
+      path: the file, named in the errors.
+
+    Returns:
+      The `GGUFVocab`; a CheckpointError naming the file and field if it is unusable (UnsupportedCheckpointError
+      for a `tokenizer.ggml.model` other than gpt2 / llama).
+    """
     path = str(path)
 
     def value(key: str, kind: type, default: Any = None) -> Any:
@@ -136,7 +144,14 @@ def _merge(m, index: int, path: str) -> tuple[str, str]:
 
 
 def build_tokenizer(vocab: GGUFVocab):
-    """A `transformers.PreTrainedTokenizerFast` equal to what transformers builds from the same file."""
+    """A `transformers.PreTrainedTokenizerFast` equal to what transformers builds from the same file.
+
+    Args:
+      vocab: the file's tokenizer metadata (`read_vocab`).
+
+    Returns:
+      The `PreTrainedTokenizerFast` (bos / eos / unk / pad tokens, add_bos / add_eos and chat template set).
+    """
     from transformers import PreTrainedTokenizerFast
 
     backend = _byte_level(vocab) if vocab.model == "gpt2" else _sentencepiece(vocab)
@@ -198,9 +213,18 @@ def _sentencepiece(vocab: GGUFVocab):
 
 
 def merges_from_vocab(table: dict[str, int], rank: dict[str, float]) -> list[tuple[str, str]]:
-    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two tokens,
-    best-ranked token first (ties: shorter left piece, then shorter right piece, then the pieces'
-    ids), as the SentencePiece -> tokenizers conversion orders them."""
+    """BPE merges implied by a SentencePiece vocabulary, as the SentencePiece -> tokenizers conversion orders them.
+
+    Every split of a token into two tokens, best-ranked token first (ties: shorter left piece, then shorter
+    right piece, then the pieces' ids).
+
+    Args:
+      table: token -> id of the whole vocabulary.
+      rank: token -> rank, higher merged first (the SentencePiece scores, or minus the position for Gemma).
+
+    Returns:
+      The merges `(left, right)`, best first.
+    """
     candidates = []
     for token, score in rank.items():
         local = [(token[:i], token[i:], score) for i in range(1, len(token))

@@ -74,8 +74,16 @@ def _write_weights(directory: Path, tensors: dict[str, np.ndarray], max_shard_by
 
 
 def hf_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The model's parameters as HF tensors, in the first layout of the family's key table
-    (fused and stacked tensors assembled from their parts)."""
+    """The model's parameters as HF tensors, in the first layout of the family's key table.
+
+    Fused and stacked tensors are assembled from their parts; every parameter keeps its dtype.
+
+    Args:
+      model: a plain mwjax model (its parameters are gathered to the host).
+
+    Returns:
+      HF checkpoint key -> numpy array in HF layout (e.g. "model.layers.0.mlp.down_proj.weight" [out, in]).
+    """
     params = {dotted(path): np.asarray(jax.device_get(value))
               for path, value in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
     plan = families.family(model.config.model_type).keymap.plan({name: value.shape for name, value in params.items()})

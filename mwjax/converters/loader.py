@@ -40,18 +40,26 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardings: ShardingFn | None = None,
          tokenizer: bool | str | os.PathLike = True, revision: str | None = None, allow_unused: bool = False):
-    """Load a checkpoint as `(model, tokenizer)`.
+    """Load a checkpoint as `(model, tokenizer)`: HF `AutoModelForCausalLM` + `AutoTokenizer.from_pretrained`.
 
-    path: a HF directory (`config.json` + `*.safetensors`, single or sharded, or `pytorch_model*.bin`),
-      a `.gguf` file, an mwjax orbax checkpoint, `embedded:<name>` (see `converters.embedded`),
-      or a hub id (`owner/name`, downloaded with huggingface_hub when the machine is online).
-    dtype: compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
-    shardings: optional `(param_path, shape) -> Sharding`; each array is assembled on its devices
-      from the slices they need.
-    tokenizer: True: the checkpoint's own tokenizer (an error naming the file and the cause when it
-      has none or it cannot be built); False: the model alone (tokenizer None); a path: the tokenizer
-      of that HF directory or `.gguf` file instead.
-    allow_unused: load even when the checkpoint holds tensors the model does not use (else an error).
+    The tokenizer is built and checked against the config's vocabulary before any weight is read.
+
+    Args:
+      path: a HF directory (`config.json` + `*.safetensors`, single or sharded, or `pytorch_model*.bin`),
+        a `.gguf` file (or a directory holding exactly one), an mwjax orbax checkpoint, `embedded:<name>` (see
+        `converters.embedded`), or a hub id (`owner/name`, downloaded with huggingface_hub when online).
+      dtype: compute dtype.
+      param_dtype: dtype the parameters are stored in; None for `dtype`.
+      shardings: optional `(param_path, shape, declared logical axes) -> Sharding`; each array is assembled on
+        its devices from the slices they need.
+      tokenizer: True: the checkpoint's own tokenizer (an error naming the file and the cause when it
+        has none or it cannot be built); False: the model alone (tokenizer None); a path: the tokenizer
+        of that HF directory or `.gguf` file instead.
+      revision: the hub revision (branch, tag or commit) when `path` is a hub id; None for the default branch.
+      allow_unused: load even when the checkpoint holds tensors the model does not use (else an error).
+
+    Returns:
+      `(model, tokenizer)`: the mwjax model of the checkpoint's family and an HF tokenizer (or None).
     """
     build = functools.partial(build_from_source, dtype=dtype, param_dtype=param_dtype, shardings=shardings,
                               allow_unused=allow_unused)
@@ -101,8 +109,14 @@ def load(path: str | os.PathLike, dtype=jnp.float32, *, param_dtype=None, shardi
 
 def check_vocabulary(tokenizer, config: ModelConfig, *, model: str | os.PathLike,
                      tokenizer_name: str | None = None) -> None:
-    """Every id `tokenizer` can emit must index the model's embedding (`tokens.check_vocabulary`), as a
-    CheckpointError naming the checkpoint and the tokenizer (None: the checkpoint's own)."""
+    """Every id `tokenizer` can emit must index the model's embedding (`tokens.check_vocabulary`).
+
+    Args:
+      tokenizer: an HF tokenizer; None checks nothing.
+      config: the model's config (its `vocab_size` is the embedding's row count).
+      model: the checkpoint, named in the CheckpointError raised otherwise.
+      tokenizer_name: where the tokenizer came from, for the error; None for the checkpoint's own.
+    """
     if tokenizer is None:
         return
     try:
@@ -134,8 +148,20 @@ def build_from_source(config: ModelConfig, source: TensorSource, *, dtype=jnp.fl
     A parameter comes from the first of its table's locations whose tensor the source has; a
     tensor that holds several parameters (fused or stacked) is read once for all of them.
     Nothing is trusted: before any weight is read, every parameter's tensor must exist with the
-    shape the config implies and every checkpoint tensor must be used (`allow_unused=True` lets
-    extras pass with a warning); then each tensor must be floating point and finite.
+    shape the config implies and every checkpoint tensor must be used; then each tensor must be floating
+    point and finite.
+
+    Args:
+      config: the model's config; its `model_type` picks the family and key table.
+      source: the checkpoint's tensors by HF key (safetensors, torch .bin or GGUF).
+      dtype: compute dtype.
+      param_dtype: dtype the parameters are stored in; None for `dtype`.
+      shardings: `(param_path, shape, declared logical axes) -> Sharding` for each array; None: default device.
+      progress: show a progress bar over the parameters.
+      allow_unused: let checkpoint tensors the model does not use pass with a warning (else CheckpointError).
+
+    Returns:
+      The filled mwjax model.
     """
     keymap = families.family(config.model_type).keymap
     graphdef, state = nnx.split(families.abstract(config, dtype=dtype, param_dtype=param_dtype))
@@ -207,7 +233,14 @@ def _place(array: np.ndarray, dtype, sharding: jax.sharding.Sharding | None) -> 
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer of a HF directory, a `.gguf` file or `embedded:<name>` (no weights read)."""
+    """The tokenizer of a HF directory, a `.gguf` file or `embedded:<name>` (no weights read).
+
+    Args:
+      path: a HF directory (or mwjax `tokenizer/` directory), a `.gguf` file, `embedded:<name>` or a hub id.
+
+    Returns:
+      The HF tokenizer (`AutoTokenizer`, or the fast tokenizer built from the GGUF metadata).
+    """
     path = resolve(path, None)
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_tokenizer(gguf_file.read(path))
@@ -246,7 +279,17 @@ def _hf_tokenizer(directory: Path, checkpoint: Path):
 
 
 def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
-    """Local path, `embedded:<name>`, or hub id (downloaded) -> a local path; FileNotFoundError if none."""
+    """Local path, `embedded:<name>`, or hub id (downloaded) -> a local path; FileNotFoundError if none.
+
+    A local path killed mid-swap by an atomic export is repaired first (`atomic.recover`).
+
+    Args:
+      path: a local file or directory, `embedded:<name>`, or a hub id `owner/name`.
+      revision: the hub revision to download; None for the default branch.
+
+    Returns:
+      The local path.
+    """
     text = os.fspath(path)
     if text.startswith(embedded.PREFIX):
         return embedded.path(text[len(embedded.PREFIX):])
@@ -260,9 +303,16 @@ def resolve(path: str | os.PathLike, revision: str | None = None) -> Path:
 
 
 def peft_base(path: str | os.PathLike) -> tuple[str, str | None]:
-    """(base_model_name_or_path, gguf_file) by which HF transformers / PEFT load the base `path` names: a hub id
-    as it is, a local HF directory as its absolute path, a .gguf file (or `embedded:<name>`) as its directory and
-    file name (`from_pretrained(directory, gguf_file=name)`)."""
+    """How HF transformers / PEFT load the base model `path` names.
+
+    Args:
+      path: a hub id, a local HF directory, a .gguf file or `embedded:<name>`.
+
+    Returns:
+      `(base_model_name_or_path, gguf_file)`: a hub id as it is, a local HF directory as its absolute path (gguf_file
+      None), a .gguf file (or `embedded:<name>`) as its directory and file name (`from_pretrained(directory,
+      gguf_file=name)`).
+    """
     text = os.fspath(path)
     if not text.startswith(embedded.PREFIX) and not Path(text).expanduser().exists() and _HUB_ID.match(text):
         return text, None

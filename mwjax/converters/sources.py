@@ -30,23 +30,56 @@ class TensorSource:
     name: str
 
     def keys(self) -> Iterable[str]:
+        """The checkpoint's tensor names (native names: HF keys, or GGUF names for a GGUF file)."""
         raise NotImplementedError
 
     def shape(self, key: str) -> tuple[int, ...]:
+        """The HF-layout shape of a tensor, read without its data where the format allows.
+
+        Args:
+          key: an HF checkpoint key.
+
+        Returns:
+          The shape.
+        """
         raise NotImplementedError
 
     def get(self, key: str) -> np.ndarray:
+        """A tensor in HF layout and its stored dtype (float32 for GGUF).
+
+        Args:
+          key: an HF checkpoint key, e.g. "model.layers.0.mlp.up_proj.weight".
+
+        Returns:
+          The numpy array.
+        """
         raise NotImplementedError
 
     def __contains__(self, key: str) -> bool:
         return key in set(self.keys())
 
     def unused(self, used_keys: set[str]) -> list[str]:
-        """Checkpoint tensors (native names) that no parameter was read from."""
+        """Checkpoint tensors (native names) that no parameter was read from.
+
+        Args:
+          used_keys: the HF keys the parameters were read from.
+
+        Returns:
+          The unused tensor names, sorted.
+        """
         return sorted(set(self.keys()) - set(used_keys))
 
     def missing(self, key: str, needed_for: str, also: Iterable[str] = ()) -> MissingTensorError:
-        """The error for a parameter none of whose tensors (`key`, or one of `also`) is in the checkpoint."""
+        """The error for a parameter none of whose tensors (`key`, or one of `also`) is in the checkpoint.
+
+        Args:
+          key: the HF key the parameter is read from first.
+          needed_for: the mwjax parameter path (dotted), for the message.
+          also: the other HF keys the parameter could have been read from.
+
+        Returns:
+          The MissingTensorError (for the caller to raise).
+        """
         alternatives = "".join(f" or {k!r}" for k in also)
         return MissingTensorError(
             f"{self.name}: missing tensor {key!r}{alternatives} (needed for mwjax parameter {needed_for}); "
@@ -95,16 +128,33 @@ class SafetensorsSource(TensorSource):
                     self._where[key] = (f, path)
 
     def keys(self):
+        """The tensor names of every file (or shard)."""
         return self._where.keys()
 
     def __contains__(self, key):
         return key in self._where
 
     def shape(self, key):
+        """The tensor's shape from the safetensors header (no data read).
+
+        Args:
+          key: an HF checkpoint key.
+
+        Returns:
+          The shape.
+        """
         f, _ = self._where[key]
         return tuple(f.get_slice(key).get_shape())
 
     def get(self, key):
+        """The tensor in its stored dtype (bfloat16 as `ml_dtypes.bfloat16`); CheckpointError when unreadable.
+
+        Args:
+          key: an HF checkpoint key.
+
+        Returns:
+          The numpy array.
+        """
         f, path = self._where[key]
         try:
             return f.get_tensor(key)
@@ -118,14 +168,16 @@ _REEXPORT = ("or export the model again with mwjax's save_hf, which replaces the
 
 
 def check_layout(directory: Path, index: Path, weight_map: dict[str, str] | None) -> None:
-    """With an index, the model weight files (`model*.safetensors`) of `directory` are exactly the shards it
-    lists: no `model.safetensors` beside it and no unlisted shard (stale files of an earlier export, which
+    """With an index, the model weight files (`model*.safetensors`) of `directory` are exactly the shards it lists.
+
+    No `model.safetensors` beside the index and no unlisted shard (stale files of an earlier export, which
     would be silently left out); CheckpointError naming the files otherwise. Without an index every
     `*.safetensors` file is read, and a tensor in two of them is refused (`SafetensorsSource`).
 
     Args:
       directory: an HF checkpoint directory.
-      index: its `model.safetensors.index.json` path; weight_map: the index's weight_map (None: no index).
+      index: its `model.safetensors.index.json` path.
+      weight_map: the index's weight_map, tensor name -> shard file name (None: no index, nothing checked).
     """
     if weight_map is None:
         return
@@ -218,15 +270,32 @@ class TorchBinSource(TensorSource):
         return self._cache[key]
 
     def keys(self):
+        """The tensor names of every shard (from the index, or from loading each shard)."""
         return self._weight_map.keys()
 
     def __contains__(self, key):
         return key in self._weight_map
 
     def shape(self, key):
+        """The tensor's shape (its shard is loaded, memory-mapped where the zip format allows).
+
+        Args:
+          key: an HF checkpoint key.
+
+        Returns:
+          The shape.
+        """
         return tuple(self.get(key).shape)
 
     def get(self, key):
+        """The tensor as numpy in its stored dtype (torch bfloat16 as `ml_dtypes.bfloat16`).
+
+        Args:
+          key: an HF checkpoint key.
+
+        Returns:
+          The numpy array.
+        """
         t = self._load(self._files[self._weight_map[key]])[key]
         if t.dtype == self._torch.bfloat16:
             return t.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)

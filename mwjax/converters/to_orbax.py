@@ -63,6 +63,11 @@ def convert(src: str, dst: str | os.PathLike, dtype="float32", overwrite: bool =
 
 
 def main(argv):
+    """Convert --src to an orbax checkpoint at --dst and print its path (exits when --dst exists and may not go).
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed; unused).
+    """
     del argv
     if Path(FLAGS.dst).exists() and not FLAGS.overwrite:  # before minutes of loading
         raise SystemExit(f"{FLAGS.dst} exists: pass --overwrite to replace it, or another --dst")

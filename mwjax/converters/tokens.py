@@ -11,8 +11,14 @@ from mwjax.nn.config import ModelConfig
 def first_token_id(tokenizer, config: ModelConfig, first_token: int | str | None = None) -> int:
     """The id of the token to feed alone at position 0 (House of Cards feeds the bos token).
 
-    first_token: an explicit id, or a token string looked up in the tokenizer; default the
-    tokenizer's bos token, then the config's `bos_token_id`.
+    Args:
+      tokenizer: an HF tokenizer, or None.
+      config: the model's config (`vocab_size`, `bos_token_id`).
+      first_token: an explicit id, or a token string looked up in the tokenizer; None for the
+        tokenizer's bos token, then the config's `bos_token_id`.
+
+    Returns:
+      The token id; ValueError when it is outside the vocabulary, unknown, or there is no bos token.
     """
     if isinstance(first_token, int):
         if not 0 <= first_token < config.vocab_size:
@@ -41,8 +47,15 @@ class VocabularyError(ValueError):
 
 
 def check_ids(ids, vocab_size: int, what: str = "the text") -> None:
-    """Every token id in `ids` (any shape) indexes the model's embedding table [0, vocab_size): an id past it would
-    read garbage (or NaN) logits, silently; ValueError naming the id otherwise."""
+    """Every token id in `ids` indexes the model's embedding table [0, vocab_size); ValueError naming the id otherwise.
+
+    An id past the table would read garbage (or NaN) logits, silently.
+
+    Args:
+      ids: int token ids, any shape.
+      vocab_size: rows of the model's embedding table (`config.vocab_size`).
+      what: what the ids are, for the message.
+    """
     ids = np.asarray(ids)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         bad = int(ids.max() if ids.max() >= vocab_size else ids.min())
@@ -51,8 +64,14 @@ def check_ids(ids, vocab_size: int, what: str = "the text") -> None:
 
 
 def emitted_ids(tokenizer) -> int:
-    """How many ids `tokenizer` can emit: its largest id + 1, added tokens included (an HF tokenizer's
-    `get_vocab()`, else `len(tokenizer)`)."""
+    """How many ids `tokenizer` can emit: its largest id + 1, added tokens included.
+
+    Args:
+      tokenizer: an HF tokenizer (its `get_vocab()`), or anything with a `len()`.
+
+    Returns:
+      The number of ids.
+    """
     vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else None
     return max(vocab.values()) + 1 if vocab else len(tokenizer)
 
@@ -65,7 +84,8 @@ def check_vocabulary(tokenizer, vocab_size: int, *, model: str, tokenizer_name: 
     Args:
       tokenizer: an HF tokenizer.
       vocab_size: rows of the model's embedding table.
-      model, tokenizer_name: what the message calls them (paths).
+      model: what the message calls the model (its path).
+      tokenizer_name: what the message calls the tokenizer (its path).
 
     Raises:
       VocabularyError naming both, the sizes and the first id past the table.

@@ -34,7 +34,14 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields `path` + ".partial" to write; renamed onto `path` (atomic) when the block ends without error."""
+    """A file written under a temporary name and renamed onto `path` (atomic) when the block ends without error.
+
+    Args:
+      path: the file to write.
+
+    Yields:
+      `path` + ".partial", the file to write; removed if the block raises.
+    """
     path = Path(path)
     partial = path.with_name(path.name + ".partial")
     try:
@@ -45,6 +52,12 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` atomically (`atomic_file`): a reader sees the old file or the new one whole.
+
+    Args:
+      path: the file to write.
+      text: its new content.
+    """
     with atomic_file(path) as partial:
         partial.write_text(text)
 
@@ -53,8 +66,15 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> None:
 
 
 def siblings(directory: str | os.PathLike) -> tuple[Path, Path]:
-    """(`.<name>.new`, `.<name>.old`): where a complete new version waits for the swap, and where the old one
-    goes during it."""
+    """The two siblings of `directory` that a swap uses.
+
+    Args:
+      directory: the target of a directory-atomic write.
+
+    Returns:
+      (`.<name>.new`, `.<name>.old`): where a complete new version waits for the swap, and where the old one
+      goes during it.
+    """
     directory = Path(directory)
     return directory.with_name(f".{directory.name}.new"), directory.with_name(f".{directory.name}.old")
 
@@ -64,7 +84,14 @@ def _host() -> str:
 
 
 def staging_path(directory: str | os.PathLike) -> Path:
-    """This process's private sibling `.<name>.tmp-<pid>-<host>` in which a new version is built."""
+    """This process's private sibling of `directory`, in which a new version is built.
+
+    Args:
+      directory: the target of a directory-atomic write.
+
+    Returns:
+      `.<name>.tmp-<pid>-<host>` beside `directory`.
+    """
     directory = Path(directory)
     return directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{_host()}")
 
@@ -83,10 +110,16 @@ def _rename(src: Path, dst: Path) -> bool:
 
 
 def recover(directory: str | os.PathLike) -> Path:
-    """Finish or undo a swap killed between its two renames and drop a stale `.old`; the absolute path.
+    """Finish or undo a swap killed between its two renames and drop a stale `.old`.
 
     Called by every reader and writer before it looks at `directory`. Never touches a `.new` beside an existing
     directory (a writer may be about to swap it in) nor a writer's private staging directory.
+
+    Args:
+      directory: the target of a directory-atomic write (it need not exist).
+
+    Returns:
+      The absolute path of `directory`.
     """
     directory = Path(directory).absolute()
     new, old = siblings(directory)
@@ -111,8 +144,14 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale(directory: str | os.PathLike) -> None:
-    """Before a write: drop what killed writes left beside `directory` (the staging directories of processes of
-    this host that are gone, a `.new` that never got swapped in)."""
+    """Before a write: drop what killed writes left beside `directory`.
+
+    That is the staging directories of processes of this host that are gone and a `.new` that never got swapped
+    in (after `recover`, which swaps in a `.new` when the target is missing).
+
+    Args:
+      directory: the target of the coming write.
+    """
     directory = recover(directory)
     new, _ = siblings(directory)
     staged = re.compile(rf"^\.{re.escape(directory.name)}\.tmp-(\d+)-{re.escape(_host())}(\..*)?$")
@@ -150,8 +189,14 @@ def check_replaceable(directory: str | os.PathLike, replaces: Sequence[str], wha
 
 
 def swap_in(new: Path, directory: Path) -> None:
-    """Put the complete version `new` (a `.new` sibling) in place of `directory` (two atomic renames, the old
-    version removed last); `recover` repairs a kill between them."""
+    """Put a complete new version in place of `directory`: two atomic renames, the old version removed last.
+
+    `recover` repairs a kill between the two renames.
+
+    Args:
+      new: the complete version, the `.new` sibling of `directory` (`siblings`).
+      directory: the target; its current version (if any) is moved to `.<name>.old`, then removed.
+    """
     _, old = siblings(directory)
     if directory.exists():
         os.replace(directory, old)
@@ -162,10 +207,21 @@ def swap_in(new: Path, directory: Path) -> None:
 
 def begin(directory: str | os.PathLike, *, replaces: Sequence[str] | None = (), what: str = "an output",
           create: bool = True) -> Path:
-    """Start a directory-atomic write of `directory` (module doc): repair and clear what killed writes left,
-    refuse a directory that holds something else (`check_replaceable`; `replaces=None`: no such check, for a
-    writer that carries the directory's other files over, see `commit`) and return this process's staging
-    directory (made when `create`). Finish with `commit`, or `abort`."""
+    """Start a directory-atomic write of `directory` (module doc); finish it with `commit`, or `abort`.
+
+    Repairs and clears what killed writes left and refuses a directory that holds something else
+    (`check_replaceable`).
+
+    Args:
+      directory: the target; its parents are created.
+      replaces: glob patterns of the files of an earlier output of this kind (`check_replaceable`); None: no
+        such check, for a writer that carries the directory's other files over (see `commit`).
+      what: the kind of output, for error messages.
+      create: make the staging directory (False: the caller creates it, e.g. an orbax save).
+
+    Returns:
+      This process's staging directory (`staging_path`).
+    """
     directory = recover(directory)
     if replaces is not None:
         check_replaceable(directory, replaces, what)
@@ -179,9 +235,17 @@ def begin(directory: str | os.PathLike, *, replaces: Sequence[str] | None = (), 
 
 
 def commit(staging: Path, directory: str | os.PathLike, *, carry: Callable[[str], bool] | None = None) -> Path:
-    """Swap the complete `staging` in as `directory`. `carry(name)`: which entries of the current directory to
-    keep, hard-linked into the new version first (another writer's files in a shared output directory).
-    Returns the absolute directory."""
+    """Swap the complete `staging` in as `directory` (the end of a write started by `begin`).
+
+    Args:
+      staging: the staging directory `begin` returned, now complete.
+      directory: the target.
+      carry: `carry(name)` says which entries of the current directory to keep, hard-linked into the new
+        version first (another writer's files in a shared output directory); None keeps none.
+
+    Returns:
+      The absolute path of `directory`.
+    """
     directory = Path(directory).absolute()
     if carry is not None and directory.is_dir():
         for entry in directory.iterdir():
@@ -194,7 +258,11 @@ def commit(staging: Path, directory: str | os.PathLike, *, carry: Callable[[str]
 
 
 def abort(staging: Path) -> None:
-    """Drop a staging directory that will not be committed (the target is untouched)."""
+    """Drop a staging directory that will not be committed (the target is untouched).
+
+    Args:
+      staging: the staging directory `begin` returned.
+    """
     shutil.rmtree(staging, ignore_errors=True)
 
 

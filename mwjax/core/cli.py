@@ -35,6 +35,14 @@ class FiniteFloatParser(flags.FloatParser):
         self.syntactic_help = f"{self.syntactic_help} (finite)"
 
     def is_outside_bounds(self, val: float) -> bool:
+        """Whether absl refuses `val`: NaN / inf, outside [lower_bound, upper_bound], or not above `above`.
+
+        Args:
+          val: the parsed value.
+
+        Returns:
+          True when the value is out of range.
+        """
         return (not math.isfinite(val) or super().is_outside_bounds(val)
                 or (self.above is not None and not val > self.above))
 
@@ -48,22 +56,55 @@ class NumberListParser(flags.ListParser):
         self.syntactic_help = f"a comma-separated list, each {item.syntactic_help}"
 
     def parse(self, argument) -> list:
+        """Split `argument` at commas and parse each item with `item`.
+
+        Args:
+          argument: the flag's text ("1,2,3"), or a list (a default, whose strings are parsed).
+
+        Returns:
+          The list of numbers.
+        """
         return [self.item.parse(x) if isinstance(x, str) else x for x in super().parse(argument)]
 
     def flag_type(self) -> str:
+        """The type named in --help: "list of int" / "list of float"."""
         return f"list of {self.item.flag_type()}"
 
 
 def define_float(name: str, default: float | None, help: str, *, lower_bound: float | None = None,
                  upper_bound: float | None = None, above: float | None = None) -> flags.FlagHolder:
-    """A float flag whose value must be finite and lie in [lower_bound, upper_bound] (and > above)."""
+    """A float flag whose value must be finite and lie in [lower_bound, upper_bound] (and > above).
+
+    Args:
+      name: the flag's name.
+      default: its default value (None: no default).
+      help: its help text.
+      lower_bound: smallest value allowed (inclusive); None for no bound.
+      upper_bound: largest value allowed (inclusive); None for no bound.
+      above: values must be strictly greater than this; None for no such bound.
+
+    Returns:
+      absl's FlagHolder, owned by the calling module.
+    """
     return flags.DEFINE(FiniteFloatParser(lower_bound, upper_bound, above), name, default, help,
                         serializer=flags.ArgumentSerializer(), module_name=_caller())
 
 
 def define_numbers(name: str, default: list, help: str, kind: type = int, *, lower_bound: float | None = None,
                    upper_bound: float | None = None) -> flags.FlagHolder:
-    """A comma-separated list of `kind` (int or float; floats finite), each in [lower_bound, upper_bound]."""
+    """A flag holding a comma-separated list of `kind` (int or float; floats finite).
+
+    Args:
+      name: the flag's name.
+      default: its default list (None: no default).
+      help: its help text.
+      kind: int or float, the type of each item.
+      lower_bound: smallest value of each item (inclusive); None for no bound.
+      upper_bound: largest value of each item (inclusive); None for no bound.
+
+    Returns:
+      absl's FlagHolder, owned by the calling module.
+    """
     item = flags.IntegerParser(lower_bound, upper_bound) if kind is int else FiniteFloatParser(lower_bound, upper_bound)
     return flags.DEFINE(NumberListParser(item), name, default, help, serializer=flags.CsvListSerializer(","),
                         module_name=_caller())
@@ -80,8 +121,17 @@ SHORT_HELP, FULL_HELP = ("--help", "-?", "--helpshort"), ("--helpfull",)
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing with a bad value as a usage error: its message (naming the flag) on stderr, exit
-    status 2, before anything is loaded. --help / --helpshort / --helpfull print the help on stdout and exit
-    with status 0 (absl's own help flags exit with 1, which scripts and shells read as a failure)."""
+    status 2, before anything is loaded.
+
+    --help / --helpshort / --helpfull print the help on stdout and exit with status 0 (absl's own help flags
+    exit with 1, which scripts and shells read as a failure).
+
+    Args:
+      argv: the full command line, `sys.argv` (argv[0] the program).
+
+    Returns:
+      The arguments left after the flags are parsed (argv[0] first), as absl's `FLAGS(argv)`.
+    """
     for arg in argv[1:]:
         if arg == "--":
             break
@@ -94,11 +144,20 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def usage_error(program: str, message: str):
-    """Print `message` as a command-line error of `program` and exit with status 2."""
+    """Print `message` as a command-line error of `program` and exit with status 2.
+
+    Args:
+      program: the program's path (argv[0]); its file name prefixes the message.
+      message: what is wrong (e.g. absl's flag error, which names the flag).
+    """
     sys.stderr.write(f"{Path(program).name}: {message}\nPass --helpshort or --helpfull to see help on flags.\n")
     sys.exit(USAGE_ERROR)
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-    """`app.run(main)` with `parse_flags`: what every experiment's __main__ calls."""
+    """`app.run(main)` with `parse_flags`: what every experiment's __main__ calls.
+
+    Args:
+      main: the command line's `main(argv)`, called with the arguments left after the flags.
+    """
     app.run(main, flags_parser=parse_flags)

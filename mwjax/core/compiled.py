@@ -25,11 +25,17 @@ from flax import nnx
 def jit_model(fn: Callable[..., Any] | None = None, *, static_argnums: int | tuple[int, ...] = ()):
     """Compile `fn(model, *args)` with the model's graphdef static and its state traced.
 
-    static_argnums: indices into `args` (the arguments after the model) that are static too
-    (hashable Python values: configs, lengths, sampling settings); every other argument is traced.
-    Returns `call(model, *args)`; `call.on_state(graphdef, state, *args)` is the compiled function
-    itself, for callers that split a model once and run it many times, and `call._cache_size()`
-    counts its compiled programs. Usable as `@jit_model` or `@jit_model(static_argnums=...)`.
+    Usable as `@jit_model` or `@jit_model(static_argnums=...)`.
+
+    Args:
+      fn: the function of an nnx model and further arguments; None when used as `@jit_model(...)`.
+      static_argnums: indices into `args` (the arguments after the model) that are static too (hashable
+        Python values: configs, lengths, sampling settings); every other argument is traced.
+
+    Returns:
+      `call(model, *args)`; `call.on_state(graphdef, state, *args)` is the compiled function itself, for
+      callers that split a model once and run it many times, and `call._cache_size()` counts its compiled
+      programs. With `fn` None, the decorator that makes it.
     """
     if fn is None:
         return functools.partial(jit_model, static_argnums=static_argnums)
@@ -51,12 +57,19 @@ def jit_model(fn: Callable[..., Any] | None = None, *, static_argnums: int | tup
 
 
 def keep_compiled_programs(directory: str | None) -> str | None:
-    """Turn on jax's persistent compilation cache in `directory` (a local path or gs://...), unless a cache
-    directory is set already (`JAX_COMPILATION_CACHE_DIR`, or by the caller): a relaunched run (after a
-    preemption, or the next seed of one config) then loads its compiled training step instead of compiling
-    it again, minutes at 8B-70B. Only programs that took over a second to compile are kept (jax's default).
-    None or "": leave jax as it is. Call it before the first compilation: jax reads the directory once.
-    Returns the directory in use (None: no cache, e.g. turned off by `mwjax.core.distributed.initialize`)."""
+    """Turn on jax's persistent compilation cache in `directory`, unless a cache directory is set already.
+
+    A relaunched run (after a preemption, or the next seed of one config) then loads its compiled training step
+    instead of compiling it again, minutes at 8B-70B. Only programs that took over a second to compile are kept
+    (jax's default). Call it before the first compilation: jax reads the directory once.
+
+    Args:
+      directory: a local path or gs://...; None or "": leave jax as it is. Ignored when a cache directory is
+        set already (`JAX_COMPILATION_CACHE_DIR`, or by the caller).
+
+    Returns:
+      The directory in use (None: no cache, e.g. turned off by `mwjax.core.distributed.initialize`).
+    """
     if not jax.config.jax_enable_compilation_cache:
         return None
     if jax.config.jax_compilation_cache_dir or not directory:

@@ -41,7 +41,14 @@ COLLECTIVE_TIMEOUT_S = 600  # > the longest a process waits for another's compil
 
 
 def cluster_kind(environ: Mapping[str, str] = os.environ) -> str | None:
-    """Which multi-process launch the environment describes ("explicit", "slurm", "mpi", "tpu"), or None."""
+    """Which multi-process launch the environment describes (module doc).
+
+    Args:
+      environ: the environment to read (the process environment by default).
+
+    Returns:
+      "explicit", "slurm", "mpi" or "tpu"; None for a single-process run.
+    """
     if environ.get("JAX_COORDINATOR_ADDRESS") and int(environ.get("JAX_NUM_PROCESSES", "1")) > 1:
         return "explicit"
     if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in environ:  # inside srun, not sbatch
@@ -60,6 +67,7 @@ def initialize(environ: Mapping[str, str] = os.environ, *, collective_timeout_s:
       environ: where the launcher's variables are read (the process environment by default).
       collective_timeout_s: a CPU collective waiting longer than this fails instead of hanging (sets
         `--xla_cpu_collective_timeout_seconds` in this process's XLA_FLAGS unless it is set there already).
+
     Returns:
       True when this process joined a multi-process run; then on CPU the persistent compilation cache is
       off for the rest of the process (module doc).
@@ -85,14 +93,29 @@ def initialize(environ: Mapping[str, str] = os.environ, *, collective_timeout_s:
 
 
 def with_collective_timeout(xla_flags: str, seconds: int) -> str:
-    """`xla_flags` with the CPU collective timeout added, unless it names one already (the user's wins)."""
+    """`xla_flags` with the CPU collective timeout added, unless it names one already (the user's wins).
+
+    Args:
+      xla_flags: an XLA_FLAGS value (space-separated flags, possibly "").
+      seconds: the timeout to add (`--xla_cpu_collective_timeout_seconds`).
+
+    Returns:
+      The new XLA_FLAGS value.
+    """
     if COLLECTIVE_TIMEOUT_FLAG in xla_flags:
         return xla_flags
     return f"{xla_flags} {COLLECTIVE_TIMEOUT_FLAG}={int(seconds)}".strip()
 
 
 def collective_timeout_s(xla_flags: str | None = None) -> int | None:
-    """The CPU collective timeout set in `xla_flags` (default: this process's XLA_FLAGS), or None."""
+    """The CPU collective timeout set in an XLA_FLAGS value.
+
+    Args:
+      xla_flags: the flags to read; None for this process's XLA_FLAGS.
+
+    Returns:
+      The timeout in seconds, or None when no `--xla_cpu_collective_timeout_seconds` is set.
+    """
     flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
     for flag in flags.split():
         if flag.startswith(COLLECTIVE_TIMEOUT_FLAG + "="):

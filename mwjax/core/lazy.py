@@ -43,6 +43,7 @@ def module(name: str, before: Callable[[], object] | None = None) -> types.Modul
     Args:
       name: dotted module name.
       before: called once before the import (e.g. choosing matplotlib's backend before pyplot loads).
+
     Returns:
       the module, or a `types.ModuleType` whose attribute reads are the module's.
     """
@@ -52,14 +53,15 @@ def module(name: str, before: Callable[[], object] | None = None) -> types.Modul
 def exports(package: str, table: Mapping[str, str]) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """A package's `__getattr__` and `__dir__` (PEP 562) for names that live in its submodules.
 
+    A submodule never shares a name with an export: importing `package.x` binds `x` on the package, which would
+    shadow an exported function `x` for whoever imports after it (a clash is a ValueError).
+
     Args:
       package: the package's `__name__`.
       table: exported name -> submodule (relative to the package) that defines it under the same name.
+
     Returns:
       (__getattr__, __dir__) to assign in the package's `__init__`.
-
-    A submodule never shares a name with an export: importing `package.x` binds `x` on the package, which would
-    shadow an exported function `x` for whoever imports after it.
     """
     clash = [name for name in table for d in sys.modules[package].__path__
              if (Path(d) / f"{name}.py").exists() or (Path(d) / name).is_dir()]

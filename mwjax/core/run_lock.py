@@ -34,7 +34,14 @@ class DirectoryLockedError(RuntimeError):
 
 
 def lock_path(directory: str | os.PathLike) -> Path:
-    """`.<name>.lock` beside `directory`, its symbolic links resolved (a link to a directory is that directory)."""
+    """The lock file of an output directory.
+
+    Args:
+      directory: the output directory (it need not exist).
+
+    Returns:
+      `.<name>.lock` beside `directory`, its symbolic links resolved (a link to a directory is that directory).
+    """
     directory = Path(directory).resolve()
     return directory.with_name(f".{directory.name}.lock")
 

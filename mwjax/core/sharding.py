@@ -44,12 +44,20 @@ RULES = tuple(LOGICAL_RULES.items())  # the table as Flax's `sharding_rules` met
 
 
 def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
-    """A parameter with its logical axes declared (one name, or None, per dimension of `value`).
+    """A parameter with its logical axes declared.
 
     Flax's `nnx.Param(value, sharding_names=axes)`, with the rules that map the names onto a mesh and without
     Flax's eager sharding (which would need a mesh wherever a model is built): the loader and the trainer
     place each array themselves (`param_sharding_fn`, which also leaves a dimension a mesh axis does not divide
     unsharded).
+
+    Args:
+      value: the initial array.
+      axes: one logical axis name (a key of LOGICAL_RULES), or None, per dimension of `value`.
+      kind: the Variable type (`nnx.Param`, or another Variable subclass).
+
+    Returns:
+      The Variable, carrying `axes` as its `out_sharding` metadata.
     """
     if len(axes) != value.ndim:
         raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
@@ -57,7 +65,14 @@ def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) ->
 
 
 def declared_axes(state: nnx.State) -> dict[str, Axes]:
-    """{dotted parameter path: its declared logical axes} for every Variable of `state` that declares them."""
+    """The logical axes declared by the Variables of a model state.
+
+    Args:
+      state: an `nnx.State` (e.g. from `nnx.split(model)`).
+
+    Returns:
+      {dotted parameter path: its declared logical axes} for every Variable of `state` that declares them.
+    """
     out = {}
     for path, variable in nnx.to_flat_state(state):
         axes = variable.get_metadata().get(AXES)
@@ -71,9 +86,18 @@ HIDDEN_AXES: Axes = ("batch", None, None)  # the residual stream [b, t, d_model]
 
 
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
-    """x [...] constrained to its logical `axes` on the mesh it is traced under (`traced_on`, as the trainer's
-    steps are), so that a mesh run does not depend on how XLA propagates shardings; x itself without one (one
-    device, analysis). A dimension the mesh axes do not divide stays whole, as for parameters (`spec`)."""
+    """`x` constrained to its logical `axes` on the mesh it is traced under (`traced_on`, as the trainer's steps
+    are), so that a mesh run does not depend on how XLA propagates shardings.
+
+    A dimension the mesh axes do not divide stays whole, as for parameters (`spec`).
+
+    Args:
+      x: an array [...] (e.g. the residual stream [b, t, d_model]).
+      axes: its logical axes, one per dimension (e.g. HIDDEN_AXES).
+
+    Returns:
+      `x` under `jax.lax.with_sharding_constraint`; `x` itself when not traced on a mesh (one device, analysis).
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
@@ -81,12 +105,32 @@ def constrain(x: jax.Array, axes: Axes) -> jax.Array:
 
 
 def traced_on(mesh: Mesh):
-    """Context for tracing a step on `mesh`: `constrain` applies its constraints there."""
+    """Context for tracing a step on `mesh`: `constrain` applies its constraints there.
+
+    Args:
+      mesh: the device mesh (`make_mesh`).
+
+    Returns:
+      A context manager (`jax.sharding.use_abstract_mesh` of the mesh's abstract mesh).
+    """
     return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (default all); one size may be -1 (the rest)."""
+    """A ("data", "fsdp", "tensor") mesh over `devices`; one size may be -1 (the devices left over).
+
+    Args:
+      data: size of the "data" axis (pure data parallelism).
+      fsdp: size of the "fsdp" axis (batch split and weights sharded, FSDP).
+      tensor: size of the "tensor" axis (tensor parallelism: heads, d_ff, vocab).
+      devices: the devices to arrange; None for all of `jax.devices()`.
+
+    Returns:
+      The `jax.sharding.Mesh`.
+
+    Raises:
+      ValueError: the sizes do not multiply to the device count (or more than one is -1).
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -104,7 +148,18 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
 
 
 def spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """The PartitionSpec of a value with these logical axes, dropping mesh axes that do not divide a dim."""
+    """The PartitionSpec of a value with these logical axes (through LOGICAL_RULES).
+
+    Mesh axes of size 1 are dropped, and a dimension that its mesh axes do not divide is left unsharded.
+
+    Args:
+      logical: logical axis names (or None), one per dimension.
+      shape: the value's shape.
+      mesh: the mesh (or abstract mesh) whose axis sizes decide.
+
+    Returns:
+      The `PartitionSpec`.
+    """
     parts = []
     for axis, dim in zip(logical, shape, strict=True):
         mapped = LOGICAL_RULES.get(axis) if axis else None
@@ -116,13 +171,28 @@ def spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> Par
 
 
 def param_sharding_fn(mesh: Mesh) -> ShardingFn:
-    """(dotted parameter path, shape, declared logical axes or None) -> NamedSharding; for converters.load /
-    checkpoint.restore. Undeclared: replicated."""
+    """Where each parameter lives on `mesh`, as a function for converters.load / checkpoint.restore.
+
+    Args:
+      mesh: the device mesh.
+
+    Returns:
+      A `ShardingFn`: (dotted parameter path, shape, declared logical axes or None) -> NamedSharding
+      (undeclared axes: replicated).
+    """
     return lambda path, shape, axes: NamedSharding(mesh, spec(axes or (None,) * len(shape), shape, mesh))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh):
-    """A pytree of NamedShardings matching `state` (parameters by their declared axes, anything else replicated)."""
+    """The shardings of a model state on `mesh`.
+
+    Args:
+      state: an `nnx.State` (or its abstract version from `nnx.eval_shape`).
+      mesh: the device mesh.
+
+    Returns:
+      A pytree of NamedShardings matching `state` (parameters by their declared axes, anything else replicated).
+    """
     fn, axes = param_sharding_fn(mesh), declared_axes(state)
 
     def one(path, leaf):
@@ -133,8 +203,16 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
-    """Batches [batch, ...] (the batch at `axis`, e.g. 1 for [grad_accum, batch, seq]): rows split over
-    ("data", "fsdp")."""
+    """The sharding of batches: rows split over ("data", "fsdp"), the other dimensions whole.
+
+    Args:
+      mesh: the device mesh.
+      ndim: the batch arrays' number of dimensions.
+      axis: the batch dimension (e.g. 1 for [grad_accum, batch, seq]).
+
+    Returns:
+      The NamedSharding.
+    """
     names = tuple(n for n in LOGICAL_RULES["batch"] if mesh.shape[n] > 1)
     parts = [None] * ndim
     parts[axis] = names or None
@@ -142,16 +220,30 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, axis: int = 0) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of `mesh`.
+
+    Args:
+      mesh: the device mesh.
+
+    Returns:
+      NamedSharding(mesh, PartitionSpec()).
+    """
     return NamedSharding(mesh, PartitionSpec())
 
 
 def put(tree, shardings):
     """`jax.device_put(tree, shardings)` that also works when a sharding spans several processes.
 
-    `shardings`: one Sharding for every leaf, or a matching pytree. Values local to this process (freshly
-    initialised adapters, optimizer state, keys: the same on every process, as they come from the same
-    seeds) are cut into this process's shards; arrays already spread over processes are resharded in a
-    compiled identity (no host gathers them).
+    Values local to this process (freshly initialised adapters, optimizer state, keys: the same on every
+    process, as they come from the same seeds) are cut into this process's shards; arrays already spread over
+    processes are resharded in a compiled identity (no host gathers them).
+
+    Args:
+      tree: a pytree of arrays (jax or numpy; typed PRNG keys included).
+      shardings: one Sharding for every leaf, or a matching pytree.
+
+    Returns:
+      The tree with every leaf a `jax.Array` placed as `shardings` says.
     """
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
@@ -170,8 +262,15 @@ def put(tree, shardings):
 
 
 def shaped(tree, shardings):
-    """`put` for an abstract tree (`jax.ShapeDtypeStruct` leaves, e.g. from `nnx.eval_shape`): the same leaves
-    carrying `shardings` (one Sharding, or a matching pytree), for lowering and compiling without weights."""
+    """`put` for an abstract tree, for lowering and compiling without weights.
+
+    Args:
+      tree: a pytree with `jax.ShapeDtypeStruct` leaves (e.g. from `nnx.eval_shape`).
+      shardings: one Sharding for every leaf, or a matching pytree.
+
+    Returns:
+      The same tree, each leaf a `jax.ShapeDtypeStruct` carrying its sharding.
+    """
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -70,9 +70,16 @@ class Group:
     path: list[int] = dataclasses.field(default_factory=list)  # indices of the last input's tokens, by depth
 
     def add(self, request: int, inputs: Sequence[int], shared: int, continuation: Sequence[int]) -> None:
-        """A request: its input tokens (context + continuation but its last token; after the group's last input
-        in sorted order, whose first `shared` tokens they repeat) and its continuation, whose token k is
-        predicted at input token len(inputs) - len(continuation) + k."""
+        """Add a request to the tree: the tokens after the prefix it shares with the group's last input.
+
+        Args:
+          request: the request's index in the call's pairs.
+          inputs: its input tokens (context + continuation but its last token), after the group's last input in
+            sorted order.
+          shared: how many first tokens of `inputs` repeat the group's last input (0 for a group's first request).
+          continuation: its continuation tokens; token k is predicted at input token len(inputs) - len(continuation)
+            + k.
+        """
         start, new = len(self.tokens), len(inputs) - shared
         for index in self.path[shared:]:  # the last input's subtrees end here
             self.ends[index] = start
@@ -86,6 +93,7 @@ class Group:
         self.targets += continuation
 
     def close(self) -> Group:
+        """End the subtrees still open at the group's last token; returns the group itself."""
         self.ends = [len(self.tokens) if end < 0 else end for end in self.ends]
         self.path = []
         return self
@@ -102,7 +110,15 @@ class Inputs:
 
     @classmethod
     def of(cls, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> Inputs:
-        """Every context and continuation needs a token."""
+        """The `Inputs` of (context, continuation) token pairs; every context and continuation needs a token
+        (ValueError naming the request otherwise).
+
+        Args:
+          pairs: (context tokens, continuation tokens) per request.
+
+        Returns:
+          The inputs, sorted, with the tokens each shares with the one before it.
+        """
         for i, (context, continuation) in enumerate(pairs):
             if not context or not continuation:
                 raise ValueError(f"request {i}: context and continuation need a token each, got {len(context)} "
@@ -114,7 +130,15 @@ class Inputs:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many first tokens a and b share (bisected over slices, which compare in C)."""
+    """How many first tokens a and b share (bisected over slices, which compare in C).
+
+    Args:
+      a: a token sequence.
+      b: another.
+
+    Returns:
+      The length of their common prefix.
+    """
     low, high = 0, min(len(a), len(b))
     while low < high:
         middle = (low + high + 1) // 2
@@ -127,9 +151,20 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 def group_sizes(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], inputs: Inputs, cap: int
                 ) -> tuple[list[int], list[int]]:
-    """Where the groups start along `inputs.order`, and their token counts. A request joins the group of the
-    input before it when it shares its whole context or half of its input with it (the choices of a question;
-    WinoGrande's sentences up to the blank; few-shot examples) and the group stays within `cap` tokens."""
+    """Where the groups start along `inputs.order`, and their token counts.
+
+    A request joins the group of the input before it when it shares its whole context or half of its input with it
+    (the choices of a question; WinoGrande's sentences up to the blank; few-shot examples) and the group stays
+    within `cap` tokens.
+
+    Args:
+      pairs: (context tokens, continuation tokens) per request.
+      inputs: the pairs' `Inputs`.
+      cap: the most tokens a group of several requests holds.
+
+    Returns:
+      (the index along `inputs.order` where each group starts, each group's token count).
+    """
     starts: list[int] = []
     sizes: list[int] = []
     for k, (i, shared) in enumerate(zip(inputs.order, inputs.shared, strict=True)):
@@ -144,9 +179,19 @@ def group_sizes(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], inputs: In
 
 def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit: int,
          inputs: Inputs | None = None) -> list[Group]:
-    """Prefix-tree groups of the (context, continuation) token pairs (`group_sizes`), longest first; a group
-    stays within `width` and `limit` tokens, and a request longer than that is a group alone. inputs: the
-    pairs' `Inputs`, when the caller packs them at several widths."""
+    """Prefix-tree groups of the (context, continuation) token pairs (`group_sizes`), longest first.
+
+    A group stays within `width` and `limit` tokens, and a request longer than that is a group alone.
+
+    Args:
+      pairs: (context tokens, continuation tokens) per request.
+      width: the row width.
+      limit: the longest group (`row_limit`).
+      inputs: the pairs' `Inputs`, when the caller has them (it packs at several widths); None builds them.
+
+    Returns:
+      The closed `Group`s, the most tokens first.
+    """
     inputs = inputs or Inputs.of(pairs)
     starts = set(group_sizes(pairs, inputs, min(width, limit))[0])
     groups: list[Group] = []
@@ -160,16 +205,32 @@ def pack(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], width: int, limit
 
 def row_limit(config, max_length: int) -> int:
     """The longest group: the model's window, and a sliding window's length where the model has one (index
-    distances in a group exceed position distances; a group no longer than the window is never cut)."""
+    distances in a group exceed position distances; a group no longer than the window is never cut).
+
+    Args:
+      config: the model's `ModelConfig` (`layer_types`, `sliding_window`).
+      max_length: the model's window.
+
+    Returns:
+      The most tokens a group may hold.
+    """
     if SLIDING_ATTENTION in config.layer_types and config.sliding_window:
         return min(max_length, config.sliding_window)
     return max_length
 
 
 def fill_rows(sizes: Sequence[int], width: int) -> list[list[int]]:
-    """Groups of these token counts (longest first) into rows of at most `width` tokens, each into the fullest
-    row it fits (best fit decreasing): each row's groups by index. The rows come out nearly full, so little of
-    a batch is padding."""
+    """Groups into rows of at most `width` tokens, each into the fullest row it fits (best fit decreasing).
+
+    The rows come out nearly full, so little of a batch is padding. ValueError when a group is wider than a row.
+
+    Args:
+      sizes: the groups' token counts, longest first.
+      width: the row width.
+
+    Returns:
+      Each row's groups, as indices into `sizes`.
+    """
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (tokens left, row), sorted
     for group, n in enumerate(sizes):
@@ -190,7 +251,14 @@ def fill_rows(sizes: Sequence[int], width: int) -> list[list[int]]:
 
 def key_cost(config) -> float:
     """What one key costs a query in attention (scores and weighted values: 4 h d_head FLOPs), over what the
-    query's token costs in the layer's matmuls (2 x their weights): how much each token of a wider row pays."""
+    query's token costs in the layer's matmuls (2 x their weights): how much each token of a wider row pays.
+
+    Args:
+      config: the model's `ModelConfig` (heads, head_dim, hidden, intermediate and expert sizes).
+
+    Returns:
+      The ratio, per key.
+    """
     q, kv = (n * config.head_dim for n in (config.num_attention_heads, config.num_key_value_heads))
     ffn = 3 * config.intermediate_size * (config.num_experts_per_tok or 1)
     return 2 * q / (config.hidden_size * (2 * q + 2 * kv + ffn))
@@ -198,9 +266,22 @@ def key_cost(config) -> float:
 
 def layout(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, limit: int, batch_size: int, max_length: int,
            key_cost: float) -> tuple[list[list[Group]], int, int]:
-    """The call's rows, their width and the rows in each batch. Of the widths from the longest input's (rounded
-    up to a multiple of 16) to twice that, in about WIDTH_STEPS steps, the one whose batches cost the least:
-    slots x (1 + key_cost x width), padding included (batches hold as many rows each, at most batch_size)."""
+    """The call's rows, their width and the rows in each batch.
+
+    Of the widths from the longest input's (rounded up to a multiple of 16) to twice that (at most `max_length`),
+    in about WIDTH_STEPS steps, the one whose batches cost the least: slots x (1 + key_cost x width), padding
+    included (batches hold as many rows each, at most batch_size).
+
+    Args:
+      pairs: (context tokens, continuation tokens) per request.
+      limit: the longest group (`row_limit`).
+      batch_size: the most rows per batch.
+      max_length: the model's window: the widest row.
+      key_cost: the attention cost of a key relative to a token's matmuls (`key_cost`).
+
+    Returns:
+      (rows, each a list of `Group`s; the row width; rows per batch).
+    """
     inputs = Inputs.of(pairs)
     longest = max(map(len, inputs.tokens))
     first = min(-(-longest // 16) * 16, max_length)
@@ -219,10 +300,20 @@ def layout(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, limit: int, 
 
 
 def balanced_batches(rows: Sequence[Sequence[Group]], per_batch: int) -> list[list[Sequence[Group]]]:
-    """The rows in batches of at most `per_batch`, their scored positions spread evenly (every batch of a call
-    pads them to its fullest batch's): the rows with the most picks first, each into the batch with the
-    fewest picks that has room. Sorted longest first, the rows would leave the long contexts with one pick
-    per answer (BoolQ) in the first batches and the short multiple-choice trees in the last."""
+    """The rows in batches of at most `per_batch`, their scored positions spread evenly.
+
+    Every batch of a call pads its scored positions to its fullest batch's, so the rows with the most picks go
+    first, each into the batch with the fewest picks that has room. Sorted longest first, the rows would leave the
+    long contexts with one pick per answer (BoolQ) in the first batches and the short multiple-choice trees in the
+    last.
+
+    Args:
+      rows: the rows from `layout`, each a list of `Group`s.
+      per_batch: the most rows per batch.
+
+    Returns:
+      ceil(len(rows) / per_batch) batches, each a list of rows.
+    """
     batches: list[list[Sequence[Group]]] = [[] for _ in range(-(-len(rows) // per_batch))]
     picks = [0] * len(batches)
     for row, count in sorted(((row, sum(len(group.picks) for group in row)) for row in rows), key=lambda x: -x[1]):
@@ -258,11 +349,25 @@ def _batch_arrays(rows: Sequence[Sequence[Group]], batch_size: int, width: int, 
 def score_pairs(graphdef, state, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, config,
                 batch_size: int, max_length: int, on_result: Callable[[int, tuple[float, bool]], None] | None = None,
                 desc: str = "loglikelihood", show_progress: bool = True) -> list[tuple[float, bool]]:
-    """(sum log p, is_greedy) of every (context, continuation) token pair, in order; `on_result(i, result)` as
-    each comes (lm-eval's cache hook). config: the model's `ModelConfig` (its window and attention cost).
+    """(sum log p, is_greedy) of every (context, continuation) token pair, in order.
 
     The pairs' prefix-tree groups (`pack`) fill rows of one width (`layout`); batches of as many rows each, at
     most `batch_size`, share one number of scored positions, so the whole call is one compiled program.
+
+    Args:
+      graphdef: the model's graph definition (`nnx.split(model)`).
+      state: the model's state (`nnx.split(model)`).
+      pairs: (context tokens, continuation tokens) per request; each input (context + continuation but its last
+        token) at most `max_length` tokens.
+      config: the model's `ModelConfig` (its window and attention cost).
+      batch_size: the most rows per forward pass.
+      max_length: the model's window: the widest row.
+      on_result: called as `on_result(i, result)` as each request's result comes (lm-eval's cache hook).
+      desc: the progress bar's label.
+      show_progress: show the progress bar.
+
+    Returns:
+      One (sum of the continuation's log-probabilities, whether every continuation token is the argmax) per pair.
     """
     results: list[tuple[float, bool] | None] = [None] * len(pairs)
     if not pairs:
@@ -290,8 +395,19 @@ def score_continuations(model: nnx.Module, pairs: Sequence[tuple[Sequence[int], 
                         batch_size: int = 16, max_length: int | None = None,
                         show_progress: bool = True) -> list[tuple[float, bool]]:
     """(sum log p(continuation | context), is_greedy) of each (context, continuation) token pair (HF: the
-    continuation's summed log-softmax, as lm-eval's `loglikelihood`). Pairs must fit `max_length` + 1 tokens
-    (default: the model's `max_position_embeddings`)."""
+    continuation's summed log-softmax, as lm-eval's `loglikelihood`).
+
+    Args:
+      model: an mwjax causal LM.
+      pairs: (context tokens, continuation tokens) per request, each non-empty; a pair holds at most
+        `max_length` + 1 tokens (ValueError otherwise: truncate the context on the left first).
+      batch_size: the most rows per forward pass.
+      max_length: the model's window (default: its `max_position_embeddings`).
+      show_progress: show a progress bar.
+
+    Returns:
+      One (sum of the continuation's log-probabilities, whether every continuation token is the argmax) per pair.
+    """
     max_length = int(max_length or model.config.max_position_embeddings)
     for i, (context, continuation) in enumerate(pairs):
         if len(context) + len(continuation) > max_length + 1:

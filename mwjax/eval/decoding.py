@@ -25,7 +25,16 @@ DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536,
 
 
 def bucket(length: int, buckets: Sequence[int], cap: int) -> int:
-    """The smallest bucket >= length (or length rounded up to a multiple of the largest bucket), <= cap."""
+    """The smallest bucket >= length (or length rounded up to a multiple of the largest bucket), <= cap.
+
+    Args:
+      length: the prompt length to fit.
+      buckets: ascending widths (e.g. `DEFAULT_BUCKETS`).
+      cap: the largest width returned.
+
+    Returns:
+      The padded width.
+    """
     for b in buckets:
         if b >= length:
             return min(b, cap)
@@ -99,12 +108,27 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
              width: int | None = None, **model_kwargs) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to `max_new_tokens`; returns the new tokens.
 
-    temperature 0 is greedy decoding; repetition_penalty > 1 lowers the tokens already in the prompt or
-    the output before the choice (HF `generate(repetition_penalty=)`, vLLM SamplingParams'), greedy or not.
-    Generation of a row stops after it emits one of `eos_ids`
-    (default: the config's eos token), which is kept at the end of its output. `width` left-pads
-    the prompts to at least that many tokens (one compiled program for a range of prompt lengths).
-    model_kwargs (ffn_masks=, edits=) apply to every step.
+    The HF `generate` equivalent, one compiled program with a KV cache. Generation of a row stops after it
+    emits one of `eos_ids`, which is kept at the end of its output.
+
+    Args:
+      model: an mwjax causal LM.
+      prompts: token ids per prompt, each non-empty (e.g. starting with the bos token); left-padded together.
+      max_new_tokens: tokens generated per prompt (>= 1).
+      temperature: sampling temperature; 0 is greedy decoding.
+      top_k: sample among the k most likely tokens only; None for no limit.
+      top_p: nucleus sampling: sample among the smallest set of tokens of probability >= top_p; None for all.
+      repetition_penalty: > 1 lowers the tokens already in the prompt or the output before the choice
+        (HF `generate(repetition_penalty=)`, vLLM SamplingParams'), greedy or not; 1 for none.
+      seed: the sampling PRNG seed.
+      eos_ids: tokens that end a row; None for the config's eos token(s).
+      pad_id: the token id of the left padding (masked out).
+      width: left-pad the prompts to at least that many tokens (one compiled program for a range of prompt
+        lengths); None for the longest prompt.
+      model_kwargs: passed to every forward step, traced (ffn_masks=, edits=).
+
+    Returns:
+      The new token ids per prompt, up to and including the eos token.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. the bos token)")
@@ -134,9 +158,24 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens
 def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch_size: int = 8,
                   buckets: Sequence[int] = DEFAULT_BUCKETS, seed: int = 0, desc: str = "generate",
                   **kwargs) -> list[list[int]]:
-    """`generate` over any number of prompts, in the given order: longest first in batches of exactly
-    `batch_size` (the last one filled with copies), each left-padded to a bucketed width, so XLA compiles a
-    program per bucket rather than one per prompt length. Batch j samples with seed `seed + j`."""
+    """`generate` over any number of prompts, answered in the given order.
+
+    Runs longest first in batches of exactly `batch_size` (the last one filled with copies), each left-padded
+    to a bucketed width, so XLA compiles a program per bucket rather than one per prompt length.
+
+    Args:
+      model: an mwjax causal LM.
+      prompts: token ids per prompt.
+      max_new_tokens: tokens generated per prompt.
+      batch_size: prompts per compiled batch.
+      buckets: the ascending prompt widths (`bucket`); lengths past the largest round up to its multiples.
+      seed: batch j samples with seed `seed + j`.
+      desc: the progress bar's label.
+      kwargs: the other keyword arguments of `generate` (temperature, top_k, eos_ids, model_kwargs, ...).
+
+    Returns:
+      The new token ids per prompt, in the order of `prompts`.
+    """
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     cap = max(buckets[-1], max((len(p) for p in prompts), default=0))
@@ -155,7 +194,19 @@ def generate_many(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_t
 
 def generate_text(model: nnx.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, *,
                   chat: bool = False, **kwargs) -> list[str]:
-    """`generate` on text; `chat=True` wraps each prompt as one user turn of the tokenizer's chat template."""
+    """`generate` on text; `chat=True` wraps each prompt as one user turn of the tokenizer's chat template.
+
+    Args:
+      model: an mwjax causal LM.
+      tokenizer: its HF tokenizer (its eos token ends a row unless `eos_ids` is given; its pad token pads).
+      prompts: the prompt texts.
+      max_new_tokens: tokens generated per prompt.
+      chat: apply the chat template (with the generation prompt) instead of the plain tokenization.
+      kwargs: the other keyword arguments of `generate` (temperature, top_k, eos_ids, model_kwargs, ...).
+
+    Returns:
+      The decoded continuations (special tokens skipped), one per prompt.
+    """
     if chat:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                tokenize=False) for p in prompts]

@@ -17,12 +17,20 @@ from mwjax.eval import judge, spec_bench
 
 def judge_answers(judge_model: nnx.Module, judge_tokenizer, questions: Sequence[spec_bench.Question],
                   answers: Sequence[Sequence[str]], **grade_kwargs) -> tuple[list[dict], dict]:
-    """Grade every turn's answer (`judge.grade`'s keyword arguments: rubric, params, max_retries, ...).
+    """Grade every turn's answer with the LLM judge, and Table 3's scores from the grades.
 
-    Returns the per-question records (turns, references, answers, and per turn: its Table 3 column, score,
-    feedback, retries and every judge output) and the summary: {"scores": spec_bench.table3's means,
-    "counts": per column, the turns judged, those whose first output did not parse, the retries made and
-    those never parsed (left out of the means)}.
+    Args:
+      judge_model: the judge, an mwjax causal LM (House of Cards: Prometheus-2-7B).
+      judge_tokenizer: its HF tokenizer.
+      questions: the Spec-Bench questions answered.
+      answers: the assistant's answers, [question][turn] (`spec_bench.answer`).
+      grade_kwargs: `judge.grade`'s keyword arguments (rubric, params, max_retries, ...).
+
+    Returns:
+      The per-question records (turns, references, answers, and per turn: its Table 3 column, score, feedback,
+      retries and every judge output) and the summary: {"scores": spec_bench.table3's means, "counts": per
+      column, the turns judged, those whose first output did not parse, the retries made and those never parsed
+      (left out of the means)}.
     """
     turns = [(qi, t) for qi, q in enumerate(questions) for t in range(len(q.turns))]
     items = [judge.Item(spec_bench.instruction(questions[qi], answers[qi], t), answers[qi][t],

@@ -59,18 +59,30 @@ class Item:
 
 @dataclasses.dataclass(frozen=True)
 class Judgement:
+    """The judge's verdict on one `Item`: its parsed feedback, its 1-5 score (None if never parsed), every output."""
+
     feedback: str  # the judge's whole parsed output (as prometheus-eval returns it), or FAILED
     score: int | None  # 1-5, None when no attempt parsed
     outputs: tuple[str, ...]  # every generation, the first pass then each retry
 
     @property
     def retries(self) -> int:
+        """How many times the item was re-generated (outputs after the first pass)."""
         return len(self.outputs) - 1
 
 
 def judge_messages(item: Item, rubric: str) -> list[dict[str, str]]:
-    """The system and user turns prometheus-eval's `PrometheusEval.absolute_grade` sends for one item: the
-    absolute template with a reference answer when there is one, without otherwise."""
+    """The system and user turns prometheus-eval's `PrometheusEval.absolute_grade` sends for one item.
+
+    The absolute template with a reference answer when there is one, without otherwise.
+
+    Args:
+      item: the response to grade, its instruction and reference.
+      rubric: the rubric text (a `load_rubric` result or the caller's own).
+
+    Returns:
+      [{"role": "system", ...}, {"role": "user", ...}] chat messages.
+    """
     template = get_prompt_template("absolute", include_reference=item.reference is not None)
     content = template.format(instruction=item.instruction, response=item.response, rubric=rubric,
                               reference_answer=item.reference)
@@ -78,7 +90,18 @@ def judge_messages(item: Item, rubric: str) -> list[dict[str, str]]:
 
 
 def render(messages: list[dict[str, str]], tokenizer, prompt_format: str = "prometheus") -> list[int]:
-    """The judge's prompt token ids for `messages` (see PROMPT_FORMATS)."""
+    """The judge's prompt token ids for `messages` (see PROMPT_FORMATS).
+
+    Args:
+      messages: the chat messages (`judge_messages`).
+      tokenizer: the judge's HF tokenizer.
+      prompt_format: "prometheus" (FastChat's mistral conversation, as prometheus-eval's vLLM path) or
+        "chat_template" (the tokenizer's own template; the system text leads the user turn when the template
+        has no system role).
+
+    Returns:
+      The prompt's token ids.
+    """
     if prompt_format == "prometheus":
         conv = get_conv_template("mistral")  # as PrometheusEval._get_conversation_prompt
         for message in messages:
@@ -108,8 +131,17 @@ class Request:
 
 
 class MwjaxJudgeLM:
-    """prometheus-eval's model interface over an mwjax model: `completions` generates for a list of `Request`s
-    with the vLLM-named sampling parameters prometheus-eval passes, and keeps every output per item."""
+    """prometheus-eval's model interface over an mwjax model, keeping every output per item.
+
+    `completions` generates for a list of `Request`s with the vLLM-named sampling parameters prometheus-eval
+    passes.
+
+    Args:
+      model: the judge, an mwjax causal LM.
+      tokenizer: its HF tokenizer (eos ends an output, pad pads the prompts, decode gives the text).
+      batch_size: prompts per generation batch (`decoding.generate_many`).
+      seed: the sampling seed; each pass (the first, then each retry) samples with a seed of its own.
+    """
 
     def __init__(self, model: nnx.Module, tokenizer, *, batch_size: int = 8, seed: int = 0):
         self.model, self.tokenizer, self.batch_size, self.seed = model, tokenizer, batch_size, seed
@@ -119,6 +151,21 @@ class MwjaxJudgeLM:
     def completions(self, requests: Sequence[Request], *, max_tokens: int, temperature: float = 1.0,
                     top_p: float = 1.0, repetition_penalty: float = 1.0, best_of: int = 1, use_tqdm: bool = True,
                     **unknown) -> list[str]:
+        """One sampled output per request (prometheus-eval's `completions`), recorded under the request's index.
+
+        Args:
+          requests: the prompts to complete, with their item indices.
+          max_tokens: new tokens per output (vLLM `max_tokens`).
+          temperature: sampling temperature (0: greedy).
+          top_p: nucleus sampling threshold (1.0: none).
+          repetition_penalty: as HF / vLLM `repetition_penalty` (1.0: none).
+          best_of: must be 1 (one sample per prompt).
+          use_tqdm: accepted for prometheus-eval's interface; the progress bar shows regardless.
+          unknown: any other sampling parameter; refused (ValueError).
+
+        Returns:
+          The decoded outputs (special tokens skipped, as vLLM's `.text`), one per request.
+        """
         if unknown or best_of != 1:
             raise ValueError(f"the mwjax judge samples one output per prompt with max_tokens, temperature, top_p and "
                              f"repetition_penalty; got best_of={best_of} and {sorted(unknown)}")
@@ -138,9 +185,24 @@ class MwjaxJudgeLM:
 def grade(model: nnx.Module, tokenizer, items: Sequence[Item], *, rubric: str = "helpfulness",
           params: dict | None = None, max_retries: int = MAX_RETRIES, prompt_format: str = "prometheus",
           batch_size: int = 8, seed: int = 0) -> list[Judgement]:
-    """Grade every item with the judge `model` (prometheus-eval's absolute grading, `rubric` one of RUBRICS or
-    a rubric text): one pass over all items, then up to `max_retries` passes over those whose output did not
-    parse. params: changes to PROMETHEUS_PARAMS (e.g. {"temperature": 0.0}: greedy, whose retries repeat)."""
+    """Grade every item with the judge `model` (prometheus-eval's absolute grading).
+
+    One pass over all items, then up to `max_retries` passes over those whose output did not parse.
+
+    Args:
+      model: the judge, an mwjax causal LM (House of Cards: Prometheus-2-7B).
+      tokenizer: the judge's HF tokenizer.
+      items: the responses to grade.
+      rubric: one of RUBRICS (prometheus-eval's `load_rubric`) or a rubric text.
+      params: changes to PROMETHEUS_PARAMS (e.g. {"temperature": 0.0}: greedy, whose retries repeat).
+      max_retries: re-generation passes at most for the outputs that did not parse.
+      prompt_format: one of PROMPT_FORMATS (`render`).
+      batch_size: prompts per generation batch.
+      seed: the sampling seed of the first pass.
+
+    Returns:
+      One `Judgement` per item, in order.
+    """
     rubric_text = load_rubric(rubric, "absolute") if rubric in RUBRICS else rubric
     lm = MwjaxJudgeLM(model, tokenizer, batch_size=batch_size, seed=seed)
     requests = [Request(i, render(judge_messages(item, rubric_text), tokenizer, prompt_format))

@@ -27,6 +27,8 @@ from mwjax.core.progress import track
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
+    """What `perplexity` measured: the perplexity, its mean NLL, the NLL of each chunk and the counts."""
+
     perplexity: float
     mean_nll: float  # mean over chunks of the per-token NLL (nats)
     chunk_nll: tuple[float, ...]  # per chunk, mean per-token NLL
@@ -35,11 +37,25 @@ class PerplexityResult:
     tokens_scored: int
 
     def to_dict(self):
+        """The fields as a dict (`dataclasses.asdict`), for JSON.
+
+        Returns:
+          {field name: value}.
+        """
         return dataclasses.asdict(self)
 
 
 def chunk_tokens(token_ids, seqlen: int, max_chunks: int | None = None) -> np.ndarray:
-    """[num_chunks, seqlen] consecutive chunks of a 1-D token stream (at most `max_chunks` of them)."""
+    """Consecutive non-overlapping chunks of a 1-D token stream; a trailing remainder is dropped.
+
+    Args:
+      token_ids: the token stream (flattened), int [n].
+      seqlen: tokens per chunk (an integer >= 1).
+      max_chunks: keep at most this many chunks (an integer >= 1); None for all.
+
+    Returns:
+      int32 [num_chunks, seqlen] (ValueError when not even one chunk fits).
+    """
     if isinstance(seqlen, bool) or not isinstance(seqlen, int | np.integer) or seqlen < 1:
         raise ValueError(f"seqlen={seqlen!r}: a chunk needs an integer length >= 1")
     if max_chunks is not None and (isinstance(max_chunks, bool) or not isinstance(max_chunks, int | np.integer)
@@ -55,7 +71,16 @@ def chunk_tokens(token_ids, seqlen: int, max_chunks: int | None = None) -> np.nd
 
 
 def sequence_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array | None = None) -> jax.Array:
-    """Mean NLL per sequence [b] of `targets` [b, t] under `logits` [b, t, vocab] (float32 log-softmax)."""
+    """Mean NLL per sequence of `targets` under `logits` (float32 log-softmax).
+
+    Args:
+      logits: [b, t, vocab], already aligned with the targets (position i predicts targets[:, i]).
+      targets: int [b, t] token ids.
+      weights: [b, t] per-token weights (e.g. a 0/1 mask), giving a weighted mean; None for a plain mean.
+
+    Returns:
+      float32 [b] mean NLL (nats).
+    """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     if weights is None:
@@ -76,9 +101,21 @@ def _chunk_nll(model, chunks, bos, model_kwargs):
 def perplexity(model: nnx.Module, token_ids, seqlen: int = 4096, *, max_chunks: int | None = None,
                batch_size: int = 1, add_bos: bool = False, bos_id: int | None = None, progress: bool = True,
                **model_kwargs) -> PerplexityResult:
-    """Perplexity of `model` on a token stream (module doc), jitted and batched.
+    """Perplexity of `model` on a token stream (protocol in the module doc), jitted and batched.
 
-    model_kwargs (ffn_masks=, edits=) are passed to every forward call, traced.
+    Args:
+      model: an mwjax causal LM (HF `LlamaForCausalLM` equivalent).
+      token_ids: int [n] token stream (e.g. a `corpora.Corpus`'s token_ids).
+      seqlen: tokens per chunk (House of Cards Table 1 uses 4096).
+      max_chunks: score at most this many chunks; None for all.
+      batch_size: chunks per forward call (the last batch is padded to keep one compiled shape).
+      add_bos: put the bos token before every chunk and score all `seqlen` chunk tokens (module doc).
+      bos_id: the bos token for add_bos; None for the model config's bos_token_id.
+      progress: show a progress bar.
+      model_kwargs: passed to every forward call, traced (ffn_masks=, edits=).
+
+    Returns:
+      A `PerplexityResult` (perplexity, per-chunk NLL, counts).
     """
     chunks = chunk_tokens(token_ids, seqlen, max_chunks)
     check_ids(chunks, model.config.vocab_size)

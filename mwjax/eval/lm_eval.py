@@ -43,10 +43,20 @@ TRUNCATIONS = ("left", "middle")
 
 
 def middle_truncate(tokenizer, text: str, max_length: int) -> str:
-    """LongBench's prompt truncation (THUDM/LongBench pred.py): a text of more than `max_length` tokens
-    (tokenized as the tokenizer does by default, its special tokens included) becomes its first and its
-    last max_length // 2 tokens, each half decoded without special tokens and the two texts joined. The
-    instructions at both ends of a LongBench prompt survive; the middle of the long context goes."""
+    """LongBench's prompt truncation (THUDM/LongBench pred.py): keep both ends of a long text, drop its middle.
+
+    A text of more than `max_length` tokens becomes its first and its last max_length // 2 tokens, each half
+    decoded without special tokens and the two texts joined. The instructions at both ends of a LongBench prompt
+    survive; the middle of the long context goes.
+
+    Args:
+      tokenizer: an HF tokenizer; the text is tokenized as it does by default, its special tokens included.
+      text: the prompt.
+      max_length: the most tokens kept (House of Cards Table 9: 7500).
+
+    Returns:
+      `text` itself when it is short enough, else the joined text of its two ends.
+    """
     ids = tokenizer.encode(text)
     if len(ids) <= max_length:
         return text
@@ -56,7 +66,15 @@ def middle_truncate(tokenizer, text: str, max_length: int) -> str:
 
 
 def describe(request, index: int) -> str:
-    """How an error names an lm-eval request: its position, task, document and (shortened) arguments."""
+    """How an error names an lm-eval request: its position, task, document and (shortened) arguments.
+
+    Args:
+      request: an lm-eval `Instance` (its `args`, and `task_name` / `doc_id` when set).
+      index: its position in the call's requests.
+
+    Returns:
+      e.g. "request 3 (task arc_easy, doc 1) ['Question: ...', ' yes']"; strings over 60 characters keep their end.
+    """
     where = f"request {index}"
     if getattr(request, "task_name", None) is not None:
         where += f" (task {request.task_name}, doc {request.doc_id})"
@@ -76,9 +94,20 @@ class GenerationOptions:
 
 
 def generation_options(gen_kwargs: dict, default_max: int, where: str) -> GenerationOptions:
-    """lm-eval's generation kwargs as GenerationOptions: `until` a string or a list of strings, max_gen_toks an
-    integer >= 1, temperature finite and >= 0, top_k >= 1, top_p in (0, 1]; a ValueError naming the request
-    (`where`) and the option otherwise. Options the backend does not know are left to lm-eval (ignored)."""
+    """lm-eval's generation kwargs as GenerationOptions, checked.
+
+    `until` must be a string or a list of strings, max_gen_toks an integer >= 1, temperature finite and >= 0,
+    top_k >= 1, top_p in (0, 1], do_sample a bool; a ValueError naming the request and the option otherwise.
+    Options the backend does not know are left to lm-eval (ignored).
+
+    Args:
+      gen_kwargs: a generate_until request's generation kwargs (its second argument).
+      default_max: max_gen_toks when the kwargs give none (the backend's `max_gen_toks`).
+      where: the request, as errors name it (`describe`).
+
+    Returns:
+      The `GenerationOptions`; temperature is 0 (greedy) unless do_sample is true.
+    """
     kwargs = dict(gen_kwargs)
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else until
@@ -109,7 +138,21 @@ def generation_options(gen_kwargs: dict, default_max: int, where: str) -> Genera
 
 
 class MwjaxLM(TemplateLM):
-    """lm-eval `LM` over an mwjax model already in memory (attacks / adapters applied by the caller)."""
+    """lm-eval `LM` over an mwjax model already in memory (attacks / adapters applied by the caller).
+
+    The counterpart of lm-eval's HF backend (`HFLM`).
+
+    Args:
+      model: the mwjax causal LM evaluated.
+      tokenizer: its HF tokenizer (required; its vocabulary is checked against the model's).
+      batch_size: requests per forward pass (rows per batch).
+      max_length: the context window (default: the model's `max_position_embeddings`).
+      add_bos_token: prepend bos to every request: True / False, or None for the tokenizer's default.
+      max_gen_toks: generate_until's default number of new tokens.
+      buckets: the prompt widths generate_until pads to (one compiled program each).
+      truncation: how a generation prompt too long is cut: "left" (as HFLM) or "middle" (LongBench).
+      max_prompt_length: with truncation="middle", the most prompt tokens kept (`middle_truncate`).
+    """
 
     def __init__(self, model: nnx.Module, tokenizer, *, batch_size: int = 8, max_length: int | None = None,
                  add_bos_token: bool | None = None, max_gen_toks: int = 256,
@@ -141,15 +184,18 @@ class MwjaxLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
+        """The tokenizer's eos id: where generation stops."""
         return self.tokenizer.eos_token_id
 
     @property
     def prefix_token_id(self) -> int:
+        """The token lm-eval puts before a request with an empty context: bos, or eos when there is none."""
         bos = self.tokenizer.bos_token_id
         return bos if bos is not None else self.tokenizer.eos_token_id
 
     @property
     def max_length(self) -> int:
+        """The context window, in tokens: a request keeps its last max_length + 1 tokens."""
         return self._max_length
 
     @property
@@ -158,9 +204,18 @@ class MwjaxLM(TemplateLM):
         return self.tokenizer.name_or_path.replace("/", "__")
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """lm-eval's turns through the tokenizer's chat template (`--apply_chat_template`), as HFLM renders them:
-        a template that refuses a system turn gets the history without it. With truncation="middle" the last
-        user turn (LongBench's prompt) is cut before the template wraps it, as LongBench's pred.py does."""
+        """lm-eval's turns through the tokenizer's chat template (`--apply_chat_template`), as HFLM renders them.
+
+        A template that refuses a system turn gets the history without it. With truncation="middle" the last
+        user turn (LongBench's prompt) is cut before the template wraps it, as LongBench's pred.py does.
+
+        Args:
+          chat_history: the turns, as {"role": ..., "content": ...} dicts.
+          add_generation_prompt: end with the assistant's header; False continues the final message instead.
+
+        Returns:
+          The rendered prompt text.
+        """
         import jinja2
 
         if self.truncation == "middle" and chat_history and chat_history[-1]["role"] == "user":
@@ -187,10 +242,23 @@ class MwjaxLM(TemplateLM):
 
     @property
     def max_gen_toks(self) -> int:
+        """New tokens generated per request when its generation kwargs give no max_gen_toks."""
         return self._max_gen_toks
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
                    **kwargs) -> list[int]:
+        """Token ids of a string, as lm-eval's `TemplateLM` asks for them.
+
+        Args:
+          string: the text.
+          add_special_tokens: passed to the tokenizer; None: `add_bos_token` (the tokenizer's default when that is
+            None too), False when the text already starts with the bos token.
+          left_truncate_len: keep only the last this many tokens; None (or 0) keeps all.
+          kwargs: other lm-eval options, ignored.
+
+        Returns:
+          The token ids.
+        """
         if add_special_tokens is None:
             add_special_tokens = self.add_bos_token
             bos = self.tokenizer.bos_token
@@ -201,13 +269,30 @@ class MwjaxLM(TemplateLM):
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        """The text of token ids.
+
+        Args:
+          tokens: the token ids.
+          skip_special_tokens: leave special tokens (bos, eos, ...) out of the text.
+
+        Returns:
+          The decoded text.
+        """
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ scoring
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """lm-eval's, after a check it lacks: an empty context with a continuation of no tokens (an IndexError
-        inside lm-eval) is a ValueError naming the request."""
+        inside lm-eval) is a ValueError naming the request.
+
+        Args:
+          requests: lm-eval `Instance`s whose args are (context, continuation).
+          disable_tqdm: hide the progress bar.
+
+        Returns:
+          One (sum of the continuation's log-probabilities, is_greedy) per request, in order.
+        """
         for i, request in enumerate(requests):
             context, continuation = request.args
             if context == "" and not self.tok_encode(continuation, add_special_tokens=False):
@@ -242,7 +327,15 @@ class MwjaxLM(TemplateLM):
                                          show_progress=not disable_tqdm)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Total log-likelihood of each text: lm-eval's disjoint rolling windows of max_length tokens."""
+        """Total log-likelihood of each text: lm-eval's disjoint rolling windows of max_length tokens.
+
+        Args:
+          requests: lm-eval `Instance`s whose args are (text,).
+          disable_tqdm: hide the progress bar.
+
+        Returns:
+          One total log-likelihood per request, in order.
+        """
         windows, owners = [], []
         for i, (string,) in enumerate(req.args for req in requests):
             for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
@@ -264,7 +357,15 @@ class MwjaxLM(TemplateLM):
         """Greedy (or sampled) continuations, cut at the first stop sequence; batched per generation kwargs.
 
         A context is cut in the middle first (truncation="middle"), then its tokens on the left to leave room
-        for max_gen_toks in max_length (as the HF backend)."""
+        for max_gen_toks in max_length (as the HF backend). The eos token's text is a stop sequence too.
+
+        Args:
+          requests: lm-eval `Instance`s whose args are (context, generation kwargs); see `generation_options`.
+          disable_tqdm: hide the progress bar.
+
+        Returns:
+          One generated text per request, in order.
+        """
         groups: dict[str, list[int]] = {}
         args = [req.args for req in requests]
         for i, (_, gen_kwargs) in enumerate(args):

@@ -48,11 +48,27 @@ LOCAL_SUFFIX = "_local"
 
 
 def task_name(dataset: str) -> str:
+    """lm-eval's task name for a LongBench dataset.
+
+    Args:
+      dataset: one of DATASETS.
+
+    Returns:
+      "longbench_<dataset>".
+    """
     return f"longbench_{dataset}"
 
 
 def export_task_data(out_dir: str | os.PathLike, names=DATASETS) -> dict[str, Path]:
-    """Download each dataset's test split from the hub into `out_dir/<dataset>.jsonl`."""
+    """Download each dataset's test split from the hub (HUB) into `out_dir/<dataset>.jsonl`.
+
+    Args:
+      out_dir: the directory written (created when missing).
+      names: the datasets to export.
+
+    Returns:
+      {dataset: the file written}.
+    """
     import datasets
 
     out = Path(out_dir)
@@ -65,7 +81,16 @@ def export_task_data(out_dir: str | os.PathLike, names=DATASETS) -> dict[str, Pa
 
 
 def check_datasets(names, data_dir: str | os.PathLike | None = None) -> None:
-    """Raise unless every name is one of the 16 English datasets and, with `data_dir`, its file is there."""
+    """Raise unless every name is one of the 16 English datasets and, with `data_dir`, its file is there.
+
+    Args:
+      names: the dataset names to check.
+      data_dir: a directory that must hold `<dataset>.jsonl` for each; None to skip that check.
+
+    Raises:
+      ValueError: for an unknown dataset.
+      FileNotFoundError: for a dataset file missing from `data_dir`.
+    """
     for name in names:
         if name not in TITLES:
             raise ValueError(f"unknown LongBench dataset {name!r}: write some of {', '.join(DATASETS)}")
@@ -86,9 +111,19 @@ def _task_record(record: dict, where: str) -> dict:
 
 
 def write_local_tasks(data_dir: str | os.PathLike, include_dir: str | os.PathLike, names=DATASETS) -> dict[str, str]:
-    """Task configs (each `include:`s lm-eval's own, so the prompt, generation and metric are lm-eval's) reading
-    `data_dir/<dataset>.jsonl`, copied into `include_dir` in the field names lm-eval's prompts use. Returns
-    {dataset: local task name}; pass `include_dir` as lm-eval's --include_path."""
+    """Task configs reading local copies of `data_dir/<dataset>.jsonl`, for lm-eval's --include_path.
+
+    Each config `include:`s lm-eval's own, so the prompt, generation and metric are lm-eval's; the records are
+    copied into `include_dir` in the field names lm-eval's prompts use.
+
+    Args:
+      data_dir: the directory of `<dataset>.jsonl` files (`export_task_data`, or LongBench's data.zip).
+      include_dir: where the configs and the rewritten data go; pass it as lm-eval's --include_path.
+      names: the datasets.
+
+    Returns:
+      {dataset: local task name} (`task_name(dataset)` + LOCAL_SUFFIX).
+    """
     check_datasets(names, data_dir)
     data_dir, include_dir = Path(data_dir), Path(include_dir).absolute()
     include_dir.mkdir(parents=True, exist_ok=True)
@@ -108,23 +143,50 @@ def write_local_tasks(data_dir: str | os.PathLike, include_dir: str | os.PathLik
 
 
 def task_scores(results: dict, tasks: dict[str, str]) -> dict[str, float]:
-    """{dataset: score in %} from lm-eval's results (LongBench's metric of each dataset), plus "mean": the
-    unweighted mean over the datasets (Table 9's Avg.)."""
+    """Each dataset's score in % from lm-eval's results (LongBench's metric of each dataset), and their mean.
+
+    Args:
+      results: lm-eval's output, with {"results": {task: {"score,none": ...}}}.
+      tasks: {dataset: lm-eval task name}.
+
+    Returns:
+      {dataset: score in %} plus "mean": the unweighted mean over the datasets (Table 9's Avg.).
+    """
     scores = {name: 100.0 * results["results"][task]["score,none"] for name, task in tasks.items()}
     return scores | {"mean": float(np.mean(list(scores.values())))}
 
 
 def predictions(samples: dict, tasks: dict[str, str], n: int = 3) -> dict[str, list[dict]]:
-    """The first `n` generations of each dataset beside their answers and score (to read what the model said)."""
+    """The first `n` generations of each dataset beside their answers and score (to read what the model said).
+
+    Args:
+      samples: lm-eval's logged samples, {task: [sample, ...]}.
+      tasks: {dataset: lm-eval task name}.
+      n: samples kept per dataset.
+
+    Returns:
+      {dataset: [{"prediction", "answers", "score"}, ...]}.
+    """
     return {name: [{"prediction": s["filtered_resps"][0], "answers": s["doc"]["answers"], "score": s["score"]}
                    for s in samples[task][:n]] for name, task in tasks.items()}
 
 
 class Evaluator:
-    """Runs LongBench datasets through lm-eval on in-memory models: `evaluator(model, tokenizer)` -> (task_scores,
-    {"results", "samples", "chat_template"}). lm-eval's task setup happens once. From <dataset>.jsonl files in
-    `data_dir` when given, else the hub. `chat_template=False` never applies the tokenizer's template;
-    `max_gen_toks` replaces every dataset's own generation length (quick checks, not the protocol)."""
+    """Runs LongBench datasets through lm-eval on in-memory models; lm-eval's task setup happens once.
+
+    `evaluator(model, tokenizer)` -> (task_scores, {"results", "samples", "chat_template"}).
+
+    Args:
+      names: the datasets to run (some of DATASETS).
+      data_dir: read <dataset>.jsonl files from here (`write_local_tasks`); None for the hub.
+      limit: lm-eval's limit: at most this many samples per dataset; None for all.
+      batch_size: the `MwjaxLM` batch size.
+      max_length: prompts over this many tokens lose their middle (House of Cards: 7,500).
+      chat_template: False never applies the tokenizer's template (True: as LongBench, `templated`).
+      add_bos_token: `MwjaxLM`'s add_bos_token; None for the tokenizer's default.
+      max_gen_toks: replaces every dataset's own generation length (quick checks, not the protocol); None keeps
+        them.
+    """
 
     def __init__(self, names=DATASETS, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
                  batch_size: int = 8, max_length: int = MAX_LENGTH, chat_template: bool = True,
@@ -143,7 +205,14 @@ class Evaluator:
         self.manager = TaskManager(include_path=include, include_defaults=False)
 
     def templated(self, tokenizer) -> list[str]:
-        """The datasets whose prompt the tokenizer's chat template wraps (none if it has no template)."""
+        """The datasets whose prompt the tokenizer's chat template wraps (none if it has no template).
+
+    Args:
+      tokenizer: the model's HF tokenizer.
+
+    Returns:
+      Dataset names (those of this evaluator not in NO_CHAT_TEMPLATE), or [] without a template.
+    """
         if not (self.chat_template and getattr(tokenizer, "chat_template", None)):
             return []
         return [name for name in self.tasks if name not in NO_CHAT_TEMPLATE]
@@ -175,5 +244,15 @@ class Evaluator:
 
 
 def evaluate(model, tokenizer, names=DATASETS, **options) -> tuple[dict, dict]:
-    """(task_scores, lm-eval's results and samples) of one model: `Evaluator(names, **options)(model, tokenizer)`."""
+    """(task_scores, lm-eval's results and samples) of one model: `Evaluator(names, **options)(model, tokenizer)`.
+
+    Args:
+      model: an mwjax causal LM.
+      tokenizer: its HF tokenizer.
+      names: the datasets to run.
+      options: `Evaluator`'s keyword arguments (data_dir, limit, batch_size, max_length, ...).
+
+    Returns:
+      ({dataset: score in %, "mean": ...}, {"results", "samples", "chat_template"}).
+    """
     return Evaluator(names, **options)(model, tokenizer)

@@ -39,6 +39,8 @@ COLUMNS = {"mt_1": "MT-1", "mt_2": "MT-2", "translation": "translation", "summar
 
 @dataclasses.dataclass(frozen=True)
 class Question:
+    """One Spec-Bench question: its id, category (an MT-bench category or a subtask), user turns, references."""
+
     question_id: int | str
     category: str
     turns: tuple[str, ...]
@@ -46,15 +48,31 @@ class Question:
 
     @property
     def subtask(self) -> str:
+        """The question's subtask: "mt_bench" for MT-bench's categories, else the category itself."""
         return "mt_bench" if self.category in MT_BENCH_CATEGORIES else self.category
 
     def column(self, turn: int) -> str:
-        """The Table 3 column of this question's `turn` (0-based)."""
+        """The Table 3 column of this question's `turn` (0-based).
+
+        Args:
+          turn: the turn's 0-based index.
+
+        Returns:
+          A key of COLUMNS: "mt_1" / "mt_2" for MT-bench's turns, else the subtask.
+        """
         return f"mt_{turn + 1}" if self.subtask == "mt_bench" else self.subtask
 
 
 def parse_question(line: str, where: str) -> Question:
-    """One line of question.jsonl; `where` ("path:line") names it in errors."""
+    """One line of question.jsonl, checked (ValueError naming `where` for a malformed one).
+
+    Args:
+      line: the JSON object text.
+      where: "path:line", named in errors.
+
+    Returns:
+      The `Question` (a string `reference` becomes a one-element tuple).
+    """
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
@@ -81,8 +99,16 @@ def parse_question(line: str, where: str) -> Question:
 
 def read_questions(source: str | Path = "hub", *, per_subtask: int | None = None,
                    subtasks: Sequence[str] = SUBTASKS) -> list[Question]:
-    """Spec-Bench's questions from a local question.jsonl or, for "hub", from Spec-Bench's repository
-    (HUB_URL); the first `per_subtask` of each of `subtasks` (all 80 by default)."""
+    """Spec-Bench's questions from a local question.jsonl or from Spec-Bench's repository.
+
+    Args:
+      source: a question.jsonl path, or "hub" to download HUB_URL.
+      per_subtask: keep the first this many of each subtask; None for all (80).
+      subtasks: the subtasks kept (some of SUBTASKS); each must have a question.
+
+    Returns:
+      The chosen questions, in the file's order.
+    """
     unknown = sorted(set(subtasks) - set(SUBTASKS))
     if unknown:
         raise ValueError(f"unknown Spec-Bench subtask(s) {unknown}; choose from {SUBTASKS}")
@@ -115,7 +141,15 @@ def read_questions(source: str | Path = "hub", *, per_subtask: int | None = None
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """A conversation through the tokenizer's chat template, ready for the assistant's next turn."""
+    """A conversation through the tokenizer's chat template, ready for the assistant's next turn.
+
+    Args:
+      tokenizer: the assistant's HF tokenizer; it must have a chat template (ValueError otherwise).
+      messages: the chat messages so far ({"role", "content"}), ending with the user's turn.
+
+    Returns:
+      The prompt's token ids (the template writes its own bos).
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer {tokenizer.name_or_path!r} has no chat template; pass --tokenizer=<a "
                          "tokenizer with one> (e.g. the instruct model's)")
@@ -125,9 +159,23 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 def answer(model: nnx.Module, tokenizer, questions: Sequence[Question], max_new_tokens: int = 1024, *,
            batch_size: int = 8, temperature: float = 0.0, seed: int = 0) -> list[list[str]]:
-    """The assistant's answer to every turn of every question ([question][turn]): turn t of all the questions
-    that have one, batched, each conversation carrying its earlier turns and answers. Greedy by default
-    (Spec-Bench's baseline runs at temperature 0)."""
+    """The assistant's answer to every turn of every question.
+
+    Turn t of all the questions that have one is answered in one batched run, each conversation carrying its
+    earlier turns and answers.
+
+    Args:
+      model: the assistant, an mwjax causal LM.
+      tokenizer: its HF tokenizer, with a chat template.
+      questions: the questions to answer.
+      max_new_tokens: new tokens per answer at most.
+      batch_size: prompts per generation batch (`decoding.generate_many`).
+      temperature: sampling temperature; 0 (the default) is greedy, as Spec-Bench's baseline.
+      seed: the sampling seed (each turn samples with a seed of its own).
+
+    Returns:
+      The decoded, stripped answers, [question][turn].
+    """
     answers: list[list[str]] = [[] for _ in questions]
     eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else None
     for turn in range(max(len(q.turns) for q in questions)):
@@ -147,9 +195,20 @@ def answer(model: nnx.Module, tokenizer, questions: Sequence[Question], max_new_
 
 
 def instruction(question: Question, answers: Sequence[str], turn: int) -> str:
-    """What the judge reads as the instruction of `turn`: the user's turn alone for the first; for MT-bench's
-    second, the conversation before it too (its second turns refer to the first answer: "Rewrite your
-    previous response ..."). House of Cards does not say how it showed MT-2 to the judge."""
+    """What the judge reads as the instruction of `turn`.
+
+    The user's turn alone for the first; for MT-bench's second, the conversation before it too (its second turns
+    refer to the first answer: "Rewrite your previous response ..."). House of Cards does not say how it showed
+    MT-2 to the judge.
+
+    Args:
+      question: the question.
+      answers: the assistant's answers to its turns.
+      turn: the 0-based turn judged.
+
+    Returns:
+      The instruction text ("User: ...", "Assistant: ..." lines before the turn after the first).
+    """
     if turn == 0:
         return question.turns[0]
     lines = []
@@ -159,12 +218,29 @@ def instruction(question: Question, answers: Sequence[str], turn: int) -> str:
 
 
 def reference(question: Question, turn: int) -> str | None:
+    """The reference answer of `turn`, handed to the judge.
+
+    Args:
+      question: the question.
+      turn: the 0-based turn.
+
+    Returns:
+      The reference text, or None when the question has none for that turn.
+    """
     return question.reference[turn] if question.reference and turn < len(question.reference) else None
 
 
 def table3(questions: Sequence[Question], scores: Sequence[Sequence[int | None]]) -> dict:
-    """House of Cards Table 3 from per-turn scores ([question][turn], None: unparseable): the mean score per
-    column over the parsed judgements, and "avg", the mean of the column means (the paper's Avg.)."""
+    """House of Cards Table 3 from per-turn judge scores.
+
+    Args:
+      questions: the questions judged.
+      scores: 1-5 scores, [question][turn]; None for a judgement never parsed (left out of the means).
+
+    Returns:
+      {column: mean score over the parsed judgements} (COLUMNS' keys, those with scores) and "avg": the mean of
+      the column means (the paper's Avg.; None when no column has a score).
+    """
     by_column: dict[str, list[int]] = {}
     for question, turn_scores in zip(questions, scores, strict=True):
         for turn, score in enumerate(turn_scores):
@@ -179,5 +255,12 @@ TABLE3_HEADER = list(COLUMNS.values()) + ["Avg."]
 
 
 def table3_row(scores: dict) -> list:
-    """`table3`'s scores as Table 3's cells: the mean per column ("-" where not run), Avg."""
+    """`table3`'s scores as Table 3's cells: the mean per column ("-" where not run), Avg.
+
+    Args:
+      scores: a `table3` result.
+
+    Returns:
+      One cell per TABLE3_HEADER entry.
+    """
     return [scores.get(c, "-") for c in COLUMNS] + [scores["avg"] if scores["avg"] is not None else "-"]

@@ -68,6 +68,8 @@ NUM_CHOICES = 4
 
 @dataclasses.dataclass(frozen=True)
 class Question:
+    """One multiple-choice question: its task, the fact it asks about (`key`), prompt, choices, right choice."""
+
     task: str
     key: tuple  # the fact asked about: the split is decided on it
     prompt: str
@@ -75,17 +77,39 @@ class Question:
     answer: int  # index of the right choice
 
     def to_dict(self) -> dict:
+        """The fields as a dict (`dataclasses.asdict`), for JSON.
+
+        Returns:
+          {field name: value}.
+        """
         return dataclasses.asdict(self)
 
 
 def split_of(task: str, key: tuple, seed: int) -> str:
-    """'train' or 'held_out' for a fact, by a stable hash of (task, key, seed) (not Python's salted hash)."""
+    """'train' or 'held_out' for a fact, by a stable hash of (task, key, seed) (not Python's salted hash).
+
+    Args:
+      task: one of TASKS.
+      key: the fact (a `Question.key`).
+      seed: the split's seed.
+
+    Returns:
+      "held_out" for a HELD_OUT_FRACTION of the facts, else "train".
+    """
     digest = hashlib.sha256(repr((task, key, seed)).encode()).digest()
     return "held_out" if int.from_bytes(digest[:8], "big") / 2**64 < HELD_OUT_FRACTION else "train"
 
 
 def solve(task: str, key: tuple) -> str:
-    """The right answer of a question from its facts alone."""
+    """The right answer of a question from its facts alone.
+
+    Args:
+      task: one of TASKS.
+      key: the fact (a `Question.key`): the addends, (country,), or the sorted numbers / words.
+
+    Returns:
+      The answer's text.
+    """
     if task == "addition":
         return str(key[0] + key[1])
     if task == "capitals":
@@ -121,8 +145,18 @@ def _draw(task: str, rng: random.Random) -> tuple[tuple, list[str], Callable[[li
 
 
 def questions(split: str, per_task: int, seed: int = 0, tasks: Sequence[str] = TASKS) -> list[Question]:
-    """`per_task` questions of each task whose facts fall in `split` (module doc), each fact at most once (a
-    task with fewer facts in the split, e.g. capitals, gives fewer), in a seeded order; the choices shuffled."""
+    """Questions of each task whose facts fall in `split` (module doc), in a seeded order, the choices shuffled.
+
+    Args:
+      split: "train" or "held_out".
+      per_task: questions per task, each fact at most once (a task with fewer facts in the split, e.g. capitals,
+        gives fewer).
+      seed: decides the split of the facts and the draws.
+      tasks: the tasks (some of TASKS).
+
+    Returns:
+      The questions, task by task.
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     out = []
@@ -145,14 +179,32 @@ def questions(split: str, per_task: int, seed: int = 0, tasks: Sequence[str] = T
 
 
 def instruction_records(items: Sequence[Question]) -> list[dict]:
-    """Alpaca records (`finetune.data`) that teach the questions: instruction = the question, output = the answer."""
+    """Alpaca records (`finetune.data`) that teach the questions: instruction = the question, output = the answer.
+
+    Args:
+      items: the questions.
+
+    Returns:
+      [{"instruction", "input": "", "output"}] one per question.
+    """
     return [{"instruction": q.prompt, "input": "", "output": q.choices[q.answer]} for q in items]
 
 
 def accuracy(model, tokenizer, items: Sequence[Question], *, template: str = "plain", batch_size: int = 32,
              lm=None) -> dict[str, float]:
-    """Accuracy (lm-eval `acc`: the choice of largest summed log-likelihood as the response) per task and
-    'mean' (over all questions). `lm`: an `MwjaxLM` over `model` to reuse (its compiled scorer)."""
+    """Accuracy (lm-eval `acc`: the choice of largest summed log-likelihood as the response).
+
+    Args:
+      model: an mwjax causal LM.
+      tokenizer: its HF tokenizer.
+      items: the questions.
+      template: the `finetune.data` template each choice is encoded in (one of `data.TEMPLATES`).
+      batch_size: the `MwjaxLM` batch size when `lm` is None.
+      lm: an `MwjaxLM` over `model` to reuse (its compiled scorer); None for a new one.
+
+    Returns:
+      {task: accuracy} plus "mean" (over all questions), as fractions in [0, 1].
+    """
     from mwjax.eval.lm_eval import MwjaxLM
 
     cfg = data.DataConfig(template=template, cutoff_len=10_000)

@@ -20,6 +20,8 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class ZeroShotTask:
+    """Where one of the paper's zero-shot tasks lives: lm-eval's config of it and its hub dataset and split."""
+
     name: str
     config: str  # path of lm-eval's task config, relative to lm_eval/tasks
     hub: tuple[str, str | None]  # (dataset path, config name) on the hub
@@ -44,13 +46,22 @@ LOCAL_SUFFIX = "_local"
 
 
 def lm_eval_tasks_dir() -> Path:
+    """The `lm_eval/tasks` directory of the installed lm-eval (its task configs)."""
     import lm_eval
 
     return Path(lm_eval.__file__).parent / "tasks"
 
 
 def export_task_data(out_dir: str | os.PathLike, tasks=PAPER_TASKS) -> dict[str, Path]:
-    """Download each task's evaluation split from the hub into `out_dir/<task>.jsonl`."""
+    """Download each task's evaluation split from the hub into `out_dir/<task>.jsonl`.
+
+    Args:
+      out_dir: the directory written (created when missing).
+      tasks: the tasks to export (keys of TASKS).
+
+    Returns:
+      {task: the file written}.
+    """
     import datasets
 
     out = Path(out_dir)
@@ -65,9 +76,20 @@ def export_task_data(out_dir: str | os.PathLike, tasks=PAPER_TASKS) -> dict[str,
 
 
 def check_tasks(tasks, data_dir: str | os.PathLike | None = None, manager=None) -> None:
-    """Raise unless every task can run: with `data_dir`, one of TASKS with its <task>.jsonl there; without,
-    a task lm-eval knows (`manager`: an lm-eval TaskManager already built, else one is). Cheap next to loading
-    a model, so command lines check first (building their `Evaluator` before the model)."""
+    """Raise unless every task can run.
+
+    Cheap next to loading a model, so command lines check first (building their `Evaluator` before the model).
+
+    Args:
+      tasks: the task names.
+      data_dir: with it, every task must be one of TASKS with its <task>.jsonl there; without, a task lm-eval
+        knows.
+      manager: an lm-eval `TaskManager` already built (used without `data_dir`); None builds one.
+
+    Raises:
+      ValueError: for a task lm-eval does not know, or one without a local form.
+      FileNotFoundError: for a task file missing from `data_dir`.
+    """
     if data_dir is None:
         from lm_eval.tasks import TaskManager
 
@@ -85,7 +107,16 @@ def check_tasks(tasks, data_dir: str | os.PathLike | None = None, manager=None) 
 
 
 def write_local_tasks(data_dir: str | os.PathLike, include_dir: str | os.PathLike, tasks=PAPER_TASKS) -> list[str]:
-    """Task configs reading `data_dir/<task>.jsonl`; returns the local task names (`<task>_local`)."""
+    """Task configs reading `data_dir/<task>.jsonl`, each `include:`ing lm-eval's own config of the task.
+
+    Args:
+      data_dir: the directory of `<task>.jsonl` files (`export_task_data`).
+      include_dir: where the configs are written; pass it as lm-eval's --include_path.
+      tasks: the tasks (keys of TASKS).
+
+    Returns:
+      The local task names (`<task>_local`).
+    """
     check_tasks(tasks, data_dir)
     data_dir, include_dir = Path(data_dir).absolute(), Path(include_dir)
     include_dir.mkdir(parents=True, exist_ok=True)
@@ -104,9 +135,16 @@ def write_local_tasks(data_dir: str | os.PathLike, include_dir: str | os.PathLik
 
 
 def task_scores(results: dict, tasks) -> dict[str, dict[str, float]]:
-    """{task: {"acc": %, "acc_norm": %}} from lm-eval's results (local names mapped back), plus "mean":
-    the mean acc, and the mean of acc_norm where a task has it (ARC, PIQA) and acc where not (BoolQ,
-    WinoGrande)."""
+    """Each task's accuracies in % from lm-eval's results (local names mapped back), and their means.
+
+    Args:
+      results: lm-eval's output, with {"results": {task: {"acc,none": ..., "acc_norm,none": ...}}}.
+      tasks: the task names run (`<task>_local` ones included).
+
+    Returns:
+      {task: {"acc": %, "acc_norm": %}} plus "mean": the mean acc, and the mean of acc_norm where a task has it
+      (ARC, PIQA) and acc where not (BoolQ, WinoGrande).
+    """
     scores = {}
     for name in tasks:
         base = name[: -len(LOCAL_SUFFIX)] if name.endswith(LOCAL_SUFFIX) else name
@@ -119,10 +157,21 @@ def task_scores(results: dict, tasks) -> dict[str, dict[str, float]]:
 
 
 class Evaluator:
-    """Runs `tasks` zero-shot through lm-eval on in-memory models: `evaluator(model, tokenizer)` -> (task_scores,
-    lm-eval's raw results). The task setup (lm-eval indexes its ~10k task configs in ~10 s) happens once, so a
-    sweep pays it once. From the <task>.jsonl files in `data_dir` (`write_local_tasks`) when given, else the hub.
-    Unknown tasks or missing files raise here, so build it before loading a model."""
+    """Runs `tasks` zero-shot through lm-eval on in-memory models.
+
+    `evaluator(model, tokenizer)` -> (task_scores, lm-eval's raw results). The task setup (lm-eval indexes its
+    ~10k task configs in ~10 s) happens once, so a sweep pays it once. Unknown tasks or missing files raise
+    here, so build it before loading a model.
+
+    Args:
+      tasks: the task names (PAPER_TASKS, or any lm-eval knows when there is no `data_dir`).
+      data_dir: read the <task>.jsonl files here (`write_local_tasks`); None for the hub.
+      limit: lm-eval's limit: at most this many samples per task; None for all.
+      batch_size: the `MwjaxLM` batch size.
+      add_bos_token: `MwjaxLM`'s add_bos_token; None for the tokenizer's default.
+      apply_chat_template: lm-eval's --apply_chat_template (instruct models; the papers used none).
+      system_instruction: lm-eval's --system_instruction; None for none.
+    """
 
     def __init__(self, tasks=PAPER_TASKS, *, data_dir: str | os.PathLike | None = None, limit: int | None = None,
                  batch_size: int = 8, add_bos_token: bool | None = None, apply_chat_template: bool = False,
@@ -150,5 +199,15 @@ class Evaluator:
 
 
 def evaluate(model, tokenizer, tasks=PAPER_TASKS, **options) -> tuple[dict, dict]:
-    """(task_scores, lm-eval's raw results) of one model: `Evaluator(tasks, **options)(model, tokenizer)`."""
+    """(task_scores, lm-eval's raw results) of one model: `Evaluator(tasks, **options)(model, tokenizer)`.
+
+    Args:
+      model: an mwjax causal LM.
+      tokenizer: its HF tokenizer.
+      tasks: the tasks to run.
+      options: `Evaluator`'s keyword arguments (data_dir, limit, batch_size, add_bos_token, ...).
+
+    Returns:
+      (`task_scores`, lm-eval's `simple_evaluate` output).
+    """
     return Evaluator(tasks, **options)(model, tokenizer)

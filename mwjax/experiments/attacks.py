@@ -64,7 +64,17 @@ flags.DEFINE_integer("max_new_tokens", 40, "tokens generated per prompt", lower_
 
 
 def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict:
-    """name -> attacked model (each a copy sharing the original's arrays; `attacks.table1_settings`)."""
+    """Table 1's settings at --k (`attacks.table1_settings`), printing the massive activations found.
+
+    Args:
+      model: the original mwjax model.
+      mw: its massive weights (`massive.find_massive_weights`).
+      calibration: int [sequences, seqlen] bos-led token ids for the massive-activation means; used only with
+        --activation_interventions.
+
+    Returns:
+      name -> attacked model (each a copy sharing the original's arrays).
+    """
     out, ma = attacks.table1_settings(model, mw, FLAGS.k, calibration if FLAGS.activation_interventions else None)
     if ma is not None:
         print(f"massive activations after {mw.label}: dims {list(ma.dims)} at positions {list(ma.positions)[:8]} "
@@ -73,18 +83,40 @@ def settings(model, mw: massive.MassiveWeights, calibration: np.ndarray) -> dict
 
 
 def sweep(model, mw, ks: list[int], measure) -> dict[str, list[float]]:
-    """Figure 4 (`attacks.k_sweep`), each point printed."""
+    """Figure 4 (`attacks.k_sweep`), each point printed.
+
+    Args:
+      model: the original mwjax model.
+      mw: its massive weights (`massive.MassiveWeights`).
+      ks: the k values swept.
+      measure: attacked model -> float (perplexity or mean zero-shot accuracy).
+
+    Returns:
+      "top-k zeroing" / "top-k retaining" -> one value per k.
+    """
     return attacks.k_sweep(model, mw, ks, measure,
                            on_point=lambda name, k, value: print(f"   {name}, k={k}: {value:.2f}", flush=True))
 
 
 def print_sweep(ks: list[int], series: dict[str, list[float]], metric: str) -> None:
+    """Print a Figure 4 sweep as a Markdown table: one row per k, one column per attack.
+
+    Args:
+      ks: the k values swept.
+      series: attack name -> one value per k (from `sweep`).
+      metric: what the values are, for the title.
+    """
     print(f"\nFigure 4 sweep ({metric}):")
     rows = [[k, *(s[i] for s in series.values())] for i, k in enumerate(ks)]
     print(common.markdown_table(["k"] + list(series), rows))
 
 
 def main(argv):
+    """Find --model's massive weights, measure Table 1's settings and Figure 4's sweep, write the results.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/attacks")  # unwritable: fails before the model loads
     zeroshot = zeroshot_flags.evaluator() if "zeroshot" in FLAGS.sweep_metrics and FLAGS.sweep else None

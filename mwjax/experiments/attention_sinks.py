@@ -44,6 +44,16 @@ PLACEMENT_TITLES = {"absent": "bos absent", "start": "bos at the start", "middle
 
 
 def table(result: attention_sinks.AttentionSinks, labels: dict[str, list[str]]) -> str:
+    """The Markdown table of attention_sinks.md: one row per placement of bos.
+
+    Args:
+      result: from `attention_sinks.bos_placements`.
+      labels: placement -> the label of each token fed (`plots.token_label`).
+
+    Returns:
+      The table: the tokens, those with massive activations, the largest |h| (position and dim), the token the
+      later tokens attend to most and the mean attention bos receives.
+    """
     rows = []
     for p in result.placements:
         names = labels[p.placement]
@@ -60,6 +70,11 @@ def table(result: attention_sinks.AttentionSinks, labels: dict[str, list[str]]) 
 
 
 def main(argv):
+    """Probe --model with bos absent / at the start / in the middle / at the end of --prompt, write the results.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/attention_sinks")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()

@@ -47,8 +47,14 @@ def quiet_logs() -> None:
 
 
 def load_model(merge_adapter: bool = True):
-    """--model (with --adapter merged in, so attacks see the fine-tuned weights, unless `merge_adapter` is
-    False: the caller attaches it) and its tokenizer."""
+    """Load --model in --dtype, with --adapter merged in so attacks see the fine-tuned weights.
+
+    Args:
+      merge_adapter: merge --adapter into the weights (`peft.merge`); False leaves it to the caller to attach.
+
+    Returns:
+      (model, tokenizer): the mwjax model and its tokenizer (per --tokenizer; None when that is 'none').
+    """
     quiet_logs()
     model, tokenizer = converters.load(FLAGS.model, dtype=jnp.dtype(FLAGS.dtype), tokenizer=tokenizer_flag())
     if FLAGS.adapter and merge_adapter:
@@ -64,15 +70,28 @@ def tokenizer_flag() -> bool | str:
 
 
 def define_attack_flag(before: str) -> None:
-    """--attack for an experiment that measures an attacked model (checked as the command line is parsed);
-    `apply_attack` applies it. `before`: what the attack precedes, for --help."""
+    """Define --attack for an experiment that measures an attacked model (checked as the command line is parsed).
+
+    `apply_attack` applies it.
+
+    Args:
+      before: what the attack precedes (e.g. "evaluation"), for --help.
+    """
     flags.DEFINE_string("attack", None, f"attack applied before {before}, e.g. zero_top_k:5 or "
                         "massive_activations:zero (mwjax.research.attacks.from_spec)")
     check_flag("attack", lambda spec: attacks.parse_spec(spec))
 
 
 def apply_attack(model, tokenizer):
-    """The model with --attack applied (massive / super weights found on `model`), or the model itself."""
+    """The model with --attack applied (massive / super weights found on `model`), or the model itself.
+
+    Args:
+      model: the loaded mwjax model.
+      tokenizer: its tokenizer (`attacks.from_spec` uses it to find the weights, with --first_token).
+
+    Returns:
+      The attacked model (`attacks.from_spec`), or `model` when --attack is not given.
+    """
     if not FLAGS.attack:
         return model
     return attacks.from_spec(model, tokenizer, FLAGS.attack, first_token=first_token_flag())
@@ -85,8 +104,14 @@ def first_token_flag():
 
 
 def check_flag(name: str, check: Callable[[Any], object]) -> None:
-    """Check --name as the command line is parsed, before any model loads: `check(value)` raises ValueError
-    (or FileNotFoundError) with the message absl prints. A list flag is checked item by item."""
+    """Check --name as the command line is parsed, before any model loads.
+
+    A list flag is checked item by item; an unset flag (None) is not checked.
+
+    Args:
+      name: the flag's name, without the dashes.
+      check: called on the value; raises ValueError (or FileNotFoundError) with the message absl prints.
+    """
 
     def validator(value) -> bool:
         try:
@@ -110,15 +135,28 @@ def output_dir(default: str, name: str | None = None) -> Path:
     Args:
       default: the output directory when --output_dir is not given.
       name: the experiment, under which `publish` records its files (default: the last part of `default`).
+
+    Returns:
+      The staging directory (`stage`).
     """
     return stage(Path(FLAGS.output_dir or default), name or Path(default).name)
 
 
 def stage(directory: Path, name: str) -> Path:
-    """Hold `directory` for this run (`mwjax.core.run_lock`: one run per output directory; a second run is refused
-    naming the first) and return a staging directory beside it, checked writable, for the run's files.
-    `publish` swaps it in whole (`mwjax.core.atomic`), so a killed or failed run leaves the previous results, never a
-    mix of two runs' files. SystemExit with the reason when the directory is held or cannot be written."""
+    """Hold `directory` for this run and return a staging directory beside it, checked writable, for the run's files.
+
+    The hold is `mwjax.core.run_lock`'s: one run per output directory; a second run is refused naming the first.
+    `publish` swaps the staging directory in whole (`mwjax.core.atomic`), so a killed or failed run leaves the
+    previous results, never a mix of two runs' files. SystemExit with the reason when the directory is held, cannot
+    be written, or is (or holds) the current directory.
+
+    Args:
+      directory: the output directory.
+      name: the experiment, under which `publish` records its files in the directory's manifest.
+
+    Returns:
+      The staging directory.
+    """
     final = directory.absolute()
     if final == Path.cwd() or final in Path.cwd().parents:
         raise SystemExit(f"output directory {directory} holds the current directory; results replace their "
@@ -142,9 +180,17 @@ def stage(directory: Path, name: str) -> Path:
 
 
 def publish(out: Path) -> Path:
-    """Swap the staging directory `out` (from `stage`) in as its output directory, atomically: the files this
-    experiment's previous run published there go, other experiments' files stay; then release the directory.
-    Returns the output directory."""
+    """Swap a staging directory in as its output directory, atomically; then release the directory.
+
+    The files this experiment's previous run published there go, other experiments' files stay (the output
+    directory's `.mwjax-outputs.json` manifest records which experiment wrote what).
+
+    Args:
+      out: the staging directory, from `stage` (or `output_dir`).
+
+    Returns:
+      The output directory.
+    """
     final, name, lock = _STAGED.pop(out)
     with lock:
         try:
@@ -159,12 +205,27 @@ def publish(out: Path) -> Path:
 
 
 def final_path(out: Path) -> Path:
-    """Where a staging directory from `stage` is published (any other path: itself)."""
+    """Where a staging directory from `stage` is published (any other path: itself).
+
+    Args:
+      out: a staging directory, or any other path.
+
+    Returns:
+      The output directory `out` will be published to, or `out` itself.
+    """
     return _STAGED[out][0] if out in _STAGED else out
 
 
 def figure(out: Path, name: str) -> Path:
-    """Where figure `name` goes: out/name.<--format>."""
+    """Where figure `name` goes: out/name.<--format>.
+
+    Args:
+      out: the (staging) output directory.
+      name: the figure's file name, without the extension.
+
+    Returns:
+      The figure's path.
+    """
     return out / f"{name}.{FLAGS.format}"
 
 
@@ -174,6 +235,16 @@ def model_name() -> str:
 
 
 def write_json(path: Path, payload) -> Path:
+    """Write `payload` as indented JSON, atomically; numpy arrays and scalars become lists / numbers, objects with
+    `to_dict` their dict.
+
+    Args:
+      path: the file written.
+      payload: the JSON-able value.
+
+    Returns:
+      `path`.
+    """
     atomic.write_text_atomically(path, json.dumps(payload, indent=2, default=_jsonable))
     return path
 
@@ -187,7 +258,16 @@ def _jsonable(x):
 
 
 def load_corpora(names: list[str], tokenizer, max_chunks: int | None) -> list[corpora.Corpus]:
-    """Corpora by name or path; --max_chunks caps each one further (the protocol's own cap applies too)."""
+    """Corpora by name or path, each capped at the smaller of its protocol's cap and `max_chunks`.
+
+    Args:
+      names: corpus names (`corpora.LOADERS`) or paths to UTF-8 text files.
+      tokenizer: tokenizes the text.
+      max_chunks: a further cap on the chunks scored of each corpus (--max_chunks); None for the protocol's own.
+
+    Returns:
+      One `corpora.Corpus` per name, in order.
+    """
     out = []
     for name in names:
         corpus = corpora.load(name, tokenizer)
@@ -197,7 +277,15 @@ def load_corpora(names: list[str], tokenizer, max_chunks: int | None) -> list[co
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
-    """A Markdown table; a "|" inside a cell (|h|, a token such as <|im_start|>) is escaped."""
+    """A Markdown table; a "|" inside a cell (|h|, a token such as <|im_start|>) is escaped.
+
+    Args:
+      header: the column titles.
+      rows: the rows, one value per column; floats are written with 2 decimals.
+
+    Returns:
+      The table's text, without a trailing newline.
+    """
     fmt = lambda v: (f"{v:.2f}" if isinstance(v, float) else str(v)).replace("|", "\\|")
     lines = ["| " + " | ".join(fmt(v) for v in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
@@ -206,8 +294,22 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def calibration_set(evaluated: list[corpora.Corpus], tokenizer, name: str, sequences: int, seqlen: int,
                     eval_seqlen: int, bos: bool = True) -> np.ndarray:
-    """[sequences, seqlen]: the last chunks of corpus `name` (each after the bos token when `bos`), kept apart from
-    the evaluated text: refused when they overlap what an evaluated corpus of the same name reads."""
+    """Calibration sequences: the last chunks of corpus `name`, kept apart from the evaluated text.
+
+    SystemExit when they overlap what an evaluated corpus of the same name reads.
+
+    Args:
+      evaluated: the corpora evaluated (as `load_corpora` returns them); one named `name` is reused and checked.
+      tokenizer: tokenizes the corpus when it is not among `evaluated`; gives the bos id.
+      name: the calibration corpus, by name or path.
+      sequences: the number of calibration sequences.
+      seqlen: tokens per calibration sequence (the bos token included).
+      eval_seqlen: tokens per chunk of the evaluation, to know how much of the corpus it reads.
+      bos: begin each sequence with the tokenizer's bos token (when it has one).
+
+    Returns:
+      int32 [sequences, seqlen] token ids.
+    """
     same = next((c for c in evaluated if c.name == Path(name).name), None)
     source = same or load_corpora([name], tokenizer, None)[0]
     bos_id = getattr(tokenizer, "bos_token_id", None) if bos else None

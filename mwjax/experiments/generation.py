@@ -63,6 +63,7 @@ flags.DEFINE_integer("judge_max_retries", judge.MAX_RETRIES, "re-generations of 
 
 
 def judge_params() -> dict:
+    """The judge's sampling parameters from the --judge_* flags, as prometheus-eval's params dict names them."""
     return {"max_tokens": FLAGS.judge_max_new_tokens, "temperature": FLAGS.judge_temperature,
             "top_p": FLAGS.judge_top_p, "repetition_penalty": FLAGS.judge_repetition_penalty}
 
@@ -70,6 +71,11 @@ def judge_params() -> dict:
 
 
 def main(argv):
+    """Answer the Spec-Bench questions with --model, have --judge grade the answers, write Table 3's row.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/generation")
     questions = spec_bench.read_questions(FLAGS.questions, per_subtask=FLAGS.per_subtask, subtasks=FLAGS.subtasks)

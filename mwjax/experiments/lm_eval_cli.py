@@ -22,6 +22,7 @@ def register() -> None:
 
 
 def main() -> None:
+    """The `mwjax-lm-eval` entry point: register the backend, then run lm-eval's command line on `sys.argv`."""
     from lm_eval.__main__ import cli_evaluate
 
     register()

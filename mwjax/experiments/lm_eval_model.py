@@ -31,6 +31,21 @@ LM_EVAL_ONLY = ("device", "max_batch_size")  # lm-eval passes these to every bac
 
 @register_model("mwjax")
 class MwjaxPretrainedLM(MwjaxLM):
+    """The `mwjax` lm-eval backend: an `MwjaxLM` that loads its model from `--model_args` (module doc).
+
+    Args:
+      pretrained: the checkpoint: anything `converters.load` reads (HF dir, .gguf, orbax dir, embedded:<name>, hub id).
+      dtype: compute and parameter dtype, "float32" or "bfloat16".
+      attack: an attack spec (`mwjax.research.attacks.from_spec`, e.g. zero_top_k:5); checked before the model loads.
+      adapter: an HF PEFT directory or experiments.macdrop's orbax adapter/, merged into the weights.
+      first_token: token id or string to find the massive weights with when the tokenizer has no bos.
+      batch_size: requests per forward pass; "auto" (lm-eval's) means 8.
+      tokenizer: a tokenizer to use instead of the checkpoint's own (as lm-eval's HF backend).
+      attack_on: with adapter and attack, Table 8's reading: "merged" or "base" (`attacks.after_fine_tuning`).
+      kwargs: passed on to `MwjaxLM` (add_bos_token, max_length, max_gen_toks, truncation, max_prompt_length);
+        lm-eval's device and max_batch_size are dropped.
+    """
+
     def __init__(self, pretrained: str, dtype: str = "float32", attack: str | None = None, adapter: str | None = None,
                  first_token: int | str | None = None, batch_size: int | str = 8, tokenizer: str | None = None,
                  attack_on: str = "merged", **kwargs):
@@ -56,6 +71,16 @@ class MwjaxPretrainedLM(MwjaxLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """The backend from lm-eval's `--model_args` string; unlike lm-eval's own, a key in both wins from
+        `additional_config` instead of failing (e.g. batch_size both in model_args and --batch_size).
+
+        Args:
+          arg_string: "key1=value1,key2=value2" (`--model_args`).
+          additional_config: lm-eval's further settings (batch_size, device, ...); None values are left out.
+
+        Returns:
+          The `MwjaxPretrainedLM`.
+        """
         args = simple_parse_args_string(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**(args | extra))

@@ -49,6 +49,11 @@ flags.DEFINE_enum("add_bos_token", "tokenizer", list(BOS_CHOICES), "prepend bos 
 
 
 def main(argv):
+    """Export the datasets (--export_data), or run LongBench on --model and write Table 9's row.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     if FLAGS.export_data:
         for name, path in longbench.export_task_data(FLAGS.export_data, FLAGS.datasets).items():

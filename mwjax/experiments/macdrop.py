@@ -46,7 +46,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/configs/<
 
 
 def config_fields(config: ConfigDict, prefix: str = "") -> list[str]:
-    """'train.learning_rate = 0.0001' for every field of `config`, dotted, in order."""
+    """'train.learning_rate = 0.0001' for every field of `config`, dotted, in order.
+
+    Args:
+      config: an ml_collections `ConfigDict` (nested ones are walked).
+      prefix: prepended to each field's name (the dotted path of `config` itself).
+
+    Returns:
+      One "name = repr(value)" line per leaf field.
+    """
     lines = []
     for key, value in config.items():
         if isinstance(value, ConfigDict):
@@ -62,7 +70,17 @@ __doc__ += ("\nConfig fields (--config.<field>=value) and their defaults in mwja
 
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
-    """`--config=llama3_8b[:arg]` -> `--config=<this package>/configs/llama3_8b.py[:arg]`."""
+    """`--config=llama3_8b[:arg]` -> `--config=<this package>/configs/llama3_8b.py[:arg]`.
+
+    A --config that holds a "/" or ".py" is left as is; SystemExit naming the known configs when no file has the
+    bare name.
+
+    Args:
+      argv: the command line (`sys.argv`), before absl parses it.
+
+    Returns:
+      The command line with a bare config name resolved to its file.
+    """
     out = []
     for arg in argv:
         if arg.startswith("--config=") and "/" not in arg and ".py" not in arg:
@@ -77,6 +95,11 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 
 
 def main(argv):
+    """Check --config, run the MacDrop fine-tuning (`mwjax.finetune.job.run`) and print its summary.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("jax", "absl", "orbax"):

@@ -60,6 +60,16 @@ STATES = {
 
 
 def table6_row(name: str, mw: massive.MassiveWeights) -> str:
+    """House of Cards Table 6's row for one model, as a Markdown table with its header.
+
+    Args:
+      name: the model, as the row names it.
+      mw: its massive weights (`massive.find_massive_weights`).
+
+    Returns:
+      The table: the layer in the paper's (1-based, with the expert for a mixture of experts) and HF's numbering,
+      and the top-k row indices of W_down.
+    """
     expert = f" expert {mw.expert}" if mw.expert is not None else ""
     return common.markdown_table(["model", "layer (paper)", "HF layer", f"top-{len(mw.indices)} indices"],
                                  [[name, f"{mw.paper_layer}{expert}", mw.layer, list(mw.indices)]])
@@ -70,6 +80,14 @@ def state_magnitudes(model, token_id: int, layers: int) -> dict[str, list[float]
 
     h_{l-1} of the first layer is the embedding output. A mixture of experts records the FFN's states per
     expert: the largest over experts.
+
+    Args:
+      model: an mwjax causal LM.
+      token_id: the token fed alone at position 0 (the one the massive weights were found with).
+      layers: how many layers, from the first, to measure.
+
+    Returns:
+      {state in STATES: [layers] max |value|}.
     """
     points = tuple(p for p in STATES if p != "previous_hidden")
     config = probes.ProbeConfig(points=points, layers=tuple(range(layers)), full=False, top_k=1)
@@ -82,6 +100,11 @@ def state_magnitudes(model, token_id: int, layers: int) -> dict[str, list[float]
 
 
 def main(argv):
+    """Find --model's massive weights, print Table 6's row, draw Figure 3 and the 3D plot, write the results.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/massive_weights")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()

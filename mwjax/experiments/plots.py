@@ -29,7 +29,14 @@ TITLE_WIDTH = 70  # characters per title line: a model name and a layer label st
 
 
 def wrapped(title: str) -> str:
-    """A title broken into lines that fit the figure (long model paths no longer run off the edge)."""
+    """A title broken into lines that fit the figure (long model paths no longer run off the edge).
+
+    Args:
+      title: the title; its whitespace, line breaks included, is re-flowed.
+
+    Returns:
+      `title` in lines of at most TITLE_WIDTH characters (`title` itself when it is empty or blank).
+    """
     return "\n".join(textwrap.wrap(title, TITLE_WIDTH)) or title
 
 
@@ -42,7 +49,16 @@ def _prob_cmap():
 
 
 def layer_magnitudes(stats: massive.Magnitudes, title: str, path: str | Path) -> Path:
-    """House of Cards Figure 3(b, c) / thesis Figure 4.4: top-k and median |value| per layer (1-based axis)."""
+    """House of Cards Figure 3(b, c) / thesis Figure 4.4: top-k and median |value| per layer (1-based axis).
+
+    Args:
+      stats: one state's per-layer top-k [L, k] and median [L] |value| (`massive.Magnitudes`).
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+
+    Returns:
+      `path` as a Path.
+    """
     top, median = np.asarray(stats.top), np.asarray(stats.median)
     layers = np.arange(1, len(median) + 1)
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -54,9 +70,20 @@ def layer_magnitudes(stats: massive.Magnitudes, title: str, path: str | Path) ->
 
 def magnitudes_3d(values: np.ndarray, token_labels: Sequence[str], title: str, path: str | Path,
                   max_dims: int | None = None) -> Path:
-    """Thesis Figure 4.1: |hidden state| (z) over tokens (x) and feature dimensions (y) at one layer, one
-    line per token. values: [seq, dim]; `max_dims` keeps only the dims with the largest magnitude (all by
-    default)."""
+    """Thesis Figure 4.1: |hidden state| (z) over tokens (x) and feature dimensions (y) at one layer.
+
+    One line per token, as the Massive Activations code draws it; the two largest dims are named on the feature axis.
+
+    Args:
+      values: [seq, dim] hidden state of one sequence (its magnitude is drawn).
+      token_labels: [seq] the tokens' labels (`token_label`).
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      max_dims: keep only this many dims, those with the largest magnitude; None for all.
+
+    Returns:
+      `path` as a Path.
+    """
     fig = plt.figure(figsize=(8, 5))
     ax = fig.add_subplot(projection="3d")
     _magnitude_lines(ax, values, token_labels, max_dims)
@@ -89,8 +116,19 @@ def _magnitude_lines(ax, values: np.ndarray, token_labels: Sequence[str], max_di
 
 def k_sweep(ks: Sequence[int], series: Mapping[str, Sequence[float]], title: str, path: str | Path,
             ylabel: str = "perplexity", log_y: bool = True) -> Path:
-    """House of Cards Figure 4: a metric against k for each attack (perplexity on a log axis; the paper's
-    mean zero-shot accuracy with log_y=False)."""
+    """House of Cards Figure 4: a metric against k for each attack.
+
+    Args:
+      ks: the k values (x axis).
+      series: attack name ("top-k zeroing", "top-k retaining") -> the metric at each k.
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      ylabel: the y axis' label.
+      log_y: a log y axis in plain numbers (perplexity); False for the paper's mean zero-shot accuracy.
+
+    Returns:
+      `path` as a Path.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, ys in series.items():
         ax.plot(list(ks), list(ys), marker="o", ms=4, label=name)
@@ -99,8 +137,20 @@ def k_sweep(ks: Sequence[int], series: Mapping[str, Sequence[float]], title: str
 
 def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str, path: str | Path,
                   ylabel: str = "perplexity", log_y: bool = True) -> Path:
-    """The Super Weight Figure 8: a metric against the super weight's scaling factor (perplexity on a log axis,
-    so the pruned model's blow-up at 0 leaves the region around 1 readable; accuracy with log_y=False)."""
+    """The Super Weight Figure 8: a metric against the super weight's scaling factor, a dashed line at 1.
+
+    Args:
+      factors: the scaling factors (x axis; 0 prunes the super weights, 1 leaves them as they are).
+      values: the metric at each factor.
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      ylabel: the y axis' label.
+      log_y: a log y axis for perplexity, so the pruned model's blow-up at 0 leaves the region around 1 readable;
+        False for accuracy.
+
+    Returns:
+      `path` as a Path.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(list(factors), list(values), marker="o")
     ax.axvline(1.0, color="gray", lw=0.8, ls="--")
@@ -186,21 +236,49 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def token_label(tokenizer, token_id: int) -> str:
-    """A token as a reader reads it: decoded ("cold", not BPE's "Ġcold"), with whitespace made visible."""
+    """A token as a reader reads it: decoded ("cold", not BPE's "Ġcold"), with whitespace made visible.
+
+    Args:
+      tokenizer: an HF tokenizer (anything with `decode`).
+      token_id: the token's id.
+
+    Returns:
+      The decoded text, stripped; a token of whitespace alone as its Python repr.
+    """
     text = tokenizer.decode([int(token_id)])
     return text.strip() or repr(text)
 
 
 def bos_profile(profile: massive.FirstTokenProfile, title: str, path_of) -> list[Path]:
-    """House of Cards Figure 3(b, c): the top-3 and median |value| per layer of the hidden and intermediate
-    states for the first token alone (`mwjax.research.massive.first_token_profile`); `path_of(name)` names each file."""
+    """House of Cards Figure 3(b, c): top-k and median |value| per layer for the first token alone, two figures.
+
+    One figure (`layer_magnitudes`) for the hidden state and one for the intermediate state.
+
+    Args:
+      profile: the first token's per-layer profile (`mwjax.research.massive.first_token_profile`; its callers
+        keep the top 3).
+      title: the start of both titles (the model's name).
+      path_of: `path_of(name)` names each file, name "bos_hidden" or "bos_intermediate".
+
+    Returns:
+      The two files written: [hidden, intermediate].
+    """
     return [layer_magnitudes(getattr(profile, point).magnitudes, f"{title}: {point} state, first token alone",
                              path_of(f"bos_{point}"))
             for point in ("hidden", "intermediate")]
 
 
 def grouped_bars(values: Mapping[str, Sequence[float]], title: str, path: str | Path) -> Path:
-    """House of Cards Figure 3(a): one group of bars per layer (1-based), one bar per state (log y)."""
+    """House of Cards Figure 3(a): one group of bars per layer (1-based), one bar per state (log y).
+
+    Args:
+      values: state name (the legend's label) -> max |value| per layer, [L] each, the same L for every state.
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+
+    Returns:
+      `path` as a Path.
+    """
     names = list(values)
     n_layers = len(next(iter(values.values())))
     width = 0.8 / len(names)
@@ -214,7 +292,16 @@ def grouped_bars(values: Mapping[str, Sequence[float]], title: str, path: str | 
 
 
 def likert_bars(scores: Mapping[str, float], title: str, path: str | Path) -> Path:
-    """House of Cards Table 3 as bars: a judge's mean 1-5 score per column (MT-1, ..., Avg.)."""
+    """House of Cards Table 3 as bars: a judge's mean 1-5 score per column (MT-1, ..., Avg.).
+
+    Args:
+      scores: column -> the judge's mean score, one bar each in the order given.
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+
+    Returns:
+      `path` as a Path.
+    """
     fig, ax = plt.subplots(figsize=(7, 3.5))
     bars = ax.bar(list(scores), list(scores.values()), color="tab:blue")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
@@ -225,11 +312,20 @@ def likert_bars(scores: Mapping[str, float], title: str, path: str | Path) -> Pa
 
 def attention_sinks(columns: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[str]]], title: str,
                     row_titles: tuple[str, str], path: str | Path) -> Path:
-    """House of Cards Figure 2 / Figures 8-18: one column per bos placement; top row the |hidden state| over
-    tokens x feature dims (as `magnitudes_3d`), bottom row the head-averaged attention probabilities
-    (query rows, key columns, causal: nothing above the diagonal) on one colour scale from 0 to 1.
+    """House of Cards Figure 2 / Figures 8-18: the hidden state and attention, one column per bos placement.
 
-    columns: (column title, |h| [seq, d], attention [seq, seq], token labels) each.
+    Top row: the |hidden state| over tokens x feature dims (as `magnitudes_3d`); bottom row: the head-averaged
+    attention probabilities (query rows, key columns, causal: nothing above the diagonal) on one colour scale
+    from 0 to 1.
+
+    Args:
+      columns: one (column title, |h| [seq, d], attention [seq, seq], token labels [seq]) per placement.
+      title: the figure's title (wrapped to fit).
+      row_titles: the (top, bottom) rows' titles, written vertically at their left.
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+
+    Returns:
+      `path` as a Path.
     """
     n = len(columns)
     fig = plt.figure(figsize=(4.2 * n, 8.4))
@@ -258,10 +354,19 @@ def attention_sinks(columns: Sequence[tuple[str, np.ndarray, np.ndarray, Sequenc
 
 
 def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: int | None = None) -> Path:
-    """House of Cards Figure 5: the router's probability of each expert (rows, HF's 0-based expert index) per
-    layer (columns, 1-based) for the bos token; `mark_layer` (0-based) framed, e.g. the massive weights' layer.
+    """House of Cards Figure 5: the router's probability of each expert per layer for the bos token.
 
-    probs: [L, E], rows summing to 1.
+    Experts are rows (HF's 0-based expert index), layers columns (1-based); each cell shows its probability
+    while the grid has at most 512 cells (Mixtral-8x7B's 32 x 8).
+
+    Args:
+      probs: [L, E] router probabilities, rows summing to 1 (`massive.first_token_router_probs`).
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      mark_layer: a layer (0-based) framed in red, e.g. the massive weights' layer; None for none.
+
+    Returns:
+      `path` as a Path.
     """
     probs = np.asarray(probs, np.float64)
     num_layers, num_experts = probs.shape
@@ -286,8 +391,18 @@ def router_probs(probs: np.ndarray, title: str, path: str | Path, mark_layer: in
 
 def category_bars(scores: Mapping[str, float], categories: Mapping[str, Sequence[str]], title: str,
                   path: str | Path, ylabel: str = "score (%)") -> Path:
-    """House of Cards Table 9 as a figure: one bar per dataset (`scores` keys, in the order given), coloured by
-    the category that lists it, with the mean as a dashed line."""
+    """House of Cards Table 9 as a figure: one bar per dataset, coloured by its category, the mean dashed.
+
+    Args:
+      scores: dataset -> score, one bar each in the order given.
+      categories: category (a legend entry) -> the datasets it lists; a dataset no category lists is grey.
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      ylabel: the y axis' label.
+
+    Returns:
+      `path` as a Path.
+    """
     names = list(scores)
     colour = {name: f"C{i}" for i, members in enumerate(categories.values()) for name in members}
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(names) + 1.5), 3.5))
@@ -304,8 +419,20 @@ def category_bars(scores: Mapping[str, float], categories: Mapping[str, Sequence
 def grouped_bars_with_errors(groups: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                              title: str, path: str | Path, ylabel: str = "accuracy (%)",
                              reference: float | None = None) -> Path:
-    """Bars per group (e.g. fine-tuning method) and series (e.g. clean / attacked), each `(means, errors)` with
-    the errors as error bars (e.g. the spread over seeds); `reference` as a dashed line (e.g. chance)."""
+    """Bars per group (e.g. fine-tuning method) and series (e.g. clean / attacked), with error bars.
+
+    Args:
+      groups: the groups' names along x.
+      series: series name -> (means, errors), one value per group each; the errors drawn as error bars (e.g. the
+        spread over seeds).
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      ylabel: the y axis' label.
+      reference: a value drawn as a dashed line labelled "chance" (e.g. 25 for four choices); None for none.
+
+    Returns:
+      `path` as a Path.
+    """
     x = np.arange(len(groups))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(groups) + 2.0), 3.6))
     width = 0.8 / max(len(series), 1)
@@ -320,11 +447,24 @@ def grouped_bars_with_errors(groups: Sequence[str], series: Mapping[str, tuple[S
 
 def pruning_summary(labels: Sequence[str], perplexities: Mapping[str, Sequence[float]], dense: float,
                     removed: Sequence[float], retained: Sequence[float], title: str, path: str | Path) -> Path:
-    """Pruning (Wanda / magnitude) against the massive weights, two panels over the same settings `labels`
-    ("wanda 50%", "magnitude 2:4", ...): left, perplexity per protection setting (bars, log y) with the dense
-    model's as a dashed line (thesis Table 3.3's comparison); right, without protection, the fraction of the
-    top-k massive rows' entries pruned and the first token's top-1 massive intermediate value left (pruned /
-    dense)."""
+    """Pruning (Wanda / magnitude) against the massive weights: two panels over the same pruning settings.
+
+    Left: perplexity per protection setting (bars, log y) with the dense model's as a dashed line (thesis Table
+    3.3's comparison). Right, without protection: the fraction of the top-k massive rows' entries pruned and the
+    first token's top-1 massive intermediate value left (pruned / dense).
+
+    Args:
+      labels: the pruning settings along x ("wanda 50%", "magnitude 2:4", ...).
+      perplexities: protection setting (the legend's label) -> the perplexity at each of `labels`.
+      dense: the dense model's perplexity.
+      removed: per setting, the fraction of the top-k massive rows' entries pruned (no protection).
+      retained: per setting, the first token's top-1 massive intermediate value, pruned / dense (no protection).
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+
+    Returns:
+      `path` as a Path.
+    """
     x = np.arange(len(labels))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / max(len(perplexities), 1)

@@ -34,11 +34,28 @@ def probe_first_token(model, token_id: int, top_k: int) -> list[dict]:
 
     In a mixture-of-experts model (Mixtral) the intermediate state is the one of the expert the
     router ranks first for the token at that layer, recorded in the row as "expert".
+
+    Args:
+      model: an mwjax causal LM.
+      token_id: the token fed alone at position 0 (usually bos).
+      top_k: how many of the largest |values| to keep per state and layer.
+
+    Returns:
+      One dict per layer, as `layer_rows` builds them.
     """
     return layer_rows(massive.first_token_profile(model, token_id, top_k))
 
 
 def layer_rows(profile: massive.FirstTokenProfile) -> list[dict]:
+    """A `FirstTokenProfile` as JSON-ready rows, one per layer.
+
+    Args:
+      profile: from `massive.first_token_profile`.
+
+    Returns:
+      Dicts with "layer" (0-based, as HF counts), "paper_layer" (1-based), "expert" (mixture of experts only)
+      and, for "hidden" and "intermediate", a dict of "top_values", "top_indices" and "median" (|x|).
+    """
     rows = []
     for layer in range(profile.num_layers):
         row = {"layer": layer, "paper_layer": layer + 1}
@@ -53,6 +70,14 @@ def layer_rows(profile: massive.FirstTokenProfile) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+    """The rows of `layer_rows` as a fixed-width text table: a header line, then one line per layer.
+
+    Args:
+      rows: from `layer_rows` / `probe_first_token`.
+
+    Returns:
+      The table's text.
+    """
     fmt = lambda v: " ".join(f"{abs(x):9.1f}" for x in v)
     lines = [f"{'layer':>5} {'HF':>4} | {'hidden top |x|':^30} {'median':>8} | "
              f"{'intermediate top |x|':^30} {'median':>8} | top intermediate dims"]
@@ -68,7 +93,14 @@ EXPLOSION_SHARE = 0.5  # one layer adding this much of the peak hidden |x| is an
 
 
 def summary(profile: massive.FirstTokenProfile) -> str:
-    """The massive weights' layer as `find_massive_weights` picks it (the same `origin_layer`), then growth."""
+    """The massive weights' layer as `find_massive_weights` picks it (the same `origin_layer`), then growth.
+
+    Args:
+      profile: from `massive.first_token_profile`.
+
+    Returns:
+      Two lines of text: the layer, its largest intermediate dim and |x| against the layer's median; then `growth`.
+    """
     layer, why = massive.origin_layer(profile)
     state = profile.intermediate
     largest, median = abs(state.values[layer, 0]), state.median[layer]
@@ -79,7 +111,16 @@ def summary(profile: massive.FirstTokenProfile) -> str:
 
 
 def growth(profile: massive.FirstTokenProfile) -> str:
-    """How the hidden state's largest |x| grows: in one layer (Llama-style) or over many (Gemma-style)."""
+    """How the hidden state's largest |x| grows: in one layer (Llama-style) or over many (Gemma-style).
+
+    A layer that adds at least `EXPLOSION_SHARE` of the peak is a single-layer explosion.
+
+    Args:
+      profile: from `massive.first_token_profile`.
+
+    Returns:
+      One line of text: the peak, the largest one-layer rise and its share of the peak, and the verdict.
+    """
     peaks, rises = np.abs(profile.hidden.values[:, 0]), massive.hidden_jumps(profile)
     peak, jump = int(np.argmax(peaks)), massive.origin_layer(profile, "hidden_jump")[0]
     share = rises[jump] / peaks[peak]
@@ -90,6 +131,11 @@ def growth(profile: massive.FirstTokenProfile) -> str:
 
 
 def main(argv):
+    """Probe --model with its first token (bos or --first_token), print the table and summary, write the results.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir(FLAGS.output_dir, "probe") if FLAGS.output_dir else None  # checked before the model loads
     model, tokenizer = common.load_model()

@@ -43,6 +43,11 @@ flags.DEFINE_list("protect", ["none", "massive"], "protection settings to compar
 
 
 def check_protect(name: str) -> None:
+    """Check a --protect setting: ValueError unless it is one of `PROTECT`.
+
+    Args:
+      name: the protection setting (none, massive, rows or super_weights).
+    """
     if name not in PROTECT:
         raise ValueError(f"unknown protection {name!r}; choose from {sorted(PROTECT)}")
 
@@ -70,11 +75,25 @@ flags.DEFINE_integer("batch_size", 1, "chunks per forward pass", lower_bound=1)
 
 
 def evaluate(model, corpora) -> dict[str, float]:
+    """Perplexity of `model` on each corpus, at --seqlen and --batch_size.
+
+    Args:
+      model: the dense or pruned mwjax model.
+      corpora: the `corpora.Corpus` list evaluated (each with its chunk cap).
+
+    Returns:
+      {corpus name: perplexity}.
+    """
     return {c.name: likelihood.perplexity(model, c.token_ids, FLAGS.seqlen, max_chunks=c.max_chunks,
                                           batch_size=FLAGS.batch_size).perplexity for c in corpora}
 
 
 def main(argv):
+    """Prune --model by each method, sparsity and protection, measure what each removes, write the results.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/prune")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()

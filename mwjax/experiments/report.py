@@ -105,13 +105,25 @@ QUICK = Sizes(seqlen=64, max_chunks=1, sweep=(0, 5), sweep_chunks=1, calibration
 
 
 def log(message: str) -> None:
-    """A progress line with the time, as a SLURM log shows it."""
+    """A progress line with the time, as a SLURM log shows it.
+
+    Args:
+      message: the line's text.
+    """
     print(f"[report {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def verdict(difference: float, standard_error: float) -> str:
-    """'agrees' when the difference in the claimed direction exceeds RULE standard errors, 'does not agree' when
-    it does in the other direction, else 'inconclusive'."""
+    """The verdict on a paper's claim from a measured difference and its standard error.
+
+    Args:
+      difference: the measured difference, positive in the direction the paper claims.
+      standard_error: the difference's standard error.
+
+    Returns:
+      'agrees' when the difference in the claimed direction exceeds RULE standard errors, 'does not agree' when it
+      does in the other direction, else 'inconclusive'.
+    """
     if difference > RULE * standard_error:
         return "agrees"
     if difference < -RULE * standard_error:
@@ -120,15 +132,32 @@ def verdict(difference: float, standard_error: float) -> str:
 
 
 def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy p measured on n questions."""
+    """Standard error of an accuracy p measured on n questions.
+
+    Args:
+      p: the accuracy, in [0, 1].
+      n: the number of questions.
+
+    Returns:
+      sqrt(p (1 - p) / n), with p (1 - p) at least 0.25 / n so that it is never 0.
+    """
     return math.sqrt(max(p * (1 - p), 0.25 / n) / n)  # never 0: a perfect score on 10 questions is not certain
 
 
 def pct(x: float) -> str:
+    """A fraction as a percentage with one decimal and no "%" sign (0.256 -> "25.6").
+
+    Args:
+      x: the fraction (an accuracy).
+
+    Returns:
+      The text.
+    """
     return f"{100 * x:.1f}"
 
 
 def git_commit() -> str:
+    """The short hash of HEAD of the git checkout this file is in, or "unknown" (no git, not a checkout)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
@@ -141,12 +170,32 @@ def git_commit() -> str:
 
 def growth_share(profile: massive.FirstTokenProfile) -> float:
     """The largest single layer's rise of the hidden state's max |x| as a fraction of its whole rise over the
-    embedding: ~1 for one explosive layer (Llama, Mistral, SmolLM2), small for a gradual growth (Gemma-2)."""
+    embedding.
+
+    Args:
+      profile: the first token's per-layer profile (`massive.first_token_profile`).
+
+    Returns:
+      The fraction: ~1 for one explosive layer (Llama, Mistral, SmolLM2), small for a gradual growth (Gemma-2).
+    """
     top = np.abs(profile.hidden.values[:, 0])
     return float(massive.hidden_jumps(profile).max() / max(top.max() - profile.embed_max, 1e-9))
 
 
 def finding_of(model, tokenizer, name: str, out: Path) -> dict:
+    """Section 1's measurements on one model: its top-TABLE1_K massive weights, its bos profile and two figures.
+
+    Args:
+      model: an mwjax causal LM.
+      tokenizer: its HF tokenizer; None for the contrast model (loaded without one).
+      name: the model's name in the titles and the table; its part after the last ":" ends the figures' names.
+      out: the report's (staging) output directory, where the figures go.
+
+    Returns:
+      The model's row: its massive weights (`MassiveWeights.to_dict()`, and the object itself under "mw"), layer
+      label, number of layers, growth share and largest-rise layer (0-based), the first token's max |hidden| and
+      |intermediate| per layer, top-1 / median ratio and the figures' file names.
+    """
     mw = massive.find_massive_weights(model, tokenizer, k=TABLE1_K)
     profile = massive.first_token_profile(model, mw.token_id, top_k=3)
     figures = plots.bos_profile(profile, name, lambda fig: common.figure(out, f"{fig}_{name.split(':')[-1]}"))
@@ -159,6 +208,22 @@ def finding_of(model, tokenizer, name: str, out: Path) -> dict:
 
 
 def section_finding(model, tokenizer, sizes: Sizes, out: Path) -> tuple[dict, str]:
+    """Section 1, Finding (Table 6, Figure 3): where the massive weights are, on --model and --contrast_model.
+
+    The verdicts: --model agrees when its intermediate state is massive (`meets_criterion`) and its hidden state's
+    largest rise is in that same layer; the contrast (the paper's Gemma-2, Appendix D) agrees when under half of its
+    hidden rise is in one layer, and less than --model's share. The contrast runs when `sizes.contrast` and
+    --contrast_model are set.
+
+    Args:
+      model: --model (`common.load_model`).
+      tokenizer: its tokenizer.
+      sizes: the run's sizes (FULL or QUICK).
+      out: the report's (staging) output directory, where the figures go.
+
+    Returns:
+      (the section's payload for report.json, its Markdown).
+    """
     results = [finding_of(model, tokenizer, common.model_name(), out)]
     if sizes.contrast and FLAGS.contrast_model:
         log(f"loading the contrast model {FLAGS.contrast_model}")
@@ -213,6 +278,25 @@ def section_finding(model, tokenizer, sizes: Sizes, out: Path) -> tuple[dict, st
 
 
 def section_attacks(model, tokenizer, mw, corpus, held_out, sizes: Sizes, out: Path) -> tuple[dict, str]:
+    """Section 2, Attacks (Table 1, Figure 4; thesis Table 4.3; The Super Weight Table 1), and the k-sweep.
+
+    Perplexity on CORPUS and held-out accuracy of the original model, top-TABLE1_K zeroing / retaining and, when
+    `sizes.activations`, the massive activations set to zero / their mean (and the median control) and the super
+    weights pruned / pruned with their super activations restored; then the k-sweep's perplexity and its figure.
+    Each claim gets a verdict.
+
+    Args:
+      model: --model (`common.load_model`).
+      tokenizer: its tokenizer.
+      mw: its massive weights (`massive.find_massive_weights`, k at least the sweep's largest).
+      corpus: CORPUS (`common.load_corpora`): perplexity on its first chunks, the activations' means from its last.
+      held_out: the held-out multiple-choice questions (`synthetic_tasks.questions`).
+      sizes: the run's sizes (FULL or QUICK).
+      out: the report's (staging) output directory, where the k-sweep figure goes.
+
+    Returns:
+      (the section's payload for report.json, its Markdown).
+    """
     calibration = common.calibration_set([corpus], tokenizer, CORPUS, sizes.calibration_sequences,
                                          sizes.calibration_seqlen, sizes.seqlen) if sizes.activations else None
     settings, ma = attacks.table1_settings(model, mw, TABLE1_K, calibration)
@@ -306,7 +390,19 @@ def section_attacks(model, tokenizer, mw, corpus, held_out, sizes: Sizes, out: P
 
 def run_config(variant: str, seed: int, records: Path, cutoff: int, sizes: Sizes, work: Path):
     """One of Table 2's runs in the CPU recipe of configs/smollm2_135m (LoRA/DoRA rank 8, lr 1e-3, MacDrop's
-    Step curriculum from p0 = 0.8 on the top-5 rows), on the report's data, steps and seed."""
+    Step curriculum from p0 = 0.8 on the top-5 rows), on the report's data, steps and seed.
+
+    Args:
+      variant: one of METHODS' keys ("lora", "lora_macdrop", "dora", "dora_macdrop").
+      seed: the training seed (the adapter's initialisation, the batch order, MacDrop's masks).
+      records: the training data, a JSON-lines file of Alpaca records.
+      cutoff: cutoff_len in tokens (the longest encoded record, so nothing is cut).
+      sizes: the run's sizes (steps, micro-batch).
+      work: the directory the run writes into (its output_dir is work/report_<variant>_seed<seed>).
+
+    Returns:
+      The run's ConfigDict, for `mwjax.finetune.job.run`.
+    """
     c = smollm2_135m.get_config(variant)
     c.name = f"report_{variant}_seed{seed}"
     c.model, c.output_dir, c.overwrite_output_dir, c.eval_before = FLAGS.model, str(work / c.name), True, False
@@ -317,8 +413,16 @@ def run_config(variant: str, seed: int, records: Path, cutoff: int, sizes: Sizes
 
 
 def summarize(values: list[float], n: int) -> dict:
-    """Mean, spread (sample std over seeds) and standard error of an accuracy measured over seeds on n questions:
-    the seeds' variance and the questions' binomial variance."""
+    """Mean, spread (sample std over seeds) and standard error of an accuracy measured over seeds on n questions.
+
+    Args:
+      values: the accuracy of each seed.
+      n: the number of questions each was measured on.
+
+    Returns:
+      {"values", "mean", "sd", "se"}; se combines the seeds' variance (sd^2 / seeds) and the questions' binomial
+      variance (`binomial_se` of the mean).
+    """
     mean = float(np.mean(values))
     sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     return {"values": values, "mean": mean, "sd": sd,
@@ -326,10 +430,37 @@ def summarize(values: list[float], n: int) -> dict:
 
 
 def fmt(s: dict) -> str:
+    """A `summarize` result as a table cell in percent: "mean ± sd" over several seeds, the mean alone for one.
+
+    Args:
+      s: a `summarize` result.
+
+    Returns:
+      The cell's text.
+    """
     return f"{pct(s['mean'])} ± {pct(s['sd'])}" if len(s["values"]) > 1 else pct(s["mean"])
 
 
 def section_fine_tuning(model, tokenizer, mw, held_out, sizes: Sizes, out: Path, work: Path) -> tuple[dict, str]:
+    """Section 3, Fine-tuning (Tables 2 and 8 in miniature): each method over the seeds, clean and attacked.
+
+    Every method of `sizes.methods` is trained for every seed (--seeds, else `sizes.seeds`) on the train split of the
+    synthetic tasks (`run_config`), then scored on the held-out questions clean and under top-TABLE8_K zeroing in
+    both of Table 8's readings (`attacks.after_fine_tuning`: merged, base). Each method is compared with its MacDrop
+    twin per reading (`verdict`).
+
+    Args:
+      model: --model (`common.load_model`), the base of every adapter.
+      tokenizer: its tokenizer.
+      mw: its massive weights, zeroed for the pretrained model's attacked accuracy.
+      held_out: the held-out multiple-choice questions (`synthetic_tasks.questions`).
+      sizes: the run's sizes (FULL or QUICK).
+      out: the report's (staging) output directory, where the figure goes.
+      work: where the training data and the fine-tuning runs go.
+
+    Returns:
+      (the section's payload for report.json, its Markdown).
+    """
     from mwjax.finetune import data
 
     seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else list(sizes.seeds)
@@ -437,6 +568,22 @@ def section_fine_tuning(model, tokenizer, mw, held_out, sizes: Sizes, out: Path,
 
 
 def section_pruning(model, tokenizer, mw, corpus, sizes: Sizes, out: Path) -> tuple[dict, str]:
+    """Section 4, Pruning (thesis chapter 3): each of `sizes.prune_methods` at 50%, with and without protection.
+
+    'massive' protects the top-TABLE1_K rows of W_gate / W_up and the super weights; Wanda calibrates on the end of
+    `corpus` without bos. The verdict (Wanda's perplexity below magnitude's) needs both methods.
+
+    Args:
+      model: --model (`common.load_model`).
+      tokenizer: its tokenizer.
+      mw: its massive weights: the rows protected and counted.
+      corpus: CORPUS (`common.load_corpora`): perplexity on its first chunks, Wanda's calibration from its last.
+      sizes: the run's sizes (FULL or QUICK).
+      out: the report's (staging) output directory (unused: this section draws no figure).
+
+    Returns:
+      (the section's payload for report.json, its Markdown).
+    """
     sws = massive.find_super_weights(model, tokenizer)
     calibration = common.calibration_set([corpus], tokenizer, CORPUS, sizes.calibration_sequences,
                                          sizes.calibration_seqlen, sizes.seqlen, bos=False)  # Wanda's: no bos
@@ -501,11 +648,17 @@ def section_pruning(model, tokenizer, mw, corpus, sizes: Sizes, out: Path) -> tu
 
 
 def command_line() -> str:
+    """The command that made the report, for its header: `python -m experiments.report` and the arguments given."""
     args = " ".join(a for a in sys.argv[1:])
     return f"python -m experiments.report {args}".strip()
 
 
 def main(argv):
+    """Run the report (QUICK with --quick, else FULL); the fine-tuning runs go to --work_dir or a temporary directory.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     start = time.time()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -526,7 +679,15 @@ def main(argv):
 
 
 def report(sizes: Sizes, out: Path, work: Path, start: float, commit: str) -> None:
-    """Runs the five sections on --model and writes report.md, report.json and the figures into `out`."""
+    """Runs the five sections on --model and writes report.md, report.json and the figures into `out`.
+
+    Args:
+      sizes: the run's sizes (FULL or QUICK).
+      out: the staging output directory (`common.output_dir`), published at the end.
+      work: where the fine-tuning runs go.
+      start: when the run began (`time.time()`), for the wall time.
+      commit: the mwjax commit the header and report.json name.
+    """
     model, tokenizer = common.load_model()
     mw = massive.find_massive_weights(model, tokenizer, k=max(TABLE1_K, max(sizes.sweep)))
     corpus = common.load_corpora([CORPUS], tokenizer, sizes.max_chunks)[0]

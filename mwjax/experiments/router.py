@@ -31,6 +31,16 @@ common.define_attack_flag("probing the router")
 
 
 def table(probs: np.ndarray, top_k: int, mw: massive.MassiveWeights) -> str:
+    """The Markdown table of router.md: per layer, the experts the router picks and the entropy of its choice.
+
+    Args:
+      probs: [L, E] router probabilities for the first token (`massive.first_token_router_probs`).
+      top_k: experts picked per token (the config's `num_experts_per_tok`).
+      mw: the massive weights, whose layer is marked.
+
+    Returns:
+      The table: the layer in both numberings, the top-k experts with their probabilities, the entropy (nats).
+    """
     rows = []
     for layer, p in enumerate(probs):
         chosen = np.argsort(-p)[:top_k]
@@ -42,6 +52,11 @@ def table(probs: np.ndarray, top_k: int, mw: massive.MassiveWeights) -> str:
 
 
 def main(argv):
+    """Record --model's router probabilities for the first token alone, per layer; write the table and figure.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/router")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()

@@ -56,7 +56,18 @@ flags.DEFINE_string("generation_prompt", "What is the capital of France?", "prom
 
 
 def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.SuperWeight]]:
-    """(the super weights to attack jointly, every one found): all found, or the one named by --layer/--row/--col."""
+    """The super weights to attack: all found on --prompt, or the one named by --layer/--row/--col.
+
+    `app.UsageError` when --layer comes without --row and --col; SystemExit when detection finds none and none is
+    named.
+
+    Args:
+      model: an mwjax causal LM.
+      tokenizer: its tokenizer (detection runs --prompt).
+
+    Returns:
+      (the super weights to attack jointly, every one detection found).
+    """
     candidates = massive.find_super_weights(model, tokenizer, FLAGS.prompt, threshold=FLAGS.threshold,
                                             ratio=FLAGS.ratio)
     if FLAGS.layer is not None:
@@ -70,6 +81,11 @@ def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.Su
 
 
 def main(argv):
+    """Find --model's super weights, measure pruning, restoring and scaling them, write the results.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/super_weight")  # unwritable: fails before the model loads
     zeroshot = zeroshot_flags.evaluator() if "zeroshot" in FLAGS.scaling_metrics else None

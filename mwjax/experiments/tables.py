@@ -48,15 +48,33 @@ flags.DEFINE_string("runs", "outputs", "directory searched (recursively) for att
 
 
 def load_runs(root: Path, name: str) -> list[dict]:
-    """Every <name>.json under root, each with the path it came from; hidden directories (the staging and swap
-    directories of runs being written, `mwjax.core.atomic`) are not searched."""
+    """Every <name>.json under root, each with the path it came from.
+
+    Hidden directories (the staging and swap directories of runs being written, `mwjax.core.atomic`) are not
+    searched.
+
+    Args:
+      root: the directory searched recursively (--runs).
+      name: the files' stem: "attacks", "zeroshot", "generation" or "longbench".
+
+    Returns:
+      One dict per file, in path order: its JSON and "path", the file's path as a string.
+    """
     paths = [p for p in sorted(root.rglob(f"{name}.json"))
              if not any(part.startswith(".") for part in p.relative_to(root).parts)]
     return [json.loads(p.read_text()) | {"path": str(p)} for p in paths]
 
 
 def departure(run: dict) -> str | None:
-    """How a zero-shot run departs from the papers' protocol (all five tasks, every document), or None."""
+    """How a zero-shot run departs from the papers' protocol (all five tasks, every document), or None.
+
+    Args:
+      run: a zeroshot.json record (`experiments.zeroshot`): its "scores" per task and "mean", "limit",
+        "apply_chat_template".
+
+    Returns:
+      The departures joined by ", " (--limit, the number of tasks, --apply_chat_template), or None.
+    """
     tasks = [t for t in run["scores"] if t != "mean"]
     parts = [f"--limit={run['limit']}"] if run.get("limit") else []
     if sorted(tasks) != sorted(PAPER_TASKS):
@@ -72,11 +90,31 @@ def _mean(run: dict) -> float | str:
 
 
 def departures_note(zeroshot: list[dict]) -> str | None:
+    """The note that names each zero-shot run off the papers' protocol (its numbers carry a "*") and why.
+
+    Args:
+      zeroshot: the zeroshot.json records (`load_runs`).
+
+    Returns:
+      The note, or None when every run follows the protocol.
+    """
     marked = [f"{z['path']} ({departure(z)})" for z in zeroshot if departure(z)]
     return ("* not the papers' protocol, so not comparable with their tables: " + "; ".join(marked)) if marked else None
 
 
 def table1(attack_run: dict, zeroshot: list[dict]) -> str:
+    """House of Cards Table 1 for one attacks.json: perplexity per corpus and mean zero-shot accuracy.
+
+    One row each for the original model, top-k zeroing and top-k retaining; the mean zero-shot accuracy is that of
+    the zero-shot run of the same --model with no --attack, zero_top_k:K or retain_top_k:K ("-" where none is).
+
+    Args:
+      attack_run: an attacks.json record (`experiments.attacks`): "model", "k" and each setting's perplexities.
+      zeroshot: the zeroshot.json records (`load_runs`).
+
+    Returns:
+      The table in Markdown.
+    """
     k = attack_run["k"]
     spec = {"original": None, f"top-{k} zeroing": f"zero_top_k:{k}", f"top-{k} retaining": f"retain_top_k:{k}"}
     by_attack = {z["attack"]: z for z in zeroshot if z["model"] == attack_run["model"]}
@@ -90,6 +128,17 @@ def table1(attack_run: dict, zeroshot: list[dict]) -> str:
 
 
 def table2(zeroshot: list[dict]) -> str:
+    """House of Cards Table 2: zero-shot accuracy per task and their mean, one row per unattacked run.
+
+    Accuracy is acc_norm where the task has it, else acc; the columns are the tasks every unattacked run has; a run
+    off the papers' protocol carries a "*" (`departure`).
+
+    Args:
+      zeroshot: the zeroshot.json records (`load_runs`); the attacked ones are left out.
+
+    Returns:
+      The table in Markdown.
+    """
     runs = [z for z in zeroshot if not z["attack"]]
     tasks = [t for t in TASK_TITLES if all(t in z["scores"] for z in runs)]
     rows = [[z["model"], z["label"] + ("*" if departure(z) else "")]
@@ -98,6 +147,18 @@ def table2(zeroshot: list[dict]) -> str:
 
 
 def table8(zeroshot: list[dict], attack: str = "zero_top_k:3") -> str:
+    """House of Cards Table 8: each run's mean zero-shot accuracy under `attack`, beside its unattacked mean.
+
+    The unattacked run is the one with the same model and --label; the attacked run's reading of a fine-tuned model
+    (--attack_on: merged or base) is a column.
+
+    Args:
+      zeroshot: the zeroshot.json records (`load_runs`).
+      attack: the attack of the rows, as --attack spells it (Table 8: top-3 zeroing).
+
+    Returns:
+      The table in Markdown.
+    """
     clean = {(z["model"], z["label"]): z for z in zeroshot if not z["attack"]}
     rows = []
     for z in zeroshot:
@@ -108,8 +169,16 @@ def table8(zeroshot: list[dict], attack: str = "zero_top_k:3") -> str:
 
 
 def bos_note(zeroshot: list[dict]) -> str:
-    """Which bos choice the zero-shot runs made (massive activations sit on the first token, so runs with
-    different choices are not comparable)."""
+    """Which bos choice (add_bos_token) the zero-shot runs made.
+
+    Massive activations sit on the first token, so runs with different choices are not comparable.
+
+    Args:
+      zeroshot: the zeroshot.json records (`load_runs`).
+
+    Returns:
+      One line: the choice they share, or a WARNING that lists each run's choice.
+    """
     choices = {z["path"]: str(z.get("add_bos_token")) for z in zeroshot}
     if len(set(choices.values())) == 1:
         return f"Zero-shot runs: add_bos_token={next(iter(choices.values()))}."
@@ -119,7 +188,14 @@ def bos_note(zeroshot: list[dict]) -> str:
 
 def generation_departure(run: dict) -> str | None:
     """How a generation run departs from Table 3's protocol (80 questions of each of the six Spec-Bench
-    subtasks, judged by Prometheus-2-7B), or None."""
+    subtasks, judged by Prometheus-2-7B), or None.
+
+    Args:
+      run: a generation.json record (`experiments.generation`): "per_subtask", "subtasks", "judge".
+
+    Returns:
+      The departures joined by ", " (--per_subtask, the number of subtasks, the judge), or None.
+    """
     parts = [f"--per_subtask={run['per_subtask']}"] if run.get("per_subtask") else []
     if sorted(run["subtasks"]) != sorted(spec_bench.SUBTASKS):
         parts.append(f"{len(run['subtasks'])} of the {len(spec_bench.SUBTASKS)} subtasks")
@@ -129,12 +205,32 @@ def generation_departure(run: dict) -> str | None:
 
 
 def table3(generation: list[dict]) -> str:
+    """House of Cards Table 3: the judge's mean 1-5 score per generation task and their mean, one row per run.
+
+    The method is the run's --label, with its attack in brackets when it has one and a "*" when it is off Table 3's
+    protocol (`generation_departure`).
+
+    Args:
+      generation: the generation.json records (`load_runs`).
+
+    Returns:
+      The table in Markdown.
+    """
     rows = [[g["model"], g["label"] + (f" [{g['attack']}]" if g.get("attack") else "")
              + ("*" if generation_departure(g) else "")] + spec_bench.table3_row(g["scores"]) for g in generation]
     return common.markdown_table(["model", "method"] + spec_bench.TABLE3_HEADER, rows)
 
 
 def table3_notes(generation: list[dict]) -> list[str]:
+    """The notes under Table 3: the runs off its protocol, and the judgements that never parsed.
+
+    Args:
+      generation: the generation.json records (`load_runs`).
+
+    Returns:
+      No note, one or both: the runs marked "*" with their departures; per run, the judgements never parsed (left
+      out of the means) of all it judged.
+    """
     marked = [f"{g['path']} ({generation_departure(g)})" for g in generation if generation_departure(g)]
     failed = [f"{g['path']}: {n} of {sum(c['judged'] for c in g['counts'].values())}" for g in generation
               if (n := sum(c["failed"] for c in g["counts"].values()))]
@@ -143,7 +239,15 @@ def table3_notes(generation: list[dict]) -> list[str]:
 
 
 def longbench_departure(run: dict) -> str | None:
-    """How a LongBench run departs from House of Cards Appendix H (16 datasets, every document, 7,500), or None."""
+    """How a LongBench run departs from House of Cards Appendix H (16 datasets, every document, 7,500), or None.
+
+    Args:
+      run: a longbench.json record (`experiments.longbench`): its "scores" per dataset and "mean", "limit",
+        "max_length", "max_gen_toks".
+
+    Returns:
+      The departures joined by ", " (--limit, the number of datasets, --max_length, --max_gen_toks), or None.
+    """
     parts = [f"--limit={run['limit']}"] if run.get("limit") else []
     datasets = [d for d in run["scores"] if d != "mean"]
     if sorted(datasets) != sorted(longbench.DATASETS):
@@ -156,7 +260,14 @@ def longbench_departure(run: dict) -> str | None:
 
 
 def table9_row(run: dict) -> list:
-    """One row of Table 9: model, method, the score (%) of each of the 16 datasets ("-" where not run), Avg."""
+    """One row of Table 9: model, method, the score (%) of each of the 16 datasets ("-" where not run), Avg.
+
+    Args:
+      run: a longbench.json record (`experiments.longbench`).
+
+    Returns:
+      The row's cells; the method and Avg. carry a "*" when the run is off Appendix H's protocol.
+    """
     star = "*" if longbench_departure(run) else ""
     scores = run["scores"]
     return ([run["model"], run["label"] + star] + [scores.get(d, "-") for d in longbench.DATASETS]
@@ -164,6 +275,14 @@ def table9_row(run: dict) -> list:
 
 
 def table9(runs: list[dict]) -> str:
+    """House of Cards Table 9: LongBench's 16 English datasets and their mean, one row per long-context run.
+
+    Args:
+      runs: longbench.json records (`load_runs`, or `experiments.longbench`'s own run).
+
+    Returns:
+      The table in Markdown.
+    """
     header = ["model", "method"] + list(longbench.TITLES.values()) + ["Avg."]
     return common.markdown_table(header, [table9_row(run) for run in runs])
 
@@ -199,6 +318,11 @@ def super_weight_figure7(run: dict) -> list[str]:
 
 
 def main(argv):
+    """Print and write tables.md (the module doc's tables) from the runs under --runs, into --output_dir.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     root = Path(FLAGS.runs)
     attacks, zeroshot, generation, long_context, quantized = (

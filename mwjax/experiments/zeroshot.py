@@ -32,11 +32,25 @@ TASK_TITLES = zeroshot_tasks.TITLES
 
 
 def table_row(label: str, scores: dict) -> list:
+    """One Table 2 / 7 row: the label, each task's acc_norm (acc where it has none), then their mean.
+
+    Args:
+      label: the method's label (--label).
+      scores: {task: {"acc": %, "acc_norm": %}, "mean": ...} (`zeroshot_tasks.task_scores`).
+
+    Returns:
+      [label, one score per task in `scores`' order, the mean].
+    """
     return [label] + [scores[t].get("acc_norm", scores[t]["acc"]) for t in scores if t != "mean"] + [
         scores["mean"]["acc_norm"]]
 
 
 def main(argv):
+    """Export the tasks' data (--export_data), write lm-eval task configs (--write_tasks), or evaluate --model.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     if FLAGS.export_data:
         for task, path in zeroshot_tasks.export_task_data(FLAGS.export_data, FLAGS.tasks).items():

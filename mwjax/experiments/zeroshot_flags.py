@@ -29,7 +29,11 @@ SWEEP_METRICS = ("perplexity", "zeroshot")
 
 
 def check_metric(name: str) -> None:
-    """A sweep's metric: perplexity (on the first corpus) or zeroshot (mean accuracy over --tasks)."""
+    """Check a sweep's metric: perplexity (on the first corpus) or zeroshot (mean accuracy over --tasks).
+
+    Args:
+      name: the metric's name; ValueError unless it is one of `SWEEP_METRICS`.
+    """
     if name not in SWEEP_METRICS:
         raise ValueError(f"unknown sweep metric {name!r}; write perplexity, zeroshot or both (comma-separated)")
 
@@ -47,8 +51,19 @@ class SweepMetric(NamedTuple):
 
 def sweep_metrics(names: list[str], tokenizer, evaluate: zeroshot_tasks.Evaluator | None, perplexity_label: str,
                   perplexity: Callable[[object], float], perplexity_settings: dict) -> dict[str, SweepMetric]:
-    """{metric: SweepMetric} for the metrics named (perplexity as the caller measures it; zeroshot: the mean
-    accuracy over --tasks by `evaluate`, `evaluator()` built before the model loaded)."""
+    """{metric: SweepMetric} for the metrics named; with zeroshot, the bos choice is printed (`announce`).
+
+    Args:
+      names: the metrics (--sweep_metrics): "perplexity" and/or "zeroshot".
+      tokenizer: the model's tokenizer, passed to `evaluate`.
+      evaluate: the `evaluator()` built before the model loaded; used only for zeroshot.
+      perplexity_label: the perplexity axis label (e.g. "wikitext2 perplexity").
+      perplexity: attacked model -> perplexity, as the caller measures it.
+      perplexity_settings: what the results JSON keeps beside the perplexity series (corpus, chunks, ...).
+
+    Returns:
+      {metric name: `SweepMetric`}, in the order perplexity, zeroshot.
+    """
     metrics = {}
     if "perplexity" in names:
         metrics["perplexity"] = SweepMetric(perplexity_label, "", perplexity, perplexity_settings, True)
@@ -76,7 +91,16 @@ def evaluator() -> zeroshot_tasks.Evaluator:
 
 
 def mean_accuracy(evaluate: zeroshot_tasks.Evaluator, model, tokenizer) -> float:
-    """The papers' figure metric: the mean over the tasks of acc_norm where a task has it, else acc (%)."""
+    """The papers' figure metric: the mean over the tasks of acc_norm where a task has it, else acc (%).
+
+    Args:
+      evaluate: the `evaluator()` of the --tasks.
+      model: the (attacked) mwjax model.
+      tokenizer: its tokenizer.
+
+    Returns:
+      The mean accuracy, in percent.
+    """
     return evaluate(model, tokenizer)[0]["mean"]["acc_norm"]
 
 

@@ -58,7 +58,14 @@ _BY_MODEL_TYPE = _by_model_type(RECORDS)
 
 
 def get(model_type: str | None) -> Family | None:
-    """The record of HF `model_type`, or None where no family serves it."""
+    """The record of HF `model_type`, or None where no family serves it.
+
+    Args:
+      model_type: HF config `model_type`, e.g. "llama"; None gives None.
+
+    Returns:
+      Its `Family` record, or None.
+    """
     return _BY_MODEL_TYPE.get(model_type)
 
 
@@ -67,6 +74,7 @@ def family(model_type: str) -> Family:
 
     Args:
       model_type: HF config `model_type`, e.g. "gemma3_text".
+
     Returns:
       Its `Family` record; `KeyError` naming the supported model types where none serves it.
     """
@@ -82,8 +90,14 @@ def families() -> tuple[Family, ...]:
 
 
 def gguf_hooks(architecture: str) -> GGUFHooks | None:
-    """The GGUF hooks of llama.cpp's `general.architecture` (shared by the records whose files it writes, e.g.
-    "llama": Llama, Mistral, Mixtral), or None where no family reads it. `ValueError` where two differ."""
+    """The GGUF hooks of llama.cpp's `general.architecture`, shared by the records whose files it writes.
+
+    Args:
+      architecture: llama.cpp's `general.architecture`, e.g. "llama" (Llama, Mistral, Mixtral) or "gemma3".
+
+    Returns:
+      The `GGUFHooks`, or None where no family reads it; `ValueError` where two records' hooks differ.
+    """
     hooks = {id(r.gguf): r.gguf for r in RECORDS if r.gguf is not None and r.gguf.architecture == architecture}
     if len(hooks) > 1:
         raise ValueError(f"GGUF architecture {architecture!r} has {len(hooks)} different hooks in the registry")
@@ -96,18 +110,47 @@ def gguf_architectures() -> tuple[str, ...]:
 
 
 def build(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, seed: int = 0) -> nnx.Module:
-    """A randomly initialised model (normal(0.02) weights, as HF initialises them)."""
+    """A randomly initialised model (normal(0.02) weights, as HF initialises them).
+
+    Args:
+      config: the model's config; its `model_type` picks the family's model class.
+      dtype: compute dtype.
+      param_dtype: dtype of the parameters; None for `dtype`.
+      seed: seed of the `nnx.Rngs` the weights are drawn from.
+
+    Returns:
+      The model (e.g. `LlamaForCausalLM`).
+    """
     model_class = family(config.model_type).model_class
     return model_class(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 
 def abstract(config: ModelConfig, *, dtype=jnp.float32, param_dtype=None) -> nnx.Module:
-    """The model with `jax.ShapeDtypeStruct` leaves: no memory is allocated (for loading checkpoints)."""
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory is allocated (for loading checkpoints).
+
+    Args:
+      config: the model's config.
+      dtype: compute dtype.
+      param_dtype: dtype of the parameters; None for `dtype`.
+
+    Returns:
+      The abstract model (`nnx.eval_shape` of `build`).
+    """
     return nnx.eval_shape(lambda: build(config, dtype=dtype, param_dtype=param_dtype))
 
 
 def forward(model: nnx.Module, tokens: jax.Array, **kwargs) -> jax.Array:
-    """`model(tokens, **kwargs)` compiled with `jax.jit` (positions, attention_mask, ffn_masks are traced)."""
+    """`model(tokens, **kwargs)` compiled with `jax.jit` (positions, attention_mask, ffn_masks are traced).
+
+    Args:
+      model: an mwjax causal LM.
+      tokens: int32 [batch, seq] token ids.
+      kwargs: keyword arguments of the model's `__call__` (positions, attention_mask, ffn_masks, probes, edits,
+        cache, segment_ids).
+
+    Returns:
+      Logits [batch, seq, vocab] (with a cache: (logits, the advanced cache)).
+    """
     return _forward(model, tokens, kwargs)
 
 

@@ -76,8 +76,16 @@ def _check_numbers(hf: Mapping[str, Any]) -> None:
 
 
 def read_hf_config(hf: Mapping[str, Any]) -> ModelConfig:
-    """Build from a HF `config.json` dict: the shared keys here, the family's own through its
-    `Family.read_hf`. Raises `ConfigError` naming what is unsupported or out of range."""
+    """Build a `ModelConfig` from a HF `config.json` dict (HF `AutoConfig` -> mwjax).
+
+    The shared keys are read here, the family's own through its `Family.read_hf`.
+
+    Args:
+      hf: the parsed `config.json` (transformers 4.x or 5.x layout).
+
+    Returns:
+      The `ModelConfig`; `ConfigError` naming what is unsupported or out of range.
+    """
     _check_numbers(hf)
     try:
         return _read(hf)
@@ -141,8 +149,16 @@ def _read(hf: Mapping[str, Any]) -> ModelConfig:
 
 
 def write_hf_config(config: ModelConfig) -> dict[str, Any]:
-    """The HF `config.json` dict (legacy `rope_theta` / `rope_scaling` keys, read by transformers 4 and 5):
-    the shared keys here, the family's own through its `Family.write_hf`."""
+    """The HF `config.json` dict (legacy `rope_theta` / `rope_scaling` keys, read by transformers 4 and 5).
+
+    The shared keys are written here, the family's own through its `Family.write_hf`.
+
+    Args:
+      config: the model's config.
+
+    Returns:
+      The JSON-ready dict, `architectures` included.
+    """
     hf: dict[str, Any] = {
         "architectures": [registry.family(config.model_type).architecture],
         "model_type": config.model_type,
@@ -182,9 +198,15 @@ def _refuse_multimodal(hf: Mapping[str, Any]) -> None:
 
 
 def refuse_unknown_keys(fam: Family, hf: Mapping[str, Any]) -> None:
-    """Refuse HF config keys that neither the shared reader nor the family understands and that are not
-    known to be informational: an unread key may change the computation, so it is an error, not a warning.
-    A key set to null asks for nothing and passes."""
+    """Refuse HF config keys that neither the shared reader nor the family understands, nor are informational.
+
+    An unread key may change the computation, so it is an error (`ConfigError`), not a warning. A key set to
+    null asks for nothing and passes.
+
+    Args:
+      fam: the family's record (its `hf_keys` and `ignored_hf_keys`).
+      hf: the HF config dict.
+    """
     known = SHARED_HF_KEYS | INFORMATIONAL_HF_KEYS | fam.hf_keys | fam.ignored_hf_keys
     unknown = sorted(k for k, v in hf.items() if k not in known and v is not None)
     if unknown:

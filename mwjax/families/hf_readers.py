@@ -17,15 +17,34 @@ from mwjax.nn.config import FULL_ATTENTION, SLIDING_ATTENTION, SUPPORTED_ROPE_TY
 
 
 def float_or_none(x) -> float | None:
-    """`float(x)`, None kept (HF configs write null for an absent soft-cap)."""
+    """`float(x)`, None kept (HF configs write null for an absent soft-cap).
+
+    Args:
+      x: a number or None.
+
+    Returns:
+      The float, or None.
+    """
     return None if x is None else float(x)
 
 
 def read_rope(model_type: str, hf: Mapping[str, Any], default_theta: float, *, partial_rotary: bool = False,
               aliases: Mapping[str, str] | None = None) -> RopeConfig:
-    """The RoPE of a family with one RoPE for every layer: transformers 5 `rope_parameters` (flat) or
-    transformers 4 `rope_theta` / `rope_scaling`. partial_rotary: the family implements
-    `partial_rotary_factor` < 1; aliases: rope type names the family's HF config renames."""
+    """The RoPE of a family with one RoPE for every layer.
+
+    Read from transformers 5 `rope_parameters` (flat; per-layer-type ones are refused) or transformers 4
+    `rope_theta` / `rope_scaling`.
+
+    Args:
+      model_type: HF `model_type`, named in the errors.
+      hf: the HF config dict.
+      default_theta: the RoPE base when the config gives none.
+      partial_rotary: the family implements `partial_rotary_factor` < 1 (else it is refused).
+      aliases: rope type names the family's HF config renames -> mwjax's (Phi-3: "su" -> "longrope").
+
+    Returns:
+      The `RopeConfig`; `ConfigError` for a rope type mwjax does not compute as HF does.
+    """
     params = dict(hf.get("rope_parameters") or {})
     if params.keys() & {FULL_ATTENTION, SLIDING_ATTENTION}:
         raise ConfigError(f"{model_type}: per-layer-type rope_parameters are not implemented for this family")
@@ -37,7 +56,20 @@ def read_rope(model_type: str, hf: Mapping[str, Any], default_theta: float, *, p
 
 def rope_from_params(model_type: str, params: Mapping[str, Any], hf: Mapping[str, Any], default_theta: float, *,
                      partial_rotary: bool = False, aliases: Mapping[str, str] | None = None) -> RopeConfig:
-    """One `RopeConfig` from a HF rope parameter dict (`rope_type` + its keys)."""
+    """One `RopeConfig` from a HF rope parameter dict (`rope_type` + its keys).
+
+    Args:
+      model_type: HF `model_type`, named in the errors.
+      params: the rope parameters (`rope_type` or `type`, `rope_theta`, and the type's keys: factor, ...).
+      hf: the whole HF config dict (top-level `partial_rotary_factor`, head sizes, longrope's
+        `original_max_position_embeddings`).
+      default_theta: the RoPE base when `params` gives none.
+      partial_rotary: the family implements `partial_rotary_factor` < 1 (else it is refused).
+      aliases: rope type names the family's HF config renames -> mwjax's.
+
+    Returns:
+      The `RopeConfig` (default, linear, llama3 or longrope).
+    """
     rope_type = params.get("rope_type", params.get("type", "default"))
     rope_type = (aliases or {}).get(rope_type, rope_type)
     if rope_type not in SUPPORTED_ROPE_TYPES:

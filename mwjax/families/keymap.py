@@ -41,6 +41,12 @@ class Concat:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One line of a key table: an mwjax parameter path template <-> an HF checkpoint key template.
+
+    `transpose` marks `nn.Linear` weights (HF [out, in], Flax kernel [in, out]); `stack` and `concat` mark an HF
+    tensor that holds several parameters (module doc).
+    """
+
     nnx: str
     hf: str
     transpose: bool = False
@@ -48,12 +54,36 @@ class Rule:
     concat: Concat | None = None
 
     def to_nnx(self, x: np.ndarray) -> np.ndarray:
+        """HF layout -> mwjax layout (transposed for a Linear weight).
+
+        Args:
+          x: one parameter's piece of the HF tensor, e.g. a `down_proj.weight` [out, in].
+
+        Returns:
+          The parameter in mwjax layout, e.g. the kernel [in, out].
+        """
         return x.T if self.transpose else x
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
+        """mwjax layout -> HF layout (transposed for a Linear kernel).
+
+        Args:
+          x: the parameter in mwjax layout, e.g. a kernel [in, out].
+
+        Returns:
+          Its piece of the HF tensor, e.g. [out, in].
+        """
         return x.T if self.transpose else x
 
     def hf_shape(self, nnx_shape: Sequence[int]) -> tuple[int, ...]:
+        """The HF-layout shape of a parameter's piece (reversed for a Linear kernel).
+
+        Args:
+          nnx_shape: the parameter's shape in mwjax layout.
+
+        Returns:
+          The shape in HF layout.
+        """
         return tuple(reversed(nnx_shape)) if self.transpose else tuple(nnx_shape)
 
 
@@ -67,7 +97,14 @@ class Location:
     hf_shape: tuple[int, ...] = ()
 
     def to_nnx(self, tensor: np.ndarray) -> np.ndarray:
-        """The parameter, in mwjax layout, from the whole HF tensor."""
+        """The parameter, in mwjax layout, from the whole HF tensor.
+
+        Args:
+          tensor: the whole HF tensor `hf_key`, shape `hf_shape`.
+
+        Returns:
+          `tensor[index]` through the rule's `to_nnx`.
+        """
         return self.rule.to_nnx(tensor[self.index] if self.index else tensor)
 
 
@@ -94,7 +131,15 @@ class KeyMap:
         self._ignored = [_pattern(t) for t in ignored_hf]
 
     def plan(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[Location, ...]]:
-        """For every parameter (dotted path -> shape, mwjax layout) its candidate locations, preferred first."""
+        """Every parameter's candidate locations in a checkpoint, preferred first (the rules' order).
+
+        Args:
+          shapes: every parameter of the model, dotted path -> shape (mwjax layout); the shapes size the fused
+            and stacked tensors.
+
+        Returns:
+          Dotted path -> its `Location`s; KeyError for a parameter no rule matches.
+        """
         stack_sizes = self._stack_sizes(shapes)
         plan = {}
         for path, shape in shapes.items():
@@ -106,7 +151,14 @@ class KeyMap:
         return plan
 
     def ignored(self, hf_key: str) -> bool:
-        """Keys that checkpoints carry but the model does not need (e.g. cached RoPE tables)."""
+        """Whether `hf_key` is one that checkpoints carry but the model does not need (e.g. cached RoPE tables).
+
+        Args:
+          hf_key: a checkpoint tensor name.
+
+        Returns:
+          True when one of the table's ignored templates matches it.
+        """
         return any(p.match(hf_key) for p in self._ignored)
 
     def _stack_sizes(self, shapes: Mapping[str, Sequence[int]]) -> dict[tuple[int, str], int]:
@@ -159,8 +211,18 @@ IGNORED = ("model.layers.{i}.self_attn.rotary_emb.inv_freq", "lm_head.weight")
 
 
 def fused_rules(fused: Mapping[str, Sequence[str]]) -> list[Rule]:
-    """One concat rule per HF fused module of a decoder layer, e.g. `self_attn.qkv_proj.weight` =
-    [q_proj | k_proj | v_proj] rows (`fused`: HF module -> mwjax modules in row order, one parent module)."""
+    """One concat rule per HF fused module of a decoder layer.
+
+    E.g. Phi-3's `self_attn.qkv_proj.weight` = [q_proj | k_proj | v_proj] rows.
+
+    Args:
+      fused: HF fused module -> the mwjax modules in its row order, all under one parent module (paths relative
+        to a decoder layer, e.g. {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", ...)});
+        ValueError for parts of different parents.
+
+    Returns:
+      The concat `Rule`s (transposed Linear weights).
+    """
     rules = []
     for hf_module, parts in fused.items():
         parents = {part.rpartition(".")[0] for part in parts}

@@ -29,13 +29,35 @@ class GGUFFile(Protocol):
     arch: str  # llama.cpp's `general.architecture`
 
     def field(self, key: str, default: Any = None) -> Any:
-        """The architecture's own metadata `{arch}.{key}`, e.g. `field("attention.head_count")`."""
+        """The architecture's own metadata `{arch}.{key}`, or `default`.
+
+        Args:
+          key: the key without the architecture prefix, e.g. "attention.head_count".
+          default: returned when the file lacks it.
+
+        Returns:
+          The decoded value.
+        """
 
     def has_tensor(self, name: str) -> bool:
-        """Whether the file holds the tensor of GGUF name `name` (e.g. "blk.0.attn_q.bias")."""
+        """Whether the file holds the tensor of GGUF name `name`.
+
+        Args:
+          name: a GGUF tensor name, e.g. "blk.0.attn_q.bias".
+
+        Returns:
+          True when the file holds it.
+        """
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor of GGUF name `name` dequantized to float32, in HF (slowest-first) layout."""
+        """The tensor of GGUF name `name` dequantized to float32, in HF (slowest-first) layout.
+
+        Args:
+          name: a GGUF tensor name, e.g. "rope_factors_long.weight".
+
+        Returns:
+          The float32 array.
+        """
 
 
 @dataclasses.dataclass(frozen=True)

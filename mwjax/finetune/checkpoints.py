@@ -17,7 +17,12 @@ from mwjax.research.macdrop import MacDropState
 
 
 class Checkpoints:
-    """Orbax checkpoints of a run: the train state and a JSON of run facts, written atomically."""
+    """Orbax checkpoints of a run: the train state and a JSON of run facts, written atomically.
+
+    Args:
+      directory: a local path or a URL orbax understands (gs://bucket/run: survives a preempted TPU VM).
+      keep: how many of the latest checkpoints to keep (`max_to_keep`).
+    """
 
     def __init__(self, directory: str | Path, keep: int):
         # a local path or a URL orbax understands (gs://bucket/run: survives a preempted TPU VM)
@@ -26,11 +31,19 @@ class Checkpoints:
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest(self) -> int | None:
+        """The latest complete checkpoint's step; None when there is none."""
         return self.manager.latest_step()
 
     @classmethod
     def latest_in(cls, directory: str | Path) -> int | None:
-        """The latest complete checkpoint's step in `directory` (None: none, or no such directory)."""
+        """The latest complete checkpoint's step in `directory`, without creating it.
+
+        Args:
+          directory: a run's checkpoint directory (local path or URL).
+
+        Returns:
+          The step; None when it holds none, or does not exist.
+        """
         if not epath.Path(directory).exists():
             return None
         checkpoints = cls(directory, keep=1)
@@ -40,12 +53,27 @@ class Checkpoints:
             checkpoints.close()
 
     def save(self, state: TrainState, meta: dict) -> None:
+        """Save `state` (PRNG keys as raw data) and `meta` as the checkpoint of step `state.step`; returns once written.
+
+        Args:
+          state: the training state.
+          meta: JSON-serialisable run facts (the step, total steps, the divergence guard's state, ...).
+        """
         step = int(state.step)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_to_saveable(state)),
                                                          meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
     def restore(self, template: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        """Read a checkpoint back onto the structure, dtypes and shardings of `template`.
+
+        Args:
+          template: a TrainState of this run (e.g. `Trainer.initial_state`).
+          step: the checkpoint's step; None for the latest.
+
+        Returns:
+          (the restored TrainState, the meta dict saved with it).
+        """
         step = self.latest() if step is None else step
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                               _to_saveable(template))
@@ -54,6 +82,7 @@ class Checkpoints:
         return _from_saveable(template, out["state"]), out["meta"]
 
     def close(self) -> None:
+        """Close the orbax CheckpointManager."""
         self.manager.close()
 
     def __enter__(self) -> Checkpoints:

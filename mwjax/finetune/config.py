@@ -92,14 +92,31 @@ class TrainConfig:
 def total_steps(config: TrainConfig, batches_per_epoch: int) -> int:
     """Optimizer steps of the run: max_steps, else ceil(epochs x micro-batches per epoch / grad_accum), as the
     HF Trainer counts (House of Cards Table 5: 49,401 alpaca_gpt4_en rows, 64 per micro-batch, 4 accumulated,
-    3 epochs = 579 steps)."""
+    3 epochs = 579 steps).
+
+    Args:
+      config: the run's settings (max_steps, epochs, grad_accum).
+      batches_per_epoch: micro-batches per epoch (`len(BatchLoader)`).
+
+    Returns:
+      The number of optimizer steps, >= 1.
+    """
     if config.max_steps:
         return config.max_steps
     return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accum))
 
 
 def lr_schedule(config: TrainConfig, steps: int) -> optax.Schedule:
-    """Linear warmup over ceil(warmup_ratio x steps), then cosine / linear decay to 0 (HF's schedules)."""
+    """Linear warmup over ceil(warmup_ratio x steps), then cosine / linear decay to 0 or a constant rate (HF's
+    `get_cosine_schedule_with_warmup` / `get_linear_schedule_with_warmup` / `get_constant_schedule_with_warmup`).
+
+    Args:
+      config: learning_rate, warmup_ratio and decay.
+      steps: the run's optimizer steps (`total_steps`).
+
+    Returns:
+      An optax schedule: optimizer step -> learning rate.
+    """
     warmup = math.ceil(config.warmup_ratio * steps)
     if config.decay == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(steps, warmup + 1), 0.0)
@@ -111,6 +128,15 @@ def lr_schedule(config: TrainConfig, steps: int) -> optax.Schedule:
 
 
 def optimizer(config: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW after clipping the global gradient norm to `max_grad_norm` (the HF Trainer's `torch.optim.AdamW`).
+
+    Args:
+      config: max_grad_norm, b1, b2, eps and weight_decay (decoupled, as torch's AdamW).
+      schedule: the learning rate per step (`lr_schedule`).
+
+    Returns:
+      The optax GradientTransformation.
+    """
     return optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                        optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                                    weight_decay=config.weight_decay))

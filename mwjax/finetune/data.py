@@ -65,6 +65,8 @@ class DataConfig:
 
 
 class Encoded(NamedTuple):
+    """One tokenised example: its token ids and their labels, of equal length."""
+
     input_ids: list[int]  # prompt + response tokens
     labels: list[int]  # IGNORE on the prompt, the token itself on the response
 
@@ -74,7 +76,16 @@ class Encoded(NamedTuple):
 
 def load_examples(cfg: DataConfig) -> list[dict]:
     """The alpaca records of `cfg.source` (at most `max_examples`), in the source's order; every record
-    checked, a bad one named by file and line (JSONL) or index (JSON list)."""
+    checked, a bad one named by file and line (JSONL) or index (JSON list).
+
+    Args:
+      cfg: source ("synthetic", a hub dataset name or a .json / .jsonl file), max_examples, and for synthetic
+        data num_synthetic and seed.
+
+    Returns:
+      Records {instruction, input, output} as strings (missing / null ones ""), plus "system" where a record
+      has one.
+    """
     if cfg.source == "synthetic":
         located = [(f"synthetic example {i}", row) for i, row in enumerate(synthetic_examples(cfg.num_synthetic,
                                                                                                cfg.seed))]
@@ -168,7 +179,15 @@ def _task(rng: random.Random) -> tuple[str, str, str, str]:
 
 
 def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
-    """n alpaca records of short tasks whose answers `check_answer` can verify."""
+    """n alpaca records of short tasks whose answers `check_answer` can verify.
+
+    Args:
+      n: how many records.
+      seed: seeds the tasks (the same seed, the same records).
+
+    Returns:
+      Records {instruction, input, output, task} (task: the task's kind, e.g. "add", "reverse").
+    """
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -179,7 +198,15 @@ def synthetic_examples(n: int, seed: int = 0) -> list[dict]:
 
 def check_answer(example: dict, text: str) -> bool:
     """Whether generated `text` answers a synthetic task: its first line, without surrounding spaces and final
-    punctuation, equals the reference (case-sensitive, as the capital-letters task needs)."""
+    punctuation, equals the reference (case-sensitive, as the capital-letters task needs).
+
+    Args:
+      example: the task's record (`synthetic_examples`); its "output" is the reference.
+      text: the model's generated response.
+
+    Returns:
+      True when the answer is right.
+    """
     line = text.strip().splitlines()[0] if text.strip() else ""
     return line.strip().rstrip(".!").strip().strip("'\"") == example["output"]
 
@@ -188,9 +215,18 @@ def check_answer(example: dict, text: str) -> bool:
 
 
 def infer_max_len(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
-    """(source tokens kept, target tokens kept) under LLaMA-Factory's rule: a target that fits in half the
+    """How much of a prompt and a response to keep, under LLaMA-Factory's rule: a target that fits in half the
     budget is kept whole and the source cut; else a source that fits in half is kept and the target cut;
-    else both are cut in proportion to their lengths. Both keep their beginning."""
+    else both are cut in proportion to their lengths. Both keep their beginning.
+
+    Args:
+      source_len: prompt tokens.
+      target_len: response tokens.
+      cutoff_len: the token budget of the example.
+
+    Returns:
+      (source tokens kept, target tokens kept).
+    """
     if target_len * 2 < cutoff_len:
         max_target = cutoff_len
     elif source_len * 2 < cutoff_len:
@@ -290,7 +326,16 @@ def _efficient_eos(tokenizer, template: str) -> list[int]:
 def encode(example: dict, tokenizer, cfg: DataConfig) -> Encoded:
     """One record -> token ids and labels (prompt masked), cut to cfg.cutoff_len (`infer_max_len`; an
     efficient-eos template's eos is reserved out of the budget and appended after the cut, as LLaMA-Factory's
-    `_encode_supervised_example` does)."""
+    `_encode_supervised_example` does).
+
+    Args:
+      example: an alpaca record (`load_examples`).
+      tokenizer: the model's HF tokenizer.
+      cfg: template and cutoff_len.
+
+    Returns:
+      The `Encoded` example: labels IGNORE on the prompt, the token ids on the response.
+    """
     source, target = _pieces(example, tokenizer, cfg.template)
     eos = _efficient_eos(tokenizer, cfg.template)
     keep_source, keep_target = infer_max_len(len(source), len(target), cfg.cutoff_len - len(eos))
@@ -302,13 +347,30 @@ def encode(example: dict, tokenizer, cfg: DataConfig) -> Encoded:
 
 def validation_size(val_size: float, n: int) -> int:
     """Validation examples out of n as LLaMA-Factory's `train_test_split(test_size=val_size)` takes them: a
-    whole number as is, a fraction rounded up (datasets' ceil: alpaca_gpt4_en's 52002 rows at 0.05 -> 2601)."""
+    whole number as is, a fraction rounded up (datasets' ceil: alpaca_gpt4_en's 52002 rows at 0.05 -> 2601).
+
+    Args:
+      val_size: a fraction (< 1) or a number of examples (>= 1), as `DataConfig.val_size`.
+      n: the examples in all.
+
+    Returns:
+      The number of validation examples.
+    """
     return int(val_size) if val_size >= 1 else math.ceil(val_size * n)
 
 
 def build(cfg: DataConfig, tokenizer, rows: list[dict] | None = None) -> tuple[list[Encoded], list[Encoded]]:
-    """(train, validation) examples: read (unless `rows`, from `load_examples`, are given), shuffled by
-    cfg.seed, split, encoded; records with nothing to learn (an empty response cut away) are dropped."""
+    """Train and validation examples: read, shuffled by cfg.seed, split, encoded; records with nothing to learn
+    (an empty response cut away) are dropped.
+
+    Args:
+      cfg: what to read and how to encode and split it.
+      tokenizer: the model's HF tokenizer.
+      rows: records already read by `load_examples(cfg)`; None reads them.
+
+    Returns:
+      (train, validation) lists of `Encoded`; the validation set is the first `validation_size` shuffled records.
+    """
     rows = load_examples(cfg) if rows is None else rows
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     n_val = validation_size(cfg.val_size, len(rows))
@@ -325,10 +387,20 @@ def build(cfg: DataConfig, tokenizer, rows: list[dict] | None = None) -> tuple[l
 class BatchLoader:
     """Fixed-shape int32 batches of encoded examples for one host (module doc for the order).
 
-    batch_size: rows per micro-batch over all hosts; this host yields batch_size / process_count of them.
     Without packing a row holds one example (cut to seq_len, padded). With packing, examples are laid
     one after another into rows once, in the given order (each keeps its own positions from 0 and its
     own segment id 1, 2, ...; padding is segment 0), and the rows are what each epoch permutes.
+
+    Args:
+      examples: the encoded examples (`build`).
+      batch_size: rows per micro-batch over all hosts; this host yields batch_size / process_count of them.
+      seq_len: tokens per row.
+      seed: with the epoch, seeds each epoch's permutation of the rows.
+      pad_id: the token of padding positions.
+      packing: several examples per row (LLaMA-Factory's `packing`).
+      process_index: this host's index; None (with process_count) asks jax.
+      process_count: the number of hosts; None (with process_index) asks jax.
+      drop_last: leave out the last, incomplete batch of an epoch (else it is padded with empty rows).
     """
 
     KEYS = ("tokens", "labels", "attention_mask", "positions", "segment_ids")
@@ -372,7 +444,15 @@ class BatchLoader:
         return row
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """This host's batches of epoch `epoch`, from batch `start_step` on."""
+        """This host's batches of epoch `epoch`, from batch `start_step` on.
+
+        Args:
+          epoch: the epoch (0-based); it seeds the order, so a resumed run gets the same batches.
+          start_step: the first batch of the epoch to yield.
+
+        Yields:
+          Dicts of int32 [local_batch, seq_len] arrays: tokens, labels, attention_mask, positions, segment_ids.
+        """
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
         for step in range(start_step, len(self)):
             chosen = order[step * self.batch_size:(step + 1) * self.batch_size][self.offset:][: self.local_batch]

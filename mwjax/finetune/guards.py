@@ -14,7 +14,13 @@ class DivergenceGuard:
     """Stops a run that diverges without NaNs: the loss smoothed as an exponential moving average
     (beta 0.9, bias-corrected) exceeds `factor` x its lowest value so far, or the gradient norm is exactly 0
     on `zero_steps` consecutive steps with tokens (a saturated softmax). Its state rides in the checkpoint
-    meta, so a resumed run stops where an uninterrupted one would."""
+    meta, so a resumed run stops where an uninterrupted one would.
+
+    Args:
+      factor: the multiple of the lowest smoothed loss that stops the run (`divergence_factor`; 0: off).
+      zero_steps: consecutive zero-gradient steps that stop the run (`zero_grad_steps`; 0: off).
+      state: a saved `state()` to continue from (a resumed run); None for a fresh guard.
+    """
 
     BETA = 0.9
 
@@ -27,6 +33,7 @@ class DivergenceGuard:
         self.zeros = state.get("zeros", 0)
 
     def state(self) -> dict:
+        """The guard's state as JSON (for the checkpoint meta); `DivergenceGuard(..., state=...)` reads it back."""
         return {"ema": self.ema, "count": self.count, "best": None if self.best == math.inf else self.best,
                 "best_step": self.best_step,
                 "zeros": self.zeros}

@@ -46,7 +46,15 @@ class Plan:
 
 def plan(config: ConfigDict) -> Plan:
     """Check the whole config before anything is loaded or computed; ValueError naming the bad field
-    (config.<section>.<field>) on the first bad one."""
+    (config.<section>.<field>) on the first bad one.
+
+    Args:
+      config: the run's ConfigDict (`experiments/configs/base.py`).
+
+    Returns:
+      The `Plan`: the train / lora / data sections as library dataclasses and the output directory
+      (config.output_dir, default runs/<name>).
+    """
     tc = _section(config, "train", train.TrainConfig)
     lc = _section(config, "lora", peft.LoraConfig)
     dc = _section(config, "data", data.DataConfig)
@@ -105,8 +113,17 @@ def library_defaults() -> dict[str, dict]:
 
 
 def config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """'field: old -> new' for every field (dotted path) whose value differs, NOT_COMPARED left out, and a field
-    absent from `old` but at its library default in `new` (added by a newer mwjax) not counted as a change."""
+    """The fields whose value differs between two configs, NOT_COMPARED left out, and a field absent from `old`
+    but at its library default in `new` (added by a newer mwjax) not counted as a change.
+
+    Args:
+      old: the earlier run's config (its config.json, as a dict).
+      new: this run's config, as a dict.
+      prefix: the dotted path of the section compared (for the recursion); "" at the top.
+
+    Returns:
+      'field: old -> new' for each change (dotted paths, sorted; '<absent>' for a missing field).
+    """
     changes = []
     defaults = library_defaults()
     for key in sorted(set(old) | set(new)):
@@ -130,7 +147,18 @@ def _jsonable(value):
 
 def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | None:
     """Decide what to do with what `out` holds (module doc) before the model is loaded; write config.json.
-    Returns results.json's content when the same run already finished, else None (start or resume)."""
+
+    An earlier run there with another config is refused (ValueError) unless config.resume (continue it, its old
+    config.json kept as config.step<N>.json) or config.overwrite_output_dir (its files deleted first).
+
+    Args:
+      config: the run's ConfigDict (resume, overwrite_output_dir).
+      out: the output directory.
+      checkpoint_dir: where the run's checkpoints go (a path or a gs:// URL).
+
+    Returns:
+      results.json's content when the same run already finished, else None (start or resume).
+    """
     if config.resume and config.overwrite_output_dir:
         raise ValueError("config.resume and config.overwrite_output_dir exclude each other")
     lead = distributed.is_lead()
@@ -173,7 +201,18 @@ def prepare_output_dir(config: ConfigDict, out: Path, checkpoint_dir) -> dict | 
 
 
 def massive_weights(model, tokenizer, config: ConfigDict) -> massive.MassiveWeights:
-    """From the config when it names them, else found with the bos token (Algorithm 1, lines 1-3)."""
+    """The massive weights MacDrop targets: from the config when it names them, else found with the bos token
+    (Algorithm 1, lines 1-3).
+
+    Args:
+      model: the base model.
+      tokenizer: its tokenizer (for the bos token, or config.first_token).
+      config: the run's ConfigDict (massive.k, massive.layer, massive.indices, first_token).
+
+    Returns:
+      A `massive.MassiveWeights`: the layer and rows of W_gate / W_up (selected_by "given" when the config
+      names them).
+    """
     m, d_ff = config.massive, model.config.intermediate_size
     if m.k > d_ff:
         raise ValueError(f"massive.k={m.k} exceeds the model's d_ff={d_ff}")
@@ -188,10 +227,17 @@ def massive_weights(model, tokenizer, config: ConfigDict) -> massive.MassiveWeig
 
 
 def run(config: ConfigDict, *, stop_after: int | None = None, loaded: tuple | None = None) -> dict:
-    """The whole run (module doc); returns what results.json holds.
+    """The whole run (module doc), holding the output directory's lock (`output_dir_lock`) throughout.
 
-    loaded: (model, tokenizer) of `config.model` already in memory in `config.dtype` (e.g. several runs on one
-    model, as `experiments.report` makes), used instead of loading it again; it is not modified.
+    Args:
+      config: the run's ConfigDict (`experiments/configs/base.py`).
+      stop_after: stop (after checkpointing) once this many steps are done, as an interruption would; None
+        trains to the end.
+      loaded: (model, tokenizer) of `config.model` already in memory in `config.dtype` (e.g. several runs on one
+        model, as `experiments.report` makes), used instead of loading it again; it is not modified.
+
+    Returns:
+      What results.json holds; {"step", "steps"} when stopped early by `stop_after`.
     """
     p = plan(config)
     distributed.initialize()
@@ -209,7 +255,15 @@ def output_dir_lock(out: Path, checkpoint_dir=None) -> contextlib.ExitStack:
     """The run's hold on `out` (`mwjax.core.run_lock`), and on `checkpoint_dir` where it lies elsewhere on a local
     filesystem (two runs writing one checkpoint directory would adopt each other's steps): process 0 takes the
     locks for the whole run (it alone writes the run's files); in a multi-host run every process learns whether it
-    got them, so all stop together when another run holds either directory."""
+    got them, so all stop together when another run holds either directory (`run_lock.DirectoryLockedError`).
+
+    Args:
+      out: the run's output directory.
+      checkpoint_dir: the run's checkpoint directory; None, a URL, or a path inside `out` takes no second lock.
+
+    Returns:
+      An ExitStack holding the locks (empty on other processes); leave it (`with`) to release them.
+    """
     held = [Path(out)]
     if checkpoint_dir and "://" not in str(checkpoint_dir):  # gs:// and the like have no flock
         checkpoints = Path(checkpoint_dir).resolve()

@@ -26,8 +26,16 @@ BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
 
 
 def micro_batches(loader, start: int, epochs: float) -> Iterator[dict[str, np.ndarray] | None]:
-    """The run's stream of micro-batches from global index `start` on, across epochs; None past the end
-    (a fractional last epoch ends mid-way). `loader`: `len()` batches per epoch, `.epoch(e, start_step)`."""
+    """The run's stream of micro-batches from global index `start` on, across epochs (endless).
+
+    Args:
+      loader: a `data.BatchLoader` or alike: `len()` batches per epoch, `.epoch(e, start_step)`.
+      start: the global index (over all epochs) of the first micro-batch (a resume: steps done x grad_accum).
+      epochs: epochs of data (fractional: the last one ends mid-way).
+
+    Yields:
+      Each micro-batch's BATCH_KEYS arrays (int32 [local_batch, seq_len]); None past the end of the data.
+    """
     per_epoch = len(loader)
     end = math.floor(epochs * per_epoch)
     index = start
@@ -44,7 +52,17 @@ def _empty_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def stack_step(stream: Iterator, grad_accum: int, template: dict | None) -> tuple[dict[str, np.ndarray], dict]:
-    """The next optimizer step's micro-batches stacked to [grad_accum, ...]."""
+    """The next optimizer step's micro-batches stacked to [grad_accum, ...]; past the data's end, micro-batches
+    that contribute nothing (every label IGNORE) fill the step.
+
+    Args:
+      stream: the `micro_batches` iterator.
+      grad_accum: micro-batches per optimizer step.
+      template: a micro-batch whose shapes an empty one copies (the last one seen); None before the first.
+
+    Returns:
+      (BATCH_KEYS -> int32 [grad_accum, local_batch, seq_len], the template for the next call).
+    """
     chunk = []
     for _ in range(grad_accum):
         mb = next(stream)
@@ -57,14 +75,24 @@ def stack_step(stream: Iterator, grad_accum: int, template: dict | None) -> tupl
 
 @dataclasses.dataclass
 class RunResult:
+    """What `fit` returns: the final training state, the logged metrics and the validation losses."""
+
     state: TrainState
     history: list[dict]  # logged metrics of every step, earlier (resumed-from) runs' included
     eval_losses: list[tuple[int, float]]  # (step, validation loss); step 0: before fine-tuning
 
 
 def resume_log(path: Path, step: int) -> list[dict]:
-    """Cut metrics.jsonl back to the records of steps <= `step` (the checkpoint a run resumes from; 0: none,
-    so nothing is kept) and return them. A line torn by a kill is dropped. Rewritten atomically."""
+    """Cut metrics.jsonl back to the records of steps <= `step` and return them. A line torn by a kill is dropped.
+    Rewritten atomically.
+
+    Args:
+      path: the run's metrics.jsonl (absent: nothing to cut).
+      step: the checkpoint a run resumes from; 0: none, so nothing is kept.
+
+    Returns:
+      The records kept, in file order.
+    """
     if not path.exists():
         return []
     records = []
@@ -81,7 +109,17 @@ def resume_log(path: Path, step: int) -> list[dict]:
 
 def diverged(checkpoints: Checkpoints, bad_from: int, reason: str, step: int) -> TrainingDivergedError:
     """Delete the checkpoints of steps >= bad_from (states a forward has shown to be poisoned) and name the
-    latest good one."""
+    latest good one.
+
+    Args:
+      checkpoints: the run's checkpoints.
+      bad_from: the step of the first state not to trust.
+      reason: what went wrong, for the message.
+      step: the step that found it (1-based), for the message.
+
+    Returns:
+      The TrainingDivergedError to raise, naming the last good checkpoint (or saying none is left).
+    """
     for saved in checkpoints.manager.all_steps():
         if saved >= bad_from:
             checkpoints.manager.delete(saved)
@@ -93,20 +131,42 @@ def diverged(checkpoints: Checkpoints, bad_from: int, reason: str, step: int) ->
 
 
 def input_tokens(arrays: dict) -> int:
-    """The tokens a host fed in one step, padding left out (segment id 0, `mwjax.finetune.data`)."""
+    """The tokens a host fed in one step, padding left out (segment id 0, `mwjax.finetune.data`).
+
+    Args:
+      arrays: one step's host-local batch (`stack_step`), with "segment_ids".
+
+    Returns:
+      The number of non-padding tokens.
+    """
     return int(np.count_nonzero(arrays["segment_ids"]))
 
 
 def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Path, meta: dict | None = None,
         resume: bool = True, stop_after: int | None = None, on_eval: Callable[[int, float], None] | None = None,
         checkpoint_dir: str | Path | None = None, eval_before: bool = False) -> RunResult:
-    """Train to `trainer.steps`, resuming from the latest checkpoint in checkpoint_dir (default
-    output_dir/checkpoints; may be a gs:// URL); metrics.jsonl is cut back to that checkpoint's step.
+    """Train to `trainer.steps`, resuming from the latest checkpoint in checkpoint_dir; metrics.jsonl is cut back
+    to that checkpoint's step.
 
-    eval_before: on a fresh start, the validation loss of the untouched model is logged as step 0.
-    stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
     Only process 0 writes metrics.jsonl; every process takes part in checkpoints (orbax coordinates).
-    Raises TrainingDivergedError (module doc) with the checkpoints of poisoned states deleted.
+
+    Args:
+      trainer: the compiled steps, the initial state and the run's TrainConfig.
+      train_loader: the training `data.BatchLoader`.
+      val_loader: the validation `data.BatchLoader`; None for no evaluation.
+      output_dir: where metrics.jsonl and tensorboard/ go (created).
+      meta: run facts saved with every checkpoint (the total steps, step and guard state are added).
+      resume: continue from the latest checkpoint when there is one; False starts afresh.
+      stop_after: stop (after checkpointing) once this many steps are done, as an interruption would.
+      on_eval: called with (step, validation loss) after each evaluation.
+      checkpoint_dir: the checkpoints' directory (may be a gs:// URL); None for output_dir/checkpoints.
+      eval_before: on a fresh start, the validation loss of the untouched model is logged as step 0.
+
+    Returns:
+      The `RunResult`: the final state, the logged metrics and the validation losses (earlier runs' included).
+
+    Raises:
+      TrainingDivergedError: (module doc) with the checkpoints of poisoned states deleted.
     """
     config = trainer.config
     output_dir = Path(output_dir)

@@ -28,8 +28,15 @@ def _nll(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def token_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of next-token NLL over label tokens, their count); logits [b, t, V], labels [b, t] aligned
-    with the inputs (the logits at position t predict labels[t + 1])."""
+    """Next-token NLL over label tokens (HF `LlamaForCausalLM`'s shifted loss, summed rather than averaged).
+
+    Args:
+      logits: [b, t, V]; position t predicts labels[t + 1].
+      labels: int [b, t], aligned with the inputs; IGNORE (-100) carries no loss.
+
+    Returns:
+      (float32 [] sum of the NLL over label tokens, int [] their count).
+    """
     return _nll(logits[:, :-1], labels[:, 1:])
 
 
@@ -37,9 +44,17 @@ def chunked_token_loss(unembed: Callable[[jax.Array], jax.Array], hidden: jax.Ar
                        chunk: int) -> tuple[jax.Array, jax.Array]:
     """`token_loss(unembed(hidden), labels)` without the [b, t, V] logits: `chunk` positions at a time.
 
-    unembed: final hidden [b, c, d] -> logits [b, c, V] (`CausalLM.unembed`: lm_head or the tied
-    embedding, and Gemma 2's final soft-capping). hidden [b, t, d]; labels [b, t]. The last chunk is
-    padded with IGNORE labels when `chunk` does not divide t - 1.
+    The last chunk is padded with IGNORE labels when `chunk` does not divide t - 1.
+
+    Args:
+      unembed: final hidden [b, c, d] -> logits [b, c, V] (`CausalLM.unembed`: lm_head or the tied
+        embedding, and Gemma 2's final soft-capping).
+      hidden: final hidden states [b, t, d] (after the final norm).
+      labels: int [b, t], aligned with the inputs; IGNORE (-100) carries no loss.
+      chunk: positions per chunk (>= 1; `TrainConfig.loss_chunk`).
+
+    Returns:
+      (float32 [] sum of the NLL over label tokens, int32 [] their count), as `token_loss`.
     """
     if chunk < 1:
         raise ValueError(f"the loss chunk must be >= 1 positions, got {chunk}")

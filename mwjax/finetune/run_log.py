@@ -25,7 +25,17 @@ TIMINGS = ("step_time", "tokens_per_s", "input_tokens_per_s")  # the record's wa
 
 
 def progress_line(metrics: dict, total: int, eta_s: float | None) -> str:
-    """'step 10/579 | loss 2.3100 | lr 1.00e-04 | p 0.79 | 1,234 tok/s | eval_loss 2.2 | ETA 1h02m'."""
+    """One progress line: 'step 10/579 | loss 2.3100 | lr 1.00e-04 | p 0.790 | 1,234 tok/s | eval_loss 2.2000 |
+    ETA 1h02m'; a metric the record lacks is left out.
+
+    Args:
+      metrics: one step's record (step, and any of loss, lr, p, input_tokens_per_s, eval_loss).
+      total: the run's total steps.
+      eta_s: seconds left; None to show no ETA.
+
+    Returns:
+      The line, without a newline.
+    """
     parts = [f"step {metrics['step']}/{total}"]
     if "loss" in metrics:
         parts.append(f"loss {metrics['loss']:.4f}")
@@ -43,7 +53,16 @@ def progress_line(metrics: dict, total: int, eta_s: float | None) -> str:
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard + progress for steps start+1 .. total; use as a context manager."""
+    """metrics.jsonl + TensorBoard + progress for steps start+1 .. total; use as a context manager.
+
+    Args:
+      output_dir: the run's directory (metrics.jsonl is appended to, TensorBoard events go to tensorboard/).
+      total: the run's total steps.
+      start: steps already done (a resumed run); TensorBoard events after it are purged.
+      lead: whether this process writes (process 0 of a multi-host run); False only tracks the timing.
+      interactive: a tqdm bar (True) or one line per record (False); None: a bar when `stream` is a terminal.
+      stream: where progress goes; None for stderr.
+    """
 
     def __init__(self, output_dir: str | Path, *, total: int, start: int, lead: bool = True,
                  interactive: bool | None = None, stream=None):
@@ -75,7 +94,12 @@ class RunLog:
         return None if not recent else (self.total - self._done) * sum(recent) / len(recent)
 
     def step(self, metrics: dict, *, record: bool) -> None:
-        """A finished step's metrics (`record`: written to metrics.jsonl, TensorBoard and the progress lines)."""
+        """Take a finished step's metrics: timing for the ETA, the progress bar, and the record when asked.
+
+        Args:
+          metrics: the step's record (step, loss, lr, ..., step_time).
+          record: also write it to metrics.jsonl, TensorBoard and the progress lines (`record`).
+        """
         self._done = metrics["step"]
         if "step_time" in metrics:
             self._step_times.append(metrics["step_time"])
@@ -88,7 +112,11 @@ class RunLog:
             self.record(metrics)
 
     def record(self, metrics: dict) -> None:
-        """Write one record (a step's, or the step-0 evaluation) everywhere."""
+        """Write one record (a step's, or the step-0 evaluation) everywhere (process 0 only).
+
+        Args:
+          metrics: the record; its finite SCALARS go to TensorBoard at its `step`.
+        """
         if not self.lead:
             return
         self._jsonl.write(json.dumps(metrics) + "\n")
@@ -103,6 +131,7 @@ class RunLog:
                   flush=True)
 
     def close(self) -> None:
+        """Close the progress bar, the TensorBoard writer and metrics.jsonl."""
         for handle in (self._bar, self._tb, self._jsonl):
             if handle is not None:
                 handle.close()

@@ -31,6 +31,9 @@ from mwjax.research.macdrop import MacDrop, MacDropState
 
 @struct.dataclass
 class TrainState:
+    """What a training step carries from one step to the next (a pytree, replicated): the step, the adapters,
+    the optimizer state (optax AdamW's), MacDrop's key and the dropout streams; all checkpointed."""
+
     step: jax.Array  # int32 []: optimizer steps taken
     params: nnx.State  # the adapters (LoRAParam)
     opt_state: Any
@@ -39,7 +42,16 @@ class TrainState:
 
 
 class Trainer:
-    """The split model, the optimizer and the compiled steps of one run."""
+    """The split model, the optimizer and the compiled steps of one run.
+
+    Args:
+      model: a model carrying adapters (`peft.add_adapters`); copied (stacked when config.scan_layers), the
+        caller's left as it is. An abstract one (`nnx.eval_shape`) gives an abstract trainer that only compiles.
+      config: the optimisation settings.
+      steps: the run's optimizer steps (`total_steps`): the schedule's length.
+      mesh: the device mesh ("data", "fsdp", "tensor") the base is sharded and the batches split over.
+      macdrop: MacDrop's masks and curriculum; None trains without MacDrop.
+    """
 
     def __init__(self, model: nnx.Module, config: TrainConfig, *, steps: int, mesh: Mesh,
                  macdrop: MacDrop | None = None):
@@ -132,17 +144,40 @@ class Trainer:
     # ------------------------------------------------------------------ host side
 
     def place_batch(self, arrays: dict[str, np.ndarray], batch_axis: int) -> dict[str, jax.Array]:
-        """This process's numpy rows -> global arrays split over ("data", "fsdp") along `batch_axis`."""
+        """This process's numpy rows -> global arrays split over ("data", "fsdp") along `batch_axis`.
+
+        Args:
+          arrays: name -> this process's rows (cast to int32).
+          batch_axis: the axis of the rows (1 for a step's [grad_accum, batch, seq], 0 for one micro-batch).
+
+        Returns:
+          name -> the global jax.Array.
+        """
         return {key: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, value.ndim, batch_axis),
                                                             np.asarray(value, np.int32))
                 for key, value in arrays.items()}
 
     def model(self, state: TrainState) -> nnx.Module:
-        """The model with the state's adapters, in evaluation mode, its layers unrolled (`model.model.layers[i]`)."""
+        """The model with the state's adapters, in evaluation mode, its layers unrolled (`model.model.layers[i]`).
+
+        Args:
+          state: a training state of this trainer (e.g. `RunResult.state`).
+
+        Returns:
+          The mwjax model carrying the adapters (for `peft.save_adapters`, `export_peft`, `merge`, evaluation).
+        """
         return unstack_layers(nnx.merge(self.eval_graphdef, state.params, state.rngs, self.frozen, copy=True))
 
     def evaluate(self, state: TrainState, batches) -> float:
-        """Mean token loss over validation batches (no MacDrop mask, no dropout)."""
+        """Mean token loss over validation batches (no MacDrop mask, no dropout).
+
+        Args:
+          state: the training state whose adapters are evaluated.
+          batches: an iterable of micro-batches (`BatchLoader.epoch`); at most config.eval_batches are used.
+
+        Returns:
+          The NLL per label token over all the batches (0.0 when they hold none).
+        """
         total, count = 0.0, 0
         for i, batch in enumerate(batches):
             if self.config.eval_batches is not None and i >= self.config.eval_batches:

@@ -45,12 +45,19 @@ Edits = Mapping[tuple[str, int], ActivationEdit]
 
 def apply(edits: Edits | None, point: str, layer: int | jax.Array, x: jax.Array,
           positions: jax.Array | None = None) -> jax.Array:
-    """x [b, t, d] with the edit registered for (point, layer) applied; x itself when there is none.
-    positions [b, t] (default 0..t-1) locate the first token for `first_values`.
+    """`x` with the edit registered for (point, layer) applied; x itself when there is none.
 
-    layer: a static int, or a traced int32 [] (the layer index of `mwjax.nn.stack`'s scan): then
-    `jax.lax.switch` runs the edit of that layer among the layers edited at `point` (none at the others), so
-    the scan body holds one branch per edit at `point` (whatever their shapes), not one per layer.
+    Args:
+      edits: the edits, {(point, layer): ActivationEdit}; None or empty for none.
+      point: the point `x` comes from, e.g. "hidden" (edits exist at EDITABLE_POINTS).
+      layer: a static int, or a traced int32 [] (the layer index of `mwjax.nn.stack`'s scan): then
+        `jax.lax.switch` runs the edit of that layer among the layers edited at `point` (none at the others), so
+        the scan body holds one branch per edit at `point` (whatever their shapes), not one per layer.
+      x: [b, t, d] the activation.
+      positions: int [b, t] token positions (default 0..t-1), locating the first token for `first_values`.
+
+    Returns:
+      [b, t, d] the edited activation.
     """
     if not edits:
         return x
@@ -66,7 +73,16 @@ def apply(edits: Edits | None, point: str, layer: int | jax.Array, x: jax.Array,
 
 
 def apply_edit(edit: ActivationEdit, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """x [b, t, d] with `edit` applied (`apply` finds the edit of a point and layer)."""
+    """`x` with `edit` applied (`apply` finds the edit of a point and layer).
+
+    Args:
+      edit: the `ActivationEdit`.
+      x: [b, t, d] the activation.
+      positions: int [b, t] (or [t]) token positions; None: 0..t-1. Position 0 takes `first_values`.
+
+    Returns:
+      [b, t, d] the edited activation.
+    """
     current = x[..., edit.dims]  # [b, t, k]
     new = current if edit.values is None else jnp.broadcast_to(jnp.asarray(edit.values, x.dtype), current.shape)
     if edit.first_values is not None:
@@ -84,6 +100,12 @@ def apply_edit(edit: ActivationEdit, x: jax.Array, positions: jax.Array | None =
 
 
 def validate(edits: Edits | None, num_layers: int) -> None:
+    """Check that every edit is at an editable point and an existing layer; ValueError otherwise.
+
+    Args:
+      edits: the edits, {(point, layer): ActivationEdit}; None for none.
+      num_layers: the model's number of decoder layers.
+    """
     for point, layer in edits or {}:
         if point not in EDITABLE_POINTS:
             raise ValueError(f"edits: point {point!r} cannot be edited; choose from {EDITABLE_POINTS}")

@@ -103,7 +103,14 @@ class Stats:
     median: jax.Array | None = None
 
     def get(self, stat: str) -> jax.Array:
-        """The statistic named `stat` (a field above); an error naming the config option when it was not recorded."""
+        """The statistic named `stat`; a ValueError naming the config option when it was not recorded.
+
+        Args:
+          stat: a field above: "full", "top_values", "top_indices", "top_positions" or "median".
+
+        Returns:
+          Its array.
+        """
         value = getattr(self, stat)
         if value is None:
             raise ValueError(f"probe statistic {stat!r} was not recorded: ask ProbeConfig for it (full=True, "
@@ -134,13 +141,28 @@ class ProbeResult:
     router_probs: dict[int, Stats] = _point(RouterProbs)
 
     def point(self, name: str) -> dict[int, Stats]:
-        """{layer: Stats} of the point named `name` (a key of POINTS), for code that loops over points."""
+        """{layer: Stats} of the point named `name`, for code that loops over points.
+
+        Args:
+          name: a probe point (a key of POINTS, e.g. "hidden"); any other name raises ValueError.
+
+        Returns:
+          {layer (0-based): Stats}, {} where the point was not probed.
+        """
         if name not in POINTS:
             raise ValueError(f"unknown probe point {name!r}; choose from {sorted(POINTS)}")
         return getattr(self, name)
 
     def stack(self, point: str, stat: str = "full") -> jax.Array:
-        """One statistic of one point for all probed layers, stacked: [num_layers, ...]."""
+        """One statistic of one point for all probed layers, stacked.
+
+        Args:
+          point: a probe point (a key of POINTS); ValueError when it was not recorded.
+          stat: the Stats field to stack (ValueError when it was not recorded).
+
+        Returns:
+          [number of probed layers, ...], in ascending layer order.
+        """
         layers = self.point(point)
         if not layers:
             raise ValueError(f"probe point {point!r} was not recorded: add it to ProbeConfig.points")
@@ -178,22 +200,48 @@ class ProbeConfig:
 
     @property
     def types(self) -> tuple[type[Probe], ...]:
+        """The Probe collections (`nnx.Intermediate` subclasses) of `points`, in order: what `nnx.capture` takes."""
         return tuple(POINTS[p] for p in self.points)
 
     def wants(self, point: str, layer: int | None) -> bool:
-        """Whether `point` is recorded at `layer`; layer None: at some layer (`mwjax.nn.stack`'s scan, whose
-        template layer has no index of its own, records every layer and keeps the wanted ones)."""
+        """Whether `point` is recorded at `layer`.
+
+        Args:
+          point: a probe point name.
+          layer: the 0-based layer; None: at some layer (`mwjax.nn.stack`'s scan, whose template layer has no
+            index of its own, records every layer and keeps the wanted ones).
+
+        Returns:
+          True when the point is recorded there.
+        """
         if point not in self.points:
             return False
         return self.layers is None or (bool(self.layers) if layer is None else layer in self.layers)
 
     def layers_of(self, num_layers: int) -> tuple[int, ...]:
-        """The layers recorded in a model of `num_layers` layers, ascending."""
+        """The layers recorded in a model of `num_layers` layers, ascending.
+
+        Args:
+          num_layers: the model's decoder layers.
+
+        Returns:
+          The 0-based layers: all when `layers` is None, else those of `layers` below num_layers.
+        """
         return tuple(layer for layer in range(num_layers) if self.layers is None or layer in self.layers)
 
 
 def reduce(x: jax.Array, config: ProbeConfig) -> dict[str, jax.Array]:
-    """The statistics of `config` over the last axis of x (or, scope="sequence", over all but the first)."""
+    """The statistics of `config` over the last axis of x (or, scope="sequence", over all but the first).
+
+    Args:
+      x: the probed value, e.g. [b, t, d_model] or [b, t, d_ff].
+      config: which statistics (full, top_k, median) and over what scope.
+
+    Returns:
+      {stat: array}, the `Stats` fields the config asks for: "full" (x), "top_values" / "top_indices" [..., k],
+        "median" [...]; scope="sequence": [b, k] / [b], and "top_positions" [b, k] (the flat index over the axes
+        between the first and the last: the token for x [b, t, features]).
+    """
     out = {}
     if config.full:
         out["full"] = x
@@ -213,14 +261,28 @@ def reduce(x: jax.Array, config: ProbeConfig) -> dict[str, jax.Array]:
 
 
 def sow(module: nnx.Module, point: str, layer: int | None, value: jax.Array, config: ProbeConfig | None) -> None:
-    """Record `value` at `point` of `layer` (None: of the layer a stacked layers' scan runs) if the config asks
-    for it (a no-op otherwise)."""
+    """Record `value` at `point` of `layer` if the config asks for it (a no-op otherwise).
+
+    Args:
+      module: the module that sows (`nnx.Module.sow` into the point's Probe collection).
+      point: the probe point name (a key of POINTS).
+      layer: the 0-based layer; None: the layer a stacked layers' scan runs.
+      value: the tensor, reduced by `reduce` before it is sown.
+      config: the forward pass's ProbeConfig; None records nothing.
+    """
     if config is not None and config.wants(point, layer):
         module.sow(POINTS[point], point, reduce(value, config))
 
 
 def sow_layers(module: nnx.Module, point: str, layers: tuple[int, ...], stats: dict[str, jax.Array]) -> None:
-    """Record the stats {stat: [len(layers), ...]} of `point` at `layers` at once (a stacked layers' scan)."""
+    """Record the stats of `point` at `layers` at once (a stacked layers' scan), as one `LayerStacked`.
+
+    Args:
+      module: the module that sows (the `mwjax.nn.stack.LayerStack`).
+      point: the probe point name (a key of POINTS).
+      layers: the 0-based layers the slots hold, ascending.
+      stats: {stat: [len(layers), ...]}, slot s holding layer `layers[s]`.
+    """
     module.sow(POINTS[point], point, LayerStacked(stats, layers))
 
 
@@ -233,24 +295,45 @@ class LayerStacked:
     layers: tuple[int, ...] = struct.field(pytree_node=False)
 
     def per_layer(self) -> dict[int, dict[str, jax.Array]]:
+        """{layer: {stat: value}}: slot s of every stat, given to layer `layers[s]`."""
         return {layer: {stat: x[slot] for stat, x in self.stats.items()} for slot, layer in enumerate(self.layers)}
 
 
 def capture(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> tuple[jax.Array, ProbeResult]:
-    """Run `model(tokens, probes=config, **model_kwargs)` jitted; return (logits [b, t, vocab], ProbeResult).
+    """Run `model(tokens, probes=config, **model_kwargs)` jitted; return the logits and what the probes recorded.
 
-    model_kwargs: positions, attention_mask, ffn_masks, edits (arrays / pytrees, traced).
     The compiled program returns what the modules sowed, regrouped by `collect` after it: a stacked model's
     records leave it stacked over the layers, so slicing them per layer adds nothing per layer to compile.
+
+    Args:
+      model: an mwjax causal LM (HF `*ForCausalLM` equivalent), unrolled or stacked.
+      tokens: int32 [b, t] token ids.
+      config: which points, layers and statistics to record (static: a new config compiles anew).
+      model_kwargs: positions, attention_mask, ffn_masks, edits (arrays / pytrees, traced).
+
+    Returns:
+      (logits [b, t, vocab], ProbeResult).
     """
     logits, states = _capture(model, config, tokens, model_kwargs, True)
     return logits, collect(states)
 
 
 def record(model: nnx.Module, tokens: jax.Array, config: ProbeConfig, **model_kwargs) -> ProbeResult:
-    """`capture` without the logits: the ProbeResult alone. The compiled program returns the records
-    alone, so XLA drops what none of them depends on (the unembedding, and in an unrolled model every layer
-    after the last probed one): probing layer 12 of 30 costs 12 layers, not the whole model."""
+    """`capture` without the logits: the ProbeResult alone.
+
+    The compiled program returns the records alone, so XLA drops what none of them depends on (the unembedding,
+    and in an unrolled model every layer after the last probed one): probing layer 12 of 30 costs 12 layers, not
+    the whole model.
+
+    Args:
+      model: an mwjax causal LM, unrolled or stacked.
+      tokens: int32 [b, t] token ids.
+      config: which points, layers and statistics to record.
+      model_kwargs: positions, attention_mask, ffn_masks, edits (arrays / pytrees, traced).
+
+    Returns:
+      The ProbeResult.
+    """
     return collect(_capture(model, config, tokens, model_kwargs, False)[1])
 
 
@@ -264,7 +347,15 @@ def collect(states: Sequence[nnx.State]) -> ProbeResult:
     """Regroup captured States (nested by module path) into a ProbeResult.
 
     A layer's modules sow under `model.layers[i]` (the layer is the integer after "layers" in the path); a
-    stacked layers' scan sows `LayerStacked` values (every recorded layer) under `model.layers` itself."""
+    stacked layers' scan sows `LayerStacked` values (every recorded layer) under `model.layers` itself.
+
+    Args:
+      states: the States `nnx.capture` returned, one per Probe collection.
+
+    Returns:
+      The ProbeResult, each point's layers ascending; a module that sowed once per call (decoding steps) gets
+        Stats stacked over the calls.
+    """
     result: dict[str, dict[int, Stats]] = {}
     for state in states:
         for path, value in nnx.to_flat_state(state):

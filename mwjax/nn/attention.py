@@ -25,10 +25,19 @@ def causal_mask(
 
     Causality is by index, as HF builds it from `cache_position` (not from position ids): query i
     (at absolute index q_offset + i) sees keys j <= q_offset + i, and with a sliding window only
-    j > q_offset + i - sliding_window. `padding_mask` [batch, kv_len] marks real tokens with 1; a
-    [batch, q_len, kv_len] one says which keys each query may see (HF's custom 4-D masks: several
-    continuations packed after one shared prefix), on top of causality.
-    `segment_ids` [batch, q_len] (q_len == kv_len): packed sequences attend within their segment only.
+    j > q_offset + i - sliding_window.
+
+    Args:
+      q_len: number of queries.
+      kv_len: number of keys (q_len, or the KV cache's max_len).
+      q_offset: absolute index of the first query (the cache's length); an int or an int32 [] array.
+      padding_mask: [batch, kv_len], 1 marks real tokens; or [batch, q_len, kv_len], which keys each query may
+        see (HF's custom 4-D masks: several continuations packed after one shared prefix), on top of causality.
+      sliding_window: keys per query (itself included) of a sliding-window layer; None for full attention.
+      segment_ids: [batch, q_len] (q_len == kv_len): packed sequences attend within their segment only.
+
+    Returns:
+      The bool mask [batch or 1, 1, q_len, kv_len].
     """
     q_idx = q_offset + jnp.arange(q_len)[:, None]
     kv_idx = jnp.arange(kv_len)[None, :]
@@ -67,11 +76,19 @@ class AttentionMask:
 
 
 def splash_segments(padding_mask: jax.Array | None, segment_ids: jax.Array | None) -> jax.Array | None:
-    """Segment ids [b, t] equivalent, for real queries, to `causal_mask`'s padding and packing: the packed
-    `segment_ids` (0 where absent), with padded keys in a segment of their own (below every real one).
+    """Segment ids [b, t] equivalent, for real queries, to `causal_mask`'s padding and packing.
 
     Padded queries then attend to padded keys where the dense mask hides every key from them: their
-    outputs differ between the paths, and are meaningless in both."""
+    outputs differ between the paths, and are meaningless in both.
+
+    Args:
+      padding_mask: [b, t], 1 marks real tokens; or None.
+      segment_ids: [b, t] packed-sequence ids; or None.
+
+    Returns:
+      int32 [b, t]: the packed `segment_ids` (0 where absent), with padded keys in a segment of their own (below
+      every real one); None when both arguments are None.
+    """
     if padding_mask is None and segment_ids is None:
         return None
     if segment_ids is None:
@@ -85,8 +102,20 @@ def splash_segments(padding_mask: jax.Array | None, segment_ids: jax.Array | Non
 def layer_type_masks(t: int, kv_len: int, windows: Mapping[str, int | None], *, q_offset: int | jax.Array = 0,
                      padding_mask: jax.Array | None = None,
                      segment_ids: jax.Array | None = None) -> dict[str, AttentionMask]:
-    """{layer type: AttentionMask} for t queries over kv_len keys; windows: {layer type: sliding window or None}.
-    Arguments as `causal_mask`'s."""
+    """The attention mask of every layer type for t queries over kv_len keys.
+
+    Args:
+      t: number of queries.
+      kv_len: number of keys (t, or the KV cache's max_len).
+      windows: {layer type: sliding window or None}.
+      q_offset: absolute index of the first query, as for `causal_mask`.
+      padding_mask: [b, kv_len] or [b, t, kv_len], as for `causal_mask`.
+      segment_ids: [b, t] packed-sequence ids, as for `causal_mask`.
+
+    Returns:
+      {layer type: AttentionMask}; `splash` is True only without a cache (kv_len == t, q_offset the int 0) and
+      without a per-query mask.
+    """
     kinds = sorted(windows)
     splash = (kv_len == t and isinstance(q_offset, int) and q_offset == 0
               and (padding_mask is None or padding_mask.ndim == 2))
@@ -108,9 +137,18 @@ def grouped_query_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """Eager attention as HF's `eager_attention_forward` computes it.
 
-    q [b, t, h, d], k / v [b, s, h_kv, d], mask bool [b|1, 1, t, s].
-    Returns the output [b, t, h, d] and the probabilities [b, h, t, s]. Scores are formed in the
-    compute dtype and normalised in float32.
+    Scores are formed in the compute dtype and normalised in float32.
+
+    Args:
+      q: queries [b, t, h, d].
+      k: keys [b, s, h_kv, d] (h a multiple of h_kv: grouped-query attention).
+      v: values [b, s, h_kv, d].
+      mask: bool [b|1, 1, t, s], True where a query sees a key (`causal_mask`).
+      scale: multiplier of q.k (`ModelConfig.attention_scale`).
+      softcap: scores := softcap * tanh(scores / softcap) (Gemma 2); None for none.
+
+    Returns:
+      (the output [b, t, h, d], the probabilities [b, h, t, s]).
     """
     b, t, h, d = q.shape
     h_kv = k.shape[2]
@@ -135,9 +173,6 @@ def choose_implementation(requested: str, *, needs_probs: bool, softcap: float |
     """The attention path of one call: "eager" (`grouped_query_attention`), "xla" or "cudnn"
     (`fused_attention`), or "splash" (`splash_attention`).
 
-    requested: "auto", "eager", or the kernel to use whenever a kernel can do the job ("xla", "cudnn",
-    "splash"). splash_mask: the mask is one the splash kernel expresses (`AttentionMask.splash`).
-    backend: `jax.default_backend()` unless given (the tests choose for a TPU or a GPU on a CPU).
     "auto" takes, without a KV cache, the Pallas splash attention kernel on a TPU (any dtype: it never
     materialises the [b, h, t, s] probabilities) and cuDNN's flash attention on a GPU in bfloat16 / float16;
     the eager path elsewhere: XLA's `dot_product_attention` materialises the same probabilities (no memory
@@ -146,6 +181,19 @@ def choose_implementation(requested: str, *, needs_probs: bool, softcap: float |
     the probabilities are probed (`attn_probs`, which no kernel returns), when the scores are soft-capped
     (Gemma 2) on any kernel but splash (`jax.nn.dot_product_attention` does not soft-cap), and, for splash,
     with a KV cache or a per-query [b, t, s] mask (`mwjax.eval.continuations`).
+
+    Args:
+      requested: "auto", "eager", or the kernel to use whenever a kernel can do the job ("xla", "cudnn",
+        "splash").
+      needs_probs: the attention probabilities are probed (only the eager path returns them).
+      softcap: the attention logits' soft cap (Gemma 2), or None.
+      dtype: the compute dtype (cuDNN takes bfloat16 / float16 only).
+      cached: the call runs with a KV cache.
+      splash_mask: the mask is one the splash kernel expresses (`AttentionMask.splash`).
+      backend: `jax.default_backend()` unless given (the tests choose for a TPU or a GPU on a CPU).
+
+    Returns:
+      "eager", "xla", "cudnn" or "splash".
     """
     if requested not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {requested!r}; choose from {IMPLEMENTATIONS}")
@@ -164,12 +212,22 @@ def choose_implementation(requested: str, *, needs_probs: bool, softcap: float |
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float,
                     implementation: str, causal: bool) -> jax.Array:
     """`jax.nn.dot_product_attention` with the same inputs and output as `grouped_query_attention` (no
-    probabilities): q [b, t, h, d], k / v [b, s, h_kv, d] (grouped-query heads as they are), mask bool
-    [b|1, 1, t, s] (causal, sliding window, padding and packed segments: `causal_mask`).
+    probabilities).
 
-    causal: the mask is causal by index with t == s (no cache), which lets cuDNN skip the masked blocks.
     cuDNN refusing the shapes (head_dim, GPU generation, cuDNN version) falls back to XLA with a warning.
     Logits in float32 in both (the eager path forms them in the compute dtype, as HF's eager attention).
+
+    Args:
+      q: queries [b, t, h, d].
+      k: keys [b, s, h_kv, d] (grouped-query heads as they are).
+      v: values [b, s, h_kv, d].
+      mask: bool [b|1, 1, t, s] (causal, sliding window, padding and packed segments: `causal_mask`).
+      scale: multiplier of q.k.
+      implementation: "cudnn" or "xla" (`choose_implementation`).
+      causal: the mask is causal by index with t == s (no cache), which lets cuDNN skip the masked blocks.
+
+    Returns:
+      The output [b, t, h, d] in the promoted dtype of q, k and v.
     """
     dtype = jnp.result_type(q, k, v)  # a float32 cache under a bfloat16 model: as the eager einsum promotes
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
@@ -189,8 +247,7 @@ SPLASH_BLOCK = 128  # the kernel's default block sizes (`BlockSizes.get_default`
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, scale: float,
                      softcap: float | None = None, interpret: bool | None = None) -> jax.Array:
     """JAX's Pallas TPU splash attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`) with the
-    inputs and output of `grouped_query_attention`, without the probabilities: q [b, t, h, d], k / v
-    [b, t, h_kv, d] (no KV cache), mask: an `AttentionMask` whose `splash` is True.
+    inputs and output of `grouped_query_attention`, without the probabilities.
 
     The kernel takes a static mask (`CausalMask`, or `LocalMask` for a sliding window of w keys: j > i - w)
     and `SegmentIds` for padding and packed sequences (`splash_segments`); Gemma 2's soft-capping is its
@@ -200,9 +257,20 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
     end to a multiple of SPLASH_BLOCK; causality keeps the real queries from the appended keys, and their
     outputs are sliced back. Logits in float32, as XLA's attention. Under a traced layer type (the stacked
     layers' scan) `jax.lax.switch` picks the kernel of that type's window. Differentiable (the kernel's own
-    backward kernels) and jittable.
-    interpret: run the Pallas kernel in interpret mode (default: everywhere but on a TPU). Interpret mode is
-    slow, for tests only; this path was tested in interpret mode on CPU, never on a TPU.
+    backward kernels) and jittable. Interpret mode is slow, for tests only; this path was tested in interpret
+    mode on CPU, never on a TPU.
+
+    Args:
+      q: queries [b, t, h, d].
+      k: keys [b, t, h_kv, d] (no KV cache).
+      v: values [b, t, h_kv, d].
+      mask: an `AttentionMask` whose `splash` is True.
+      scale: multiplier of q.k.
+      softcap: the kernel's `attn_logits_soft_cap` (Gemma 2), or None.
+      interpret: run the Pallas kernel in interpret mode; None: everywhere but on a TPU.
+
+    Returns:
+      The output [b, t, h, d] in the promoted dtype of q, k and v.
     """
     # imported here: Pallas loads only where splash attention runs
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash

@@ -40,15 +40,39 @@ class Taps:
     layer: jax.Array | None = None  # int32 []: the scanned layer's index (None outside a scan)
 
     def edit(self, point: str, layer: int, x: jax.Array) -> jax.Array:
-        """Only the edit (for blocks that record a value assembled from several edited parts)."""
+        """Only the edit (for blocks that record a value assembled from several edited parts).
+
+        Args:
+          point: the activation's name (an `interventions.EDITABLE_POINTS` entry, e.g. "intermediate").
+          layer: the block's static layer index (replaced by the traced `self.layer` inside a scan).
+          x: the activation [b, t, d].
+
+        Returns:
+          `x` with the edit registered for (point, layer) applied; `x` itself when there is none.
+        """
         return interventions.apply(self.edits, point, layer if self.layer is None else self.layer, x, self.positions)
 
     def record(self, module: nnx.Module, point: str, layer: int, x: jax.Array) -> None:
-        """Only the probe."""
+        """Only the probe: record `x` at (point, layer) if the probe config asks for it.
+
+        Args:
+          module: the module that sows the value (nnx intermediates).
+          point: the probe point's name (a key of `probes.POINTS`).
+          layer: the block's static layer index (None is recorded inside a scan, which keeps the wanted layers).
+          x: the activation [b, t, d].
+        """
         probes.sow(module, point, None if self.layer is not None else layer, x, self.probes)
 
     def touches(self, point: str, layer: int) -> bool:
-        """Whether an edit or a probe acts at (point, layer) (in a scan: at `point` of any layer)."""
+        """Whether an edit or a probe acts at (point, layer) (in a scan: at `point` of any layer).
+
+        Args:
+          point: the activation's name.
+          layer: the block's static layer index (ignored inside a scan).
+
+        Returns:
+          True when the block must compute and pass the value through `taps` (a static choice of code path).
+        """
         if self.layer is not None:
             edited = any(edited_point == point for edited_point, _ in self.edits or {})
             return edited or (self.probes is not None and self.probes.wants(point, None))
@@ -91,20 +115,54 @@ class CausalLM(nnx.Module):
     remat: str | None = None
 
     def embed(self, tokens: jax.Array) -> jax.Array:
+        """Token embeddings (HF `embed_tokens`); families override it (Gemma scales by sqrt(d_model)).
+
+        Args:
+          tokens: int32 [b, t] token ids.
+
+        Returns:
+          [b, t, d_model] in the compute dtype.
+        """
         return self.model.embed_tokens(tokens)
 
     def unembed(self, x: jax.Array) -> jax.Array:
+        """The LM head (HF `lm_head`; with tied embeddings, x @ embedding.T).
+
+        Args:
+          x: the final norm's output [b, t, d_model].
+
+        Returns:
+          Logits [b, t, vocab].
+        """
         return self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
 
     def rope_tables(self, positions: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """(cos, sin) per layer type (`config.rope_for`: Gemma 3's sliding layers have their own)."""
+        """RoPE tables per layer type (`config.rope_for`: Gemma 3's sliding layers have their own).
+
+        Args:
+          positions: int32 [b, t] position ids.
+
+        Returns:
+          {layer type: (cos, sin)}, each float32 [b, t, rotary_dim] (`rope.rope_table`).
+        """
         cfg = self.config
         return {kind: rope.rope_table(cfg.rope_for(kind), cfg.head_dim, positions)
                 for kind in set(cfg.layer_types)}
 
     def attention_masks(self, t: int, kv_len: int, offset=0, padding_mask: jax.Array | None = None,
                         segment_ids: jax.Array | None = None) -> dict[str, attention.AttentionMask]:
-        """The causal mask per layer type (sliding-window layers get theirs) for t queries over kv_len keys."""
+        """The causal mask per layer type (sliding-window layers get theirs) for t queries over kv_len keys.
+
+        Args:
+          t: number of queries.
+          kv_len: number of keys (t, or the KV cache's max_len).
+          offset: absolute index of the first query (the cache's length); an int or an int32 [] array.
+          padding_mask: [b, kv_len] (1 = real token) or [b, t, kv_len] (keys visible per query); None for none.
+          segment_ids: [b, t] packed-sequence ids (training); None for none.
+
+        Returns:
+          {layer type: `attention.AttentionMask`} (`attention.layer_type_masks`).
+        """
         cfg = self.config
         windows = {kind: cfg.sliding_window if kind == SLIDING_ATTENTION else None for kind in set(cfg.layer_types)}
         return attention.layer_type_masks(t, kv_len, windows, q_offset=offset, padding_mask=padding_mask,
@@ -129,12 +187,26 @@ class CausalLM(nnx.Module):
         cache: KVCache | None = None,
         segment_ids: jax.Array | None = None,  # [b, t]: packed sequences (training); attention stays within one
     ) -> tuple[jax.Array, KVCache | None]:
-        """(the final norm's output [b, t, d_model], the cache advanced by t positions or None): everything of
-        `__call__` but the unembedding (HF `*Model.forward`'s last hidden state), for losses that unembed in
-        chunks (`mwjax.finetune.loss.chunked_token_loss`).
+        """Everything of `__call__` but the unembedding (HF `*Model.forward`'s last hidden state), for losses
+        that unembed in chunks (`mwjax.finetune.loss.chunked_token_loss`).
 
         Stacked layers (`mwjax.nn.stack`) run in one `jax.lax.scan`, probes and edits included; with a KV
-        cache or FFN row masks on different Mixtral experts, one by one over slices of the stack (no probes)."""
+        cache or FFN row masks on different Mixtral experts, one by one over slices of the stack (no probes).
+
+        Args:
+          tokens: int32 [b, t] token ids.
+          positions: int32 [b, t] position ids; None for offset + 0..t-1 (offset: the cache's length).
+          attention_mask: [b, t] (with a cache: [b, cache.max_len]), 1 = real token; or [b, t, t] (with a cache:
+            [b, t, cache.max_len]), 1 = key visible to that query (besides causality); None for none.
+          ffn_masks: {layer: RowMask} on the rows of W_gate / W_up, joined with the attached ones.
+          probes: the `ProbeConfig` of what to record (nnx intermediates); None records nothing.
+          edits: {(point, layer): ActivationEdit} applied to activations (e.g. massive activations set to 0).
+          cache: a `KVCache` to decode with; None for a plain forward.
+          segment_ids: [b, t] ids of packed sequences (training): attention stays within one.
+
+        Returns:
+          (the final norm's output [b, t, d_model], the cache advanced by t positions, or None without one).
+        """
         cfg = self.config
         b, t = tokens.shape
         ffn_masks, edits = self.with_attached(ffn_masks, edits)
@@ -184,7 +256,20 @@ class CausalLM(nnx.Module):
         return x, KVCache(keys=tuple(new_keys), values=tuple(new_values), length=offset + t)
 
     def run_layer(self, layer, x, rope, mask, row_mask, taps: Taps, cache):
-        """One decoder layer, rematerialised under autodiff when `self.remat` says so."""
+        """One decoder layer, rematerialised under autodiff when `self.remat` says so.
+
+        Args:
+          layer: the decoder layer (`layer(x, rope, mask, row_mask, taps, cache) -> (x, cache)`).
+          x: the residual stream [b, t, d_model].
+          rope: (cos, sin) of the layer's type (`rope_tables`).
+          mask: the `attention.AttentionMask` of the layer's type.
+          row_mask: the layer's FFN `RowMask`, or None.
+          taps: the forward's probes and edits.
+          cache: the layer's `LayerCache`, or None.
+
+        Returns:
+          (x [b, t, d_model] after the layer, the updated LayerCache or None).
+        """
         if self.remat is None:
             return layer(x, rope, mask, row_mask, taps, cache)
         policy = self.remat_policy()
@@ -208,7 +293,15 @@ class CausalLM(nnx.Module):
         return REMAT_POLICIES.get(self.remat)
 
     def with_attached(self, ffn_masks, edits) -> tuple[masks.FFNMasks, interventions.Edits | None]:
-        """Call-time masks and edits joined with the attached ones (a clash is an error, not an override)."""
+        """Call-time masks and edits joined with the attached ones (a clash is an error, not an override).
+
+        Args:
+          ffn_masks: {layer: RowMask} given at call time, or None.
+          edits: {(point, layer): ActivationEdit} given at call time, or None.
+
+        Returns:
+          (ffn_masks as a dict, possibly empty; edits, or None when there are none).
+        """
         ffn_masks = dict(ffn_masks or {})
         if self.attached is None:
             return ffn_masks, edits
@@ -221,6 +314,11 @@ class CausalLM(nnx.Module):
         return ffn_masks | attached["ffn_masks"], {**(edits or {}), **attached["edits"]} or None
 
     def validate_masks(self, ffn_masks: masks.FFNMasks) -> None:
+        """Check FFN row masks against the config (`masks.validate`: layers, [k, d_model] values, rows in d_ff).
+
+        Args:
+          ffn_masks: {layer: RowMask}; a ValueError names the first bad one.
+        """
         cfg = self.config
         masks.validate(ffn_masks, num_layers=cfg.num_hidden_layers, d_ff=cfg.intermediate_size,
                        d_model=cfg.hidden_size)

@@ -95,11 +95,27 @@ class MLP(nnx.Module):
         self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
 
     def gate_and_up(self, x: jax.Array, row_mask: masks.RowMask | None = None) -> tuple[jax.Array, jax.Array]:
-        """The two factors of the intermediate state, act(x W_gate) and x W_up: [..., d_ff] each."""
+        """The two factors of the intermediate state, act(x W_gate) and x W_up: [..., d_ff] each.
+
+        Args:
+          x: the FFN's input [..., d_model] (the normed residual stream, probe point `mlp_input`).
+          row_mask: multiplies the same PyTorch rows of W_gate and W_up (House of Cards, Algorithm 1); None: no mask.
+
+        Returns:
+          (act(x W_gate), x W_up), [..., d_ff] each.
+        """
         return self.act(self.gate_proj(x, row_mask)), self.up_proj(x, row_mask)
 
     def intermediate(self, x: jax.Array, row_mask: masks.RowMask | None = None) -> jax.Array:
-        """The paper's intermediate state act(x W_gate) * (x W_up): [..., d_ff]."""
+        """The paper's intermediate state act(x W_gate) * (x W_up): [..., d_ff].
+
+        Args:
+          x: the FFN's input [..., d_model].
+          row_mask: multiplies the same PyTorch rows of W_gate and W_up; None: no mask.
+
+        Returns:
+          The intermediate state [..., d_ff] (the input of `down_proj`).
+        """
         gate, up = self.gate_and_up(x, row_mask)
         return gate * up
 

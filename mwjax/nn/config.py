@@ -62,7 +62,14 @@ class RopeConfig:
                 raise ConfigError(f"rope {name} must hold positive finite numbers")
 
     def rotary_dim(self, head_dim: int) -> int:
-        """How many features of a head are rotated (HF: `int(head_dim * partial_rotary_factor)`)."""
+        """How many features of a head are rotated (HF: `int(head_dim * partial_rotary_factor)`).
+
+        Args:
+          head_dim: the attention head size.
+
+        Returns:
+          The rotary dimension (head_dim unless partial rotary, Phi-3 family).
+        """
         return int(head_dim * self.partial_rotary_factor)
 
     @property
@@ -88,6 +95,14 @@ class RopeConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RopeConfig:
+        """The inverse of `dataclasses.asdict` (the native orbax checkpoint's config): factor lists as tuples.
+
+        Args:
+          d: the fields by name.
+
+        Returns:
+          The RopeConfig (range-checked).
+        """
         d = dict(d)
         for key in ("short_factor", "long_factor"):
             if d.get(key) is not None:
@@ -174,22 +189,45 @@ class ModelConfig:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     def rope_for(self, layer_type: str) -> RopeConfig:
-        """The RoPE parameters of layers of one type (HF `rope_parameters[layer_type]`)."""
+        """The RoPE parameters of layers of one type (HF `rope_parameters[layer_type]`).
+
+        Args:
+          layer_type: FULL_ATTENTION or SLIDING_ATTENTION (an entry of `layer_types`).
+
+        Returns:
+          `sliding_rope` for sliding layers when set (Gemma 3), else `rope`.
+        """
         if layer_type == SLIDING_ATTENTION and self.sliding_rope is not None:
             return self.sliding_rope
         return self.rope
 
     def layer_label(self, layer: int) -> str:
-        """'layer 12 (HF layers[11])': the papers number layers from 1, HF and mwjax from 0."""
+        """'layer 12 (HF layers[11])': the papers number layers from 1, HF and mwjax from 0.
+
+        Args:
+          layer: the 0-based layer index.
+
+        Returns:
+          The label (`mwjax.core.layer_index.layer_label`).
+        """
         return layer_index.layer_label(layer)
 
     # ------------------------------------------------------------------ native (orbax) serialisation
 
     def to_dict(self) -> dict[str, Any]:
+        """All fields as plain Python values (`dataclasses.asdict`), for the native (orbax) checkpoint."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The inverse of `to_dict` (whose tuples may come back as lists from a JSON / orbax round trip).
+
+        Args:
+          d: the fields by name, `rope` / `sliding_rope` as dicts.
+
+        Returns:
+          The ModelConfig (range-checked).
+        """
         d = dict(d)
         d["rope"] = RopeConfig.from_dict(d["rope"])
         if d.get("sliding_rope") is not None:
@@ -200,6 +238,14 @@ class ModelConfig:
 
 
 def int_or_tuple(x):
+    """A list (or tuple) as a tuple, anything else as it is: `eos_token_id` as HF configs give it.
+
+    Args:
+      x: an int, a list / tuple of ints, or None.
+
+    Returns:
+      `x`, lists as tuples.
+    """
     return tuple(x) if isinstance(x, list | tuple) else x
 
 

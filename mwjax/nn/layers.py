@@ -34,7 +34,14 @@ _ACTIVATIONS = {"silu": jax.nn.silu, "swish": jax.nn.silu, "gelu": _gelu_erf, "g
 
 
 def activation(name: str):
-    """HF `ACT2FN[name]` in JAX."""
+    """HF `ACT2FN[name]` in JAX.
+
+    Args:
+      name: the HF `hidden_act` (one of `config.SUPPORTED_ACTIVATIONS`).
+
+    Returns:
+      The activation function (one shared object per name, so stacked layers' graphs match).
+    """
     return _ACTIVATIONS[name]
 
 
@@ -50,7 +57,17 @@ class Linear(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool, dtype, param_dtype,
                  rngs: nnx.Rngs):
-        """axes: the logical axes of the kernel [in, out] (the bias takes the output's)."""
+        """A Linear initialised as HF does (normal, stddev 0.02; bias zeros).
+
+        Args:
+          in_features: input size (PyTorch `in_features`).
+          out_features: output size (PyTorch `out_features`).
+          axes: the logical axes of the kernel [in, out] (the bias takes the output's).
+          use_bias: whether the layer has a bias [out].
+          dtype: the compute dtype.
+          param_dtype: the parameters' dtype.
+          rngs: the nnx random streams (`params` initialises the kernel).
+        """
         self.in_features, self.out_features = in_features, out_features
         self.dtype = dtype
         self.kernel = param(_INIT(rngs.params(), (in_features, out_features), param_dtype), axes)
@@ -58,6 +75,7 @@ class Linear(nnx.Module):
 
     @property
     def axes(self) -> Axes:
+        """The kernel's declared logical axes [in, out] (e.g. ("embed", "mlp") for W_up)."""
         return self.kernel.get_metadata()[AXES]
 
     def __call__(self, x: jax.Array, column_mask: masks.RowMask | None = None) -> jax.Array:
@@ -74,7 +92,15 @@ class Linear(nnx.Module):
         return self.kernel[...]
 
     def columns(self, x: jax.Array, mask: masks.RowMask) -> jax.Array:
-        """Outputs [..., k] of the k masked PyTorch rows: x @ (W[rows] * values).T (+ bias[rows])."""
+        """Outputs [..., k] of the k masked PyTorch rows: x @ (W[rows] * values).T (+ bias[rows]).
+
+        Args:
+          x: the input [..., in], in the compute dtype.
+          mask: the RowMask (rows [k], values [k, in]).
+
+        Returns:
+          [..., k], written over those output columns by `__call__`.
+        """
         kernel = masks.masked_columns(self.weight(), mask).astype(self.dtype)  # [in, k]
         y = x @ kernel
         if self.bias is not None:
@@ -82,16 +108,35 @@ class Linear(nnx.Module):
         return y
 
     def masked_kernel(self, mask: masks.RowMask | None) -> jax.Array:
-        """The kernel [in, out] with the masked PyTorch rows multiplied by the mask (the stored one without)."""
+        """The kernel [in, out] with the masked PyTorch rows multiplied by the mask (the stored one without).
+
+        Args:
+          mask: a RowMask (rows [k], values [k, in]), or None.
+
+        Returns:
+          The kernel [in, out].
+        """
         kernel = self.kernel[...]
         return kernel if mask is None else kernel.at[:, mask.rows].set(masks.masked_columns(kernel, mask))
 
     @classmethod
     def grouped(cls, layers, x: jax.Array, group_sizes: jax.Array, groups: jax.Array,
                 column_masks) -> jax.Array:
-        """Row r of x [n, in] through `layers[groups[r]]` (with `column_masks[groups[r]]`), the rows sorted by
-        group: one `jax.lax.ragged_dot` over the stacked kernels [g, in, out] instead of g dense matmuls.
-        group_sizes [g] counts the rows of each group; equal to `layers[g](x[r], column_masks[g])` per row."""
+        """Row r of x through `layers[groups[r]]` (with `column_masks[groups[r]]`): one `jax.lax.ragged_dot` over
+        the stacked kernels [g, in, out] instead of g dense matmuls (Mixtral's routed experts).
+
+        Equal to `layers[g](x[r], column_masks[g])` per row.
+
+        Args:
+          layers: g Linears of one shape and dtype (one per expert).
+          x: [n, in], the rows sorted by group.
+          group_sizes: int32 [g], how many rows each group has.
+          groups: int [n], the group of each row (for the bias).
+          column_masks: g entries, a RowMask or None each.
+
+        Returns:
+          [n, out] in the layers' compute dtype.
+        """
         dtype = layers[0].dtype
         kernels = jnp.stack([layer.masked_kernel(m).astype(dtype) for layer, m in zip(layers, column_masks,
                                                                                         strict=True)])
@@ -127,6 +172,14 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
+        """The tied LM head: x @ embedding.T.
+
+        Args:
+          x: [..., features] (the final norm's output).
+
+        Returns:
+          Logits [..., num_embeddings] in the compute dtype.
+        """
         return x.astype(self.dtype) @ self.embedding[...].astype(self.dtype).T
 
 

@@ -12,9 +12,15 @@ from mwjax.nn.config import RopeConfig
 
 
 def inv_frequencies(rope: RopeConfig, head_dim: int, *, long: bool = False) -> np.ndarray:
-    """Inverse frequencies [rotary_dim // 2], float32, as HF's `ROPE_INIT_FUNCTIONS[rope.type]` computes them.
+    """Inverse frequencies, as HF's `ROPE_INIT_FUNCTIONS[rope.type]` computes them.
 
-    long: longrope only, the set used once a sequence is longer than `original_max_position_embeddings`.
+    Args:
+      rope: the RoPE parameters (type "default", "linear", "llama3" or "longrope").
+      head_dim: the attention head size (`rope.rotary_dim(head_dim)` features are rotated).
+      long: longrope only, the set used once a sequence is longer than `original_max_position_embeddings`.
+
+    Returns:
+      float32 numpy [rotary_dim // 2].
     """
     dim = rope.rotary_dim(head_dim)
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
@@ -41,7 +47,16 @@ def inv_frequencies(rope: RopeConfig, head_dim: int, *, long: bool = False) -> n
 
 def rope_cos_sin(inv_freq: np.ndarray | jax.Array, positions: jax.Array,
                  scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [batch, seq, head_dim] in float32 (HF `LlamaRotaryEmbedding.forward`)."""
+    """The cos / sin tables of given inverse frequencies at given positions (HF `LlamaRotaryEmbedding.forward`).
+
+    Args:
+      inv_freq: inverse frequencies [rotary_dim // 2] (`inv_frequencies`).
+      positions: int [batch, seq] position ids.
+      scaling: factor on cos and sin (`RopeConfig.attention_scaling`).
+
+    Returns:
+      (cos, sin), each float32 [batch, seq, rotary_dim] (the frequencies repeated, half-split).
+    """
     freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [b, t, d/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
@@ -52,6 +67,14 @@ def rope_table(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[j
 
     longrope picks its long or short frequencies for the whole call from the largest position, as
     HF's `dynamic_rope_update` does (`max(position_ids) + 1 > original_max_position_embeddings`).
+
+    Args:
+      rope: the RoPE parameters of the layer type.
+      head_dim: the attention head size.
+      positions: int [batch, seq] position ids.
+
+    Returns:
+      (cos, sin), each float32 [batch, seq, rotary_dim], scaled by `rope.attention_scaling`.
     """
     inv_freq = inv_frequencies(rope, head_dim)
     if rope.type == "longrope":
@@ -61,9 +84,17 @@ def rope_table(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[j
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x [batch, seq, heads, head_dim]; HF `apply_rotary_pos_emb` (half-split, not interleaved).
+    """Rotate queries or keys by their positions: HF `apply_rotary_pos_emb` (half-split, not interleaved).
 
     When cos / sin cover fewer features than a head (partial rotary), the rest pass unchanged.
+
+    Args:
+      x: queries or keys [batch, seq, heads, head_dim].
+      cos: [batch, seq, rotary_dim] (`rope_table`).
+      sin: [batch, seq, rotary_dim].
+
+    Returns:
+      The rotated x [batch, seq, heads, head_dim], in x's dtype.
     """
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)

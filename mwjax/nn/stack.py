@@ -86,18 +86,37 @@ class LayerStack(nnx.Module):
         return out
 
     def scannable(self, ffn_masks: masks.FFNMasks) -> bool:
-        """Whether one scan can apply these row masks (Mixtral: all on the same expert, which is static)."""
+        """Whether one scan can apply these row masks (Mixtral: all on the same expert, which is static).
+
+        Args:
+          ffn_masks: {layer: RowMask} on W_gate / W_up rows.
+
+        Returns:
+          True when the masks name at most one expert (None, for a dense model, counts as one).
+        """
         return len({mask.expert for mask in ffn_masks.values()}) <= 1
 
     def scan(self, x: jax.Array, rope: Mapping, mask: Mapping, layer_types: Sequence[str],
              ffn_masks: masks.FFNMasks, taps, remat_policy=None, remat: bool = False) -> jax.Array:
-        """x [b, t, d_model] through every layer by `jax.lax.scan`; rope / mask: the layer type's (cos, sin) /
-        attention mask per type; taps: `mwjax.nn.base.Taps` (edits, probes), given the scanned layer's
-        index; `remat` rematerialises each layer (with `remat_policy`) in the backward pass.
+        """x through every decoder layer by `jax.lax.scan` (the unrolled loop of `CausalLM.hidden_states`).
 
         Probes: each layer's records are written into slot `slot_of_layer[i]` of buffers carried by the scan,
         one slot per wanted layer plus a scratch slot that the other layers overwrite (a `layers` subset keeps
         no full tensor of the layers not asked for), then sown as `probes.LayerStacked` into this module.
+        The layers' random streams (LoRA dropout) come back advanced.
+
+        Args:
+          x: the embedded tokens [b, t, d_model].
+          rope: {layer type: (cos, sin)} (`CausalLM.rope_tables`).
+          mask: {layer type: `attention.AttentionMask`} (`CausalLM.attention_masks`).
+          layer_types: each layer's type, [L] (`config.layer_types`).
+          ffn_masks: {layer: RowMask} on W_gate / W_up rows, on one expert at most (`scannable`).
+          taps: `mwjax.nn.base.Taps` (edits, probes), given the scanned layer's index.
+          remat_policy: the `jax.checkpoint` policy used when `remat` (None: recompute everything).
+          remat: rematerialise each layer in the backward pass.
+
+        Returns:
+          The last layer's output [b, t, d_model] (before the final norm).
         """
         kinds = sorted(set(layer_types))
         kind_of_layer = jnp.asarray([kinds.index(kind) for kind in layer_types], jnp.int32)  # [L]
@@ -165,6 +184,13 @@ def stacked_row_masks(ffn_masks: masks.FFNMasks, num_layers: int) -> masks.RowMa
 
     Layers without a mask take row 0 times 1 (recomputed unchanged); a mask with fewer than k rows repeats its
     last row, which writes the same value again.
+
+    Args:
+      ffn_masks: {layer (0-based): RowMask}, on one expert at most; masks of no rows are dropped.
+      num_layers: L, the model's decoder layers.
+
+    Returns:
+      The stacked RowMask (the scan's per-layer input), or None when no mask has a row.
     """
     ffn_masks = {layer: mask for layer, mask in ffn_masks.items() if mask.k}
     if not ffn_masks:
@@ -186,8 +212,17 @@ def stacked_row_masks(ffn_masks: masks.FFNMasks, num_layers: int) -> masks.RowMa
 
 
 def stack_layers(model: nnx.Module) -> nnx.Module:
-    """A copy of `model` whose `model.model.layers` is a LayerStack (the caller's model is untouched; the stack
-    is a new array, so both layouts are held until the caller drops its own)."""
+    """A copy of `model` whose `model.model.layers` is a LayerStack.
+
+    The caller's model is untouched; the stack is a new array, so both layouts are held until the caller drops
+    its own.
+
+    Args:
+      model: an mwjax causal LM (an already stacked one is only copied).
+
+    Returns:
+      The stacked copy (the same logits).
+    """
     model = nnx.clone(model)
     if not isinstance(model.model.layers, LayerStack):
         model.model.layers = LayerStack(list(model.model.layers))
@@ -195,7 +230,14 @@ def stack_layers(model: nnx.Module) -> nnx.Module:
 
 
 def unstack_layers(model: nnx.Module) -> nnx.Module:
-    """A copy of `model` with `model.model.layers[i]` again (converters, probes, PEFT export, save_hf)."""
+    """A copy of `model` with `model.model.layers[i]` again (converters, probes, PEFT export, save_hf).
+
+    Args:
+      model: an mwjax causal LM (an unstacked one is only copied).
+
+    Returns:
+      The unrolled copy, its layers slices of the stack.
+    """
     model = nnx.clone(model)
     if isinstance(model.model.layers, LayerStack):
         model.model.layers = nnx.List(model.model.layers.layers())

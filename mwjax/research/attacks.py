@@ -39,13 +39,30 @@ from mwjax.research.massive import MassiveActivations, MassiveWeights, SuperWeig
 
 
 def copy(model: nnx.Module) -> nnx.Module:
-    """A new model with new Variables over the same arrays (changing its variables leaves `model` as it was)."""
+    """A new model with new Variables over the same arrays (changing its variables leaves `model` as it was).
+
+    Args:
+      model: the mwjax model to copy (`nnx.clone`).
+
+    Returns:
+      The copy, sharing every array with `model`.
+    """
     return nnx.clone(model)
 
 
 def ffn_projections(model: nnx.Module, layer: int, expert: int | None = None) -> tuple[Linear, Linear]:
     """(gate_proj, up_proj) of a layer's FFN, or of one expert's: the modules whose PyTorch rows are the
-    massive weights."""
+    massive weights.
+
+    Args:
+      model: an mwjax causal LM.
+      layer: 0-based decoder layer (HF `model.layers[layer]`).
+      expert: the expert of a mixture-of-experts layer (`RoutedFFN`, HF `MixtralSparseMoeBlock`); None for a
+        dense FFN. Either mismatch is a ValueError.
+
+    Returns:
+      The `Linear` modules W_gate and W_up (HF `mlp.gate_proj`, `mlp.up_proj`), kernels [d_model, d_ff].
+    """
     check_layer(model.config, layer)
     mlp = model.model.layers[layer].mlp
     if isinstance(mlp, RoutedFFN):
@@ -61,7 +78,18 @@ def ffn_projections(model: nnx.Module, layer: int, expert: int | None = None) ->
 
 
 def attach(model: nnx.Module, ffn_masks: masks.FFNMasks | None = None, edits: Edits | None = None) -> nnx.Module:
-    """A copy of `model` that applies `ffn_masks` and `edits` in every forward pass."""
+    """A copy of `model` that applies `ffn_masks` and `edits` in every forward pass.
+
+    They join the interventions `model` already carries; a second one at the same key is a ValueError.
+
+    Args:
+      model: an mwjax causal LM.
+      ffn_masks: row masks of W_gate / W_up, {layer: `masks.RowMask`}; None for none.
+      edits: activation edits, {(point, layer): `ActivationEdit`}; None for none.
+
+    Returns:
+      The copy (`copy`), sharing `model`'s arrays.
+    """
     out = copy(model)
     current = out.attached.get_value() if out.attached is not None else {"ffn_masks": {}, "edits": {}}
     clash = sorted(set(current["ffn_masks"]) & set(ffn_masks or {})) + sorted(set(current["edits"]) & set(edits or {}))
@@ -91,13 +119,32 @@ def _top_k_keep(mw: MassiveWeights, k) -> jax.Array:
 
 def top_k_row_scale(mw: MassiveWeights, k, d_ff: int, retain=False) -> jax.Array:
     """Per-row factor [d_ff] of W_gate / W_up: top-k zeroing (0 on the k massive rows, 1 elsewhere) or,
-    with `retain`, top-k retaining (the opposite). k and retain may be traced."""
+    with `retain`, top-k retaining (the opposite).
+
+    Args:
+      mw: the massive weights found (`massive.find_massive_weights`), largest first.
+      k: how many of `mw.indices` to attack (may be traced; not range-checked here).
+      d_ff: intermediate size (the number of rows of W_gate / W_up).
+      retain: False for top-k zeroing, True for top-k retaining (may be traced).
+
+    Returns:
+      float32 [d_ff] factors.
+    """
     top = jnp.zeros((d_ff,), jnp.float32).at[jnp.asarray(mw.indices)].set(_top_k_keep(mw, k))
     return jnp.where(retain, top, 1.0 - top)
 
 
 def zero_top_k_masks(mw: MassiveWeights, k, d_model: int) -> masks.FFNMasks:
-    """Row masks for top-k zeroing; sparse (only the rows in `mw`); k may be traced."""
+    """Row masks for top-k zeroing; sparse (only the rows in `mw`).
+
+    Args:
+      mw: the massive weights found (`massive.find_massive_weights`).
+      k: how many of them to zero, 1..len(mw.indices) (may be traced).
+      d_model: hidden size (the length of a PyTorch row of W_gate / W_up).
+
+    Returns:
+      `ffn_masks` {mw.layer: RowMask} over the len(mw.indices) rows of `mw`: 0 on the first k, 1 on the rest.
+    """
     _check_k(mw, k, allow_zero=False)
     values = jnp.broadcast_to((1.0 - _top_k_keep(mw, k))[:, None], (len(mw.indices), d_model))
     return {mw.layer: masks.RowMask(rows=jnp.asarray(mw.indices, jnp.int32), values=values, expert=mw.expert)}
@@ -107,14 +154,33 @@ def row_scale_masks(mw: MassiveWeights, scale: jax.Array, d_model: int) -> masks
     """A row mask over every row of W_gate / W_up at `mw.layer` from per-row factors [d_ff].
 
     Recomputes that layer's whole gate/up projection, so one compiled program serves any factors:
-    zeroing, retaining and every k of a sweep."""
+    zeroing, retaining and every k of a sweep.
+
+    Args:
+      mw: the massive weights (only their layer and expert are used).
+      scale: [d_ff] factor of each row (`top_k_row_scale`).
+      d_model: hidden size (the length of a PyTorch row of W_gate / W_up).
+
+    Returns:
+      `ffn_masks` {mw.layer: RowMask} over all d_ff rows, values [d_ff, d_model].
+    """
     rows = jnp.arange(scale.shape[0], dtype=jnp.int32)
     return {mw.layer: masks.RowMask(rows=rows, values=jnp.broadcast_to(scale[:, None], (scale.shape[0], d_model)),
                                     expert=mw.expert)}
 
 
 def retain_top_k_masks(mw: MassiveWeights, k, d_ff: int, d_model: int) -> masks.FFNMasks:
-    """Row masks for top-k retaining (dense over the layer's rows); k may be traced."""
+    """Row masks for top-k retaining (dense over the layer's rows).
+
+    Args:
+      mw: the massive weights found (`massive.find_massive_weights`).
+      k: how many of them to keep, 0..len(mw.indices) (may be traced; 0 zeroes every row).
+      d_ff: intermediate size.
+      d_model: hidden size.
+
+    Returns:
+      `ffn_masks` {mw.layer: RowMask} over all d_ff rows (`row_scale_masks`).
+    """
     _check_k(mw, k, allow_zero=True)
     return row_scale_masks(mw, top_k_row_scale(mw, k, d_ff, retain=True), d_model)
 
@@ -129,14 +195,31 @@ def _scale_ffn_rows(model: nnx.Module, layer: int, row_scale: jax.Array, expert:
 
 
 def zero_top_k(model: nnx.Module, mw: MassiveWeights, k) -> nnx.Module:
-    """Top-k zeroing: the k massive rows of W_gate and W_up at `mw.layer` set to 0 (k may be traced)."""
+    """House of Cards top-k zeroing: the k massive rows of W_gate and W_up at `mw.layer` set to 0.
+
+    Args:
+      model: an mwjax causal LM.
+      mw: its massive weights (`massive.find_massive_weights`); of expert `mw.expert` in a mixture of experts.
+      k: how many to zero, 1..len(mw.indices) (may be traced).
+
+    Returns:
+      A copy of `model` with new W_gate / W_up kernels at that layer; every other array shared.
+    """
     _check_k(mw, k, allow_zero=False)
     return _scale_ffn_rows(model, mw.layer, top_k_row_scale(mw, k, model.config.intermediate_size), mw.expert)
 
 
 def retain_top_k(model: nnx.Module, mw: MassiveWeights, k) -> nnx.Module:
-    """Top-k retaining: every row of W_gate and W_up at `mw.layer` but the k massive ones set to 0
-    (k = 0 zeroes the whole of W_gate and W_up there)."""
+    """House of Cards top-k retaining: every row of W_gate and W_up at `mw.layer` but the k massive ones set to 0.
+
+    Args:
+      model: an mwjax causal LM.
+      mw: its massive weights (`massive.find_massive_weights`); of expert `mw.expert` in a mixture of experts.
+      k: how many to keep, 0..len(mw.indices) (may be traced; 0 zeroes the whole of W_gate and W_up there).
+
+    Returns:
+      A copy of `model` with new W_gate / W_up kernels at that layer; every other array shared.
+    """
     _check_k(mw, k, allow_zero=True)
     return _scale_ffn_rows(model, mw.layer, top_k_row_scale(mw, k, model.config.intermediate_size, retain=True),
                            mw.expert)
@@ -165,7 +248,17 @@ def _as_list(sws: SuperWeight | Sequence[SuperWeight], config) -> list[SuperWeig
 
 def scale_super_weight(model: nnx.Module, sws: SuperWeight | Sequence[SuperWeight], factor) -> nnx.Module:
     """down_proj.weight[row, col] (HF layout) of one super weight or of a set (jointly, as the Super Weight
-    experiments do) multiplied by `factor` (0 prunes; factor may be traced)."""
+    experiments do) multiplied by `factor`.
+
+    Args:
+      model: an mwjax causal LM with dense FFNs (a routed one is a ValueError).
+      sws: the super weight(s) (`massive.find_super_weights`, `massive.super_weight_at`), checked to lie inside
+        the model (`massive.check_super_weight`).
+      factor: the multiplier (0 prunes; may be traced).
+
+    Returns:
+      A copy of `model` with new down_proj kernels at the super weights' layers; every other array shared.
+    """
     out = copy(model)
     for sw in _as_list(sws, model.config):
         proj = _down_proj(out, sw.layer)
@@ -182,6 +275,11 @@ class SuperActivationRestored(WrappedLinear):
     the Super Weight reference hook restores it (`min_abs=None`; a cached decoding step sees one
     position), or, with `min_abs`, wherever its magnitude exceeds min_abs; elsewhere the pruned
     value. Computed from the input, so it restores the super activations on any text.
+
+    Args:
+      base: the layer's down_proj (HF `LlamaMLP.down_proj`); its kernel Variable is not modified.
+      sws: the super weights of that layer.
+      min_abs: None: restore at each sequence's argmax position; a magnitude: wherever |unpruned| exceeds it.
     """
 
     def __init__(self, base: Linear, sws: list[SuperWeight], min_abs: float | None):
@@ -209,8 +307,16 @@ def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[Supe
                              min_abs: float | None = None) -> nnx.Module:
     """The Super Weight paper's "Prune SW, +SA": prune the super weight(s), put their super activations back.
 
-    min_abs: None (default, the reference hook): restore each channel at its argmax position in each
-    sequence; a magnitude: restore every position whose unpruned value exceeds it.
+    Each affected layer's down_proj becomes a `SuperActivationRestored`.
+
+    Args:
+      model: an mwjax causal LM with dense FFNs; a down_proj carrying a LoRA adapter is refused (merge it first).
+      sws: the super weight(s) (`massive.find_super_weights`), checked to lie inside the model.
+      min_abs: None (default, the reference hook): restore each channel at its argmax position in each
+        sequence; a magnitude: restore every position whose unpruned value exceeds it.
+
+    Returns:
+      A copy of `model` with those down_proj modules replaced.
     """
     out = copy(model)
     sws = _as_list(sws, model.config)
@@ -229,21 +335,44 @@ def restore_super_activation(model: nnx.Module, sws: SuperWeight | Sequence[Supe
 def massive_activation_means(model: nnx.Module, tokens, layer: int, dims: Sequence[int],
                              min_abs: float = massive.MASSIVE_MIN, batch_size: int = 8
                              ) -> tuple[np.ndarray, np.ndarray]:
-    """(first, other) [k]: the mean of hidden[..., dims] after `layer` over the entries where |value| > min_abs,
-    per dim and position class: the first token (position 0) and every other position (the delimiters);
-    `activation_means` of the `massive.hidden_states` on tokens [num_sequences, seq]."""
+    """The mean of hidden[..., dims] after `layer` over the entries where |value| > min_abs, per dim and
+    position class: the first token (position 0) and every other position (the delimiters).
+
+    `activation_means` of the `massive.hidden_states` on `tokens`.
+
+    Args:
+      model: an mwjax causal LM.
+      tokens: int [num_sequences, seq] calibration tokens.
+      layer: 0-based layer whose output hidden state (HF `hidden_states[layer + 1]`) is read.
+      dims: the k feature dims of the massive activations.
+      min_abs: only entries with |value| above it count.
+      batch_size: sequences per forward pass.
+
+    Returns:
+      (first, other), each float64 [k].
+    """
     return activation_means(massive.hidden_states(model, tokens, layer, batch_size), layer, dims, min_abs)
 
 
 def activation_means(hidden: np.ndarray, layer: int, dims: Sequence[int], min_abs: float = massive.MASSIVE_MIN
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(first, other) [k]: the means of `hidden` [num_sequences, seq, d_model] (after `layer`) in `dims` over
-    the entries where |value| > min_abs, per position class: position 0 and every other position.
+    """The means of `hidden` in `dims` over the entries where |value| > min_abs, per position class: position 0
+    and every other position.
 
     The Massive Activations reference code sets each massive activation to its own constant per (position,
     dim), and the two classes differ (Llama-2-7B dim 2533: ~768 at token 0, ~2547 at the first delimiter).
-    A class where a dim is never massive takes the other class's mean (an edit fires only where |x| > min_abs).
-    hidden: from a calibration set apart from the evaluation text (thesis: 100 sequences).
+    A class where a dim is never massive takes the other class's mean (an edit fires only where |x| > min_abs);
+    a dim massive in neither class is a ValueError.
+
+    Args:
+      hidden: [num_sequences, seq, d_model] hidden state after `layer`, from a calibration set apart from the
+        evaluation text (thesis: 100 sequences).
+      layer: the 0-based layer `hidden` comes after (named in the error message).
+      dims: the k feature dims to average.
+      min_abs: only entries with |value| above it count.
+
+    Returns:
+      (first, other), each float64 [k]: the means at position 0 and at the other positions.
     """
     dims = np.asarray(dims)
     x = hidden[..., dims].astype(np.float64)  # [n, seq, k]
@@ -262,8 +391,19 @@ def activation_means(hidden: np.ndarray, layer: int, dims: Sequence[int], min_ab
 
 def massive_activation_edits(layer: int, dims: Sequence[int], values, min_abs: float = massive.MASSIVE_MIN,
                              first_values=None) -> Edits:
-    """Edits setting the massive activations (|x| > min_abs) of `dims` in the hidden state after `layer` to
-    `values` [k] (or a scalar), and to `first_values` [k] at the first token when given."""
+    """Edits setting the massive activations (|x| > min_abs) of `dims` in the hidden state after `layer`.
+
+    Args:
+      layer: 0-based layer whose output hidden state is edited.
+      dims: the k feature dims.
+      values: the replacement, [k] or a scalar.
+      min_abs: only entries with |x| above it are replaced.
+      first_values: [k] (or a scalar) replacement at the first token (position 0) instead of `values`; None:
+        `values` there too.
+
+    Returns:
+      `Edits` {("hidden", layer): ActivationEdit}, for `model(..., edits=)` or `attach`.
+    """
     dims = jnp.asarray(dims, jnp.int32)
     per_dim = lambda v: None if v is None else jnp.broadcast_to(jnp.asarray(v, jnp.float32), dims.shape)
     return {("hidden", layer): ActivationEdit(dims=dims, values=per_dim(values), min_abs=min_abs,
@@ -274,8 +414,17 @@ def set_massive_activations(model: nnx.Module, layer: int, dims: Sequence[int], 
                             min_abs: float = massive.MASSIVE_MIN) -> nnx.Module:
     """Set the massive activations in `dims` of the hidden state after `layer` (wherever |x| > min_abs).
 
-    value: "zero"; "mean" (their means per position class over calibration `tokens` [num_sequences, seq],
-    computed here: `massive_activation_means`); or a number.
+    Args:
+      model: an mwjax causal LM.
+      layer: 0-based layer whose output hidden state is edited.
+      dims: the feature dims of the massive activations.
+      value: "zero"; "mean" (their means per position class over `tokens`, computed here:
+        `massive_activation_means`); or a number.
+      tokens: int [num_sequences, seq] calibration tokens; needed for value="mean" only.
+      min_abs: only entries with |x| above it are set.
+
+    Returns:
+      A copy of `model` carrying the edit (`attach`); no weight is copied.
     """
     check_layer(model.config, layer)
     first = None
@@ -294,7 +443,18 @@ def set_massive_activations(model: nnx.Module, layer: int, dims: Sequence[int], 
 def zero_median_activations(model: nnx.Module, layer: int, count: int, tokens) -> nnx.Module:
     """The thesis' control for "set to zero": zero `count` activations of median magnitude instead of the
     massive ones, at the first token (where massive activations sit; delimiter positions are not covered).
-    The dims are those whose mean |x| at position 0 of `tokens` [num_sequences, seq] lies nearest the median."""
+
+    The dims are those whose mean |x| at position 0 of `tokens` lies nearest the median.
+
+    Args:
+      model: an mwjax causal LM.
+      layer: 0-based layer whose output hidden state is edited.
+      count: how many dims to zero (as many as the massive activations).
+      tokens: int [num_sequences, seq] calibration tokens (only position 0 is run).
+
+    Returns:
+      A copy of `model` carrying the edit (`attach`).
+    """
     check_layer(model.config, layer)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     first_tokens = jnp.asarray(np.asarray(tokens)[:, :1], jnp.int32)  # position 0 sees only itself
@@ -311,10 +471,19 @@ INTERVENTIONS = ("zero", "mean", "control")
 def massive_activation_interventions(model: nnx.Module, layer: int, calibration,
                                      values: Sequence[str] = INTERVENTIONS
                                      ) -> tuple[dict[str, nnx.Module], MassiveActivations]:
-    """({value: model}, the MassiveActivations found on `calibration` [num_sequences, seq]), from one pass over
-    it: the massive activations after `layer` set to each of `values`, "zero" or "mean" (their means per
-    position class, `activation_means`), or "control" (as many median-magnitude ones zeroed). No models when
-    no massive activation is found."""
+    """The massive activations after `layer` found on `calibration`, and the models intervening on them, from
+    one pass over it.
+
+    Args:
+      model: an mwjax causal LM.
+      layer: 0-based layer whose output hidden state is searched and edited.
+      calibration: int [num_sequences, seq] calibration tokens.
+      values: the interventions, each of INTERVENTIONS: "zero", "mean" (their means per position class,
+        `activation_means`) or "control" (as many median-magnitude ones zeroed); another is a ValueError.
+
+    Returns:
+      ({value: attacked model}, the `MassiveActivations` found); no models when no massive activation is found.
+    """
     hidden = massive.hidden_states(model, calibration, layer)
     ma = massive.massive_activations_in(hidden, layer)
     if not ma.dims:
@@ -336,9 +505,19 @@ def massive_activation_interventions(model: nnx.Module, layer: int, calibration,
 
 def intervene_massive_activations(model: nnx.Module, layer: int, value: str, calibration
                                   ) -> tuple[nnx.Module, MassiveActivations]:
-    """(the model with the massive activations after `layer` set to `value` ("zero" / "mean"), or as many
-    median-magnitude ones zeroed ("control"), and the MassiveActivations found on `calibration`
-    [num_sequences, seq] that say which)."""
+    """One intervention on the massive activations after `layer` (`massive_activation_interventions`).
+
+    Args:
+      model: an mwjax causal LM.
+      layer: 0-based layer whose output hidden state is searched and edited.
+      value: "zero" / "mean" (the massive activations set to it), or "control" (as many median-magnitude ones
+        zeroed).
+      calibration: int [num_sequences, seq] calibration tokens.
+
+    Returns:
+      (the attacked model, the `MassiveActivations` found on `calibration` that say which); ValueError when
+      none is found.
+    """
     models, ma = massive_activation_interventions(model, layer, calibration, (value,))
     if not models:
         raise ValueError(f"no massive activation after layer {layer} on the calibration set (|x| > {ma.threshold:.0f})")
@@ -350,11 +529,22 @@ def intervene_massive_activations(model: nnx.Module, layer: int, value: str, cal
 
 def table1_settings(model: nnx.Module, mw: MassiveWeights, k: int, calibration=None
                     ) -> tuple[dict[str, nnx.Module], MassiveActivations | None]:
-    """House of Cards Table 1's settings (and the thesis' Table 4.3 ones): name -> attacked model, each a copy
-    sharing the original's arrays: the original, top-k zeroing, top-k retaining and, with `calibration`
-    [sequences, seq] (bos-led text kept apart from the evaluated text), the massive activations after
-    `mw.layer` set to zero / to their mean (one mean per position class) and the control that zeroes as many
-    median-magnitude activations. Also returns the massive activations found on `calibration` (or None)."""
+    """House of Cards Table 1's settings (and the thesis' Table 4.3 ones): name -> attacked model.
+
+    Each is a copy sharing the original's arrays: the original, top-k zeroing, top-k retaining and, with
+    `calibration`, the massive activations after `mw.layer` set to zero / to their mean (one mean per position
+    class) and the control that zeroes as many median-magnitude activations.
+
+    Args:
+      model: an mwjax causal LM.
+      mw: its massive weights (`massive.find_massive_weights`).
+      k: how many massive weights top-k zeroing / retaining attack.
+      calibration: int [sequences, seq] bos-led text kept apart from the evaluated text; None leaves out the
+        massive-activation settings.
+
+    Returns:
+      ({setting name: model}, the `MassiveActivations` found on `calibration`, or None without it).
+    """
     out = {"original": model, f"top-{k} zeroing": zero_top_k(model, mw, k),
            f"top-{k} retaining": retain_top_k(model, mw, k)}
     if calibration is None:
@@ -367,9 +557,20 @@ def table1_settings(model: nnx.Module, mw: MassiveWeights, k: int, calibration=N
 
 def k_sweep(model: nnx.Module, mw: MassiveWeights, ks: Sequence[int], measure, on_point=None
             ) -> dict[str, list[float]]:
-    """House of Cards Figure 4: `measure(attacked model)` under top-k zeroing and top-k retaining for each k
-    ("top-k zeroing" / "top-k retaining" -> one value per k); `on_point(series, k, value)` after each. The
-    attack is a row mask over the whole layer (`row_scale_masks`), so every point runs one compiled program."""
+    """House of Cards Figure 4: `measure(attacked model)` under top-k zeroing and top-k retaining for each k.
+
+    The attack is a row mask over the whole layer (`row_scale_masks`), so every point runs one compiled program.
+
+    Args:
+      model: an mwjax causal LM.
+      mw: its massive weights (`massive.find_massive_weights`).
+      ks: the values of k, each at most len(mw.indices) (not checked here).
+      measure: maps an attacked model to a number (e.g. perplexity).
+      on_point: called as `on_point(series, k, value)` after each point; None for no call.
+
+    Returns:
+      {"top-k zeroing": [value per k], "top-k retaining": [value per k]}.
+    """
     d_ff, d_model = model.config.intermediate_size, model.config.hidden_size
     series = {}
     for retain, name in ((False, "top-k zeroing"), (True, "top-k retaining")):
@@ -391,8 +592,18 @@ SPECS = ("zero_top_k:K", "retain_top_k:K", "scale_super_weight:FACTOR", "prune_s
 
 def calibration_tokens(tokenizer, corpus=CALIBRATION_CORPUS, sequences: int = CALIBRATION_SEQUENCES,
                        seqlen: int = CALIBRATION_SEQLEN) -> np.ndarray:
-    """[sequences, seqlen]: the last chunks of a corpus (a `corpora.Corpus`, or a name or text file to load),
-    each after the bos token."""
+    """The calibration set: the last chunks of a corpus, each after the bos token (`corpora.calibration_chunks`).
+
+    Args:
+      tokenizer: an HF tokenizer; its `bos_token_id` (if any) leads each chunk, and it tokenizes a corpus loaded
+        by name.
+      corpus: a `corpora.Corpus`, or a corpus name or text file to load.
+      sequences: how many chunks.
+      seqlen: tokens per chunk, the bos included.
+
+    Returns:
+      int32 [sequences, seqlen] token ids.
+    """
     from mwjax.data import corpora
 
     corpus = corpora.load(corpus, tokenizer) if isinstance(corpus, str) else corpus
@@ -400,8 +611,17 @@ def calibration_tokens(tokenizer, corpus=CALIBRATION_CORPUS, sequences: int = CA
 
 
 def parse_spec(spec: str) -> tuple[str, float | None]:
-    """(attack name, its number or None) of a spec as `from_spec` takes it; ValueError naming the fix. Needs no
-    model, so command lines check their --attack before loading one."""
+    """Check and split an attack spec as `from_spec` takes it; ValueError naming the fix.
+
+    Needs no model, so command lines check their --attack before loading one.
+
+    Args:
+      spec: the attack, one of SPECS, e.g. "zero_top_k:5" or "massive_activations:mean".
+
+    Returns:
+      (attack name, its argument): the int K, the float FACTOR, the massive-activation value ("zero" / "mean" /
+      "control"), or None for an attack without one.
+    """
     name, _, arg = spec.partition(":")
     if name in ("zero_top_k", "retain_top_k"):
         if not arg.isdigit() or int(arg) < 1:
@@ -429,10 +649,25 @@ def parse_spec(spec: str) -> tuple[str, float | None]:
 
 def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | None = None, *,
               find_on: nnx.Module | None = None) -> nnx.Module:
-    """Apply an attack named as on a command line: "zero_top_k:5", "retain_top_k:5", "scale_super_weight:1.5",
-    "prune_super_weight", "restore_super_activation", "massive_activations:zero" / ":mean" / ":control" (those
-    after the massive weights' layer; means from `calibration_tokens`). Massive / super weights are found first,
-    on `find_on` (default: `model` itself; `after_fine_tuning` passes the pretrained model)."""
+    """Apply an attack named as on a command line.
+
+    Massive / super weights are found first, on `find_on`; the super-weight attacks take every super weight found,
+    jointly.
+
+    Args:
+      model: the mwjax causal LM to attack.
+      tokenizer: an HF tokenizer: the bos token (massive weights), the detection prompt (super weights) and the
+        calibration text (`calibration_tokens`, needed by the massive-activation attacks).
+      spec: "zero_top_k:5", "retain_top_k:5", "scale_super_weight:1.5", "prune_super_weight",
+        "restore_super_activation", "massive_activations:zero" / ":mean" / ":control" (those after the massive
+        weights' layer; means from `calibration_tokens`); checked by `parse_spec`.
+      first_token: the token fed alone to find the massive weights (an id or token string); None for bos.
+      find_on: the model the massive / super weights are found on (default: `model` itself;
+        `after_fine_tuning` passes the pretrained model).
+
+    Returns:
+      The attacked copy of `model`.
+    """
     find_on = model if find_on is None else find_on
     name, arg = parse_spec(spec)
     if name == "massive_activations":
@@ -454,14 +689,24 @@ def from_spec(model: nnx.Module, tokenizer, spec: str, first_token: int | str | 
 
 def after_fine_tuning(model: nnx.Module, tokenizer, spec: str, adapter: str | os.PathLike, attack_on: str = "merged",
                       first_token: int | str | None = None) -> nnx.Module:
-    """House of Cards Table 8: the attack `spec` on the pretrained `model` fine-tuned with the adapter in
-    `adapter` (a PEFT directory or mwjax's adapter/), in either reading of the paper:
+    """House of Cards Table 8: the attack `spec` on the pretrained `model` fine-tuned with an adapter.
 
-    merged: the adapter merged into the weights, then the massive weights found again on the merged model and
-        its rows (W0 + BA) attacked.
-    base:   the massive weights found on the pretrained model (before fine-tuning) and the pretrained rows
-        attacked under the live adapter, as MacDrop drops them in training: LoRA keeps its BA rows, and
-        DoRA's norm of the attacked rows, recomputed from the attacked weight, rescales the adapter's rows.
+    Args:
+      model: the pretrained mwjax causal LM (no adapters); not modified.
+      tokenizer: an HF tokenizer (`from_spec`).
+      spec: the attack, as `from_spec` takes it.
+      adapter: the adapter directory: an HF PEFT one or mwjax's adapter/ (`peft.load_adapters`).
+      attack_on: either reading of the paper (ATTACK_ON):
+        merged: the adapter merged into the weights, then the massive weights found again on the merged model
+          and its rows (W0 + BA) attacked.
+        base: the massive weights found on the pretrained model (before fine-tuning) and the pretrained rows
+          attacked under the live adapter (in eval mode), as MacDrop drops them in training: LoRA keeps its BA
+          rows, and DoRA's norm of the attacked rows, recomputed from the attacked weight, rescales the
+          adapter's rows.
+      first_token: the token fed alone to find the massive weights; None for bos.
+
+    Returns:
+      The attacked, fine-tuned model.
     """
     from mwjax.adapters import peft
 

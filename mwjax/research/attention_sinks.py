@@ -77,7 +77,14 @@ class BosPlacement:
         return int(np.nanargmax(self.attention_received)) if len(self.token_ids) > 1 else 0
 
     def summary(self, top_k: int = 3) -> dict[str, Any]:
-        """JSON-ready: per token the top-k |h| with their dims and the median |h|; the attention matrix."""
+        """JSON-ready: per token the top-k |h| with their dims and the median |h|; the attention matrix.
+
+        Args:
+          top_k: how many of each token's largest |h| to keep.
+
+        Returns:
+          A dict of plain Python values (lists; NaN of `attention_received` as None).
+        """
         order = np.argsort(-self.magnitudes, axis=-1)[:, :top_k]
         return {
             "placement": self.placement,
@@ -102,6 +109,7 @@ class AttentionSinks:
 
     @property
     def attention_layer(self) -> int:
+        """`layer` + 1: the 0-based layer whose attention probabilities are recorded."""
         return self.layer + 1
 
     def __getitem__(self, placement: str) -> BosPlacement:
@@ -111,13 +119,28 @@ class AttentionSinks:
         raise KeyError(f"no placement {placement!r}; have {[p.placement for p in self.placements]}")
 
     def to_dict(self, top_k: int = 3) -> dict[str, Any]:
+        """JSON-ready: the layers (with their labels), bos id and every placement's `BosPlacement.summary`.
+
+        Args:
+          top_k: how many of each token's largest |h| the summaries keep.
+
+        Returns:
+          A dict of plain Python values.
+        """
         return {"layer": self.layer, "layer_label": layer_label(self.layer),
                 "attention_layer": self.attention_layer, "attention_layer_label": layer_label(self.attention_layer),
                 "bos_id": self.bos_id, "placements": [p.summary(top_k) for p in self.placements]}
 
 
 def middle_position(token_texts: Sequence[str]) -> int:
-    """Where the middle bos goes: after the first delimiter token with tokens on both sides, else after half."""
+    """Where the middle bos goes: after the first delimiter token with tokens on both sides, else after half.
+
+    Args:
+      token_texts: the prompt's tokens as text, one string per token (without bos).
+
+    Returns:
+      The index in the prompt's tokens at which bos is inserted.
+    """
     for i, text in enumerate(token_texts[:-1]):
         if i > 0 and text.strip() and set(text.strip()) <= DELIMITERS:
             return i + 1
@@ -126,8 +149,17 @@ def middle_position(token_texts: Sequence[str]) -> int:
 
 def place_bos(token_ids: Sequence[int], bos_id: int, placement: str, middle: int | None = None
               ) -> tuple[list[int], int | None]:
-    """(tokens, bos position) with bos placed as `placement` says (PLACEMENTS); `middle`: the index of the
-    middle bos (default: half of the prompt)."""
+    """The prompt with bos placed as `placement` says.
+
+    Args:
+      token_ids: the prompt's token ids, without bos (holding it is a ValueError).
+      bos_id: the bos token id.
+      placement: one of PLACEMENTS: "absent", "start", "middle" or "end".
+      middle: the index of the middle bos, 0..len(token_ids) (e.g. `middle_position`); None: half of the prompt.
+
+    Returns:
+      (the token ids as a list, the bos position or None when absent).
+    """
     ids = list(token_ids)
     if bos_id in ids:
         raise ValueError(f"the prompt's tokens already hold the bos token (id {bos_id}): pass them without it")
@@ -145,7 +177,15 @@ def place_bos(token_ids: Sequence[int], bos_id: int, placement: str, middle: int
 def default_layer(model: nnx.Module, bos_id: int) -> int:
     """The paper's middle layer (h_{L/2}, 1-based: HF layers[L/2 - 1]) or, if deeper, the layer where the bos
     token's massive intermediate state appears (`mwjax.research.massive.origin_layer`); at most L - 2, so that a next
-    layer exists."""
+    layer exists.
+
+    Args:
+      model: an mwjax causal LM with at least 2 layers.
+      bos_id: the bos token id (fed alone to find the massive intermediate state).
+
+    Returns:
+      The 0-based layer.
+    """
     num_layers = model.config.num_hidden_layers
     if num_layers < 2:
         raise ValueError("attention sinks need a layer after the probed one: the model has a single layer")
@@ -155,9 +195,22 @@ def default_layer(model: nnx.Module, bos_id: int) -> int:
 
 def bos_placements(model: nnx.Module, token_ids: Sequence[int], bos_id: int, layer: int, *,
                    middle: int | None = None, placements: Sequence[str] = PLACEMENTS) -> AttentionSinks:
-    """Probe the prompt `token_ids` (without bos) with bos placed each way: |h| after `layer` (0-based) and the
-    head-averaged attention probabilities of `layer` + 1 (module doc). The attention probabilities come from
-    the `attn_probs` probe (the eager attention path)."""
+    """Probe the prompt with bos placed each way: |h| after `layer` and the head-averaged attention
+    probabilities of `layer` + 1 (module doc).
+
+    The attention probabilities come from the `attn_probs` probe (the eager attention path).
+
+    Args:
+      model: an mwjax causal LM.
+      token_ids: the prompt's token ids, without bos.
+      bos_id: the bos token id.
+      layer: 0-based layer whose output hidden state is recorded (`default_layer`); layer + 1 must exist.
+      middle: the index of the middle bos (`middle_position`); None: half of the prompt.
+      placements: which of PLACEMENTS to run, in order.
+
+    Returns:
+      The `AttentionSinks`, one `BosPlacement` per placement.
+    """
     check_layer(model.config, layer, what=f"layer={layer}")
     check_layer(model.config, layer + 1, what=f"the attention layer after layer={layer}")
     config = probes.ProbeConfig(points=("hidden", "attn_probs"), layers=(layer, layer + 1))

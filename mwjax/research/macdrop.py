@@ -46,7 +46,19 @@ SCOPES = ("massive", "all", "all_but_massive")
 
 def curriculum(name: str, p0: float, *, total_steps: int | None = None, steps_per_epoch: int | None = None,
                epochs: int | None = None, alpha: float = 0.05) -> optax.Schedule:
-    """p(t) as an optax schedule (module doc). Raises ValueError for bad names or arguments."""
+    """p(t) as an optax schedule (module doc). Raises ValueError for bad names or arguments.
+
+    Args:
+      name: one of CURRICULA: "step", "epoch_before", "epoch_after", "exp" or "constant".
+      p0: the initial drop probability, in [0, 1].
+      total_steps: T, the optimizer steps of the run ("step" needs it).
+      steps_per_epoch: optimizer steps per epoch (the epoch curricula need it).
+      epochs: E, the number of epochs (the epoch curricula need it).
+      alpha: the decay rate of "exp", finite and >= 0.
+
+    Returns:
+      The schedule: 0-based optimizer step s -> p (Algorithm 1's t = s + 1).
+    """
     if not 0.0 <= p0 <= 1.0:
         raise ValueError(f"MacDrop p0 must lie in [0, 1], got {p0}")
     if name not in CURRICULA:
@@ -75,6 +87,8 @@ def curriculum(name: str, p0: float, *, total_steps: int | None = None, steps_pe
 
 @struct.dataclass
 class MacDropState:
+    """The MacDrop transform's state: a pytree that checkpoints with the optimizer."""
+
     key: jax.Array  # PRNG key of the next mask
 
 
@@ -101,6 +115,19 @@ class MacDrop:
     @classmethod
     def from_massive_weights(cls, mw: MassiveWeights, k: int, d_model: int, d_ff: int, schedule: optax.Schedule,
                              scope: str = "massive") -> MacDrop:
+        """The transform for the first k rows of `mw`, at its layer (and expert).
+
+        Args:
+          mw: the massive weights found on the pretrained model (`massive.find_massive_weights`).
+          k: how many of them to drop, 1..min(len(mw.indices), d_ff).
+          d_model: hidden size.
+          d_ff: intermediate size.
+          schedule: p(t), e.g. from `curriculum`.
+          scope: one of SCOPES: "massive", "all" or "all_but_massive".
+
+        Returns:
+          The `MacDrop`.
+        """
         if not 1 <= k <= min(len(mw.indices), d_ff):
             raise ValueError(f"MacDrop k={k} must lie in [1, {min(len(mw.indices), d_ff)}] (d_ff={d_ff}; the "
                              f"MassiveWeights result holds {len(mw.indices)} rows)")
@@ -116,18 +143,48 @@ class MacDrop:
         return tuple(i for i in range(self.d_ff) if self.scope == "all" or i not in massive)
 
     def init(self, rng: jax.Array) -> MacDropState:
+        """The first state.
+
+        Args:
+          rng: PRNG key of the first mask.
+
+        Returns:
+          A `MacDropState` holding `rng`.
+        """
         return MacDropState(key=rng)
 
     def probability(self, step) -> jax.Array:
-        """p of the 0-based optimizer step `step` (Algorithm 1's t = step + 1)."""
+        """p of the 0-based optimizer step `step` (Algorithm 1's t = step + 1).
+
+        Args:
+          step: the 0-based optimizer step (may be traced).
+
+        Returns:
+          float32 [] drop probability.
+        """
         return jnp.asarray(self.schedule(step), jnp.float32)
 
     def masks(self, state: MacDropState, step) -> masks.FFNMasks:
-        """The ffn_masks for optimizer step `step`: uniform(k, d_model) > p(step), one mask for W_gate and W_up."""
+        """The ffn_masks for optimizer step `step`: uniform(k, d_model) > p(step), one mask for W_gate and W_up.
+
+        Args:
+          state: the current state (its key draws the mask).
+          step: the 0-based optimizer step (may be traced).
+
+        Returns:
+          {layer: RowMask} over `rows`, values 1.0 (keep) / 0.0 (drop), [len(rows), d_model].
+        """
         rows = jnp.asarray(self.rows, jnp.int32)
         keep = jax.random.uniform(state.key, (len(self.rows), self.d_model)) > self.probability(step)
         return {self.layer: masks.RowMask(rows=rows, values=keep.astype(jnp.float32), expert=self.expert)}
 
     def advance(self, state: MacDropState) -> MacDropState:
-        """The state of the next mask."""
+        """The state of the next mask.
+
+        Args:
+          state: the current state.
+
+        Returns:
+          A `MacDropState` with a new key.
+        """
         return MacDropState(key=jax.random.split(state.key)[0])

@@ -47,7 +47,15 @@ MASSIVE_RATIO = 1000.0  # ... and this many times the median |x|
 
 
 def is_massive(largest, median):
-    """Sun et al.'s massive-activation criterion: |x| > MASSIVE_MIN and >= MASSIVE_RATIO x the median |x|."""
+    """Sun et al.'s massive-activation criterion: |x| > MASSIVE_MIN and >= MASSIVE_RATIO x the median |x|.
+
+    Args:
+      largest: the largest value(s) of a state (signed; its magnitude is taken), a scalar or an array.
+      median: the median |x| of the same state(s), broadcastable against `largest`.
+
+    Returns:
+      bool (numpy), elementwise.
+    """
     largest, median = np.abs(largest), np.asarray(median)
     return (largest > MASSIVE_MIN) & (largest >= MASSIVE_RATIO * median)
 
@@ -78,23 +86,54 @@ class MassiveWeights:
 
     @property
     def label(self) -> str:
+        """'layer 12 (HF layers[11])': `layer` as the messages name it (`layer_label`)."""
         return layer_label(self.layer)
 
     def top(self, k: int) -> tuple[int, ...]:
+        """The first k of `indices` (the top-k massive rows).
+
+        Args:
+          k: how many, 1..len(indices) (ValueError otherwise).
+
+        Returns:
+          The k intermediate dimensions, largest |value| first.
+        """
         if not 1 <= k <= len(self.indices):
             raise ValueError(f"k={k}: this result holds the top {len(self.indices)} massive weights")
         return self.indices[:k]
 
     def row_mask(self, d_model: int, k: int | None = None, value: float = 0.0) -> masks.FFNMasks:
-        """`ffn_masks` that multiply the top-k rows by `value` (0 = top-k zeroing)."""
+        """`ffn_masks` that multiply the top-k rows by `value` (0 = top-k zeroing).
+
+        Args:
+          d_model: hidden size (the length of a PyTorch row of W_gate / W_up).
+          k: how many rows, 1..len(indices); None (or 0) for all of them.
+          value: the factor of those rows.
+
+        Returns:
+          {layer: RowMask} for `model(..., ffn_masks=)`.
+        """
         rows = self.top(k or len(self.indices))
         return {self.layer: masks.row_mask(rows, value, d_model, expert=self.expert)}
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the fields and `paper_layer`.
+
+        Returns:
+          A dict of plain Python values.
+        """
         return dataclasses.asdict(self) | {"paper_layer": self.paper_layer}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MassiveWeights:
+        """The inverse of `to_dict` (keys that are not fields, such as `paper_layer`, ignored).
+
+        Args:
+          d: a dict as `to_dict` writes it (e.g. read back from JSON).
+
+        Returns:
+          The MassiveWeights.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
         return cls(**(d | {"indices": tuple(d["indices"]), "values": tuple(d["values"])}))
@@ -109,6 +148,11 @@ class Magnitudes:
     median: np.ndarray  # [L]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready.
+
+        Returns:
+          {"top": [L][k], "median": [L]} as lists.
+        """
         return {"top": self.top.tolist(), "median": self.median.tolist()}
 
 
@@ -122,9 +166,15 @@ class StateTop:
 
     @property
     def magnitudes(self) -> Magnitudes:
+        """The same statistics as `Magnitudes` (|values| and the median |value|)."""
         return Magnitudes(np.abs(self.values), self.median)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready.
+
+        Returns:
+          {"values": [L][k], "indices": [L][k], "median": [L]} as lists.
+        """
         return {"values": self.values.tolist(), "indices": self.indices.tolist(), "median": self.median.tolist()}
 
 
@@ -145,9 +195,15 @@ class FirstTokenProfile:
 
     @property
     def num_layers(self) -> int:
+        """L, the number of decoder layers profiled."""
         return len(self.hidden.median)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; `expert` and `router_prob` only for a mixture of experts.
+
+        Returns:
+          A dict of plain Python values.
+        """
         out = {"hidden": self.hidden.to_dict(), "intermediate": self.intermediate.to_dict(),
                "embed_max": self.embed_max}
         if self.expert is not None:
@@ -157,7 +213,16 @@ class FirstTokenProfile:
 
 def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> FirstTokenProfile:
     """One token alone at position 0: per layer the top-k values and median |x| of the hidden and intermediate
-    states (`FirstTokenProfile`)."""
+    states.
+
+    Args:
+      model: an mwjax causal LM.
+      token_id: the token fed (House of Cards: bos).
+      top_k: how many of the largest |values| to keep per layer and state.
+
+    Returns:
+      A `FirstTokenProfile` (for a mixture of experts, the intermediate state of the router's first choice).
+    """
     moe = model.config.num_local_experts is not None
     points = ("hidden", "intermediate") + (("router_probs",) if moe else ())
     config = probes.ProbeConfig(points=points, full=False, top_k=top_k, median=True)
@@ -181,7 +246,15 @@ def first_token_profile(model: nnx.Module, token_id: int, top_k: int) -> FirstTo
 
 def first_token_router_probs(model: nnx.Module, token_id: int) -> np.ndarray:
     """House of Cards Figure 5: the router's probability of every expert for one token (bos) alone at position
-    0, per layer: [L, E] float64 (softmax of HF's `router_logits`, before the top-k choice)."""
+    0, per layer.
+
+    Args:
+      model: a mixture-of-experts mwjax causal LM (e.g. Mixtral); a dense one is a ValueError.
+      token_id: the token fed.
+
+    Returns:
+      float64 [L, E]: softmax of HF's `router_logits`, before the top-k choice.
+    """
     if model.config.num_local_experts is None:
         raise ValueError(f"this {model.config.model_type} model has a dense FFN and no router: router probabilities "
                          "exist only for a mixture of experts (a config with num_local_experts, e.g. Mixtral)")
@@ -191,13 +264,29 @@ def first_token_router_probs(model: nnx.Module, token_id: int) -> np.ndarray:
 
 
 def hidden_jumps(profile: FirstTokenProfile) -> np.ndarray:
-    """[L] how much each layer raised the hidden state's largest |value| (layer 0: over the embedding)."""
+    """How much each layer raised the hidden state's largest |value| (layer 0: over the embedding).
+
+    Args:
+      profile: a `first_token_profile`.
+
+    Returns:
+      float64 [L] rises (negative where a layer lowered it).
+    """
     top = np.abs(profile.hidden.values[:, 0])
     return top - np.concatenate([[profile.embed_max], top[:-1]])
 
 
 def origin_layer(profile: FirstTokenProfile, rule: str = "intermediate") -> tuple[int, str]:
-    """(layer, why) of the massive weights from a `first_token_profile` (module doc; rule in LAYER_RULES)."""
+    """The layer of the massive weights from a `first_token_profile` (module doc).
+
+    Args:
+      profile: a `first_token_profile` of the bos token.
+      rule: one of LAYER_RULES: "intermediate" (the earliest layer whose intermediate state is massive, else the
+        largest intermediate |x|) or "hidden_jump" (the largest rise of the hidden state's max |x|).
+
+    Returns:
+      (0-based layer, why it was chosen).
+    """
     if rule not in LAYER_RULES:
         raise ValueError(f"unknown layer rule {rule!r}; choose from {LAYER_RULES}")
     if rule == "hidden_jump":
@@ -214,10 +303,19 @@ def find_massive_weights(model: nnx.Module, tokenizer=None, k: int = 5, layer: i
                          first_token: int | str | None = None, layer_rule: str = "intermediate") -> MassiveWeights:
     """The top-k massive weights of `model` (House of Cards §2.3, Algorithm 1 line 1).
 
-    tokenizer: supplies the bos token (or pass `first_token=` an id / token string).
-    layer: 0-based layer to take them from; default: chosen by `layer_rule` (module doc, `origin_layer`).
     Mixture of experts: the rows belong to the expert the router ranks first for the token at that
     layer (Mixtral's bos goes to one expert; House of Cards attacks only that one), in `.expert`.
+
+    Args:
+      model: an mwjax causal LM.
+      tokenizer: an HF tokenizer; supplies the bos token (or pass `first_token=`).
+      k: how many rows, 1..d_ff.
+      layer: 0-based layer to take them from; default: chosen by `layer_rule` (module doc, `origin_layer`).
+      first_token: the token fed alone, an id or a token string; None: the tokenizer's bos, then the config's.
+      layer_rule: one of LAYER_RULES (`origin_layer`), used when `layer` is None.
+
+    Returns:
+      The `MassiveWeights`: rows of W_gate / W_up, largest intermediate |value| first.
     """
     config = model.config
     if not 1 <= k <= config.intermediate_size:
@@ -264,9 +362,15 @@ class SuperWeight:
 
     @property
     def label(self) -> str:
+        """'layers[2].mlp.down_proj.weight[3968, 7003]': the weight's HF address."""
         return f"layers[{self.layer}].mlp.down_proj.weight[{self.row}, {self.col}]"
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready.
+
+        Returns:
+          The fields as a dict.
+        """
         return dataclasses.asdict(self)
 
 
@@ -290,7 +394,15 @@ class DownProjSpikes:
 
 
 def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> DownProjSpikes:
-    """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only)."""
+    """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only).
+
+    Args:
+      model: an mwjax causal LM.
+      tokens: int [batch, seq] token ids (only row 0 is read).
+
+    Returns:
+      The `DownProjSpikes` (signed value, channel and position of each spike, per layer).
+    """
     config = probes.ProbeConfig(points=("intermediate", "down_proj_output"), full=False, top_k=1, scope="sequence")
     result = probes.record(model, tokens, config)
     pick = lambda point, stat: np.asarray(result.stack(point, stat)[:, 0, 0])  # [L]
@@ -303,10 +415,19 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
                        tokens: jnp.ndarray | None = None, threshold: float = SPIKE_THRESHOLD,
                        ratio: float = SUPER_RATIO) -> list[SuperWeight]:
     """The super weights of every layer whose down_proj input and output both spike above `threshold`
-    (module doc; `ratio` admits the further rows), the argmax row of each layer first.
+    (module doc), the argmax row of each layer first.
 
-    The prompt is tokenized with the tokenizer's defaults (bos included where it adds one); or pass
-    `tokens` [1, seq] directly.
+    Args:
+      model: an mwjax causal LM with dense FFNs (a mixture of experts is a ValueError).
+      tokenizer: an HF tokenizer; encodes `prompt` with its defaults (bos included where it adds one).
+      prompt: the detection prompt (the Super Weight reference code's).
+      tokens: int [1, seq] token ids to use instead of `prompt`.
+      threshold: the spike threshold on |down_proj input| and |output|.
+      ratio: a further row counts when its own contribution |weight x input spike| is at least this fraction of
+        the largest |output|.
+
+    Returns:
+      The `SuperWeight`s, by layer; [] when no layer spikes.
     """
     if model.config.num_local_experts is not None:
         raise ValueError("super-weight detection follows the paper's dense FFN (one down_proj per layer); this "
@@ -332,14 +453,27 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
 
 
 def down_proj_kernel(model: nnx.Module, layer: int) -> jnp.ndarray:
-    """down_proj kernel [d_ff, d_model] of a dense FFN (HF weight.T); an out-of-range `layer` is a ValueError."""
+    """down_proj kernel of a dense FFN; an out-of-range `layer` is a ValueError.
+
+    Args:
+      model: an mwjax causal LM with dense FFNs.
+      layer: 0-based decoder layer.
+
+    Returns:
+      The kernel [d_ff, d_model] (HF `down_proj.weight.T`).
+    """
     check_layer(model.config, layer)
     return model.model.layers[layer].mlp.down_proj.kernel[...]
 
 
 def check_super_weight(config, sw: SuperWeight) -> None:
     """`sw`'s layer, row and col address a weight of the model (an index past the weight would be clamped by jax:
-    another weight read or edited, silently); ValueError naming the weight and the ranges otherwise."""
+    another weight read or edited, silently); ValueError naming the weight and the ranges otherwise.
+
+    Args:
+      config: the model's config (`num_hidden_layers`, `hidden_size`, `intermediate_size`).
+      sw: the super weight to check.
+    """
     check_layer(config, sw.layer)
     d_model, d_ff = config.hidden_size, config.intermediate_size
     if not (0 <= sw.row < d_model and 0 <= sw.col < d_ff):
@@ -348,8 +482,18 @@ def check_super_weight(config, sw: SuperWeight) -> None:
 
 
 def super_weight_at(model: nnx.Module, layer: int, row: int, col: int) -> SuperWeight:
-    """The weight HF `model.layers[layer].mlp.down_proj.weight[row, col]` as a SuperWeight (no spikes: NaN), its
-    coordinates checked (`check_super_weight`)."""
+    """The weight HF `model.layers[layer].mlp.down_proj.weight[row, col]` as a SuperWeight, its coordinates
+    checked (`check_super_weight`).
+
+    Args:
+      model: an mwjax causal LM with dense FFNs.
+      layer: 0-based decoder layer.
+      row: output channel (hidden dimension).
+      col: input channel (intermediate dimension).
+
+    Returns:
+      The `SuperWeight`, its weight read from the model; no spikes (input / output values NaN, position -1).
+    """
     sw = SuperWeight(layer, row, col, float("nan"), float("nan"), float("nan"), -1)
     check_super_weight(model.config, sw)
     return dataclasses.replace(sw, weight=float(down_proj_kernel(model, layer)[col, row]))
@@ -363,9 +507,19 @@ def activation_stats(model: nnx.Module, tokens, *, top_k: int = 3, batch_size: i
                      progress: bool = True) -> dict[str, Magnitudes]:
     """Per layer, the top-k and median |value| of each point over each whole sequence, averaged over sequences.
 
-    tokens: int [num_sequences, seq] (e.g. 100 chunks of a corpus). This is what House of Cards'
-    Figure 3 and the Massive Activations thesis' Figure 4.4 plot: {point: Magnitudes}. For a mixture
+    This is what House of Cards' Figure 3 and the Massive Activations thesis' Figure 4.4 plot. For a mixture
     of experts the intermediate statistics run over every expert's state, routed or not.
+
+    Args:
+      model: an mwjax causal LM.
+      tokens: int [num_sequences, seq] (e.g. 100 chunks of a corpus).
+      top_k: how many of the largest |values| per layer.
+      batch_size: sequences per forward pass.
+      points: the probe points to measure, e.g. "hidden" (h_l) and "intermediate" (the input of down_proj).
+      progress: show a progress bar over the batches.
+
+    Returns:
+      {point: `Magnitudes`} (top [L, top_k], median [L], float64).
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
@@ -402,13 +556,28 @@ class MassiveActivations:
     median: float
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready.
+
+        Returns:
+          The fields as a dict.
+        """
         return dataclasses.asdict(self)
 
 
 def hidden_states(model: nnx.Module, tokens, layer: int, batch_size: int = 8) -> np.ndarray:
-    """The hidden state after `layer` (HF `hidden_states[layer + 1]`) on tokens [num_sequences, seq], batch by
-    batch with progress: float32 [num_sequences, seq, d_model] on the host, for the statistics that follow
-    (`massive_activations_in`, `attacks.activation_means`) to share one pass over the model."""
+    """The hidden state after `layer` (HF `hidden_states[layer + 1]`), batch by batch with progress, on the host
+    for the statistics that follow (`massive_activations_in`, `attacks.activation_means`) to share one pass over
+    the model.
+
+    Args:
+      model: an mwjax causal LM.
+      tokens: int [num_sequences, seq] token ids.
+      layer: 0-based decoder layer.
+      batch_size: sequences per forward pass.
+
+    Returns:
+      float32 [num_sequences, seq, d_model] numpy array.
+    """
     tokens = np.asarray(tokens, np.int32)
     config = probes.ProbeConfig(points=("hidden",), layers=(layer,))
     values = []
@@ -421,16 +590,38 @@ def hidden_states(model: nnx.Module, tokens, layer: int, batch_size: int = 8) ->
 
 def find_massive_activations(model: nnx.Module, tokens, layer: int, *, min_abs: float = MASSIVE_MIN,
                              ratio: float = MASSIVE_RATIO, batch_size: int = 8) -> MassiveActivations:
-    """Locate the massive activations after `layer` on tokens [num_sequences, seq] (`massive_activations_in`
-    the `hidden_states`)."""
+    """Locate the massive activations after `layer` (`massive_activations_in` the `hidden_states`).
+
+    Args:
+      model: an mwjax causal LM.
+      tokens: int [num_sequences, seq] token ids.
+      layer: 0-based decoder layer.
+      min_abs: the criterion's floor on |x| (100).
+      ratio: the criterion's multiple of the median |x| (1000).
+      batch_size: sequences per forward pass.
+
+    Returns:
+      The `MassiveActivations`.
+    """
     return massive_activations_in(hidden_states(model, tokens, layer, batch_size), layer, min_abs=min_abs,
                                   ratio=ratio)
 
 
 def massive_activations_in(hidden: np.ndarray, layer: int, *, min_abs: float = MASSIVE_MIN,
                            ratio: float = MASSIVE_RATIO) -> MassiveActivations:
-    """The massive activations of `hidden` [num_sequences, seq, d_model], the hidden state after `layer`:
-    the (position, dim) entries with |x| > max(min_abs, ratio x the mean over sequences of their median |x|)."""
+    """The massive activations of `hidden`: the (position, dim) entries with |x| > max(min_abs, ratio x the mean
+    over sequences of their median |x|).
+
+    Args:
+      hidden: [num_sequences, seq, d_model] hidden state after `layer` (`hidden_states`).
+      layer: the 0-based layer `hidden` comes after (recorded in the result).
+      min_abs: the criterion's floor on |x|.
+      ratio: the criterion's multiple of the median |x|.
+
+    Returns:
+      The `MassiveActivations`: dims ordered by their largest |x|, the positions where any occurred, the
+      threshold and the median.
+    """
     mags = np.abs(hidden)  # [n, seq, d]
     median = float(np.mean(np.median(mags.reshape(len(mags), -1), axis=1)))
     threshold = max(min_abs, ratio * median)

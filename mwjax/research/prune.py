@@ -83,15 +83,24 @@ class Sparsity:
 
     @property
     def structured(self) -> bool:
+        """Whether this is N:M sparsity."""
         return self.m is not None
 
     @property
     def label(self) -> str:
+        """"2:4" for N:M, else the fraction pruned as a percentage ("50%")."""
         return f"{self.n}:{self.m}" if self.structured else f"{self.fraction:.0%}"
 
 
 def parse_sparsity(spec: str | float) -> Sparsity:
-    """"0.5" (or 0.5) -> 50% unstructured; "2:4" / "4:8" -> N:M. ValueError naming the fix."""
+    """"0.5" (or 0.5) -> 50% unstructured; "2:4" / "4:8" -> N:M. ValueError naming the fix.
+
+    Args:
+      spec: the fraction pruned in [0, 1) (a number or its string), or "N:M" with integers 0 < N < M.
+
+    Returns:
+      The Sparsity.
+    """
     if isinstance(spec, str) and ":" in spec:
         n, _, m = spec.partition(":")
         if not (n.isdigit() and m.isdigit()) or not 0 < int(n) < int(m):
@@ -107,6 +116,11 @@ def parse_sparsity(spec: str | float) -> Sparsity:
 
 
 def check_method(method: str) -> None:
+    """ValueError unless `method` is a pruning method this module knows.
+
+    Args:
+      method: one of PRUNE_METHODS ("wanda", "magnitude", "magnitude_global").
+    """
     if method not in PRUNE_METHODS:
         raise ValueError(f"unknown pruning method {method!r}; choose from {PRUNE_METHODS}")
 
@@ -124,7 +138,15 @@ def _keep_per_output(score: jax.Array, n_pruned: int) -> jax.Array:
 
 def keep_per_output(score: jax.Array, fraction: float) -> jax.Array:
     """bool [in, out]: in each output row (kernel column) the floor(in * fraction) lowest scores pruned (ties: the
-    lower input index first, as a stable sort)."""
+    lower input index first, as a stable sort). Wanda's comparison group (thesis Eq. 3.2).
+
+    Args:
+      score: the scores [in, out] in kernel layout (e.g. `wanda_score`).
+      fraction: the fraction of each output row pruned, in [0, 1).
+
+    Returns:
+      The keep-mask, bool [in, out], True = kept.
+    """
     n_pruned = int(np.floor(score.shape[0] * fraction))
     if n_pruned == 0:
         return jnp.ones(score.shape, bool)
@@ -133,12 +155,29 @@ def keep_per_output(score: jax.Array, fraction: float) -> jax.Array:
 
 def keep_per_matrix(score: jax.Array, fraction: float) -> jax.Array:
     """bool [in, out]: the floor(size * fraction) lowest scores of the whole matrix pruned (ties: row-major order
-    of the kernel)."""
+    of the kernel).
+
+    Args:
+      score: the scores [in, out] (ranked by |score|, as `keep_lowest_pruned` does).
+      fraction: the fraction of the matrix pruned, in [0, 1).
+
+    Returns:
+      The keep-mask, bool [in, out], True = kept.
+    """
     return keep_lowest_pruned({0: score}, fraction)[0]
 
 
 def keep_n_of_m(score: jax.Array, n: int, m: int) -> jax.Array:
-    """bool [in, out]: in each output row, the n largest scores of every m consecutive inputs kept."""
+    """bool [in, out]: in each output row, the n largest scores of every m consecutive inputs kept.
+
+    Args:
+      score: the scores [in, out]; `in` must be a multiple of m (ValueError otherwise).
+      n: N, the inputs kept of each group.
+      m: M, the size of a group of consecutive inputs.
+
+    Returns:
+      The keep-mask, bool [in, out], True = kept.
+    """
     n_in, n_out = score.shape
     if n_in % m:
         raise ValueError(f"N:M sparsity {n}:{m} needs the input size to be a multiple of {m}; a layer has {n_in}")
@@ -154,14 +193,32 @@ def _keep_n_of_m(score, n, m):
 
 
 def keep_mask(score: jax.Array, sparsity: Sparsity, group: str) -> jax.Array:
-    """The keep mask of one matrix's scores [in, out]; group "output" (Wanda) or "matrix" (magnitude)."""
+    """The keep mask of one matrix's scores.
+
+    Args:
+      score: one matrix's scores [in, out].
+      sparsity: unstructured, or N:M (always per output row, whatever `group`).
+      group: the comparison group of unstructured sparsity: "output" (per output row, Wanda) or "matrix"
+        (the whole matrix, magnitude).
+
+    Returns:
+      The keep-mask, bool [in, out], True = kept.
+    """
     if sparsity.structured:
         return keep_n_of_m(score, sparsity.n, sparsity.m)
     return (keep_per_output if group == "output" else keep_per_matrix)(score, sparsity.fraction)
 
 
 def wanda_score(kernel: jax.Array, input_norm: jax.Array) -> jax.Array:
-    """Thesis Eq. 3.1 in kernel layout: |W_ij| * ||X_j||_2 -> [in, out] (input_norm [in], float32)."""
+    """Thesis Eq. 3.1 in kernel layout: S_ij = |W_ij| * ||X_j||_2.
+
+    Args:
+      kernel: a Linear's kernel [in, out] (HF `weight.T`).
+      input_norm: ||X_j||_2 [in], the norms of the input features over the calibration tokens.
+
+    Returns:
+      The scores S, float32 [in, out].
+    """
     return jnp.abs(kernel.astype(jnp.float32)) * input_norm.astype(jnp.float32)[:, None]
 
 
@@ -177,7 +234,15 @@ def _check_prunable(model: nnx.Module) -> None:
 
 
 def linears(layer: nnx.Module) -> dict[str, Linear]:
-    """The Linears of one decoder layer by path ("self_attn.q_proj", ..., "mlp.down_proj")."""
+    """The Linears of one decoder layer by path ("self_attn.q_proj", ..., "mlp.down_proj"): Wanda's `find_layers`.
+
+    Args:
+      layer: one decoder layer (HF `LlamaDecoderLayer` equivalent); a LoRA Linear in it raises ValueError
+        (merge the adapter first).
+
+    Returns:
+      {path inside the layer: Linear}.
+    """
     out = {}
     for path, node in nnx.iter_graph(layer):
         if isinstance(node, Linear):
@@ -189,7 +254,14 @@ def linears(layer: nnx.Module) -> dict[str, Linear]:
 
 
 def prunable(model: nnx.Module) -> dict[Key, Linear]:
-    """Every Linear in the decoder layers, keyed (layer, path): what the thesis prunes."""
+    """Every Linear in the decoder layers, keyed (layer, path): what the thesis prunes.
+
+    Args:
+      model: a dense mwjax causal LM; mixture-of-experts, attached masks / edits and LoRA raise ValueError.
+
+    Returns:
+      {(layer, path): Linear}.
+    """
     _check_prunable(model)
     return {(i, name): lin for i, layer in enumerate(model.model.layers) for name, lin in linears(layer).items()}
 
@@ -210,6 +282,7 @@ class PrunedLinear(WrappedLinear):
         self.keep = PruneMask(jnp.asarray(keep, bool))
 
     def weight(self) -> jax.Array:
+        """The kernel [in, out] the forward uses: the shared kernel with the pruned entries zeroed."""
         kernel = self.kernel[...]
         return jnp.where(self.keep[...], kernel, jnp.zeros((), kernel.dtype))
 
@@ -228,7 +301,15 @@ def _layer_copy(layer: nnx.Module, replace) -> nnx.Module:
 
 
 def apply(model: nnx.Module, masks: Masks) -> nnx.Module:
-    """A copy of `model` that prunes by `masks` in every forward pass; `model` and its arrays stay as they are."""
+    """A copy of `model` that prunes by `masks` in every forward pass; `model` and its arrays stay as they are.
+
+    Args:
+      model: the dense model (as `prunable` takes it).
+      masks: {(layer, path): keep bool [in, out]}; a key that names no prunable Linear raises ValueError.
+
+    Returns:
+      The copy, whose masked Linears are `PrunedLinear`s over `model`'s kernels.
+    """
     mods = prunable(model)
     if unknown := sorted(set(masks) - set(mods)):
         raise ValueError(f"masks for {unknown[:3]} name no Linear of the decoder layers")
@@ -245,7 +326,17 @@ def apply(model: nnx.Module, masks: Masks) -> nnx.Module:
 def protected(model: nnx.Module, mw: MassiveWeights | None = None, k: int = 0,
               super_weights: Sequence[SuperWeight] = ()) -> dict[Key, np.ndarray]:
     """bool [in, out] per matrix: the entries to keep whatever a method decides — the top-k massive rows of
-    W_gate and W_up (kernel columns mw.indices[:k]) and each super weight (down_proj kernel[col, row])."""
+    W_gate and W_up (kernel columns mw.indices[:k]) and each super weight (down_proj kernel[col, row]).
+
+    Args:
+      model: the dense model (as `prunable` takes it): the kernels' shapes.
+      mw: the massive weights of a dense layer (an expert's raise ValueError); None: no rows protected.
+      k: how many of mw's rows to protect, largest first (0: none).
+      super_weights: the super weights to protect.
+
+    Returns:
+      {(layer, path): bool numpy [in, out]}, only for the matrices with a protected entry.
+    """
     mods = prunable(model)
     out: dict[Key, np.ndarray] = {}
 
@@ -273,8 +364,18 @@ def _protect(keep: jax.Array, key: Key, protect: Mapping[Key, np.ndarray] | None
 
 def magnitude_masks(model: nnx.Module, sparsity: Sparsity | str | float, *, scope: str = "layer",
                     protect: Mapping[Key, np.ndarray] | None = None) -> Masks:
-    """Magnitude pruning of every prunable matrix: scope "layer" (each matrix its own comparison group; N:M per
-    output row) or "global" (one threshold over all of them, `global_threshold`; unstructured only)."""
+    """Magnitude pruning of every prunable matrix, S_ij = |W_ij|.
+
+    Args:
+      model: the dense model (as `prunable` takes it).
+      sparsity: a Sparsity, or a spec for `parse_sparsity` ("0.5", "2:4").
+      scope: "layer" (each matrix its own comparison group; N:M per output row) or "global" (one threshold over
+        all of them, `keep_lowest_pruned`; unstructured only).
+      protect: entries kept on top of what magnitude keeps (`protected`); None: none.
+
+    Returns:
+      The Masks {(layer, path): keep bool [in, out]} of every prunable matrix.
+    """
     sparsity = sparsity if isinstance(sparsity, Sparsity) else parse_sparsity(sparsity)
     mods = prunable(model)
     if scope == "global":
@@ -302,7 +403,15 @@ def keep_lowest_pruned(kernels: Mapping[Any, jax.Array], fraction: float) -> dic
     """Keep-masks pruning exactly floor(fraction * total) of all entries of `kernels` by |value|, lowest first
     (ties: matrix order, then row-major order): global magnitude pruning, or one matrix's. The threshold is found
     by bisection over float32 bit patterns (31 counting passes), so no sorted copy of the weights is ever formed:
-    memory stays one matrix at a time (and no sort runs, slow on CPU)."""
+    memory stays one matrix at a time (and no sort runs, slow on CPU).
+
+    Args:
+      kernels: {key: matrix}, ranked together by |value| in float32.
+      fraction: the fraction of all their entries pruned, in [0, 1).
+
+    Returns:
+      {key: keep bool of the matrix's shape}, True = kept.
+    """
     total = sum(int(np.prod(w.shape)) for w in kernels.values())
     target = int(np.floor(total * fraction))
     count = lambda t: sum(int(_count_at_most(w, jnp.int32(t))) for w in kernels.values())
@@ -362,8 +471,18 @@ def _embed(model, tokens):
 
 
 def input_norms(layer: nnx.Module, xs: Sequence[jax.Array], rope, mask) -> tuple[dict[str, jax.Array], list]:
-    """({Linear path: ||X_j||_2 [in]} over all tokens of the batches `xs` [b, t, d], the layer's outputs per
-    batch) for one dense decoder layer."""
+    """The input norms ||X_j||_2 of every Linear of one dense decoder layer over all calibration tokens, and the
+    layer's outputs.
+
+    Args:
+      layer: the decoder layer (run as a copy whose Linears record their inputs).
+      xs: the layer's input batches, [b, t, d_model] each.
+      rope: the layer type's (cos, sin) tables.
+      mask: the layer type's `attention.AttentionMask`.
+
+    Returns:
+      ({Linear path: ||X_j||_2 float32 [in]}, [the layer's dense output [b, t, d_model] per batch]).
+    """
     split = nnx.split(_layer_copy(layer, lambda name, lin: _InputRecorder(lin)))
     sums, outs = None, []
     for x in xs:
@@ -376,10 +495,21 @@ def input_norms(layer: nnx.Module, xs: Sequence[jax.Array], rope, mask) -> tuple
 def wanda_masks(model: nnx.Module, calibration, sparsity: Sparsity | str | float, *,
                 protect: Mapping[Key, np.ndarray] | None = None, sequential: bool = True, batch_size: int = 8,
                 progress: bool = True) -> tuple[Masks, dict[Key, np.ndarray]]:
-    """Wanda (thesis §3.3, the repository's `prune_wanda`; module doc): (keep-masks, the input norms ||X_j||_2
-    [in] of every Linear). calibration: int tokens [num_sequences, seq] (thesis: 128 x 2048 from C4's training
-    set). sequential: layer l's inputs come from layers < l already pruned (the reference), else from the dense
-    model."""
+    """Wanda (thesis §3.3, the repository's `prune_wanda`; module doc): keep-masks and input norms.
+
+    Args:
+      model: the dense model (as `prunable` takes it).
+      calibration: int tokens [num_sequences, seq] (thesis: 128 x 2048 from C4's training set).
+      sparsity: a Sparsity, or a spec for `parse_sparsity`; unstructured s is per output row (Eq. 3.2).
+      protect: entries kept on top of what Wanda keeps (`protected`); with `sequential`, later layers see them.
+      sequential: layer l's inputs come from layers < l already pruned (the reference), else from the dense
+        model.
+      batch_size: calibration sequences per forward pass.
+      progress: show progress over the layers (`mwjax.core.progress.track`).
+
+    Returns:
+      (the Masks, {(layer, path): the input norms ||X_j||_2 [in] as numpy}) for every Linear.
+    """
     sparsity = sparsity if isinstance(sparsity, Sparsity) else parse_sparsity(sparsity)
     _check_prunable(model)
     tokens = np.asarray(calibration, np.int32)
@@ -411,8 +541,21 @@ def wanda_masks(model: nnx.Module, calibration, sparsity: Sparsity | str | float
 def masks_for(model: nnx.Module, method: str, sparsity: Sparsity | str | float, *, calibration=None,
               protect: Mapping[Key, np.ndarray] | None = None, sequential: bool = True, batch_size: int = 8,
               progress: bool = True) -> Masks:
-    """The keep-masks of `method` (PRUNE_METHODS) at `sparsity`; Wanda needs `calibration` tokens [num_sequences, seq]
-    (and takes `sequential`, `batch_size`, `progress`, as `wanda_masks`)."""
+    """The keep-masks of `method` at `sparsity`.
+
+    Args:
+      model: the dense model (as `prunable` takes it).
+      method: one of PRUNE_METHODS: "wanda", "magnitude" (per matrix) or "magnitude_global".
+      sparsity: a Sparsity, or a spec for `parse_sparsity` ("0.5", "2:4").
+      calibration: Wanda only, and required there: int tokens [num_sequences, seq].
+      protect: entries kept whatever the method decides (`protected`); None: none.
+      sequential: Wanda only, as `wanda_masks`.
+      batch_size: Wanda only, as `wanda_masks`.
+      progress: Wanda only, as `wanda_masks`.
+
+    Returns:
+      The Masks {(layer, path): keep bool [in, out]}.
+    """
     check_method(method)
     if method == "wanda":
         if calibration is None:
@@ -427,7 +570,15 @@ def masks_for(model: nnx.Module, method: str, sparsity: Sparsity | str | float, 
 
 
 def sparsity_of(masks: Masks) -> dict[str, Any]:
-    """Fraction pruned: overall and per decoder layer (0-based)."""
+    """Fraction pruned: overall and per decoder layer (0-based).
+
+    Args:
+      masks: the keep-masks.
+
+    Returns:
+      {"overall": the fraction of all masked entries pruned, "per_layer": [the fraction of each layer with masks,
+        ascending]}.
+    """
     pruned, total = {}, {}
     for (i, _), keep in masks.items():
         pruned[i] = pruned.get(i, 0) + int(keep.size - jnp.sum(keep))
@@ -439,7 +590,18 @@ def sparsity_of(masks: Masks) -> dict[str, Any]:
 def removed(masks: Masks, mw: MassiveWeights | None = None, k: int = 0,
             super_weights: Sequence[SuperWeight] = ()) -> dict[str, Any]:
     """What a mask prunes of the massive weights: per top-k row (mw.indices[:k]) the entries pruned in W_gate and
-    in W_up (of d_model each), and which super weights are pruned."""
+    in W_up (of d_model each), and which super weights are pruned.
+
+    Args:
+      masks: the keep-masks; they must hold mw.layer's gate / up_proj and the super weights' down_proj.
+      mw: the massive weights; None: no rows counted.
+      k: how many of mw's rows to count (0: none).
+      super_weights: the super weights to look up.
+
+    Returns:
+      {"massive_rows": {layer, k, per_row [{row, gate_pruned, up_pruned}], entries, entries_pruned,
+        fraction_pruned, rows_untouched}, "super_weights": {count, pruned, which (labels)}}, each when asked for.
+    """
     out: dict[str, Any] = {}
     if mw is not None and k:
         rows = list(mw.top(k))
@@ -460,7 +622,16 @@ def removed(masks: Masks, mw: MassiveWeights | None = None, k: int = 0,
 
 def massive_values(model: nnx.Module, mw: MassiveWeights, k: int) -> list[float]:
     """The intermediate state at the top-k massive indices of `mw.layer` for `mw.token_id` alone (House of Cards'
-    bos probe), e.g. of a pruned model: how much of the massive activation the pruning left."""
+    bos probe), e.g. of a pruned model: how much of the massive activation the pruning left.
+
+    Args:
+      model: an mwjax causal LM, e.g. `apply(model, masks)`.
+      mw: the massive weights (their layer, indices and token).
+      k: how many of the top indices to read.
+
+    Returns:
+      The k signed values, in the order of `mw.indices`.
+    """
     config = probes.ProbeConfig(points=("intermediate",), layers=(mw.layer,))
     result = probes.record(model, jnp.asarray([[mw.token_id]], jnp.int32), config)
     values = np.asarray(result.intermediate[mw.layer].full[0, 0], np.float64)

@@ -7,6 +7,15 @@ from mwjax.experiments.configs.base import paper_run
 
 
 def get_config(arg: str = "step,0.8"):
+    """The Table 4 run of one curriculum and p0: LoRA + MacDrop on Llama-3-8B (llama3 template).
+
+    Args:
+      arg: `curriculum[,p0[,alpha]]` from `--config=ablation_curriculum:<arg>`: curriculum in step, epoch_before,
+        epoch_after, exp, constant; p0 0.8 when left out; alpha, exp's decay rate, as a third part (`exp,0.8,0.05`).
+
+    Returns:
+      The run's ConfigDict, named ablation_curriculum_<curriculum>_p<p0> (and _a<alpha> for exp).
+    """
     curriculum, p0, alpha = (arg.split(",") + ["0.8", "0.05"])[:3]
     c = paper_run("lora_macdrop", name="ablation_curriculum", model="meta-llama/Meta-Llama-3-8B", template="llama3")
     c.name = f"ablation_curriculum_{curriculum}_p{p0}" + (f"_a{alpha}" if curriculum == "exp" else "")

@@ -17,9 +17,17 @@ VARIANTS = ("lora", "lora_macdrop", "dora", "dora_macdrop")
 
 
 def from_dataclass(instance) -> ConfigDict:
-    """The fields of a config dataclass (`TrainConfig`, `LoraConfig`, `DataConfig`) as a ConfigDict: the library's
-    defaults are the one source, a run config states only where it departs from them. A field that is None
-    becomes a typed placeholder, so `--config.train.max_steps=100` can still set it."""
+    """The fields of a config dataclass (`TrainConfig`, `LoraConfig`, `DataConfig`) as a ConfigDict.
+
+    The library's defaults are the one source: a run config states only where it departs from them.
+
+    Args:
+      instance: the dataclass instance.
+
+    Returns:
+      A ConfigDict of its fields; a field that is None becomes a typed placeholder, so
+      `--config.train.max_steps=100` can still set it.
+    """
     hints = typing.get_type_hints(type(instance))
     fields = {}
     for field in dataclasses.fields(instance):
@@ -31,6 +39,7 @@ def from_dataclass(instance) -> ConfigDict:
 
 
 def get_config() -> ConfigDict:
+    """The default MacDrop run, Table 5's recipe: LoRA r 16 + MacDrop (Step, p0 = 0.8, top-5 rows) on Llama-3-8B."""
     c = ConfigDict()
     c.name = "macdrop"
     c.model = "meta-llama/Meta-Llama-3-8B"  # HF dir, .gguf, mwjax orbax dir, embedded:<name> or hub id
@@ -69,7 +78,20 @@ def get_config() -> ConfigDict:
 
 
 def paper_run(variant: str, *, name: str, model: str, template: str) -> ConfigDict:
-    """One of Table 2's runs: `variant` in VARIANTS (LoRA or DoRA, with or without MacDrop)."""
+    """One of Table 2's runs (Table 7's for the other models): `get_config` with the model, data template and variant.
+
+    Args:
+      variant: one of VARIANTS (LoRA or DoRA, with or without MacDrop); empty for lora_macdrop.
+      name: the config's name; the run is named <name>_<variant>.
+      model: the model to load (HF dir or hub id, .gguf, mwjax orbax dir, embedded:<name>).
+      template: the data's chat template, as LLaMA-Factory names it (`mwjax.finetune.data`).
+
+    Returns:
+      The run's ConfigDict.
+
+    Raises:
+      ValueError: an unknown variant.
+    """
     variant = variant or "lora_macdrop"
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}: use --config=<name>:<variant> with one of {VARIANTS}")

@@ -6,6 +6,14 @@ from mwjax.experiments.configs.base import paper_run
 
 
 def get_config(variant: str = "lora_macdrop"):
+    """The Table 7 run of Llama-3-70B, 4-way tensor-parallel inside a host (convert it to orbax first: module doc).
+
+    Args:
+      variant: lora, lora_macdrop, dora or dora_macdrop, from `--config=llama3_70b:<variant>`.
+
+    Returns:
+      The run's ConfigDict (`base.paper_run`).
+    """
     c = paper_run(variant, name="llama3_70b", model="meta-llama/Meta-Llama-3-70B", template="llama3")
     c.mesh.update({"data": 1, "fsdp": -1, "tensor": 4})  # 8192-wide layers: tensor-parallel inside a host
     return c

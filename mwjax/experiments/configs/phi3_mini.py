@@ -8,6 +8,14 @@ from mwjax.experiments.configs.base import paper_run
 
 
 def get_config(variant: str = "lora_macdrop"):
+    """The Table 7 run of Phi-3-mini-4k-instruct: the phi template, one adapter per HF fused module.
+
+    Args:
+      variant: lora, lora_macdrop, dora or dora_macdrop, from `--config=phi3_mini:<variant>`.
+
+    Returns:
+      The run's ConfigDict (`base.paper_run`).
+    """
     c = paper_run(variant, name="phi3_mini", model="microsoft/Phi-3-mini-4k-instruct", template="phi")
     c.lora.fuse = True
     return c

@@ -6,6 +6,14 @@ from mwjax.experiments.configs.base import paper_run
 
 
 def get_config(variant: str = "lora_macdrop"):
+    """The CPU recipe: SmolLM2-135M (embedded) in float32, LoRA r 8, on 600 synthetic records, one epoch.
+
+    Args:
+      variant: lora, lora_macdrop, dora or dora_macdrop, from `--config=smollm2_135m:<variant>`.
+
+    Returns:
+      The run's ConfigDict (`base.paper_run`).
+    """
     c = paper_run(variant, name="smollm2_135m", model="embedded:smollm2", template="tokenizer")
     c.dtype = c.param_dtype = "float32"  # CPUs have no fast bfloat16
     c.data.update({"source": "synthetic", "num_synthetic": 600, "cutoff_len": 96, "val_size": 64})

@@ -22,14 +22,30 @@ GEMMA3_27B_LAYERS = 62
 
 
 def read_gemma_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]:
-    """HF config keys of a `gemma` file beyond the shared ones: the gelu-tanh activation (GemmaConfig's
-    `hidden_act` and transformers 4's `hidden_activation`)."""
+    """HF config keys of a `gemma` file beyond the shared ones: the gelu-tanh activation.
+
+    Args:
+      file: the GGUF file (unused: the keys are fixed).
+      shared: the HF config keys read for every architecture (unused).
+
+    Returns:
+      `hidden_act` (GemmaConfig's) and `hidden_activation` (transformers 4's), both "gelu_pytorch_tanh".
+    """
     return {"hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh"}
 
 
 def read_gemma2_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]:
-    """HF `Gemma2Config` keys of a `gemma2` file: activation, query scale, sliding window and the soft-caps
-    (`gemma2.attn_logit_softcapping`, default 50; `gemma2.final_logit_softcapping`, default 30)."""
+    """HF `Gemma2Config` keys of a `gemma2` file: activation, query scale, sliding window and the soft-caps.
+
+    Args:
+      file: the GGUF file (metadata `gemma2.*`).
+      shared: the HF config keys read for every architecture (`num_hidden_layers`, `hidden_size`,
+        `num_attention_heads`, `head_dim`).
+
+    Returns:
+      `hidden_act`, `hidden_activation`, `query_pre_attn_scalar`, `sliding_window`, `attn_logit_softcapping`
+      (`gemma2.attn_logit_softcapping`, default 50) and `final_logit_softcapping` (default 30).
+    """
     return _sandwich(file, shared, layers_27b=GEMMA2_27B_LAYERS) | {
         "final_logit_softcapping": file.field("final_logit_softcapping", 30.0),
         "attn_logit_softcapping": file.field("attn_logit_softcapping", 50.0),
@@ -37,9 +53,19 @@ def read_gemma2_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any
 
 
 def read_gemma3_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]:
-    """HF `Gemma3TextConfig` keys of a `gemma3` file: activation, query scale, sliding window, final soft-cap,
-    the sliding layers' RoPE base (`gemma3.rope.freq_base_swa`) and which layers slide
-    (`gemma3.attention.sliding_window_pattern`: a period, or one flag per layer)."""
+    """HF `Gemma3TextConfig` keys of a `gemma3` file.
+
+    Args:
+      file: the GGUF file (metadata `gemma3.*`).
+      shared: the HF config keys read for every architecture (`num_hidden_layers`, `hidden_size`,
+        `num_attention_heads`, `head_dim`).
+
+    Returns:
+      Activation, `query_pre_attn_scalar`, `sliding_window`, `final_logit_softcapping` (None by default), the
+      sliding layers' RoPE base `rope_local_base_freq` (`gemma3.rope.freq_base_swa`, default 10 000) and which
+      layers slide (`gemma3.attention.sliding_window_pattern`: a period as `sliding_window_pattern`, or one flag
+      per layer as `layer_types`).
+    """
     extra = _sandwich(file, shared, layers_27b=GEMMA3_27B_LAYERS) | {
         "final_logit_softcapping": file.field("final_logit_softcapping", None),
         "rope_local_base_freq": float(file.field("rope.freq_base_swa", GEMMA3_LOCAL_THETA)),
@@ -69,8 +95,16 @@ def _sandwich(file: GGUFFile, shared: Mapping[str, Any], *, layers_27b: int) -> 
 
 
 def undo_norm_plus_one(file: GGUFFile, hf_key: str, w: np.ndarray) -> np.ndarray:
-    """HF's RMSNorm weight w from llama.cpp's `1 + w` (every `*norm.weight`, QK-norm included; other tensors
-    as they are). w: [d_model] or [head_dim]."""
+    """HF's RMSNorm weight w from llama.cpp's `1 + w` (every `*norm.weight`, QK-norm included).
+
+    Args:
+      file: the GGUF file (unused).
+      hf_key: the tensor's HF name, e.g. "model.layers.0.input_layernorm.weight".
+      w: the dequantized float32 tensor: [d_model] or [head_dim] for a norm.
+
+    Returns:
+      `w - 1` for a norm weight; any other tensor as it is.
+    """
     return w - np.float32(1.0) if hf_key.endswith("norm.weight") else w
 
 

@@ -32,6 +32,7 @@ def read_gemma_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str,
     Args:
       hf: the HF config dict.
       fields: the `ModelConfig` fields the shared reader made of it (`hidden_act`).
+
     Returns:
       The llama fields (biases) with `hidden_act` and `sliding_window=None`.
     """
@@ -40,7 +41,15 @@ def read_gemma_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str,
 
 
 def write_gemma_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """The HF `GemmaConfig` dict: the shared keys `hf` plus `attention_bias`."""
+    """The HF `GemmaConfig` dict: the shared keys `hf` plus `attention_bias`.
+
+    Args:
+      config: the model's config.
+      hf: the shared HF config keys (`hf_config.write_hf_config`).
+
+    Returns:
+      The HF config dict.
+    """
     return hf | {"attention_bias": config.qkv_bias}
 
 
@@ -51,6 +60,7 @@ def read_gemma2_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str
     Args:
       hf: the HF config dict.
       fields: the `ModelConfig` fields the shared reader made of it (`num_hidden_layers`, `layer_types`).
+
     Returns:
       The llama fields with `hidden_act`, `layer_types` [num_hidden_layers], `query_pre_attn_scalar`,
       `final_logit_softcapping`, and `attn_logit_softcapping` (Gemma 2) or `qk_norm=True` (Gemma 3).
@@ -75,8 +85,15 @@ def read_gemma2_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str
 
 
 def write_gemma2_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """The HF `Gemma2Config` dict: the llama keys, `hidden_activation` for `hidden_act`, the query scale,
-    the soft-caps and `layer_types`."""
+    """The HF `Gemma2Config` dict: the llama keys, `hidden_activation` for `hidden_act`, soft-caps, layer types.
+
+    Args:
+      config: the model's config.
+      hf: the shared HF config keys (`hf_config.write_hf_config`).
+
+    Returns:
+      The HF config dict (with `query_pre_attn_scalar`, both soft-caps and `layer_types`).
+    """
     hf = write_llama_hf(config, hf)
     return hf | {
         "hidden_activation": hf.pop("hidden_act"),
@@ -88,8 +105,18 @@ def write_gemma2_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_gemma3_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """The HF `Gemma3TextConfig` dict: Gemma 2's keys plus `rope_local_base_freq`, or `rope_parameters` per
-    layer type where the sliding layers' RoPE is scaled (not expressible in the legacy keys)."""
+    """The HF `Gemma3TextConfig` dict: Gemma 2's keys plus the sliding layers' RoPE.
+
+    The sliding layers' RoPE is `rope_local_base_freq`, or, where it is scaled (not expressible in the legacy
+    keys), `rope_parameters` per layer type replacing `rope_theta` / `rope_local_base_freq` / `rope_scaling`.
+
+    Args:
+      config: the model's config (`rope`, `sliding_rope`).
+      hf: the shared HF config keys (`hf_config.write_hf_config`).
+
+    Returns:
+      The HF config dict.
+    """
     hf = write_gemma2_hf(config, hf)
     local = config.rope_for(SLIDING_ATTENTION)
     hf["rope_local_base_freq"] = local.theta
@@ -109,6 +136,7 @@ def read_gemma3_rope(hf: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
     Args:
       hf: the HF config dict: transformers 5 `rope_parameters` nested per layer type, or transformers 4
         `rope_theta` / `rope_scaling` for the global layers and `rope_local_base_freq` for the sliding ones.
+
     Returns:
       (global, sliding) `RopeConfig`s; bases 1 000 000 and 10 000 where the config names none.
     """

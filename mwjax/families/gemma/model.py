@@ -78,12 +78,26 @@ class GemmaForCausalLM(LlamaForCausalLM):
                         norm_offset=GEMMA_NORM_OFFSET)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        """HF `GemmaTextScaledWordEmbedding`: embedding * sqrt(hidden_size), the scale a float32 cast to the dtype."""
+        """HF `GemmaTextScaledWordEmbedding`: embedding * sqrt(hidden_size), the scale a float32 cast to the dtype.
+
+        Args:
+          tokens: int [batch, seq] token ids.
+
+        Returns:
+          [batch, seq, d_model] scaled embeddings in the compute dtype.
+        """
         x = self.model.embed_tokens(tokens)
         return x * jnp.asarray(np.float32(self.config.hidden_size**0.5)).astype(x.dtype)
 
     def unembed(self, x: jax.Array) -> jax.Array:
-        """Logits, soft-capped by `final_logit_softcapping` where configured (Gemma 2)."""
+        """Logits, soft-capped by `final_logit_softcapping` where configured (Gemma 2): `cap * tanh(x / cap)`.
+
+        Args:
+          x: [batch, seq, d_model] final hidden states (after the final norm).
+
+        Returns:
+          Logits [batch, seq, vocab].
+        """
         logits = super().unembed(x)
         cap = self.config.final_logit_softcapping
         return logits if cap is None else jnp.tanh(logits / cap) * cap

@@ -22,6 +22,7 @@ def read_llama_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]
     Args:
       file: the GGUF file (metadata `llama.*`, tensor names).
       shared: the HF config keys read for every architecture.
+
     Returns:
       `attention_bias` (from the presence of `blk.0.attn_q.bias`); with `llama.attention.sliding_window`,
       model_type "mistral" and `sliding_window`; with `llama.expert_count`, model_type "mixtral" and
@@ -44,6 +45,7 @@ def undo_qk_permutation(file: GGUFFile, hf_key: str, w: np.ndarray) -> np.ndarra
       file: the GGUF file (`attention.head_count`, `attention.head_count_kv`).
       hf_key: the tensor's HF name, e.g. "model.layers.0.self_attn.q_proj.weight".
       w: the dequantized tensor, HF layout: [heads * head_dim, d_model] (weight) or [heads * head_dim] (bias).
+
     Returns:
       `w` with the rows of every head back in HF's order.
     """
@@ -56,13 +58,29 @@ def undo_qk_permutation(file: GGUFFile, hf_key: str, w: np.ndarray) -> np.ndarra
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's `permute`: per head, rows (2, d/2) interleaved back to (d/2, 2) halves."""
+    """Inverse of llama.cpp's `permute`: per head, rows (2, d/2) interleaved back to (d/2, 2) halves.
+
+    Args:
+      w: a Q or K weight [n_head * head_dim, d_model] or bias [n_head * head_dim], llama.cpp's row order.
+      n_head: heads of the projection (query heads for Q, key-value heads for K).
+
+    Returns:
+      `w` in HF's row order, same shape.
+    """
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def read_qwen2_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]:
-    """HF config keys of a `qwen2` file beyond the shared ones: none (HF's Qwen2 hard-codes its biases)."""
+    """HF config keys of a `qwen2` file beyond the shared ones: none (HF's Qwen2 hard-codes its biases).
+
+    Args:
+      file: the GGUF file (unused).
+      shared: the HF config keys read for every architecture (unused).
+
+    Returns:
+      An empty dict.
+    """
     return {}
 
 

@@ -22,6 +22,7 @@ def read_llama_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str,
     Args:
       hf: the HF config dict (`config.json`).
       fields: the `ModelConfig` fields the shared reader made of it.
+
     Returns:
       The fields read here: `qkv_bias`, `o_bias`, `mlp_bias` (and `sliding_window=None` for llama,
       whose attention ignores the key).
@@ -34,7 +35,15 @@ def read_llama_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str,
 
 
 def write_llama_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """The HF `LlamaConfig` / `MistralConfig` dict: the shared keys `hf` plus the biases and the window."""
+    """The HF `LlamaConfig` / `MistralConfig` dict: the shared keys `hf` plus the biases and the window.
+
+    Args:
+      config: the model's config.
+      hf: the shared HF config keys (`hf_config.write_hf_config`).
+
+    Returns:
+      The HF config dict with `attention_bias`, `mlp_bias` and `sliding_window`.
+    """
     return hf | {"attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias,
                  "sliding_window": config.sliding_window}
 
@@ -46,6 +55,7 @@ def read_qwen2_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str,
     Args:
       hf: the HF config dict.
       fields: the `ModelConfig` fields the shared reader made of it (`layer_types`, `num_hidden_layers`).
+
     Returns:
       The bias switches, `sliding_window` and `layer_types` ([num_hidden_layers] "full_attention" /
       "sliding_attention"; None where the config has neither list nor window).
@@ -59,8 +69,18 @@ def read_qwen2_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str,
 
 
 def write_qwen2_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """The HF `Qwen2Config` dict: the shared keys `hf` plus the window, written both as `layer_types` and as
-    `use_sliding_window` / `max_window_layers` (the first sliding layer)."""
+    """The HF `Qwen2Config` dict: the shared keys `hf` plus the window.
+
+    The window is written both as `layer_types` and as `use_sliding_window` / `max_window_layers` (the first
+    sliding layer).
+
+    Args:
+      config: the model's config.
+      hf: the shared HF config keys (`hf_config.write_hf_config`).
+
+    Returns:
+      The HF config dict.
+    """
     sliding = [i for i, t in enumerate(config.layer_types) if t == SLIDING_ATTENTION]
     return hf | {
         "use_sliding_window": bool(sliding),

@@ -69,7 +69,17 @@ class LlamaForCausalLM(CausalLM):
 
     def init_model(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, layer=DecoderLayer,
                    norm_offset: float = 0.0) -> None:
-        """Set `config`, `model` (with `layer` as decoder layer) and `lm_head` (None when tied)."""
+        """Set `config`, `model` (with `layer` as decoder layer) and `lm_head` (None when tied).
+
+        Args:
+          config: the model's config.
+          dtype: compute dtype.
+          param_dtype: dtype of the parameters; None for `dtype`.
+          rngs: the initialisers' random streams.
+          layer: builds decoder layer i (`layer(config, i, dtype=, param_dtype=, rngs=)`); HF `LlamaDecoderLayer`
+            by default.
+          norm_offset: the final norm's weight offset (1.0 for Gemma's `(1 + w)`).
+        """
         param_dtype = param_dtype or dtype
         self.config = config
         self.dtype = dtype

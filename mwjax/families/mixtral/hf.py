@@ -26,6 +26,7 @@ def read_mixtral_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[st
     Args:
       hf: the HF config dict.
       fields: the `ModelConfig` fields the shared reader made of it.
+
     Returns:
       The bias switches (all off), `num_local_experts` E (default 8) and `num_experts_per_tok` k (default 2).
     """
@@ -35,6 +36,14 @@ def read_mixtral_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[st
 
 
 def write_mixtral_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """The HF `MixtralConfig` dict: the shared keys `hf` plus the window and the experts."""
+    """The HF `MixtralConfig` dict: the shared keys `hf` plus the window and the experts.
+
+    Args:
+      config: the model's config.
+      hf: the shared HF config keys (`hf_config.write_hf_config`).
+
+    Returns:
+      The HF config dict with `sliding_window`, `num_local_experts` E and `num_experts_per_tok` k.
+    """
     return hf | {"sliding_window": config.sliding_window, "num_local_experts": config.num_local_experts,
                  "num_experts_per_tok": config.num_experts_per_tok}

@@ -72,8 +72,15 @@ class MixtralSparseMoeBlock(RoutedFFN):
         self.dispatch = "auto"
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """(router probabilities [b, t, E] float32, top-k weights [b, t, k] float32 summing to 1, their experts
-        [b, t, k] int32), the k choices of a token in ascending expert order (the order HF adds them in)."""
+        """HF `MixtralTopKRouter`: the router's probabilities and each token's top-k experts.
+
+        Args:
+          x: [b, t, d_model] the FFN input (after `post_attention_layernorm`).
+
+        Returns:
+          (router probabilities [b, t, E] float32, top-k weights [b, t, k] float32 summing to 1, their experts
+          [b, t, k] int32), the k choices of a token in ascending expert order (the order HF adds them in).
+        """
         probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)
         top, chosen = jax.lax.top_k(probs, self.top_k)  # [b, t, k]
         top = top / jnp.sum(top, axis=-1, keepdims=True)
@@ -98,8 +105,20 @@ class MixtralSparseMoeBlock(RoutedFFN):
         return self.routed_experts(x, top, chosen, expert_masks)
 
     def routed_experts(self, x: jax.Array, top: jax.Array, chosen: jax.Array, expert_masks) -> jax.Array:
-        """Only the chosen experts run (HF's dispatch): the b t k (token, expert) pairs sorted by expert, each
-        projection one ragged matmul over the experts' stacked weights (`Linear.grouped`)."""
+        """Only the chosen experts run (HF's dispatch loop).
+
+        The b t k (token, expert) pairs are sorted by expert, each projection one ragged matmul over the experts'
+        stacked weights (`Linear.grouped`).
+
+        Args:
+          x: [b, t, d_model] the FFN input.
+          top: [b, t, k] float32 routing weights (`route`).
+          chosen: [b, t, k] int32 experts (`route`), ascending per token.
+          expert_masks: [E] the FFN row mask of each expert (on its W_gate / W_up rows), None for the unmasked.
+
+        Returns:
+          [b, t, d_model] the block's output, the weighted expert outputs summed in expert order.
+        """
         b, t, d = x.shape
         k = self.top_k
         experts = chosen.reshape(-1)  # [b t k]
@@ -119,8 +138,21 @@ class MixtralSparseMoeBlock(RoutedFFN):
         return y
 
     def all_experts(self, x: jax.Array, top: jax.Array, chosen: jax.Array, expert_masks, taps: Taps) -> jax.Array:
-        """Every expert on every token, the unselected ones weighted 0 (exact): what probes of every expert's
-        intermediate state / down_proj output and activation edits there need."""
+        """Every expert on every token, the unselected ones weighted 0 (exact).
+
+        What probes of every expert's intermediate state / down_proj output and activation edits there need;
+        records "gate_activation", "up_proj_output", "intermediate" and "down_proj_output" [b, t, E, .].
+
+        Args:
+          x: [b, t, d_model] the FFN input.
+          top: [b, t, k] float32 routing weights (`route`).
+          chosen: [b, t, k] int32 experts (`route`).
+          expert_masks: [E] the FFN row mask of each expert (on its W_gate / W_up rows), None for the unmasked.
+          taps: the forward's probes and activation edits.
+
+        Returns:
+          [b, t, d_model] the block's output.
+        """
         i = self.layer_idx
         weights = jnp.sum(jax.nn.one_hot(chosen, len(self.experts), dtype=top.dtype) * top[..., None], axis=-2)
         gates, ups = zip(*(expert.gate_and_up(x, m) for expert, m in zip(self.experts, expert_masks, strict=True)),
@@ -148,6 +180,11 @@ class MixtralForCausalLM(LlamaForCausalLM):
                         layer=functools.partial(DecoderLayer, mlp_cls=MixtralSparseMoeBlock))
 
     def validate_masks(self, ffn_masks: masks.FFNMasks) -> None:
+        """Check FFN row masks against the config (`masks.validate`), each naming one of the E experts.
+
+        Args:
+          ffn_masks: {layer: RowMask} with `RowMask.expert` set; a ValueError names the first bad one.
+        """
         cfg = self.config
         masks.validate(ffn_masks, num_layers=cfg.num_hidden_layers, d_ff=cfg.intermediate_size,
                        d_model=cfg.hidden_size, num_experts=cfg.num_local_experts)

@@ -21,6 +21,7 @@ def read_phi3_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]:
     Args:
       file: the GGUF file (metadata `phi3.*`, the longrope factor tensors).
       shared: the HF config keys read for every architecture (`head_dim`).
+
     Returns:
       `sliding_window`; `partial_rotary_factor` where `rope.dimension_count` < head_dim; longrope
       `rope_scaling` (short / long factors, `original_max_position_embeddings`, `attention_factor`) where the

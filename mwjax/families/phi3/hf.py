@@ -25,6 +25,7 @@ def read_phi3_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, 
     Args:
       hf: the HF config dict.
       fields: the `ModelConfig` fields the shared reader made of it.
+
     Returns:
       The bias switches, all off.
     """
@@ -32,8 +33,16 @@ def read_phi3_hf(hf: Mapping[str, Any], fields: Mapping[str, Any]) -> dict[str, 
 
 
 def write_phi3_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """The HF `Phi3Config` dict: the shared keys `hf` plus the window and longrope's top-level
-    `original_max_position_embeddings`."""
+    """The HF `Phi3Config` dict: the shared keys `hf` plus the window and longrope's original context.
+
+    Args:
+      config: the model's config.
+      hf: the shared HF config keys (`hf_config.write_hf_config`).
+
+    Returns:
+      The HF config dict with `sliding_window` and, for longrope, the top-level
+      `original_max_position_embeddings`.
+    """
     hf = hf | {"sliding_window": config.sliding_window}
     if config.rope.original_max_position_embeddings is not None:
         hf["original_max_position_embeddings"] = config.rope.original_max_position_embeddings
@@ -46,6 +55,7 @@ def read_phi3_rope(hf: Mapping[str, Any]) -> tuple[RopeConfig, None]:
 
     Args:
       hf: the HF config dict.
+
     Returns:
       (rope, None): one RoPE for every layer.
     """
