@@ -267,7 +267,7 @@ def test_trainer_keeps_the_shared_a_and_its_export_loads_in_peft(base, tmp_path)
         x.size for x in jax.tree.leaves(nnx.state(ours, peft.LoRAParam)))
     stream = train.micro_batches(ArrayLoader(8, 2, 24, vocab=160), 0, 1e9)
     for _ in range(2):
-        arrays, _ = train.stack_step(stream, tc.grad_accum, None)
+        arrays = train.stack_step(stream, tc.grad_accum)
         state, _ = trainer.step_fn(state, trainer.frozen, trainer.place_batch(arrays, 1))
     tuned = trainer.model(state)
     attn = tuned.model.layers[0].self_attn

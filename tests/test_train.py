@@ -228,11 +228,25 @@ def test_eight_devices_give_the_losses_of_one():
     print(f"single-device losses {result['single']}\n8-device (2x2x2 mesh) losses {result['sharded']}")
 
 
+def test_a_step_past_the_end_of_the_data_is_filled_with_empty_micro_batches():
+    """A fractional last epoch (2 batches an epoch, 4.25 epochs = 8 micro-batches, grad_accum 4: a third step of
+    nothing but filler) read from a resume at that step: the filler takes the real batches' shapes, contributes no
+    label, and needs no micro-batch seen before it (it did: a resume there crashed)."""
+    loader = ArrayLoader(8, 4, 24)
+    full = train.stack_step(train.micro_batches(loader, 0, 4.25), 4)
+    resumed = train.stack_step(train.micro_batches(loader, 8, 4.25), 4)
+    assert {k: v.shape for k, v in resumed.items()} == {k: v.shape for k, v in full.items()}
+    assert (resumed["labels"] == -100).all() and (full["labels"] != -100).any()
+    assert (resumed["tokens"] == 0).all() and (resumed["segment_ids"] == 0).all()
+    halfway = train.stack_step(train.micro_batches(loader, 6, 4.25), 4)  # 2 real micro-batches, then filler
+    assert (halfway["labels"][:2] != -100).any() and (halfway["labels"][2:] == -100).all()
+
+
 def run_steps(trainer, steps: int):
     state, losses = trainer.initial_state, []
     stream = train.micro_batches(ArrayLoader(32, 4, 24), 0, 1e9)
     for _ in range(steps):
-        arrays, _ = train.stack_step(stream, trainer.config.grad_accum, None)
+        arrays = train.stack_step(stream, trainer.config.grad_accum)
         state, metrics = trainer.step_fn(state, trainer.frozen, trainer.place_batch(arrays, 1))
         losses.append(float(metrics["loss"]))
     return state, losses

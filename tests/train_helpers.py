@@ -64,7 +64,7 @@ def run(mesh_shape, steps=4):
     losses, constraints = [], []
     stream = train.micro_batches(ArrayLoader(32, 4, 24), 0, 1e9)
     for _ in range(steps):
-        arrays, _ = train.stack_step(stream, tc.grad_accum, None)
+        arrays = train.stack_step(stream, tc.grad_accum)
         batch = trainer.place_batch(arrays, 1)
         if not constraints:  # the activation constraints of the lowered step (Shardy's, as jax lowers today)
             text = trainer.step_fn.lower(state, trainer.frozen, batch).as_text()

@@ -25,7 +25,12 @@ from mwjax.finetune.step import Trainer, TrainState
 BATCH_KEYS = ("tokens", "labels", "positions", "segment_ids")
 
 
-def micro_batches(loader, start: int, epochs: float) -> Iterator[dict[str, np.ndarray] | None]:
+def _empty_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A micro-batch that contributes nothing (every label ignored), to fill the run's last step."""
+    return {k: np.full_like(v, IGNORE) if k == "labels" else np.zeros_like(v) for k, v in batch.items()}
+
+
+def micro_batches(loader, start: int, epochs: float) -> Iterator[dict[str, np.ndarray]]:
     """The run's stream of micro-batches from global index `start` on, across epochs (endless).
 
     Args:
@@ -34,7 +39,8 @@ def micro_batches(loader, start: int, epochs: float) -> Iterator[dict[str, np.nd
       epochs: epochs of data (fractional: the last one ends mid-way).
 
     Yields:
-      Each micro-batch's BATCH_KEYS arrays (int32 [local_batch, seq_len]); None past the end of the data.
+      Each micro-batch's BATCH_KEYS arrays (int32 [local_batch, seq_len]); past the end of the data, micro-batches
+      of the same shapes that contribute nothing (every label IGNORE), to fill the run's last step.
     """
     per_epoch = len(loader)
     end = math.floor(epochs * per_epoch)
@@ -42,35 +48,23 @@ def micro_batches(loader, start: int, epochs: float) -> Iterator[dict[str, np.nd
     while True:
         epoch, offset = divmod(index, per_epoch)
         for batch in loader.epoch(epoch, start_step=offset):
-            yield {k: batch[k] for k in BATCH_KEYS} if index < end else None
+            mb = {k: batch[k] for k in BATCH_KEYS}
+            yield mb if index < end else _empty_like(mb)
             index += 1
 
 
-def _empty_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A micro-batch that contributes nothing (every label ignored), to fill the run's last step."""
-    return {k: np.full_like(v, IGNORE) if k == "labels" else np.zeros_like(v) for k, v in batch.items()}
-
-
-def stack_step(stream: Iterator, grad_accum: int, template: dict | None) -> tuple[dict[str, np.ndarray], dict]:
-    """The next optimizer step's micro-batches stacked to [grad_accum, ...]; past the data's end, micro-batches
-    that contribute nothing (every label IGNORE) fill the step.
+def stack_step(stream: Iterator, grad_accum: int) -> dict[str, np.ndarray]:
+    """The next optimizer step's micro-batches stacked to [grad_accum, ...].
 
     Args:
-      stream: the `micro_batches` iterator.
+      stream: the `micro_batches` iterator (past the data's end, its micro-batches contribute nothing).
       grad_accum: micro-batches per optimizer step.
-      template: a micro-batch whose shapes an empty one copies (the last one seen); None before the first.
 
     Returns:
-      (BATCH_KEYS -> int32 [grad_accum, local_batch, seq_len], the template for the next call).
+      BATCH_KEYS -> int32 [grad_accum, local_batch, seq_len].
     """
-    chunk = []
-    for _ in range(grad_accum):
-        mb = next(stream)
-        if mb is None:
-            mb = _empty_like(template)
-        template = mb
-        chunk.append(mb)
-    return {k: np.stack([mb[k] for mb in chunk]) for k in BATCH_KEYS}, template
+    chunk = [next(stream) for _ in range(grad_accum)]
+    return {k: np.stack([mb[k] for mb in chunk]) for k in BATCH_KEYS}
 
 
 @dataclasses.dataclass
@@ -200,7 +194,6 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
         if on_eval:
             on_eval(step, metrics["eval_loss"])
 
-    template = None
     with RunLog(output_dir, total=trainer.steps, start=start, lead=lead) as run_log, checkpoints:
         if eval_before and start == 0 and val_loader is not None:
             evaluate(0, before := {"step": 0})
@@ -209,7 +202,7 @@ def fit(trainer: Trainer, train_loader, val_loader=None, *, output_dir: str | Pa
         if start < trainer.steps:
             announce("training step")
         for step in range(start, trainer.steps):
-            arrays, template = stack_step(stream, config.grad_accum, template)
+            arrays = stack_step(stream, config.grad_accum)
             batch = trainer.place_batch(arrays, 1)
             state, metrics = trainer.step_fn(state, trainer.frozen, batch)
             params_finite = bool(metrics.pop("params_finite"))
