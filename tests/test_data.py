@@ -156,6 +156,10 @@ def test_local_json_and_missing_columns(tmp_path):
     for name in ("a.json", "a.jsonl"):
         got = data.load_examples(data.DataConfig(source=str(tmp_path / name)))
         assert got == [RECORD, {"instruction": "b", "input": "", "output": "c"}]
+    # numbers are text: an answer of 0 stays "0" (it was dropped as empty), a numeric system prompt a string
+    (tmp_path / "n.json").write_text(json.dumps([{"instruction": "1 - 1", "output": 0, "system": 7, "input": None}]))
+    assert data.load_examples(data.DataConfig(source=str(tmp_path / "n.json"))) == [
+        {"instruction": "1 - 1", "input": "", "output": "0", "system": "7"}]
     (tmp_path / "bad.json").write_text(json.dumps([{"instruction": "a", "response": "b"}]))
     with pytest.raises(ValueError, match="bad.json, record 0: the record has no 'output' column"):
         data.load_examples(data.DataConfig(source=str(tmp_path / "bad.json")))

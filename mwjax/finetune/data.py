@@ -107,7 +107,9 @@ def load_examples(cfg: DataConfig) -> list[dict]:
         wrong = [c for c in (*COLUMNS, "system") if not isinstance(row.get(c), str | int | float | None)]
         if wrong:
             raise ValueError(f"{where}: {wrong[0]!r} is a {type(row[wrong[0]]).__name__}, not text")
-    return [{c: str(row.get(c) or "") for c in COLUMNS} | ({"system": row["system"]} if row.get("system") else {})
+    text = lambda value: "" if value is None else str(value)  # a number is text (an answer of 0 is "0")
+    return [{c: text(row.get(c)) for c in COLUMNS} | ({"system": text(row["system"])} if text(row.get("system"))
+                                                     else {})
             for _, row in located]
 
 
