@@ -94,6 +94,7 @@ def test_each_experiment_parses_its_flags_with_cli_run(name):
 @pytest.mark.parametrize("args, message", [
     (["experiments.attacks", "--seqlen=0"], "flag --seqlen=0: 0 is not integer >= 2"),
     (["experiments.zeroshot", "--attack=scale_super_weight:nan"], "the factor must be a finite number"),
+    (["experiments.super_weight", "--row=3"], "--row without the rest: --layer, --row and --col name one"),
     (["experiments.macdrop", "--config=smollm2_135m", "--config.train.learning_rate=nan"],
      "config.train: learning_rate must be a finite number > 0"),
 ])

@@ -16,7 +16,7 @@ Writes super_weight.json, scaling.png (and scaling_zeroshot.png; --format=pdf|sv
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from mwjax.core import cli, lazy
 from mwjax.data.corpora import check_name as check_corpus
@@ -55,11 +55,24 @@ flags.DEFINE_integer("batch_size", 1, "chunks per forward pass", lower_bound=1)
 flags.DEFINE_string("generation_prompt", "What is the capital of France?", "prompt for a sample per setting")
 
 
+
+def _all_or_none(values: dict) -> bool:
+    """--layer, --row and --col name one weight together: refused at parsing (before the model loads) unless all
+    three or none are given."""
+    given = [f"--{name}" for name, value in values.items() if value is not None]
+    if given and len(given) < 3:
+        raise flags.ValidationError(f"{' and '.join(given)} without the rest: --layer, --row and --col name one "
+                                    "down_proj weight together (or give none: detection chooses)")
+    return True
+
+
+flags.register_multi_flags_validator(["layer", "row", "col"], _all_or_none)
+
+
 def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.SuperWeight]]:
     """The super weights to attack: all found on --prompt, or the one named by --layer/--row/--col.
 
-    `app.UsageError` when --layer comes without --row and --col; SystemExit when detection finds none and none is
-    named.
+    SystemExit when detection finds none and none is named (--layer, --row and --col come together: `_all_or_none`).
 
     Args:
       model: an mwjax causal LM.
@@ -71,8 +84,6 @@ def choose(model, tokenizer) -> tuple[list[massive.SuperWeight], list[massive.Su
     candidates = massive.find_super_weights(model, tokenizer, FLAGS.prompt, threshold=FLAGS.threshold,
                                             ratio=FLAGS.ratio)
     if FLAGS.layer is not None:
-        if FLAGS.row is None or FLAGS.col is None:
-            raise app.UsageError("--layer needs --row and --col")
         return [massive.super_weight_at(model, FLAGS.layer, FLAGS.row, FLAGS.col)], candidates
     if not candidates:
         raise SystemExit(f"no layer's down_proj spikes above {FLAGS.threshold} on this prompt; lower --threshold "
