@@ -159,9 +159,21 @@ def scaling_curve(factors: Sequence[float], values: Sequence[float], title: str,
 
 def block_sweep(blocks: Sequence[str], series: Mapping[str, Sequence[float]], title: str, path: str | Path,
                 ylabel: str = "perplexity", log_y: bool = True, reference: float | None = None) -> Path:
-    """The Super Weight Figure 7: a metric against the quantization block size for each way of handling the
-    outliers. blocks: the labels, smallest block first ("64", ..., "tensor"), evenly spaced (the sizes double or
-    more from one to the next); reference: the unquantized model's value, a dashed line."""
+    """The Super Weight Figure 7: a metric against the quantization block size for each way of handling the outliers.
+
+    Args:
+      blocks: the labels, smallest block first ("64", ..., "tensor"), evenly spaced (the sizes double or more from
+        one to the next).
+      series: {curve: the metric at each block}, one line each.
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      ylabel: the y axis' label.
+      log_y: a log y axis (perplexity); False for accuracy.
+      reference: the unquantized model's value, a dashed line; None: no line.
+
+    Returns:
+      `path` as a Path.
+    """
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = np.arange(len(blocks))
     for name, ys in series.items():

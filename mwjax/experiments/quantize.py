@@ -98,7 +98,14 @@ def _check_part(name: str) -> None:
 
 
 def parse_block(value: str) -> int | str:
-    """A --blocks item: a positive integer, channel or tensor."""
+    """A --blocks item: a positive integer, channel or tensor.
+
+    Args:
+      value: the item as written (ValueError for anything else).
+
+    Returns:
+      The int block size, or "channel" / "tensor".
+    """
     if value in ("channel", "tensor"):
         return value
     if not value.isdigit() or int(value) < 1:
@@ -128,11 +135,28 @@ flags.register_multi_flags_validator(["clip_method", "clip_threshold"], _check_c
 
 
 def log(message: str) -> None:
+    """A progress line with the time.
+
+    Args:
+      message: the line's text.
+    """
     print(f"[quantize {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def table3(model, tokenizer, corpora) -> dict:
-    """Table 3: perplexity per corpus of the float model and the three W8A8 rows (`sweep.table3_points`)."""
+    """Table 3: perplexity per corpus of the float model and the three W8A8 rows (`sweep.table3_points`).
+
+    SmoothQuant is calibrated on --calibration first (`common.calibration_set`, `smoothquant.input_max`).
+
+    Args:
+      model: the float model.
+      tokenizer: its tokenizer (for the calibration corpus).
+      corpora: the evaluated corpora (`common.load_corpora`).
+
+    Returns:
+      {"rows": {row: {corpus: `PerplexityResult.to_dict()`}}, "share_of_smoothquant_gain": {corpus: {row: % or
+      None}}, "calibration": [sequences, seqlen], "settings": the flags used}.
+    """
     calibration = common.calibration_set(corpora, tokenizer, FLAGS.calibration, FLAGS.calibration_sequences,
                                          FLAGS.calibration_seqlen, FLAGS.seqlen)
     act_max = smoothquant.input_max(model, calibration)
@@ -160,6 +184,15 @@ def table3(model, tokenizer, corpora) -> dict:
 
 
 def table3_markdown(result: dict, corpora) -> str:
+    """Table 3 as the paper prints it: perplexity per corpus, the share of SmoothQuant's gain in parentheses.
+
+    Args:
+      result: `table3`'s result.
+      corpora: the evaluated corpora, one column each.
+
+    Returns:
+      The table in Markdown.
+    """
     rows = []
     for name, per_corpus in result["rows"].items():
         cells = []
@@ -173,7 +206,21 @@ def table3_markdown(result: dict, corpora) -> str:
 
 
 def figure7(model, tokenizer, corpora, zeroshot, out) -> dict:
-    """Figure 7: {metric: {curve: value per block}} (`sweep.block_sweep`), one compiled program for all points."""
+    """Figure 7: each metric at each block size per curve (`sweep.block_sweep`), one compiled program for all points.
+
+    Finds the super weights (`massive.find_super_weights`), and draws block_sweep[_zeroshot] into `out`.
+
+    Args:
+      model: the float model.
+      tokenizer: its tokenizer.
+      corpora: the evaluated corpora; perplexity is measured on the first.
+      zeroshot: the zero-shot evaluator (`zeroshot_flags.evaluator`) when --metrics has zeroshot, else None.
+      out: the output directory the figures go to.
+
+    Returns:
+      {"blocks", "bits", "clip_method", "clip_threshold", "super_weights", "whole_tensor_fallback",
+      "super_weight_vs_tensor_max", and per metric {"unquantized": value, curve: [value per block], settings}}.
+    """
     sws = massive.find_super_weights(model, tokenizer)
     log("super weights restored: " + (", ".join(f"{sw.label} = {sw.weight:.4g}" for sw in sws)
                                       or "none found (the handled curve only clips)"))
@@ -208,6 +255,16 @@ def figure7(model, tokenizer, corpora, zeroshot, out) -> dict:
 
 
 def figure7_markdown(result: dict, metric: str) -> str:
+    """One metric of Figure 7 as a table: block sizes down, curves across, and how many tensors each block size
+    quantizes whole.
+
+    Args:
+      result: `figure7`'s result.
+      metric: "perplexity" or "zeroshot".
+
+    Returns:
+      The table in Markdown.
+    """
     series = {k: v for k, v in result[metric].items() if k in defaults.CURVES}
     rows = [[b, *(f"{s[i]:.3f}" for s in series.values()), result["whole_tensor_fallback"][b]]
             for i, b in enumerate(result["blocks"])]
@@ -215,6 +272,11 @@ def figure7_markdown(result: dict, metric: str) -> str:
 
 
 def main(argv):
+    """Run the --parts, print their tables and write quantize.json, table3.md, figure7.md and the figures.
+
+    Args:
+      argv: the command line as absl passes it (flags already parsed); unused.
+    """
     del argv
     out = common.output_dir("outputs/quantize")  # unwritable: fails before the model loads
     zeroshot = zeroshot_flags.evaluator() if "zeroshot" in FLAGS.metrics and "figure7" in FLAGS.parts else None

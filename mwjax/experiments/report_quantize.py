@@ -35,7 +35,13 @@ CLIP_THRESHOLD = 9.0  # the reference's z-score
 
 @dataclasses.dataclass(frozen=True)
 class QuantSizes:
-    """The section's share of a report run: Figure 7's block sizes and curves, whether SmoothQuant is calibrated."""
+    """The section's share of a report run.
+
+    Args:
+      blocks: Figure 7's block sizes, smallest first.
+      curves: Figure 7's curves (`defaults.CURVES`).
+      smoothquant: calibrate SmoothQuant (Table 3's SmoothQuant row and the share of its gain).
+    """
 
     blocks: tuple[int | str, ...]
     curves: tuple[str, ...]
@@ -48,15 +54,36 @@ QUICK = QuantSizes(blocks=(64, 4096), curves=(defaults.ROUND_TO_NEAREST, default
 
 
 def paired(better: np.ndarray, worse: np.ndarray) -> tuple[float, float]:
-    """(mean over chunks of worse - better per-chunk NLL, its standard error; inf with one chunk)."""
+    """The paired difference of per-chunk NLL between two settings on the same chunks.
+
+    Args:
+      better: per-chunk NLL [chunks] of the setting claimed better.
+      worse: per-chunk NLL [chunks] of the other, on the same chunks.
+
+    Returns:
+      (mean over chunks of worse - better, its standard error; inf with one chunk).
+    """
     d = np.asarray(worse, np.float64) - np.asarray(better, np.float64)
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
 
 
 def section(model, tokenizer, corpus, sizes, out: Path, log: Callable[[str], None], verdict: Callable, quick: bool
             ) -> tuple[dict, str]:
-    """(payload, Markdown) of the section. sizes: the report's Sizes (seqlen, chunks, calibration); verdict: the
-    report's rule (difference, standard error) -> 'agrees' / 'does not agree' / 'inconclusive'."""
+    """Run the section: Table 3 (W8A8) and Figure 7 (INT4 by block size) on one corpus, with verdicts.
+
+    Args:
+      model: the float model.
+      tokenizer: its tokenizer (calibration text, the super-weight prompt).
+      corpus: the evaluated corpus (`corpora.Corpus`); SmoothQuant calibrates on its last chunks.
+      sizes: the report's Sizes (seqlen, max_chunks, calibration_sequences, calibration_seqlen).
+      out: the (staging) output directory the figure goes to.
+      log: prints a progress line.
+      verdict: the report's rule, (difference, standard error) -> 'agrees' / 'does not agree' / 'inconclusive'.
+      quick: a --quick run (QUICK's blocks and curves, no SmoothQuant) rather than FULL.
+
+    Returns:
+      (payload for report.json, the section in Markdown).
+    """
     q = QUICK if quick else FULL
     tokens = likelihood.chunk_tokens(corpus.token_ids, sizes.seqlen, sizes.max_chunks)
     # many forward passes per setting: dequantize once (quantize.materialize); one pass: quantize in the pass

@@ -289,7 +289,14 @@ def table9(runs: list[dict]) -> str:
 
 def super_weight_table3(run: dict) -> str:
     """The Super Weight's Table 3 from experiments.quantize: perplexity per corpus, the quantized rows with the share
-    of SmoothQuant's gain over naive W8A8 in parentheses (as the paper prints it)."""
+    of SmoothQuant's gain over naive W8A8 in parentheses (as the paper prints it).
+
+    Args:
+      run: a quantize.json record with a "table3" part (`load_runs`).
+
+    Returns:
+      The table in Markdown.
+    """
     t3 = run["table3"]
     corpora = list(t3["rows"]["FP"])
     rows = []
@@ -304,7 +311,14 @@ def super_weight_table3(run: dict) -> str:
 
 
 def super_weight_figure7(run: dict) -> list[str]:
-    """The Super Weight's Figure 7 from experiments.quantize: one table per metric, block sizes down, curves across."""
+    """The Super Weight's Figure 7 from experiments.quantize: one table per metric, block sizes down, curves across.
+
+    Args:
+      run: a quantize.json record with a "figure7" part (`load_runs`).
+
+    Returns:
+      One Markdown part per metric present (perplexity, zeroshot), headed by the unquantized model's value.
+    """
     fig = run["figure7"]
     parts = []
     for metric in ("perplexity", "zeroshot"):

@@ -54,10 +54,15 @@ Key = prune.Key  # (decoder layer, module path inside it: "self_attn.q_proj", "m
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuant:
-    """Round-to-nearest of a weight (`mwjax.research.quantize.rtn`). bits: the paper's b; block: an int (consecutive
-    elements of the flattened PyTorch weight), "channel" (one output row) or "tensor"; symmetric: absmax (SmoothQuant)
-    or min/max (the reference's asymmetric `quantize_blockwise`); clip: a method of `rtn.CLIP_METHODS` with its
-    clip_threshold (z, IQR multiplier or fraction; inf: no clipping in the same program)."""
+    """Round-to-nearest of a weight (`mwjax.research.quantize.rtn`).
+
+    Args:
+      bits: the paper's b, in [2, 16].
+      block: an int (consecutive elements of the flattened PyTorch weight), "channel" (one output row) or "tensor".
+      symmetric: True: absmax (SmoothQuant); False: min/max (the reference's asymmetric `quantize_blockwise`).
+      clip: a method of `rtn.CLIP_METHODS`, applied before quantizing ("none": no clipping).
+      clip_threshold: the clipping threshold (z, IQR multiplier or fraction); inf: no clipping in the same program.
+    """
 
     bits: int = 8
     block: int | str = "tensor"
@@ -66,6 +71,12 @@ class WeightQuant:
     clip_threshold: float = math.inf
 
     def check(self) -> None:
+        """Refuse bits outside [2, 16], a block that is neither a positive int nor "channel" / "tensor", and a
+        clipping threshold the method cannot use (`rtn.check_clip`).
+
+        Raises:
+          ValueError naming the setting.
+        """
         if not 2 <= int(self.bits) <= 16:
             raise ValueError(f"weight bits must lie in [2, 16], got {self.bits}")
         if self.block not in ("channel", "tensor") and (isinstance(self.block, str) or int(self.block) < 1):
@@ -75,14 +86,24 @@ class WeightQuant:
 
 @dataclasses.dataclass(frozen=True)
 class ActivationQuant:
-    """Dynamic symmetric round-to-nearest of every Linear's input: bits; granularity "tensor" (per sequence) or
-    "token"; hold_out: keep each tensor's largest |x| (the super activation) out of the scale and restore it."""
+    """Dynamic symmetric round-to-nearest of every Linear's input (SmoothQuant's dynamic `fake_quant`).
+
+    Args:
+      bits: the activations' bit width, in [2, 16].
+      granularity: "tensor" (one scale per sequence) or "token" (one per token).
+      hold_out: keep each tensor's largest |x| (the super activation) out of the scale and restore it (Table 3).
+    """
 
     bits: int = 8
     granularity: str = "tensor"
     hold_out: bool = False
 
     def check(self) -> None:
+        """Refuse bits outside [2, 16] and a granularity not in `rtn.GRANULARITIES`.
+
+        Raises:
+          ValueError naming the setting.
+        """
         if not 2 <= int(self.bits) <= 16:
             raise ValueError(f"activation bits must lie in [2, 16], got {self.bits}")
         if self.granularity not in rtn.GRANULARITIES:
@@ -100,12 +121,20 @@ def _setting(value, dtype) -> QuantSetting:
 
 class QuantizedLinear(WrappedLinear):
     """A Linear that fake-quantizes its input and its weight in the forward pass (module doc); the kernel and
-    bias Variables are the unquantized model's own (shared, unchanged)."""
+    bias Variables are the unquantized model's own (shared, unchanged).
+
+    Args:
+      base: the plain `Linear` wrapped (a LoRA or pruned Linear is refused: merge adapters, quantize before pruning).
+      weights: the weight quantizer; None: the weight stays float.
+      activations: the input quantizer; None: weight-only.
+      traced_block: the block size is a traced setting (a block-size sweep in one program) rather than compiled in.
+      restore_at: kernel coordinates int [k, 2] (input, output) restored after quantization (the super weights);
+        None: nothing restored.
+      smooth: SmoothQuant's factors s [in]; None: no smoothing.
+    """
 
     def __init__(self, base: Linear, weights: WeightQuant | None, activations: ActivationQuant | None, *,
                  traced_block: bool = False, restore_at: np.ndarray | None = None, smooth: jax.Array | None = None):
-        """restore_at: kernel coordinates [k, 2] (input, output) restored after quantization (super weights);
-        smooth: SmoothQuant's factors s [in]."""
         if type(base) is not Linear:
             raise ValueError(f"quantize a plain Linear, not a {type(base).__name__} (merge adapters, quantize before "
                              "pruning)")
@@ -131,8 +160,16 @@ class QuantizedLinear(WrappedLinear):
         self.set(weights, activations)
 
     def set(self, weights: WeightQuant | None, activations: ActivationQuant | None) -> None:
-        """Fill the traced settings from the specs (in place; `update` calls it on a copy). The static choices must
-        match the ones the module was built with."""
+        """Fill the traced settings from the specs (in place; `update` calls it on a copy).
+
+        The static choices must match the ones the module was built with: ValueError otherwise, and for a
+        materialized module.
+
+        Args:
+          weights: the weight spec (its symmetric and clip as built; its block size too unless `traced_block`);
+            None exactly when the module quantizes no weight.
+          activations: the input spec (its granularity as built); None exactly when the module quantizes no input.
+        """
         if self.materialized:
             raise ValueError("a materialized model's weights are fixed: update the model `apply` made, then "
                              "materialize that")
@@ -197,7 +234,15 @@ class QuantizedLinear(WrappedLinear):
 
 
 def quantizable(model: nnx.Module) -> dict[Key, Linear]:
-    """Every Linear of the decoder layers, keyed (layer, path); refuses mixture-of-experts models."""
+    """Every Linear of the decoder layers, keyed (layer, path); refuses mixture-of-experts models.
+
+    Args:
+      model: an mwjax causal LM with unstacked decoder layers (a scanned `LayerStack` is refused:
+        `mwjax.nn.stack.unstack_layers` first).
+
+    Returns:
+      {(layer, path inside it, e.g. "mlp.down_proj"): Linear} (`prune.linears` of each decoder layer).
+    """
     if model.config.num_local_experts is not None:
         raise ValueError("quantization wraps each dense Linear; this model routes tokens between experts, whose "
                          "weights run through a grouped matmul")
@@ -207,7 +252,15 @@ def quantizable(model: nnx.Module) -> dict[Key, Linear]:
 
 
 def replace_linears(model: nnx.Module, make: Callable[[Key, Linear], nnx.Module]) -> nnx.Module:
-    """A copy of `model` (arrays shared) with each decoder-layer Linear replaced by `make((layer, path), linear)`."""
+    """A copy of `model` (arrays shared) with each decoder-layer Linear replaced by `make((layer, path), linear)`.
+
+    Args:
+      model: the model, as `quantizable` takes it; untouched.
+      make: ((layer, path), Linear of the copy) -> the module put in that Linear's place.
+
+    Returns:
+      The copy (`attacks.copy`) with the replacements made.
+    """
     keys = list(quantizable(model))
     out = attacks.copy(model)
     for i, name in keys:
@@ -217,8 +270,14 @@ def replace_linears(model: nnx.Module, make: Callable[[Key, Linear], nnx.Module]
 
 
 def restore_coordinates(super_weights: Sequence[SuperWeight]) -> dict[Key, np.ndarray]:
-    """{(layer, "mlp.down_proj"): kernel coordinates [k, 2]} of the super weights (HF weight[row, col] is
-    kernel[col, row])."""
+    """The kernel coordinates of the super weights, per down_proj (HF weight[row, col] is kernel[col, row]).
+
+    Args:
+      super_weights: the super weights (`massive.find_super_weights`).
+
+    Returns:
+      {(layer, "mlp.down_proj"): int32 [k, 2] kernel coordinates (col, row) of that layer's k super weights}.
+    """
     out: dict[Key, list] = {}
     for sw in super_weights:
         out.setdefault((sw.layer, "mlp.down_proj"), []).append((sw.col, sw.row))
@@ -232,13 +291,15 @@ def apply(model: nnx.Module, weights: WeightQuant | None = None, activations: Ac
     arrays are shared.
 
     Args:
-        weights: the weight quantizer (None: weights stay float).
-        activations: the quantizer of every Linear's input (None: weight-only).
-        super_weights: restored in full precision after quantization (The Super Weight's "restore").
-        smoothing: SmoothQuant's factors s [in] per Linear (`smoothquant.factors`).
-        traced_block: the block size is traced (a block-size sweep in one program) rather than compiled in.
+      model: the float model (as `quantizable` takes it).
+      weights: the weight quantizer (None: weights stay float).
+      activations: the quantizer of every Linear's input (None: weight-only).
+      super_weights: restored in full precision after quantization (The Super Weight's "restore").
+      smoothing: SmoothQuant's factors {(layer, path): s [in]} (`smoothquant.factors`); None: no smoothing.
+      traced_block: the block size is traced (a block-size sweep in one program) rather than compiled in.
+
     Returns:
-        the quantized model (QuantizedLinear in place of each Linear).
+      The quantized model (QuantizedLinear in place of each Linear).
     """
     mods = quantizable(model)
     restore = restore_coordinates(super_weights)
@@ -254,7 +315,14 @@ def apply(model: nnx.Module, weights: WeightQuant | None = None, activations: Ac
 
 
 def quantized_linears(model: nnx.Module) -> dict[Key, QuantizedLinear]:
-    """The QuantizedLinears of a model made by `apply`, keyed (layer, path)."""
+    """The QuantizedLinears of a model made by `apply`, keyed (layer, path).
+
+    Args:
+      model: a model made by `apply` (or `update` / `materialize`); ValueError when it holds no QuantizedLinear.
+
+    Returns:
+      {(layer, path inside it): QuantizedLinear}.
+    """
     out = {}
     for i, layer in enumerate(model.model.layers):
         for path, node in nnx.iter_graph(layer):
@@ -271,13 +339,17 @@ def update(model: nnx.Module, weights: WeightQuant | None = None, activations: A
     """A copy of a quantized model with other settings of the same structure (one compiled program for all).
 
     Args:
-        weights / activations: the new specs (their static parts as the model was built; None where it has none).
-        restore: turn the super weights' restore on / off (None: as it is).
-        hold_out: keep the super weights out of their blocks' range before quantizing (then restored: needs
-            restore on), as Table 3 holds the super activation out (None: as it is).
-        smoothing: new factors for the Linears that smooth (e.g. ones: no smoothing, same program).
+      model: a quantized model (`apply`); untouched.
+      weights: the new weight spec (its static parts as the model was built; None where it has none).
+      activations: the new activation spec (likewise).
+      restore: turn the super weights' restore on / off (None: as it is).
+      hold_out: keep the super weights out of their blocks' range before quantizing (then restored: needs
+        restore on), as Table 3 holds the super activation out (None: as it is).
+      smoothing: new factors {(layer, path): s [in]} for the Linears that smooth (e.g. ones: no smoothing, same
+        program); None: as they are.
+
     Returns:
-        the updated copy; `model` is untouched.
+      The updated copy.
     """
     out = nnx.clone(model)
     for key, lin in quantized_linears(out).items():
@@ -298,16 +370,30 @@ def update(model: nnx.Module, weights: WeightQuant | None = None, activations: A
 
 @jit_model
 def dequantized_kernels(model: nnx.Module) -> dict[Key, jax.Array]:
-    """{(layer, path): the kernel [in, out] each QuantizedLinear multiplies by}, in one compiled program per
-    structure (the settings traced)."""
+    """The kernel each QuantizedLinear multiplies by, in one compiled program per structure (the settings traced).
+
+    Args:
+      model: a quantized model (`apply` / `update`).
+
+    Returns:
+      {(layer, path): the kernel [in, out] of `QuantizedLinear.weight`, in the compute dtype}.
+    """
     return {key: lin.weight() for key, lin in quantized_linears(model).items()}
 
 
 def materialize(model: nnx.Module) -> nnx.Module:
-    """A copy of a quantized model whose QuantizedLinears hold their dequantized kernels (`dequantized_kernels`,
-    computed once) instead of quantizing their weights in every forward pass: for evaluations of many forward passes
-    (zero-shot tasks, many perplexity batches). Inputs are still smoothed and quantized in the forward pass. Costs a
-    float copy of the decoder layers' weights; the quantized model and the float model stay as they were."""
+    """A copy of a quantized model whose QuantizedLinears hold their dequantized kernels.
+
+    The kernels are computed once (`dequantized_kernels`) instead of quantizing the weights in every forward pass:
+    for evaluations of many forward passes (zero-shot tasks, many perplexity batches). Inputs are still smoothed and
+    quantized in the forward pass. Costs a float copy of the decoder layers' weights.
+
+    Args:
+      model: a quantized model (`apply` / `update`); it and the float model stay as they were.
+
+    Returns:
+      The materialized copy (its settings can no longer be changed by `update`).
+    """
     kernels = dequantized_kernels(model)
     out = nnx.clone(model)
     for key, lin in quantized_linears(out).items():

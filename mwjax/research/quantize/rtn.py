@@ -51,20 +51,42 @@ SCALE_FLOOR = 1e-5  # SmoothQuant's clamp of an absmax scale before dividing by 
 
 
 def pytorch_flat(kernel: jax.Array) -> jax.Array:
-    """A Flax kernel [in, out] as the reference's flattened PyTorch weight [out * in] (row-major over [out, in])."""
+    """A Flax kernel [in, out] as the reference's flattened PyTorch weight (row-major over [out, in]).
+
+    Args:
+      kernel: [in, out] (the transpose of PyTorch's `nn.Linear.weight`).
+
+    Returns:
+      [out * in]: `kernel.T.reshape(-1)`.
+    """
     return kernel.T.reshape(-1)
 
 
 def from_pytorch_flat(flat: jax.Array, kernel_shape: tuple[int, int]) -> jax.Array:
-    """The inverse of `pytorch_flat`: [out * in] -> kernel [in, out]."""
+    """The inverse of `pytorch_flat`: [out * in] -> kernel [in, out].
+
+    Args:
+      flat: [out * in] in the PyTorch weight's row-major order.
+      kernel_shape: (in, out) of the kernel.
+
+    Returns:
+      The kernel [in, out].
+    """
     n_in, n_out = kernel_shape
     return flat.reshape(n_out, n_in).T
 
 
 def effective_block(kernel_shape: tuple[int, int], block: int | str) -> tuple[int, bool]:
-    """(block size, whole) as the reference applies `block` to a kernel [in, out]: "channel" -> in_features (one
-    PyTorch output row), "tensor" -> the whole tensor, an int -> itself when it divides the tensor's size, else the
-    whole tensor with whole=True (the reference's fallback branch, whose block percentage is a tensor percentage).
+    """The block size the reference applies to a kernel [in, out] for a requested `block`.
+
+    Args:
+      kernel_shape: (in, out) of the kernel.
+      block: "channel" (-> in_features, one PyTorch output row), "tensor" (-> the whole tensor) or a positive int
+        (-> itself when it divides the tensor's size, else the whole tensor); anything else raises ValueError.
+
+    Returns:
+      (block size, whole): whole is True only for an int that does not divide the tensor's size (the reference's
+      fallback branch, whose block percentage is a tensor percentage).
     """
     n_in, n_out = kernel_shape
     numel = n_in * n_out
@@ -78,8 +100,19 @@ def effective_block(kernel_shape: tuple[int, int], block: int | str) -> tuple[in
 
 
 def clip_count(method: str, threshold: float, block: int, numel: int, whole: bool) -> int:
-    """k of the percentage methods (the k-th largest |w| is the clipping threshold), as the reference computes it;
-    0 for an infinite threshold (no clipping) and for the other methods."""
+    """k of the percentage methods (the k-th largest |w| is the clipping threshold), as the reference computes it.
+
+    Args:
+      method: a clipping method of CLIP_METHODS.
+      threshold: the clipped fraction p (inf: no clipping).
+      block: the effective block size (`effective_block`).
+      numel: the tensor's number of elements.
+      whole: `effective_block`'s fallback flag (block_percentage then counts over the tensor).
+
+    Returns:
+      k = max(int(block * p + 1), 1) for block_percentage, max(int(numel * p), 1) for tensor_percentage (and
+      block_percentage when whole); 0 for an infinite threshold and for the other methods.
+    """
     if method not in ("block_percentage", "tensor_percentage") or math.isinf(threshold):
         return 0
     if method == "block_percentage" and not whole:
@@ -129,8 +162,18 @@ class _Blocks:
 
 
 def clip_threshold(w: jax.Array, blocks: _Blocks, method: str, k, scale) -> jax.Array:
-    """The clipping threshold t of each element [n] (module doc); +inf where clipping is off (k = 0 for the
-    percentage methods, scale = inf for zscore / iqr)."""
+    """The clipping threshold t of each element (module doc).
+
+    Args:
+      w: the flat weight [n] (PyTorch order).
+      blocks: its blocks (`_Blocks`).
+      method: zscore, iqr, block_percentage or tensor_percentage (anything else raises ValueError).
+      k: the percentage methods' k (`clip_count`; may be traced); 0: clipping off.
+      scale: zscore's z or iqr's multiplier m (may be traced); inf: clipping off.
+
+    Returns:
+      t [n], in w's dtype; +inf where clipping is off.
+    """
     a = jnp.abs(w)
     inf = jnp.asarray(jnp.inf, w.dtype)
     if method == "zscore":
@@ -153,11 +196,23 @@ def clip_threshold(w: jax.Array, blocks: _Blocks, method: str, k, scale) -> jax.
 
 def fake_quant_flat(w: jax.Array, *, bits, block, symmetric: bool, clip: str = "none", clip_k=0,
                     clip_scale=jnp.inf, traced_block: bool = False, exclude: jax.Array | None = None) -> jax.Array:
-    """The reference's per-block round-to-nearest of a flat PyTorch-order weight w [n] (module doc), dequantized,
-    float32 [n]. block: the effective block size (dividing n; `effective_block`); bits, block (with
-    traced_block), clip_k (percentage methods' k, `clip_count`) and clip_scale (z / IQR multiplier) may be traced.
-    exclude: bool [n], elements kept out of their block's range (min / max / absmax), which the caller restores
-    (a super weight held out as the super activation is: the block's scale is that of the other weights).
+    """The reference's per-block round-to-nearest of a flat PyTorch-order weight (module doc), dequantized.
+
+    Args:
+      w: the flat weight [n] (`pytorch_flat`).
+      bits: the paper's b (may be traced).
+      block: the effective block size, dividing n (`effective_block`); may be traced with `traced_block`.
+      symmetric: absmax (SmoothQuant) rather than the reference's asymmetric min/max.
+      clip: the clipping method applied first (CLIP_METHODS; "none": no clipping).
+      clip_k: the percentage methods' k (`clip_count`; may be traced).
+      clip_scale: zscore's z / iqr's multiplier (may be traced; inf: no clipping).
+      traced_block: `block` is a traced int32 (segment reductions) rather than a Python int (a reshape).
+      exclude: bool [n], elements kept out of their block's range (min / max / absmax), which the caller restores
+        (a super weight held out as the super activation is: the block's scale is that of the other weights);
+        None: none.
+
+    Returns:
+      float32 [n], the dequantized weight.
     """
     w = w.astype(jnp.float32)
     blocks = _Blocks(w.shape[0], block, traced_block)
@@ -176,8 +231,16 @@ def fake_quant_flat(w: jax.Array, *, bits, block, symmetric: bool, clip: str = "
 
 
 def fake_quant_weight(kernel: jax.Array, *, exclude: jax.Array | None = None, **settings) -> jax.Array:
-    """`fake_quant_flat` of a Flax kernel [in, out] in the reference's PyTorch layout, back as a kernel [in, out]
-    (float32). exclude: bool [in, out] in the kernel's layout; settings: as `fake_quant_flat`."""
+    """`fake_quant_flat` of a Flax kernel [in, out] in the reference's PyTorch layout, back as a kernel.
+
+    Args:
+      kernel: [in, out].
+      exclude: bool [in, out] in the kernel's layout, elements kept out of their block's range; None: none.
+      settings: `fake_quant_flat`'s keyword arguments (bits, block, symmetric, clip, ...).
+
+    Returns:
+      float32 [in, out], the dequantized kernel.
+    """
     flat_exclude = None if exclude is None else pytorch_flat(exclude)
     return from_pytorch_flat(fake_quant_flat(pytorch_flat(kernel), exclude=flat_exclude, **settings), kernel.shape)
 
@@ -186,11 +249,18 @@ def fake_quant_weight(kernel: jax.Array, *, exclude: jax.Array | None = None, **
 
 
 def fake_quant_activation(x: jax.Array, *, bits, granularity: str = "tensor", hold_out=False) -> jax.Array:
-    """SmoothQuant's dynamic symmetric fake quantization of a Linear's input x [..., in] (float32 out).
+    """SmoothQuant's dynamic symmetric fake quantization of a Linear's input.
 
-    granularity: "tensor" (one scale per sequence: x [b, t, in] -> b scales; a 2-D x is one tensor) or "token"
-    (one per token). hold_out (may be traced): the largest |x| of each tensor / token is kept out of the scale
-    and restored exactly afterwards (The Super Weight's super-activation handling, module doc).
+    Args:
+      x: the Linear's input [..., in].
+      bits: the bit width (may be traced).
+      granularity: "tensor" (one scale per sequence: x [b, t, in] -> b scales; a 2-D x is one tensor) or "token"
+        (one per token).
+      hold_out: the largest |x| of each tensor / token is kept out of the scale and restored exactly afterwards
+        (The Super Weight's super-activation handling, module doc); may be traced.
+
+    Returns:
+      float32, x's shape: the dequantized input.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"activation granularity must be one of {GRANULARITIES}, got {granularity!r}")

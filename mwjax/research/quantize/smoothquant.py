@@ -68,8 +68,20 @@ def _record(model, tokens):
 
 
 def input_max(model: nnx.Module, calibration, batch_size: int = 8, progress: bool = True) -> dict[Key, np.ndarray]:
-    """{(layer, path): max |x_j| [in] over every token of `calibration` [num_sequences, seq]} for every Linear of
-    the decoder layers (SmoothQuant: 512 sequences of 512 tokens of the Pile's validation set)."""
+    """The largest |x_j| per input channel of every decoder-layer Linear over the calibration tokens.
+
+    SmoothQuant's `get_act_scales` (a forward hook on every nn.Linear).
+
+    Args:
+      model: the float model (as `linear.quantizable` takes it); untouched.
+      calibration: int token ids [num_sequences, seq] (SmoothQuant: 512 sequences of 512 tokens of the Pile's
+        validation set).
+      batch_size: sequences per forward pass.
+      progress: show a progress bar.
+
+    Returns:
+      {(layer, path): float32 max |x_j| [in]}, the max over every token of `calibration`.
+    """
     tokens = np.asarray(calibration, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"calibration must be tokens [num_sequences, seq], got shape {tokens.shape}")
@@ -92,10 +104,12 @@ def factors(model: nnx.Module, act_max: Mapping[Key, np.ndarray], alpha: float =
     """SmoothQuant's factors s [in] (module doc) for every Linear of GROUPS, from `input_max`'s statistics.
 
     Args:
-        act_max: {(layer, path): max |X_j| [in]} (the first Linear of each group is read: they share an input).
-        alpha: the migration strength (SmoothQuant's alpha; 0.5 default).
+      model: the float model whose weights give max_i |W_ij| (as `linear.quantizable` takes it).
+      act_max: {(layer, path): max |X_j| [in]} (the first Linear of each group is read: they share an input).
+      alpha: the migration strength (SmoothQuant's alpha, in [0, 1]; 0.5 default).
+
     Returns:
-        {(layer, path): s [in]} (float32), the same array for the Linears of one group.
+      {(layer, path): s [in]} (float32), the same array for the Linears of one group.
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")

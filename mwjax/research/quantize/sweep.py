@@ -29,7 +29,15 @@ from mwjax.research.quantize.linear import ActivationQuant, WeightQuant
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One setting of a sweep: weights / activations (None: not quantized), restore the super weights, smooth."""
+    """One setting of a sweep.
+
+    Args:
+      weights: the weight spec; None: weights not quantized.
+      activations: the activation spec; None: inputs not quantized.
+      restore: restore the super weights in full precision after quantization.
+      hold_out: keep the super weights out of their blocks' range (needs restore).
+      smooth: apply SmoothQuant's factors (else factors of one, in the same program).
+    """
 
     weights: WeightQuant | None = None
     activations: ActivationQuant | None = None
@@ -45,8 +53,18 @@ def _static(point: Point) -> tuple:
 
 def models(model: nnx.Module, points: Sequence[Point], *, super_weights: Sequence[SuperWeight] = (),
            smoothing: Mapping | None = None):
-    """Yield the quantized model of each point, all of one structure (module doc). smoothing: SmoothQuant's factors
-    (`smoothquant.factors`), needed when a point smooths; a point that does not gets factors of one."""
+    """Yield the quantized model of each point, all of one structure (module doc).
+
+    Args:
+      model: the float model; untouched.
+      points: the settings, sharing their static choices (ValueError otherwise).
+      super_weights: the super weights to restore, needed when a point restores.
+      smoothing: SmoothQuant's factors {(layer, path): s [in]} (`smoothquant.factors`), needed when a point
+        smooths; a point that does not gets factors of one.
+
+    Yields:
+      The quantized model of each point in turn (`linear.update` of one `linear.apply`).
+    """
     if not points:
         return
     if len({_static(p) for p in points}) > 1:
@@ -69,7 +87,19 @@ def models(model: nnx.Module, points: Sequence[Point], *, super_weights: Sequenc
 def run(model: nnx.Module, points: Sequence[Point], measure: Callable[[nnx.Module], float], *,
         super_weights: Sequence[SuperWeight] = (), smoothing: Mapping | None = None,
         on_point: Callable[[Point, float], None] | None = None) -> list[float]:
-    """`measure(quantized model)` at every point, one compiled program for all (`models`)."""
+    """`measure(quantized model)` at every point, one compiled program for all (`models`).
+
+    Args:
+      model: the float model; untouched.
+      points: the settings (as `models` takes them).
+      measure: quantized model -> a number (e.g. perplexity).
+      super_weights: the super weights to restore (`models`).
+      smoothing: SmoothQuant's factors (`models`).
+      on_point: called as on_point(point, value) after each point; None: not called.
+
+    Returns:
+      The measure at each point, in order.
+    """
     values = []
     for point, quantized in zip(points, models(model, points, super_weights=super_weights, smoothing=smoothing),
                                 strict=True):
@@ -84,9 +114,19 @@ NAIVE, SMOOTHQUANT, SUPER_ACTIVATION = "naive W8A8", "SmoothQuant", "W8A8, super
 
 def table3_points(w_bits: int = 8, a_bits: int = 8, weight_block: int | str = "tensor",
                   granularity: str = "tensor") -> dict[str, Point]:
-    """The Super Weight's Table 3 as points of one structure: naive W8A8 (symmetric round-to-nearest of the weights
-    per `weight_block` and of every Linear's input per `granularity`), SmoothQuant (the same after smoothing) and
-    the super activation held out of each input tensor's scale and restored (no calibration data)."""
+    """The Super Weight's Table 3 as points of one structure.
+
+    Args:
+      w_bits: the weights' bits (W8).
+      a_bits: the activations' bits (A8).
+      weight_block: the weights' scale: "tensor", "channel" or a block size.
+      granularity: the activations' scale: "tensor" (one per sequence) or "token".
+
+    Returns:
+      {NAIVE: symmetric round-to-nearest of the weights and of every Linear's input, SMOOTHQUANT: the same after
+      smoothing, SUPER_ACTIVATION: naive with the super activation held out of each input tensor's scale and
+      restored (no calibration data)}.
+    """
     w = WeightQuant(bits=w_bits, block=weight_block, symmetric=True)
     a = ActivationQuant(bits=a_bits, granularity=granularity)
     return {NAIVE: Point(w, a), SMOOTHQUANT: Point(w, a, smooth=True),
@@ -94,8 +134,16 @@ def table3_points(w_bits: int = 8, a_bits: int = 8, weight_block: int | str = "t
 
 
 def share_of_gain(naive: float, smoothquant: float, ours: float) -> float | None:
-    """Table 3's parenthesised percentage: how much of SmoothQuant's improvement over naive W8A8 a method keeps,
-    100 * (naive - ours) / (naive - smoothquant) (perplexities); None when SmoothQuant improves nothing."""
+    """Table 3's parenthesised percentage: how much of SmoothQuant's improvement over naive W8A8 a method keeps.
+
+    Args:
+      naive: naive W8A8's perplexity.
+      smoothquant: SmoothQuant's perplexity.
+      ours: the method's perplexity.
+
+    Returns:
+      100 * (naive - ours) / (naive - smoothquant); None when SmoothQuant improves nothing.
+    """
     gain = naive - smoothquant
     return None if not gain > 0 else 100.0 * (naive - ours) / gain
 
@@ -111,7 +159,18 @@ def block_sweep_points(blocks: Sequence[int | str], *, bits: int = 4, clip: str 
     HANDLED           the reference's `clip_<bits>_<block>_<method>_<threshold>` with restore_and_scale_GO=1.0:
                       every weight clipped by `clip` at `clip_threshold`, then the super weights restored
     CLIPPED           the clipping alone (the restore's share)
-    All curves are one structure (round-to-nearest clips at an infinite threshold)."""
+    All curves are one structure (round-to-nearest clips at an infinite threshold).
+
+    Args:
+      blocks: the block sizes (ints, "channel" or "tensor"); each curve has a point at each.
+      bits: the weights' bits (the reference's INT4).
+      clip: the clipping method of HANDLED and CLIPPED (`rtn.CLIP_METHODS`).
+      clip_threshold: its threshold (the reference's z-score 9).
+      curves: which of the curves above (ValueError for another name).
+
+    Returns:
+      {curve: [Point per block of `blocks`]}, in the order of `curves`.
+    """
     spec = lambda block, threshold: WeightQuant(bits=bits, block=block, symmetric=False, clip=clip,
                                                 clip_threshold=threshold)
     settings = {ROUND_TO_NEAREST: (math.inf, False, False), HELD_OUT: (math.inf, True, True),
@@ -127,8 +186,22 @@ def block_sweep(model: nnx.Module, blocks: Sequence[int | str], measure: Callabl
                 super_weights: Sequence[SuperWeight], bits: int = 4, clip: str = "zscore", clip_threshold: float = 9.0,
                 curves: Sequence[str] = (ROUND_TO_NEAREST, HELD_OUT, HANDLED),
                 on_point: Callable[[str, int | str, float], None] | None = None) -> dict[str, list[float]]:
-    """The Super Weight, Figure 7: {curve: measure at each block size} (`block_sweep_points`), every point of every
-    curve one compiled program; `on_point(curve, block, value)` after each."""
+    """The Super Weight, Figure 7: the measure at each block size per curve, every point one compiled program.
+
+    Args:
+      model: the float model; untouched.
+      blocks: the block sizes (`block_sweep_points`).
+      measure: quantized model -> a number (perplexity, zero-shot accuracy).
+      super_weights: the super weights the handled curves restore.
+      bits: the weights' bits.
+      clip: the clipping method of the clipped curves.
+      clip_threshold: its threshold.
+      curves: the curves (`block_sweep_points`).
+      on_point: called as on_point(curve, block, value) after each point; None: not called.
+
+    Returns:
+      {curve: [measure at each block of `blocks`]}.
+    """
     per_curve = block_sweep_points(blocks, bits=bits, clip=clip, clip_threshold=clip_threshold, curves=curves)
     flat = [(c, b, p) for c, ps in per_curve.items() for b, p in zip(blocks, ps, strict=True)]
     out: dict[str, list[float]] = {c: [] for c in per_curve}
@@ -147,7 +220,20 @@ def block_sweep(model: nnx.Module, blocks: Sequence[int | str], measure: Callabl
 def bits_sweep(model: nnx.Module, bits: Sequence[int], measure: Callable[[nnx.Module], float], *,
                weights: WeightQuant | None = None, activations: ActivationQuant | None = None,
                super_weights: Sequence[SuperWeight] = (), restore: bool = False) -> list[float]:
-    """measure at each bit width (of the weights and, when given, the activations too): one compiled program."""
+    """`measure` at each bit width (of the weights and, when given, the activations too): one compiled program.
+
+    Args:
+      model: the float model; untouched.
+      bits: the bit widths.
+      measure: quantized model -> a number.
+      weights: the weight spec whose bits are swept; None: weights not quantized.
+      activations: the activation spec whose bits are swept too; None: inputs not quantized.
+      super_weights: the super weights to restore.
+      restore: restore them at every point.
+
+    Returns:
+      The measure at each bit width, in order.
+    """
     points = [Point(None if weights is None else dataclasses.replace(weights, bits=b),
                     None if activations is None else dataclasses.replace(activations, bits=b), restore=restore)
               for b in bits]
@@ -155,15 +241,32 @@ def bits_sweep(model: nnx.Module, bits: Sequence[int], measure: Callable[[nnx.Mo
 
 
 def whole_tensor_fallbacks(model: nnx.Module, blocks: Sequence[int | str]) -> dict[str, int]:
-    """{block: how many of the quantized tensors it does not divide}: the reference quantizes those whole."""
+    """How many of the quantized tensors each block size does not divide: the reference quantizes those whole.
+
+    Args:
+      model: the float model (as `linear.quantizable` takes it).
+      blocks: the block sizes (ints, "channel" or "tensor").
+
+    Returns:
+      {str(block): the number of decoder-layer Linears whose size the int block does not divide}.
+    """
     shapes = [tuple(lin.kernel[...].shape) for lin in linear.quantizable(model).values()]
     return {str(b): sum(rtn.effective_block(s, b)[1] for s in shapes) for b in blocks}
 
 
 def super_weight_ratios(model: nnx.Module, super_weights: Sequence[SuperWeight]) -> dict[str, float]:
-    """{super weight: |w| / the largest |w| of the other weights of its down_proj}: above 1 the super weight alone
-    sets its tensor's quantization range (Llama-7B's does); below 1 another weight is larger, and holding the super
-    weight out of the range changes nothing at the tensor's scale."""
+    """Each super weight's |w| against the largest |w| of the other weights of its down_proj.
+
+    Above 1 the super weight alone sets its tensor's quantization range (Llama-7B's does); below 1 another weight
+    is larger, and holding the super weight out of the range changes nothing at the tensor's scale.
+
+    Args:
+      model: the float model (as `linear.quantizable` takes it).
+      super_weights: the super weights (`massive.find_super_weights`).
+
+    Returns:
+      {super weight's label (`SuperWeight.label`): the ratio}.
+    """
     out = {}
     for sw in super_weights:
         kernel = np.abs(np.asarray(linear.quantizable(model)[(sw.layer, "mlp.down_proj")].kernel[...], np.float64))
