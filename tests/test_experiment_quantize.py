@@ -50,10 +50,10 @@ def test_quantize_experiment_on_a_tiny_model(tiny, tmp_path):
     out = tmp_path / "out"
     stdout = run(f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}", f"--calibration={tiny / 'text.txt'}",
                  "--seqlen=64", "--max_chunks=3", "--calibration_sequences=2", "--calibration_seqlen=32",
-                 "--blocks=16,64,tensor", "--clip_threshold=3", "--metrics=perplexity,zeroshot", f"--data_dir={data}",
+                 "--blocks=016,64,tensor", "--clip_threshold=3", "--metrics=perplexity,zeroshot", f"--data_dir={data}",
                  "--curves=rtn,held_out,clip",
                  "--limit=2", f"--output_dir={out}")
-    assert "Table 3" in stdout and "Figure 7" in stdout
+    assert "Table 3" in stdout and "Figure 7" in stdout  # and --blocks=016 is labelled 16 below
     result = json.loads((out / "quantize.json").read_text())
     rows = result["table3"]["rows"]
     assert list(rows) == ["FP", "naive W8A8", "SmoothQuant", "W8A8, super activation held out"]
@@ -101,7 +101,10 @@ def test_tables_print_the_super_weight_table3_as_the_paper(tmp_path):
                           "settings": {"w_bits": 8, "a_bits": 8}},
                "figure7": {"blocks": ["16384", "tensor"], "bits": 4, "clip_method": "zscore", "clip_threshold": 9.0,
                            "perplexity": {"unquantized": 5.68, "round-to-nearest": [6.1, 9.0],
-                                          "clipped, super weights restored": [6.0, 7.0], "corpus": "wikitext2"}}}
+                                          "clipped, super weights restored": [6.0, 7.0], "corpus": "wikitext2"},
+                           # a zero-shot run records its settings beside the curves, lists among them
+                           "zeroshot": {"unquantized": 0.61, "round-to-nearest": [0.6, 0.4], "tasks": ["piqa"],
+                                        "limit": None}}}
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "quantize.json").write_text(json.dumps(payload))
     out = subprocess.run([sys.executable, "-m", "experiments.tables", f"--runs={tmp_path}",
@@ -110,3 +113,4 @@ def test_tables_print_the_super_weight_table3_as_the_paper(tmp_path):
     assert "| W8A8, super activation held out | 5.74 (75%) |" in out.stdout
     assert "| naive W8A8 | 5.83 (0%) |" in out.stdout and "| SmoothQuant | 5.71 (100%) |" in out.stdout
     assert "| tensor | 9.00 | 7.00 |" in out.stdout and "unquantized 5.68" in out.stdout
+    assert "| tensor | 0.40 |" in out.stdout and "piqa" not in out.stdout

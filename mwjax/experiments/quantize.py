@@ -225,6 +225,7 @@ def figure7(model, tokenizer, corpora, zeroshot, out) -> dict:
     log("super weights restored: " + (", ".join(f"{sw.label} = {sw.weight:.4g}" for sw in sws)
                                       or "none found (the handled curve only clips)"))
     blocks = [parse_block(b) for b in FLAGS.blocks]
+    labels = [str(b) for b in blocks]  # as `sweep.whole_tensor_fallbacks` keys them ("064" is 64)
     curves = [CURVE_NAMES[c] for c in FLAGS.curves]
     first = corpora[0]
     caps = [c for c in (first.max_chunks, FLAGS.sweep_chunks) if c is not None]
@@ -233,7 +234,7 @@ def figure7(model, tokenizer, corpora, zeroshot, out) -> dict:
         FLAGS.metrics, tokenizer, zeroshot, f"{first.name} perplexity",
         lambda m: likelihood.perplexity(m, tokens, FLAGS.seqlen, batch_size=FLAGS.batch_size).perplexity,
         {"corpus": first.name, "chunks": len(tokens)})
-    result = {"blocks": FLAGS.blocks, "bits": FLAGS.bits, "clip_method": FLAGS.clip_method,
+    result = {"blocks": labels, "bits": FLAGS.bits, "clip_method": FLAGS.clip_method,
               "clip_threshold": FLAGS.clip_threshold, "super_weights": [sw.to_dict() for sw in sws],
               "whole_tensor_fallback": sweep.whole_tensor_fallbacks(model, blocks),
               "super_weight_vs_tensor_max": sweep.super_weight_ratios(model, sws)}
@@ -249,7 +250,7 @@ def figure7(model, tokenizer, corpora, zeroshot, out) -> dict:
         log(f"  unquantized: {spec.label} {reference:.3f}")
         result[metric] = {"unquantized": reference, **series, **spec.settings}
         path = common.figure(out, "block_sweep" + spec.suffix)
-        plots.block_sweep(FLAGS.blocks, series, f"{common.model_name()}: INT{FLAGS.bits} round-to-nearest by block "
+        plots.block_sweep(labels, series, f"{common.model_name()}: INT{FLAGS.bits} round-to-nearest by block "
                           f"size ({spec.label})", path, ylabel=spec.label, log_y=spec.log_y, reference=reference)
     return result
 

@@ -39,6 +39,7 @@ from mwjax.eval import longbench, spec_bench
 from mwjax.eval.zeroshot_tasks import PAPER_TASKS
 from mwjax.eval.zeroshot_tasks import TITLES as TASK_TITLES
 from mwjax.experiments import common
+from mwjax.research import defaults
 
 FLAGS = flags.FLAGS
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
@@ -324,7 +325,7 @@ def super_weight_figure7(run: dict) -> list[str]:
     for metric in ("perplexity", "zeroshot"):
         if metric not in fig:
             continue
-        curves = {k: v for k, v in fig[metric].items() if isinstance(v, list)}
+        curves = {k: v for k, v in fig[metric].items() if k in defaults.CURVES}  # not its settings' lists
         rows = [[b, *(curve[i] for curve in curves.values())] for i, b in enumerate(fig["blocks"])]
         parts.append(f"{metric} (unquantized {fig[metric]['unquantized']:.2f}):\n\n"
                      + common.markdown_table(["block", *curves], rows))
