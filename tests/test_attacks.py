@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hf_reference import assert_logits_close, capture_hf, hf_logits, random_tokens, torch
 
-from mwjax import attacks, converters, massive, models, probes
+from mwjax import attacks, converters, massive, models, probes, prune
 from mwjax.research.massive import MassiveWeights, SuperWeight
 
 TOKENS = random_tokens(128, seed=7)
@@ -96,6 +96,50 @@ def test_scale_super_weight_matches_hf(setup):
         factors)
     assert float(scaled[0, 33, 10]) == 0.0 and float(scaled[1, 33, 10]) == float(
         model.model.layers[2].mlp.down_proj.kernel[33, 10])
+
+
+def torch_largest(hf, n: int, exclude=()) -> set:
+    """{(layer, module path, row, col)} of the n largest |weight| over every Linear of HF's decoder layers."""
+    flat, tensors = [], []  # tensors: (layer, path, columns, first flat index)
+    for i, layer in enumerate(hf.model.layers):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight.detach().abs().clone()
+                for li, ln, r, c in exclude:
+                    if (li, ln) == (i, name):
+                        w[r, c] = -1.0
+                tensors.append((i, name, w.shape[1], sum(len(f) for f in flat)))
+                flat.append(w.reshape(-1))
+    out = set()
+    for index in torch.topk(torch.cat(flat), n).indices.tolist():
+        i, name, cols, start = max((t for t in tensors if t[3] <= index), key=lambda t: t[3])  # the one holding it
+        out.add((i, name, *divmod(index - start, cols)))
+    return out
+
+
+def test_prune_non_super_weights_matches_hf(setup):
+    """The Super Weight's Table 1 control "Prune Non-SW": the n largest decoder weights other than the super weight,
+    chosen and zeroed as a torch reference does it over HF's Linears; the logits agree with HF's edited model."""
+    hf, model, _ = setup
+    w = hf.model.layers[1].mlp.down_proj.weight.detach()
+    row, col = divmod(int(w.abs().argmax()), w.shape[1])
+    sw = SuperWeight(layer=1, row=row, col=col, weight=float(w[row, col]), input_value=0.0, output_value=0.0,
+                     position=0)
+    n = 300
+    assert (1, "mlp.down_proj", row, col) in torch_largest(hf, n)  # so excluding it changes what is chosen
+    expected = torch_largest(hf, n, exclude=[(1, "mlp.down_proj", row, col)])
+    chosen = prune.largest_weights(model, n, exclude=[sw])
+    got = {(i, name, int(o), int(c)) for (i, name), coords in chosen.items() for c, o in coords}
+    assert got == expected and sum(len(c) for c in chosen.values()) == n
+
+    def edit(m):
+        for i, name, r, c in expected:
+            m.model.layers[i].get_submodule(name).weight[r, c] = 0.0
+
+    pruned = prune.prune_largest_weights(model, n, exclude=[sw])
+    assert_logits_close(ours(pruned), hf_logits(hf_edited(hf, edit), TOKENS))
+    assert float(pruned.model.layers[1].mlp.down_proj.weight()[col, row]) == sw.weight  # the super weight stays
+    assert prune.largest_weights(model, 0) == {}
 
 
 def test_restore_super_activation_touches_only_the_super_activation(setup):

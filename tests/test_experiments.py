@@ -103,9 +103,11 @@ def test_massive_weights_and_super_weight_experiments_on_a_tiny_model(tiny, task
     stdout = run("experiments.super_weight", f"--model={tiny / 'model'}", f"--datasets={tiny / 'text.txt'}",
                  "--layer=1", "--row=3", "--col=7", "--seqlen=64", "--max_chunks=1", "--factors=0,1",
                  "--generation_prompt=abc", f"--output_dir={out}", "--scaling_metrics=perplexity,zeroshot",
+                 "--non_super_weights=50",
                  f"--data_dir={task_data[0]}", "--format=svg")
     result = json.loads((out / "super_weight.json").read_text())
-    assert set(result["settings"]) == {"original", "prune SW", "prune SW, +SA"}
+    assert set(result["settings"]) == {"original", "prune SW", "prune SW, +SA", "prune Non-SW"}
+    assert "prune Non-SW (50 largest others)" in stdout
     assert result["scaling"]["perplexity"][1] == pytest.approx(
         result["settings"]["original"]["perplexity"]["text.txt"], rel=1e-6)
     assert result["scaling"]["zeroshot"][1] == pytest.approx(task_data[1], abs=1e-9)  # Figure 8's metric

@@ -49,6 +49,7 @@ from mwjax.core.progress import duration
 from mwjax.eval import synthetic_tasks
 from mwjax.experiments import common, plots, report_quantize
 from mwjax.experiments.configs import smollm2_135m
+from mwjax.research.defaults import NON_SUPER_WEIGHTS
 
 # what needs jax loads after the flags are parsed: --help answers without it
 jnp = lazy.module("jax.numpy")
@@ -69,6 +70,7 @@ cli.define_numbers("seeds", None, "fine-tuning seeds (default: 0,1 in the full r
 flags.DEFINE_string("work_dir", None, "where the fine-tuning runs go (default: a temporary directory)")
 
 CORPUS = "python_docs"  # the held-out local text: Python's own documentation, shipped with Python
+NON_SW = "largest other weights pruned (Prune Non-SW)"  # The Super Weight, Table 1's control
 TABLE1_K, TABLE8_K = 5, 3  # House of Cards Table 1 attacks the top-5 rows, Table 8 zeroes the top-3
 METHODS = {"lora": "LoRA", "lora_macdrop": "LoRA + MacDrop", "dora": "DoRA", "dora_macdrop": "DoRA + MacDrop"}
 CHANCE = 1.0 / synthetic_tasks.NUM_CHOICES
@@ -305,6 +307,7 @@ def section_attacks(model, tokenizer, mw, corpus, held_out, sizes: Sizes, out: P
         log(f"super weights: {[sw.label for sw in sws]}")
         settings["super weights pruned"] = attacks.scale_super_weight(model, sws, 0.0)
         settings["super weights pruned, super activations restored"] = attacks.restore_super_activation(model, sws)
+        settings[NON_SW] = prune.prune_largest_weights(model, NON_SUPER_WEIGHTS, exclude=sws)
     results = {}
     for name, attacked in settings.items():
         ppl = likelihood.perplexity(attacked, corpus.token_ids, sizes.seqlen, max_chunks=sizes.max_chunks,
@@ -367,9 +370,14 @@ def section_attacks(model, tokenizer, mw, corpus, held_out, sizes: Sizes, out: P
     if sws:
         sp, sr = results["super weights pruned"], results["super weights pruned, super activations restored"]
         ok = sp["perplexity"] > 2 * orig["perplexity"] and sr["perplexity"] < sp["perplexity"]
+        other = results[NON_SW]
         text += ["", f"Super weights ({', '.join(sw.label for sw in sws)}) pruned: perplexity {sp['perplexity']:.2f}; "
                  f"with the super activations restored: {sr['perplexity']:.2f}. Verdict (pruning more than doubles "
-                 f"perplexity, restoring lowers it): **{'agrees' if ok else 'does not agree'}**."]
+                 f"perplexity, restoring lowers it): **{'agrees' if ok else 'does not agree'}**. The Super Weight's "
+                 f"control (Table 1, Prune Non-SW): the {NON_SUPER_WEIGHTS} largest other decoder weights pruned "
+                 f"instead, perplexity {other['perplexity']:.2f}. Verdict (the super weights matter more than the "
+                 f"{NON_SUPER_WEIGHTS} largest others together: pruning them costs more perplexity): "
+                 f"**{'agrees' if sp['perplexity'] > other['perplexity'] else 'does not agree'}**."]
     zs, rs = series["top-k zeroing"], series["top-k retaining"]
     text += ["", f"**k-sweep (Figure 4, perplexity on {len(tokens)} x {sizes.seqlen} tokens).** Figure 4 plots "
              "zero-shot accuracy; perplexity is the cheaper signal here. Zeroing should worsen as k grows, "

@@ -7,8 +7,9 @@ Detection runs the reference prompt and flags every layer whose down_proj input 
 spike above --threshold (default 50), with every row of it whose contribution reaches --ratio of the
 largest output (`mwjax.research.massive.find_super_weights`). All of them are attacked jointly, as the paper
 does for models with several (Llama-3-8B), unless --layer/--row/--col name one. Then perplexity
-for: the original model, the super weights pruned, pruned with their super activations restored,
-and the weights scaled by each of --factors, measured as perplexity on the first corpus and, with
+for: the original model, the super weights pruned, pruned with their super activations restored, the
+--non_super_weights largest other weights pruned instead (Table 1's "Prune Non-SW"; every super weight found is
+kept), and the weights scaled by each of --factors, measured as perplexity on the first corpus and, with
 --scaling_metrics=perplexity,zeroshot, as the paper's Figure 8 plots it: mean zero-shot accuracy over
 --tasks (lm-eval; --data_dir for local task files, as experiments.zeroshot).
 Writes super_weight.json, scaling.png (and scaling_zeroshot.png; --format=pdf|svg) under --output_dir.
@@ -25,6 +26,7 @@ from mwjax.research import defaults
 
 # what needs jax (or matplotlib) loads after the flags are parsed: --help answers without it
 attacks = lazy.module("mwjax.research.attacks")
+prune = lazy.module("mwjax.research.prune")
 massive = lazy.module("mwjax.research.massive")
 decoding = lazy.module("mwjax.eval.decoding")
 likelihood = lazy.module("mwjax.eval.likelihood")
@@ -43,6 +45,9 @@ flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row an
                      lower_bound=0)
 flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)", lower_bound=0)
 flags.DEFINE_integer("col", None, "down_proj.weight column (input channel)", lower_bound=0)
+flags.DEFINE_integer("non_super_weights", defaults.NON_SUPER_WEIGHTS, "Table 1's control: prune this many of the "
+                     "largest-magnitude decoder weights other than the super weights (the paper's 7,000; 0: skip)",
+                     lower_bound=0)
 flags.DEFINE_list("scaling_metrics", ["perplexity"], "what the scaling sweep reports: perplexity (the first "
                   "corpus) and/or zeroshot (mean zero-shot accuracy over --tasks, Figure 8's metric)")
 common.check_flag("scaling_metrics", zeroshot_flags.check_metric)
@@ -120,6 +125,10 @@ def main(argv):
     results = {"original": evaluate("original", model),
                "prune SW": evaluate("prune SW", attacks.scale_super_weight(model, sws, 0.0)),
                "prune SW, +SA": evaluate("prune SW, +SA", attacks.restore_super_activation(model, sws))}
+    if FLAGS.non_super_weights:
+        results["prune Non-SW"] = evaluate(f"prune Non-SW ({FLAGS.non_super_weights} largest others)",
+                                           prune.prune_largest_weights(model, FLAGS.non_super_weights,
+                                                                       exclude=[*sws, *candidates]))
     factors = [float(f) for f in FLAGS.factors]
     title = f"{common.model_name()}: {sws[0].label}" + (f" and {len(sws) - 1} more" if len(sws) > 1 else "")
     payload = {"model": FLAGS.model, "super_weights": [sw.to_dict() for sw in sws],

@@ -11,6 +11,9 @@ DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the detection prom
 SPIKE_THRESHOLD = 50.0  # |down_proj input| and |output| of a super weight's layer (the reference code's 50)
 SUPER_RATIO = 0.5  # a further row's own contribution, as a fraction of the largest |output|
 
+# The Super Weight, Table 1's control "Prune Non-SW": how many of the largest other weights are pruned
+NON_SUPER_WEIGHTS = 7000
+
 # attacks: the calibration set of "massive_activations:mean" (thesis: 100 sequences, kept apart from the evaluation)
 CALIBRATION_CORPUS, CALIBRATION_SEQUENCES, CALIBRATION_SEQLEN = "python_docs", 100, 256
 # attacks after fine-tuning, House of Cards Table 8's two readings: massive weights re-found on the merged model,

@@ -63,7 +63,7 @@ from mwjax.instrument import probes
 from mwjax.nn.base import Taps
 from mwjax.nn.layers import Linear, WrappedLinear
 from mwjax.research import attacks
-from mwjax.research.defaults import PRUNE_METHODS
+from mwjax.research.defaults import NON_SUPER_WEIGHTS, PRUNE_METHODS
 from mwjax.research.massive import MassiveWeights, SuperWeight
 
 Key = tuple[int, str]  # (decoder layer, module path inside it: "self_attn.q_proj", "mlp.down_proj")
@@ -431,6 +431,72 @@ def keep_lowest_pruned(kernels: Mapping[Any, jax.Array], fraction: float) -> dic
         out[key] = ~((bits < threshold) | (tie & (tie_rank <= ties_left)))
         ties_left = max(0, ties_left - int(jnp.sum(tie)))
     return out
+
+
+# ------------------------------------------------------------------------------------ The Super Weight's control
+
+
+def largest_weights(model: nnx.Module, n: int, exclude: Sequence[SuperWeight] = ()) -> dict[Key, np.ndarray]:
+    """The n largest-magnitude weights of every Linear of the decoder layers taken together, `exclude` left out:
+    The Super Weight's Table 1 control ("Prune Non-SW": the 7,000 largest weights other than the super weight).
+    The paper does not say which tensors its 7,000 come from; here every projection of every decoder layer (what
+    `prunable` prunes), the embeddings, `lm_head` and norms never. Ties go to the lower (layer, path, index).
+
+    Args:
+      model: a dense mwjax causal LM (as `prunable` takes it).
+      n: how many weights (The Super Weight: 7000).
+      exclude: weights never chosen: the super weights (`massive.find_super_weights`).
+
+    Returns:
+      {(layer, path): kernel coordinates int32 [k, 2] (input, output; HF weight[output, input])} of the tensors
+      holding any of the n, their counts summing to n (fewer only if the model has fewer weights).
+    """
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n={n!r}: the number of weights to choose is an integer >= 0")
+    kept = {(sw.layer, "mlp.down_proj", sw.col, sw.row) for sw in exclude}  # kernel[col, row] = weight[row, col]
+    keys, values, flat = [], [], []
+    for key, lin in prunable(model).items():
+        w = jnp.abs(lin.kernel[...].astype(jnp.float32))
+        for layer, path, i, o in kept:
+            if (layer, path) == key:
+                w = w.at[i, o].set(-1.0)  # below every magnitude: never among the largest
+        top, index = jax.lax.top_k(w.reshape(-1), min(n, w.size))  # this tensor's candidates
+        keys += [key] * len(index)
+        values.append(np.asarray(top))
+        flat.append(np.asarray(index))
+    if not keys or n == 0:
+        return {}
+    values, flat = np.concatenate(values), np.concatenate(flat)
+    chosen = np.argsort(-values, kind="stable")[:n]
+    chosen = chosen[values[chosen] >= 0]  # an excluded weight is never chosen, even where n exceeds the rest
+    out: dict[Key, list] = {}
+    for c in chosen:
+        out.setdefault(keys[c], []).append(flat[c])
+    mods = prunable(model)
+    return {key: np.stack(np.unravel_index(np.sort(idx), mods[key].kernel[...].shape), axis=1).astype(np.int32)
+            for key, idx in out.items()}
+
+
+def prune_largest_weights(model: nnx.Module, n: int = NON_SUPER_WEIGHTS,
+                          exclude: Sequence[SuperWeight] = ()) -> nnx.Module:
+    """The Super Weight's "Prune Non-SW": the n largest-magnitude decoder weights other than `exclude` set to zero,
+    functionally (`apply` with keep-masks on the tensors that hold them).
+
+    Args:
+      model: a dense mwjax causal LM.
+      n: how many weights (Table 1: 7000).
+      exclude: weights kept whatever their magnitude: the super weights.
+
+    Returns:
+      A copy of `model` that prunes those weights in its forward pass; `model` and its arrays unchanged.
+    """
+    mods = prunable(model)
+    masks = {}
+    for key, coords in largest_weights(model, n, exclude).items():
+        keep = np.ones(mods[key].kernel[...].shape, bool)
+        keep[coords[:, 0], coords[:, 1]] = False
+        masks[key] = jnp.asarray(keep)
+    return apply(model, masks)
 
 
 # ----------------------------------------------------------------------------------------------- Wanda
