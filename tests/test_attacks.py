@@ -242,6 +242,7 @@ def test_set_massive_activations_edits_only_large_entries(setup):
     (lambda m, mw: attacks.zero_top_k(m, mw, 0), r"k=0 must lie in \[1, 6\]"),
     (lambda m, mw: attacks.zero_top_k(m, mw, 7), r"k=7 must lie in \[1, 6\].*find_massive_weights"),
     (lambda m, mw: attacks.retain_top_k(m, mw, 9), r"k=9 must lie in \[0, 6\]"),
+    (lambda m, mw: attacks.k_sweep(m, mw, [0, 7], lambda _: 0.0), r"k=7 must lie in \[0, 6\]"),
     (lambda m, mw: attacks.zero_top_k(m, MassiveWeights(5, (1,), (1.0,), 0.1, 1), 1), "layer 5 is out of range"),
     (lambda m, mw: attacks.scale_super_weight(m, SuperWeight(3, 0, 0, 0.0, 0.0, 0.0, 0), 0.0), "layer 3 is out"),
     (lambda m, mw: attacks.set_massive_activations(m, 0, [1], "mean"), "needs tokens="),

@@ -172,3 +172,13 @@ def test_help_lists_every_config_field_with_its_default():
                          timeout=300)
     for line in ("train.learning_rate = 0.0001", "train.micro_batch_size = 64", "macdrop.p0 = 0.8", "lora.rank = 16"):
         assert f"\n  {line}\n" in out.stdout, line
+
+
+@pytest.mark.parametrize("arg, expected", [("step", ("step", 0.8, 0.05)), ("exp,0.5", ("exp", 0.5, 0.05)),
+                                           ("exp,0.5,0.1", ("exp", 0.5, 0.1))])
+def test_ablation_curriculum_parts_left_out_take_their_own_defaults(arg, expected):
+    """`exp,0.5` is p0 0.5 with exp's default alpha 0.05 (the parts were filled by position: alpha became 0.8)."""
+    from mwjax.experiments.configs import ablation_curriculum
+
+    c = ablation_curriculum.get_config(arg)
+    assert (c.macdrop.curriculum, c.macdrop.p0, c.macdrop.alpha) == expected

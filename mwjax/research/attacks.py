@@ -564,13 +564,15 @@ def k_sweep(model: nnx.Module, mw: MassiveWeights, ks: Sequence[int], measure, o
     Args:
       model: an mwjax causal LM.
       mw: its massive weights (`massive.find_massive_weights`).
-      ks: the values of k, each at most len(mw.indices) (not checked here).
+      ks: the values of k, each in [0, len(mw.indices)] (refused before any point runs otherwise).
       measure: maps an attacked model to a number (e.g. perplexity).
       on_point: called as `on_point(series, k, value)` after each point; None for no call.
 
     Returns:
       {"top-k zeroing": [value per k], "top-k retaining": [value per k]}.
     """
+    for k in ks:  # before any point runs
+        _check_k(mw, k, allow_zero=True)
     d_ff, d_model = model.config.intermediate_size, model.config.hidden_size
     series = {}
     for retain, name in ((False, "top-k zeroing"), (True, "top-k retaining")):

@@ -16,7 +16,10 @@ def get_config(arg: str = "step,0.8"):
     Returns:
       The run's ConfigDict, named ablation_curriculum_<curriculum>_p<p0> (and _a<alpha> for exp).
     """
-    curriculum, p0, alpha = (arg.split(",") + ["0.8", "0.05"])[:3]
+    parts = arg.split(",")
+    if len(parts) > 3:
+        raise ValueError(f"--config=ablation_curriculum:{arg}: write curriculum[,p0[,alpha]]")
+    curriculum, p0, alpha = parts + ["step", "0.8", "0.05"][len(parts):]  # a part left out takes its own default
     c = paper_run("lora_macdrop", name="ablation_curriculum", model="meta-llama/Meta-Llama-3-8B", template="llama3")
     c.name = f"ablation_curriculum_{curriculum}_p{p0}" + (f"_a{alpha}" if curriculum == "exp" else "")
     c.macdrop.update({"curriculum": curriculum, "p0": float(p0), "alpha": float(alpha)})
