@@ -97,7 +97,8 @@ def test_generate_until_matches_the_hf_backend(tiny, smollm2_tokenizer):
 @pytest.mark.parametrize("kind, args, message", [
     ("loglikelihood", ("", ""), r"request 0 \['', ''\]: the context and the continuation are both empty"),
     ("loglikelihood", ("Once upon", ""), r"request 0 \['Once upon', ''\]: its continuation has no tokens"),
-    ("generate_until", ("Once", {"until": 5}), r"request 0 .*: generation option until=5 must be a string or a list"),
+    ("generate_until", ("Once", {"until": 5}), r"request 0 .*: generation option until=5 must be a non-empty"),
+    ("generate_until", ("Once", {"until": ["\n", ""]}), r"until=\['\\n', ''\] must be a non-empty string"),
     ("generate_until", ("Once", {"until": ["."], "max_gen_toks": 0}), r"max_gen_toks=0 must be an integer >= 1"),
     ("generate_until", ("Once", {"until": ["."], "max_gen_toks": "x"}), r"max_gen_toks='x' is not a number"),
     ("generate_until", ("Once", {"until": ["."], "do_sample": True, "temperature": float("nan")}),

@@ -111,9 +111,9 @@ def generation_options(gen_kwargs: dict, default_max: int, where: str) -> Genera
     kwargs = dict(gen_kwargs)
     until = kwargs.get("until") or []
     until = [until] if isinstance(until, str) else until
-    if not isinstance(until, list | tuple) or not all(isinstance(u, str) for u in until):
-        raise ValueError(f"{where}: generation option until={kwargs.get('until')!r} must be a string or a list of "
-                         "strings")
+    if not isinstance(until, list | tuple) or not all(isinstance(u, str) and u for u in until):
+        raise ValueError(f"{where}: generation option until={kwargs.get('until')!r} must be a non-empty string or a "
+                         "list of them (an empty stop string would end every generation before it starts)")
 
     def number(name: str, kind, default, ok, rule: str):
         value = kwargs.get(name, default)
