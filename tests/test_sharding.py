@@ -56,6 +56,15 @@ def test_large_parameters_are_sharded_on_a_mesh():
         "fsdp", "tensor")
 
 
+def test_a_misspelt_logical_axis_is_refused_where_it_is_declared():
+    """A name the rules table lacks would leave its dimension replicated on every device: refused by name, both
+    where a parameter declares it and where a constraint or a placement asks for it."""
+    with pytest.raises(ValueError, match="unknown logical axis 'mpl'.*knows"):
+        sharding.param(np.zeros((2, 3)), ("embed", "mpl"))
+    with pytest.raises(ValueError, match="unknown logical axis 'btach'"):
+        sharding.spec(("btach", None), (8, 2), jax.sharding.AbstractMesh((2, 1, 1), sharding.MESH_AXES))
+
+
 def test_flax_reads_the_declared_shardings():
     """The declarations are Flax's own sharding metadata: `nnx.get_partition_spec` (what `nnx.get_named_sharding`
     builds on) gives every parameter of an 8B-shape layer, adapters included, the spec mwjax places it with."""

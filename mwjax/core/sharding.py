@@ -61,7 +61,24 @@ def param(value: jax.Array, axes: Axes, kind: type[nnx.Variable] = nnx.Param) ->
     """
     if len(axes) != value.ndim:
         raise ValueError(f"{len(axes)} logical axes {axes} for a parameter of shape {value.shape}")
+    check_axes(axes)
     return kind(value, sharding_names=tuple(axes), sharding_rules=RULES, eager_sharding=False)
+
+
+def check_axes(axes: Sequence[str | None]) -> None:
+    """Refuse a logical axis name the rules table does not know (a misspelt name would leave its dimension
+    replicated on every device without a word).
+
+    Args:
+      axes: logical axis names or None, one per dimension.
+
+    Raises:
+      ValueError naming the unknown axis and the known ones.
+    """
+    unknown = [a for a in axes if a is not None and a not in LOGICAL_RULES]
+    if unknown:
+        raise ValueError(f"unknown logical axis {unknown[0]!r} in {tuple(axes)}: the rules table "
+                         f"(mwjax.core.sharding.LOGICAL_RULES) knows {sorted(LOGICAL_RULES)}")
 
 
 def declared_axes(state: nnx.State) -> dict[str, Axes]:
@@ -160,9 +177,10 @@ def spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> Par
     Returns:
       The `PartitionSpec`.
     """
+    check_axes(logical)
     parts = []
     for axis, dim in zip(logical, shape, strict=True):
-        mapped = LOGICAL_RULES.get(axis) if axis else None
+        mapped = LOGICAL_RULES[axis] if axis else None
         names = (mapped,) if isinstance(mapped, str) else tuple(mapped or ())
         names = tuple(n for n in names if mesh.shape[n] > 1)
         size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
