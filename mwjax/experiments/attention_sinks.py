@@ -76,10 +76,12 @@ def main(argv):
       argv: the command line as absl passes it (flags already parsed); unused.
     """
     del argv
+    common.needs_tokenizer("attention_sinks", "--prompt")
     out = common.output_dir("outputs/attention_sinks")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()
     if tokenizer is None:
-        raise SystemExit("experiments.attention_sinks tokenizes --prompt: drop --tokenizer=none")
+        raise SystemExit(f"experiments.attention_sinks tokenizes --prompt: {FLAGS.model} has no tokenizer (give one "
+                         "with --tokenizer)")
     bos_id = first_token_id(tokenizer, model.config, common.first_token_flag())
     ids = tokenizer(FLAGS.prompt, add_special_tokens=False).input_ids
     ids = [i for i in ids if i != bos_id]  # a tokenizer that adds bos regardless

@@ -69,6 +69,20 @@ def tokenizer_flag() -> bool | str:
     return False if FLAGS.tokenizer.lower() == "none" else FLAGS.tokenizer
 
 
+def needs_tokenizer(experiment: str, why: str) -> None:
+    """Refuse --tokenizer=none before anything loads, for an experiment that tokenizes text.
+
+    Args:
+      experiment: the command line's name, for the message.
+      why: what it tokenizes (e.g. "--prompt and --stats_corpus").
+
+    Raises:
+      SystemExit naming the flag.
+    """
+    if tokenizer_flag() is False:
+        raise SystemExit(f"experiments.{experiment} tokenizes {why}: drop --tokenizer=none (or give a tokenizer)")
+
+
 def define_attack_flag(before: str) -> None:
     """Define --attack for an experiment that measures an attacked model (checked as the command line is parsed).
 

@@ -106,6 +106,7 @@ def main(argv):
       argv: the command line as absl passes it (flags already parsed); unused.
     """
     del argv
+    common.needs_tokenizer("massive_weights", "--prompt and --stats_corpus")
     out = common.output_dir("outputs/massive_weights")  # unwritable: fails before the model loads
     model, tokenizer = common.load_model()
     mw = massive.find_massive_weights(model, tokenizer, k=FLAGS.k, layer=FLAGS.layer, layer_rule=FLAGS.layer_rule,
