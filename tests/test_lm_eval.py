@@ -21,6 +21,8 @@ from mwjax import converters  # noqa: E402
 from mwjax.eval import perplexity, zeroshot_tasks  # noqa: E402
 from mwjax.eval.lm_eval import MwjaxLM  # noqa: E402
 
+pytestmark = pytest.mark.leg311  # CI: with the slow tests on the py3.11 leg (pyproject's markers)
+
 
 @pytest.fixture(scope="module")
 def local_tasks(tmp_path_factory):
