@@ -24,6 +24,9 @@ VALUES = ("0", "-1", "nan")
 # string flags holding numbers, tried with values that must be refused
 SPECS = {"attack": ("scale_super_weight:nan", "scale_super_weight:inf", "zero_top_k:0", "retain_top_k:-1"),
          "sparsities": ("nan", "1.0", "-0.5", "0:4")}
+# flags an experiment takes only together: each is tried with its companions set to a value in range
+COMPANIONS = {("super_weight", "layer"): ("--row=0", "--col=0"), ("super_weight", "row"): ("--layer=0", "--col=0"),
+              ("super_weight", "col"): ("--layer=0", "--row=0")}
 
 
 def describe(parser) -> dict:
@@ -45,13 +48,14 @@ def names(flag: str) -> list[str]:
                      else [])
 
 
-def try_value(program: str, flag: str, value: str) -> dict:
-    """Parse `--flag=value` alone as the experiment's command line does: {"status", "stderr"}."""
+def try_value(program: str, flag: str, value: str, companions: tuple[str, ...] = ()) -> dict:
+    """Parse `--flag=value` (with the flags it needs beside it) as the experiment's command line does:
+    {"status", "stderr"}."""
     flags.FLAGS.unparse_flags()
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            cli.parse_flags([program, f"--{flag}={value}"])
+            cli.parse_flags([program, f"--{flag}={value}", *companions])
             status = 0
         except SystemExit as e:
             status = e.code
@@ -73,7 +77,8 @@ def walk(experiment: str) -> list[dict]:
         declared = describe(flags.FLAGS[flag].parser)
         if declared is not None:
             out.append({"flag": flag, "names": names(flag), **declared,
-                        "results": {v: try_value(program, flag, v) for v in VALUES}})
+                        "results": {v: try_value(program, flag, v, COMPANIONS.get((experiment, flag), ()))
+                                    for v in VALUES}})
         elif flag in SPECS:
             out.append({"flag": flag, "names": names(flag), "kind": "spec",
                         "results": {v: try_value(program, flag, v) for v in SPECS[flag]}})
