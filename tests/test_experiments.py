@@ -38,6 +38,8 @@ def tiny(tiny_checkpoint, tmp_path_factory):
     ("experiments.longbench", ["--datasets=qasper,lsht"], "unknown LongBench dataset 'lsht'"),
     ("experiments.super_weight", ["--output_dir=/proc/mwjax"], "cannot write to the output directory /proc/mwjax"),
     ("experiments.generation", ["--questions=/nonexistent/q.jsonl"], "no Spec-Bench question file"),
+    ("experiments.massive_weights", ["--tokenizer=none"], "tokenizes --prompt and --stats_corpus: drop --tokenizer"),
+    ("experiments.attention_sinks", ["--tokenizer=None"], "tokenizes --prompt: drop --tokenizer=none"),
 ])
 def test_bad_inputs_fail_before_the_model_loads(module, args, message, tmp_path):
     out = subprocess.run([sys.executable, "-m", module, "--model=/nonexistent/model", *args], capture_output=True,
@@ -112,6 +114,15 @@ def test_massive_weights_and_super_weight_experiments_on_a_tiny_model(tiny, task
         result["settings"]["original"]["perplexity"]["text.txt"], rel=1e-6)
     assert result["scaling"]["zeroshot"][1] == pytest.approx(task_data[1], abs=1e-9)  # Figure 8's metric
     assert (out / "scaling_zeroshot.svg").read_text().startswith("<?xml") and (out / "scaling.svg").exists()
+    # the mechanism: Figures 3 / 10 per layer, Figure 4 from the named weight's layer on, Figure 2 III / 11
+    assert len(result["down_proj_maxima"]["output"]["value"]) == 3 and result["down_proj_maxima"]["super_weight_layers"]
+    assert [(t["layer"], t["row"]) for t in result["super_activation"]] == [(1, 3)]
+    words = result["stopwords"]
+    assert words["list"] == "mwjax.data.stopwords.STOPWORDS" and words["stopword_tokens"] == 2  # "a", "i"
+    assert words["stopword_before"] + words["other_before"] == pytest.approx(1.0, abs=1e-5)
+    assert len(words["rising"]) == 10 and "Figure 2 III / 11" in stdout and "Figure 4" in stdout
+    for figure in ("down_proj_maxima", "super_activation", "stopwords"):
+        assert (out / f"{figure}.svg").stat().st_size > 0
 
 
 def test_attention_sinks_experiment_on_a_tiny_model(tiny):

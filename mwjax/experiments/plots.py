@@ -23,7 +23,7 @@ plt, patches, ticker = (lazy.module(f"matplotlib.{name}", before=_agg_backend)
                         for name in ("pyplot", "patches", "ticker"))
 
 if TYPE_CHECKING:
-    from mwjax.research import massive
+    from mwjax.research import massive, super_mechanism
 
 TITLE_WIDTH = 70  # characters per title line: a model name and a layer label still fit a 6-inch figure
 
@@ -496,6 +496,107 @@ def pruning_summary(labels: Sequence[str], perplexities: Mapping[str, Sequence[f
     right.set_xticklabels(labels, fontsize=8)
     _finish(fig, right, "massive weights, no protection", "", "fraction", path=None, log_y=False, legend=False)
     right.legend(fontsize=7, loc="upper center")
+    fig.suptitle(wrapped(title))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def super_activation(traces: Sequence[super_mechanism.SuperActivationTrace], title: str, path: str | Path) -> Path:
+    """The Super Weight Figure 4: |hidden state| at each super activation's channel and token after every layer
+    (log y), with the super weights (solid) and pruned (dashed); a dotted line at each trace's super weight layer.
+
+    Args:
+      traces: the traces (`super_mechanism.super_activation_traces`), one colour each.
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+
+    Returns:
+      `path` as a Path.
+    """
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, trace in enumerate(traces):
+        layers = np.arange(len(trace.original))
+        name = f"channel {trace.row}, token {trace.position}"
+        ax.plot(layers, np.abs(trace.original), marker="o", ms=3, color=f"C{i}", label=f"{name}")
+        ax.plot(layers, np.abs(trace.pruned), marker="s", ms=3, ls="--", color=f"C{i}",
+                label=f"{name}, pruned: {100 * abs(trace.drop):.0f}% {'lower' if trace.drop >= 0 else 'higher'} "
+                      f"after layer {trace.layer}")
+        ax.axvline(trace.layer, color=f"C{i}", lw=0.6, ls=":")
+    _finish(fig, ax, title, "decoder layer (HF index)", "|hidden state|", None, legend=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def down_proj_maxima(spikes: massive.DownProjSpikes, title: str, path: str | Path,
+                     mark_layers: Sequence[int] = ()) -> Path:
+    """The Super Weight Figures 3 / 10: max |down_proj input| (left) and |output| (right) per layer, the largest of
+    each labelled with its channel (the super weight's column / row); dotted lines at `mark_layers`.
+
+    Args:
+      spikes: the per-layer spikes on the detection prompt (`massive.down_proj_spikes`).
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+      mark_layers: layers to mark (0-based), e.g. those of the super weights found.
+
+    Returns:
+      `path` as a Path.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, spike, name in zip(axes, (spikes.input, spikes.output), ("input", "output"), strict=True):
+        values = np.abs(np.asarray(spike.value, np.float64))
+        layers = np.arange(len(values))
+        ax.plot(layers, values, marker="o", ms=3, color="C0" if name == "input" else "C1")
+        for layer in sorted(set(mark_layers)):
+            ax.axvline(layer, color="gray", lw=0.6, ls=":")
+        top = int(np.argmax(values))
+        ax.annotate(f"channel {int(spike.channel[top])}", (top, values[top]), textcoords="offset points",
+                    xytext=(6, -4), fontsize=8, va="top")
+        ax.set_ylim(0, values[top] * 1.1 if values[top] > 0 else None)
+        _finish(fig, ax, f"down_proj {name}", "decoder layer (HF index)", f"max |down_proj {name}|", None,
+                log_y=False, legend=False)
+    fig.suptitle(wrapped(title))
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def stopword_shift(shift: super_mechanism.StopwordShift, title: str, path: str | Path) -> Path:
+    """The Super Weight Figure 2 III / Figure 11: the mean next-token probability on stopwords and on the other
+    tokens, before and after the attack (stacked bars, left), and the tokens whose mean probability rose most
+    (grouped bars, right; stopwords in bold).
+
+    Args:
+      shift: the statistics (`super_mechanism.stopword_shift`).
+      title: the figure's title (wrapped to fit).
+      path: the file written; its suffix (.png, .pdf, .svg) sets the format.
+
+    Returns:
+      `path` as a Path.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 3]})
+    x = np.arange(2)
+    stop = [shift.stopword_before, shift.stopword_after]
+    other = [shift.other_before, shift.other_after]
+    left.bar(x, stop, 0.6, color="C4", label="stopwords")
+    left.bar(x, other, 0.6, bottom=stop, color="C7", label="other tokens")
+    for i in x:
+        left.text(i, stop[i] / 2, f"{stop[i]:.3f}", ha="center", va="center", fontsize=8, color="white")
+    left.set_xticks(x)
+    left.set_xticklabels(["original", "SW pruned"])
+    left.set_ylim(0, 1.25)
+    _finish(fig, left, f"stopwords x{shift.stopword_ratio:.2f}, others x{shift.other_ratio:.2f}", "",
+            "mean probability mass", None, log_y=False)
+    left.legend(fontsize=7, loc="upper center", ncol=2)
+    x = np.arange(len(shift.rising))
+    width = 0.4
+    right.bar(x - width / 2, [t.before for t in shift.rising], width, label="original")
+    right.bar(x + width / 2, [t.after for t in shift.rising], width, label="SW pruned")
+    right.set_xticks(x)
+    labels = right.set_xticklabels([t.text.strip() or repr(t.text) for t in shift.rising], fontsize=8, rotation=30,
+                                   ha="right")
+    for label, token in zip(labels, shift.rising, strict=True):
+        label.set_fontweight("bold" if token.stopword else "normal")
+    _finish(fig, right, "tokens whose mean probability rose most", "", "mean probability", None, log_y=False)
     fig.suptitle(wrapped(title))
     fig.tight_layout()
     return _save(fig, path)

@@ -383,26 +383,66 @@ class Spike:
     channel: np.ndarray  # int [L]
     position: np.ndarray  # int [L]
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready.
+
+        Returns:
+          {"value": [L], "channel": [L], "position": [L]} as lists.
+        """
+        return {"value": self.value.tolist(), "channel": self.channel.tolist(), "position": self.position.tolist()}
+
 
 @dataclasses.dataclass(frozen=True)
 class DownProjSpikes:
-    """The Super Weight's detection signal: per layer, the spike of down_proj's input (the intermediate state;
-    its channel is a super weight's column) and of its output (the channel is the row)."""
+    """The Super Weight's detection signal (its Figures 3 and 10): per layer, the spike of down_proj's input (the
+    intermediate state; its channel is a super weight's column) and of its output (the channel is the row)."""
 
     input: Spike
     output: Spike
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready.
 
-def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> DownProjSpikes:
-    """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only).
+        Returns:
+          {"input": `Spike.to_dict`, "output": `Spike.to_dict`}.
+        """
+        return {"input": self.input.to_dict(), "output": self.output.to_dict()}
+
+
+def prompt_tokens(tokenizer, prompt: str = DEFAULT_PROMPT) -> jnp.ndarray:
+    """The detection prompt as the super-weight detection feeds it: the tokenizer's defaults (bos where it adds one).
 
     Args:
-      model: an mwjax causal LM.
+      tokenizer: an HF tokenizer; None is a ValueError.
+      prompt: the text (the Super Weight reference code's prompt by default).
+
+    Returns:
+      int32 [1, seq] token ids.
+    """
+    if tokenizer is None:
+        raise ValueError("super-weight detection needs a tokenizer to encode the prompt, or tokens=[1, seq]")
+    return jnp.asarray([tokenizer(prompt).input_ids], jnp.int32)
+
+
+def _check_dense(model: nnx.Module) -> None:
+    if model.config.num_local_experts is not None:
+        raise ValueError("super-weight detection follows the paper's dense FFN (one down_proj per layer); this "
+                         "model routes between experts, whose down_proj inputs are probed per expert instead")
+
+
+def down_proj_spikes(model: nnx.Module, tokens: jnp.ndarray) -> DownProjSpikes:
+    """Per layer, the largest |down_proj input| and |output| over the sequence (the first batch row only): the
+    detection signal of `find_super_weights` and what The Super Weight's Figures 3 (Llama-7B) and 10 (OLMo-7B)
+    plot, both spiking at the super weight's layer.
+
+    Args:
+      model: an mwjax causal LM with dense FFNs (a mixture of experts is a ValueError).
       tokens: int [batch, seq] token ids (only row 0 is read).
 
     Returns:
       The `DownProjSpikes` (signed value, channel and position of each spike, per layer).
     """
+    _check_dense(model)
     config = probes.ProbeConfig(points=("intermediate", "down_proj_output"), full=False, top_k=1, scope="sequence")
     result = probes.record(model, tokens, config)
     pick = lambda point, stat: np.asarray(result.stack(point, stat)[:, 0, 0])  # [L]
@@ -429,14 +469,25 @@ def find_super_weights(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_
     Returns:
       The `SuperWeight`s, by layer; [] when no layer spikes.
     """
-    if model.config.num_local_experts is not None:
-        raise ValueError("super-weight detection follows the paper's dense FFN (one down_proj per layer); this "
-                         "model routes between experts, whose down_proj inputs are probed per expert instead")
-    if tokens is None:
-        if tokenizer is None:
-            raise ValueError("find_super_weights needs a tokenizer to encode the prompt, or tokens=[1, seq]")
-        tokens = jnp.asarray([tokenizer(prompt).input_ids], jnp.int32)
-    spikes = down_proj_spikes(model, tokens)
+    spikes = down_proj_spikes(model, prompt_tokens(tokenizer, prompt) if tokens is None else tokens)
+    return super_weights_from_spikes(model, spikes, threshold=threshold, ratio=ratio)
+
+
+def super_weights_from_spikes(model: nnx.Module, spikes: DownProjSpikes, *, threshold: float = SPIKE_THRESHOLD,
+                              ratio: float = SUPER_RATIO) -> list[SuperWeight]:
+    """The super weights that `spikes` point at (the rule of `find_super_weights`, module doc): for a caller that
+    keeps the per-layer signal too (Figures 3 / 10) without a second forward pass.
+
+    Args:
+      model: the mwjax causal LM `spikes` were measured on (its down_proj kernels give the weights).
+      spikes: per-layer down_proj spikes (`down_proj_spikes`).
+      threshold: the spike threshold on |down_proj input| and |output|.
+      ratio: a further row counts when its own contribution |weight x input spike| is at least this fraction of
+        the largest |output|.
+
+    Returns:
+      The `SuperWeight`s, by layer; [] when no layer spikes.
+    """
     found = []
     for layer in range(model.config.num_hidden_layers):
         x, y = spikes.input.value[layer], spikes.output.value[layer]
