@@ -135,3 +135,49 @@ def test_stopword_tokens_of_a_bpe_vocabulary(embedded_tokenizer):
     assert stopwords.normalize("\u0120The ") == stopwords.normalize("\u2581the") == "the"
     assert len(stopwords.STOPWORDS) == len(set(stopwords.STOPWORDS)) >= 150
     assert all(w == w.lower() and w.isalpha() for w in stopwords.STOPWORDS)
+
+
+def torch_iterative(hf, tokens, threshold: float, late_from: int):
+    """The paper's detection loop on the HF model: scan down_proj's input / output with hooks, take the earliest
+    spiking layer before `late_from` (argmax row and column), zero that weight, scan again; ([found], [late])."""
+    found = []
+    while True:
+        def prune(m):
+            for layer, row, col in found:
+                m.model.layers[layer].mlp.down_proj.weight[row, col] = 0.0
+
+        captured, _ = capture_hf(clone_with(hf, prune), tokens, ("intermediate", "down_proj_output"))
+        spiking = []
+        for layer in range(hf.config.num_hidden_layers):
+            x, y = captured[("intermediate", layer)][0], captured[("down_proj_output", layer)][0]  # [seq, features]
+            xi, yi = int(x.abs().argmax()), int(y.abs().argmax())
+            if float(x.flatten()[xi].abs()) > threshold and float(y.flatten()[yi].abs()) > threshold:
+                spiking.append((layer, yi % y.shape[-1], xi % x.shape[-1]))
+        early = [s for s in spiking if s[0] < late_from]
+        if not early or early[0] in found:
+            return found, [s for s in spiking if s[0] >= late_from]
+        found.append(early[0])
+
+
+def test_iterative_detection_takes_the_early_super_weights_one_by_one_and_reports_the_late_spike(tmp_path):
+    """Two super weights planted in layer 0 (rows 10 and 25 of column 33: Phi-3's shape) and a spike in the last
+    layer (late: the last eighth of 3 layers is layer 2): the paper's rule takes row 10, then row 25, and only
+    reports layer 2; the every-spike rule takes layer 2 too. Both against the same loop run on the HF model."""
+    def plant(m):
+        early, late = m.model.layers[0].mlp, m.model.layers[2].mlp
+        early.down_proj.weight[10, 33], early.down_proj.weight[25, 33] = 20.0, 15.0
+        early.up_proj.weight[33] *= 100.0  # intermediate channel 33 ~ -90 (spikes > 50)
+        late.down_proj.weight[40, 50] = 20.0
+        late.up_proj.weight[50] *= 400.0  # ~ -125
+
+    hf = clone_with(make_hf_model("llama_gqa", seed=3), plant)
+    hf.save_pretrained(tmp_path)
+    model, _ = converters.load(tmp_path, tokenizer=False)
+    found = massive.find_super_weights_iteratively(model, tokens=PROMPT)
+    expected, late = torch_iterative(hf, PROMPT, massive.SPIKE_THRESHOLD, found.late_from)
+    assert found.late_from == 2 and expected[:2] == [(0, 10, 33), (0, 25, 33)] and (2, 40, 50) in late  # planted
+    assert [(sw.layer, sw.row, sw.col) for sw in found.super_weights] == expected
+    assert [(sw.layer, sw.row, sw.col) for sw in found.late_spikes] == late
+    assert found.rounds == len(expected) + 1 and found.super_weights[1].weight == pytest.approx(15.0)
+    every = {(sw.layer, sw.row, sw.col) for sw in massive.find_super_weights(model, tokens=PROMPT)}
+    assert (2, 40, 50) in every and (0, 10, 33) in every

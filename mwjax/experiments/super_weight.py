@@ -4,10 +4,15 @@ prune + restore, scale.
     python -m experiments.super_weight --seqlen=512 --max_chunks=8      # the embedded SmolLM2, CPU-sized
     python -m experiments.super_weight --model=PATH --datasets=wikitext2,c4
 
-Detection runs the reference prompt and flags every layer whose down_proj input and output both
-spike above --threshold (default 50), with every row of it whose contribution reaches --ratio of the
-largest output (`mwjax.research.massive.find_super_weights`). All of them are attacked jointly, as the paper
-does for models with several (Llama-3-8B), unless --layer/--row/--col name one. Then perplexity
+Detection runs the reference prompt through down_proj and looks for layers whose input and output both spike
+above --threshold (default 50). By default as the paper's §3.1 does (--detection=paper,
+`massive.find_super_weights_iteratively`): the earliest spiking layer's weight (argmax row and column) is taken and
+pruned and the prompt scanned again, until no layer before the last eighth spikes; spikes left in the late layers are
+reported, not attacked. On the embedded SmolLM2 this finds layers[2]'s [507, 90] alone: the spikes at layers 9 and 11
+vanish once it is pruned (they carried its super activation), and layers 27-29 are late. --detection=every_spike
+takes every spiking layer at once, with every row whose contribution reaches --ratio of the largest output
+(`massive.find_super_weights`: 8 weights in 6 layers on SmolLM2). All are attacked jointly, as the paper does for
+models with several (Llama-3-8B), unless --layer/--row/--col name one. Then perplexity
 for: the original model, the super weights pruned, pruned with their super activations restored, the
 --non_super_weights largest other weights pruned instead (Table 1's "Prune Non-SW"; every super weight found is
 kept), and the weights scaled by each of --factors, measured as perplexity on the first corpus and, with
@@ -42,6 +47,7 @@ decoding = lazy.module("mwjax.eval.decoding")
 likelihood = lazy.module("mwjax.eval.likelihood")
 
 FLAGS = flags.FLAGS
+DETECTIONS = ("paper", "every_spike")
 # --help lists the shared flags (--model, --output_dir, ...) too, not only under --helpfull
 flags.adopt_module_key_flags(common)
 flags.adopt_module_key_flags(zeroshot_flags)
@@ -51,6 +57,10 @@ cli.define_float("threshold", defaults.SPIKE_THRESHOLD, "spike threshold on |dow
 cli.define_float("ratio", defaults.SUPER_RATIO, "a further row of a spiking layer is a super weight when its own "
                    "contribution reaches this fraction of the largest |output| (research.massive module doc)", above=0,
                     upper_bound=1)
+flags.DEFINE_enum("detection", "paper", list(DETECTIONS), "how super weights are found: paper (The Super Weight "
+                  "§3.1: the earliest spiking layer's weight, pruned, the prompt scanned again, until no layer before "
+                  "the last eighth spikes; late spikes reported, not attacked) or every_spike (every spiking layer at "
+                  "once, further rows by --ratio)")
 flags.DEFINE_integer("layer", None, "super weight layer (0-based), with --row and --col, instead of detection",
                      lower_bound=0)
 flags.DEFINE_integer("row", None, "down_proj.weight row (output channel)", lower_bound=0)
@@ -85,19 +95,28 @@ def _all_or_none(values: dict) -> bool:
 flags.register_multi_flags_validator(["layer", "row", "col"], _all_or_none)
 
 
-def choose(model, spikes) -> tuple[list[massive.SuperWeight], list[massive.SuperWeight]]:
-    """The super weights to attack: all found on --prompt, or the one named by --layer/--row/--col.
+def choose(model, prompt, spikes) -> tuple[list[massive.SuperWeight], list[massive.SuperWeight]]:
+    """The super weights to attack: all that --detection finds on --prompt, or the one named by --layer/--row/--col.
 
     SystemExit when detection finds none and none is named (--layer, --row and --col come together: `_all_or_none`).
 
     Args:
       model: an mwjax causal LM.
-      spikes: its down_proj spikes on --prompt (`massive.down_proj_spikes`), where detection looks.
+      prompt: int [1, seq] the detection prompt's tokens.
+      spikes: its down_proj spikes on --prompt (`massive.down_proj_spikes`), where every_spike detection looks.
 
     Returns:
       (the super weights to attack jointly, every one detection found).
     """
-    candidates = massive.super_weights_from_spikes(model, spikes, threshold=FLAGS.threshold, ratio=FLAGS.ratio)
+    if FLAGS.detection == "paper":
+        detection = massive.find_super_weights_iteratively(model, tokens=prompt, threshold=FLAGS.threshold)
+        candidates = list(detection.super_weights)
+        print(f"paper detection: {detection.rounds} scans; spikes in the late layers ({detection.late_from} on), "
+              "reported, not attacked: " + (", ".join(f"{sw.label} (input {sw.input_value:.1f}, output "
+                                                      f"{sw.output_value:.1f})" for sw in detection.late_spikes)
+                                            or "none"))
+    else:
+        candidates = massive.super_weights_from_spikes(model, spikes, threshold=FLAGS.threshold, ratio=FLAGS.ratio)
     if FLAGS.layer is not None:
         return [massive.super_weight_at(model, FLAGS.layer, FLAGS.row, FLAGS.col)], candidates
     if not candidates:
@@ -118,7 +137,7 @@ def main(argv):
     model, tokenizer = common.load_model()
     prompt = massive.prompt_tokens(tokenizer, FLAGS.prompt)
     spikes = massive.down_proj_spikes(model, prompt)  # Figures 3 / 10, and what detection reads
-    sws, candidates = choose(model, spikes)
+    sws, candidates = choose(model, prompt, spikes)
     print(f"super weights found (spike > {FLAGS.threshold:g}, further rows from {FLAGS.ratio:g} of the largest):")
     print(common.markdown_table(["layer", "coordinates", "weight", "input spike", "output spike"],
                                 [[c.layer, c.label, c.weight, c.input_value, c.output_value] for c in candidates]))

@@ -10,6 +10,10 @@ LAYER_RULES = ("intermediate", "hidden_jump")
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."  # the detection prompt of the Super Weight reference code
 SPIKE_THRESHOLD = 50.0  # |down_proj input| and |output| of a super weight's layer (the reference code's 50)
 SUPER_RATIO = 0.5  # a further row's own contribution, as a fraction of the largest |output|
+# The Super Weight's iterative detection (massive.find_super_weights_iteratively): spikes in the last eighth of the
+# layers are reported, never taken. SmolLM2's final-layer spikes (layers 27-29 of 30) fall there; every super weight
+# of the paper's Table 2 does not (the deepest, OLMo-7B's layer 24 of 32, lies before layer 28).
+LATE_FRACTION = 1 / 8
 
 # The Super Weight, Table 1's control "Prune Non-SW": how many of the largest other weights are pruned
 NON_SUPER_WEIGHTS = 7000

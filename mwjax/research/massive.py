@@ -40,7 +40,7 @@ from mwjax.converters.tokens import first_token_id
 from mwjax.core.layer_index import check_layer, layer_label
 from mwjax.core.progress import track
 from mwjax.instrument import masks, probes
-from mwjax.research.defaults import DEFAULT_PROMPT, LAYER_RULES, SPIKE_THRESHOLD, SUPER_RATIO
+from mwjax.research.defaults import DEFAULT_PROMPT, LATE_FRACTION, LAYER_RULES, SPIKE_THRESHOLD, SUPER_RATIO
 
 MASSIVE_MIN = 100.0  # |x| above this ...
 MASSIVE_RATIO = 1000.0  # ... and this many times the median |x|
@@ -501,6 +501,90 @@ def super_weights_from_spikes(model: nnx.Module, spikes: DownProjSpikes, *, thre
                                   output_value=float(y), position=int(spikes.output.position[layer]))
                       for row in rows]
     return found
+
+
+@dataclasses.dataclass(frozen=True)
+class IterativeDetection:
+    """What `find_super_weights_iteratively` found: the super weights in detection order, and the spikes left in
+    the late layers (`late_from` on), which it reports but never takes (SmolLM2's last three layers).
+
+    rounds: the scans run (one more than the super weights found when it stopped on its own).
+    """
+
+    super_weights: tuple[SuperWeight, ...]
+    late_spikes: tuple[SuperWeight, ...]  # the argmax (row, col) of each late spiking layer after the last round
+    late_from: int
+    rounds: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready.
+
+        Returns:
+          {"super_weights": [...], "late_spikes": [...], "late_from", "rounds"}.
+        """
+        return {"super_weights": [sw.to_dict() for sw in self.super_weights],
+                "late_spikes": [sw.to_dict() for sw in self.late_spikes], "late_from": self.late_from,
+                "rounds": self.rounds}
+
+
+def _pruned(model: nnx.Module, sws) -> nnx.Module:
+    """A copy of `model` whose down_proj weights at `sws` are zero (other arrays shared), for the next scan."""
+    out = nnx.clone(model)
+    for sw in sws:
+        kernel = out.model.layers[sw.layer].mlp.down_proj.kernel
+        kernel[...] = kernel[...].at[sw.col, sw.row].set(0)  # weight[row, col] = kernel[col, row]
+    return out
+
+
+def find_super_weights_iteratively(model: nnx.Module, tokenizer=None, prompt: str = DEFAULT_PROMPT, *,
+                                   tokens: jnp.ndarray | None = None, threshold: float = SPIKE_THRESHOLD,
+                                   late_fraction: float = LATE_FRACTION, max_rounds: int = 32) -> IterativeDetection:
+    """The Super Weight's detection as its Section 3.1 runs it: scan, take the super weight of the earliest layer
+    whose down_proj input and output both spike above `threshold` (the argmax row and column), prune it, scan
+    again, until no layer before the late ones spikes. One weight a round, so several rows of one column (Phi-3,
+    Llama-3-8B) come one after the other, and a spike that only the first super weight caused (its super
+    activation carried on) disappears once it is pruned instead of being taken too.
+
+    Args:
+      model: an mwjax causal LM with dense FFNs.
+      tokenizer: an HF tokenizer for `prompt` (or `tokens`).
+      prompt: the detection prompt (the reference code's).
+      tokens: int [1, seq] token ids instead of `prompt`.
+      threshold: the spike threshold on |down_proj input| and |output| (the reference's 50).
+      late_fraction: the last ceil(late_fraction x L) layers are late: their spikes are reported, never taken
+        (LATE_FRACTION: 1/8, module doc of `research.defaults`).
+      max_rounds: stop after this many scans (the paper's models have at most six super weights).
+
+    Returns:
+      The `IterativeDetection`.
+    """
+    tokens = prompt_tokens(tokenizer, prompt) if tokens is None else tokens
+    if not 0 <= late_fraction < 1:
+        raise ValueError(f"late_fraction={late_fraction}: a fraction of the layers in [0, 1)")
+    layers = model.config.num_hidden_layers
+    late_from = layers - int(np.ceil(late_fraction * layers))
+    found: list[SuperWeight] = []
+    rounds = 0
+    while rounds < max_rounds:
+        rounds += 1
+        spikes = down_proj_spikes(_pruned(model, found), tokens)
+        spiking = [(layer, _argmax_weight(model, spikes, layer)) for layer in range(layers)
+                   if abs(spikes.input.value[layer]) > threshold and abs(spikes.output.value[layer]) > threshold]
+        early = [sw for layer, sw in spiking if layer < late_from]
+        coordinates = {(sw.layer, sw.row, sw.col) for sw in found}
+        if not early or (early[0].layer, early[0].row, early[0].col) in coordinates:  # none left, or a zero weight
+            break
+        found.append(early[0])
+    return IterativeDetection(tuple(found), tuple(sw for layer, sw in spiking if layer >= late_from), late_from,
+                              rounds)
+
+
+def _argmax_weight(model: nnx.Module, spikes: DownProjSpikes, layer: int) -> SuperWeight:
+    """The weight the spikes of `layer` point at: row = the output spike's channel, col = the input's."""
+    row, col = int(spikes.output.channel[layer]), int(spikes.input.channel[layer])
+    return SuperWeight(layer=layer, row=row, col=col, weight=float(down_proj_kernel(model, layer)[col, row]),
+                       input_value=float(spikes.input.value[layer]), output_value=float(spikes.output.value[layer]),
+                       position=int(spikes.output.position[layer]))
 
 
 def down_proj_kernel(model: nnx.Module, layer: int) -> jnp.ndarray:
