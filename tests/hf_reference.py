@@ -54,7 +54,7 @@ TINY_CONFIGS = {
 }
 # The other families of House of Cards. Gemma: head_dim independent of hidden_size / heads; the
 # soft-caps are small enough to bend these tiny models' scores and logits (the real ones: 50 / 30).
-_OLMO_BASE = {k: v for k, v in BASE.items() if k != "rms_norm_eps"} | dict(pad_token_id=1, eos_token_id=2)
+_OLMO_BASE = {k: v for k, v in BASE.items() if k != "rms_norm_eps"} | dict(pad_token_id=0, eos_token_id=2)
 _LONGROPE = dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
                  long_factor=[1.0 + 0.9 * i for i in range(8)])
 FAMILY_CONFIGS = {
@@ -81,7 +81,7 @@ FAMILY_CONFIGS = {
     "olmo": ("OlmoConfig", dict(_OLMO_BASE, num_key_value_heads=4, tie_word_embeddings=True)),
     "olmo_clip": ("OlmoConfig", dict(_OLMO_BASE, num_key_value_heads=2, clip_qkv=0.8, attention_bias=True)),
     "olmo2": ("Olmo2Config", dict(BASE, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=500000.0,
-                                  pad_token_id=1, eos_token_id=2)),
+                                  pad_token_id=0, eos_token_id=2)),
 }
 TINY_CONFIGS |= FAMILY_CONFIGS
 SEQ_LEN = 256
