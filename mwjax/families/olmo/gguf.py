@@ -30,7 +30,8 @@ def read_olmo_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
       `attention_bias` (from the presence of `blk.0.attn_q.bias`) and `clip_qkv` (`olmo.attention.clamp_kqv`,
-      None without it); `ConfigError` for a LayerNorm epsilon other than HF's hard-coded 1e-5.
+      a float32 written back as the shortest decimal that is that float32, e.g. 8.0 or 0.8; None without it);
+      `ConfigError` for a LayerNorm epsilon other than HF's hard-coded 1e-5.
     """
     eps = file.field("attention.layer_norm_epsilon")
     if eps is not None and not math.isclose(float(eps), OLMO_LAYER_NORM_EPS, rel_tol=1e-6):
@@ -38,7 +39,7 @@ def read_olmo_gguf(file: GGUFFile, shared: Mapping[str, Any]) -> dict[str, Any]:
                           f"hard-codes {OLMO_LAYER_NORM_EPS})")
     clamp = file.field("attention.clamp_kqv")
     return {"attention_bias": file.has_tensor("blk.0.attn_q.bias"),
-            "clip_qkv": None if clamp is None else float(clamp)}
+            "clip_qkv": None if clamp is None else float(str(np.float32(clamp)))}
 
 
 def undo_olmo_qk_permutation(file: GGUFFile, hf_key: str, w: np.ndarray) -> np.ndarray:
