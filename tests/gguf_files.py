@@ -1,8 +1,9 @@
 """Write tiny GGUF files from tiny HF models the way llama.cpp's `convert_hf_to_gguf.py` does.
 
 Conventions reproduced (each is one a reader has to undo): Gemma RMSNorm weights stored as
-`1 + w`; arch `llama` (also Mixtral) Q/K rows permuted per head; Mixtral's experts stacked per
-projection (`ffn_gate_exps` [E, d_ff, d] ...); Phi-3's fused `qkv_proj` / `gate_up_proj` kept as
+`1 + w`; arch `llama` (also Mixtral) Q/K rows permuted per head, arch `olmo` its Q/K weights' rows (not the
+biases: llama.cpp's `OlmoModel`), with its LayerNorm epsilon and `clip_qkv` as `clamp_kqv`; Mixtral's
+experts stacked per projection (`ffn_gate_exps` [E, d_ff, d] ...); Phi-3's fused `qkv_proj` / `gate_up_proj` kept as
 they are and its longrope factors written as tensors; names from the `gguf` package's map; no
 `output.weight` when embeddings are tied. The tests compare what mwjax reads with the source HF
 model and with transformers' own GGUF loader on the same file.
@@ -44,16 +45,18 @@ def hf_checkpoint_tensors(hf_model) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_gguf(hf_model, path: Path, quantize: bool = False) -> Path:
-    """A GGUF of `hf_model` (float32; `quantize=True`: 2-D weights as Q8_0)."""
-    return write_gguf_tensors(hf_checkpoint_tensors(hf_model), hf_model.config, path, quantize)
+def write_gguf(hf_model, path: Path, quantize: bool = False, extra=None) -> Path:
+    """A GGUF of `hf_model` (float32; `quantize=True`: 2-D weights as Q8_0; `extra(writer)` adds metadata)."""
+    return write_gguf_tensors(hf_checkpoint_tensors(hf_model), hf_model.config, path, quantize, extra)
 
 
-def write_gguf_tensors(tensors: dict[str, np.ndarray], cfg, path: Path, quantize: bool = False) -> Path:
+def write_gguf_tensors(tensors: dict[str, np.ndarray], cfg, path: Path, quantize: bool = False, extra=None) -> Path:
     """A GGUF of HF-named float tensors and a transformers config object (no torch needed)."""
     arch = ARCH.get(cfg.model_type, cfg.model_type)
     writer = gguf.GGUFWriter(str(path), arch)
     _metadata(writer, cfg, arch)
+    if extra is not None:
+        extra(writer)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     for name, t in tensors.items():
         if arch.startswith("gemma") and name.endswith("norm.weight"):
@@ -61,6 +64,10 @@ def write_gguf_tensors(tensors: dict[str, np.ndarray], cfg, path: Path, quantize
         if arch == "llama" and name.endswith("q_proj.weight"):
             t = _permute(t, cfg.num_attention_heads)
         if arch == "llama" and name.endswith("k_proj.weight"):
+            t = _permute(t, cfg.num_key_value_heads)
+        if arch == "olmo" and name.endswith("q_proj.weight"):
+            t = _permute(t, cfg.num_attention_heads)
+        if arch == "olmo" and name.endswith("k_proj.weight"):
             t = _permute(t, cfg.num_key_value_heads)
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         assert gguf_name is not None, f"no GGUF name for {name}"
@@ -89,8 +96,14 @@ def _metadata(writer: gguf.GGUFWriter, cfg, arch: str) -> None:
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_bos_token_id(cfg.bos_token_id)
+    if arch == "olmo":  # OlmoConfig has no epsilon: llama.cpp writes HF's hard-coded one
+        writer.add_layer_norm_eps(1e-5)
+        if cfg.clip_qkv is not None:
+            writer.add_clamp_kqv(cfg.clip_qkv)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.bos_token_id is not None:  # OLMo's configs have none
+        writer.add_bos_token_id(cfg.bos_token_id)
     writer.add_eos_token_id(cfg.eos_token_id)
     if cfg.pad_token_id is not None:
         writer.add_pad_token_id(cfg.pad_token_id)

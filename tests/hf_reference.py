@@ -54,6 +54,7 @@ TINY_CONFIGS = {
 }
 # The other families of House of Cards. Gemma: head_dim independent of hidden_size / heads; the
 # soft-caps are small enough to bend these tiny models' scores and logits (the real ones: 50 / 30).
+_OLMO_BASE = {k: v for k, v in BASE.items() if k != "rms_norm_eps"} | dict(pad_token_id=0, eos_token_id=2)
 _LONGROPE = dict(rope_type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
                  long_factor=[1.0 + 0.9 * i for i in range(8)])
 FAMILY_CONFIGS = {
@@ -75,6 +76,12 @@ FAMILY_CONFIGS = {
                                          bos_token_id=1, original_max_position_embeddings=64, rope_scaling=_LONGROPE)),
     "phi3_partial_rotary": ("Phi3Config", dict(BASE, num_key_value_heads=2, pad_token_id=0, eos_token_id=2,
                                                bos_token_id=1, partial_rotary_factor=0.5, sliding_window=40)),
+    # OLMo: no rms_norm_eps (its LayerNorms hard-code 1e-5); clip_qkv 0.8 clamps a good part of these q / k / v
+    # (about unit scale after the norm with initializer_range 0.1)
+    "olmo": ("OlmoConfig", dict(_OLMO_BASE, num_key_value_heads=4, tie_word_embeddings=True)),
+    "olmo_clip": ("OlmoConfig", dict(_OLMO_BASE, num_key_value_heads=2, clip_qkv=0.8, attention_bias=True)),
+    "olmo2": ("Olmo2Config", dict(BASE, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=500000.0,
+                                  pad_token_id=0, eos_token_id=2)),
 }
 TINY_CONFIGS |= FAMILY_CONFIGS
 SEQ_LEN = 256
@@ -163,13 +170,15 @@ def capture_hf(hf, tokens: np.ndarray, points=HF_POINTS, *, mlp_input_norm: str 
                **forward_kwargs):
     """(captured, output): HF's values of `points` at every decoder layer, captured[(point, layer)] a detached
     tensor as mwjax.probes names them, and the model's output for `tokens` [batch, seq] (forward_kwargs such
-    as output_attentions=True passed on). hidden: the layer's output; attn_input: input_layernorm's output;
-    attn_output: o_proj's output; mlp_input: the output of `mlp_input_norm` (Gemma 2/3: pre_feedforward_layernorm);
-    intermediate / down_proj_output: down_proj's input / output (dense FFNs only); FFN_PARTS: attn_residual: the
-    input of `mlp_input_norm`, gate_activation / up_proj_output: the outputs of mlp.act_fn / mlp.up_proj (dense
-    FFNs with separate gate and up projections)."""
+    as output_attentions=True passed on). hidden: the layer's output; attn_input: input_layernorm's output (a
+    layer without one, OLMo 2's: the layer's input); attn_output: o_proj's output; mlp_input: the output of
+    `mlp_input_norm` (Gemma 2/3: pre_feedforward_layernorm; None, OLMo 2: no norm before the FFN, the mlp's
+    input); intermediate / down_proj_output: down_proj's input / output (dense FFNs only); FFN_PARTS:
+    attn_residual: the input of `mlp_input_norm` (None: of the mlp), gate_activation / up_proj_output: the outputs
+    of mlp.act_fn / mlp.up_proj (dense FFNs with separate gate and up projections)."""
     needs_torch()
     captured, handles = {}, []
+    first_input = lambda args, out: args[0]  # noqa: E731
 
     def hook(module, point, i, take=lambda args, out: out[0] if isinstance(out, tuple) else out):
         def record(m, args, out):  # returns None: the output is left as it is
@@ -180,15 +189,21 @@ def capture_hf(hf, tokens: np.ndarray, points=HF_POINTS, *, mlp_input_norm: str 
         down_proj = getattr(layer.mlp, "down_proj", None)
         dense = isinstance(down_proj, torch.nn.Linear)
         up_proj = getattr(layer.mlp, "up_proj", None)
-        modules = {"hidden": (layer,), "attn_input": (layer.input_layernorm,), "attn_output": (layer.self_attn.o_proj,),
-                   "mlp_input": (getattr(layer, mlp_input_norm),), "down_proj_output": (down_proj,) if dense else (),
+        attn_norm = getattr(layer, "input_layernorm", None)
+        mlp_norm = None if mlp_input_norm is None else getattr(layer, mlp_input_norm)
+        modules = {"hidden": (layer,), "attn_output": (layer.self_attn.o_proj,),
+                   "down_proj_output": (down_proj,) if dense else (),
                    "up_proj_output": (up_proj,) if up_proj is not None else (),
                    "gate_activation": (layer.mlp.act_fn,) if up_proj is not None else ()}
         for point in points:
             if point == "intermediate" and dense:
-                hook(down_proj, point, i, take=lambda args, out: args[0])
+                hook(down_proj, point, i, take=first_input)
+            if point == "attn_input":
+                hook(*((layer, point, i, first_input) if attn_norm is None else (attn_norm, point, i)))
+            if point == "mlp_input":
+                hook(*((layer.mlp, point, i, first_input) if mlp_norm is None else (mlp_norm, point, i)))
             if point == "attn_residual":
-                hook(getattr(layer, mlp_input_norm), point, i, take=lambda args, out: args[0])
+                hook(layer.mlp if mlp_norm is None else mlp_norm, point, i, take=first_input)
             for module in modules.get(point, ()):
                 hook(module, point, i)
     try:

@@ -20,7 +20,8 @@ from mwjax.nn.config import ConfigError
 
 @pytest.mark.parametrize("name", ["llama_gqa", "llama_mqa_tied", "qwen2_sliding", "llama_bias_headdim", "gemma",
                                   "gemma2",
-                                  "gemma3", "mixtral", "phi3_longrope", "phi3_partial_rotary"])
+                                  "gemma3", "mixtral", "phi3_longrope", "phi3_partial_rotary", "olmo", "olmo_clip",
+                                  "olmo2"])
 def test_save_hf_round_trip(name, hf_checkpoint, tmp_path):
     hf, path = hf_checkpoint(name)
     model, _ = converters.load(path, tokenizer=False)

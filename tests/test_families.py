@@ -1,4 +1,4 @@
-"""Gemma 1/2/3, Mixtral and Phi-3 against HF transformers in float32 on tiny random configs:
+"""Gemma 1/2/3, Mixtral, Phi-3, OLMo and OLMo 2 against HF transformers in float32 on tiny random configs:
 logits, probes, KV-cache decoding, save_hf round trips, Mixtral expert masks and checkpoint
 layouts, and tests showing that each family-specific feature changes the logits."""
 
@@ -73,9 +73,10 @@ def test_padding_mask_matches_hf(hf_checkpoint):
     assert_logits_close(ours[valid], hf_logits(hf, tokens, mask)[valid])
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral", "olmo2"])
 def test_bfloat16_forward_close_to_hf_bfloat16(name, hf_checkpoint):
-    """Same dtype handling as HF (embedding scale cast to bf16, norms in f32, f32 routing weights): our
+    """Same dtype handling as HF (embedding scale cast to bf16, norms in f32, f32 routing weights; OLMo 2: RoPE
+    in f32, norm weights multiplied in f32): our
     bf16 logits are closer to HF's bf16 ones than those are to HF's float32 ones."""
     hf, path = hf_checkpoint(name)
     hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
@@ -90,7 +91,7 @@ def test_bfloat16_forward_close_to_hf_bfloat16(name, hf_checkpoint):
     print(f"{name} bfloat16: max abs logit diff {err:.2e} (logit scale {scale:.2f})")
 
 
-@pytest.mark.parametrize("name", ["gemma3", "mixtral", "phi3_longrope"])
+@pytest.mark.parametrize("name", ["gemma3", "mixtral", "phi3_longrope", "olmo_clip", "olmo2"])
 def test_orbax_round_trip_keeps_family_config(name, tiny_checkpoint, tmp_path):
     path = tiny_checkpoint(name)
     model = load(path)
@@ -114,6 +115,8 @@ def assert_probe_close(stats, ref, what):
     ("gemma2", "pre_feedforward_layernorm"),
     ("gemma3", "pre_feedforward_layernorm"),
     ("phi3", "post_attention_layernorm"),
+    ("olmo_clip", "post_attention_layernorm"),
+    ("olmo2", None),  # post-norm layers: the attention and the FFN read the residual stream (capture_hf)
 ])
 def test_dense_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
     hf, path = hf_checkpoint(name)
@@ -127,7 +130,7 @@ def test_dense_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
 
 
 @pytest.mark.parametrize("name, mlp_input_norm", [("llama_gqa", "post_attention_layernorm"),
-                                                  ("gemma2", "pre_feedforward_layernorm")])
+                                                  ("gemma2", "pre_feedforward_layernorm"), ("olmo2", None)])
 def test_residual_and_ffn_factor_probes_match_hf_hooks(name, mlp_input_norm, hf_checkpoint):
     """House of Cards Figure 3(a)'s further states: ĥ_l (after the attention's residual add; Gemma 2: with its
     post-attention norm), act(x W_gate) and x W_up, whose product is the intermediate state."""
@@ -192,7 +195,7 @@ def test_first_token_router_probs_match_hf(hf_checkpoint, tiny_checkpoint):
 # ------------------------------------------------------------------------------------------ cache
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3", "mixtral", "olmo_clip", "olmo2"])
 def test_incremental_decoding_equals_full_forward(name, tiny_checkpoint):
     path = tiny_checkpoint(name)
     model = load(path)
@@ -336,6 +339,9 @@ def test_mixtral_transformers5_fused_layout(hf_checkpoint, tmp_path):
     ("phi3_longrope", dict(rope=RopeConfig(theta=10000.0))),
     ("phi3_partial_rotary", dict(rope=RopeConfig(theta=10000.0))),
     ("phi3_partial_rotary", dict(sliding_window=4096)),
+    ("olmo_clip", dict(clip_qkv=None)),  # the clipping bites
+    ("olmo2", dict(qk_norm=False)),
+    ("olmo2", dict(rope=RopeConfig(theta=10000.0))),
 ])
 def test_parity_tests_are_sensitive(name, change, hf_checkpoint):
     """Each family-specific feature changes the logits well beyond the tolerance."""
@@ -380,7 +386,7 @@ def test_unsupported_variants_are_named(name, change, message, tiny_checkpoint, 
 # ------------------------------------------------------------------------------------------ experiments.probe
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "mixtral", "phi3"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "mixtral", "phi3", "olmo", "olmo2"])
 def test_probe_experiment_on_every_family(name, hf_checkpoint):
     hf, path = hf_checkpoint(name)
     model = load(path)
@@ -407,3 +413,76 @@ def test_probe_cli_on_a_mixtral_checkpoint(tiny_checkpoint, tmp_path):
     assert "expert" in out.stdout and "hidden state max |x|" in out.stdout
     layers = json.loads((tmp_path / "probe.json").read_text())["layers"]
     assert all(0 <= row["expert"] < 4 for row in layers)
+
+
+# ------------------------------------------------------------------------------------------ OLMo
+
+
+def test_olmo_reads_what_hf_hard_codes(hf_checkpoint):
+    """OLMo: LayerNorms without parameters (eps 1e-5 whatever the config says: OlmoConfig has no eps key),
+    clip_qkv; OLMo 2: QK-norm over the whole projection. Both write back what transformers reads as the same."""
+    from mwjax.families.hf_config import read_hf_config, write_hf_config
+
+    hf, path = hf_checkpoint("olmo_clip")
+    config = load(path).config
+    assert (config.clip_qkv, config.rms_norm_eps, config.qkv_bias, config.o_bias, config.qk_norm) == (
+        0.8, 1e-5, True, True, False)
+    assert read_hf_config(hf.config.to_dict() | {"rms_norm_eps": 0.1}) == config  # HF's OlmoLayerNorm ignores it
+    written = write_hf_config(config)
+    assert "rms_norm_eps" not in written and written["clip_qkv"] == 0.8
+    assert not [p for p in nnx_params(load(path))["model"]["layers"][0] if "norm" in p]  # no norm weights
+    hf2, path2 = hf_checkpoint("olmo2")
+    model = load(path2)
+    assert (model.config.qk_norm, model.config.qk_norm_scope, model.config.rms_norm_eps) == (True, "all_heads", 1e-6)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_norm.scale.shape == (64,) and attn.k_norm.scale.shape == (32,)  # heads * head_dim, kv heads * ..
+    np.testing.assert_array_equal(attn.k_norm.scale[...], hf2.model.layers[0].self_attn.k_norm.weight.detach())
+    with pytest.raises(ConfigError, match="clip_qkv"):
+        read_hf_config(hf.config.to_dict() | {"clip_qkv": "8"})
+
+
+@pytest.mark.parametrize("name, casts", [
+    ("olmo", dict(rope_in_float32=False)),
+    ("olmo2", dict(rope_in_float32=False)),
+    ("olmo2", dict(scale_in_float32=False)),
+])
+def test_olmo_bfloat16_casts_are_hfs(name, casts, hf_checkpoint):
+    """In bfloat16 the first layer's attention output equals HF's bit for bit (but for a rare last-bit tie of
+    accumulation order): RoPE rotates in float32 (HF's OLMo rotary embedding hands float32 cos / sin to
+    `apply_rotary_pos_emb`), and OLMo 2's RMSNorms (QK-norm included) multiply by their weight before casting
+    back. With Llama's order for either (`casts`) most of it differs. (Later layers add XLA's and torch's
+    different matmul roundings, which the logits comparison above bounds.)"""
+    hf, path = hf_checkpoint(name)
+    hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    hf_bf16.config._attn_implementation = "eager"
+    tokens = random_tokens(64, hf.config.vocab_size, seed=2)
+    captured, _ = capture_hf(hf_bf16, tokens, ("attn_output",))
+    ref = captured[("attn_output", 0)].float().numpy()
+
+    def agreement(model):
+        config = probes.ProbeConfig(points=("attn_output",), layers=(0,))
+        _, result = probes.capture(model, jnp.asarray(tokens), config)
+        return float(np.mean(np.asarray(result.attn_output[0].full.astype(jnp.float32)) == ref))
+
+    model = converters.load(path, dtype=jnp.bfloat16, tokenizer=False)[0]
+    same = agreement(model)
+    model.set_attributes(**casts)
+    other = agreement(model)
+    print(f"{name}: {same:.1%} of the bf16 attention output equal to HF's; {other:.1%} with {casts}")
+    assert same > 0.98 and other < 0.8
+
+
+def test_olmo_clip_qkv_clamps_a_good_part_of_the_projections(hf_checkpoint):
+    """The tiny clip_qkv (0.8) is small enough to bite: HF clamps several per cent of q, k and v."""
+    hf, _ = hf_checkpoint("olmo_clip")
+    outputs = []
+    handles = [getattr(layer.self_attn, p).register_forward_hook(lambda m, args, out: outputs.append(out.clone()))
+               for layer in hf.model.layers for p in ("q_proj", "k_proj", "v_proj")]
+    try:
+        hf_logits(hf, random_tokens(SEQ_LEN, hf.config.vocab_size))
+    finally:
+        for h in handles:
+            h.remove()
+    clamped = np.mean([float((out.abs() > 0.8).float().mean()) for out in outputs])
+    print(f"olmo_clip: {clamped:.1%} of q, k, v clamped")
+    assert clamped > 0.05

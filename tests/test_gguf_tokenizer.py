@@ -163,3 +163,22 @@ def test_a_checkpoint_without_a_tokenizer_is_an_error_unless_asked(tiny_checkpoi
     wide = save_hf(models.build(read_hf_config(config), seed=0), tmp_path / "wide")
     _, tokenizer = converters.load(wide, tokenizer=vocab)
     assert tokenizer("a b").input_ids[0] == 1
+
+
+@pytest.mark.parametrize("pre, like", [("dbrx", "llama-bpe"), ("olmo", "gpt2"), ("smaug-bpe", "llama-bpe")])
+def test_byte_level_pre_tokenizers_follow_llama_cpp(pre, like):
+    """llama.cpp splits `dbrx` (cl100k-based vocabularies: DBRX, OLMo 2 files) as llama3 does and `olmo` (OLMo 1.7)
+    as GPT-2 does: digits in threes, or in one run."""
+    from mwjax.converters import gguf_tokenizer as gt
+
+    alphabet = sorted(set(gt._bytes_to_unicode().values()))  # one token per byte, no merges
+
+    def tokenizer(pre_name):
+        vocab = gt.GGUFVocab(path="x.gguf", arch="olmo2", model="gpt2", pre=pre_name, tokens=alphabet + ["<|eos|>"],
+                             token_types=None, scores=None, merges=[], special_ids={"eos_token": len(alphabet)},
+                             add_bos=False, add_eos=False, chat_template=None)
+        return gt.build_tokenizer(vocab).backend_tokenizer.pre_tokenizer
+
+    words = [w for w, _ in tokenizer(pre).pre_tokenize_str("Año 1234567 it's")]
+    assert words == [w for w, _ in tokenizer(like).pre_tokenize_str("Año 1234567 it's")]
+    assert ("Ġ1234567" in words) == (like == "gpt2")  # GPT-2: one run of digits; llama3: " ", "123", "456", "7"

@@ -38,10 +38,10 @@ def _tiny_configs_of(model_type: str) -> list[str]:
 
 def test_the_built_in_families_are_registered():
     assert [f.model_type for f in FAMILIES] == [
-        "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "mixtral", "phi3"]
+        "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "mixtral", "phi3", "olmo", "olmo2"]
     assert FAMILIES == models.RECORDS
     assert [f.model_class for f in FAMILIES] == [models.LlamaForCausalLM] * 3 + [models.GemmaForCausalLM] * 3 + [
-        models.MixtralForCausalLM, models.Phi3ForCausalLM]
+        models.MixtralForCausalLM, models.Phi3ForCausalLM, models.OlmoForCausalLM, models.Olmo2ForCausalLM]
     assert {f.model_type: dict(f.fused_modules) for f in FAMILIES if f.fused_modules} == {
         "phi3": dict(registry.family("phi3").fused_modules)}
     for derived in ("FAMILIES", "FUSED_MODULES", "register"):  # the registry is the list, nothing derived from it
@@ -83,14 +83,14 @@ def test_one_list_of_families():
     gguf_types = {arch: registry.gguf_hooks(arch).model_type for arch in registry.gguf_architectures()}
     assert set(gguf_types.values()) <= {f.model_type for f in FAMILIES}
     assert gguf_types == {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma", "gemma2": "gemma2",
-                          "gemma3": "gemma3_text", "phi3": "phi3"}
+                          "gemma3": "gemma3_text", "phi3": "phi3", "olmo": "olmo", "olmo2": "olmo2"}
     assert registry.gguf_hooks("bert") is None
 
 
 def test_one_folder_per_family_and_every_folder_registered():
     """Each folder under mwjax/families holds a model, its HF config reading, key table, GGUF hooks and records;
     the registry lists exactly the folders' records, each declared in the folder of its model class."""
-    assert [p.name for p in FOLDERS] == ["gemma", "llama", "mixtral", "phi3"]
+    assert [p.name for p in FOLDERS] == ["gemma", "llama", "mixtral", "olmo", "phi3"]
     in_folders = []
     for folder in FOLDERS:
         assert sorted(p.name for p in folder.glob("*.py")) == sorted(FOLDER_FILES), folder
@@ -160,7 +160,7 @@ def test_family_keys_pass_only_in_their_family():
 
 
 @pytest.mark.parametrize("cls_name", ["LlamaConfig", "MistralConfig", "Qwen2Config", "GemmaConfig", "Gemma2Config",
-                                      "Gemma3TextConfig", "MixtralConfig", "Phi3Config"])
+                                      "Gemma3TextConfig", "MixtralConfig", "Phi3Config", "OlmoConfig", "Olmo2Config"])
 def test_transformers_default_configs_load(cls_name):
     """Every key transformers writes for a family is understood or known to be informational."""
     hf = getattr(transformers, cls_name)(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

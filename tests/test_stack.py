@@ -16,7 +16,8 @@ from mwjax.families.hf_config import read_hf_config
 from mwjax.nn.config import ModelConfig
 from mwjax.nn.stack import LayerStack, stack_layers, unstack_layers
 
-FAMILIES = ("llama_gqa", "gemma3", "mixtral", "phi3_partial_rotary")  # plain, two layer types, experts, partial RoPE
+# plain, two layer types, experts, partial RoPE, parameter-free norms, post-norm layers
+FAMILIES = ("llama_gqa", "gemma3", "mixtral", "phi3_partial_rotary", "olmo_clip", "olmo2")
 TOKENS = jnp.asarray(random_tokens(48, batch=2))
 
 
@@ -27,7 +28,7 @@ def tiny(name: str) -> nnx.Module:
 def _model_type(name: str) -> str:
     return {"LlamaConfig": "llama", "MistralConfig": "mistral", "Qwen2Config": "qwen2", "GemmaConfig": "gemma",
             "Gemma2Config": "gemma2", "Gemma3TextConfig": "gemma3_text", "MixtralConfig": "mixtral",
-            "Phi3Config": "phi3"}[TINY_CONFIGS[name][0]]
+            "Phi3Config": "phi3", "OlmoConfig": "olmo", "Olmo2Config": "olmo2"}[TINY_CONFIGS[name][0]]
 
 
 def row_masks(model) -> dict[int, masks.RowMask]:

@@ -48,6 +48,8 @@ PROBE_CASES = {
                                   median=True, scope="sequence"), {}),  # soft-capped scores; layer 9 absent
     "mixtral": (probes.ProbeConfig(points=("router_probs", "gate_activation", "intermediate", "down_proj_output"),
                                    layers=(2,)), {}),  # + row masks on expert 1 below
+    "olmo2": (probes.ProbeConfig(points=("attn_input", "attn_output", "attn_residual", "mlp_input", "down_proj_output",
+                                         "hidden")), dict(attention_mask=PADDING)),  # post-norm layers' points
 }
 
 

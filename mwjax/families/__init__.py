@@ -4,7 +4,7 @@
     keymap.py      the key-table machinery (rules, HF key <-> parameter path) and the rules every family shares
     hf_readers.py  helpers the families' HF config readers share (RoPE)
     hf_config.py   HF `config.json` <-> `ModelConfig`: the shared keys, a family's own through its record
-    <family>/      llama, gemma, mixtral, phi3; each holds
+    <family>/      llama, gemma, mixtral, phi3, olmo; each holds
                      model.py     the Flax NNX model (HF module names)
                      hf.py        its HF config reading / writing (`read_*_hf`, `write_*_hf`, `read_*_rope`)
                      keys.py      its key table (`KEYMAP`)
@@ -12,7 +12,7 @@
                      __init__.py  its `Family` record(s), `RECORDS`
 
 Imports inside a family folder point at `record`, `keymap`, `hf_readers`, `mwjax.nn` and the folders it builds
-on (gemma and mixtral on llama), never at this registry or `hf_config` (which look the records up).
+on (gemma, mixtral and olmo on llama), never at this registry or `hf_config` (which look the records up).
 
 Adding a family touches (tests/test_registry.py checks every record and every folder):
 1. `mwjax/families/<family>/`: a new folder with `model.py`, `hf.py`, `keys.py`, `gguf.py` (or `gguf=None` in
@@ -29,20 +29,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mwjax.core.compiled import jit_model
-from mwjax.families import gemma, llama, mixtral, phi3
+from mwjax.families import gemma, llama, mixtral, olmo, phi3
 from mwjax.families.gemma.model import GemmaForCausalLM
 from mwjax.families.llama.model import LlamaForCausalLM
 from mwjax.families.mixtral.model import MixtralForCausalLM
+from mwjax.families.olmo.model import Olmo2ForCausalLM, OlmoForCausalLM
 from mwjax.families.phi3.model import Phi3ForCausalLM
 from mwjax.families.record import Family, GGUFHooks
 from mwjax.nn.config import ModelConfig
 
 __all__ = ["RECORDS", "Family", "GGUFHooks", "GemmaForCausalLM", "LlamaForCausalLM", "MixtralForCausalLM",
-           "Phi3ForCausalLM", "abstract", "build", "families", "family", "forward", "get", "gguf_architectures",
-           "gguf_hooks"]
+           "Olmo2ForCausalLM", "OlmoForCausalLM", "Phi3ForCausalLM", "abstract", "build", "families", "family",
+           "forward", "get", "gguf_architectures", "gguf_hooks"]
 
 # The registry: every family mwjax serves, one record per HF model_type.
-RECORDS: tuple[Family, ...] = (*llama.RECORDS, *gemma.RECORDS, *mixtral.RECORDS, *phi3.RECORDS)
+RECORDS: tuple[Family, ...] = (*llama.RECORDS, *gemma.RECORDS, *mixtral.RECORDS, *phi3.RECORDS, *olmo.RECORDS)
 
 
 def _by_model_type(records: tuple[Family, ...]) -> dict[str, Family]:

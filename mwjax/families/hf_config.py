@@ -56,7 +56,7 @@ _INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "sliding_window_pattern", "num_local_experts", "num_experts", "num_experts_per_tok",
              "original_max_position_embeddings")
 _FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "partial_rotary_factor", "query_pre_attn_scalar",
-               "attn_logit_softcapping", "final_logit_softcapping")
+               "attn_logit_softcapping", "final_logit_softcapping", "clip_qkv")
 
 
 def _check_numbers(hf: Mapping[str, Any]) -> None:

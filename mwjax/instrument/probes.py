@@ -39,11 +39,12 @@ class HiddenState(Probe):
 
 
 class AttentionInput(Probe):
-    """Output of `input_layernorm` (the attention block's input)."""
+    """Output of `input_layernorm` (the attention block's input; OLMo 2, without a pre-norm: the layer's input)."""
 
 
 class MLPInput(Probe):
-    """Output of the norm before the FFN (`post_attention_layernorm` in Llama): the FFN's input x."""
+    """Output of the norm before the FFN (`post_attention_layernorm` in Llama): the FFN's input x (OLMo 2, without
+    a pre-norm: the residual stream after the attention's residual add)."""
 
 
 class AttentionOutput(Probe):
@@ -52,7 +53,8 @@ class AttentionOutput(Probe):
 
 class AttentionResidual(Probe):
     """Residual stream after the attention block's residual add, before the FFN: House of Cards' ĥ_l in
-    Eq. (1), `h_{l-1} + ATTN(LN(h_{l-1}))` (Gemma 2 / 3: with the post-attention norm). No HF output holds it."""
+    Eq. (1), `h_{l-1} + ATTN(LN(h_{l-1}))` (Gemma 2 / 3, OLMo 2: with the post-attention norm). No HF output
+    holds it."""
 
 
 class AttentionProbs(Probe):
@@ -76,7 +78,7 @@ class UpProjOutput(Probe):
 
 
 class DownProjOutput(Probe):
-    """Output of `down_proj` [b, t, d_model] (the FFN output of a dense model; in Gemma 2 / 3 before
+    """Output of `down_proj` [b, t, d_model] (the FFN output of a dense model; in Gemma 2 / 3 and OLMo 2 before
     `post_feedforward_layernorm`). Mixtral: every expert's, before the routing weights, [b, t, E, d_model]."""
 
 

@@ -1,13 +1,16 @@
 """Attention and gated FFN blocks shared by every family (HF `LlamaAttention` / `LlamaMLP` and kin).
 
 The families differ only in parameters these blocks take from the config: the attention scale
-(`query_pre_attn_scalar` in Gemma 2 / 3), logit soft-capping (Gemma 2), QK-norm (Gemma 3, whose
-RMSNorm multiplies by `1 + w`), biases (Qwen2, Llama), and partial rotary embeddings (Phi-3 family).
+(`query_pre_attn_scalar` in Gemma 2 / 3), logit soft-capping (Gemma 2), QK-norm (Gemma 3 over each head, whose
+RMSNorm multiplies by `1 + w`; OLMo 2 over the whole projection), q/k/v clipping (OLMo), biases (Qwen2, Llama),
+and partial rotary embeddings (Phi-3 family); and in how a family's HF code casts (the norms' and RoPE's
+float32 steps, keyword arguments of `Attention`).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mwjax.instrument import masks
@@ -20,22 +23,29 @@ from mwjax.nn.rope import apply_rope
 
 
 class Attention(nnx.Module):
-    """HF `LlamaAttention` (also Gemma / Gemma 2 / Gemma 3 / Mixtral / Phi-3 attention).
+    """HF `LlamaAttention` (also Gemma / Gemma 2 / Gemma 3 / Mixtral / Phi-3 / OLMo / OLMo 2 attention).
 
-    q/k/v/o projections, optional QK-norm over each head (`q_norm` / `k_norm`, Gemma 3), RoPE,
-    grouped-query attention with `config.attention_scale` and optional soft-capping of the scores: a fused
-    kernel (`jax.nn.dot_product_attention`, or the Pallas splash attention kernel on TPU) or HF's eager
-    computation (`attention.choose_implementation`). mask: an `attention.AttentionMask`.
-    Phi-3's fused `qkv_proj` is split into q/k/v_proj by the converters.
+    q/k/v/o projections, optionally clipped to [-clip_qkv, clip_qkv] (OLMo), optional QK-norm (`q_norm` /
+    `k_norm`) over each head (Gemma 3) or over the whole projection before the split into heads (OLMo 2,
+    `config.qk_norm_scope == "all_heads"`), RoPE, grouped-query attention with `config.attention_scale` and
+    optional soft-capping of the scores: a fused kernel (`jax.nn.dot_product_attention`, or the Pallas splash
+    attention kernel on TPU) or HF's eager computation (`attention.choose_implementation`).
+    mask: an `attention.AttentionMask`. Phi-3's fused `qkv_proj` is split into q/k/v_proj by the converters.
+
+    norm_offset: the QK-norm's weight offset (1.0 for Gemma's `(1 + w)`); norm_scale_in_float32: the QK-norm
+    multiplies by its weight before casting back (OLMo 2's `Olmo2RMSNorm`); rope_in_float32: RoPE rotates in
+    float32 and casts back (OLMo / OLMo 2's `apply_rotary_pos_emb` with float32 cos / sin).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs,
-                 norm_offset: float = 0.0):
+                 norm_offset: float = 0.0, norm_scale_in_float32: bool = False, rope_in_float32: bool = False):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.attention_scale
         self.softcap = config.attn_logit_softcapping
+        self.clip_qkv = config.clip_qkv
+        self.rope_in_float32 = rope_in_float32
         # attention.IMPLEMENTATIONS: "auto" (splash on TPU, cuDNN on GPU where they can, else eager:
         # `choose_implementation`), "eager", "xla", "cudnn" or "splash" (`model.set_attributes(attention="xla")`)
         self.attention = "auto"
@@ -46,21 +56,30 @@ class Attention(nnx.Module):
         self.k_proj = Linear(d, self.num_kv_heads * hd, **qkv)
         self.v_proj = Linear(d, self.num_kv_heads * hd, **qkv)
         self.o_proj = Linear(self.num_heads * hd, d, axes=("heads", "embed"), use_bias=config.o_bias, **kw)
+        self.qk_norm_per_head = config.qk_norm_scope == "head"
         if config.qk_norm:
-            norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype, offset=norm_offset)
-            self.q_norm, self.k_norm = RMSNorm(hd, **norm), RMSNorm(hd, **norm)
+            norm = dict(eps=config.rms_norm_eps, param_dtype=param_dtype, offset=norm_offset,
+                        scale_in_float32=norm_scale_in_float32)
+            q_width, k_width = (hd, hd) if self.qk_norm_per_head else (self.num_heads * hd, self.num_kv_heads * hd)
+            self.q_norm, self.k_norm = RMSNorm(q_width, **norm), RMSNorm(k_width, **norm)
         else:
             self.q_norm = self.k_norm = None
 
     def __call__(self, x, rope, mask, taps: Taps, cache: LayerCache | None = None):
         b, t, _ = x.shape
         cos, sin = rope
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [b, t, heads * head_dim] (kv heads for k, v)
+        if self.clip_qkv is not None:
+            q, k, v = (jnp.clip(y, -self.clip_qkv, self.clip_qkv) for y in (q, k, v))
+        if self.q_norm is not None and not self.qk_norm_per_head:  # over the whole projection (OLMo 2)
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)
+        k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.qk_norm_per_head:  # over each head (Gemma 3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos, sin, in_float32=self.rope_in_float32)
+        k = apply_rope(k, cos, sin, in_float32=self.rope_in_float32)
         if cache is not None:
             cache = cache.update(k, v)
             k, v = cache.keys, cache.values

@@ -17,6 +17,10 @@ SLIDING_ATTENTION = "sliding_attention"
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# what a QK-norm normalises: each head's features (Gemma 3) or the whole projection, every head at once (OLMo 2)
+QK_NORM_SCOPES = ("head", "all_heads")
+
+
 class ConfigError(ValueError):
     """A checkpoint's configuration asks for something mwjax does not implement."""
 
@@ -118,7 +122,9 @@ class ModelConfig:
     `qkv_bias` / `o_bias` (Llama's `attention_bias` sets both, Qwen2 has only the first),
     `layer_types` (per-layer "full_attention" / "sliding_attention", as transformers 5 spells it),
     `sliding_rope` (the RoPE of sliding layers when it differs from `rope`: Gemma 3's
-    `rope_local_base_freq`) and `qk_norm` (RMSNorm of every query / key head before RoPE: Gemma 3).
+    `rope_local_base_freq`), `qk_norm` (RMSNorm of the queries / keys before RoPE: Gemma 3, OLMo 2) with
+    `qk_norm_scope` ("head": over each head, Gemma 3; "all_heads": over the whole q / k projection before it is
+    split into heads, OLMo 2) and `clip_qkv` (q, k and v projections clamped to [-clip_qkv, clip_qkv]: OLMo).
     Gemma 2 / 3 add `query_pre_attn_scalar` and the soft-caps; Mixtral `num_local_experts` and
     `num_experts_per_tok` (None for dense models).
 
@@ -149,6 +155,8 @@ class ModelConfig:
     pad_token_id: int | None = None
     sliding_rope: RopeConfig | None = None
     qk_norm: bool = False
+    qk_norm_scope: str = "head"  # QK_NORM_SCOPES
+    clip_qkv: float | None = None  # q, k, v := clip(., -clip_qkv, clip_qkv) (HF OlmoConfig.clip_qkv)
     query_pre_attn_scalar: int | float | None = None  # attention scale = query_pre_attn_scalar ** -0.5
     attn_logit_softcapping: float | None = None  # scores := cap * tanh(scores / cap)
     final_logit_softcapping: float | None = None  # logits := cap * tanh(logits / cap)
@@ -162,8 +170,11 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         _check_positive("rms_norm_eps", self.rms_norm_eps, finite=True)
-        for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+        for name in ("sliding_window", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+                     "clip_qkv"):
             _check_positive(name, getattr(self, name), finite=True)
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            raise ConfigError(f"qk_norm_scope={self.qk_norm_scope!r} must be one of {QK_NORM_SCOPES}")
         if not self.layer_types:
             kind = SLIDING_ATTENTION if self.sliding_window else FULL_ATTENTION
             object.__setattr__(self, "layer_types", (kind,) * self.num_hidden_layers)

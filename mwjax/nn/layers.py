@@ -1,4 +1,4 @@
-"""Building blocks shared by every family: Linear, Embed, RMSNorm, activations.
+"""Building blocks shared by every family: Linear, Embed, RMSNorm, NonParametricLayerNorm, activations.
 
 Parameters keep HF's numerics: a `Linear.kernel` is HF's `weight` transposed ([in, out]), so the
 paper's "row i of W_up" (PyTorch layout [d_ff, d_model]) is `up_proj.kernel[:, i]`
@@ -186,11 +186,13 @@ class Embed(nnx.Module):
 class RMSNorm(nnx.Module):
     """HF `LlamaRMSNorm`: normalise in float32, cast back, then multiply by the weight.
 
-    `offset=1.0` gives Gemma's `(1 + w)` variant (which multiplies before casting back).
+    `offset=1.0` gives Gemma's `(1 + w)` variant (which multiplies before casting back); `scale_in_float32=True`
+    multiplies by w before casting back too (HF `Olmo2RMSNorm`: `(weight * x_f32).to(dtype)`). In float32 the
+    three orders agree; in bfloat16 they round differently, as HF's do.
     """
 
-    def __init__(self, features: int, *, eps: float, param_dtype, offset: float = 0.0):
-        self.eps, self.offset = eps, offset
+    def __init__(self, features: int, *, eps: float, param_dtype, offset: float = 0.0, scale_in_float32: bool = False):
+        self.eps, self.offset, self.scale_in_float32 = eps, offset, scale_in_float32
         init = jnp.zeros if offset else jnp.ones
         self.scale = param(init((features,), param_dtype), (None,))  # small: replicated
 
@@ -199,4 +201,25 @@ class RMSNorm(nnx.Module):
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.offset:
             return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+        if self.scale_in_float32:
+            return (self.scale[...].astype(jnp.float32) * normed).astype(x.dtype)
         return self.scale[...] * normed.astype(x.dtype)
+
+
+class NonParametricLayerNorm(nnx.Module):
+    """HF `OlmoLayerNorm`: `F.layer_norm` without weight or bias (no parameters), computed in float32 and cast
+    back: (x - mean(x)) / sqrt(var(x) + eps) over the feature axis, the biased variance.
+
+    Args:
+      features: the size of the normalised (last) axis.
+      eps: added to the variance (OLMo: 1e-5, hard-coded in HF).
+    """
+
+    def __init__(self, features: int, *, eps: float):
+        self.features, self.eps = features, eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        variance = jnp.mean(centered * centered, axis=-1, keepdims=True)
+        return (centered * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)

@@ -83,7 +83,7 @@ def rope_table(rope: RopeConfig, head_dim: int, positions: jax.Array) -> tuple[j
     return rope_cos_sin(inv_freq, positions, rope.attention_scaling)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, in_float32: bool = False) -> jax.Array:
     """Rotate queries or keys by their positions: HF `apply_rotary_pos_emb` (half-split, not interleaved).
 
     When cos / sin cover fewer features than a head (partial rotary), the rest pass unchanged.
@@ -92,10 +92,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
       x: queries or keys [batch, seq, heads, head_dim].
       cos: [batch, seq, rotary_dim] (`rope_table`).
       sin: [batch, seq, rotary_dim].
+      in_float32: rotate in float32 and cast the result back (HF OLMo / OLMo 2, whose rotary embedding hands
+        float32 cos / sin to `x * cos`); False: cos / sin are cast to x's dtype first (HF Llama and kin).
 
     Returns:
       The rotated x [batch, seq, heads, head_dim], in x's dtype.
     """
+    dtype = x.dtype
+    if in_float32:
+        x = x.astype(jnp.float32)
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
     rotary_dim = cos.shape[-1]
@@ -103,4 +108,5 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     out = x * cos + rotated * sin
-    return out if passed.shape[-1] == 0 else jnp.concatenate([out, passed], axis=-1)
+    out = out if passed.shape[-1] == 0 else jnp.concatenate([out, passed], axis=-1)
+    return out.astype(dtype)
