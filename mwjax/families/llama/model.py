@@ -54,11 +54,12 @@ class LlamaModel(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, layer=DecoderLayer,
-                 norm_offset: float = 0.0):
+                 norm_offset: float = 0.0, final_norm=None):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
         self.layers = nnx.List([layer(config, i, **kw) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype, offset=norm_offset)
+        self.norm = (RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype, offset=norm_offset)
+                     if final_norm is None else final_norm(config, param_dtype))
 
 
 class LlamaForCausalLM(CausalLM):
@@ -68,7 +69,7 @@ class LlamaForCausalLM(CausalLM):
         self.init_model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def init_model(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, layer=DecoderLayer,
-                   norm_offset: float = 0.0) -> None:
+                   norm_offset: float = 0.0, final_norm=None) -> None:
         """Set `config`, `model` (with `layer` as decoder layer) and `lm_head` (None when tied).
 
         Args:
@@ -79,12 +80,14 @@ class LlamaForCausalLM(CausalLM):
           layer: builds decoder layer i (`layer(config, i, dtype=, param_dtype=, rngs=)`); HF `LlamaDecoderLayer`
             by default.
           norm_offset: the final norm's weight offset (1.0 for Gemma's `(1 + w)`).
+          final_norm: builds the final norm instead (`final_norm(config, param_dtype)`; OLMo's LayerNorm); None: an
+            RMSNorm.
         """
         param_dtype = param_dtype or dtype
         self.config = config
         self.dtype = dtype
         self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, layer=layer,
-                                norm_offset=norm_offset)
+                                norm_offset=norm_offset, final_norm=final_norm)
         self.lm_head = (
             None if config.tie_word_embeddings
             else Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype,

@@ -27,15 +27,17 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from mwjax.nn.base import CausalLM, Taps
+from mwjax.families.llama.model import DecoderLayer, LlamaForCausalLM
+from mwjax.nn.base import Taps
 from mwjax.nn.blocks import MLP, Attention
 from mwjax.nn.cache import LayerCache
 from mwjax.nn.config import ModelConfig
-from mwjax.nn.layers import Embed, Linear, NonParametricLayerNorm, RMSNorm
+from mwjax.nn.layers import NonParametricLayerNorm, RMSNorm
 
 
-class OlmoDecoderLayer(nnx.Module):
-    """HF `OlmoDecoderLayer`: Llama's pre-norm layer with parameter-free LayerNorms and clipped q, k, v."""
+class OlmoDecoderLayer(DecoderLayer):
+    """HF `OlmoDecoderLayer`: Llama's pre-norm layer (its forward, inherited) with parameter-free LayerNorms, clipped
+    q, k, v and RoPE in float32."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.layer_idx = layer_idx
@@ -44,16 +46,6 @@ class OlmoDecoderLayer(nnx.Module):
         self.mlp = MLP(config, layer_idx, **kw)
         self.input_layernorm = olmo_norm(config)
         self.post_attention_layernorm = olmo_norm(config)
-
-    def __call__(self, x, rope, mask, row_mask, taps: Taps, cache: LayerCache | None = None):
-        i = self.layer_idx
-        h = taps(self, "attn_input", i, self.input_layernorm(x))
-        a, cache = self.self_attn(h, rope, mask, taps, cache)
-        x = x + taps(self, "attn_output", i, a)
-        taps.record(self, "attn_residual", i, x)
-        h = taps(self, "mlp_input", i, self.post_attention_layernorm(x))
-        x = x + self.mlp(h, row_mask, taps)
-        return taps(self, "hidden", i, x), cache
 
 
 class Olmo2DecoderLayer(nnx.Module):
@@ -104,48 +96,12 @@ def olmo2_norm(config: ModelConfig, param_dtype) -> RMSNorm:
     return RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype, scale_in_float32=True)
 
 
-class OlmoModel(nnx.Module):
-    """HF `OlmoModel` / `Olmo2Model`: embeddings, decoder layers, final norm.
-
-    layer: builds decoder layer i (`layer(config, i, dtype=, param_dtype=, rngs=)`); norm: builds the final norm
-    (`norm(config, param_dtype)`).
-    """
-
-    def __init__(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, layer, norm):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nnx.List([layer(config, i, **kw) for i in range(config.num_hidden_layers)])
-        self.norm = norm(config, param_dtype)
-
-
-class OlmoForCausalLM(CausalLM):
-    """HF `OlmoForCausalLM` (model_type "olmo")."""
+class OlmoForCausalLM(LlamaForCausalLM):
+    """HF `OlmoForCausalLM` (model_type "olmo"): Llama's model with OLMo's layers and final LayerNorm."""
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
         self.init_model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, layer=OlmoDecoderLayer,
-                        norm=olmo_norm)
-
-    def init_model(self, config: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs, layer, norm) -> None:
-        """Set `config`, `model` (with `layer` as decoder layer and `norm` as final norm) and `lm_head` (None when
-        tied).
-
-        Args:
-          config: the model's config.
-          dtype: compute dtype.
-          param_dtype: dtype of the parameters; None for `dtype`.
-          rngs: the initialisers' random streams.
-          layer: builds decoder layer i (`layer(config, i, dtype=, param_dtype=, rngs=)`).
-          norm: builds the final norm (`norm(config, param_dtype)`).
-        """
-        param_dtype = param_dtype or dtype
-        self.config = config
-        self.dtype = dtype
-        self.model = OlmoModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, layer=layer, norm=norm)
-        self.lm_head = (
-            None if config.tie_word_embeddings
-            else Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype,
-                        param_dtype=param_dtype, rngs=rngs)
-        )
+                        final_norm=olmo_norm)
 
 
 class Olmo2ForCausalLM(OlmoForCausalLM):
@@ -153,4 +109,4 @@ class Olmo2ForCausalLM(OlmoForCausalLM):
 
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs):
         self.init_model(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, layer=Olmo2DecoderLayer,
-                        norm=olmo2_norm)
+                        final_norm=olmo2_norm)
