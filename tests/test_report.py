@@ -71,9 +71,9 @@ def test_quick_report_end_to_end(tmp_path):
     out = subprocess.run([sys.executable, "-m", "experiments.report", "--quick", f"--output_dir={tmp_path}"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "[report " in out.stdout and "4/4 pruning" in out.stdout  # progress lines a log shows
+    assert "[report " in out.stdout and "5/5 quantization" in out.stdout  # progress lines a log shows
     md = (tmp_path / "report.md").read_text()
-    for heading in ("## 1. Finding", "## 2. Attacks", "## 3. Fine-tuning", "## 4. Pruning"):
+    for heading in ("## 1. Finding", "## 2. Attacks", "## 3. Fine-tuning", "## 4. Pruning", "## 5. Quantization"):
         assert heading in md
     assert "--quick" in md and "commit" in md and "wall time" in md
     result = json.loads((tmp_path / "report.json").read_text())
@@ -91,6 +91,12 @@ def test_quick_report_end_to_end(tmp_path):
     pruned = result["pruning"]["settings"]
     assert {s["protect"] for s in pruned} == {"none", "massive"}
     assert all(s["removed"]["massive_rows"]["entries_pruned"] == 0 for s in pruned if s["protect"] == "massive")
-    for figure in ("bos_hidden_smollm2.png", "k_sweep.png", "fine_tuning.png"):
+    quantization = result["quantization"]
+    t3 = quantization["table3"]  # --quick: no SmoothQuant row (its calibration is skipped)
+    assert list(t3) == ["FP", "naive W8A8", "W8A8, super activation held out"] and t3["naive W8A8"] > t3["FP"]
+    assert quantization["blocks"] == ["64", "4096"] and len(quantization["figure7"]["round-to-nearest"]) == 2
+    assert set(quantization["verdicts"]["figure7_plain_degrades"].split()) <= {"agrees", "does", "not", "agree",
+                                                                               "inconclusive"}
+    for figure in ("bos_hidden_smollm2.png", "k_sweep.png", "fine_tuning.png", "block_sweep.png"):
         assert (tmp_path / figure).stat().st_size > 0 and f"({figure})" in md
     assert result["wall_seconds"] > 0
